@@ -1,0 +1,190 @@
+// Package vfs is the filesystem seam of vdrepl's write path. The journal and the
+// image writer do every open, write, sync, rename and remove through an FS, so
+// tests can swap the real filesystem for one that injects errors (ErrorFS) or one
+// that forgets everything not synced when it "crashes" (MemFS.CrashClone).
+//
+// Durability contract, the same for every implementation:
+//   - File.Sync makes the file's data and size durable (fdatasync).
+//   - A new, removed or renamed name becomes durable only after SyncDir on its
+//     parent directory.
+//   - Data written but not synced may survive a crash in part, in any order.
+//
+// Implementations are safe for concurrent use; a File is safe for concurrent
+// ReadAt/WriteAt at distinct offsets, as os.File is.
+package vfs
+
+import (
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrUnsupported is returned by optional operations an implementation lacks.
+var ErrUnsupported = errors.New("vfs: operation not supported")
+
+// File is an open file.
+type File interface {
+	io.ReaderAt
+	io.WriterAt
+	io.Closer
+	// Sync makes written data durable (fdatasync).
+	Sync() error
+	Truncate(size int64) error
+	Size() (int64, error)
+	// PunchHole deallocates [off, off+length) so it reads back as zeroes,
+	// keeping the file size.
+	PunchHole(off, length int64) error
+	// ZeroRange writes zeroes to [off, off+length) keeping the blocks allocated.
+	ZeroRange(off, length int64) error
+	Name() string
+}
+
+// FS is the filesystem seam.
+type FS interface {
+	// OpenFile opens name with os.O_* flags.
+	OpenFile(name string, flag int, perm fs.FileMode) (File, error)
+	Remove(name string) error
+	Rename(oldname, newname string) error
+	MkdirAll(name string, perm fs.FileMode) error
+	// ReadDir lists the names in a directory, sorted.
+	ReadDir(name string) ([]string, error)
+	Stat(name string) (fs.FileInfo, error)
+	// SyncDir makes creations, removals and renames inside dir durable.
+	SyncDir(dir string) error
+}
+
+// OS is the real filesystem.
+type OS struct{}
+
+type osFile struct{ *os.File }
+
+// Default is the real filesystem.
+var Default FS = OS{}
+
+func (OS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
+	f, err := os.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	return osFile{f}, nil
+}
+
+func (OS) Remove(name string) error             { return os.Remove(name) }
+func (OS) Rename(oldname, newname string) error { return os.Rename(oldname, newname) }
+func (OS) MkdirAll(name string, perm fs.FileMode) error {
+	return os.MkdirAll(name, perm)
+}
+func (OS) Stat(name string) (fs.FileInfo, error) { return os.Stat(name) }
+
+func (OS) ReadDir(name string) ([]string, error) {
+	ents, err := os.ReadDir(name)
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, len(ents))
+	for i, e := range ents {
+		names[i] = e.Name()
+	}
+	return names, nil
+}
+
+func (OS) SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (f osFile) Sync() error { return unix.Fdatasync(int(f.Fd())) }
+
+func (f osFile) Size() (int64, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
+}
+
+func (f osFile) PunchHole(off, length int64) error {
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		return writeZeroes(f, off, length)
+	}
+	return err
+}
+
+func (f osFile) ZeroRange(off, length int64) error {
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		return writeZeroes(f, off, length)
+	}
+	return err
+}
+
+// writeZeroes is the fallback for filesystems without fallocate modes.
+func writeZeroes(w io.WriterAt, off, length int64) error {
+	buf := make([]byte, min(length, 1<<20))
+	for length > 0 {
+		n := min(length, int64(len(buf)))
+		if _, err := w.WriteAt(buf[:n], off); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+// WriteFileAtomic writes data to name so that a crash leaves either the old
+// content or the new: write a temporary file, sync it, rename it over name,
+// sync the directory.
+func WriteFileAtomic(fsys FS, name string, data []byte, perm fs.FileMode) error {
+	tmp := name + ".tmp"
+	f, err := fsys.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, perm)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteAt(data, 0); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := fsys.Rename(tmp, name); err != nil {
+		return err
+	}
+	return fsys.SyncDir(filepath.Dir(name))
+}
+
+// ReadFile reads a whole file.
+func ReadFile(fsys FS, name string) ([]byte, error) {
+	f, err := fsys.OpenFile(name, os.O_RDONLY, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	size, err := f.Size()
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, size)
+	n, err := f.ReadAt(buf, 0)
+	if err != nil && !(errors.Is(err, io.EOF) && int64(n) == size) {
+		return nil, err
+	}
+	return buf, nil
+}
