@@ -1,0 +1,85 @@
+// Package journal is vdrepl's write path: the durable, ordered record of every
+// write to a VM's disks, the cycles cut from it for shipping, and the write-back
+// of journaled data into the raw images.
+//
+// # Write path
+//
+// A write is appended to the VM's journal and acknowledged; it is not yet
+// durable. Flush (NBD FLUSH, FUA, fsync on the FUSE file) syncs the journal with
+// one shared fdatasync for every write already acknowledged, on every disk and
+// connection. Only synced records are written back to the images, by one
+// background goroutine in journal order; until then reads find the newest
+// data through an in-memory map of pending blocks. So the image never holds a
+// write the journal lacks, after a kill -9 or a power cut alike, and no resync
+// is needed after a host crash. A checkpoint (images synced, then the
+// checkpoint file replaced atomically) bounds replay after a restart.
+//
+// Trims and zeroes are recorded as ranges, never as data. They are applied to
+// the image as soon as their record is synced, so a large discard costs one
+// record and one fallocate, not a map entry per block.
+//
+// # Cycles
+//
+// Seal appends a seal record: every record before it belongs to the closed
+// cycle, every record after to the next. A closed cycle's index (block ->
+// journal position of its newest data, plus its trim/zero ranges) lives in
+// BadgerDB, positions only, and is rebuilt from the segments on every Open.
+// Closed cycles and the segments they need stay until Release. Past Cap bytes
+// of unreleased journal the VM switches to a dirty-block bitmap and is marked
+// resync required; guest writes never fail for lack of journal space.
+//
+// # Segment file
+//
+// A segment is named by its base LSN (16 hex digits + ".seg"). LSNs are byte
+// positions in the endless journal: a record's LSN is base + file offset.
+//
+//	offset  size  field
+//	0       4     magic "VDJS" (0x534a4456 little endian)
+//	4       1     version (1)
+//	5       3     zero
+//	8       8     base LSN
+//	16      8     creation time, unix nanoseconds
+//	24      4     zero
+//	28      4     CRC32C of bytes 0..27
+//	32      ...   records, back to back, never spanning segments
+//
+// # Record
+//
+// All integers little endian.
+//
+//	offset  size  field
+//	0       4     magic "VDJR" (0x524a4456)
+//	4       1     version (1)
+//	5       1     kind: 1 write, 2 trim, 3 zero, 4 zero (keep allocated), 5 seal
+//	6       2     disk index within the VM
+//	8       8     LSN of this record (guards against stale bytes at a position)
+//	16      8     cycle the record belongs to (for a seal: the cycle it closes)
+//	24      8     disk byte offset
+//	32      8     length on the disk (write: payload length)
+//	40      8     synced: LSN known durable when the record was written
+//	48      4     CRC32C of the payload
+//	52      4     CRC32C of bytes 0..51
+//	56      ...   payload: the data of a write; for a seal, 16 bytes:
+//	              unix nanoseconds (8) and flags (8, bit 0 app-consistent)
+//
+// # Recovery
+//
+// Open scans every segment. The first record that does not verify ends the
+// journal. If it lies at or beyond the largest "synced" value of any valid
+// record, it is a torn tail (ErrZeroed or ErrInvalid from the decoder): the
+// segment is cut back to its last valid record and later segments removed.
+// Below that watermark a sync had covered it: Open fails with ErrCorrupt and
+// changes nothing. Then every record past the checkpoint is replayed into the
+// images (idempotent) and a new checkpoint written.
+//
+// The checkpoint file (48 bytes): magic "VDJC", version, applied LSN, head
+// LSN, released cycle, open cycle, CRC32C. The dirty map file: see state.go.
+//
+// # Concurrency
+//
+// A Journal and its Disks are safe for concurrent use. Writes to overlapping
+// 1 MiB regions are serialised by stripe locks (an unaligned write must
+// read-modify-write whole blocks); appends to the segment reserve their LSN
+// under the journal mutex and write outside it. Lock order: stripe locks in
+// ascending order, sealMu, wbMu, segMu, mu.
+package journal

@@ -1,0 +1,805 @@
+package journal
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+)
+
+// BlockSize is the journal's unit of tracking: the index, the coalescing of a
+// cycle and the dirty map all work on 4 KiB blocks. Writes that are not aligned
+// to it are widened by read-modify-write under the block's stripe lock.
+const BlockSize = 4096
+
+const (
+	defaultSegmentSize   = 64 << 20
+	defaultSyncInterval  = time.Second
+	defaultCheckpointInt = 5 * time.Second
+	checkpointBytes      = 256 << 20
+	stripeRegion         = 1 << 20 // bytes of disk one stripe lock covers
+	numStripes           = 512
+)
+
+// Errors returned by the journal.
+var (
+	ErrOutOfRange = errors.New("journal: request out of range")
+	ErrClosed     = errors.New("journal: closed")
+	// ErrFailed wraps the I/O error that stopped the journal; every later
+	// write and flush fails with it until the journal is reopened.
+	ErrFailed = errors.New("journal: failed")
+	// ErrUnknownCycle is for a cycle that is not closed or already released.
+	ErrUnknownCycle = errors.New("journal: unknown cycle")
+)
+
+// DiskSpec names one disk of the VM and its raw image.
+type DiskSpec struct {
+	Name string
+	Path string // the raw image; must exist with Size bytes
+	Size int64
+}
+
+// Events are optional callbacks; each may be nil. They run on the goroutine
+// that caused them and must not call back into the journal.
+type Events struct {
+	CycleSealed     func(CycleInfo)
+	ResyncRequired  func(reason string)
+	BackgroundError func(error)
+}
+
+// Config of a Journal.
+type Config struct {
+	FS    vfs.FS // nil = the real filesystem
+	Dir   string // the VM's journal directory
+	Disks []DiskSpec
+	// Cap bounds the bytes of journal kept for unshipped cycles; 0 means half
+	// the VM's total disk size. Passing it switches the VM to dirty-block
+	// tracking (resync required); guest writes never fail because of it.
+	Cap int64
+	// Retain keeps sealed cycles until Release (replication is enabled).
+	// Without it sealed cycles are released at once.
+	Retain bool
+	// IndexDir is where the Badger cycle index lives; "" keeps it in memory.
+	IndexDir     string
+	SegmentSize  int64         // default 64 MiB
+	SyncInterval time.Duration // journal syncs itself this often; default 1s
+	// CheckpointInterval bounds how long written-back data waits for an image
+	// sync and checkpoint; default 5s.
+	CheckpointInterval time.Duration
+	Logger             *slog.Logger
+	Events             Events
+	Now                func() time.Time
+}
+
+// Journal is the write path of one VM: every write, trim and zero of any of its
+// disks is appended to the journal before it is acknowledged, and reaches the
+// image only after the journal holding it is synced (write-back). So the image
+// never holds a write the journal lacks, even after a power cut.
+//
+// A Journal is safe for concurrent use. Lock order: stripe locks (ascending),
+// then sealMu, then wbMu, then segMu, then mu; syncMu is taken with none of mu, segMu held.
+type Journal struct {
+	cfg    Config
+	fs     vfs.FS
+	log    *slog.Logger
+	images []vfs.File
+	disks  []*Disk
+	cycles *cycleStore
+
+	stripes [numStripes]sync.Mutex
+	syncMu  sync.Mutex   // one journal sync at a time; callers share it
+	sealMu  sync.Mutex   // one seal or switch to dirty tracking at a time
+	wbMu    sync.Mutex   // write-back and image changes
+	segMu   sync.RWMutex // readers of segment data vs closing segments
+
+	mu         sync.Mutex
+	cond       *sync.Cond // inflight completions, synced advances
+	failed     error
+	closed     bool
+	head       uint64 // next LSN to hand out
+	segs       []*segment
+	inflight   map[uint64]struct{}
+	synced     uint64 // journal durable through this LSN
+	lastSync   time.Time
+	cycle      uint64                 // the open cycle
+	cycleStart uint64                 // LSN where the open cycle began
+	open       map[uint64]*cycleIndex // cycles whose index is still in memory
+	closedC    []CycleInfo            // sealed, indexed, not released
+	released   uint64                 // cycles <= released are gone
+	retainFrom uint64                 // LSN of the oldest record an unreleased cycle needs
+	pending    map[uint64]uint64      // block key -> data LSN newer than the image
+	npending   atomic.Int64
+	queue      []queued // records awaiting write-back, in LSN order
+	applied    uint64   // every record below it is in the image (maybe unsynced)
+	ckpt       checkpoint
+	dirty      *dirtyMap // non-nil: resync required, writes tracked as dirty blocks
+	cutting    bool      // a switch to dirty tracking is under way
+
+	kick    chan struct{}
+	stop    chan struct{}
+	wg      sync.WaitGroup
+	bufPool sync.Pool
+}
+
+type queued struct {
+	h       Header
+	eager   bool // a trim/zero the caller applies itself
+	applied bool
+}
+
+// Open recovers the journal in cfg.Dir (repairing a torn tail, refusing
+// corruption), replays every record the images lack, and starts the
+// background sync and write-back.
+func Open(cfg Config) (*Journal, error) {
+	if cfg.FS == nil {
+		cfg.FS = vfs.Default
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.SegmentSize <= 0 {
+		cfg.SegmentSize = defaultSegmentSize
+	}
+	if cfg.SegmentSize < segmentHeaderSize+HeaderSize+MaxPayload {
+		cfg.SegmentSize = segmentHeaderSize + HeaderSize + MaxPayload
+	}
+	if cfg.SyncInterval <= 0 {
+		cfg.SyncInterval = defaultSyncInterval
+	}
+	if cfg.CheckpointInterval <= 0 {
+		cfg.CheckpointInterval = defaultCheckpointInt
+	}
+	if len(cfg.Disks) == 0 || len(cfg.Disks) > 1<<16-1 {
+		return nil, fmt.Errorf("journal: %d disks (want 1..65535)", len(cfg.Disks))
+	}
+	if cfg.Cap <= 0 {
+		var total int64
+		for _, d := range cfg.Disks {
+			total += d.Size
+		}
+		cfg.Cap = max(total/2, 2*cfg.SegmentSize)
+	}
+	j := &Journal{
+		cfg:      cfg,
+		fs:       cfg.FS,
+		log:      cfg.Logger,
+		inflight: make(map[uint64]struct{}),
+		open:     make(map[uint64]*cycleIndex),
+		pending:  make(map[uint64]uint64),
+		kick:     make(chan struct{}, 1),
+		stop:     make(chan struct{}),
+	}
+	j.cond = sync.NewCond(&j.mu)
+	if err := j.fs.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	for i, d := range cfg.Disks {
+		if d.Size <= 0 || d.Size%BlockSize != 0 {
+			j.closeFiles()
+			return nil, fmt.Errorf("journal: disk %s: size %d is not a positive multiple of %d", d.Name, d.Size, BlockSize)
+		}
+		f, err := j.fs.OpenFile(d.Path, os.O_RDWR, 0)
+		if err != nil {
+			j.closeFiles()
+			return nil, fmt.Errorf("journal: disk %s: %w", d.Name, err)
+		}
+		j.images = append(j.images, f)
+		if sz, err := f.Size(); err != nil || sz != d.Size {
+			j.closeFiles()
+			if err == nil {
+				err = fmt.Errorf("image is %d bytes, want %d", sz, d.Size)
+			}
+			return nil, fmt.Errorf("journal: disk %s: %w", d.Name, err)
+		}
+		j.disks = append(j.disks, &Disk{j: j, idx: i, size: d.Size})
+	}
+	var err error
+	if j.cycles, err = openCycleStore(cfg.IndexDir); err != nil {
+		j.closeFiles()
+		return nil, err
+	}
+	if err := j.recover(); err != nil {
+		j.closeFiles()
+		j.cycles.close()
+		return nil, err
+	}
+	j.lastSync = cfg.Now()
+	j.wg.Add(1)
+	go j.background()
+	return j, nil
+}
+
+// Disk returns the i-th disk of the VM as a block device.
+func (j *Journal) Disk(i int) *Disk { return j.disks[i] }
+
+// Disks returns all disks of the VM.
+func (j *Journal) Disks() []*Disk { return j.disks }
+
+// Close syncs the journal, writes back and checkpoints everything, and closes
+// the files. It is idempotent.
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		return nil
+	}
+	j.closed = true
+	j.mu.Unlock()
+	close(j.stop)
+	j.wg.Wait()
+	var err error
+	if j.failedErr() == nil {
+		err = j.syncTo(j.headLSN())
+		if err == nil {
+			err = j.writeBack()
+		}
+		if err == nil {
+			err = j.checkpoint(true)
+		}
+	}
+	j.closeFiles()
+	if cerr := j.cycles.close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (j *Journal) closeFiles() {
+	for _, f := range j.images {
+		f.Close()
+	}
+	for _, s := range j.segs {
+		s.f.Close()
+	}
+}
+
+func (j *Journal) headLSN() uint64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.head
+}
+
+func (j *Journal) failedErr() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.failed
+}
+
+// failLocked stops the journal after an I/O error: a record may be missing
+// from the middle of the log, so nothing after it may be called durable.
+func (j *Journal) failLocked(err error) error {
+	if j.failed == nil {
+		j.failed = fmt.Errorf("%w: %w", ErrFailed, err)
+		j.log.Error("journal failed; writes and flushes now fail until restart", "err", err)
+		if f := j.cfg.Events.BackgroundError; f != nil {
+			f(j.failed)
+		}
+	}
+	j.cond.Broadcast()
+	return j.failed
+}
+
+func blockKey(disk int, block uint64) uint64 { return uint64(disk)<<48 | block }
+
+// lockRange takes the stripe locks covering [off, off+n) of disk, in order.
+func (j *Journal) lockRange(disk int, off, n int64) func() {
+	first := off / stripeRegion
+	last := (off + n - 1) / stripeRegion
+	var idx []int
+	if last-first+1 >= numStripes {
+		idx = make([]int, numStripes)
+		for i := range idx {
+			idx[i] = i
+		}
+	} else {
+		seen := make(map[int]bool, last-first+1)
+		for r := first; r <= last; r++ {
+			s := int((uint64(r)*0x9E3779B97F4A7C15 + uint64(disk)) % numStripes)
+			if !seen[s] {
+				seen[s] = true
+				idx = append(idx, s)
+			}
+		}
+		sort.Ints(idx)
+	}
+	for _, s := range idx {
+		j.stripes[s].Lock()
+	}
+	return func() {
+		for i := len(idx) - 1; i >= 0; i-- {
+			j.stripes[idx[i]].Unlock()
+		}
+	}
+}
+
+func (j *Journal) getBuf(n int) []byte {
+	if b, ok := j.bufPool.Get().(*[]byte); ok && cap(*b) >= n {
+		return (*b)[:n]
+	}
+	return make([]byte, n, max(n, 64<<10+HeaderSize))
+}
+
+func (j *Journal) putBuf(b []byte) {
+	if cap(b) <= 4<<20+HeaderSize {
+		j.bufPool.Put(&b)
+	}
+}
+
+// reserveLocked hands out LSNs for a record of n bytes, starting a new segment
+// when the active one is full. The record is marked in flight.
+func (j *Journal) reserveLocked(n int64) (uint64, *segment, error) {
+	if j.failed != nil {
+		return 0, nil, j.failed
+	}
+	if j.closed {
+		return 0, nil, ErrClosed
+	}
+	active := j.segs[len(j.segs)-1]
+	if j.head+uint64(n) > active.base+uint64(j.cfg.SegmentSize) {
+		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano())
+		if err != nil {
+			return 0, nil, j.failLocked(err)
+		}
+		j.segs = append(j.segs, seg)
+		j.head += segmentHeaderSize
+		active = seg
+	}
+	lsn := j.head
+	j.head += uint64(n)
+	j.inflight[lsn] = struct{}{}
+	return lsn, active, nil
+}
+
+// appendRecord writes one record and returns its header. The caller holds the
+// stripe locks of the range. index runs under mu after the write succeeded.
+func (j *Journal) appendRecord(h Header, payload []byte, index func(h *Header)) (Header, error) {
+	size := HeaderSize + int64(len(payload))
+	buf := j.getBuf(int(size))
+	defer j.putBuf(buf)
+	copy(buf[HeaderSize:], payload)
+	h.DCRC = crc(payload)
+
+	j.mu.Lock()
+	lsn, seg, err := j.reserveLocked(size)
+	if err != nil {
+		j.mu.Unlock()
+		return h, err
+	}
+	h.Cycle = j.cycle
+	if h.Kind == KindSeal {
+		j.cycle++ // the cut: later records belong to the next cycle
+	}
+	h.LSN, h.Synced = lsn, j.synced
+	j.mu.Unlock()
+
+	encodeHeader(buf, &h)
+	_, werr := seg.f.WriteAt(buf, int64(lsn-seg.base))
+
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	delete(j.inflight, lsn)
+	j.cond.Broadcast()
+	if werr != nil {
+		return h, j.failLocked(fmt.Errorf("append to %s: %w", seg.name, werr))
+	}
+	if j.failed != nil {
+		return h, j.failed
+	}
+	if index != nil {
+		index(&h)
+	}
+	return h, nil
+}
+
+// Flush makes every record appended before it was called durable. Concurrent
+// flushes share one sync.
+func (j *Journal) Flush() error { return j.syncTo(j.headLSN()) }
+
+// syncTo makes the journal durable through at least target.
+func (j *Journal) syncTo(target uint64) error {
+	j.syncMu.Lock()
+	defer j.syncMu.Unlock()
+	j.mu.Lock()
+	if j.failed != nil {
+		defer j.mu.Unlock()
+		return j.failed
+	}
+	if j.synced >= target {
+		j.mu.Unlock()
+		return nil
+	}
+	upTo := j.head
+	// Records below upTo must all be written before the sync, or a crash
+	// could keep a later record and lose an earlier one it was promised with.
+	for j.failed == nil && j.inflightBelow(upTo) {
+		j.cond.Wait()
+	}
+	if j.failed != nil {
+		defer j.mu.Unlock()
+		return j.failed
+	}
+	var toSync []*segment
+	for i := len(j.segs) - 1; i >= 0; i-- {
+		toSync = append(toSync, j.segs[i])
+		if j.segs[i].base <= j.synced {
+			break
+		}
+	}
+	j.mu.Unlock()
+
+	j.segMu.RLock()
+	var err error
+	for _, s := range toSync {
+		if err = s.f.Sync(); err != nil {
+			err = fmt.Errorf("sync %s: %w", s.name, err)
+			break
+		}
+	}
+	j.segMu.RUnlock()
+
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err != nil {
+		return j.failLocked(err)
+	}
+	if upTo > j.synced {
+		j.synced = upTo
+	}
+	j.lastSync = j.cfg.Now()
+	j.cond.Broadcast()
+	j.kickWriteBack()
+	return nil
+}
+
+func (j *Journal) inflightBelow(lsn uint64) bool {
+	for l := range j.inflight {
+		if l < lsn {
+			return true
+		}
+	}
+	return false
+}
+
+func (j *Journal) kickWriteBack() {
+	select {
+	case j.kick <- struct{}{}:
+	default:
+	}
+}
+
+// segmentFor returns the segment holding lsn. Caller holds segMu or mu.
+func (j *Journal) segmentFor(lsn uint64) *segment {
+	i := sort.Search(len(j.segs), func(i int) bool { return j.segs[i].base > lsn }) - 1
+	if i < 0 {
+		return nil
+	}
+	return j.segs[i]
+}
+
+// readJournal reads journal bytes at lsn. Caller holds segMu for reading.
+func (j *Journal) readJournal(p []byte, lsn uint64) error {
+	j.mu.Lock()
+	seg := j.segmentFor(lsn)
+	j.mu.Unlock()
+	if seg == nil {
+		return fmt.Errorf("journal: no segment holds LSN %#x", lsn)
+	}
+	_, err := seg.f.ReadAt(p, int64(lsn-seg.base))
+	return err
+}
+
+// readImage reads the image, treating bytes past its end as zeroes.
+func readImage(f vfs.File, p []byte, off int64) error {
+	n, err := f.ReadAt(p, off)
+	if errors.Is(err, io.EOF) {
+		clear(p[n:])
+		return nil
+	}
+	return err
+}
+
+// readAt reads disk bytes: blocks newer in the journal than in the image come
+// from the journal.
+func (j *Journal) readAt(disk int, p []byte, off int64) error {
+	if j.npending.Load() == 0 {
+		return readImage(j.images[disk], p, off)
+	}
+	type piece struct {
+		dst []byte
+		lsn uint64 // 0: from the image at off
+		off int64
+	}
+	j.segMu.RLock()
+	defer j.segMu.RUnlock()
+	var pieces []piece
+	j.mu.Lock()
+	for done := 0; done < len(p); {
+		pos := off + int64(done)
+		blk := uint64(pos / BlockSize)
+		inBlk := pos % BlockSize
+		n := min(int64(len(p)-done), BlockSize-inBlk)
+		var lsn uint64
+		if d, ok := j.pending[blockKey(disk, blk)]; ok {
+			lsn = d + uint64(inBlk)
+		}
+		if k := len(pieces) - 1; k >= 0 && (pieces[k].lsn == 0) == (lsn == 0) &&
+			(lsn == 0 || pieces[k].lsn+uint64(len(pieces[k].dst)) == lsn) {
+			pieces[k].dst = p[done-len(pieces[k].dst) : done+int(n)]
+		} else {
+			pieces = append(pieces, piece{dst: p[done : done+int(n)], lsn: lsn, off: pos})
+		}
+		done += int(n)
+	}
+	j.mu.Unlock()
+	for _, pc := range pieces {
+		var err error
+		if pc.lsn == 0 {
+			err = readImage(j.images[disk], pc.dst, pc.off)
+		} else {
+			err = j.readJournal(pc.dst, pc.lsn)
+		}
+		if err != nil {
+			return fmt.Errorf("journal: read disk %d: %w", disk, err)
+		}
+	}
+	return nil
+}
+
+// write journals data at a block-aligned or unaligned offset of disk.
+func (j *Journal) write(disk int, p []byte, off int64) error {
+	unlock := j.lockRange(disk, off, int64(len(p)))
+	defer unlock()
+	start := off &^ (BlockSize - 1)
+	end := (off + int64(len(p)) + BlockSize - 1) &^ (BlockSize - 1)
+	if start != off || end != off+int64(len(p)) {
+		// Widen to whole blocks: the index tracks blocks, not sectors.
+		buf := j.getBuf(int(end - start))
+		defer j.putBuf(buf)
+		if err := j.readAt(disk, buf[:BlockSize], start); err != nil {
+			return err
+		}
+		if tail := end - BlockSize; tail > start {
+			if err := j.readAt(disk, buf[tail-start:], tail); err != nil {
+				return err
+			}
+		}
+		copy(buf[off-start:], p)
+		p, off = buf, start
+	}
+	for len(p) > 0 {
+		n := min(len(p), MaxPayload)
+		if err := j.appendWrite(disk, p[:n], off); err != nil {
+			return err
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
+	h := Header{Kind: KindWrite, Disk: uint16(disk), Offset: uint64(off), Length: uint64(len(p))}
+	_, err := j.appendRecord(h, p, func(h *Header) {
+		first := uint64(off) / BlockSize
+		nblk := (uint64(len(p)) + BlockSize - 1) / BlockSize
+		ci := j.cycleIndexLocked(h.Cycle)
+		for i := uint64(0); i < nblk; i++ {
+			key := blockKey(disk, first+i)
+			data := h.LSN + HeaderSize + i*BlockSize
+			if _, ok := j.pending[key]; !ok {
+				j.npending.Add(1)
+			}
+			j.pending[key] = data
+			if ci != nil {
+				ci.blocks[key] = data
+			}
+		}
+		if j.dirty != nil {
+			j.dirty.setRange(disk, off, int64(len(p)))
+		}
+		if ci != nil {
+			ci.info.Bytes += int64(len(p))
+		}
+		j.queue = append(j.queue, queued{h: *h})
+		j.checkCapLocked()
+	})
+	return err
+}
+
+// rangeOp journals a trim or zero of [off, off+n) and applies it to the image
+// once the record is durable. Partial blocks at the edges are written as
+// zeroes through the normal write path.
+func (j *Journal) rangeOp(disk int, kind uint8, off, n int64) error {
+	start := (off + BlockSize - 1) &^ (BlockSize - 1)
+	end := (off + n) &^ (BlockSize - 1)
+	if end <= start {
+		return j.write(disk, make([]byte, n), off)
+	}
+	if start > off {
+		if err := j.write(disk, make([]byte, start-off), off); err != nil {
+			return err
+		}
+	}
+	if tail := off + n; tail > end {
+		if err := j.write(disk, make([]byte, tail-end), end); err != nil {
+			return err
+		}
+	}
+	unlock := j.lockRange(disk, start, end-start)
+	defer unlock()
+	h := Header{Kind: kind, Disk: uint16(disk), Offset: uint64(start), Length: uint64(end - start)}
+	h, err := j.appendRecord(h, nil, func(h *Header) {
+		if ci := j.cycleIndexLocked(h.Cycle); ci != nil {
+			ci.dropRange(disk, start, end-start)
+			ci.ranges = append(ci.ranges, Extent{Disk: disk, Offset: start, Length: end - start, Kind: kind, lsn: h.LSN})
+		}
+		if j.dirty != nil {
+			j.dirty.setRange(disk, start, end-start)
+		}
+		j.queue = append(j.queue, queued{h: *h, eager: true})
+	})
+	if err != nil {
+		return err
+	}
+	if err := j.syncTo(h.LSN + HeaderSize); err != nil {
+		return err
+	}
+	j.wbMu.Lock()
+	defer j.wbMu.Unlock()
+	err = j.applyRange(&h)
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err != nil {
+		return j.failLocked(err)
+	}
+	for i := range j.queue {
+		if j.queue[i].h.LSN == h.LSN {
+			j.queue[i].applied = true
+			break
+		}
+	}
+	j.kickWriteBack()
+	return nil
+}
+
+// applyRange applies a trim or zero record to the image and forgets older
+// journal blocks in its range. Caller holds wbMu.
+func (j *Journal) applyRange(h *Header) error {
+	f := j.images[h.Disk]
+	off, n := int64(h.Offset), int64(h.Length)
+	var err error
+	if h.Kind == KindZeroAlloc {
+		err = f.ZeroRange(off, n)
+	} else {
+		err = f.PunchHole(off, n)
+	}
+	if err != nil {
+		return fmt.Errorf("apply %s to disk %d: %w", kindName(h.Kind), h.Disk, err)
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	forEachKeyInRange(j.pending, int(h.Disk), off, n, func(key, data uint64) {
+		if data < h.LSN {
+			delete(j.pending, key)
+			j.npending.Add(-1)
+		}
+	})
+	return nil
+}
+
+// forEachKeyInRange visits the entries of m whose block lies in the range,
+// walking whichever is smaller: the range or the map.
+func forEachKeyInRange(m map[uint64]uint64, disk int, off, n int64, fn func(key, val uint64)) {
+	first, last := uint64(off)/BlockSize, uint64(off+n-1)/BlockSize
+	if last-first+1 <= uint64(len(m)) {
+		for b := first; b <= last; b++ {
+			k := blockKey(disk, b)
+			if v, ok := m[k]; ok {
+				fn(k, v)
+			}
+		}
+		return
+	}
+	lo, hi := blockKey(disk, first), blockKey(disk, last)
+	for k, v := range m {
+		if k >= lo && k <= hi {
+			fn(k, v)
+		}
+	}
+}
+
+func kindName(k uint8) string {
+	switch k {
+	case KindWrite:
+		return "write"
+	case KindTrim:
+		return "trim"
+	case KindZero:
+		return "zero"
+	case KindZeroAlloc:
+		return "zero (allocated)"
+	case KindSeal:
+		return "seal"
+	}
+	return fmt.Sprintf("kind %d", k)
+}
+
+// Disk is one disk of a journaled VM, the block device the front ends serve.
+// It satisfies blockdev.Disk.
+type Disk struct {
+	j    *Journal
+	idx  int
+	size int64
+}
+
+func (d *Disk) check(off int64, n int) error {
+	if off < 0 || n < 0 || off+int64(n) > d.size || off+int64(n) < off {
+		return fmt.Errorf("%w: [%d, +%d) on a %d-byte disk", ErrOutOfRange, off, n, d.size)
+	}
+	return nil
+}
+
+// Name is the disk's name.
+func (d *Disk) Name() string { return d.j.cfg.Disks[d.idx].Name }
+
+// Size is the disk size in bytes.
+func (d *Disk) Size() int64 { return d.size }
+
+// ReadAt reads the newest data, journaled or written back.
+func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
+	if err := d.check(off, len(p)); err != nil {
+		return 0, err
+	}
+	if err := d.j.readAt(d.idx, p, off); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteAt journals p; it returns once the record is in the journal (not yet
+// durable: see Flush).
+func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
+	if err := d.check(off, len(p)); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if err := d.j.write(d.idx, p, off); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Flush makes every write of every disk of the VM that returned before it
+// durable.
+func (d *Disk) Flush() error { return d.j.Flush() }
+
+// Trim discards the range; it reads back as zeroes.
+func (d *Disk) Trim(off, n int64) error {
+	if err := d.check(off, int(n)); err != nil || n == 0 {
+		return err
+	}
+	return d.j.rangeOp(d.idx, KindTrim, off, n)
+}
+
+// Zero writes zeroes; with punch the range may be deallocated.
+func (d *Disk) Zero(off, n int64, punch bool) error {
+	if err := d.check(off, int(n)); err != nil || n == 0 {
+		return err
+	}
+	kind := KindZeroAlloc
+	if punch {
+		kind = KindZero
+	}
+	return d.j.rangeOp(d.idx, kind, off, n)
+}

@@ -1,0 +1,176 @@
+package journal
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+)
+
+// Record kinds.
+const (
+	KindWrite     uint8 = 1 // payload is the data written at Offset
+	KindTrim      uint8 = 2 // [Offset, Offset+Length) discarded, reads as zeroes
+	KindZero      uint8 = 3 // zeroes written, the range may be deallocated
+	KindZeroAlloc uint8 = 4 // zeroes written, the range stays allocated (NBD NO_HOLE)
+	KindSeal      uint8 = 5 // closes cycle Cycle; payload is a sealPayload
+)
+
+const (
+	recordMagic   = 0x524a4456 // "VDJR" little endian
+	recordVersion = 1
+	// HeaderSize is the size of a record header; the payload follows it.
+	HeaderSize = 56
+	// MaxPayload bounds one record's payload (an NBD request is at most 32 MiB).
+	MaxPayload = 32 << 20
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+
+// Errors of the record decoder. A zeroed header is what the end of a segment
+// looks like after a crash; anything else is damage (or a torn write).
+var (
+	ErrZeroed  = errors.New("journal: zeroed record")
+	ErrInvalid = errors.New("journal: invalid record")
+	// ErrCorrupt is damage inside the part of the journal that was synced:
+	// data loss the journal cannot repair on its own.
+	ErrCorrupt = errors.New("journal: corrupt record in synced region")
+	// ErrVersion is a record or file written by an unsupported format version.
+	ErrVersion = errors.New("journal: unsupported format version")
+)
+
+// Header is a decoded record header. See doc.go for the byte layout.
+type Header struct {
+	Kind   uint8
+	Disk   uint16
+	LSN    uint64 // journal position of this record's first byte
+	Cycle  uint64
+	Offset uint64 // byte offset on the disk
+	Length uint64 // bytes covered on the disk
+	Synced uint64 // journal position known durable when the record was written
+	DCRC   uint32 // CRC32C of the payload
+}
+
+// PayloadLen is the number of payload bytes that follow the header.
+func (h *Header) PayloadLen() int64 {
+	switch h.Kind {
+	case KindWrite:
+		return int64(h.Length)
+	case KindSeal:
+		return sealPayloadSize
+	}
+	return 0
+}
+
+// Size is the record's total size in the journal.
+func (h *Header) Size() int64 { return HeaderSize + h.PayloadLen() }
+
+// encodeHeader writes h into b[:HeaderSize].
+func encodeHeader(b []byte, h *Header) {
+	_ = b[HeaderSize-1]
+	binary.LittleEndian.PutUint32(b[0:], recordMagic)
+	b[4] = recordVersion
+	b[5] = h.Kind
+	binary.LittleEndian.PutUint16(b[6:], h.Disk)
+	binary.LittleEndian.PutUint64(b[8:], h.LSN)
+	binary.LittleEndian.PutUint64(b[16:], h.Cycle)
+	binary.LittleEndian.PutUint64(b[24:], h.Offset)
+	binary.LittleEndian.PutUint64(b[32:], h.Length)
+	binary.LittleEndian.PutUint64(b[40:], h.Synced)
+	binary.LittleEndian.PutUint32(b[48:], h.DCRC)
+	binary.LittleEndian.PutUint32(b[52:], crc(b[:52]))
+}
+
+// decodeHeader parses and checks a record header. It does not check the
+// payload; verify that with checkPayload.
+func decodeHeader(b []byte) (Header, error) {
+	var h Header
+	if len(b) < HeaderSize {
+		return h, fmt.Errorf("%w: short header (%d bytes)", ErrInvalid, len(b))
+	}
+	if allZero(b[:HeaderSize]) {
+		return h, ErrZeroed
+	}
+	if m := binary.LittleEndian.Uint32(b[0:]); m != recordMagic {
+		return h, fmt.Errorf("%w: bad magic %#x", ErrInvalid, m)
+	}
+	if got, want := binary.LittleEndian.Uint32(b[52:]), crc(b[:52]); got != want {
+		return h, fmt.Errorf("%w: header checksum %#x, want %#x", ErrInvalid, got, want)
+	}
+	if v := b[4]; v != recordVersion {
+		return h, fmt.Errorf("%w: record version %d (supported: %d)", ErrVersion, v, recordVersion)
+	}
+	h.Kind = b[5]
+	h.Disk = binary.LittleEndian.Uint16(b[6:])
+	h.LSN = binary.LittleEndian.Uint64(b[8:])
+	h.Cycle = binary.LittleEndian.Uint64(b[16:])
+	h.Offset = binary.LittleEndian.Uint64(b[24:])
+	h.Length = binary.LittleEndian.Uint64(b[32:])
+	h.Synced = binary.LittleEndian.Uint64(b[40:])
+	h.DCRC = binary.LittleEndian.Uint32(b[48:])
+	switch h.Kind {
+	case KindWrite:
+		if h.Length == 0 || h.Length > MaxPayload {
+			return h, fmt.Errorf("%w: write length %d", ErrInvalid, h.Length)
+		}
+	case KindTrim, KindZero, KindZeroAlloc:
+		if h.Length == 0 {
+			return h, fmt.Errorf("%w: empty range", ErrInvalid)
+		}
+	case KindSeal:
+	default:
+		return h, fmt.Errorf("%w: unknown kind %d", ErrInvalid, h.Kind)
+	}
+	if h.Offset+h.Length < h.Offset {
+		return h, fmt.Errorf("%w: range overflows", ErrInvalid)
+	}
+	return h, nil
+}
+
+// checkPayload verifies a payload against its header.
+func checkPayload(h *Header, payload []byte) error {
+	if int64(len(payload)) != h.PayloadLen() {
+		return fmt.Errorf("%w: payload %d bytes, want %d", ErrInvalid, len(payload), h.PayloadLen())
+	}
+	if got := crc(payload); got != h.DCRC {
+		return fmt.Errorf("%w: payload checksum %#x, want %#x", ErrInvalid, got, h.DCRC)
+	}
+	return nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Seal payload: | unix nanos u64 | flags u64 |
+const (
+	sealPayloadSize = 16
+	// SealAppConsistent marks a barrier taken while the guest was quiesced.
+	SealAppConsistent uint64 = 1 << 0
+)
+
+type sealPayload struct {
+	UnixNano int64
+	Flags    uint64
+}
+
+func (s sealPayload) encode() []byte {
+	b := make([]byte, sealPayloadSize)
+	binary.LittleEndian.PutUint64(b[0:], uint64(s.UnixNano))
+	binary.LittleEndian.PutUint64(b[8:], s.Flags)
+	return b
+}
+
+func decodeSeal(b []byte) sealPayload {
+	return sealPayload{
+		UnixNano: int64(binary.LittleEndian.Uint64(b[0:])),
+		Flags:    binary.LittleEndian.Uint64(b[8:]),
+	}
+}

@@ -1,0 +1,243 @@
+package journal
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// recover brings the journal back after any shutdown, clean or not:
+//
+//  1. Scan every segment. Each valid record carries the LSN that was durable
+//     when it was written; the largest such value says how far the journal had
+//     certainly been synced.
+//  2. The first gap or invalid record ends the journal. At or past the durable
+//     LSN it is a torn tail (a crash): cut it off, drop later segments. Below
+//     it, synced data is damaged: refuse with ErrCorrupt.
+//  3. Rebuild the unreleased cycles' indexes and the dirty map from the
+//     records, and replay into the images every record the last checkpoint
+//     does not cover. Replay is idempotent: a record already in the image is
+//     written again with the same bytes.
+//  4. Sync the images and write a checkpoint at the journal's head.
+func (j *Journal) recover() error {
+	ck, _, err := readCheckpoint(j.fs, j.cfg.Dir)
+	if err != nil {
+		return err
+	}
+	if ck.Cycle == 0 {
+		ck.Cycle = 1
+	}
+	if j.dirty, err = readDirty(j.fs, j.cfg.Dir, j.diskSizes()); err != nil {
+		return err
+	}
+	bases, err := listSegments(j.fs, j.cfg.Dir)
+	if err != nil {
+		return fmt.Errorf("journal: list segments: %w", err)
+	}
+
+	// 1. Scan.
+	var (
+		perSeg  [][]Header
+		results []scanResult
+		durable = ck.Applied
+	)
+	for _, b := range bases {
+		seg, err := openSegment(j.fs, j.cfg.Dir, b)
+		if err != nil {
+			if errors.Is(err, ErrVersion) {
+				return err
+			}
+			// Segments are created atomically; a bad header is damage, but
+			// only matters if something durable could live there.
+			results = append(results, scanResult{end: b, torn: err})
+			perSeg = append(perSeg, nil)
+			j.segs = append(j.segs, &segment{base: b, name: segmentName(j.cfg.Dir, b)})
+			continue
+		}
+		j.segs = append(j.segs, seg)
+		size, err := seg.f.Size()
+		if err != nil {
+			return fmt.Errorf("journal: %s: %w", seg.name, err)
+		}
+		var hs []Header
+		res, err := scanSegment(seg, size,
+			func(h *Header) bool { return h.LSN >= ck.Applied },
+			func(h Header, _ []byte) error { hs = append(hs, h); return nil })
+		if err != nil {
+			return err
+		}
+		results = append(results, res)
+		perSeg = append(perSeg, hs)
+		durable = max(durable, res.maxSynced)
+	}
+
+	// 2. Find the end.
+	keep := len(j.segs)
+	for i, seg := range j.segs {
+		res := results[i]
+		if i > 0 && seg.base != results[i-1].end {
+			if results[i-1].end < durable {
+				return fmt.Errorf("%w: gap before segment %s (durable through %#x)", ErrCorrupt, seg.name, durable)
+			}
+			keep = i
+			break
+		}
+		if seg.f == nil {
+			if seg.base < durable {
+				return fmt.Errorf("%w: %v", ErrCorrupt, res.torn)
+			}
+			keep = i
+			break
+		}
+		if res.torn != nil {
+			if err := recoverTail(seg, res, durable); err != nil {
+				return err
+			}
+			j.log.Info("journal: cut torn tail", "segment", seg.name, "lsn", res.end, "why", res.torn)
+			keep = i + 1
+			break
+		}
+	}
+	for _, seg := range j.segs[keep:] {
+		if seg.f != nil {
+			seg.f.Close()
+		}
+		if err := j.fs.Remove(seg.name); err != nil {
+			return fmt.Errorf("journal: remove segment past torn tail: %w", err)
+		}
+		j.log.Info("journal: dropped segment past torn tail", "segment", seg.name)
+	}
+	if keep < len(j.segs) {
+		if err := j.fs.SyncDir(j.cfg.Dir); err != nil {
+			return fmt.Errorf("journal: %w", err)
+		}
+	}
+	j.segs = j.segs[:keep]
+	var headers []Header
+	for _, hs := range perSeg[:keep] {
+		headers = append(headers, hs...)
+	}
+	if n := len(j.segs); n > 0 {
+		j.head = results[n-1].end
+	} else {
+		j.head = ck.Head
+	}
+	if j.head < ck.Applied {
+		return fmt.Errorf("%w: journal ends at %#x before checkpoint %#x", ErrCorrupt, j.head, ck.Applied)
+	}
+	// Whatever survived is now part of the journal for good.
+	for _, seg := range j.segs {
+		if err := seg.f.Sync(); err != nil {
+			return fmt.Errorf("journal: sync %s: %w", seg.name, err)
+		}
+	}
+	if len(j.segs) == 0 {
+		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano())
+		if err != nil {
+			return err
+		}
+		j.segs = append(j.segs, seg)
+		j.head += segmentHeaderSize
+	}
+	j.synced = j.head
+
+	// 3. Rebuild and replay.
+	j.released = ck.Released
+	if j.dirty != nil {
+		j.released = max(j.released, j.dirty.released)
+	}
+	j.cycle = max(ck.Cycle, j.released+1)
+	j.cycleStart = j.segs[0].base
+	j.applied = ck.Applied
+	for i := range headers {
+		h := &headers[i]
+		j.cycle = max(j.cycle, h.Cycle)
+		if h.Kind == KindSeal {
+			if err := j.recoverSeal(h); err != nil {
+				return err
+			}
+			continue
+		}
+		if ci := j.cycleIndexLocked(h.Cycle); ci != nil {
+			j.indexRecovered(ci, h)
+		} else if j.dirty != nil && h.LSN >= j.dirty.lsn {
+			j.dirty.setRange(int(h.Disk), int64(h.Offset), int64(h.Length))
+		}
+		if h.LSN >= ck.Applied {
+			if err := j.replay(h); err != nil {
+				return fmt.Errorf("journal: replay LSN %#x: %w", h.LSN, err)
+			}
+		}
+	}
+	j.applied = j.head
+
+	// 4. Checkpoint.
+	j.ckpt = ck
+	return j.checkpoint(true)
+}
+
+func (j *Journal) indexRecovered(ci *cycleIndex, h *Header) {
+	if ci.info.Start == 0 {
+		ci.info.Start = h.LSN
+	}
+	if h.Kind == KindWrite {
+		for i := uint64(0); i < h.Length/BlockSize; i++ {
+			ci.blocks[blockKey(int(h.Disk), h.Offset/BlockSize+i)] = h.LSN + HeaderSize + i*BlockSize
+		}
+		ci.info.Bytes += int64(h.Length)
+		return
+	}
+	ci.dropRange(int(h.Disk), int64(h.Offset), int64(h.Length))
+	ci.ranges = append(ci.ranges, Extent{Disk: int(h.Disk), Offset: int64(h.Offset), Length: int64(h.Length), Kind: h.Kind, lsn: h.LSN})
+}
+
+// recoverSeal closes a cycle found in the journal during recovery.
+func (j *Journal) recoverSeal(h *Header) error {
+	j.cycle = max(j.cycle, h.Cycle+1)
+	end := h.LSN + uint64(h.Size())
+	start := j.cycleStart
+	j.cycleStart = end
+	ci := j.open[h.Cycle]
+	delete(j.open, h.Cycle)
+	if !j.cfg.Retain || j.dirty != nil || h.Cycle <= j.released {
+		j.released = max(j.released, h.Cycle)
+		return nil
+	}
+	if ci == nil {
+		ci = &cycleIndex{info: CycleInfo{Cycle: h.Cycle}}
+	}
+	seg := j.segmentFor(h.LSN)
+	buf := make([]byte, sealPayloadSize)
+	if _, err := seg.f.ReadAt(buf, int64(h.LSN-seg.base)+HeaderSize); err != nil {
+		return fmt.Errorf("journal: read seal of cycle %d: %w", h.Cycle, err)
+	}
+	sp := decodeSeal(buf)
+	ci.info.Start = start
+	ci.info.End = end
+	ci.info.Sealed = timeFromNano(sp.UnixNano)
+	ci.info.AppConsistent = sp.Flags&SealAppConsistent != 0
+	if err := j.cycles.put(ci); err != nil {
+		return err
+	}
+	j.closedC = append(j.closedC, ci.info)
+	return nil
+}
+
+func timeFromNano(ns int64) time.Time { return time.Unix(0, ns).UTC() }
+
+// replay applies one record to the image directly.
+func (j *Journal) replay(h *Header) error {
+	if h.Kind != KindWrite {
+		return j.applyRange(h)
+	}
+	buf := j.getBuf(int(h.Length))
+	defer j.putBuf(buf)
+	if err := j.readJournal(buf, h.LSN+HeaderSize); err != nil {
+		return err
+	}
+	if err := checkPayload(h, buf); err != nil {
+		return err
+	}
+	_, err := j.images[h.Disk].WriteAt(buf, int64(h.Offset))
+	return err
+}

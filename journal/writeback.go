@@ -1,0 +1,353 @@
+package journal
+
+import (
+	"fmt"
+	"path"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+)
+
+// background syncs the journal when clients do not, writes synced records back
+// to the images, checkpoints, and switches to dirty tracking past the cap.
+func (j *Journal) background() {
+	defer j.wg.Done()
+	tick := min(j.cfg.SyncInterval, j.cfg.CheckpointInterval) / 2
+	t := time.NewTicker(max(tick, time.Millisecond))
+	defer t.Stop()
+	lastCkpt := j.cfg.Now()
+	for {
+		select {
+		case <-j.stop:
+			return
+		case <-j.kick:
+		case <-t.C:
+		}
+		if err := j.backgroundStep(&lastCkpt); err != nil {
+			j.mu.Lock()
+			j.failLocked(err)
+			j.mu.Unlock()
+		}
+	}
+}
+
+func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
+	now := j.cfg.Now()
+	j.mu.Lock()
+	if j.failed != nil {
+		j.mu.Unlock()
+		return nil
+	}
+	needSync := j.head > j.synced && now.Sub(j.lastSync) >= j.cfg.SyncInterval
+	cut := j.cutting && j.dirty == nil
+	j.mu.Unlock()
+	if needSync {
+		if err := j.syncTo(j.headLSN()); err != nil {
+			return nil // already failed the journal
+		}
+	}
+	if err := j.writeBack(); err != nil {
+		return err
+	}
+	if cut {
+		if err := j.enterDirty("journal passed its cap of " + fmtBytes(j.cfg.Cap)); err != nil {
+			return err
+		}
+	}
+	j.mu.Lock()
+	due := now.Sub(*lastCkpt) >= j.cfg.CheckpointInterval || j.applied-j.ckpt.Applied >= checkpointBytes
+	j.mu.Unlock()
+	if due {
+		*lastCkpt = now
+		return j.checkpoint(false)
+	}
+	return nil
+}
+
+// writeBack copies every synced record to the images, oldest first. A block
+// that a newer record has rewritten is skipped: that record will carry it.
+func (j *Journal) writeBack() error {
+	j.wbMu.Lock()
+	defer j.wbMu.Unlock()
+	for {
+		j.mu.Lock()
+		n := 0
+		for n < len(j.queue) && n < 1024 {
+			q := &j.queue[n]
+			if q.h.LSN+uint64(q.h.Size()) > j.synced || (q.eager && !q.applied) {
+				break
+			}
+			n++
+		}
+		batch := append([]queued(nil), j.queue[:n]...)
+		if n == 0 {
+			if len(j.queue) == 0 && j.synced > j.applied {
+				j.applied = j.synced
+			}
+			j.mu.Unlock()
+			return nil
+		}
+		j.mu.Unlock()
+		for i := range batch {
+			h := &batch[i].h
+			var err error
+			switch {
+			case h.Kind == KindWrite:
+				err = j.writeBackRecord(h)
+			case !batch[i].eager:
+				err = j.applyRange(h)
+			}
+			if err != nil {
+				return fmt.Errorf("write back LSN %#x: %w", h.LSN, err)
+			}
+		}
+		j.mu.Lock()
+		j.queue = j.queue[n:]
+		last := batch[n-1].h
+		j.applied = max(j.applied, last.LSN+uint64(last.Size()))
+		j.mu.Unlock()
+	}
+}
+
+// writeBackRecord writes the blocks of a write record that are still the
+// newest copy to the image.
+func (j *Journal) writeBackRecord(h *Header) error {
+	disk := int(h.Disk)
+	first := h.Offset / BlockSize
+	nblk := h.Length / BlockSize
+	data := func(i uint64) uint64 { return h.LSN + HeaderSize + i*BlockSize }
+	type run struct{ from, to uint64 }
+	var runs []run
+	j.mu.Lock()
+	for i := uint64(0); i < nblk; i++ {
+		if j.pending[blockKey(disk, first+i)] != data(i) {
+			continue
+		}
+		if k := len(runs) - 1; k >= 0 && runs[k].to == i {
+			runs[k].to++
+		} else {
+			runs = append(runs, run{i, i + 1})
+		}
+	}
+	j.mu.Unlock()
+	for _, r := range runs {
+		buf := j.getBuf(int((r.to - r.from) * BlockSize))
+		j.segMu.RLock()
+		err := j.readJournal(buf, data(r.from))
+		j.segMu.RUnlock()
+		if err == nil {
+			_, err = j.images[disk].WriteAt(buf, int64((first+r.from)*BlockSize))
+		}
+		j.putBuf(buf)
+		if err != nil {
+			return err
+		}
+		j.mu.Lock()
+		for i := r.from; i < r.to; i++ {
+			key := blockKey(disk, first+i)
+			if j.pending[key] == data(i) {
+				delete(j.pending, key)
+				j.npending.Add(-1)
+			}
+		}
+		j.mu.Unlock()
+	}
+	return nil
+}
+
+// retainFromLocked is the oldest LSN an unreleased cycle still needs.
+func (j *Journal) retainFromLocked() uint64 {
+	if !j.cfg.Retain || j.dirty != nil {
+		return j.head
+	}
+	if len(j.closedC) > 0 {
+		return j.closedC[0].Start
+	}
+	return j.cycleStart
+}
+
+// checkpoint syncs the images and records how far they are applied; then the
+// segments nobody needs any more are removed.
+func (j *Journal) checkpoint(force bool) error {
+	j.wbMu.Lock()
+	defer j.wbMu.Unlock()
+	j.mu.Lock()
+	ck := checkpoint{Applied: j.applied, Head: j.head, Released: j.released, Cycle: j.cycle}
+	dirty := j.dirty
+	var dirtyBytes []byte
+	if dirty != nil {
+		dirty.released = j.released
+		dirtyBytes = dirty.encode()
+	}
+	j.mu.Unlock()
+	if !force && ck == j.ckpt {
+		return nil
+	}
+	for i, f := range j.images {
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("sync disk %s: %w", j.cfg.Disks[i].Name, err)
+		}
+	}
+	if dirtyBytes != nil {
+		if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), dirtyBytes, 0o600); err != nil {
+			return fmt.Errorf("write dirty map: %w", err)
+		}
+	}
+	if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, checkpointFile), ck.encode(), 0o600); err != nil {
+		return fmt.Errorf("write checkpoint: %w", err)
+	}
+	j.mu.Lock()
+	j.ckpt = ck
+	keep := min(ck.Applied, j.retainFromLocked())
+	j.mu.Unlock()
+	return j.removeSegments(keep)
+}
+
+// removeSegments deletes segments whose every record lies below keep. The
+// active segment always stays.
+func (j *Journal) removeSegments(keep uint64) error {
+	j.segMu.Lock()
+	defer j.segMu.Unlock()
+	j.mu.Lock()
+	var gone []*segment
+	for len(j.segs) > 1 && j.segs[1].base <= keep {
+		gone = append(gone, j.segs[0])
+		j.segs = j.segs[1:]
+	}
+	j.mu.Unlock()
+	for _, s := range gone {
+		s.f.Close()
+		if err := j.fs.Remove(s.name); err != nil {
+			return fmt.Errorf("remove %s: %w", s.name, err)
+		}
+	}
+	if len(gone) > 0 {
+		return j.fs.SyncDir(j.cfg.Dir)
+	}
+	return nil
+}
+
+// checkCapLocked asks for the switch to dirty tracking once the journal kept
+// for unshipped cycles passes its cap. Called with mu held on every write.
+func (j *Journal) checkCapLocked() {
+	if j.cutting || j.dirty != nil || !j.cfg.Retain {
+		return
+	}
+	if j.head-j.retainFromLocked() > uint64(j.cfg.Cap) {
+		j.cutting = true
+		j.kickWriteBack()
+	}
+}
+
+// enterDirty replaces every unreleased cycle by a dirty-block map and marks
+// the VM "resync required". The map is durable before any cycle is dropped,
+// and writes keep flowing throughout.
+func (j *Journal) enterDirty(reason string) error {
+	j.sealMu.Lock()
+	defer j.sealMu.Unlock()
+	dm := newDirtyMap(j.diskSizes())
+	mark := func(e Extent) {
+		dm.setRange(e.Disk, e.Offset, e.Length)
+	}
+	j.mu.Lock()
+	closed := append([]CycleInfo(nil), j.closedC...)
+	j.mu.Unlock()
+	for _, c := range closed {
+		if err := j.cycles.extents(c.Cycle, func(e Extent) error { mark(e); return nil }); err != nil {
+			return err
+		}
+	}
+	j.mu.Lock()
+	for _, ci := range j.open {
+		for k := range ci.blocks {
+			dm.set(int(k>>48), k&(1<<48-1))
+		}
+		for _, r := range ci.ranges {
+			mark(r)
+		}
+	}
+	dm.lsn = j.head
+	dm.released = j.cycle - 1
+	j.dirty = dm
+	j.open = make(map[uint64]*cycleIndex)
+	j.closedC = nil
+	j.released = max(j.released, j.cycle-1)
+	j.cutting = false
+	j.mu.Unlock()
+	if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), j.encodeDirty(), 0o600); err != nil {
+		return fmt.Errorf("write dirty map: %w", err)
+	}
+	for _, c := range closed {
+		if err := j.cycles.drop(c.Cycle); err != nil {
+			return err
+		}
+	}
+	j.log.Warn("resync required", "reason", reason, "dirty_blocks", dm.count())
+	if f := j.cfg.Events.ResyncRequired; f != nil {
+		f(reason)
+	}
+	return nil
+}
+
+func (j *Journal) encodeDirty() []byte {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.dirty.encode()
+}
+
+// Stats is a snapshot of the journal's state for status and metrics.
+type Stats struct {
+	Head          uint64 `json:"head_lsn"`
+	Synced        uint64 `json:"synced_lsn"`
+	Applied       uint64 `json:"applied_lsn"`
+	Checkpointed  uint64 `json:"checkpoint_lsn"`
+	OpenCycle     uint64 `json:"open_cycle"`
+	ClosedCycles  int    `json:"closed_cycles"`
+	Released      uint64 `json:"released_cycle"`
+	Segments      int    `json:"segments"`
+	JournalBytes  int64  `json:"journal_bytes"`  // on disk
+	RetainedBytes int64  `json:"retained_bytes"` // needed by unshipped cycles
+	Cap           int64  `json:"cap_bytes"`
+	PendingBlocks int64  `json:"pending_blocks"` // newer in journal than image
+	// ResyncRequired: the journal passed its cap (or cannot prove the replica
+	// is complete); DirtyBlocks need a resync.
+	ResyncRequired bool   `json:"resync_required"`
+	DirtyBlocks    int64  `json:"dirty_blocks"`
+	Failed         string `json:"failed,omitempty"`
+}
+
+// Stats returns a snapshot of the journal's state.
+func (j *Journal) Stats() Stats {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	s := Stats{
+		Head: j.head, Synced: j.synced, Applied: j.applied, Checkpointed: j.ckpt.Applied,
+		OpenCycle: j.cycle, ClosedCycles: len(j.closedC), Released: j.released,
+		Segments: len(j.segs), Cap: j.cfg.Cap, PendingBlocks: j.npending.Load(),
+		ResyncRequired: j.dirty != nil,
+	}
+	if len(j.segs) > 0 {
+		s.JournalBytes = int64(j.head - j.segs[0].base)
+	}
+	s.RetainedBytes = int64(j.head - min(j.head, j.retainFromLocked()))
+	if j.dirty != nil {
+		s.DirtyBlocks = j.dirty.count()
+	}
+	if j.failed != nil {
+		s.Failed = j.failed.Error()
+	}
+	return s
+}
+
+func fmtBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
