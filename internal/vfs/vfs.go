@@ -130,12 +130,22 @@ func (f osFile) ZeroRange(off, length int64) error {
 	return err
 }
 
-// writeZeroes is the fallback for filesystems without fallocate modes.
-func writeZeroes(w io.WriterAt, off, length int64) error {
+// writeZeroes is the fallback for filesystems without fallocate modes (tmpfs
+// lacks FALLOC_FL_ZERO_RANGE). Like FALLOC_FL_KEEP_SIZE, it stops at the end of
+// the file rather than extending it.
+func writeZeroes(f osFile, off, length int64) error {
+	size, err := f.Size()
+	if err != nil {
+		return err
+	}
+	length = min(length, size-off)
+	if length <= 0 {
+		return nil
+	}
 	buf := make([]byte, min(length, 1<<20))
 	for length > 0 {
 		n := min(length, int64(len(buf)))
-		if _, err := w.WriteAt(buf[:n], off); err != nil {
+		if _, err := f.WriteAt(buf[:n], off); err != nil {
 			return err
 		}
 		off += n
