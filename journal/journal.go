@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -181,6 +182,10 @@ func Open(cfg Config) (*Journal, error) {
 	}
 	j.cond = sync.NewCond(&j.mu)
 	if err := j.fs.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	// The directory's own name must be durable before anything in it is.
+	if err := j.fs.SyncDir(path.Dir(cfg.Dir)); err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
 	for i, d := range cfg.Disks {

@@ -31,6 +31,9 @@ func testConfig(t *testing.T, fsys vfs.FS, dir string, sizes ...int64) Config {
 	if err := fsys.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	if err := fsys.SyncDir(filepath.Dir(dir)); err != nil {
+		t.Fatal(err)
+	}
 	for i, s := range sizes {
 		p := filepath.Join(dir, "disk"+string(rune('0'+i))+".img")
 		if _, err := fsys.Stat(p); err != nil {

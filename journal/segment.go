@@ -179,7 +179,7 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 				return res, err
 			}
 			res.torn = err
-			return res, nil
+			return res, syncedBeyond(seg, pos+1, size, &res)
 		}
 		var p []byte
 		if n := h.PayloadLen(); n > 0 && (h.Kind == KindSeal || withPayload(&h)) {
@@ -192,7 +192,8 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 			}
 			if err := checkPayload(&h, p); err != nil {
 				res.torn = err
-				return res, nil
+				res.maxSynced = max(res.maxSynced, h.Synced)
+				return res, syncedBeyond(seg, pos+1, size, &res)
 			}
 		}
 		if err := fn(h, p); err != nil {
@@ -203,6 +204,32 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 		res.end = seg.base + uint64(pos)
 	}
 	return res, nil
+}
+
+// syncedBeyond looks past a record that does not verify for any valid record
+// header further on and raises res.maxSynced to the largest Synced it finds:
+// if a later record says a sync covered the damaged spot, the damage is in
+// durable data. Only damaged journals pay for this byte-by-byte search.
+func syncedBeyond(seg *segment, from, size int64, res *scanResult) error {
+	const chunk = 1 << 20
+	buf := make([]byte, chunk+HeaderSize)
+	for off := from; off < size; off += chunk {
+		n, err := seg.f.ReadAt(buf[:min(int64(len(buf)), size-off)], off)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("journal: read %s: %w", seg.name, err)
+		}
+		b := buf[:n]
+		for i := 0; i+HeaderSize <= len(b) && i < chunk; i++ {
+			if b[i] != 'V' || b[i+1] != 'D' || b[i+2] != 'J' || b[i+3] != 'R' {
+				continue
+			}
+			h, err := decodeHeader(b[i : i+HeaderSize])
+			if err == nil && h.LSN == seg.base+uint64(off)+uint64(i) {
+				res.maxSynced = max(res.maxSynced, h.Synced)
+			}
+		}
+	}
+	return nil
 }
 
 // recoverTail decides what a scan that stopped early means. A record that does
