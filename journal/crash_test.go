@@ -14,10 +14,10 @@ import (
 // history records the content of the disks after every operation so a
 // recovered journal can be matched against "the state after op k".
 type history struct {
-	states [][32]byte         // hash of all disks after op i (i=0: initial)
-	blocks []map[int][32]byte // per op: hash of every block that op changed
-	seals  map[uint64]int     // cycle -> op index at its barrier
-	flushed int               // op index covered by the last successful flush
+	states  [][32]byte         // hash of all disks after op i (i=0: initial)
+	blocks  []map[int][32]byte // per op: hash of every block that op changed
+	seals   map[uint64]int     // cycle -> op index at its barrier
+	flushed int                // op index covered by the last successful flush
 }
 
 func hashModel(m model) [32]byte {
