@@ -106,6 +106,8 @@ type Journal struct {
 	closed     bool
 	head       uint64 // next LSN to hand out
 	segs       []*segment
+	free       []string // recycled segment files, ready for reuse
+	freeSeq    int
 	inflight   map[uint64]struct{}
 	synced     uint64 // journal durable through this LSN
 	lastSync   time.Time
@@ -268,6 +270,18 @@ func (j *Journal) closeFiles() {
 	}
 }
 
+// maxFree is how many removed segments are kept for reuse.
+const maxFree = 4
+
+func (j *Journal) popFreeLocked() string {
+	if len(j.free) == 0 {
+		return ""
+	}
+	f := j.free[len(j.free)-1]
+	j.free = j.free[:len(j.free)-1]
+	return f
+}
+
 func (j *Journal) headLSN() uint64 {
 	j.mu.Lock()
 	defer j.mu.Unlock()
@@ -351,7 +365,7 @@ func (j *Journal) reserveLocked(n int64) (uint64, *segment, error) {
 	}
 	active := j.segs[len(j.segs)-1]
 	if j.head+uint64(n) > active.base+uint64(j.cfg.SegmentSize) {
-		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano())
+		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked())
 		if err != nil {
 			return 0, nil, j.failLocked(err)
 		}

@@ -3,6 +3,7 @@ package journal
 import (
 	"errors"
 	"fmt"
+	"path"
 	"time"
 )
 
@@ -33,6 +34,16 @@ func (j *Journal) recover() error {
 	bases, err := listSegments(j.fs, j.cfg.Dir)
 	if err != nil {
 		return fmt.Errorf("journal: list segments: %w", err)
+	}
+	if j.free, err = listFree(j.fs, j.cfg.Dir); err != nil {
+		return fmt.Errorf("journal: list segments: %w", err)
+	}
+	j.freeSeq = len(j.free) + 1
+	for _, f := range j.free {
+		var n int
+		if _, err := fmt.Sscanf(path.Base(f), freePrefix+"%d", &n); err == nil {
+			j.freeSeq = max(j.freeSeq, n+1)
+		}
 	}
 
 	// 1. Scan.
@@ -132,7 +143,7 @@ func (j *Journal) recover() error {
 		}
 	}
 	if len(j.segs) == 0 {
-		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano())
+		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked())
 		if err != nil {
 			return err
 		}

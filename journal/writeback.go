@@ -217,6 +217,20 @@ func (j *Journal) removeSegments(keep uint64) error {
 	j.mu.Unlock()
 	for _, s := range gone {
 		s.f.Close()
+		j.mu.Lock()
+		recycle := len(j.free) < maxFree
+		j.freeSeq++
+		free := path.Join(j.cfg.Dir, fmt.Sprintf("%s%d", freePrefix, j.freeSeq))
+		j.mu.Unlock()
+		if recycle {
+			if err := j.fs.Rename(s.name, free); err != nil {
+				return fmt.Errorf("recycle %s: %w", s.name, err)
+			}
+			j.mu.Lock()
+			j.free = append(j.free, free)
+			j.mu.Unlock()
+			continue
+		}
 		if err := j.fs.Remove(s.name); err != nil {
 			return fmt.Errorf("remove %s: %w", s.name, err)
 		}
