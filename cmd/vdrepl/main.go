@@ -1,0 +1,385 @@
+// Command vdrepl replicates VM disks block by block. This file wires the CLI:
+// actions parse flags into a config, call the library, and return its error.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/vdrepl/vdrepl/daemon"
+)
+
+func main() {
+	app := newApp()
+	if err := app.Run(interspersed(app, os.Args)); err != nil {
+		fmt.Fprintf(os.Stderr, "vdrepl: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func newApp() *cli.App {
+	return &cli.App{
+		Name:                 "vdrepl",
+		Usage:                "replicate VM disks block by block to a replica host",
+		EnableBashCompletion: true,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "state", Value: daemon.DefaultStateDir, EnvVars: []string{"VDREPL_STATE"},
+				Usage: "state directory of the daemon (registry, journals, sockets)"},
+			&cli.StringFlag{Name: "control", EnvVars: []string{"VDREPL_CONTROL"},
+				Usage: "control socket of the daemon (default: STATE/control.sock)"},
+		},
+		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd()},
+	}
+}
+
+// interspersed lets flags follow positional arguments (`vm add NAME --disk
+// X`, as the docs write it): urfave/cli v2 stops parsing flags at the first
+// positional one, so the leaf command's flags are moved in front of its
+// positional arguments. "--" ends the reordering.
+func interspersed(app *cli.App, args []string) []string {
+	out := []string{args[0]}
+	cmds := app.Commands
+	i := 1
+	// Global flags and the command path.
+	var leaf *cli.Command
+	for i < len(args) {
+		a := args[i]
+		if strings.HasPrefix(a, "-") {
+			out = append(out, a)
+			flags := app.Flags
+			if leaf != nil {
+				flags = leaf.Flags
+			}
+			if !strings.Contains(a, "=") && takesValue(flags, a) && i+1 < len(args) {
+				out = append(out, args[i+1])
+				i++
+			}
+			i++
+			continue
+		}
+		var next *cli.Command
+		for _, c := range cmds {
+			if c.HasName(a) {
+				next = c
+			}
+		}
+		if next == nil {
+			break
+		}
+		out = append(out, a)
+		leaf, cmds = next, next.Subcommands
+		i++
+	}
+	if leaf == nil {
+		return append(out, args[i:]...)
+	}
+	var flags, pos []string
+	for ; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			pos = append(pos, args[i:]...)
+			break
+		}
+		if strings.HasPrefix(a, "-") && a != "-" {
+			flags = append(flags, a)
+			if !strings.Contains(a, "=") && takesValue(leaf.Flags, a) && i+1 < len(args) {
+				flags = append(flags, args[i+1])
+				i++
+			}
+			continue
+		}
+		pos = append(pos, a)
+	}
+	return append(append(out, flags...), pos...)
+}
+
+func takesValue(flags []cli.Flag, arg string) bool {
+	name := strings.TrimLeft(arg, "-")
+	for _, f := range flags {
+		for _, n := range f.Names() {
+			if n == name {
+				_, isBool := f.(*cli.BoolFlag)
+				return !isBool
+			}
+		}
+	}
+	return false
+}
+
+func controlPath(c *cli.Context) string {
+	if p := c.String("control"); p != "" {
+		return p
+	}
+	return daemon.DefaultControl(c.String("state"))
+}
+
+func client(c *cli.Context) *daemon.Client { return daemon.NewClient(controlPath(c)) }
+
+func signalContext(c *cli.Context) (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+}
+
+func serveCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "serve",
+		Usage: "run the host daemon: serve every registered VM's disks over NBD",
+		Description: `Example:
+   vdrepl --state /var/lib/vdrepl serve --nbd unix:/run/vdrepl/nbd.sock --nbd tcp:0.0.0.0:10809
+
+With no --nbd the daemon listens on unix:STATE/nbd.sock and tcp:127.0.0.1:10809.
+A guest attaches a disk with
+   -drive file=nbd+unix:///VM/DISK?socket=STATE/nbd.sock,format=raw,cache=none`,
+		Flags: []cli.Flag{
+			&cli.StringSliceFlag{Name: "nbd", Usage: "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable)"},
+			&cli.StringFlag{Name: "journal-cap", Usage: "journal cap per VM, e.g. 20G (default: half the VM's disk size)"},
+			&cli.DurationFlag{Name: "sync-interval", Usage: "how often journals sync when clients never flush (default 1s)"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			&cli.BoolFlag{Name: "log-json", Usage: "log JSON lines instead of text"},
+		},
+		Action: func(c *cli.Context) error {
+			var level slog.Level
+			if err := level.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+				return fmt.Errorf("--log-level: %w", err)
+			}
+			opts := &slog.HandlerOptions{Level: level}
+			var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+			if c.Bool("log-json") {
+				h = slog.NewJSONHandler(os.Stderr, opts)
+			}
+			cfg := daemon.Config{
+				StateDir:     c.String("state"),
+				Control:      c.String("control"),
+				NBD:          c.StringSlice("nbd"),
+				SyncInterval: c.Duration("sync-interval"),
+				Logger:       slog.New(h),
+			}
+			if s := c.String("journal-cap"); s != "" {
+				n, err := daemon.ParseSize(s)
+				if err != nil {
+					return fmt.Errorf("--journal-cap: %w", err)
+				}
+				cfg.JournalCap = n
+			}
+			d, err := daemon.New(cfg)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signalContext(c)
+			defer stop()
+			return d.Run(ctx)
+		},
+	}
+}
+
+func vmCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "vm",
+		Usage: "register, list and remove VMs",
+		Subcommands: []*cli.Command{
+			{
+				Name:      "add",
+				Usage:     "register a VM and export its disks as NBD exports VM/DISK",
+				ArgsUsage: "NAME",
+				Description: `Example:
+   vdrepl vm add web1 --disk /srv/vm/web1-root.img:20G --disk data=/srv/vm/web1-data.img
+
+--disk [NAME=]PATH[:SIZE]: with SIZE (K, M, G, T) a missing image is created
+sparse; an existing image must have that size. DISK is NAME, or the file
+name without extension.`,
+				Flags: []cli.Flag{
+					&cli.StringSliceFlag{Name: "disk", Required: true, Usage: "[NAME=]PATH[:SIZE] (repeatable)"},
+					&cli.BoolFlag{Name: "json", Usage: "print the registered VM as JSON"},
+				},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return fmt.Errorf("vm add takes exactly one VM name, got %d arguments", c.NArg())
+					}
+					spec := daemon.VMSpec{Name: c.Args().First()}
+					for _, s := range c.StringSlice("disk") {
+						ds, err := daemon.ParseDiskSpec(s)
+						if err != nil {
+							return err
+						}
+						if ds.Path, err = filepath.Abs(ds.Path); err != nil {
+							return err
+						}
+						spec.Disks = append(spec.Disks, ds)
+					}
+					out, err := client(c).AddVM(c.Context, spec)
+					if err != nil {
+						return err
+					}
+					if c.Bool("json") {
+						return printJSON(c.App.Writer, out)
+					}
+					for _, d := range out.Disks {
+						fmt.Fprintf(c.App.Writer, "%s/%s\t%s\t%d bytes\n", out.Name, d.Name, d.Path, d.Size)
+					}
+					return nil
+				},
+			},
+			{
+				Name:  "list",
+				Usage: "list registered VMs and their disks",
+				Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+				Action: func(c *cli.Context) error {
+					vms, err := client(c).VMs(c.Context)
+					if err != nil {
+						return err
+					}
+					if c.Bool("json") {
+						if vms == nil {
+							vms = []daemon.VMInfo{}
+						}
+						return printJSON(c.App.Writer, vms)
+					}
+					tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+					fmt.Fprintln(tw, "EXPORT\tSIZE\tIMAGE\tSTATE")
+					for _, v := range vms {
+						for i, d := range v.Disks {
+							fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", v.Exports[i], humanBytes(d.Size), d.Path, vmState(v))
+						}
+					}
+					return tw.Flush()
+				},
+			},
+			{
+				Name:      "remove",
+				Usage:     "stop serving a VM and forget it (its images stay)",
+				ArgsUsage: "NAME",
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return fmt.Errorf("vm remove takes exactly one VM name")
+					}
+					return client(c).RemoveVM(c.Context, c.Args().First())
+				},
+			},
+			{
+				Name:      "seal",
+				Usage:     "close the VM's current cycle now (all its disks at one instant)",
+				ArgsUsage: "NAME",
+				Flags:     []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return fmt.Errorf("vm seal takes exactly one VM name")
+					}
+					info, err := client(c).Seal(c.Context, c.Args().First())
+					if err != nil {
+						return err
+					}
+					if c.Bool("json") {
+						return printJSON(c.App.Writer, info)
+					}
+					fmt.Fprintf(c.App.Writer, "cycle %d sealed: %d blocks, %s written\n", info.Cycle, info.Blocks, humanBytes(info.Bytes))
+					return nil
+				},
+			},
+		},
+	}
+}
+
+func vmState(v daemon.VMInfo) string {
+	switch {
+	case v.Error != "":
+		return "error: " + v.Error
+	case v.Journal == nil:
+		return "not served"
+	case v.Journal.Failed != "":
+		return "journal failed: " + v.Journal.Failed
+	case v.Journal.ResyncRequired:
+		return "resync required"
+	}
+	return "ok"
+}
+
+func mountCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "mount",
+		Usage:     "show every VM disk as MOUNTPOINT/VM/DISK.img through FUSE",
+		ArgsUsage: "MOUNTPOINT",
+		Description: `Example:
+   vdrepl mount /mnt/vdrepl &
+   losetup --find --show /mnt/vdrepl/web1/root.img
+
+Writes through the mount are journaled like NBD writes; fsync makes them
+durable. The mount ends on Ctrl-C, SIGTERM or fusermount3 -u MOUNTPOINT.`,
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 1 {
+				return fmt.Errorf("mount takes exactly one mount point")
+			}
+			mp, err := filepath.Abs(c.Args().First())
+			if err != nil {
+				return err
+			}
+			ctx, stop := signalContext(c)
+			defer stop()
+			return client(c).Mount(ctx, mp, func() {
+				fmt.Fprintf(c.App.Writer, "mounted %s\n", mp)
+			})
+		},
+	}
+}
+
+func statusCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "status",
+		Usage: "show the daemon's state, VMs and journals",
+		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+		Action: func(c *cli.Context) error {
+			s, err := client(c).Status(c.Context)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, s)
+			}
+			w := c.App.Writer
+			fmt.Fprintf(w, "state:         %s\nlast shutdown: %s\nnbd:           %s\n", s.StateDir, s.LastShutdown, strings.Join(s.NBD, ", "))
+			if len(s.Mounts) > 0 {
+				fmt.Fprintf(w, "mounts:        %s\n", strings.Join(s.Mounts, ", "))
+			}
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "\nVM\tDISKS\tSTATE\tCYCLE\tJOURNAL\tCAP")
+			for _, v := range s.VMs {
+				cycle, used, capb := "-", "-", "-"
+				if j := v.Journal; j != nil {
+					cycle = fmt.Sprint(j.OpenCycle)
+					used = humanBytes(j.JournalBytes)
+					capb = humanBytes(j.Cap)
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", v.Name, len(v.Disks), vmState(v), cycle, used, capb)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

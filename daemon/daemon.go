@@ -1,0 +1,621 @@
+// Package daemon is the vdrepl host daemon: the persisted registry of VMs,
+// one journal per VM, the NBD and FUSE front ends serving the VMs' disks, and
+// the control API the CLI talks to over a unix socket.
+//
+// A Daemon is safe for concurrent use. Management operations (add, remove,
+// mount) are serialised by opMu; mu guards the maps and is never held across
+// I/O. Lock order: opMu, then mu.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/journal"
+	"github.com/vdrepl/vdrepl/internal/vfs"
+)
+
+// Config of a Daemon.
+type Config struct {
+	// StateDir holds the registry, journals and the control socket.
+	StateDir string
+	// Control is the control socket; default StateDir/control.sock.
+	Control string
+	// NBD lists listen addresses: "unix:PATH" or "tcp:HOST:PORT".
+	NBD []string
+	// JournalCap is the per-VM journal cap; 0 = half the VM's disk size.
+	JournalCap int64
+	// SyncInterval: how often a VM's journal syncs when clients never flush.
+	SyncInterval time.Duration
+	Logger       *slog.Logger
+}
+
+// DefaultStateDir is where state lives unless --state or VDREPL_STATE says.
+const DefaultStateDir = "/var/lib/vdrepl"
+
+// DefaultControl is the control socket for a state directory.
+func DefaultControl(stateDir string) string { return filepath.Join(stateDir, "control.sock") }
+
+// DefaultNBD is the NBD listen list for a state directory.
+func DefaultNBD(stateDir string) []string {
+	return []string{"unix:" + filepath.Join(stateDir, "nbd.sock"), "tcp:127.0.0.1:10809"}
+}
+
+// Daemon is a running vdrepl host.
+type Daemon struct {
+	cfg Config
+	log *slog.Logger
+	fs  vfs.FS
+	reg registry
+
+	opMu sync.Mutex
+
+	mu           sync.Mutex
+	vms          map[string]*vm
+	mounts       map[string]*blockdev.FUSEMount
+	lastShutdown string
+	listeners    []string
+	closed       bool
+
+	nbd     *blockdev.NBDServer
+	control *http.Server
+	lock    *os.File
+}
+
+type vm struct {
+	spec  VMSpec
+	j     *journal.Journal
+	locks []*os.File // OFD locks on the images
+	err   error      // why the VM is not served, if it is not
+}
+
+// New prepares a daemon; Run starts it.
+func New(cfg Config) (*Daemon, error) {
+	if cfg.StateDir == "" {
+		cfg.StateDir = DefaultStateDir
+	}
+	abs, err := filepath.Abs(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	cfg.StateDir = abs
+	if cfg.Control == "" {
+		cfg.Control = DefaultControl(cfg.StateDir)
+	}
+	if cfg.NBD == nil {
+		cfg.NBD = DefaultNBD(cfg.StateDir)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	d := &Daemon{
+		cfg:    cfg,
+		log:    cfg.Logger,
+		fs:     vfs.Default,
+		reg:    registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
+		vms:    make(map[string]*vm),
+		mounts: make(map[string]*blockdev.FUSEMount),
+	}
+	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
+	return d, nil
+}
+
+// Run opens every registered VM, serves NBD and the control API, and returns
+// when ctx is done (after a clean shutdown) or a listener fails.
+func (d *Daemon) Run(ctx context.Context) error {
+	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	if err := d.lockState(); err != nil {
+		return err
+	}
+	d.lastShutdown = d.detectShutdown()
+	d.log.Info("starting", "state", d.cfg.StateDir, "last_shutdown", d.lastShutdown)
+
+	specs, err := d.reg.load()
+	if err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	for _, s := range specs {
+		v, err := d.openVM(s, false)
+		if err != nil {
+			d.log.Error("VM not served", "vm", s.Name, "err", err)
+			v = &vm{spec: s, err: err}
+		}
+		d.mu.Lock()
+		d.vms[s.Name] = v
+		d.mu.Unlock()
+	}
+
+	errc := make(chan error, len(d.cfg.NBD)+1)
+	var wg sync.WaitGroup
+	for _, addr := range d.cfg.NBD {
+		l, err := listen(addr)
+		if err != nil {
+			d.shutdown()
+			return fmt.Errorf("NBD listen %s: %w", addr, err)
+		}
+		d.mu.Lock()
+		d.listeners = append(d.listeners, l.Addr().Network()+":"+l.Addr().String())
+		d.mu.Unlock()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.nbd.Serve(ctx, l); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("NBD %s: %w", addr, err)
+			}
+		}()
+	}
+	cl, err := listen("unix:" + d.cfg.Control)
+	if err != nil {
+		d.shutdown()
+		return fmt.Errorf("control socket: %w", err)
+	}
+	os.Chmod(d.cfg.Control, 0o600)
+	d.control = &http.Server{Handler: d.handler(), BaseContext: func(net.Listener) context.Context { return ctx }}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := d.control.Serve(cl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("control: %w", err)
+		}
+	}()
+	d.log.Info("serving", "control", d.cfg.Control, "nbd", d.cfg.NBD)
+
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	shutErr := d.shutdown()
+	wg.Wait()
+	if err != nil {
+		return err
+	}
+	return shutErr
+}
+
+// shutdown stops serving and closes every journal (sync, write back,
+// checkpoint), then records the clean shutdown.
+func (d *Daemon) shutdown() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	mounts := make([]*blockdev.FUSEMount, 0, len(d.mounts))
+	for _, m := range d.mounts {
+		mounts = append(mounts, m)
+	}
+	d.mu.Unlock()
+	for _, m := range mounts {
+		m.Unmount()
+	}
+	if d.control != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		d.control.Shutdown(ctx)
+		cancel()
+	}
+	d.nbd.Close()
+	var errs []error
+	d.mu.Lock()
+	vms := d.vms
+	d.vms = map[string]*vm{}
+	d.mu.Unlock()
+	for name, v := range vms {
+		if err := v.close(); err != nil {
+			errs = append(errs, fmt.Errorf("vm %s: %w", name, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	os.Remove(filepath.Join(d.cfg.StateDir, runningFile))
+	if d.lock != nil {
+		d.lock.Close()
+	}
+	d.log.Info("stopped cleanly")
+	return nil
+}
+
+func (v *vm) close() error {
+	var err error
+	if v.j != nil {
+		err = v.j.Close()
+		v.j = nil
+	}
+	for _, f := range v.locks {
+		f.Close()
+	}
+	v.locks = nil
+	return err
+}
+
+func listen(addr string) (net.Listener, error) {
+	network, a, ok := strings.Cut(addr, ":")
+	if !ok || (network != "unix" && network != "tcp") || a == "" {
+		return nil, fmt.Errorf("%w: listen address %q: want unix:PATH or tcp:HOST:PORT", ErrInvalid, addr)
+	}
+	if network == "unix" {
+		if err := removeStaleSocket(a); err != nil {
+			return nil, err
+		}
+	}
+	return net.Listen(network, a)
+}
+
+// removeStaleSocket removes a socket file nobody listens on (left by a crash).
+func removeStaleSocket(p string) error {
+	st, err := os.Lstat(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if st.Mode()&fs.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket", p)
+	}
+	if c, err := net.DialTimeout("unix", p, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("%s: another process is listening", p)
+	}
+	return os.Remove(p)
+}
+
+// lockState keeps a second daemon off the same state directory.
+func (d *Daemon) lockState() error {
+	f, err := os.OpenFile(filepath.Join(d.cfg.StateDir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return fmt.Errorf("state directory %s is in use by another vdrepl daemon", d.cfg.StateDir)
+	}
+	d.lock = f
+	return nil
+}
+
+const runningFile = "running"
+
+// detectShutdown tells how the previous run ended: the running marker holds
+// the kernel boot id while the daemon runs and is removed on a clean stop.
+// A marker from this boot means the process was killed (page cache intact); a
+// marker from another boot means the host went down (unsynced data lost).
+// The journal recovers both the same way; this is for status and logs.
+func (d *Daemon) detectShutdown() string {
+	p := filepath.Join(d.cfg.StateDir, runningFile)
+	boot := bootID()
+	prev, err := os.ReadFile(p)
+	result := "clean"
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if _, err := os.Stat(d.reg.path); errors.Is(err, fs.ErrNotExist) {
+			result = "first start"
+		}
+	case err != nil:
+		result = "unknown"
+	case strings.TrimSpace(string(prev)) == boot:
+		result = "process crash"
+	default:
+		result = "host crash"
+	}
+	if err := vfs.WriteFileAtomic(d.fs, p, []byte(boot+"\n"), 0o600); err != nil {
+		d.log.Warn("cannot write running marker", "err", err)
+	}
+	return result
+}
+
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// openVM locks and opens a VM's images and journal. With create, missing
+// images that have a size are created sparse, and removed again on failure.
+func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
+	v := &vm{spec: s}
+	var created []string
+	defer func() {
+		if err != nil {
+			v.close()
+			for _, p := range created {
+				os.Remove(p)
+			}
+		}
+	}()
+	for i := range v.spec.Disks {
+		ds := &v.spec.Disks[i]
+		st, serr := os.Stat(ds.Path)
+		switch {
+		case errors.Is(serr, fs.ErrNotExist) && create && ds.Create:
+			f, err := os.OpenFile(ds.Path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+			if err != nil {
+				return nil, fmt.Errorf("disk %s: create %s: %w", ds.Name, ds.Path, err)
+			}
+			created = append(created, ds.Path)
+			err = f.Truncate(ds.Size)
+			if err == nil {
+				err = f.Sync()
+			}
+			f.Close()
+			if err != nil {
+				return nil, fmt.Errorf("disk %s: create %s: %w", ds.Name, ds.Path, err)
+			}
+			if err := d.fs.SyncDir(filepath.Dir(ds.Path)); err != nil {
+				return nil, err
+			}
+		case errors.Is(serr, fs.ErrNotExist):
+			hint := ""
+			if create {
+				hint = " (give a size to create it: --disk PATH:SIZE)"
+			}
+			return nil, fmt.Errorf("%w: disk %s: %s does not exist%s", ErrInvalid, ds.Name, ds.Path, hint)
+		case serr != nil:
+			return nil, fmt.Errorf("disk %s: %w", ds.Name, serr)
+		case !st.Mode().IsRegular():
+			return nil, fmt.Errorf("%w: disk %s: %s is not a regular file", ErrInvalid, ds.Name, ds.Path)
+		case ds.Size == 0 && create:
+			ds.Size = st.Size()
+		case st.Size() != ds.Size:
+			return nil, fmt.Errorf("%w: disk %s: %s is %d bytes, but %d were given", ErrInvalid, ds.Name, ds.Path, st.Size(), ds.Size)
+		}
+		if ds.Size <= 0 || ds.Size%journal.BlockSize != 0 {
+			return nil, fmt.Errorf("%w: disk %s: size %d is not a positive multiple of %d bytes", ErrInvalid, ds.Name, ds.Size, journal.BlockSize)
+		}
+		ds.Create = false
+		lf, err := lockImage(ds.Path)
+		if err != nil {
+			return nil, fmt.Errorf("%w: disk %s: %v", ErrInUse, ds.Name, err)
+		}
+		v.locks = append(v.locks, lf)
+	}
+	jc := journal.Config{
+		Dir:          filepath.Join(d.cfg.StateDir, "vms", s.Name, "journal"),
+		IndexDir:     filepath.Join(d.cfg.StateDir, "vms", s.Name, "index"),
+		Cap:          d.cfg.JournalCap,
+		SyncInterval: d.cfg.SyncInterval,
+		Logger:       d.log.With("vm", s.Name),
+	}
+	for _, ds := range v.spec.Disks {
+		jc.Disks = append(jc.Disks, journal.DiskSpec{Name: ds.Name, Path: ds.Path, Size: ds.Size})
+	}
+	if v.j, err = journal.Open(jc); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// lockImage takes an open-file-description write lock on an image, the kind
+// QEMU takes too, so two users of one image are caught.
+func lockImage(p string) (*os.File, error) {
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 0, Len: 0}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s is locked by another process (a VM or another vdrepl?)", p)
+	}
+	return f, nil
+}
+
+// AddVM registers a VM, creating sparse images where sizes are given and the
+// files are missing. On any error nothing is changed.
+func (d *Daemon) AddVM(s VMSpec) (VMSpec, error) {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	if err := checkName("VM", s.Name); err != nil {
+		return s, err
+	}
+	if len(s.Disks) == 0 {
+		return s, fmt.Errorf("%w: VM %s needs at least one --disk", ErrInvalid, s.Name)
+	}
+	seen := map[string]bool{}
+	for i := range s.Disks {
+		ds := &s.Disks[i]
+		if err := checkName("disk", ds.Name); err != nil {
+			return s, err
+		}
+		if seen[ds.Name] {
+			return s, fmt.Errorf("%w: VM %s has two disks named %s (name them with --disk NAME=PATH)", ErrInvalid, s.Name, ds.Name)
+		}
+		seen[ds.Name] = true
+		if !filepath.IsAbs(ds.Path) {
+			return s, fmt.Errorf("%w: disk path %q must be absolute", ErrInvalid, ds.Path)
+		}
+		ds.Path = filepath.Clean(ds.Path)
+	}
+	d.mu.Lock()
+	if _, ok := d.vms[s.Name]; ok {
+		d.mu.Unlock()
+		return s, fmt.Errorf("%w: VM %s is already registered", ErrExists, s.Name)
+	}
+	for _, other := range d.vms {
+		for _, od := range other.spec.Disks {
+			for _, ds := range s.Disks {
+				if sameFile(od.Path, ds.Path) {
+					d.mu.Unlock()
+					return s, fmt.Errorf("%w: %s is already disk %s of VM %s", ErrInUse, ds.Path, od.Name, other.spec.Name)
+				}
+			}
+		}
+	}
+	for i, a := range s.Disks {
+		for _, b := range s.Disks[i+1:] {
+			if sameFile(a.Path, b.Path) {
+				d.mu.Unlock()
+				return s, fmt.Errorf("%w: %s is given twice", ErrInvalid, a.Path)
+			}
+		}
+	}
+	d.mu.Unlock()
+	s.Created = time.Now().UTC().Truncate(time.Second)
+	v, err := d.openVM(s, true)
+	if err != nil {
+		return s, err
+	}
+	d.mu.Lock()
+	next := append(d.specsLocked(), v.spec)
+	d.mu.Unlock()
+	if err := d.reg.save(next); err != nil {
+		v.close()
+		return s, fmt.Errorf("save registry: %w", err)
+	}
+	d.mu.Lock()
+	d.vms[s.Name] = v
+	d.mu.Unlock()
+	d.log.Info("VM added", "vm", s.Name, "disks", len(s.Disks))
+	return v.spec, nil
+}
+
+func sameFile(a, b string) bool {
+	if filepath.Clean(a) == filepath.Clean(b) {
+		return true
+	}
+	sa, err1 := os.Stat(a)
+	sb, err2 := os.Stat(b)
+	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+}
+
+func (d *Daemon) specsLocked() []VMSpec {
+	out := make([]VMSpec, 0, len(d.vms))
+	for _, v := range d.vms {
+		out = append(out, v.spec)
+	}
+	slices.SortFunc(out, func(a, b VMSpec) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+// RemoveVM stops serving a VM, closes its journal (everything written back to
+// the images) and forgets it. The images stay.
+func (d *Daemon) RemoveVM(name string) error {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	d.mu.Lock()
+	v, ok := d.vms[name]
+	if !ok {
+		d.mu.Unlock()
+		return fmt.Errorf("%w: %s", ErrUnknownVM, name)
+	}
+	delete(d.vms, name)
+	next := d.specsLocked()
+	d.mu.Unlock()
+	if err := d.reg.save(next); err != nil {
+		d.mu.Lock()
+		d.vms[name] = v
+		d.mu.Unlock()
+		return fmt.Errorf("save registry: %w", err)
+	}
+	err := v.close()
+	if rerr := os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name)); err == nil {
+		err = rerr
+	}
+	d.log.Info("VM removed", "vm", name)
+	return err
+}
+
+// VMInfo is a VM as the CLI shows it.
+type VMInfo struct {
+	VMSpec
+	Exports []string       `json:"exports"`
+	Journal *journal.Stats `json:"journal,omitempty"`
+	Error   string         `json:"error,omitempty"`
+}
+
+// VMs lists the registered VMs.
+func (d *Daemon) VMs() []VMInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []VMInfo
+	for _, s := range d.specsLocked() {
+		v := d.vms[s.Name]
+		info := VMInfo{VMSpec: s}
+		for _, ds := range s.Disks {
+			info.Exports = append(info.Exports, s.Name+"/"+ds.Name)
+		}
+		if v.j != nil {
+			st := v.j.Stats()
+			info.Journal = &st
+		}
+		if v.err != nil {
+			info.Error = v.err.Error()
+		}
+		out = append(out, info)
+	}
+	return out
+}
+
+// Seal closes the open cycle of a VM now.
+func (d *Daemon) Seal(name string, flags uint64) (journal.CycleInfo, error) {
+	d.mu.Lock()
+	v, ok := d.vms[name]
+	d.mu.Unlock()
+	if !ok {
+		return journal.CycleInfo{}, fmt.Errorf("%w: %s", ErrUnknownVM, name)
+	}
+	if v.j == nil {
+		return journal.CycleInfo{}, fmt.Errorf("VM %s is not served: %v", name, v.err)
+	}
+	return v.j.Seal(flags)
+}
+
+// exports is the Daemon seen as the front ends' live catalogue.
+type exports Daemon
+
+func (e *exports) Lookup(name string) (blockdev.Export, bool) {
+	vmName, diskName, ok := strings.Cut(name, "/")
+	if !ok {
+		return blockdev.Export{}, false
+	}
+	d := (*Daemon)(e)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v, ok := d.vms[vmName]
+	if !ok || v.j == nil {
+		return blockdev.Export{}, false
+	}
+	for i, ds := range v.spec.Disks {
+		if ds.Name == diskName {
+			return blockdev.Export{Name: name, Disk: v.j.Disk(i), Description: "vdrepl VM " + vmName + " disk " + diskName}, true
+		}
+	}
+	return blockdev.Export{}, false
+}
+
+func (e *exports) List() []blockdev.Export {
+	d := (*Daemon)(e)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []blockdev.Export
+	for _, s := range d.specsLocked() {
+		v := d.vms[s.Name]
+		if v.j == nil {
+			continue
+		}
+		for i, ds := range s.Disks {
+			n := s.Name + "/" + ds.Name
+			out = append(out, blockdev.Export{Name: n, Disk: v.j.Disk(i), Description: "vdrepl VM " + s.Name + " disk " + ds.Name})
+		}
+	}
+	return out
+}

@@ -1,0 +1,140 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+)
+
+// Errors of VM management; the control API turns them into HTTP statuses.
+var (
+	ErrUnknownVM = errors.New("unknown VM")
+	ErrExists    = errors.New("already exists")
+	ErrInvalid   = errors.New("invalid request")
+	ErrInUse     = errors.New("in use")
+)
+
+// DiskSpec is one disk of a VM as the user registered it.
+type DiskSpec struct {
+	Name string `json:"name"`
+	Path string `json:"path"`
+	Size int64  `json:"size"`
+	// Create asks for a sparse image of Size bytes when Path is missing.
+	Create bool `json:"create,omitempty"`
+}
+
+// VMSpec is a registered VM.
+type VMSpec struct {
+	Name    string     `json:"name"`
+	Disks   []DiskSpec `json:"disks"`
+	Created time.Time  `json:"created"`
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+func checkName(kind, name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("%w: %s name %q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, kind, name)
+	}
+	return nil
+}
+
+// ParseDiskSpec parses the CLI form [NAME=]PATH[:SIZE]. SIZE takes K, M, G, T
+// suffixes (powers of 1024). Without NAME the disk is named after the file
+// without its extension.
+func ParseDiskSpec(s string) (DiskSpec, error) {
+	var d DiskSpec
+	if name, rest, ok := strings.Cut(s, "="); ok {
+		d.Name, s = name, rest
+	}
+	if i := strings.LastIndexByte(s, ':'); i >= 0 {
+		size, err := ParseSize(s[i+1:])
+		if err != nil {
+			return d, fmt.Errorf("%w: disk %q: %v", ErrInvalid, s, err)
+		}
+		d.Size, d.Create, s = size, true, s[:i]
+	}
+	if s == "" {
+		return d, fmt.Errorf("%w: disk needs a path: [NAME=]PATH[:SIZE]", ErrInvalid)
+	}
+	d.Path = s
+	if d.Name == "" {
+		base := filepath.Base(s)
+		d.Name = strings.TrimSuffix(base, filepath.Ext(base))
+	}
+	return d, checkName("disk", d.Name)
+}
+
+// ParseSize parses "1024", "64K", "512M", "2G", "1T" (powers of 1024; an
+// optional trailing "iB" or "B" is accepted).
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "B"), "I")
+	mult := int64(1)
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			t = t[:n-1]
+		}
+	}
+	v, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || v <= 0 || v > (1<<62)/mult {
+		return 0, fmt.Errorf("bad size %q (want e.g. 4096, 512M, 20G)", s)
+	}
+	return v * mult, nil
+}
+
+// registry is the persisted list of VMs: state/vms.json, replaced atomically.
+type registry struct {
+	fs   vfs.FS
+	path string
+}
+
+type registryFile struct {
+	Version int      `json:"version"`
+	VMs     []VMSpec `json:"vms"`
+}
+
+const registryVersion = 1
+
+func (r registry) load() ([]VMSpec, error) {
+	b, err := vfs.ReadFile(r.fs, r.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var f registryFile
+	if err := json.Unmarshal(b, &f); err != nil {
+		return nil, fmt.Errorf("%s: %w", r.path, err)
+	}
+	if f.Version != registryVersion {
+		return nil, fmt.Errorf("%s: version %d not supported (want %d)", r.path, f.Version, registryVersion)
+	}
+	return f.VMs, nil
+}
+
+func (r registry) save(vms []VMSpec) error {
+	b, err := json.MarshalIndent(registryFile{Version: registryVersion, VMs: vms}, "", "  ")
+	if err != nil {
+		return err
+	}
+	return vfs.WriteFileAtomic(r.fs, r.path, append(b, '\n'), 0o600)
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Checks that package dependencies point the way DESIGN.md says:
+# cmd -> (daemon, blockdev, ship, apply, snapshot) -> journal -> internal.
+# Front ends know nothing of replication; apply never imports ship; no
+# package imports cmd; leaf packages import nothing of ours.
+set -euo pipefail
+mod=$(go list -m)
+fail=0
+deps() { go list -f '{{join .Imports "\n"}}' "$mod/$1" 2>/dev/null | grep "^$mod/" | sed "s#^$mod/##" || true; }
+forbid() { # package, forbidden import prefixes...
+  local pkg=$1; shift
+  [ -d "$pkg" ] || return 0
+  for d in $(deps "$pkg"); do
+    for f in "$@"; do
+      case "$d" in "$f"|"$f"/*) echo "dependency rule broken: $pkg imports $d"; fail=1;; esac
+    done
+  done
+}
+forbid blockdev journal ship apply snapshot daemon cmd
+forbid journal blockdev ship apply snapshot daemon cmd
+forbid apply ship cmd daemon
+forbid ship apply cmd daemon
+forbid snapshot cmd daemon
+forbid internal/vfs journal blockdev ship apply snapshot daemon cmd
+forbid daemon cmd
+exit $fail
