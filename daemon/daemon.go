@@ -25,8 +25,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vdrepl/vdrepl/blockdev"
-	"github.com/vdrepl/vdrepl/journal"
 	"github.com/vdrepl/vdrepl/internal/vfs"
+	"github.com/vdrepl/vdrepl/journal"
 )
 
 // Config of a Daemon.
