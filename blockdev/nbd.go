@@ -1,0 +1,885 @@
+// The NBD export: NBDServer speaks the NBD protocol (fixed newstyle
+// handshake, simple replies) over any net.Listener and turns each request into
+// one call on the export's Disk. The wire format is drawn in nbdproto.go.
+//
+// Concurrency: NBDServer's methods are safe for concurrent use; Serve may run
+// on several listeners at once (a unix socket and a TCP port). Each accepted
+// connection gets one goroutine that runs the handshake and then reads
+// requests. That reader decodes a request, reads a WRITE payload in full into
+// a pooled buffer, and starts one worker goroutine for it; at most
+// NBDConfig.MaxInFlight requests (and about max(64 MiB, MaxRequest) bytes of
+// payload) are in flight per connection, beyond which the reader stops
+// reading: that is the back-pressure. Workers call the Disk concurrently and
+// reply as they finish, so replies go out of order. Replies are serialised by
+// a per-connection write mutex into a buffer that is flushed when no other
+// reply is waiting (large READ payloads go out with writev).
+//
+// Lock order: NBDServer.mu before nbdConn.mu; nbdConn.wmu before nbdConn.mu.
+// The in-flight counter's mutex is a leaf.
+//
+// Shutdown: Close, a cancelled Serve context and CloseExport stop a
+// connection's reader, let in-flight requests finish and reply (writes get a
+// grace period, after which a client that does not read is cut off), then close
+// the socket. Close and CloseExport wait for this, so no Disk call happens after
+// they return.
+package blockdev
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/bits"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// NBD server defaults.
+const (
+	DefaultNBDMaxRequest       = 32 << 20
+	DefaultNBDMaxInFlight      = 64
+	DefaultNBDHandshakeTimeout = 30 * time.Second
+	// nbdShutdownGrace is how long replies may take to drain at shutdown.
+	nbdShutdownGrace = 5 * time.Second
+	// nbdMinInflightBytes bounds payload memory per connection (one request
+	// larger than this is still admitted when nothing else is in flight).
+	nbdMinInflightBytes = 64 << 20
+	// Replies are buffered up to nbdFlushAt bytes; READ payloads up to
+	// nbdInlinePayload are copied into that buffer, larger ones are written
+	// with writev straight from their own buffer.
+	nbdFlushAt       = 64 << 10
+	nbdInlinePayload = 16 << 10
+	nbdReadBuffer    = 128 << 10
+	// nbdMaxOptionData bounds the option data the server reads into memory;
+	// longer options are skipped and refused.
+	nbdMaxOptionData = 4 + nbdMaxStringLength + 2 + 2*1024
+)
+
+// NBDConfig configures an NBDServer.
+type NBDConfig struct {
+	// Exports is the live catalogue. Names are looked up at each handshake;
+	// a connection keeps the Export it negotiated until it ends (use
+	// CloseExport to end connections to an export being withdrawn).
+	Exports Exports
+	// Logger gets connection events and request failures; nil discards.
+	Logger *slog.Logger
+	// MaxRequest is the largest READ or WRITE payload, advertised as the
+	// maximum block size. 0 means DefaultNBDMaxRequest; it is clamped to
+	// [4 KiB, 1 GiB].
+	MaxRequest uint32
+	// MaxInFlight is the number of requests one connection may have in
+	// flight; 0 means DefaultNBDMaxInFlight.
+	MaxInFlight int
+	// HandshakeTimeout bounds the handshake; 0 means
+	// DefaultNBDHandshakeTimeout. The transmission phase has no timeout (an
+	// idle guest is normal).
+	HandshakeTimeout time.Duration
+	// OnConnect is called when a client enters the transmission phase on an
+	// export, and OnDisconnect when that connection has ended and all its
+	// requests have finished. writable is false for read-only exports. They
+	// are called from connection goroutines: they must not block for long
+	// and must not call Close or CloseExport.
+	OnConnect    func(export string, writable bool)
+	OnDisconnect func(export string, writable bool)
+}
+
+// NBDClient describes one connection in the transmission phase.
+type NBDClient struct {
+	Export   string
+	Remote   string
+	Writable bool
+}
+
+// NBDServer serves the exports of a catalogue over NBD. Create it with
+// NewNBDServer, run Serve on one or more listeners, stop it with Close.
+type NBDServer struct {
+	cfg NBDConfig
+	log *slog.Logger
+
+	mu        sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[*nbdConn]struct{}
+	wg        sync.WaitGroup // Serve calls and connection goroutines
+}
+
+// NewNBDServer returns a server for cfg. It does not listen; call Serve.
+func NewNBDServer(cfg NBDConfig) *NBDServer {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	switch {
+	case cfg.MaxRequest == 0:
+		cfg.MaxRequest = DefaultNBDMaxRequest
+	case cfg.MaxRequest < nbdPreferredBlock:
+		cfg.MaxRequest = nbdPreferredBlock
+	case cfg.MaxRequest > 1<<30:
+		cfg.MaxRequest = 1 << 30
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = DefaultNBDMaxInFlight
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = DefaultNBDHandshakeTimeout
+	}
+	return &NBDServer{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*nbdConn]struct{}),
+	}
+}
+
+// Serve accepts connections on l until ctx is done, Close is called or Accept
+// fails. Before returning it closes l, ends the connections it accepted
+// (letting their in-flight requests finish) and waits for them. It returns
+// nil when stopped by ctx or Close (also when Close came first), and the
+// Accept error otherwise.
+func (s *NBDServer) Serve(ctx context.Context, l net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		l.Close()
+		return nil
+	}
+	s.listeners[l] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer s.wg.Done()
+
+	stop := make(chan struct{})
+	var stopOnce sync.Once
+	stopServe := func() { stopOnce.Do(func() { close(stop); l.Close() }) }
+	unwatch := context.AfterFunc(ctx, stopServe)
+	defer unwatch()
+
+	err := s.acceptLoop(l, stop)
+	stopServe()
+
+	s.mu.Lock()
+	delete(s.listeners, l)
+	var mine []*nbdConn
+	for c := range s.conns {
+		if c.listener == l {
+			mine = append(mine, c)
+		}
+	}
+	for _, c := range mine {
+		c.shutdown()
+	}
+	closed := s.closed
+	s.mu.Unlock()
+	for _, c := range mine {
+		<-c.done
+	}
+	if closed || ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+func (s *NBDServer) acceptLoop(l net.Listener, stop <-chan struct{}) error {
+	var backoff time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			select {
+			case <-stop:
+				return nil
+			default:
+			}
+			if errors.Is(err, net.ErrClosed) {
+				s.mu.Lock()
+				closed := s.closed
+				s.mu.Unlock()
+				if closed {
+					return nil
+				}
+				return err
+			}
+			if !errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE) &&
+				!errors.Is(err, syscall.ECONNABORTED) && !errors.Is(err, syscall.ENOBUFS) {
+				return err
+			}
+			// Out of descriptors or a connection aborted before accept:
+			// wait a little and keep serving, as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("NBD accept failed; retrying", "err", err, "backoff", backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-stop:
+				t.Stop()
+				return nil
+			case <-t.C:
+			}
+			continue
+		}
+		backoff = 0
+		if tc, ok := nc.(*net.TCPConn); ok {
+			tc.SetNoDelay(true)
+		}
+		c := s.newConn(nc, l)
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			nc.Close()
+			return nil
+		}
+		s.conns[c] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			c.serve()
+		}()
+	}
+}
+
+// Close stops every Serve, ends every connection (in-flight requests finish
+// and are replied to first) and waits for all of the server's goroutines. It
+// is idempotent and always returns nil.
+func (s *NBDServer) Close() error {
+	s.mu.Lock()
+	if !s.closed {
+		s.closed = true
+		for l := range s.listeners {
+			l.Close()
+		}
+		for c := range s.conns {
+			c.shutdown()
+		}
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+// CloseExport ends every connection that uses (or is entering transmission
+// on) the named export, letting in-flight requests finish, and waits for them.
+// Remove the export from the catalogue first, so no new client can open it;
+// then no Disk call for it happens after CloseExport returns. It returns the
+// number of connections ended.
+func (s *NBDServer) CloseExport(name string) int {
+	s.mu.Lock()
+	var victims []*nbdConn
+	for c := range s.conns {
+		if c.exportSet && c.exportName == name {
+			victims = append(victims, c)
+			c.shutdown()
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range victims {
+		<-c.done
+	}
+	return len(victims)
+}
+
+// Clients lists the connections in the transmission phase.
+func (s *NBDServer) Clients() []NBDClient {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []NBDClient
+	for c := range s.conns {
+		if c.transmitting {
+			out = append(out, NBDClient{Export: c.exportName, Remote: c.remote, Writable: !c.exp.ReadOnly})
+		}
+	}
+	return out
+}
+
+// nbdConn is one client connection.
+type nbdConn struct {
+	s        *NBDServer
+	nc       net.Conn
+	listener net.Listener
+	remote   string
+	log      *slog.Logger
+	br       *bufio.Reader
+	done     chan struct{} // closed when serve returns
+
+	// Guarded by s.mu.
+	exportSet    bool   // a GO/EXPORT_NAME is under way or done
+	exportName   string // its (resolved) name
+	transmitting bool
+
+	exp    Export // set before transmission, then read-only
+	limits exportLimits
+
+	mu      sync.Mutex // guards closing and the deadlines
+	closing bool
+
+	// Reply writing.
+	wmu    sync.Mutex
+	wbuf   []byte
+	werr   error
+	queued atomic.Int32 // replies waiting for wmu or being written
+
+	inflight nbdInflight
+}
+
+func (s *NBDServer) newConn(nc net.Conn, l net.Listener) *nbdConn {
+	remote := "?"
+	if a := nc.RemoteAddr(); a != nil {
+		remote = a.Network() + ":" + a.String()
+	}
+	c := &nbdConn{
+		s:        s,
+		nc:       nc,
+		listener: l,
+		remote:   remote,
+		log:      s.log.With("remote", remote),
+		br:       bufio.NewReaderSize(nc, nbdReadBuffer),
+		done:     make(chan struct{}),
+		wbuf:     make([]byte, 0, nbdFlushAt+nbdInlinePayload+nbdReplySize),
+	}
+	c.inflight.init(s.cfg.MaxInFlight, max(nbdMinInflightBytes, int64(s.cfg.MaxRequest)))
+	return c
+}
+
+// shutdown makes the reader stop at its next read and gives replies a grace
+// period. Safe to call more than once and from any goroutine.
+func (c *nbdConn) shutdown() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closing {
+		return
+	}
+	c.closing = true
+	c.nc.SetReadDeadline(time.Now())
+	c.nc.SetWriteDeadline(time.Now().Add(nbdShutdownGrace))
+}
+
+// abort stops the connection at once: the peer is gone or out of step.
+func (c *nbdConn) abort() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closing = true
+	c.nc.SetDeadline(time.Now())
+}
+
+// setDeadline sets the read and write deadline unless shutdown has already
+// set its own.
+func (c *nbdConn) setDeadline(t time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closing {
+		c.nc.SetDeadline(t)
+	}
+}
+
+func (c *nbdConn) isClosing() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closing
+}
+
+// serve runs the connection to its end.
+func (c *nbdConn) serve() {
+	s := c.s
+	defer func() {
+		c.nc.Close()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		close(c.done)
+	}()
+	c.log.Debug("NBD client connected")
+	exp, err := c.handshake()
+	if err != nil {
+		switch {
+		case errors.Is(err, errNBDAbort):
+			c.log.Debug("NBD client ended the handshake")
+		case c.isClosing() || errors.Is(err, io.EOF):
+			c.log.Debug("NBD handshake ended", "err", err)
+		default:
+			c.log.Info("NBD handshake failed", "err", err)
+		}
+		return
+	}
+	c.exp = exp
+	c.limits = exportLimits{size: exp.Disk.Size(), readOnly: exp.ReadOnly, maxRequest: s.cfg.MaxRequest}
+	c.log = c.log.With("export", exp.Name)
+	c.setDeadline(time.Time{})
+	s.mu.Lock()
+	c.transmitting = true
+	s.mu.Unlock()
+	c.log.Info("NBD client attached", "read_only", exp.ReadOnly, "size", c.limits.size)
+	if f := s.cfg.OnConnect; f != nil {
+		f(exp.Name, !exp.ReadOnly)
+	}
+
+	c.transmit()
+
+	c.inflight.waitIdle()
+	c.wmu.Lock()
+	c.flushLocked()
+	c.wmu.Unlock()
+	s.mu.Lock()
+	c.transmitting = false
+	s.mu.Unlock()
+	c.log.Info("NBD client detached")
+	if f := s.cfg.OnDisconnect; f != nil {
+		f(exp.Name, !exp.ReadOnly)
+	}
+}
+
+// errNBDAbort ends the handshake after NBD_OPT_ABORT.
+var errNBDAbort = errors.New("blockdev: NBD client aborted the handshake")
+
+// Handshake errors that close the connection.
+var (
+	errNBDBadOptionMagic = errors.New("blockdev: bad NBD option magic")
+	errNBDClientFlags    = errors.New("blockdev: unknown NBD client flags")
+	errNBDUnknownExport  = errors.New("blockdev: unknown NBD export")
+)
+
+// handshake runs the fixed newstyle negotiation and returns the export the
+// client chose with NBD_OPT_GO or NBD_OPT_EXPORT_NAME.
+func (c *nbdConn) handshake() (Export, error) {
+	c.setDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+	hello := binary.BigEndian.AppendUint64(nil, nbdMagic)
+	hello = binary.BigEndian.AppendUint64(hello, nbdOptMagic)
+	hello = binary.BigEndian.AppendUint16(hello, nbdFlagFixedNewstyle|nbdFlagNoZeroes)
+	if _, err := c.nc.Write(hello); err != nil {
+		return Export{}, err
+	}
+	var b [nbdOptHeaderSize]byte
+	if _, err := io.ReadFull(c.br, b[:4]); err != nil {
+		return Export{}, err
+	}
+	cflags := binary.BigEndian.Uint32(b[:4])
+	if cflags&^(nbdFlagCFixedNewstyle|nbdFlagCNoZeroes) != 0 {
+		return Export{}, fmt.Errorf("%w %#x", errNBDClientFlags, cflags)
+	}
+	noZeroes := cflags&nbdFlagCNoZeroes != 0
+
+	var out []byte
+	for {
+		if _, err := io.ReadFull(c.br, b[:]); err != nil {
+			return Export{}, err
+		}
+		if m := binary.BigEndian.Uint64(b[:]); m != nbdOptMagic {
+			return Export{}, fmt.Errorf("%w %#x", errNBDBadOptionMagic, m)
+		}
+		opt := binary.BigEndian.Uint32(b[8:])
+		n := binary.BigEndian.Uint32(b[12:])
+		if n > nbdMaxOptionData {
+			// Too long for any option we know: skip it rather than
+			// buffer it.
+			if _, err := io.CopyN(io.Discard, c.br, int64(n)); err != nil {
+				return Export{}, err
+			}
+			typ := nbdRepErrUnsup
+			if opt == nbdOptInfo || opt == nbdOptGo || opt == nbdOptList || opt == nbdOptExportName || opt == nbdOptAbort {
+				typ = nbdRepErrInvalid
+			}
+			if err := c.writeOpt(appendOptReply(out[:0], opt, typ, []byte("option data too long"))); err != nil {
+				return Export{}, err
+			}
+			continue
+		}
+		data := make([]byte, n)
+		if _, err := io.ReadFull(c.br, data); err != nil {
+			return Export{}, err
+		}
+		out = out[:0]
+		switch opt {
+		case nbdOptExportName:
+			exp, ok := c.attach(string(data))
+			if !ok {
+				return Export{}, fmt.Errorf("%w %q (NBD_OPT_EXPORT_NAME)", errNBDUnknownExport, data)
+			}
+			out = binary.BigEndian.AppendUint64(out, uint64(exp.Disk.Size()))
+			out = binary.BigEndian.AppendUint16(out, transmissionFlags(exp.ReadOnly))
+			if !noZeroes {
+				out = append(out, make([]byte, 124)...)
+			}
+			return exp, c.writeOpt(out)
+
+		case nbdOptAbort:
+			// The client may already have hung up; the reply is a courtesy.
+			c.writeOpt(appendOptReply(out, opt, nbdRepAck, nil))
+			return Export{}, errNBDAbort
+
+		case nbdOptList:
+			if n != 0 {
+				out = appendOptReply(out, opt, nbdRepErrInvalid, []byte("NBD_OPT_LIST takes no data"))
+				break
+			}
+			for _, e := range c.s.list() {
+				d := binary.BigEndian.AppendUint32(nil, uint32(len(e.Name)))
+				d = append(d, e.Name...)
+				d = append(d, e.Description...)
+				out = appendOptReply(out, opt, nbdRepServer, d)
+			}
+			out = appendOptReply(out, opt, nbdRepAck, nil)
+
+		case nbdOptInfo, nbdOptGo:
+			req, err := decodeInfoRequest(data)
+			if err != nil {
+				out = appendOptReply(out, opt, nbdRepErrInvalid, []byte(err.Error()))
+				break
+			}
+			var exp Export
+			var ok bool
+			if opt == nbdOptGo {
+				exp, ok = c.attach(req.name)
+			} else {
+				exp, ok = c.s.lookup(req.name)
+			}
+			if !ok {
+				out = appendOptReply(out, opt, nbdRepErrUnknown, fmt.Appendf(nil, "no export named %q", req.name))
+				break
+			}
+			out = appendInfo(out, opt, exp, req.infos, c.s.cfg.MaxRequest)
+			if opt == nbdOptGo {
+				return exp, c.writeOpt(out)
+			}
+
+		case nbdOptStartTLS:
+			out = appendOptReply(out, opt, nbdRepErrPolicy, []byte("TLS is not offered on this socket"))
+
+		case nbdOptStructuredReply:
+			out = appendOptReply(out, opt, nbdRepErrUnsup, []byte("structured replies are not supported"))
+
+		default:
+			out = appendOptReply(out, opt, nbdRepErrUnsup, nil)
+		}
+		if err := c.writeOpt(out); err != nil {
+			return Export{}, err
+		}
+	}
+}
+
+// appendInfo appends the NBD_REP_INFO replies and the final ACK for an export.
+func appendInfo(out []byte, opt uint32, exp Export, infos []uint16, maxRequest uint32) []byte {
+	size := exp.Disk.Size()
+	d := binary.BigEndian.AppendUint16(nil, nbdInfoExport)
+	d = binary.BigEndian.AppendUint64(d, uint64(size))
+	d = binary.BigEndian.AppendUint16(d, transmissionFlags(exp.ReadOnly))
+	out = appendOptReply(out, opt, nbdRepInfo, d)
+	var name, desc bool
+	for _, t := range infos {
+		name = name || t == nbdInfoName
+		desc = desc || t == nbdInfoDescription
+	}
+	if name {
+		d = binary.BigEndian.AppendUint16(d[:0], nbdInfoName)
+		out = appendOptReply(out, opt, nbdRepInfo, append(d, exp.Name...))
+	}
+	if desc && exp.Description != "" {
+		d = binary.BigEndian.AppendUint16(d[:0], nbdInfoDescription)
+		out = appendOptReply(out, opt, nbdRepInfo, append(d, exp.Description...))
+	}
+	// Block sizes are sent whether asked for or not (the spec allows it);
+	// they are hints, since requests need not be aligned.
+	d = binary.BigEndian.AppendUint16(d[:0], nbdInfoBlockSize)
+	d = binary.BigEndian.AppendUint32(d, minBlockSize(size))
+	d = binary.BigEndian.AppendUint32(d, nbdPreferredBlock)
+	d = binary.BigEndian.AppendUint32(d, maxRequest)
+	out = appendOptReply(out, opt, nbdRepInfo, d)
+	return appendOptReply(out, opt, nbdRepAck, nil)
+}
+
+func (c *nbdConn) writeOpt(b []byte) error {
+	_, err := c.nc.Write(b)
+	return err
+}
+
+// list returns the catalogue (empty if there is none).
+func (s *NBDServer) list() []Export {
+	if s.cfg.Exports == nil {
+		return nil
+	}
+	return s.cfg.Exports.List()
+}
+
+// lookup finds an export by name; the default name "" means the only export
+// when there is exactly one.
+func (s *NBDServer) lookup(name string) (Export, bool) {
+	if s.cfg.Exports == nil {
+		return Export{}, false
+	}
+	if e, ok := s.cfg.Exports.Lookup(name); ok || name != "" {
+		return e, ok
+	}
+	if l := s.cfg.Exports.List(); len(l) == 1 {
+		return s.cfg.Exports.Lookup(l[0].Name)
+	}
+	return Export{}, false
+}
+
+// attach looks an export up for entering transmission. The connection is
+// marked with the name before the lookup, so a CloseExport that runs after
+// the export has left the catalogue either finds this connection or this
+// lookup fails: a connection never starts serving a withdrawn export.
+func (c *nbdConn) attach(name string) (Export, bool) {
+	if name == "" {
+		e, ok := c.s.lookup("")
+		if !ok {
+			return Export{}, false
+		}
+		name = e.Name
+	}
+	c.s.mu.Lock()
+	c.exportSet, c.exportName = true, name
+	c.s.mu.Unlock()
+	e, ok := c.s.lookup(name)
+	if !ok || e.Disk == nil {
+		c.s.mu.Lock()
+		c.exportSet, c.exportName = false, ""
+		c.s.mu.Unlock()
+		return Export{}, false
+	}
+	return e, true
+}
+
+// transmit reads and dispatches requests until the client disconnects, the
+// stream breaks or the connection is shut down. It does not wait for the
+// requests it started.
+func (c *nbdConn) transmit() {
+	var hdr [nbdRequestSize]byte
+	for {
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			if !c.isClosing() && !errors.Is(err, io.EOF) {
+				c.log.Warn("NBD read failed", "err", err)
+			}
+			return
+		}
+		r, err := decodeRequest(hdr[:])
+		if err != nil {
+			c.log.Warn("NBD stream out of step; closing", "err", err)
+			return
+		}
+		if r.Type == nbdCmdDisc {
+			c.log.Debug("NBD client disconnecting")
+			return
+		}
+		if errno := checkRequest(r, c.limits); errno != 0 {
+			c.log.Debug("NBD bad request", "cmd", nbdCmdName(r.Type), "flags", r.CommandFlags,
+				"offset", r.Offset, "length", r.Length, "error", nbdErrName(errno))
+			if r.Type == nbdCmdWrite {
+				if r.Length > c.limits.maxRequest {
+					// Skipping an arbitrary payload could mean
+					// reading gigabytes; the stream cannot be
+					// trusted either. Reply, then hang up.
+					c.log.Warn("NBD write payload too large; closing", "length", r.Length, "max", c.limits.maxRequest)
+					c.reply(r.Handle, errno, nil)
+					return
+				}
+				if _, err := c.br.Discard(int(r.Length)); err != nil {
+					return
+				}
+			}
+			c.reply(r.Handle, errno, nil)
+			continue
+		}
+		var n int
+		if r.Type == nbdCmdRead || r.Type == nbdCmdWrite {
+			n = int(r.Length)
+		}
+		c.inflight.acquire(int64(n))
+		var bp *[]byte
+		if n > 0 {
+			bp = getNBDBuf(n)
+		}
+		if r.Type == nbdCmdWrite {
+			if _, err := io.ReadFull(c.br, *bp); err != nil {
+				putNBDBuf(bp)
+				c.inflight.release(int64(n))
+				if !c.isClosing() {
+					c.log.Warn("NBD write payload cut short", "err", err)
+				}
+				return
+			}
+		}
+		go c.handle(r, bp)
+	}
+}
+
+// handle runs one validated request on the Disk and replies.
+func (c *nbdConn) handle(r request, bp *[]byte) {
+	var buf []byte
+	if bp != nil {
+		buf = *bp
+	}
+	d := c.exp.Disk
+	off := int64(r.Offset)
+	var err error
+	switch r.Type {
+	case nbdCmdRead:
+		var n int
+		n, err = d.ReadAt(buf, off)
+		if n == len(buf) && err == io.EOF {
+			err = nil
+		} else if err == nil && n < len(buf) {
+			err = io.ErrUnexpectedEOF
+		}
+	case nbdCmdWrite:
+		_, err = d.WriteAt(buf, off)
+	case nbdCmdFlush:
+		if !c.exp.ReadOnly {
+			err = d.Flush()
+		}
+	case nbdCmdTrim:
+		err = d.Trim(off, int64(r.Length))
+	case nbdCmdWriteZeroes:
+		err = d.Zero(off, int64(r.Length), r.CommandFlags&nbdCmdFlagNoHole == 0)
+	}
+	if err == nil && r.CommandFlags&nbdCmdFlagFUA != 0 && r.Type != nbdCmdRead && r.Type != nbdCmdFlush {
+		err = d.Flush()
+	}
+	var errno uint32
+	if err != nil {
+		errno = nbdErrno(err)
+		c.log.Error("NBD request failed", "cmd", nbdCmdName(r.Type), "offset", r.Offset,
+			"length", r.Length, "error", nbdErrName(errno), "err", err)
+	}
+	var payload []byte
+	if r.Type == nbdCmdRead && errno == 0 {
+		payload = buf
+	}
+	c.reply(r.Handle, errno, payload)
+	putNBDBuf(bp)
+	c.inflight.release(int64(len(buf)))
+}
+
+// nbdErrno maps a Disk error to an NBD error value.
+func nbdErrno(err error) uint32 {
+	switch {
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
+		return nbdENOSPC
+	case errors.Is(err, ErrReadOnly), errors.Is(err, syscall.EROFS):
+		return nbdEPERM
+	case errors.Is(err, ErrOutOfRange):
+		return nbdEINVAL
+	}
+	return nbdEIO
+}
+
+// reply sends a simple reply. Replies from concurrent workers are batched:
+// the buffer is flushed by whichever writer finds no other reply waiting.
+func (c *nbdConn) reply(handle uint64, errno uint32, payload []byte) {
+	c.queued.Add(1)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr == nil {
+		c.wbuf = appendReply(c.wbuf, errno, handle)
+		if len(payload) <= nbdInlinePayload {
+			c.wbuf = append(c.wbuf, payload...)
+		} else {
+			bufs := net.Buffers{c.wbuf, payload}
+			_, err := bufs.WriteTo(c.nc)
+			c.wbuf = c.wbuf[:0]
+			c.writeFailed(err)
+		}
+	}
+	if c.queued.Add(-1) == 0 || len(c.wbuf) >= nbdFlushAt {
+		c.flushLocked()
+	}
+}
+
+// flushLocked writes the reply buffer. c.wmu must be held.
+func (c *nbdConn) flushLocked() {
+	if len(c.wbuf) > 0 && c.werr == nil {
+		_, err := c.nc.Write(c.wbuf)
+		c.writeFailed(err)
+	}
+	c.wbuf = c.wbuf[:0]
+}
+
+// writeFailed records a reply write error; the connection is then useless.
+// c.wmu must be held.
+func (c *nbdConn) writeFailed(err error) {
+	if err == nil || c.werr != nil {
+		return
+	}
+	c.werr = err
+	if !c.isClosing() || !errors.Is(err, os.ErrDeadlineExceeded) {
+		c.log.Warn("NBD reply write failed; closing", "err", err)
+	}
+	c.abort()
+}
+
+// nbdInflight bounds the requests (and payload bytes) of one connection.
+type nbdInflight struct {
+	mu       sync.Mutex
+	cond     sync.Cond
+	n        int
+	bytes    int64
+	maxN     int
+	maxBytes int64
+}
+
+func (f *nbdInflight) init(maxN int, maxBytes int64) {
+	f.cond.L = &f.mu
+	f.maxN, f.maxBytes = maxN, maxBytes
+}
+
+// acquire waits for room for one request of size bytes. A request larger than
+// the byte budget is admitted alone.
+func (f *nbdInflight) acquire(size int64) {
+	f.mu.Lock()
+	for f.n >= f.maxN || (f.n > 0 && f.bytes+size > f.maxBytes) {
+		f.cond.Wait()
+	}
+	f.n++
+	f.bytes += size
+	f.mu.Unlock()
+}
+
+func (f *nbdInflight) release(size int64) {
+	f.mu.Lock()
+	f.n--
+	f.bytes -= size
+	f.mu.Unlock()
+	f.cond.Broadcast()
+}
+
+// waitIdle waits until no request is in flight.
+func (f *nbdInflight) waitIdle() {
+	f.mu.Lock()
+	for f.n > 0 {
+		f.cond.Wait()
+	}
+	f.mu.Unlock()
+}
+
+// Payload buffers are pooled by power-of-two size class, from 4 KiB up. The
+// pools hold *[]byte so that Put does not allocate.
+const nbdMinBufClass = 12
+
+var nbdBufPools [31]sync.Pool // classes 2^12 .. 2^30 used
+
+func nbdBufClass(n int) int {
+	return max(nbdMinBufClass, bits.Len(uint(n-1)))
+}
+
+// getNBDBuf returns a pooled buffer whose slice has length n
+// (1 <= n <= 1 GiB); give it back with putNBDBuf.
+func getNBDBuf(n int) *[]byte {
+	class := nbdBufClass(n)
+	p, ok := nbdBufPools[class].Get().(*[]byte)
+	if !ok {
+		b := make([]byte, 1<<class)
+		p = &b
+	}
+	*p = (*p)[:n]
+	return p
+}
+
+func putNBDBuf(p *[]byte) {
+	if p == nil {
+		return
+	}
+	*p = (*p)[:cap(*p)]
+	nbdBufPools[nbdBufClass(cap(*p))].Put(p)
+}
