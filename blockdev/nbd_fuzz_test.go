@@ -108,8 +108,10 @@ func (m mapExports) List() []Export {
 // clientBytes builds a client byte stream for seeds.
 type clientBytes struct{ b []byte }
 
-func (c *clientBytes) u16(v uint16) *clientBytes { c.b = binary.BigEndian.AppendUint16(c.b, v); return c }
-func (c *clientBytes) u32(v uint32) *clientBytes { c.b = binary.BigEndian.AppendUint32(c.b, v); return c }
+func (c *clientBytes) u32(v uint32) *clientBytes {
+	c.b = binary.BigEndian.AppendUint32(c.b, v)
+	return c
+}
 func (c *clientBytes) opt(opt uint32, data []byte) *clientBytes {
 	c.b = binary.BigEndian.AppendUint64(c.b, nbdOptMagic)
 	c.u32(opt).u32(uint32(len(data)))
