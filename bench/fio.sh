@@ -1,0 +1,350 @@
+#!/usr/bin/env bash
+# bench/fio.sh — fio on the same image through six paths, one Markdown table.
+#
+#   exports (fio's nbd engine):  qemu-nbd --cache=none --aio=native,
+#                                nbdkit file plugin (page cache, flush = fdatasync),
+#                                vdrepl's NBD export
+#   files (libaio, direct=1):    the raw image itself, nbdfuse over qemu-nbd,
+#                                vdrepl's FUSE mount
+#
+# Ratios: vdrepl-nbd to qemu-nbd and to nbdkit, vdrepl-fuse to nbdfuse.
+# See bench/README.md for the knobs; BENCH_QUICK=1 is a ~3 minute smoke test.
+set -euo pipefail
+
+BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$BENCH/lib.sh"
+
+ALL_TARGETS="raw qemu-nbd nbdkit vdrepl-nbd nbdfuse vdrepl-fuse"
+
+# ------------------------------------------------------------------- knobs --
+BENCH_QUICK=${BENCH_QUICK:-0}
+if [[ $BENCH_QUICK == 1 ]]; then
+	BENCH_SIZE=${BENCH_SIZE:-256M}
+	BENCH_RUNTIME=${BENCH_RUNTIME:-5}
+	BENCH_RAMP=${BENCH_RAMP:-1}
+fi
+BENCH_SIZE=${BENCH_SIZE:-2G}
+BENCH_RUNTIME=${BENCH_RUNTIME:-20}
+BENCH_RAMP=${BENCH_RAMP:-5}
+BENCH_DIR=${BENCH_DIR:-/var/tmp/vdrepl-bench}
+BENCH_TARGETS=${BENCH_TARGETS:-$ALL_TARGETS}
+BENCH_JOBS=${BENCH_JOBS:-}
+BENCH_TRANSPORT=${BENCH_TRANSPORT:-unix}
+BENCH_PORT=${BENCH_PORT:-10910}
+BENCH_SEQ_QD=${BENCH_SEQ_QD:-4}
+BENCH_FSYNC_QD=${BENCH_FSYNC_QD:-1}
+BENCH_DROP_CACHES=${BENCH_DROP_CACHES:-1}
+BENCH_KEEP=${BENCH_KEEP:-0}
+BENCH_SAVE=${BENCH_SAVE:-0}
+BENCH_OUT=${BENCH_OUT:-$BENCH/out}
+VDREPL_SERVE_ARGS=${VDREPL_SERVE_ARGS:-}
+VDREPL=${VDREPL:-}
+
+usage() {
+	sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+	echo
+	sed -n '/^## Knobs/,/^## /p' "$BENCH/README.md" | sed '$d'
+}
+case ${1:-} in
+-h | --help) usage; exit 0 ;;
+"") ;;
+*) die "no arguments expected (knobs are environment variables; see --help)" ;;
+esac
+
+for t in $BENCH_TARGETS; do
+	selected "$t" "$ALL_TARGETS" || die "BENCH_TARGETS: unknown target '$t' (have: $ALL_TARGETS)"
+done
+[[ $BENCH_TRANSPORT == unix || $BENCH_TRANSPORT == tcp ]] || die "BENCH_TRANSPORT must be unix or tcp"
+SIZE_BYTES=$(numfmt --from=iec "$BENCH_SIZE") || die "BENCH_SIZE: cannot parse '$BENCH_SIZE'"
+((SIZE_BYTES >= 64 * 1048576 && SIZE_BYTES % 1048576 == 0)) || die "BENCH_SIZE must be a whole number of MiB, at least 64M"
+SIZE=$BENCH_SIZE
+RUNTIME=$BENCH_RUNTIME RAMP=$BENCH_RAMP SEQ_QD=$BENCH_SEQ_QD FSYNC_QD=$BENCH_FSYNC_QD
+
+for tool in fio nbdinfo python3 numfmt; do
+	command -v "$tool" >/dev/null || die "$tool not found (make deps)"
+done
+need_tool() { command -v "$1" >/dev/null || die "$1 not found; needed by target $2 (make deps)"; }
+selected qemu-nbd "$BENCH_TARGETS" && need_tool qemu-nbd qemu-nbd
+selected nbdkit "$BENCH_TARGETS" && need_tool nbdkit nbdkit
+if selected nbdfuse "$BENCH_TARGETS"; then need_tool nbdfuse nbdfuse; need_tool qemu-nbd nbdfuse; fi
+if selected nbdfuse "$BENCH_TARGETS" || selected vdrepl-fuse "$BENCH_TARGETS"; then
+	need_tool fusermount3 FUSE
+	[[ -e /dev/fuse ]] || die "/dev/fuse missing: FUSE targets cannot run"
+fi
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
+
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+RUN=$BENCH_OUT/run-$STAMP
+RESULT=$BENCH_OUT/results-$STAMP.md
+mkdir -p "$RUN"
+FAILURES=0
+
+# The work directory holds images, journals, sockets and mount points. It has
+# to be on the disk being measured: tmpfs would measure memory.
+mkdir -p "$BENCH_DIR"
+WORK=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
+fstype=$(stat -f -c %T "$WORK")
+[[ $fstype != tmpfs && $fstype != ramfs ]] || log "WARNING: $WORK is on $fstype: this measures memory, not a disk"
+avail=$(($(stat -f -c '%a * %S' "$WORK")))
+((avail > 4 * SIZE_BYTES)) || log "WARNING: only $((avail >> 20)) MiB free under $BENCH_DIR; want 4x the image size"
+
+on_exit() {
+	local rc=$?
+	trap - EXIT INT TERM
+	cleanup_all
+	if [[ $BENCH_KEEP == 1 ]]; then
+		log "kept $WORK"
+	else
+		rm -rf --one-file-system "$WORK"
+		rmdir "$BENCH_DIR" 2>/dev/null || true
+	fi
+	exit "$rc"
+}
+trap on_exit EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# ---------------------------------------------------------------- vdrepl ----
+VDREPL_NOTE=""
+need_vdrepl() { selected vdrepl-nbd "$BENCH_TARGETS" || selected vdrepl-fuse "$BENCH_TARGETS"; }
+if need_vdrepl; then
+	if [[ -z $VDREPL ]]; then
+		VDREPL=$BENCH_OUT/vdrepl
+		log "building ./cmd/vdrepl into $VDREPL"
+		if ! (cd "$ROOT" && go build -o "$VDREPL" ./cmd/vdrepl) >"$RUN/build.log" 2>&1; then
+			cat "$RUN/build.log" >&2
+			VDREPL_NOTE="vdrepl did not build (see $RUN/build.log): its columns are empty"
+			log "$VDREPL_NOTE"
+			VDREPL=""
+			FAILURES=$((FAILURES + 1))
+		fi
+	fi
+	if [[ -n $VDREPL ]]; then
+		VDREPL=$(realpath "$VDREPL")
+		[[ -x $VDREPL ]] || die "VDREPL=$VDREPL is not executable"
+	fi
+fi
+
+# ------------------------------------------------------------ transports ----
+# listen_args KIND TARGET SOCKET PORT -> the server's listen flags, one per line.
+port_of() { # stable port per target
+	case $1 in
+	qemu-nbd) echo $((BENCH_PORT)) ;; nbdkit) echo $((BENCH_PORT + 1)) ;;
+	vdrepl-nbd) echo $((BENCH_PORT + 2)) ;; nbdfuse) echo $((BENCH_PORT + 3)) ;;
+	vdrepl-fuse) echo $((BENCH_PORT + 4)) ;;
+	esac
+}
+# uri TARGET SOCKET EXPORT
+uri() {
+	if [[ $BENCH_TRANSPORT == unix ]]; then
+		echo "nbd+unix:///$3?socket=$2"
+	else
+		echo "nbd://127.0.0.1:$(port_of "$1")/$3"
+	fi
+}
+
+start_qemu_nbd() { # TARGET DIR IMG -> QEMU_PID, QEMU_URI
+	local t=$1 dir=$2 img=$3 sock=$2/qemu-nbd.sock
+	local -a listen=(--socket="$sock")
+	[[ $BENCH_TRANSPORT == tcp ]] && listen=(--bind=127.0.0.1 --port="$(port_of "$t")")
+	rm -f "$sock"
+	spawn qemu-nbd "$RUN/$t/qemu-nbd.log" qemu-nbd --cache=none --aio=native --format=raw \
+		--persistent --shared=16 "${listen[@]}" --export-name=bench "$img"
+	QEMU_PID=$SPAWNED
+	QEMU_URI=$(uri "$t" "$sock" bench)
+	wait_until 30 "$QEMU_PID" "qemu-nbd" nbd_ready "$QEMU_URI"
+}
+
+# ---------------------------------------------------------------- targets ---
+target_raw() {
+	local img=$WORK/raw/img.raw
+	fresh_image "$img" || return 1
+	run_jobs "$RUN/raw" file "$img" || true
+}
+
+target_qemu-nbd() {
+	local dir=$WORK/qemu-nbd
+	fresh_image "$dir/img.raw" || return 1
+	start_qemu_nbd qemu-nbd "$dir" "$dir/img.raw" || return 1
+	HEALTH_PID=$QEMU_PID run_jobs "$RUN/qemu-nbd" nbd "$QEMU_URI" || true
+	stop_pid "$QEMU_PID" || true
+}
+
+target_nbdkit() {
+	local dir=$WORK/nbdkit sock=$WORK/nbdkit/nbdkit.sock
+	fresh_image "$dir/img.raw" || return 1
+	local -a listen=(--unix "$sock")
+	[[ $BENCH_TRANSPORT == tcp ]] && listen=(--ipaddr 127.0.0.1 --port "$(port_of nbdkit)")
+	rm -f "$sock"
+	# Defaults on purpose: cache=default (page cache), flush = fdatasync,
+	# multi-conn advertised, 16 threads.
+	spawn nbdkit "$RUN/nbdkit/nbdkit.log" nbdkit --foreground "${listen[@]}" \
+		--exportname bench file file="$dir/img.raw"
+	local pid=$SPAWNED u
+	u=$(uri nbdkit "$sock" bench)
+	wait_until 30 "$pid" nbdkit nbd_ready "$u" || return 1
+	HEALTH_PID=$pid run_jobs "$RUN/nbdkit" nbd "$u" || true
+	stop_pid "$pid" || true
+}
+
+target_nbdfuse() {
+	local dir=$WORK/nbdfuse mnt=$WORK/nbdfuse/mnt
+	fresh_image "$dir/img.raw" || return 1
+	start_qemu_nbd nbdfuse "$dir" "$dir/img.raw" || return 1
+	mkdir -p "$mnt"
+	MOUNTS+=("$mnt")
+	spawn nbdfuse "$RUN/nbdfuse/nbdfuse.log" nbdfuse "$mnt" "$QEMU_URI"
+	local fpid=$SPAWNED
+	wait_until 30 "$fpid" "nbdfuse mount" file_ready "$mnt/nbd" || return 1
+	HEALTH_PID=$fpid run_jobs "$RUN/nbdfuse" file "$mnt/nbd" || true
+	unmount "$mnt"
+	stop_pid "$fpid" || true
+	stop_pid "$QEMU_PID" || true
+}
+
+# start_vdrepl TARGET DIR -> VD_PID, VD_STATE, VD_SOCK, VD_URI; image DIR/img.raw
+# registered as VM "bench", export bench/img.
+start_vdrepl() {
+	local t=$1 dir=$2
+	VD_STATE=$dir/state
+	VD_SOCK=$VD_STATE/nbd.sock
+	mkdir -p "$VD_STATE"
+	local addr=unix:$VD_SOCK
+	[[ $BENCH_TRANSPORT == tcp ]] && addr=tcp:127.0.0.1:$(port_of "$t")
+	# shellcheck disable=SC2086 # VDREPL_SERVE_ARGS is a word list
+	spawn "vdrepl serve" "$RUN/$t/vdrepl.log" "$VDREPL" --state "$VD_STATE" serve \
+		--nbd "$addr" $VDREPL_SERVE_ARGS
+	VD_PID=$SPAWNED
+	wait_until 60 "$VD_PID" "vdrepl control socket" "$VDREPL" --state "$VD_STATE" vm list || return 1
+	"$VDREPL" --state "$VD_STATE" vm add bench --disk "$dir/img.raw" >>"$RUN/$t/vdrepl-cli.log" 2>&1 ||
+		{ cat "$RUN/$t/vdrepl-cli.log" >&2; return 1; }
+	VD_URI=$(uri "$t" "$VD_SOCK" bench/img)
+	wait_until 60 "$VD_PID" "vdrepl export bench/img" nbd_ready "$VD_URI"
+}
+
+stop_vdrepl() { # TARGET
+	"$VDREPL" --state "$VD_STATE" status >"$RUN/$1/vdrepl-status.txt" 2>&1 || true
+	record_rss "$VD_PID" "$RUN/$1/rss-kb"
+	local rc=0
+	stop_pid "$VD_PID" 60 || rc=$?
+	[[ $rc == 0 ]] || { log "vdrepl serve exited with status $rc"; echo "daemon exit status $rc" >>"$RUN/$1/notes"; }
+}
+
+target_vdrepl-nbd() {
+	local dir=$WORK/vdrepl-nbd
+	fresh_image "$dir/img.raw" || return 1
+	start_vdrepl vdrepl-nbd "$dir" || { stop_vdrepl vdrepl-nbd; return 1; }
+	HEALTH_PID=$VD_PID run_jobs "$RUN/vdrepl-nbd" nbd "$VD_URI" || true
+	stop_vdrepl vdrepl-nbd
+}
+
+target_vdrepl-fuse() {
+	local dir=$WORK/vdrepl-fuse mnt=$WORK/vdrepl-fuse/mnt
+	fresh_image "$dir/img.raw" || return 1
+	start_vdrepl vdrepl-fuse "$dir" || { stop_vdrepl vdrepl-fuse; return 1; }
+	mkdir -p "$mnt"
+	MOUNTS+=("$mnt")
+	spawn "vdrepl mount" "$RUN/vdrepl-fuse/mount.log" "$VDREPL" --state "$VD_STATE" mount "$mnt"
+	local mpid=$SPAWNED
+	if wait_until 60 "$mpid" "vdrepl mount" file_ready "$mnt/bench/img.img"; then
+		HEALTH_PID=$VD_PID run_jobs "$RUN/vdrepl-fuse" file "$mnt/bench/img.img" || true
+	else
+		echo "mount did not come up" >>"$RUN/vdrepl-fuse/notes"
+		FAILURES=$((FAILURES + 1))
+	fi
+	# vdrepl mount unmounts on SIGTERM; fusermount3 only if it did not.
+	stop_pid "$mpid" 30 || true
+	unmount "$mnt"
+	stop_vdrepl vdrepl-fuse
+}
+
+# ------------------------------------------------------------------- meta ---
+disk_of() { # the block device (and model) under a path
+	local src dev
+	src=$(df --output=source "$1" | tail -1)
+	dev=$(lsblk -no PKNAME "$src" 2>/dev/null | head -1)
+	[[ -n $dev ]] || dev=$(basename "$src")
+	local model rota size
+	model=$(lsblk -dno MODEL "/dev/$dev" 2>/dev/null | xargs || true)
+	rota=$(lsblk -dno ROTA "/dev/$dev" 2>/dev/null | xargs || true)
+	size=$(lsblk -dno SIZE "/dev/$dev" 2>/dev/null | xargs || true)
+	echo "$dev${model:+ ($model)}, $size, rotational=$rota, $(findmnt -no FSTYPE -T "$1") filesystem"
+}
+
+knobs_used() {
+	local v out=""
+	for v in BENCH_QUICK BENCH_SIZE BENCH_RUNTIME BENCH_RAMP BENCH_DIR BENCH_TARGETS BENCH_JOBS \
+		BENCH_TRANSPORT BENCH_SEQ_QD BENCH_FSYNC_QD BENCH_DROP_CACHES VDREPL VDREPL_SERVE_ARGS; do
+		[[ -n ${!v+x} && -n ${!v} ]] || continue
+		# only the knobs the user set, not our defaults
+		if printenv "$v" >/dev/null; then out+="$v='${!v}' "; fi
+	done
+	echo "${out}bench/fio.sh"
+}
+
+{
+	echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+	echo "host=$(hostname)"
+	echo "cpu=$(nproc) x $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+	echo "ram=$(awk '/^MemTotal:/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+	echo "kernel=$(uname -sr)"
+	echo "os=$(. /etc/os-release && echo "$PRETTY_NAME")"
+	echo "disk=$(disk_of "$WORK")"
+	echo "command=${BENCH_COMMAND:-$(knobs_used)}"
+	echo "size=$SIZE"
+	echo "runtime=$RUNTIME"
+	echo "ramp=$RAMP"
+	echo "seq_qd=$SEQ_QD"
+	echo "fsync_qd=$FSYNC_QD"
+	echo "transport=$BENCH_TRANSPORT"
+	echo "targets=$BENCH_TARGETS"
+	echo "fio=$(fio --version)"
+	echo "qemu_nbd=$(qemu-nbd --version 2>/dev/null | head -1)"
+	echo "nbdkit=$(nbdkit --version 2>/dev/null | head -1)"
+	echo "nbdfuse=$(nbdfuse --version 2>/dev/null | head -1)"
+	echo "vdrepl=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null)$(cd "$ROOT" && git diff --quiet HEAD -- . 2>/dev/null || echo '+dirty')"
+	echo "vdrepl_note=$VDREPL_NOTE"
+	echo "vdrepl_args=$VDREPL_SERVE_ARGS"
+	echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
+} >"$RUN/meta"
+
+# -------------------------------------------------------------------- run ---
+log "run $STAMP: size $SIZE, ${RUNTIME}s + ${RAMP}s ramp per job, targets: $BENCH_TARGETS"
+log "work dir $WORK ($(disk_of "$WORK")), results in $RUN"
+load1=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$load1" -v n="$(nproc)" 'BEGIN {exit !(l > n / 2)}'; then
+	log "WARNING: load average $load1 on $(nproc) CPUs: other work will skew the numbers"
+fi
+make_base
+for t in $ALL_TARGETS; do
+	selected "$t" "$BENCH_TARGETS" || continue
+	mkdir -p "$RUN/$t"
+	if [[ $t == vdrepl-* && -z $VDREPL ]]; then
+		echo "skipped: $VDREPL_NOTE" >>"$RUN/$t/notes"
+		continue
+	fi
+	log "== $t"
+	if ! "target_$t"; then
+		log "target $t failed to start; see $RUN/$t/*.log"
+		echo "failed to start (see logs)" >>"$RUN/$t/notes"
+		FAILURES=$((FAILURES + 1))
+	fi
+	cleanup_all # anything a failed target left behind
+	rm -rf --one-file-system "${WORK:?}/$t"
+done
+
+echo "load_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RUN/meta"
+python3 "$BENCH/report.py" "$RUN" >"$RESULT"
+echo
+cat "$RESULT"
+echo
+log "table written to $RESULT (raw fio JSON in $RUN)"
+if [[ $BENCH_SAVE == 1 ]]; then
+	cp "$RESULT" "$BENCH/RESULTS.md"
+	log "copied to bench/RESULTS.md"
+fi
+if ((FAILURES > 0)); then
+	log "$FAILURES failure(s): see the notes under the table"
+	exit 1
+fi
