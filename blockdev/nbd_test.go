@@ -1255,3 +1255,113 @@ func TestNBDLifecycle(t *testing.T) {
 		t.Fatal("Serve after Close left the listener open")
 	}
 }
+
+// benchPipeline drives n requests of one kind at queue depth qd over one
+// connection and reports throughput; allocations per op include the client's,
+// which reuses its buffers.
+func benchPipeline(b *testing.B, typ uint16, bs int, qd int) {
+	f := &fixture{sock: filepath.Join(b.TempDir(), "nbd.sock"), cat: &catalogue{}}
+	d, err := fakedisk.Create(filepath.Join(b.TempDir(), "disk.img"), 256<<20)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	f.cat.set(blockdev.Export{Name: "vm1/disk0", Disk: d})
+	srv := blockdev.NewNBDServer(blockdev.NBDConfig{Exports: f.cat})
+	defer srv.Close()
+	l, err := net.Listen("unix", f.sock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	go srv.Serve(context.Background(), l)
+	conn, err := net.Dial("unix", f.sock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close()
+	br := bufio.NewReaderSize(conn, 256<<10)
+	if _, err := io.ReadFull(br, make([]byte, 18)); err != nil {
+		b.Fatal(err)
+	}
+	hs := binary.BigEndian.AppendUint32(nil, cFixed|cNoZeroes)
+	hs = append(hs, "IHAVEOPT"...)
+	hs = binary.BigEndian.AppendUint32(hs, optGo)
+	data := infoData("vm1/disk0")
+	hs = binary.BigEndian.AppendUint32(hs, uint32(len(data)))
+	conn.Write(append(hs, data...))
+	for {
+		h := make([]byte, 20)
+		if _, err := io.ReadFull(br, h); err != nil {
+			b.Fatal(err)
+		}
+		io.CopyN(io.Discard, br, int64(binary.BigEndian.Uint32(h[16:])))
+		if binary.BigEndian.Uint32(h[12:]) == repAck {
+			break
+		}
+	}
+	tokens := make(chan struct{}, qd)
+	for i := 0; i < qd; i++ {
+		tokens <- struct{}{}
+	}
+	blocks := (256 << 20) / bs
+	b.SetBytes(int64(bs))
+	b.ReportAllocs()
+	b.ResetTimer()
+	done := make(chan error, 1)
+	go func() {
+		h := make([]byte, 16)
+		payload := make([]byte, bs)
+		for i := 0; i < b.N; i++ {
+			if _, err := io.ReadFull(br, h); err != nil {
+				done <- err
+				return
+			}
+			if e := binary.BigEndian.Uint32(h[4:]); e != 0 {
+				done <- fmt.Errorf("error %d", e)
+				return
+			}
+			if typ == cmdRead {
+				if _, err := io.ReadFull(br, payload); err != nil {
+					done <- err
+					return
+				}
+			}
+			tokens <- struct{}{}
+		}
+		done <- nil
+	}()
+	bw := bufio.NewWriterSize(conn, 256<<10)
+	req := make([]byte, 28)
+	payload := pattern(1, bs)
+	rnd := uint64(1)
+	for i := 0; i < b.N; i++ {
+		<-tokens
+		off := uint64(i % blocks)
+		if bs < 1<<20 { // random offsets for small blocks
+			rnd = rnd*6364136223846793005 + 1442695040888963407
+			off = (rnd >> 33) % uint64(blocks)
+		}
+		binary.BigEndian.PutUint32(req, 0x25609513)
+		binary.BigEndian.PutUint16(req[4:], 0)
+		binary.BigEndian.PutUint16(req[6:], typ)
+		binary.BigEndian.PutUint64(req[8:], uint64(i))
+		binary.BigEndian.PutUint64(req[16:], off*uint64(bs))
+		binary.BigEndian.PutUint32(req[24:], uint32(bs))
+		bw.Write(req)
+		if typ == cmdWrite {
+			bw.Write(payload)
+		}
+		if len(tokens) == 0 {
+			bw.Flush()
+		}
+	}
+	bw.Flush()
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+}
+
+func BenchmarkNBDRandWrite4KQD16(b *testing.B) { benchPipeline(b, cmdWrite, 4096, 16) }
+func BenchmarkNBDRandRead4KQD16(b *testing.B)  { benchPipeline(b, cmdRead, 4096, 16) }
+func BenchmarkNBDSeqWrite1MQD4(b *testing.B)   { benchPipeline(b, cmdWrite, 1<<20, 4) }
+func BenchmarkNBDSeqRead1MQD4(b *testing.B)    { benchPipeline(b, cmdRead, 1<<20, 4) }
