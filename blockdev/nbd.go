@@ -815,6 +815,7 @@ type nbdInflight struct {
 	cond     sync.Cond
 	n        int
 	bytes    int64
+	waiting  int // acquire calls blocked (0 or 1: only the reader acquires)
 	maxN     int
 	maxBytes int64
 }
@@ -829,7 +830,9 @@ func (f *nbdInflight) init(maxN int, maxBytes int64) {
 func (f *nbdInflight) acquire(size int64) {
 	f.mu.Lock()
 	for f.n >= f.maxN || (f.n > 0 && f.bytes+size > f.maxBytes) {
+		f.waiting++
 		f.cond.Wait()
+		f.waiting--
 	}
 	f.n++
 	f.bytes += size

@@ -767,6 +767,7 @@ func TestNBDBackendErrors(t *testing.T) {
 // started; it tracks how many reads are inside the Disk at once.
 type gateDisk struct {
 	blockdev.Disk
+	once     sync.Once
 	gate     chan struct{}
 	started  chan struct{}
 	cur, max atomic.Int32
@@ -776,6 +777,10 @@ type gateDisk struct {
 func newGateDisk(d blockdev.Disk) *gateDisk {
 	return &gateDisk{Disk: d, gate: make(chan struct{}), started: make(chan struct{}, 1024)}
 }
+
+// open lets reads through; tests also call it at cleanup so that a failing
+// test does not leave Close waiting on a held read.
+func (g *gateDisk) open() { g.once.Do(func() { close(g.gate) }) }
 
 func (g *gateDisk) ReadAt(p []byte, off int64) (int, error) {
 	n := g.cur.Add(1)
@@ -820,6 +825,7 @@ func TestNBDOutOfOrderReplies(t *testing.T) {
 	var g *gateDisk
 	f := newFixture(t, blockdev.NBDConfig{}, exportSpec{name: "vm1/disk0", size: 4 << 20,
 		wrap: func(d blockdev.Disk) blockdev.Disk { g = newGateDisk(d); return g }})
+	t.Cleanup(g.open)
 	const reads, writes = 32, 8
 	// Give every 4 KiB block of the first MiB its own content.
 	for i := 0; i < reads; i++ {
@@ -848,7 +854,7 @@ func TestNBDOutOfOrderReplies(t *testing.T) {
 	if n := g.finished.Load(); n != 0 {
 		t.Fatalf("%d reads finished before the gate opened", n)
 	}
-	close(g.gate)
+	g.open()
 	for i := 0; i < reads; i++ {
 		errno, h := c.reply()
 		if errno != 0 || h < 100 || h >= 100+reads || seen[h] {
@@ -870,13 +876,14 @@ func TestNBDInFlightLimit(t *testing.T) {
 	var g *gateDisk
 	f := newFixture(t, blockdev.NBDConfig{MaxInFlight: 4}, exportSpec{name: "vm1/disk0", size: 1 << 20,
 		wrap: func(d blockdev.Disk) blockdev.Disk { g = newGateDisk(d); return g }})
+	t.Cleanup(g.open)
 	c := openExport(t, f.sock, "vm1/disk0")
 	const n = 24
 	for i := 0; i < n; i++ {
 		c.send(cmdRead, 0, uint64(i), uint64(i)*512, 512, nil)
 	}
 	waitN(t, g.started, 4, "reads to start")
-	close(g.gate)
+	g.open()
 	for i := 0; i < n; i++ {
 		if errno, _ := c.reply(); errno != 0 {
 			t.Fatalf("error %d", errno)
@@ -892,6 +899,7 @@ func TestNBDDisconnectFinishesInFlight(t *testing.T) {
 	var g *gateDisk
 	f := newFixture(t, blockdev.NBDConfig{}, exportSpec{name: "vm1/disk0", size: 1 << 20,
 		wrap: func(d blockdev.Disk) blockdev.Disk { g = newGateDisk(d); return g }})
+	t.Cleanup(g.open)
 	c := openExport(t, f.sock, "vm1/disk0")
 	c.send(cmdWrite, 0, 1, 0, 512, pattern(9, 512))
 	c.send(cmdRead, 0, 2, 0, 512, nil)
@@ -900,7 +908,7 @@ func TestNBDDisconnectFinishesInFlight(t *testing.T) {
 	if errno, h := c.reply(); errno != 0 || h != 1 {
 		t.Fatalf("write reply: error %d handle %d", errno, h)
 	}
-	close(g.gate)
+	g.open()
 	if errno, h := c.reply(); errno != 0 || h != 2 {
 		t.Fatalf("read reply after DISC: error %d handle %d", errno, h)
 	}
@@ -1134,6 +1142,7 @@ func TestNBDLifecycle(t *testing.T) {
 		exportSpec{name: "vm1/ro", size: 1 << 20, ro: true},
 		exportSpec{name: "vm2/disk0", size: 1 << 20, wrap: func(d blockdev.Disk) blockdev.Disk { g = newGateDisk(d); return g }},
 	)
+	t.Cleanup(g.open)
 	next := func(want event) {
 		t.Helper()
 		select {
@@ -1219,7 +1228,7 @@ func TestNBDLifecycle(t *testing.T) {
 		t.Fatal("Close returned while a request was in flight")
 	default:
 	}
-	close(g.gate)
+	g.open()
 	select {
 	case finished := <-closed:
 		if !finished {
