@@ -22,6 +22,17 @@
 // grace period, after which a client that does not read is cut off), then close
 // the socket. Close and CloseExport wait for this, so no Disk call happens after
 // they return.
+//
+// Errors: a request the server can answer gets an NBD error and the connection
+// goes on (a rejected WRITE's payload is read and dropped). Two things end a
+// connection: a request without the request magic (the stream is out of step)
+// and a WRITE declaring more than MaxRequest bytes (its payload is not read,
+// so the stream cannot be resynchronised; it is answered with EOVERFLOW
+// first). A Disk that panics takes the process down: a storage fault is not
+// papered over.
+//
+// Not offered: TLS (the socket is local or on a trusted network), structured
+// replies and block status, NBD_CMD_CACHE, FAST_ZERO, resize.
 package blockdev
 
 import (
@@ -39,6 +50,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // NBD server defaults.
@@ -92,7 +105,9 @@ type NBDConfig struct {
 
 // NBDClient describes one connection in the transmission phase.
 type NBDClient struct {
-	Export   string
+	Export string
+	// Remote is the client's address ("tcp:10.0.0.5:51234"), or for a unix
+	// socket the client's process ("unix:pid=1234").
 	Remote   string
 	Writable bool
 }
@@ -326,22 +341,38 @@ type nbdConn struct {
 }
 
 func (s *NBDServer) newConn(nc net.Conn, l net.Listener) *nbdConn {
-	remote := "?"
-	if a := nc.RemoteAddr(); a != nil {
-		remote = a.Network() + ":" + a.String()
-	}
 	c := &nbdConn{
 		s:        s,
 		nc:       nc,
 		listener: l,
-		remote:   remote,
-		log:      s.log.With("remote", remote),
+		remote:   peerName(nc),
 		br:       bufio.NewReaderSize(nc, nbdReadBuffer),
 		done:     make(chan struct{}),
 		wbuf:     make([]byte, 0, nbdFlushAt+nbdInlinePayload+nbdReplySize),
 	}
+	c.log = s.log.With("remote", c.remote)
 	c.inflight.init(s.cfg.MaxInFlight, max(nbdMinInflightBytes, int64(s.cfg.MaxRequest)))
 	return c
+}
+
+// peerName names the client for logs: its address, or for a unix socket
+// (whose client address is empty) the peer's process id.
+func peerName(nc net.Conn) string {
+	if uc, ok := nc.(*net.UnixConn); ok {
+		if rc, err := uc.SyscallConn(); err == nil {
+			var cred *unix.Ucred
+			rc.Control(func(fd uintptr) {
+				cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+			})
+			if cred != nil {
+				return fmt.Sprintf("unix:pid=%d", cred.Pid)
+			}
+		}
+	}
+	if a := nc.RemoteAddr(); a != nil {
+		return a.Network() + ":" + a.String()
+	}
+	return "?"
 }
 
 // shutdown makes the reader stop at its next read and gives replies a grace

@@ -1374,3 +1374,33 @@ func BenchmarkNBDRandWrite4KQD16(b *testing.B) { benchPipeline(b, cmdWrite, 4096
 func BenchmarkNBDRandRead4KQD16(b *testing.B)  { benchPipeline(b, cmdRead, 4096, 16) }
 func BenchmarkNBDSeqWrite1MQD4(b *testing.B)   { benchPipeline(b, cmdWrite, 1<<20, 4) }
 func BenchmarkNBDSeqRead1MQD4(b *testing.B)    { benchPipeline(b, cmdRead, 1<<20, 4) }
+
+func TestNBDOverTCP(t *testing.T) {
+	f := newFixture(t, blockdev.NBDConfig{}, exportSpec{name: "vm1/disk0", size: 1 << 20})
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- f.srv.Serve(context.Background(), l) }()
+	nc, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc.SetDeadline(time.Now().Add(20 * time.Second))
+	defer nc.Close()
+	c := &rawClient{t: t, c: nc, br: bufio.NewReader(nc)}
+	c.open("vm1/disk0")
+	c.mustDo(cmdWrite, cmdFlagFUA, 4096, 8192, pattern(7, 8192))
+	if got := c.mustDo(cmdRead, 0, 4096, 8192, nil); !bytes.Equal(got, pattern(7, 8192)) {
+		t.Fatal("TCP read back wrong data")
+	}
+	if cl := f.srv.Clients(); len(cl) != 1 || !strings.HasPrefix(cl[0].Remote, "tcp:127.0.0.1:") {
+		t.Fatalf("Clients() = %+v", cl)
+	}
+	f.srv.Close()
+	if err := <-served; err != nil {
+		t.Fatalf("Serve on TCP after Close: %v", err)
+	}
+	c.expectClosed()
+}
