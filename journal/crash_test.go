@@ -18,6 +18,7 @@ type history struct {
 	blocks  []map[int][32]byte // per op: hash of every block that op changed
 	seals   map[uint64]int     // cycle -> op index at its barrier
 	flushed int                // op index covered by the last successful flush
+	models  []model            // full states after each op, for diagnosing failures
 }
 
 func hashModel(m model) [32]byte {
@@ -47,28 +48,9 @@ func (j *Journal) abandon() {
 // runWorkload applies ops to j and the model, recording history, and stops
 // early (returning the error) when the journal fails.
 func runWorkload(r *rand.Rand, j *Journal, m model, h *history, ops int) error {
-	for k := 0; k < ops; k++ {
-		before := cloneModel(m)
-		var err error
-		switch op := r.IntN(20); {
-		case op == 0:
-			err = j.Flush()
-			if err == nil {
-				h.flushed = len(h.states) - 1
-			}
-		case op == 1:
-			var info CycleInfo
-			info, err = j.Seal(0)
-			if err == nil {
-				h.seals[info.Cycle] = len(h.states) - 1
-				h.flushed = len(h.states) - 1 // a seal is durable
-			}
-		default:
-			// A failed op may or may not have happened (like a failed
-			// write(2)): the model applies it, and the state without it
-			// stays in the history just before.
-			err = oneRandomOp(r, j, m)
-		}
+	before := cloneModel(m)
+	// step records the model as one more state a crash may leave behind.
+	step := func() {
 		changed := map[int][32]byte{}
 		for d := range m {
 			for b := 0; b < len(m[d])/BlockSize; b++ {
@@ -80,6 +62,30 @@ func runWorkload(r *rand.Rand, j *Journal, m model, h *history, ops int) error {
 		}
 		h.states = append(h.states, hashModel(m))
 		h.blocks = append(h.blocks, changed)
+		h.models = append(h.models, cloneModel(m))
+		before = cloneModel(m)
+	}
+	for k := 0; k < ops; k++ {
+		var err error
+		switch op := r.IntN(20); {
+		case op == 0:
+			err = j.Flush()
+			if err == nil {
+				h.flushed = len(h.states) - 1
+			}
+		case op == 1:
+			c := j.OpenCycle()
+			// A seal that failed may still have reached the journal.
+			h.seals[c] = len(h.states) - 1
+			if _, err = j.Seal(0); err == nil {
+				h.flushed = len(h.states) - 1 // a seal is durable
+			}
+		default:
+			// A failed op may or may not have happened (like a failed
+			// write(2)): the model applies it, and the state without it
+			// stays in the history just before.
+			err = oneRandomOp(r, j, m, step)
+		}
 		if err != nil {
 			return err
 		}
@@ -88,8 +94,10 @@ func runWorkload(r *rand.Rand, j *Journal, m model, h *history, ops int) error {
 }
 
 // oneRandomOp is randomOps for a single op that reports errors instead of
-// failing the test.
-func oneRandomOp(r *rand.Rand, j *Journal, m model) error {
+// failing the test. It changes the model in the steps the journal records
+// atomically, calling step after each: an unaligned trim or zero is a write
+// of its head, a write of its tail, then the aligned range.
+func oneRandomOp(r *rand.Rand, j *Journal, m model, step func()) error {
 	d := r.IntN(len(m))
 	size := int64(len(m[d]))
 	var off, l int64
@@ -101,19 +109,31 @@ func oneRandomOp(r *rand.Rand, j *Journal, m model) error {
 		off = r.Int64N(size)
 	}
 	l = min(l, size-off)
-	switch op := r.IntN(10); {
-	case op < 8:
+	op := r.IntN(10)
+	if op < 8 {
 		p := fill(r, int(l))
 		copy(m[d][off:], p)
+		step()
 		_, err := j.Disk(d).WriteAt(p, off)
 		return err
-	case op == 8:
-		clear(m[d][off : off+l])
-		return j.Disk(d).Trim(off, l)
-	default:
-		clear(m[d][off : off+l])
-		return j.Disk(d).Zero(off, l, false)
 	}
+	start := (off + BlockSize - 1) &^ (BlockSize - 1)
+	end := (off + l) &^ (BlockSize - 1)
+	if end <= start {
+		clear(m[d][off : off+l])
+		step()
+	} else {
+		for _, rg := range [][2]int64{{off, start}, {end, off + l}, {start, end}} {
+			if rg[1] > rg[0] {
+				clear(m[d][rg[0]:rg[1]])
+				step()
+			}
+		}
+	}
+	if op == 8 {
+		return j.Disk(d).Trim(off, l)
+	}
+	return j.Disk(d).Zero(off, l, false)
 }
 
 // checkRecovered checks the crash invariants on a reopened journal:
@@ -139,7 +159,24 @@ func checkRecovered(t *testing.T, j *Journal, h *history, imageBefore model, siz
 		}
 	}
 	if k < 0 {
-		t.Fatalf("recovered content is no state between the last flush (op %d) and the crash (op %d)", h.flushed, len(h.states)-1)
+		older := -1
+		for i := range h.states {
+			if h.states[i] == gh {
+				older = i
+			}
+		}
+		for i := max(h.flushed, 1); i < len(h.states); i++ {
+			var diff []string
+			for d := range got {
+				for b := 0; b < len(got[d])/BlockSize; b++ {
+					if string(got[d][b*BlockSize:(b+1)*BlockSize]) != string(h.models[i][d][b*BlockSize:(b+1)*BlockSize]) {
+						diff = append(diff, fmt.Sprintf("d%d/b%d", d, b))
+					}
+				}
+			}
+			t.Logf("state %d differs in blocks %v", i, diff)
+		}
+		t.Fatalf("recovered content is no state between the last flush (op %d) and the crash (op %d); it matches op %d (-1: none)", h.flushed, len(h.states)-1, older)
 	}
 	for d := range imageBefore {
 		for b := 0; b < len(imageBefore[d])/BlockSize; b++ {
@@ -189,7 +226,7 @@ func crashConfig(t *testing.T, fsys vfs.FS, r *rand.Rand) Config {
 }
 
 func newHistory() *history {
-	return &history{states: [][32]byte{hashModel(newModel(crashSizes...))}, blocks: []map[int][32]byte{{}}, seals: map[uint64]int{}}
+	return &history{models: []model{newModel(crashSizes...)}, states: [][32]byte{hashModel(newModel(crashSizes...))}, blocks: []map[int][32]byte{{}}, seals: map[uint64]int{}}
 }
 
 // TestPowerCut: random workloads, then a power cut that keeps only synced

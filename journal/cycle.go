@@ -85,11 +85,14 @@ func (j *Journal) Seal(flags uint64) (CycleInfo, error) {
 	j.mu.Lock()
 	ci := j.open[h.Cycle]
 	delete(j.open, h.Cycle)
+	written := j.written[h.Cycle]
+	delete(j.written, h.Cycle)
 	keep := ci != nil || (j.cfg.Retain && j.dirty == nil && h.Cycle > j.released)
 	j.mu.Unlock()
 	if ci == nil {
 		ci = &cycleIndex{info: CycleInfo{Cycle: h.Cycle}}
 	}
+	ci.info.Bytes = written
 	ci.info.Sealed = timeFromNano(now.UnixNano())
 	ci.info.AppConsistent = flags&SealAppConsistent != 0
 	ci.info.End = h.LSN + uint64(h.Size())

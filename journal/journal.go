@@ -114,6 +114,7 @@ type Journal struct {
 	cycle      uint64                 // the open cycle
 	cycleStart uint64                 // LSN where the open cycle began
 	open       map[uint64]*cycleIndex // cycles whose index is still in memory
+	written    map[uint64]int64       // bytes written per open cycle, kept or not
 	closedC    []CycleInfo            // sealed, indexed, not released
 	released   uint64                 // cycles <= released are gone
 	retainFrom uint64                 // LSN of the oldest record an unreleased cycle needs
@@ -178,6 +179,7 @@ func Open(cfg Config) (*Journal, error) {
 		log:      cfg.Logger,
 		inflight: make(map[uint64]struct{}),
 		open:     make(map[uint64]*cycleIndex),
+		written:  make(map[uint64]int64),
 		pending:  make(map[uint64]uint64),
 		kick:     make(chan struct{}, 1),
 		stop:     make(chan struct{}),
@@ -625,9 +627,7 @@ func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
 		if j.dirty != nil {
 			j.dirty.setRange(disk, off, int64(len(p)))
 		}
-		if ci != nil {
-			ci.info.Bytes += int64(len(p))
-		}
+		j.written[h.Cycle] += int64(len(p))
 		j.queue = append(j.queue, queued{h: *h})
 		j.checkCapLocked()
 	})

@@ -169,6 +169,9 @@ func (j *Journal) recover() error {
 			}
 			continue
 		}
+		if h.Kind == KindWrite {
+			j.written[h.Cycle] += int64(h.Length)
+		}
 		if ci := j.cycleIndexLocked(h.Cycle); ci != nil {
 			j.indexRecovered(ci, h)
 		} else if j.dirty != nil && h.LSN >= j.dirty.lsn {
@@ -195,7 +198,6 @@ func (j *Journal) indexRecovered(ci *cycleIndex, h *Header) {
 		for i := uint64(0); i < h.Length/BlockSize; i++ {
 			ci.blocks[blockKey(int(h.Disk), h.Offset/BlockSize+i)] = h.LSN + HeaderSize + i*BlockSize
 		}
-		ci.info.Bytes += int64(h.Length)
 		return
 	}
 	ci.dropRange(int(h.Disk), int64(h.Offset), int64(h.Length))
@@ -210,6 +212,8 @@ func (j *Journal) recoverSeal(h *Header) error {
 	j.cycleStart = end
 	ci := j.open[h.Cycle]
 	delete(j.open, h.Cycle)
+	written := j.written[h.Cycle]
+	delete(j.written, h.Cycle)
 	if !j.cfg.Retain || j.dirty != nil || h.Cycle <= j.released {
 		j.released = max(j.released, h.Cycle)
 		return nil
@@ -225,6 +229,7 @@ func (j *Journal) recoverSeal(h *Header) error {
 	sp := decodeSeal(buf)
 	ci.info.Start = start
 	ci.info.End = end
+	ci.info.Bytes = written
 	ci.info.Sealed = timeFromNano(sp.UnixNano)
 	ci.info.AppConsistent = sp.Flags&SealAppConsistent != 0
 	if err := j.cycles.put(ci); err != nil {

@@ -120,7 +120,11 @@ func (j *Journal) writeBackRecord(h *Header) error {
 	var runs []run
 	j.mu.Lock()
 	for i := uint64(0); i < nblk; i++ {
-		if j.pending[blockKey(disk, first+i)] != data(i) {
+		// A block rewritten by a newer record is skipped only if that
+		// record is durable: it will be written back or replayed. If it
+		// is not, a crash loses it, and this (synced, maybe flushed) copy
+		// must be in the image before the checkpoint passes this record.
+		if p := j.pending[blockKey(disk, first+i)]; p != data(i) && (p == 0 || p < j.synced) {
 			continue
 		}
 		if k := len(runs) - 1; k >= 0 && runs[k].to == i {
