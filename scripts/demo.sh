@@ -21,7 +21,7 @@ trap cleanup EXIT
 for _ in $(seq 1 200); do v vm list >/dev/null 2>&1 && break; sleep 0.05; done
 
 say "register VM 'demo' with a new 256 MiB disk"
-v vm add demo --disk "$dir/demo-disk0.img:256M"
+v vm add demo --disk "disk0=$dir/demo-disk0.img:256M"
 v vm list
 
 say "the NBD export, as a guest (qemu -drive file=nbd+unix:///demo/disk0?socket=$sock) sees it"
@@ -29,7 +29,7 @@ nbdinfo "nbd+unix:///demo/disk0?socket=$sock" | sed -n '1,12p'
 
 say "a guest writes 32 MiB and flushes; the journal records every write"
 qemu-io -f raw "nbd+unix:///demo/disk0?socket=$sock" \
-  -c 'write -P 0xa5 0 16M' -c 'write -P 0x5a 64M 16M' -c flush | grep -v '^wrote\|ops/sec'
+  -c 'write -P 0xa5 0 16M' -c 'write -P 0x5a 64M 16M' -c flush | sed -n 's/^wrote/  wrote/p'
 v vm seal demo
 say "it rewrites one 4 KiB block 1000 times: the next cycle ships it once"
 cmds=(); for i in $(seq 1 1000); do cmds+=(-c "write -P $((i % 250)) 4096 4k"); done
@@ -38,7 +38,7 @@ v vm seal demo
 v status
 
 say "read back through NBD"
-qemu-io -f raw "nbd+unix:///demo/disk0?socket=$sock" -c 'read -P 0xa5 0 4k' -c 'read -P 0x5a 64M 16M' | grep -v 'ops/sec'
+qemu-io -f raw "nbd+unix:///demo/disk0?socket=$sock" -c 'read -P 0xa5 0 4k' -c 'read -P 0x5a 64M 16M' | sed -n 's/^read/  read/p'
 
 say "logs: $dir/primary.log; state: $state"
 if [ -n "${DEMO_KEEP:-}" ]; then echo "daemon left running (pid $pid): $bin --state $state status"; fi

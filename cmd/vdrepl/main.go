@@ -281,7 +281,11 @@ name without extension.`,
 					if c.Bool("json") {
 						return printJSON(c.App.Writer, info)
 					}
-					fmt.Fprintf(c.App.Writer, "cycle %d sealed: %d blocks, %s written\n", info.Cycle, info.Blocks, humanBytes(info.Bytes))
+					if info.Blocks == 0 && info.Bytes > 0 {
+						fmt.Fprintf(c.App.Writer, "cycle %d sealed: %s written (not kept: replication is not enabled for this VM)\n", info.Cycle, humanBytes(info.Bytes))
+						return nil
+					}
+					fmt.Fprintf(c.App.Writer, "cycle %d sealed: %s written, %d distinct blocks to ship\n", info.Cycle, humanBytes(info.Bytes), info.Blocks)
 					return nil
 				},
 			},
