@@ -16,6 +16,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vdrepl/vdrepl/blockdev"
 	"github.com/vdrepl/vdrepl/journal"
 )
@@ -97,7 +99,7 @@ func (d *Daemon) handler() http.Handler {
 			reply(w, nil, fmt.Errorf("%w: %s is not a vdrepl mount", ErrInvalid, req.Mountpoint))
 			return
 		}
-		reply(w, struct{}{}, m.Unmount())
+		reply(w, struct{}{}, d.unmount(m))
 	})
 	return mux
 }
@@ -156,8 +158,7 @@ func (d *Daemon) handleMount(w http.ResponseWriter, r *http.Request) {
 	}
 	select {
 	case <-r.Context().Done(): // the CLI went away (SIGINT, SIGTERM, killed)
-		m.Unmount()
-		<-m.Done()
+		d.unmount(m)
 	case <-m.Done(): // fusermount3 -u, or the daemon is stopping
 	}
 	d.mu.Lock()
@@ -165,6 +166,21 @@ func (d *Daemon) handleMount(w http.ResponseWriter, r *http.Request) {
 	d.mu.Unlock()
 	d.log.Info("unmounted", "mountpoint", req.Mountpoint)
 	enc.Encode(MountEvent{Unmounted: req.Mountpoint})
+}
+
+// unmount ends a mount. When a file is still open (a loop device, say) the
+// mount point is detached lazily: it disappears from the namespace now and
+// the filesystem goes away when the last file closes.
+func (d *Daemon) unmount(m *blockdev.FUSEMount) error {
+	err := m.Unmount()
+	if err == nil {
+		return nil
+	}
+	if derr := unix.Unmount(m.Mountpoint(), unix.MNT_DETACH); derr != nil {
+		return err
+	}
+	d.log.Warn("mount busy; detached lazily, it ends when the last file closes", "mountpoint", m.Mountpoint(), "err", err)
+	return nil
 }
 
 func (d *Daemon) mount(mp string) (*blockdev.FUSEMount, error) {
@@ -194,7 +210,22 @@ func (d *Daemon) mount(mp string) (*blockdev.FUSEMount, error) {
 	if closed {
 		return nil, errors.New("daemon is stopping")
 	}
-	m, err := blockdev.MountFUSE(mp, blockdev.FUSEConfig{Exports: (*exports)(d), Logger: d.log})
+	m, err := blockdev.MountFUSE(mp, blockdev.FUSEConfig{
+		Exports: (*exports)(d),
+		Logger:  d.log,
+		OnOpen: func(export string, _ bool) {
+			d.mu.Lock()
+			d.fuseOpen[export]++
+			d.mu.Unlock()
+		},
+		OnRelease: func(export string, _ bool) {
+			d.mu.Lock()
+			if d.fuseOpen[export]--; d.fuseOpen[export] <= 0 {
+				delete(d.fuseOpen, export)
+			}
+			d.mu.Unlock()
+		},
+	})
 	if err != nil {
 		return nil, err
 	}

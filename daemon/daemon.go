@@ -67,6 +67,7 @@ type Daemon struct {
 	mu           sync.Mutex
 	vms          map[string]*vm
 	mounts       map[string]*blockdev.FUSEMount
+	fuseOpen     map[string]int // export -> files open through FUSE
 	lastShutdown string
 	listeners    []string
 	closed       bool
@@ -103,12 +104,13 @@ func New(cfg Config) (*Daemon, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{
-		cfg:    cfg,
-		log:    cfg.Logger,
-		fs:     vfs.Default,
-		reg:    registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
-		vms:    make(map[string]*vm),
-		mounts: make(map[string]*blockdev.FUSEMount),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		fs:       vfs.Default,
+		reg:      registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
+		vms:      make(map[string]*vm),
+		mounts:   make(map[string]*blockdev.FUSEMount),
+		fuseOpen: make(map[string]int),
 	}
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	return d, nil
@@ -203,7 +205,7 @@ func (d *Daemon) shutdown() error {
 	}
 	d.mu.Unlock()
 	for _, m := range mounts {
-		m.Unmount()
+		d.unmount(m)
 	}
 	if d.control != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -488,6 +490,29 @@ func (d *Daemon) AddVM(s VMSpec) (VMSpec, error) {
 	return v.spec, nil
 }
 
+// usersLocked says who has a VM's disks open, or "" when nobody does.
+func (d *Daemon) usersLocked(vm string) string {
+	nbd, fuse := 0, 0
+	for _, c := range d.nbd.Clients() {
+		if strings.HasPrefix(c.Export, vm+"/") {
+			nbd++
+		}
+	}
+	for e, n := range d.fuseOpen {
+		if strings.HasPrefix(e, vm+"/") {
+			fuse += n
+		}
+	}
+	var parts []string
+	if nbd > 0 {
+		parts = append(parts, fmt.Sprintf("%d NBD connection(s)", nbd))
+	}
+	if fuse > 0 {
+		parts = append(parts, fmt.Sprintf("%d file(s) open through FUSE", fuse))
+	}
+	return strings.Join(parts, ", ")
+}
+
 func sameFile(a, b string) bool {
 	if filepath.Clean(a) == filepath.Clean(b) {
 		return true
@@ -517,6 +542,10 @@ func (d *Daemon) RemoveVM(name string) error {
 		d.mu.Unlock()
 		return fmt.Errorf("%w: %s", ErrUnknownVM, name)
 	}
+	if users := d.usersLocked(name); users != "" {
+		d.mu.Unlock()
+		return fmt.Errorf("%w: VM %s is open (%s); disconnect its clients first", ErrInUse, name, users)
+	}
 	delete(d.vms, name)
 	next := d.specsLocked()
 	d.mu.Unlock()
@@ -525,6 +554,10 @@ func (d *Daemon) RemoveVM(name string) error {
 		d.vms[name] = v
 		d.mu.Unlock()
 		return fmt.Errorf("save registry: %w", err)
+	}
+	// The catalogue no longer has the VM; end any connection that raced in.
+	for _, ds := range v.spec.Disks {
+		d.nbd.CloseExport(name + "/" + ds.Name)
 	}
 	err := v.close()
 	if rerr := os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name)); err == nil {

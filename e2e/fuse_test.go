@@ -153,3 +153,28 @@ func TestFUSEUnmountFromOutside(t *testing.T) {
 		t.Fatal("still mounted")
 	}
 }
+
+// TestRemoveRefusedWhileOpen: a VM whose disk is open through FUSE cannot be
+// removed; once closed it can.
+func TestRemoveRefusedWhileOpen(t *testing.T) {
+	h := newHost(t)
+	h.addVM("vm1", "8M")
+	mp := t.TempDir()
+	stop := h.mount(mp)
+	f, err := os.OpenFile(filepath.Join(mp, "vm1", "disk0.img"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, err := h.try("vm", "remove", "vm1"); err == nil || !strings.Contains(errOut, "open through FUSE") {
+		t.Fatalf("remove of an open VM: err %v, stderr %q", err, errOut)
+	}
+	if len(h.vms()) != 1 {
+		t.Fatal("refused remove changed the registry")
+	}
+	f.Close()
+	waitFor(t, "the FUSE release to reach the daemon", func() bool {
+		_, _, err := h.try("vm", "remove", "vm1")
+		return err == nil
+	})
+	stop()
+}
