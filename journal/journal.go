@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -315,7 +316,7 @@ func blockKey(disk int, block uint64) uint64 { return uint64(disk)<<48 | block }
 // lockRange takes the stripe locks covering [off, off+n) of disk, in order.
 func (j *Journal) lockRange(disk int, off, n int64) func() {
 	first := off / stripeRegion
-	last := (off + n - 1) / stripeRegion
+	last := (off + max(n, 1) - 1) / stripeRegion
 	var idx []int
 	if last-first+1 >= numStripes {
 		idx = make([]int, numStripes)
@@ -323,15 +324,12 @@ func (j *Journal) lockRange(disk int, off, n int64) func() {
 			idx[i] = i
 		}
 	} else {
-		seen := make(map[int]bool, last-first+1)
+		idx = make([]int, 0, last-first+1)
 		for r := first; r <= last; r++ {
-			s := int((uint64(r)*0x9E3779B97F4A7C15 + uint64(disk)) % numStripes)
-			if !seen[s] {
-				seen[s] = true
-				idx = append(idx, s)
-			}
+			idx = append(idx, int((uint64(r)*0x9E3779B97F4A7C15+uint64(disk))%numStripes))
 		}
-		sort.Ints(idx)
+		slices.Sort(idx)
+		idx = slices.Compact(idx)
 	}
 	for _, s := range idx {
 		j.stripes[s].Lock()
