@@ -98,7 +98,8 @@ type Journal struct {
 	stripes [numStripes]sync.Mutex
 	syncMu  sync.Mutex   // one journal sync at a time; callers share it
 	sealMu  sync.Mutex   // one seal or switch to dirty tracking at a time
-	wbMu    sync.Mutex   // write-back and image changes
+	wbMu    sync.Mutex   // write-back and image changes; guards wbBuf
+	wbBuf   []byte       // aligned buffer for direct write-back
 	segMu   sync.RWMutex // readers of segment data vs closing segments
 
 	mu         sync.Mutex

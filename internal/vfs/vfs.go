@@ -19,6 +19,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -60,7 +62,18 @@ type FS interface {
 // OS is the real filesystem.
 type OS struct{}
 
-type osFile struct{ *os.File }
+type osFile struct {
+	*os.File
+	direct *directFD
+}
+
+// directFD is a second descriptor of the same file opened with O_DIRECT,
+// opened on first use.
+type directFD struct {
+	once sync.Once
+	f    *os.File
+	err  error
+}
 
 // Default is the real filesystem.
 var Default FS = OS{}
@@ -70,7 +83,7 @@ func (OS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
 	if err != nil {
 		return nil, err
 	}
-	return osFile{f}, nil
+	return osFile{File: f, direct: &directFD{}}, nil
 }
 
 func (OS) Remove(name string) error             { return os.Remove(name) }
@@ -105,6 +118,41 @@ func (OS) SyncDir(dir string) error {
 }
 
 func (f osFile) Sync() error { return unix.Fdatasync(int(f.Fd())) }
+
+func (f osFile) Close() error {
+	if f.direct != nil && f.direct.f != nil {
+		f.direct.f.Close()
+	}
+	return f.File.Close()
+}
+
+// DirectWriter is an optional File capability: a write that bypasses the
+// page cache (O_DIRECT). p, off and len(p) must be multiples of DirectAlign
+// and p must start at an address aligned to it. The data is as durable as a
+// plain write until the next Sync.
+type DirectWriter interface {
+	WriteDirectAt(p []byte, off int64) (int, error)
+}
+
+// DirectAlign is the alignment WriteDirectAt needs.
+const DirectAlign = 4096
+
+// AlignedBuffer returns a zeroed buffer of n bytes aligned to DirectAlign.
+func AlignedBuffer(n int) []byte {
+	b := make([]byte, n+DirectAlign)
+	pad := (DirectAlign - int(uintptr(unsafe.Pointer(&b[0]))%DirectAlign)) % DirectAlign
+	return b[pad : pad+n : pad+n]
+}
+
+func (f osFile) WriteDirectAt(p []byte, off int64) (int, error) {
+	f.direct.once.Do(func() {
+		f.direct.f, f.direct.err = os.OpenFile(f.Name(), os.O_WRONLY|unix.O_DIRECT, 0)
+	})
+	if f.direct.err != nil {
+		return f.WriteAt(p, off) // the filesystem has no O_DIRECT (tmpfs)
+	}
+	return f.direct.f.WriteAt(p, off)
+}
 
 func (f osFile) Size() (int64, error) {
 	st, err := f.Stat()
