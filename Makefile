@@ -35,7 +35,7 @@ demo: deps build
 	@scripts/demo.sh $(BIN)
 
 bench: build
-	@bench/fio.sh
+	@VDREPL=$(BIN) bench/fio.sh
 
 fuzz:
 	$(GO) test ./journal -run XXX -fuzz FuzzDecodeHeader -fuzztime 30s
