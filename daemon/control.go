@@ -257,17 +257,29 @@ func NewClient(socket string) *Client {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	resp, err := c.send(ctx, method, path, in)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	return readReply(resp, out)
+}
+
+// send makes one request with a JSON body (nil: none) and returns the
+// response whatever its status; transport errors lose their URL wrapping,
+// which would only name the placeholder host.
+func (c *Client) send(ctx context.Context, method, path string, in any) (*http.Response, error) {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		body = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, "http://vdrepl"+path, body)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
@@ -275,10 +287,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		if errors.As(err, &ue) {
 			err = ue.Err
 		}
-		return err
+		return nil, err
 	}
-	defer resp.Body.Close()
-	return readReply(resp, out)
+	return resp, nil
 }
 
 func readReply(resp *http.Response, out any) error {
@@ -334,7 +345,6 @@ func (c *Client) Seal(ctx context.Context, name string) (journal.CycleInfo, erro
 // something else (fusermount3 -u) unmounted it. If this process dies, the
 // daemon unmounts on its own when the connection drops.
 func (c *Client) Mount(ctx context.Context, mountpoint string, mounted func()) error {
-	b, _ := json.Marshal(MountEvent{Mountpoint: mountpoint})
 	streamCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	stop := context.AfterFunc(ctx, func() {
@@ -345,16 +355,8 @@ func (c *Client) Mount(ctx context.Context, mountpoint string, mounted func()) e
 		}
 	})
 	defer stop()
-	req, err := http.NewRequestWithContext(streamCtx, http.MethodPost, "http://vdrepl/v1/mount", bytes.NewReader(b))
+	resp, err := c.send(streamCtx, http.MethodPost, "/v1/mount", MountEvent{Mountpoint: mountpoint})
 	if err != nil {
-		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
 		return err
 	}
 	defer resp.Body.Close()

@@ -250,13 +250,21 @@ func TestPowerCut(t *testing.T) {
 				crashed = mem.CrashCloneRandom(rand.New(rand.NewPCG(seed, 5)))
 			}
 			j.abandon()
-			cfg.FS = crashed
-			before := readImages(t, crashed, cfg)
-			j2 := mustOpen(t, cfg)
-			defer j2.Close()
-			checkRecovered(t, j2, h, before, crashSizes)
+			recoverAndCheck(t, cfg, crashed, h)
 		})
 	}
+}
+
+// recoverAndCheck opens the journal on what a crash left in fsys and checks
+// the crash invariants against the history.
+func recoverAndCheck(t *testing.T, cfg Config, fsys vfs.FS, h *history) *Journal {
+	t.Helper()
+	cfg.FS = fsys
+	before := readImages(t, fsys, cfg)
+	j := mustOpen(t, cfg)
+	t.Cleanup(func() { j.Close() })
+	checkRecovered(t, j, h, before, crashSizes)
+	return j
 }
 
 // TestProcessCrash: kill -9 keeps everything written; recovery must give the
@@ -274,11 +282,7 @@ func TestProcessCrash(t *testing.T) {
 		}
 		j.abandon()
 		h.flushed = len(h.states) - 1
-		before := readImages(t, mem, cfg)
-		j2 := mustOpen(t, cfg)
-		checkRecovered(t, j2, h, before, crashSizes)
-		checkModel(t, j2, m)
-		j2.Close()
+		checkModel(t, recoverAndCheck(t, cfg, mem, h), m)
 	}
 }
 
@@ -312,11 +316,7 @@ func TestFailureThenCrash(t *testing.T) {
 				}
 				crashed := mem.CrashClone()
 				j.abandon()
-				cfg.FS = crashed
-				before := readImages(t, crashed, cfg)
-				j2 := mustOpen(t, cfg)
-				defer j2.Close()
-				checkRecovered(t, j2, h, before, crashSizes)
+				recoverAndCheck(t, cfg, crashed, h)
 			})
 		}
 	}

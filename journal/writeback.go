@@ -50,7 +50,7 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 		return err
 	}
 	if cut {
-		if err := j.enterDirty("journal passed its cap of " + fmtBytes(j.cfg.Cap)); err != nil {
+		if err := j.enterDirty(fmt.Sprintf("journal passed its cap of %d bytes", j.cfg.Cap)); err != nil {
 			return err
 		}
 	}
@@ -385,17 +385,4 @@ func (j *Journal) Stats() Stats {
 		s.Failed = j.failed.Error()
 	}
 	return s
-}
-
-func fmtBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
