@@ -1,0 +1,85 @@
+// Package wire is the replication wire format shared by the primary (ship) and
+// the replica (apply): the byte layout of a transfer stream, the HTTP protocol
+// that carries it in resumable chunks, and the JSON messages of that protocol.
+// It imports nothing of vdrepl's.
+//
+// # Streams
+//
+// Everything a primary sends a replica's disks is a stream: a header, frames,
+// and an end frame. A stream is one of
+//
+//   - a cycle: the coalesced content of one closed cycle of the VM (every
+//     block it touched with its final data, and its trim/zero ranges);
+//   - a sync piece: part of an initial copy or of a resync, the content of
+//     some blocks of the disks as they were while the piece was read.
+//
+// All integers are little endian.
+//
+// Stream header:
+//
+//	offset  size  field
+//	0       4     magic "VDWS" (0x53574456)
+//	4       1     version (1)
+//	5       3     zero
+//	8       4     n: length of the JSON header
+//	12      4     CRC32C of the JSON header
+//	16      n     JSON header (type Header)
+//
+// Frame:
+//
+//	offset  size  field
+//	0       1     type: 1 data, 2 trim, 3 zero, 4 zero (keep allocated), 255 end
+//	1       1     flags: bit 0 = payload is zstd-compressed
+//	2       2     disk index (into Header.Disks)
+//	4       4     stored payload length (at most MaxStored)
+//	8       8     disk byte offset
+//	16      8     length on the disk (a data frame: at most MaxFrameData)
+//	24      4     CRC32C of the stored payload
+//	28      4     CRC32C of bytes 0..27
+//	32      ...   payload
+//
+// A data frame's payload is the disk data, raw or zstd-compressed (each frame
+// compressed on its own, so a reader needs no state from earlier frames and
+// memory stays bounded). Trim and zero frames have no payload. The end
+// frame's payload is 48 bytes: frame count (8, not counting the end frame),
+// data bytes on the disk (8), and the BLAKE3-256 hash (32) of every stream
+// byte before the end frame. A stream that stops before its end frame is
+// truncated; one whose hash or any CRC fails is corrupt. Readers reject both
+// without applying anything.
+//
+// Frames come in the order they must be applied: a cycle's trim/zero ranges
+// first (in journal order), then its data by disk and offset.
+//
+// # HTTP protocol
+//
+// The replica serves HTTPS with mutual TLS. The primary is the peer's
+// certificate name; the replica checks it against its allow-list. Every
+// request names the VM; errors are JSON (type Error) with a Code that tells
+// the primary whether to retry.
+//
+//	GET    /v1/replicas/{vm}                     -> Replica
+//	PUT    /v1/replicas/{vm}          Enable     -> Replica   create or confirm
+//	DELETE /v1/replicas/{vm}                     -> 204       stop replicating here (images stay)
+//	GET    /v1/replicas/{vm}/uploads/{id}        -> Upload    how much is staged
+//	PUT    /v1/replicas/{vm}/uploads/{id}?offset=O  chunk  -> Upload
+//	POST   /v1/replicas/{vm}/uploads/{id}/commit -> Replica   verify, stage durably, apply
+//	DELETE /v1/replicas/{vm}/uploads/{id}        -> 204       discard
+//	POST   /v1/replicas/{vm}/sync     SyncStart  -> SyncState begin or resume an initial copy/resync
+//	POST   /v1/replicas/{vm}/sums     SumsRequest -> binary: HashSize bytes per block
+//	POST   /v1/replicas/{vm}/sync/finish SyncFinish -> Replica
+//
+// An upload is one stream sent as chunks of at most MaxChunk bytes, each a
+// PUT with its offset in the stream and the CRC32C of the chunk in the
+// ChunkCRCHeader header. The replica appends a chunk only at the offset it
+// has staged so far; any other offset gets 409 with code "offset" and the
+// staged offset, from which the primary resumes. So no request carries more
+// than MaxChunk bytes (forward proxies drop large uploads), and a broken
+// connection costs at most one chunk. Upload ids: "c<cycle>" for cycles,
+// "s<generation>-<piece>" for sync pieces.
+//
+// Commit verifies the whole stream (CRCs, hash, VM, disks, cycle order),
+// makes it durable, and applies it; it answers only after the result is
+// durable. A cycle must follow the last applied one (code "gap" otherwise); a
+// cycle already applied is answered as success without being applied again.
+// A corrupt stream is discarded (code "corrupt") and must be sent again.
+package wire

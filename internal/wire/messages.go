@@ -1,0 +1,210 @@
+package wire
+
+import (
+	"fmt"
+	"regexp"
+	"time"
+)
+
+// Limits of the protocol.
+const (
+	// MaxChunk bounds the body of one upload request.
+	MaxChunk = 8 << 20
+	// MaxFrameData bounds the disk bytes of one data frame.
+	MaxFrameData = 1 << 20
+	// MaxStored bounds a frame's stored payload (compression can grow data
+	// a little; an encoder then stores it raw).
+	MaxStored = MaxFrameData + 64
+	// HashSize is the size of one block hash in a SumsRequest answer.
+	HashSize = 32
+	// ChunkCRCHeader carries the CRC32C of an upload chunk, 8 hex digits.
+	ChunkCRCHeader = "Vdrepl-Chunk-Crc32c"
+)
+
+// Stream kinds.
+const (
+	KindCycle  = "cycle"  // the coalesced content of one closed cycle
+	KindFull   = "full"   // a piece of an initial copy
+	KindResync = "resync" // a piece of a checksum resync
+)
+
+// Disk is one replicated disk of a VM.
+type Disk struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// Header describes a stream. It is the JSON part of the stream header.
+type Header struct {
+	VM    string `json:"vm"`
+	Kind  string `json:"kind"`
+	Disks []Disk `json:"disks"`
+	// Cycle is the cycle a KindCycle stream carries; Prev the cycle it
+	// follows (Cycle-1 unless cycles were folded into a sync).
+	Cycle uint64 `json:"cycle,omitempty"`
+	Prev  uint64 `json:"prev,omitempty"`
+	// Sealed is when the cycle's barrier was taken.
+	Sealed        time.Time `json:"sealed,omitzero"`
+	AppConsistent bool      `json:"app_consistent,omitempty"`
+	// Gen and Piece identify a sync piece (KindFull, KindResync).
+	Gen   uint64 `json:"gen,omitempty"`
+	Piece int64  `json:"piece,omitempty"`
+}
+
+// Enable is the body of PUT /v1/replicas/{vm}: the VM's disks as the primary
+// has them (excluded disks left out).
+type Enable struct {
+	Disks []Disk `json:"disks"`
+	// Existing: the replica's images are already there (a restored backup);
+	// keep them as they are, a resync follows. Otherwise missing images are
+	// created sparse.
+	Existing bool `json:"existing,omitempty"`
+}
+
+// Replica is the replica's view of one replicated VM.
+type Replica struct {
+	VM      string `json:"vm"`
+	Primary string `json:"primary"` // certificate name of the primary that owns it
+	Disks   []Disk `json:"disks"`
+	// State: "new" (no data yet), "initial-copy", "resyncing", "replicating".
+	State string `json:"state"`
+	// Applied is the last cycle applied; the image equals the primary's at
+	// that cycle's barrier once Consistent.
+	Applied   uint64    `json:"applied"`
+	AppliedAt time.Time `json:"applied_at,omitzero"`
+	// Consistent is false while an initial copy or resync is unfinished or
+	// the cycles that follow it are not applied yet.
+	Consistent bool       `json:"consistent"`
+	Sync       *SyncState `json:"sync,omitempty"`
+}
+
+// Upload is how much of an upload the replica holds.
+type Upload struct {
+	ID     string `json:"id"`
+	Offset int64  `json:"offset"`
+}
+
+// SyncStart is the body of POST /v1/replicas/{vm}/sync. Starting the
+// generation the replica already runs resumes it.
+type SyncStart struct {
+	Gen       uint64 `json:"gen"`
+	Kind      string `json:"kind"` // KindFull or KindResync
+	Base      uint64 `json:"base"` // the cycle sealed when the sync began
+	PieceSize int64  `json:"piece_size"`
+	Pieces    int64  `json:"pieces"`
+}
+
+// SyncState is a sync as the replica has it: which pieces are durable.
+type SyncState struct {
+	SyncStart
+	Done []int64 `json:"done"` // committed pieces, ascending
+}
+
+// SumsRequest asks for the hashes of the replica's blocks of one disk range.
+// The answer is HashSize bytes (BLAKE3-256) per block; a block past the end of
+// the disk is hashed as far as the disk goes.
+type SumsRequest struct {
+	Disk      int   `json:"disk"`
+	Offset    int64 `json:"offset"`
+	Length    int64 `json:"length"`
+	BlockSize int64 `json:"block_size"`
+}
+
+// SyncFinish is the body of POST /v1/replicas/{vm}/sync/finish: every piece
+// is committed; the replica applies a resync's staged pieces atomically and
+// its image then follows cycle Base.
+type SyncFinish struct {
+	Gen  uint64 `json:"gen"`
+	Base uint64 `json:"base"`
+}
+
+// Error codes. The primary retries "offset" (resume), "corrupt" (send
+// again), "busy", "full" and "internal" (with back-off); the others need an
+// admin and stop replication of the VM.
+const (
+	CodeOffset    = "offset"     // chunk at the wrong offset; Offset says where to resume
+	CodeCorrupt   = "corrupt"    // checksum or framing failed; the upload was discarded
+	CodeGap       = "gap"        // cycle does not follow the last applied; Applied says which
+	CodeFull      = "full"       // replica storage is full
+	CodeBusy      = "busy"       // replica is busy (e.g. applying); retry
+	CodeInternal  = "internal"   // replica I/O error
+	CodeForbidden = "forbidden"  // the primary may not write this VM
+	CodeUnknownVM = "unknown_vm" // the replica has no such VM
+	CodeMismatch  = "mismatch"   // disks, sizes or sync generation do not match
+	CodeBadReq    = "bad_request"
+)
+
+// Error is the body of every non-2xx answer.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"error"`
+	Offset  int64  `json:"offset,omitempty"`
+	Applied uint64 `json:"applied,omitempty"`
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("replica: %s (%s)", e.Message, e.Code) }
+
+// Retryable says whether the primary should retry after this error.
+func (e *Error) Retryable() bool {
+	switch e.Code {
+	case CodeOffset, CodeCorrupt, CodeBusy, CodeFull, CodeInternal:
+		return true
+	}
+	return false
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidName checks a VM or disk name: 1-64 letters, digits, '.', '_' or '-',
+// starting with a letter or digit. Such a name is safe as a path element.
+func ValidName(s string) bool { return nameRE.MatchString(s) }
+
+// CycleUploadID and SyncUploadID name uploads.
+func CycleUploadID(c uint64) string { return fmt.Sprintf("c%d", c) }
+
+// SyncUploadID names the upload of a sync piece.
+func SyncUploadID(gen uint64, piece int64) string { return fmt.Sprintf("s%d-%d", gen, piece) }
+
+// OfflineManifest describes an initial copy written to a directory (external
+// media) instead of the network: manifest.json beside one stream file per
+// piece, named SyncUploadID(Gen, piece) + ".vdws". The replica's
+// `vdrepl replication import-initial VM DIR` applies them; the primary then
+// ships the cycles after Base.
+type OfflineManifest struct {
+	Version   int       `json:"version"` // 1
+	VM        string    `json:"vm"`
+	Primary   string    `json:"primary"` // the primary's certificate name
+	Disks     []Disk    `json:"disks"`
+	Gen       uint64    `json:"gen"`
+	Base      uint64    `json:"base"`
+	PieceSize int64     `json:"piece_size"`
+	Pieces    int64     `json:"pieces"`
+	Created   time.Time `json:"created"`
+}
+
+// OfflineManifestFile is the manifest's name in an offline directory.
+const OfflineManifestFile = "manifest.json"
+
+// PieceCount is the number of sync pieces of the disks: each disk is cut into
+// pieces of pieceSize bytes (the last one shorter), numbered across the disks
+// in order.
+func PieceCount(disks []Disk, pieceSize int64) int64 {
+	var n int64
+	for _, d := range disks {
+		n += (d.Size + pieceSize - 1) / pieceSize
+	}
+	return n
+}
+
+// PieceRange is the disk range of piece p; ok is false past the last piece.
+func PieceRange(disks []Disk, pieceSize, p int64) (disk int, off, n int64, ok bool) {
+	for i, d := range disks {
+		k := (d.Size + pieceSize - 1) / pieceSize
+		if p < k {
+			off = p * pieceSize
+			return i, off, min(pieceSize, d.Size-off), true
+		}
+		p -= k
+	}
+	return 0, 0, 0, false
+}

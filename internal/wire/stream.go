@@ -1,0 +1,413 @@
+package wire
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"hash/crc32"
+	"io"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+	"lukechampine.com/blake3"
+)
+
+// FrameType is the type of a stream frame.
+type FrameType uint8
+
+// Frame types. The first four equal the journal's record kinds.
+const (
+	FrameData      FrameType = 1
+	FrameTrim      FrameType = 2
+	FrameZero      FrameType = 3
+	FrameZeroAlloc FrameType = 4
+	FrameEnd       FrameType = 255
+)
+
+func (t FrameType) String() string {
+	switch t {
+	case FrameData:
+		return "data"
+	case FrameTrim:
+		return "trim"
+	case FrameZero:
+		return "zero"
+	case FrameZeroAlloc:
+		return "zero-alloc"
+	case FrameEnd:
+		return "end"
+	}
+	return fmt.Sprintf("frame-type-%d", uint8(t))
+}
+
+const (
+	streamMagic   = 0x53574456 // "VDWS" little endian
+	streamVersion = 1
+	// StreamHeaderSize is the fixed part of the stream header.
+	StreamHeaderSize = 16
+	// FrameHeaderSize is the size of a frame header.
+	FrameHeaderSize = 32
+	maxJSONHeader   = 1 << 20
+	endPayloadSize  = 48
+	flagZstd        = 1
+)
+
+// Errors of the stream reader.
+var (
+	ErrCorrupt   = errors.New("wire: corrupt stream")
+	ErrTruncated = errors.New("wire: truncated stream")
+	ErrVersion   = errors.New("wire: unsupported stream version")
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// CRC is the CRC32C of b, the checksum of chunks and frames.
+func CRC(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+
+// Frame is one decoded frame. Data is valid until the next call to Next.
+type Frame struct {
+	Type   FrameType
+	Disk   int
+	Offset int64
+	Length int64
+	Data   []byte
+}
+
+// zstd coders are expensive to make and safe for concurrent EncodeAll and
+// DecodeAll, so the package shares one of each.
+var (
+	encOnce sync.Once
+	enc     *zstd.Encoder
+	decOnce sync.Once
+	dec     *zstd.Decoder
+)
+
+func encoder() *zstd.Encoder {
+	encOnce.Do(func() {
+		// SpeedFastest: the wire is rarely slower than zstd's default level on
+		// two cores, and fast keeps up with a guest writing at disk speed.
+		enc, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	})
+	return enc
+}
+
+func decoder() *zstd.Decoder {
+	decOnce.Do(func() {
+		dec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxFrameData*2))
+	})
+	return dec
+}
+
+// Writer writes a stream. It is not safe for concurrent use.
+type Writer struct {
+	w        io.Writer
+	h        hash.Hash
+	compress bool
+	frames   int64
+	data     int64
+	written  int64
+	stored   int64
+	hdr      [FrameHeaderSize]byte
+	zbuf     []byte
+	closed   bool
+	disks    []Disk
+}
+
+// NewWriter writes the stream header for h to w. With compress, data frames
+// are zstd-compressed where that makes them smaller.
+func NewWriter(w io.Writer, h Header, compress bool) (*Writer, error) {
+	js, err := json.Marshal(h)
+	if err != nil {
+		return nil, fmt.Errorf("wire: encode header: %w", err)
+	}
+	sw := &Writer{w: w, h: blake3.New(32, nil), compress: compress, disks: h.Disks}
+	b := make([]byte, StreamHeaderSize+len(js))
+	binary.LittleEndian.PutUint32(b[0:], streamMagic)
+	b[4] = streamVersion
+	binary.LittleEndian.PutUint32(b[8:], uint32(len(js)))
+	binary.LittleEndian.PutUint32(b[12:], CRC(js))
+	copy(b[StreamHeaderSize:], js)
+	if err := sw.emit(b); err != nil {
+		return nil, err
+	}
+	return sw, nil
+}
+
+func (w *Writer) emit(b []byte) error {
+	n, err := w.w.Write(b)
+	w.written += int64(n)
+	if err != nil {
+		return fmt.Errorf("wire: write: %w", err)
+	}
+	w.h.Write(b)
+	return nil
+}
+
+func (w *Writer) check(disk int, off, n int64) error {
+	if w.closed {
+		return errors.New("wire: write after Close")
+	}
+	if disk < 0 || disk >= len(w.disks) || off < 0 || n < 0 || off+n > w.disks[disk].Size {
+		return fmt.Errorf("wire: frame disk %d [%d, +%d) outside the stream's disks", disk, off, n)
+	}
+	return nil
+}
+
+func (w *Writer) frame(t FrameType, flags uint8, disk int, off, n int64, payload []byte) error {
+	b := w.hdr[:]
+	b[0] = byte(t)
+	b[1] = flags
+	binary.LittleEndian.PutUint16(b[2:], uint16(disk))
+	binary.LittleEndian.PutUint32(b[4:], uint32(len(payload)))
+	binary.LittleEndian.PutUint64(b[8:], uint64(off))
+	binary.LittleEndian.PutUint64(b[16:], uint64(n))
+	binary.LittleEndian.PutUint32(b[24:], CRC(payload))
+	binary.LittleEndian.PutUint32(b[28:], CRC(b[:28]))
+	if err := w.emit(b); err != nil {
+		return err
+	}
+	if len(payload) > 0 {
+		if err := w.emit(payload); err != nil {
+			return err
+		}
+	}
+	if t != FrameEnd {
+		w.frames++
+	}
+	return nil
+}
+
+// Data writes p, the content of disk at off, as one or more data frames.
+func (w *Writer) Data(disk int, off int64, p []byte) error {
+	if err := w.check(disk, off, int64(len(p))); err != nil {
+		return err
+	}
+	for len(p) > 0 {
+		n := min(len(p), MaxFrameData)
+		payload, flags := p[:n], uint8(0)
+		if w.compress {
+			w.zbuf = encoder().EncodeAll(payload, w.zbuf[:0])
+			if len(w.zbuf) < n {
+				payload, flags = w.zbuf, flagZstd
+			}
+		}
+		if err := w.frame(FrameData, flags, disk, off, int64(n), payload); err != nil {
+			return err
+		}
+		w.data += int64(n)
+		w.stored += int64(len(payload))
+		off += int64(n)
+		p = p[n:]
+	}
+	return nil
+}
+
+// Range writes a trim or zero frame for [off, off+n) of disk.
+func (w *Writer) Range(t FrameType, disk int, off, n int64) error {
+	if t != FrameTrim && t != FrameZero && t != FrameZeroAlloc {
+		return fmt.Errorf("wire: Range of a %s frame", t)
+	}
+	if err := w.check(disk, off, n); err != nil {
+		return err
+	}
+	return w.frame(t, 0, disk, off, n, nil)
+}
+
+// Close writes the end frame. It does not close the underlying writer.
+func (w *Writer) Close() error {
+	if w.closed {
+		return nil
+	}
+	var p [endPayloadSize]byte
+	binary.LittleEndian.PutUint64(p[0:], uint64(w.frames))
+	binary.LittleEndian.PutUint64(p[8:], uint64(w.data))
+	w.h.Sum(p[16:16])
+	w.closed = true
+	return w.frame(FrameEnd, 0, 0, 0, 0, p[:])
+}
+
+// Stats reports the frames written (end frame excluded), the disk bytes their
+// data frames carry, the data bytes as stored (after compression) and the
+// stream bytes written so far.
+func (w *Writer) Stats() (frames, data, stored, written int64) {
+	return w.frames, w.data, w.stored, w.written
+}
+
+// Reader reads and verifies a stream. It is not safe for concurrent use.
+type Reader struct {
+	r      *bufio.Reader
+	h      hash.Hash
+	hdr    Header
+	frames int64
+	data   int64
+	buf    []byte
+	out    []byte
+	done   bool
+	err    error
+}
+
+// NewReader reads and checks the stream header from r.
+func NewReader(r io.Reader) (*Reader, error) {
+	sr := &Reader{r: bufio.NewReaderSize(r, 256<<10), h: blake3.New(32, nil)}
+	var fixed [StreamHeaderSize]byte
+	if err := sr.read(fixed[:]); err != nil {
+		return nil, err
+	}
+	if binary.LittleEndian.Uint32(fixed[0:]) != streamMagic {
+		return nil, fmt.Errorf("%w: bad magic", ErrCorrupt)
+	}
+	if fixed[4] != streamVersion {
+		return nil, fmt.Errorf("%w: version %d (this vdrepl reads %d)", ErrVersion, fixed[4], streamVersion)
+	}
+	n := binary.LittleEndian.Uint32(fixed[8:])
+	if n > maxJSONHeader {
+		return nil, fmt.Errorf("%w: header of %d bytes", ErrCorrupt, n)
+	}
+	js := make([]byte, n)
+	if err := sr.read(js); err != nil {
+		return nil, err
+	}
+	if CRC(js) != binary.LittleEndian.Uint32(fixed[12:]) {
+		return nil, fmt.Errorf("%w: header checksum mismatch", ErrCorrupt)
+	}
+	if err := json.Unmarshal(js, &sr.hdr); err != nil {
+		return nil, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
+	}
+	return sr, nil
+}
+
+// read fills p from the stream and feeds it to the hash; EOF is truncation.
+func (r *Reader) read(p []byte) error {
+	if _, err := io.ReadFull(r.r, p); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return ErrTruncated
+		}
+		return fmt.Errorf("wire: read: %w", err)
+	}
+	r.h.Write(p)
+	return nil
+}
+
+// Header is the stream's header.
+func (r *Reader) Header() Header { return r.hdr }
+
+// Next returns the next frame. It returns io.EOF only after the end frame
+// verified (frame count, data bytes and the hash of the whole stream).
+func (r *Reader) Next() (Frame, error) {
+	if r.err != nil {
+		return Frame{}, r.err
+	}
+	f, err := r.next()
+	if err != nil {
+		r.err = err
+	}
+	return f, err
+}
+
+func (r *Reader) next() (Frame, error) {
+	if r.done {
+		return Frame{}, io.EOF
+	}
+	sum := r.h.Sum(nil) // the hash of everything before this frame
+	var b [FrameHeaderSize]byte
+	if err := r.read(b[:]); err != nil {
+		return Frame{}, err
+	}
+	if CRC(b[:28]) != binary.LittleEndian.Uint32(b[28:]) {
+		return Frame{}, fmt.Errorf("%w: frame %d header checksum mismatch", ErrCorrupt, r.frames)
+	}
+	f := Frame{
+		Type:   FrameType(b[0]),
+		Disk:   int(binary.LittleEndian.Uint16(b[2:])),
+		Offset: int64(binary.LittleEndian.Uint64(b[8:])),
+		Length: int64(binary.LittleEndian.Uint64(b[16:])),
+	}
+	flags := b[1]
+	stored := binary.LittleEndian.Uint32(b[4:])
+	if stored > MaxStored {
+		return Frame{}, fmt.Errorf("%w: frame %d payload of %d bytes", ErrCorrupt, r.frames, stored)
+	}
+	if cap(r.buf) < int(stored) {
+		r.buf = make([]byte, stored)
+	}
+	payload := r.buf[:stored]
+	if err := r.read(payload); err != nil {
+		return Frame{}, err
+	}
+	if CRC(payload) != binary.LittleEndian.Uint32(b[24:]) {
+		return Frame{}, fmt.Errorf("%w: frame %d payload checksum mismatch", ErrCorrupt, r.frames)
+	}
+	if f.Type == FrameEnd {
+		return Frame{}, r.end(payload, sum)
+	}
+	if f.Disk >= len(r.hdr.Disks) || f.Offset < 0 || f.Length < 0 || f.Offset+f.Length > r.hdr.Disks[f.Disk].Size || f.Offset+f.Length < f.Offset {
+		return Frame{}, fmt.Errorf("%w: frame %d: disk %d [%d, +%d) outside the stream's disks", ErrCorrupt, r.frames, f.Disk, f.Offset, f.Length)
+	}
+	switch f.Type {
+	case FrameData:
+		if f.Length > MaxFrameData {
+			return Frame{}, fmt.Errorf("%w: frame %d: data frame of %d bytes", ErrCorrupt, r.frames, f.Length)
+		}
+		if flags&flagZstd != 0 {
+			out, err := decoder().DecodeAll(payload, r.out[:0])
+			if err != nil {
+				return Frame{}, fmt.Errorf("%w: frame %d: %v", ErrCorrupt, r.frames, err)
+			}
+			r.out = out
+			payload = out
+		}
+		if int64(len(payload)) != f.Length {
+			return Frame{}, fmt.Errorf("%w: frame %d: %d data bytes for a length of %d", ErrCorrupt, r.frames, len(payload), f.Length)
+		}
+		f.Data = payload
+		r.data += f.Length
+	case FrameTrim, FrameZero, FrameZeroAlloc:
+		if stored != 0 {
+			return Frame{}, fmt.Errorf("%w: frame %d: %s frame with a payload", ErrCorrupt, r.frames, f.Type)
+		}
+	default:
+		return Frame{}, fmt.Errorf("%w: frame %d: unknown type %d", ErrCorrupt, r.frames, b[0])
+	}
+	r.frames++
+	return f, nil
+}
+
+func (r *Reader) end(p []byte, sum []byte) error {
+	if len(p) != endPayloadSize {
+		return fmt.Errorf("%w: end frame of %d bytes", ErrCorrupt, len(p))
+	}
+	if n := int64(binary.LittleEndian.Uint64(p[0:])); n != r.frames {
+		return fmt.Errorf("%w: end frame counts %d frames, stream has %d", ErrCorrupt, n, r.frames)
+	}
+	if n := int64(binary.LittleEndian.Uint64(p[8:])); n != r.data {
+		return fmt.Errorf("%w: end frame counts %d data bytes, stream has %d", ErrCorrupt, n, r.data)
+	}
+	if string(p[16:]) != string(sum) {
+		return fmt.Errorf("%w: stream hash mismatch", ErrCorrupt)
+	}
+	// Nothing may follow the end frame.
+	if _, err := r.r.ReadByte(); err == nil {
+		return fmt.Errorf("%w: bytes after the end frame", ErrCorrupt)
+	}
+	r.done = true
+	return io.EOF
+}
+
+// Verify reads a whole stream, checking every frame and the end frame, and
+// returns its header.
+func Verify(r io.Reader) (Header, error) {
+	sr, err := NewReader(r)
+	if err != nil {
+		return Header{}, err
+	}
+	for {
+		if _, err := sr.Next(); err == io.EOF {
+			return sr.hdr, nil
+		} else if err != nil {
+			return sr.hdr, err
+		}
+	}
+}
