@@ -54,7 +54,7 @@ func (ci *cycleIndex) dropRange(disk int, off, n int64) {
 // cycleIndexLocked returns the in-memory index of cycle c, or nil when cycles
 // are not being kept (no replication, or dirty-block tracking).
 func (j *Journal) cycleIndexLocked(c uint64) *cycleIndex {
-	if !j.cfg.Retain || j.dirty != nil || c <= j.released {
+	if !j.cfg.Retain || c <= j.released || (j.dirty != nil && (j.resyncBase == 0 || c <= j.resyncBase)) {
 		return nil
 	}
 	ci := j.open[c]
@@ -71,6 +71,11 @@ func (j *Journal) cycleIndexLocked(c uint64) *cycleIndex {
 func (j *Journal) Seal(flags uint64) (CycleInfo, error) {
 	j.sealMu.Lock()
 	defer j.sealMu.Unlock()
+	return j.sealLocked(flags)
+}
+
+// sealLocked is Seal with sealMu held.
+func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 	now := j.cfg.Now()
 	payload := sealPayload{UnixNano: now.UnixNano(), Flags: flags}.encode()
 	h, err := j.appendRecord(Header{Kind: KindSeal}, payload, nil)

@@ -126,6 +126,8 @@ type Journal struct {
 	applied    uint64   // every record below it is in the image (maybe unsynced)
 	ckpt       checkpoint
 	dirty      *dirtyMap // non-nil: resync required, writes tracked as dirty blocks
+	resyncBase uint64    // non-zero: a resync from this barrier cycle is under way
+	resyncNext bool      // the next seal is a resync barrier
 	cutting    bool      // a switch to dirty tracking is under way
 
 	kick    chan struct{}
@@ -398,6 +400,11 @@ func (j *Journal) appendRecord(h Header, payload []byte, index func(h *Header)) 
 	h.Cycle = j.cycle
 	if h.Kind == KindSeal {
 		j.cycle++ // the cut: later records belong to the next cycle
+		if j.resyncNext {
+			// BeginResync: from the next cycle on, cycles are kept even
+			// though the dirty map is still in place.
+			j.resyncBase, j.resyncNext = h.Cycle, false
+		}
 	}
 	h.LSN, h.Synced = lsn, j.synced
 	j.mu.Unlock()

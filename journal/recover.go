@@ -31,6 +31,17 @@ func (j *Journal) recover() error {
 	if j.dirty, err = readDirty(j.fs, j.cfg.Dir, j.diskSizes()); err != nil {
 		return err
 	}
+	if j.resyncBase, err = readResync(j.fs, j.cfg.Dir); err != nil {
+		return err
+	}
+	if j.dirty != nil && j.resyncBase != 0 {
+		// A crash inside BeginResync, or the cap passed during a resync:
+		// the dirty map wins and the resync starts again.
+		j.resyncBase = 0
+		if err := j.removeState(resyncFile); err != nil {
+			return fmt.Errorf("journal: remove resync marker: %w", err)
+		}
+	}
 	bases, err := listSegments(j.fs, j.cfg.Dir)
 	if err != nil {
 		return fmt.Errorf("journal: list segments: %w", err)
@@ -153,7 +164,7 @@ func (j *Journal) recover() error {
 	j.synced = j.head
 
 	// 3. Rebuild and replay.
-	j.released = ck.Released
+	j.released = max(ck.Released, j.resyncBase)
 	if j.dirty != nil {
 		j.released = max(j.released, j.dirty.released)
 	}

@@ -317,6 +317,8 @@ func (j *Journal) enterDirty(reason string) error {
 	dm.lsn = j.head
 	dm.released = j.cycle - 1
 	j.dirty = dm
+	resyncing := j.resyncBase != 0
+	j.resyncBase = 0 // a resync under way starts again
 	j.open = make(map[uint64]*cycleIndex)
 	j.closedC = nil
 	j.released = max(j.released, j.cycle-1)
@@ -324,6 +326,11 @@ func (j *Journal) enterDirty(reason string) error {
 	j.mu.Unlock()
 	if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), j.encodeDirty(), 0o600); err != nil {
 		return fmt.Errorf("write dirty map: %w", err)
+	}
+	if resyncing {
+		if err := j.removeState(resyncFile); err != nil {
+			return fmt.Errorf("remove resync marker: %w", err)
+		}
 	}
 	for _, c := range closed {
 		if err := j.cycles.drop(c.Cycle); err != nil {
@@ -359,9 +366,12 @@ type Stats struct {
 	PendingBlocks int64  `json:"pending_blocks"` // newer in journal than image
 	// ResyncRequired: the journal passed its cap (or cannot prove the replica
 	// is complete); DirtyBlocks need a resync.
-	ResyncRequired bool   `json:"resync_required"`
-	DirtyBlocks    int64  `json:"dirty_blocks"`
-	Failed         string `json:"failed,omitempty"`
+	ResyncRequired bool  `json:"resync_required"`
+	DirtyBlocks    int64 `json:"dirty_blocks"`
+	// ResyncBase is non-zero while a resync or initial copy that began at
+	// this barrier cycle is under way (BeginResync until EndResync).
+	ResyncBase uint64 `json:"resync_base,omitempty"`
+	Failed     string `json:"failed,omitempty"`
 }
 
 // Stats returns a snapshot of the journal's state.
@@ -373,6 +383,7 @@ func (j *Journal) Stats() Stats {
 		OpenCycle: j.cycle, ClosedCycles: len(j.closedC), Released: j.released,
 		Segments: len(j.segs), Cap: j.cfg.Cap, PendingBlocks: j.npending.Load(),
 		ResyncRequired: j.dirty != nil,
+		ResyncBase:     j.resyncBase,
 	}
 	if len(j.segs) > 0 {
 		s.JournalBytes = int64(j.head - j.segs[0].base)
