@@ -39,7 +39,7 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "control", EnvVars: []string{"VDREPL_CONTROL"},
 				Usage: "control socket of the daemon (default: STATE/control.sock)"},
 		},
-		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd()},
+		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), pkiCmd()},
 	}
 }
 
