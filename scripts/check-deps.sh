@@ -22,5 +22,9 @@ forbid apply ship cmd daemon
 forbid ship apply cmd daemon
 forbid snapshot cmd daemon
 forbid internal/vfs journal blockdev ship apply snapshot daemon cmd
+# The wire format is a leaf: both sides of replication import it, it imports
+# nothing of ours.
+forbid internal/wire journal blockdev ship apply snapshot daemon cmd internal/vfs internal/pki
+forbid internal/pki journal blockdev ship apply snapshot daemon cmd internal/wire
 forbid daemon cmd
 exit $fail
