@@ -1,0 +1,281 @@
+package apply
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+	"github.com/vdrepl/vdrepl/internal/wire"
+)
+
+// Errors. Every error of this package wraps one of them (or an I/O error);
+// the HTTP handler turns them into wire error codes.
+var (
+	ErrExists    = errors.New("apply: already exists")
+	ErrNotFound  = errors.New("apply: not found")
+	ErrUnknownVM = errors.New("apply: unknown replica VM")
+	ErrForbidden = errors.New("apply: forbidden")
+	ErrInvalid   = errors.New("apply: invalid request")
+	ErrTooLarge  = errors.New("apply: request too large")
+	ErrMismatch  = errors.New("apply: mismatch")
+	// ErrCorrupt: an upload or a staged stream failed its checksums or
+	// framing.
+	ErrCorrupt = errors.New("apply: corrupt stream")
+	// ErrChunkCRC: one upload chunk did not match its CRC header; it was
+	// not stored.
+	ErrChunkCRC = errors.New("apply: chunk checksum mismatch")
+	ErrClosed   = errors.New("apply: server closed")
+	// ErrBusy: the VM is being created by another request; retry.
+	ErrBusy = errors.New("apply: busy")
+	// ErrState: a state file (allow.json, replicas.json, replica.json)
+	// cannot be read or has an unsupported version.
+	ErrState = errors.New("apply: bad state file")
+)
+
+// GapError is returned when a cycle does not follow the last applied one.
+type GapError struct {
+	Applied uint64 // the last cycle applied
+	Cycle   uint64 // the cycle offered
+	Prev    uint64 // the cycle it follows
+}
+
+func (e *GapError) Error() string {
+	return fmt.Sprintf("apply: cycle %d (after %d) does not follow the last applied cycle %d", e.Cycle, e.Prev, e.Applied)
+}
+
+// OffsetError is returned for an upload chunk that is not at the end of
+// what is staged.
+type OffsetError struct {
+	Offset int64 // staged so far: where the primary resumes
+	Got    int64
+}
+
+func (e *OffsetError) Error() string {
+	return fmt.Sprintf("apply: chunk at offset %d, %d bytes staged: resume at %d", e.Got, e.Offset, e.Offset)
+}
+
+// Events are optional callbacks for what an operator or the metrics want
+// to know. They are called synchronously, without locks of this package
+// held; they must not block for long.
+type Events struct {
+	// CycleApplied: cycle is durable in the VM's images.
+	CycleApplied func(vm string, cycle uint64)
+	// Rejected: a request was refused for lack of authorization.
+	Rejected func(vm, peer, reason string)
+	// Corrupt: an upload or staged stream failed verification and was
+	// discarded (or, for a staged stream found at recovery, kept).
+	Corrupt func(vm, id string, err error)
+	// SyncFinished: an initial copy or resync of generation gen completed.
+	SyncFinished func(vm string, gen uint64)
+	// Recovered: an apply interrupted by a crash or an I/O error was
+	// finished; what is "cycle N" or "resync GEN".
+	Recovered func(vm, what string)
+}
+
+// Config configures a Server.
+type Config struct {
+	// StateDir holds allow.json and replicas.json (the daemon's state dir).
+	StateDir string
+	// FS does all file I/O; nil is the real filesystem.
+	FS vfs.FS
+	// Logger; nil discards.
+	Logger *slog.Logger
+	// Now; nil is time.Now.
+	Now    func() time.Time
+	Events Events
+}
+
+// Server is the replica side of vdrepl: see the package documentation.
+type Server struct {
+	fs        vfs.FS
+	log       *slog.Logger
+	now       func() time.Time
+	ev        Events
+	allowPath string
+	regPath   string
+
+	// regMu serialises writes of allow.json and replicas.json, so that a
+	// file never goes back to an older snapshot.
+	regMu sync.Mutex
+
+	mu       sync.Mutex // guards the fields below
+	allow    []AllowEntry
+	vms      map[string]*vm
+	reserved map[string]bool // VMs being created (not yet in vms)
+	closed   bool
+	inflight sync.WaitGroup
+}
+
+// New loads the allow-list and the replica registry from cfg.StateDir and
+// recovers every replica VM: an apply that a crash interrupted is finished
+// (see the package documentation). A VM whose recovery fails on I/O is kept
+// with its intent and retried by every request that needs its images; a
+// state file that cannot be read makes New fail.
+func New(cfg Config) (*Server, error) {
+	if cfg.StateDir == "" {
+		return nil, fmt.Errorf("%w: no state directory", ErrInvalid)
+	}
+	s := &Server{
+		fs:        cfg.FS,
+		log:       cfg.Logger,
+		now:       cfg.Now,
+		ev:        cfg.Events,
+		allowPath: join(cfg.StateDir, allowFile),
+		regPath:   join(cfg.StateDir, registryFile),
+		vms:       map[string]*vm{},
+		reserved:  map[string]bool{},
+	}
+	if s.fs == nil {
+		s.fs = vfs.Default
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if err := s.fs.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("apply: state directory: %w", err)
+	}
+	allow, err := loadAllow(s.fs, s.allowPath)
+	if err != nil {
+		return nil, err
+	}
+	s.allow = allow
+	reg, err := loadRegistry(s.fs, s.regPath)
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(reg))
+	for name := range reg {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		v, err := s.openVM(name, reg[name])
+		if err != nil {
+			return nil, err
+		}
+		s.vms[name] = v
+	}
+	for _, name := range names {
+		s.recover(s.vms[name])
+	}
+	return s, nil
+}
+
+// Close refuses new requests and waits for those in flight (applies
+// included). It is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.inflight.Wait()
+	return nil
+}
+
+// enter registers an operation in flight; the caller calls the returned
+// function when done.
+func (s *Server) enter() (func(), error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	s.inflight.Add(1)
+	return s.inflight.Done, nil
+}
+
+// lookup finds a replica VM.
+func (s *Server) lookup(name string) (*vm, error) {
+	s.mu.Lock()
+	v := s.vms[name]
+	s.mu.Unlock()
+	if v == nil {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownVM, name)
+	}
+	return v, nil
+}
+
+// Replicas lists the replica VMs, sorted by name.
+func (s *Server) Replicas() []wire.Replica {
+	s.mu.Lock()
+	vms := make([]*vm, 0, len(s.vms))
+	for _, v := range s.vms {
+		vms = append(vms, v)
+	}
+	s.mu.Unlock()
+	out := make([]wire.Replica, 0, len(vms))
+	for _, v := range vms {
+		out = append(out, v.replica())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].VM < out[j].VM })
+	return out
+}
+
+// Replica is one replica VM's state.
+func (s *Server) Replica(name string) (wire.Replica, bool) {
+	v, err := s.lookup(name)
+	if err != nil {
+		return wire.Replica{}, false
+	}
+	return v.replica(), true
+}
+
+// ImageDir is the directory that holds the VM's replica images
+// (<disk>.img) and its replica.json.
+func (s *Server) ImageDir(name string) (string, bool) {
+	v, err := s.lookup(name)
+	if err != nil {
+		return "", false
+	}
+	return v.dir, true
+}
+
+// RemoveReplica forgets a replica VM: it leaves the registry and its
+// replica.json, staged uploads and staged sync pieces are removed. The
+// images stay where they are.
+func (s *Server) RemoveReplica(name string) error {
+	done, err := s.enter()
+	if err != nil {
+		return err
+	}
+	defer done()
+	v, err := s.lookup(name)
+	if err != nil {
+		return err
+	}
+	v.apply.Lock()
+	defer v.apply.Unlock()
+	s.mu.Lock()
+	if s.vms[name] != v {
+		s.mu.Unlock()
+		return fmt.Errorf("%w: %q", ErrUnknownVM, name)
+	}
+	delete(s.vms, name)
+	s.mu.Unlock()
+	if err := s.saveRegistry(); err != nil {
+		s.mu.Lock()
+		s.vms[name] = v
+		s.mu.Unlock()
+		return err
+	}
+	v.mu.Lock()
+	v.removed = true
+	v.mu.Unlock()
+	// The registry no longer names the VM: what follows is tidying, and a
+	// failure leaves only files that nothing reads.
+	for _, p := range []string{join(v.dir, stateFile), join(v.dir, stagingDir), join(v.dir, syncDir)} {
+		if err := removeAll(s.fs, p); err != nil {
+			s.log.Warn("remove replica: leftover file", "vm", name, "path", p, "err", err)
+		}
+	}
+	s.fs.SyncDir(v.dir)
+	s.log.Info("replica removed", "vm", name, "dir", v.dir)
+	return nil
+}

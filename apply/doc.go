@@ -1,0 +1,110 @@
+// Package apply is the replica side of vdrepl: the HTTPS receiver of the
+// protocol in internal/wire, its authorization, the staging of uploads, and
+// the atomic apply of cycles and sync pieces to the replica images.
+//
+// # Authorization
+//
+// A request is served only over TLS with a verified client certificate
+// (pki's ServerConfig); anything else gets 403. The first allow-list entry
+// whose pattern matches the certificate (pki.Match) decides; none matching
+// is 403. A new VM is created under that entry's storage directory, as
+// <storage>/<vm>/, with the VM recorded as the peer's (its certificate
+// name) and in the entry's trust group. An existing VM may be used by its
+// recorded primary, or by a primary whose matching entry has the VM's
+// (non-empty) trust group: the VM then moves to that primary on its first
+// write. Everything else is 403 and changes nothing. VM, disk and upload
+// names are checked (wire.ValidName, canonical ids) before they become
+// path elements, and a VM directory must resolve (symbolic links followed)
+// inside the storage directory.
+//
+// # Files
+//
+// The state directory (Config.StateDir) holds
+//
+//	allow.json      the allow-list, in order
+//	replicas.json   VM name -> VM directory, for every replica VM
+//
+// and each VM directory (<storage>/<vm>/)
+//
+//	replica.json             the VM's state (below)
+//	<disk>.img               one replica image per disk, sparse, the disk's size
+//	staging/<id>.part        an upload being received: chunks appended in order
+//	staging/c<N>.stream      cycle N, verified and durable, being applied
+//	sync/<gen>/<piece>.stream  committed pieces of resync <gen>, applied at finish
+//
+// Every state file appears atomically (vfs.WriteFileAtomic: temporary file,
+// fsync, rename, fsync of the directory) and is one JSON object, the
+// envelope
+//
+//	{"format":"vdrepl-replica","version":1,"crc32c":"1a2b3c4d","body":{...}}
+//
+// where crc32c is the CRC32C (hex) of the body's bytes exactly as stored
+// and format is "vdrepl-allow", "vdrepl-replicas" or "vdrepl-replica".
+// Readers refuse another format, another version or a checksum mismatch
+// (ErrState).
+//
+// # replica.json
+//
+// The body's fields:
+//
+//	vm, primary, trust_group   who owns the VM (primary: certificate name)
+//	disks                      name and size of each disk, in the primary's order
+//	state                      "new", "initial-copy", "resyncing", "replicating"
+//	applied, applied_at        the last cycle applied and its barrier's time
+//	consistent                 the images equal the primary's at cycle applied
+//	needs_sync                 images were there before the VM (Enable.Existing):
+//	                           only a finished sync makes the VM replicating
+//	sync                       the running sync: its SyncStart, done pieces as
+//	                           half-open ranges [[from,to],...], start time
+//	last_sync                  generation of the last finished sync (a repeated
+//	                           finish is answered as success)
+//	intent                     an apply in progress (below)
+//	created                    when the VM was created here
+//
+// # Apply and intent
+//
+// A cycle commit verifies the whole staged upload (every CRC and the
+// stream's BLAKE3 end hash), fsyncs it, renames it to staging/c<N>.stream
+// and fsyncs the directory, then writes replica.json with intent
+// {"op":"cycle","cycle":N,"sealed":T}. Only then are the frames written to
+// the images (data with pwrite, trim and zero with fallocate PUNCH_HOLE,
+// zero-alloc with ZERO_RANGE; vfs falls back to writing zeroes), the images
+// fsynced, and replica.json written with applied=N and no intent; the
+// stream is removed last. A resync finish does the same with intent
+// {"op":"resync","gen":G,"base":B} over sync/<G>/0.stream, 1.stream, ...
+// in piece order.
+//
+// Every frame carries final content, so applying a stream again, whole or
+// after part of it was applied, leaves the same images. Hence recovery: New
+// loads every VM and, if replica.json has an intent, verifies the staged
+// streams again and applies them again, then finishes the bookkeeping. A
+// replica killed mid-apply comes back at cycle N-1 (no intent durable yet:
+// the images were not touched) or N (intent durable: the apply is redone),
+// never between. The same happens when an apply fails on an I/O error: the
+// intent stays, and the next request that needs the images (a commit, a
+// sync, sums) redoes it before anything else; if that fails too the
+// request fails with the error.
+//
+// Recovery also tidies: a cycle stream no intent names goes back to being
+// a complete upload (staging/c<N>.part) if N is not applied yet, else it
+// is removed; pieces and directories of sync generations no longer running
+// are removed. Other .part files stay, and the primary resumes them.
+//
+// Sync pieces: a piece of an initial copy (KindFull) is written straight to
+// the images (there is no consistent point to keep), the images fsynced,
+// and the piece marked done. A piece of a resync is moved to
+// sync/<gen>/<piece>.stream (fsync of both directories) and marked done;
+// the images stay at their last consistent point until finish.
+//
+// # Concurrency
+//
+// A Server is safe for concurrent use. Each VM has an apply mutex that
+// serialises everything that writes its replica.json or its images
+// (commits, sync start and finish, sums, recovery, ownership moves,
+// removal), so one apply runs per VM at a time; chunks of uploads are
+// staged concurrently with applies, serialised per upload. Lock order:
+// vm.apply, then an upload's lock, then vm.mu (the VM's state in memory),
+// then Server.regMu (writes of allow.json and replicas.json), then
+// Server.mu (allow-list, VM map). vm.mu and Server.mu are never held
+// during I/O. Close refuses new requests and waits for those in flight.
+package apply

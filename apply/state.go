@@ -1,0 +1,311 @@
+package apply
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+	"github.com/vdrepl/vdrepl/internal/wire"
+)
+
+// Names of the files and directories this package keeps.
+const (
+	allowFile    = "allow.json"    // in the state dir
+	registryFile = "replicas.json" // in the state dir
+	stateFile    = "replica.json"  // in a VM dir
+	stagingDir   = "staging"       // in a VM dir
+	syncDir      = "sync"          // in a VM dir
+	imageExt     = ".img"
+	partExt      = ".part"
+	streamExt    = ".stream"
+)
+
+// State file envelope: see the package documentation.
+const (
+	formatAllow    = "vdrepl-allow"
+	formatRegistry = "vdrepl-replicas"
+	formatReplica  = "vdrepl-replica"
+	stateVersion   = 1
+)
+
+func join(elem ...string) string { return filepath.Join(elem...) }
+
+// envelope is the outer object of every state file. Body is kept as the
+// exact bytes read, so the checksum covers what is on disk.
+type envelope struct {
+	Format  string          `json:"format"`
+	Version int             `json:"version"`
+	CRC     string          `json:"crc32c"`
+	Body    json.RawMessage `json:"body"`
+}
+
+// encodeState renders v in its envelope. The envelope is assembled by hand
+// so that the body bytes, and so the checksum, are exactly json.Marshal's.
+func encodeState(format string, v any) ([]byte, error) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	out := fmt.Appendf(nil, `{"format":%q,"version":%d,"crc32c":"%08x","body":`, format, stateVersion, wire.CRC(body))
+	out = append(out, body...)
+	return append(out, "}\n"...), nil
+}
+
+func decodeState(name, format string, data []byte, v any) error {
+	var env envelope
+	if err := json.Unmarshal(data, &env); err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrState, name, err)
+	}
+	if env.Format != format {
+		return fmt.Errorf("%w: %s: format %q, want %q", ErrState, name, env.Format, format)
+	}
+	if env.Version != stateVersion {
+		return fmt.Errorf("%w: %s: version %d not supported (this vdrepl reads %d)", ErrState, name, env.Version, stateVersion)
+	}
+	crc, err := strconv.ParseUint(env.CRC, 16, 32)
+	if err != nil || uint32(crc) != wire.CRC(env.Body) {
+		return fmt.Errorf("%w: %s: checksum mismatch", ErrState, name)
+	}
+	if err := json.Unmarshal(env.Body, v); err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrState, name, err)
+	}
+	return nil
+}
+
+// writeState replaces name atomically with v.
+func writeState(fsys vfs.FS, name, format string, v any) error {
+	b, err := encodeState(format, v)
+	if err != nil {
+		return fmt.Errorf("apply: encode %s: %w", name, err)
+	}
+	if err := vfs.WriteFileAtomic(fsys, name, b, 0o600); err != nil {
+		return fmt.Errorf("apply: write %s: %w", name, err)
+	}
+	return nil
+}
+
+// readState reads name into v; ok is false if the file does not exist.
+func readState(fsys vfs.FS, name, format string, v any) (ok bool, err error) {
+	b, err := vfs.ReadFile(fsys, name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("apply: read %s: %w", name, err)
+	}
+	return true, decodeState(name, format, b, v)
+}
+
+// replicaState is the body of a VM's replica.json.
+type replicaState struct {
+	VM         string      `json:"vm"`
+	Primary    string      `json:"primary"`
+	TrustGroup string      `json:"trust_group,omitempty"`
+	Disks      []wire.Disk `json:"disks"`
+	State      string      `json:"state"`
+	Applied    uint64      `json:"applied"`
+	AppliedAt  time.Time   `json:"applied_at,omitzero"`
+	Consistent bool        `json:"consistent"`
+	// NeedsSync: the images were there before (Enable.Existing) and are
+	// not known to match anything until a sync finishes; cycles alone do
+	// not make the VM replicating.
+	NeedsSync bool        `json:"needs_sync,omitempty"`
+	Sync      *syncRecord `json:"sync,omitempty"`
+	// LastSync is the generation of the last finished sync, so that a
+	// repeated finish is answered without doing anything.
+	LastSync uint64    `json:"last_sync,omitempty"`
+	Intent   *intent   `json:"intent,omitempty"`
+	Created  time.Time `json:"created"`
+}
+
+// Replica states (wire.Replica.State).
+const (
+	stateNew         = "new"
+	stateInitialCopy = "initial-copy"
+	stateResyncing   = "resyncing"
+	stateReplicating = "replicating"
+)
+
+// syncRecord is a running sync.
+type syncRecord struct {
+	wire.SyncStart
+	// Done holds the committed pieces as ascending, disjoint, half-open
+	// ranges [from, to): pieces mostly finish in order, so this stays
+	// short where a list of numbers would make replica.json grow with
+	// every piece.
+	Done    [][2]int64 `json:"done"`
+	Started time.Time  `json:"started"`
+}
+
+func (r *syncRecord) isDone(p int64) bool {
+	for _, d := range r.Done {
+		if p >= d[0] && p < d[1] {
+			return true
+		}
+	}
+	return false
+}
+
+// markDone adds piece p to Done, merging ranges.
+func (r *syncRecord) markDone(p int64) {
+	if r.isDone(p) {
+		return
+	}
+	out := make([][2]int64, 0, len(r.Done)+1)
+	added := false
+	for _, d := range r.Done {
+		if !added && p < d[0] {
+			out = append(out, [2]int64{p, p + 1})
+			added = true
+		}
+		out = append(out, d)
+	}
+	if !added {
+		out = append(out, [2]int64{p, p + 1})
+	}
+	merged := out[:1]
+	for _, d := range out[1:] {
+		last := &merged[len(merged)-1]
+		if d[0] <= last[1] {
+			last[1] = max(last[1], d[1])
+		} else {
+			merged = append(merged, d)
+		}
+	}
+	r.Done = merged
+}
+
+func (r *syncRecord) doneCount() int64 {
+	var n int64
+	for _, d := range r.Done {
+		n += d[1] - d[0]
+	}
+	return n
+}
+
+func (r *syncRecord) wire() *wire.SyncState {
+	st := &wire.SyncState{SyncStart: r.SyncStart, Done: []int64{}}
+	for _, d := range r.Done {
+		for p := d[0]; p < d[1]; p++ {
+			st.Done = append(st.Done, p)
+		}
+	}
+	return st
+}
+
+// intent records an apply in progress: what recovery must redo.
+type intent struct {
+	Op string `json:"op"` // intentCycle or intentResync
+	// A cycle: staging/c<Cycle>.stream holds it.
+	Cycle  uint64    `json:"cycle,omitempty"`
+	Sealed time.Time `json:"sealed,omitzero"`
+	// A resync finish: sync/<Gen>/*.stream hold its pieces; the image then
+	// follows cycle Base.
+	Gen  uint64 `json:"gen,omitempty"`
+	Base uint64 `json:"base,omitempty"`
+}
+
+const (
+	intentCycle  = "cycle"
+	intentResync = "resync"
+)
+
+func (in *intent) String() string {
+	if in.Op == intentCycle {
+		return fmt.Sprintf("cycle %d", in.Cycle)
+	}
+	return fmt.Sprintf("resync %d", in.Gen)
+}
+
+// clone returns a deep copy, so that an update can be prepared, persisted,
+// and only then published.
+func (st *replicaState) clone() replicaState {
+	c := *st
+	c.Disks = append([]wire.Disk(nil), st.Disks...)
+	if st.Sync != nil {
+		sc := *st.Sync
+		sc.Done = append([][2]int64(nil), st.Sync.Done...)
+		c.Sync = &sc
+	}
+	if st.Intent != nil {
+		ic := *st.Intent
+		c.Intent = &ic
+	}
+	return c
+}
+
+func (st *replicaState) wire() wire.Replica {
+	r := wire.Replica{
+		VM:         st.VM,
+		Primary:    st.Primary,
+		Disks:      append([]wire.Disk(nil), st.Disks...),
+		State:      st.State,
+		Applied:    st.Applied,
+		AppliedAt:  st.AppliedAt,
+		Consistent: st.Consistent,
+	}
+	if st.Sync != nil {
+		r.Sync = st.Sync.wire()
+	}
+	return r
+}
+
+// registry is the body of replicas.json: VM name -> VM directory.
+type registry map[string]string
+
+func loadRegistry(fsys vfs.FS, name string) (registry, error) {
+	reg := registry{}
+	if _, err := readState(fsys, name, formatRegistry, &reg); err != nil {
+		return nil, err
+	}
+	for vm, dir := range reg {
+		if !wire.ValidName(vm) || !filepath.IsAbs(dir) {
+			return nil, fmt.Errorf("%w: %s: bad entry %q -> %q", ErrState, name, vm, dir)
+		}
+	}
+	return reg, nil
+}
+
+// saveRegistry writes replicas.json from the VMs in memory.
+func (s *Server) saveRegistry() error {
+	s.regMu.Lock()
+	defer s.regMu.Unlock()
+	reg := registry{}
+	s.mu.Lock()
+	for name, v := range s.vms {
+		reg[name] = v.dir
+	}
+	s.mu.Unlock()
+	return writeState(s.fs, s.regPath, formatRegistry, reg)
+}
+
+// removeAll removes name and, if it is a directory, everything in it.
+func removeAll(fsys vfs.FS, name string) error {
+	fi, err := fsys.Stat(name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.IsDir() {
+		names, err := fsys.ReadDir(name)
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			if err := removeAll(fsys, join(name, n)); err != nil {
+				return err
+			}
+		}
+	}
+	if err := fsys.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}

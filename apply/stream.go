@@ -1,0 +1,143 @@
+package apply
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"slices"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+	"github.com/vdrepl/vdrepl/internal/wire"
+)
+
+// streamErr classifies an error of the wire reader: a stream that fails its
+// checks is ErrCorrupt, one of a version this replica cannot read is
+// ErrMismatch (sending it again would not help), anything else is I/O.
+func streamErr(name string, err error) error {
+	switch {
+	case errors.Is(err, wire.ErrVersion):
+		return fmt.Errorf("%w: %s: %w", ErrMismatch, name, err)
+	case errors.Is(err, wire.ErrCorrupt), errors.Is(err, wire.ErrTruncated):
+		return fmt.Errorf("%w: %s: %w", ErrCorrupt, name, err)
+	}
+	return fmt.Errorf("apply: read %s: %w", name, err)
+}
+
+// openStream opens a staged stream and reads its header. A missing file
+// is an empty, so truncated, stream.
+func (v *vm) openStream(name string) (vfs.File, *wire.Reader, error) {
+	f, err := v.s.fs.OpenFile(name, os.O_RDONLY, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil, fmt.Errorf("%w: %s: nothing staged: %w", ErrCorrupt, name, wire.ErrTruncated)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("apply: open %s: %w", name, err)
+	}
+	size, err := f.Size()
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("apply: %s: %w", name, err)
+	}
+	r, err := wire.NewReader(io.NewSectionReader(f, 0, size))
+	if err != nil {
+		f.Close()
+		return nil, nil, streamErr(name, err)
+	}
+	return f, r, nil
+}
+
+// verifyStream reads a whole staged stream: check vets its header (an
+// error from it is returned as it is), then every frame and the end frame
+// must verify.
+func (v *vm) verifyStream(name string, check func(wire.Header) error) (wire.Header, error) {
+	f, r, err := v.openStream(name)
+	if err != nil {
+		return wire.Header{}, err
+	}
+	defer f.Close()
+	h := r.Header()
+	if err := check(h); err != nil {
+		return h, err
+	}
+	for {
+		_, err := r.Next()
+		if err == io.EOF {
+			return h, nil
+		}
+		if err != nil {
+			return h, streamErr(name, err)
+		}
+	}
+}
+
+// checkHeader is the part of a header check common to every stream.
+func (v *vm) checkHeader(h wire.Header, kind string) error {
+	if h.VM != v.name {
+		return fmt.Errorf("%w: stream of VM %q sent for %q", ErrMismatch, h.VM, v.name)
+	}
+	if h.Kind != kind {
+		return fmt.Errorf("%w: a %q stream where a %q stream belongs", ErrMismatch, h.Kind, kind)
+	}
+	if !slices.Equal(h.Disks, v.disks) {
+		return fmt.Errorf("%w: stream disks %v, replica VM %q has %v", ErrMismatch, h.Disks, v.name, v.disks)
+	}
+	return nil
+}
+
+// applyStream writes the frames of a verified stream to the images, in
+// order. Every frame holds final content (data, or a range that reads as
+// zeroes), so applying a stream again, whole or after a partial apply,
+// yields the same images.
+func (v *vm) applyStream(name string, imgs []vfs.File) error {
+	f, r, err := v.openStream(name)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if h := r.Header(); !slices.Equal(h.Disks, v.disks) {
+		return fmt.Errorf("%w: %s: stream disks %v, replica VM has %v", ErrMismatch, name, h.Disks, v.disks)
+	}
+	for {
+		fr, err := r.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return streamErr(name, err)
+		}
+		img := imgs[fr.Disk] // the reader checked the index against the header's disks
+		switch fr.Type {
+		case wire.FrameData:
+			_, err = img.WriteAt(fr.Data, fr.Offset)
+		case wire.FrameTrim, wire.FrameZero:
+			// A hole reads as zeroes; vfs falls back to writing zeroes
+			// where the filesystem cannot punch holes.
+			err = img.PunchHole(fr.Offset, fr.Length)
+		case wire.FrameZeroAlloc:
+			err = img.ZeroRange(fr.Offset, fr.Length)
+		default:
+			err = fmt.Errorf("%w: %s: frame type %s", ErrCorrupt, name, fr.Type)
+		}
+		if err != nil {
+			return fmt.Errorf("apply: %s frame to %s [%d, +%d): %w", fr.Type, img.Name(), fr.Offset, fr.Length, err)
+		}
+	}
+}
+
+// applyFiles applies streams to the images, in order, and makes the images
+// durable.
+func (v *vm) applyFiles(names ...string) error {
+	imgs, err := v.openImages(os.O_RDWR)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if err := v.applyStream(name, imgs); err != nil {
+			closeImages(imgs)
+			return err
+		}
+	}
+	return syncImages(imgs)
+}

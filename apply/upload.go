@@ -1,0 +1,424 @@
+package apply
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/wire"
+)
+
+// uploadID is a parsed upload id: "c<cycle>" or "s<gen>-<piece>".
+type uploadID struct {
+	id    string
+	cycle uint64 // > 0 for a cycle
+	gen   uint64 // > 0 for a sync piece
+	piece int64
+}
+
+func (u uploadID) isCycle() bool { return u.cycle > 0 }
+
+// parseUploadID accepts only the canonical forms the wire package makes, so
+// an id is always a safe file name.
+func parseUploadID(s string) (uploadID, error) {
+	bad := fmt.Errorf("%w: upload id %q: want c<cycle> or s<generation>-<piece>", ErrInvalid, s)
+	switch {
+	case strings.HasPrefix(s, "c"):
+		n, err := strconv.ParseUint(s[1:], 10, 64)
+		if err != nil || n == 0 || wire.CycleUploadID(n) != s {
+			return uploadID{}, bad
+		}
+		return uploadID{id: s, cycle: n}, nil
+	case strings.HasPrefix(s, "s"):
+		g, p, ok := strings.Cut(s[1:], "-")
+		gen, err1 := strconv.ParseUint(g, 10, 64)
+		piece, err2 := strconv.ParseInt(p, 10, 64)
+		if !ok || err1 != nil || err2 != nil || gen == 0 || piece < 0 || wire.SyncUploadID(gen, piece) != s {
+			return uploadID{}, bad
+		}
+		return uploadID{id: s, gen: gen, piece: piece}, nil
+	}
+	return uploadID{}, bad
+}
+
+// chunkBufs recycles chunk buffers (MaxChunk each).
+var chunkBufs = sync.Pool{New: func() any { b := make([]byte, wire.MaxChunk+1); return &b }}
+
+// uploadOffset is how much of an upload is staged.
+func (v *vm) uploadOffset(u uploadID) (wire.Upload, error) {
+	fi, err := v.s.fs.Stat(v.staged(u.id))
+	if errors.Is(err, fs.ErrNotExist) {
+		return wire.Upload{ID: u.id}, nil
+	}
+	if err != nil {
+		return wire.Upload{}, fmt.Errorf("apply: staged upload: %w", err)
+	}
+	return wire.Upload{ID: u.id, Offset: fi.Size()}, nil
+}
+
+// checkSyncPiece: a sync piece belongs to the running sync.
+func (v *vm) checkSyncPiece(u uploadID) error {
+	v.mu.Lock()
+	sync := v.st.Sync
+	var gen uint64
+	var pieces int64
+	if sync != nil {
+		gen, pieces = sync.Gen, sync.Pieces
+	}
+	v.mu.Unlock()
+	if gen != u.gen {
+		return fmt.Errorf("%w: upload %s: the replica runs sync generation %d", ErrMismatch, u.id, gen)
+	}
+	if u.piece >= pieces {
+		return fmt.Errorf("%w: upload %s: sync generation %d has %d pieces", ErrInvalid, u.id, gen, pieces)
+	}
+	return nil
+}
+
+// putChunk appends one chunk to an upload. off must be what is staged so
+// far; crc is the chunk's CRC32C. Nothing is stored unless the whole chunk
+// arrived and matches its checksum.
+func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.Upload, error) {
+	if !u.isCycle() {
+		if err := v.checkSyncPiece(u); err != nil {
+			return wire.Upload{}, err
+		}
+	}
+	unlock := v.lockUpload(u.id)
+	defer unlock()
+	fsys := v.s.fs
+	if err := fsys.MkdirAll(join(v.dir, stagingDir), 0o700); err != nil {
+		return wire.Upload{}, fmt.Errorf("apply: staging directory: %w", err)
+	}
+	name := v.staged(u.id)
+	f, err := fsys.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return wire.Upload{}, fmt.Errorf("apply: open staged upload: %w", err)
+	}
+	defer f.Close()
+	size, err := f.Size()
+	if err != nil {
+		return wire.Upload{}, fmt.Errorf("apply: staged upload: %w", err)
+	}
+	if off != size {
+		return wire.Upload{}, &OffsetError{Offset: size, Got: off}
+	}
+	bp := chunkBufs.Get().(*[]byte)
+	defer chunkBufs.Put(bp)
+	n, err := io.ReadFull(body, *bp)
+	switch {
+	case err == nil:
+		return wire.Upload{}, fmt.Errorf("%w: chunk larger than %d bytes", ErrTooLarge, wire.MaxChunk)
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+	default:
+		return wire.Upload{}, fmt.Errorf("apply: read chunk: %w", err)
+	}
+	chunk := (*bp)[:n]
+	if got := wire.CRC(chunk); got != crc {
+		return wire.Upload{}, fmt.Errorf("%w: upload %s at %d: CRC32C %08x, header says %08x", ErrChunkCRC, u.id, off, got, crc)
+	}
+	if _, err := f.WriteAt(chunk, off); err != nil {
+		// Leave the staged length where it was, so the primary resumes
+		// from a known offset (a failed write may have written part).
+		f.Truncate(off)
+		return wire.Upload{}, fmt.Errorf("apply: stage chunk of %s: %w", u.id, err)
+	}
+	return wire.Upload{ID: u.id, Offset: off + int64(n)}, nil
+}
+
+// discard drops an upload.
+func (v *vm) discard(u uploadID) error {
+	unlock := v.lockUpload(u.id)
+	defer unlock()
+	if err := v.s.fs.Remove(v.staged(u.id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("apply: discard upload: %w", err)
+	}
+	return nil
+}
+
+// removeStaged removes a staged file that is no longer needed. A failure
+// only leaves a file that recovery or the next upload tidies.
+func (v *vm) removeStaged(name string) {
+	if err := v.s.fs.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		v.s.log.Warn("remove staged file", "vm", v.name, "path", name, "err", err)
+	}
+}
+
+// corrupt discards an upload that failed verification.
+func (v *vm) corrupt(u uploadID, err error) error {
+	v.removeStaged(v.staged(u.id))
+	v.s.log.Warn("corrupt upload discarded", "vm", v.name, "upload", u.id, "err", err)
+	if f := v.s.ev.Corrupt; f != nil {
+		f(v.name, u.id, err)
+	}
+	return err
+}
+
+// commit verifies an upload, makes it durable and applies it (see the
+// package documentation).
+func (v *vm) commit(u uploadID) (wire.Replica, error) {
+	v.apply.Lock()
+	defer v.apply.Unlock()
+	unlock := v.lockUpload(u.id)
+	defer unlock()
+	if err := v.finishIntent(true); err != nil {
+		return wire.Replica{}, err
+	}
+	var err error
+	if u.isCycle() {
+		err = v.commitCycle(u)
+	} else {
+		err = v.commitPiece(u)
+	}
+	return v.replica(), err
+}
+
+func (v *vm) commitCycle(u uploadID) error {
+	applied := v.snapshot().Applied
+	part := v.staged(u.id)
+	if u.cycle <= applied {
+		v.removeStaged(part) // a retry of a commit that succeeded
+		return nil
+	}
+	if err := syncFile(v, part); err != nil {
+		return err
+	}
+	h, err := v.verifyStream(part, func(h wire.Header) error {
+		if err := v.checkHeader(h, wire.KindCycle); err != nil {
+			return err
+		}
+		if h.Cycle != u.cycle {
+			return fmt.Errorf("%w: upload %s holds cycle %d", ErrMismatch, u.id, h.Cycle)
+		}
+		// Prev is normally Cycle-1; cycles folded into a sync make it
+		// less (wire.Header), so the order is checked on Prev.
+		if h.Prev != applied || h.Cycle <= h.Prev {
+			return &GapError{Applied: applied, Cycle: h.Cycle, Prev: h.Prev}
+		}
+		return nil
+	})
+	var gap *GapError
+	switch {
+	case errors.As(err, &gap):
+		return err // keep the upload: it may fit once the gap is filled
+	case err != nil:
+		return v.corrupt(u, err)
+	}
+	stream := v.stagedStream(u.id)
+	if err := v.s.fs.Rename(part, stream); err != nil {
+		return fmt.Errorf("apply: stage cycle %d: %w", u.cycle, err)
+	}
+	if err := v.s.fs.SyncDir(join(v.dir, stagingDir)); err != nil {
+		v.s.fs.Rename(stream, part)
+		return fmt.Errorf("apply: stage cycle %d: %w", u.cycle, err)
+	}
+	err = v.update(func(st *replicaState) error {
+		st.Intent = &intent{Op: intentCycle, Cycle: u.cycle, Sealed: h.Sealed}
+		return nil
+	})
+	if err != nil {
+		// Nothing was applied: put the upload back, so a retried commit
+		// finds it.
+		v.s.fs.Rename(stream, part)
+		return err
+	}
+	return v.finishIntent(false)
+}
+
+func (v *vm) exists(name string) bool {
+	_, err := v.s.fs.Stat(name)
+	return err == nil
+}
+
+// syncFile makes a staged upload durable before it is verified.
+func syncFile(v *vm, name string) error {
+	f, err := v.s.fs.OpenFile(name, os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // verification says what is missing
+	}
+	if err != nil {
+		return fmt.Errorf("apply: open staged upload: %w", err)
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("apply: sync staged upload %s: %w", name, err)
+	}
+	return nil
+}
+
+// finishIntent carries out the apply recorded in replica.json, if any, and
+// clears it. recovering: the apply was interrupted (a crash, or an error
+// earlier), so the staged streams are verified again before anything is
+// written. The caller holds v.apply.
+func (v *vm) finishIntent(recovering bool) error {
+	st := v.snapshot()
+	in := st.Intent
+	if in == nil {
+		return nil
+	}
+	var streams []string
+	switch in.Op {
+	case intentCycle:
+		streams = []string{v.stagedStream(wire.CycleUploadID(in.Cycle))}
+	case intentResync:
+		if st.Sync == nil || st.Sync.Gen != in.Gen {
+			return fmt.Errorf("%w: %s: resync intent for generation %d without that sync", ErrState, join(v.dir, stateFile), in.Gen)
+		}
+		for p := int64(0); p < st.Sync.Pieces; p++ {
+			streams = append(streams, v.syncPiece(in.Gen, p))
+		}
+	default:
+		return fmt.Errorf("%w: %s: unknown intent %q", ErrState, join(v.dir, stateFile), in.Op)
+	}
+	if recovering {
+		v.s.log.Info("finishing an interrupted apply", "vm", v.name, "intent", in.String())
+		for _, name := range streams {
+			if _, err := v.verifyStream(name, func(h wire.Header) error { return nil }); err != nil {
+				return fmt.Errorf("apply: replica VM %q: cannot finish %s: %w", v.name, in, err)
+			}
+		}
+	}
+	if err := v.applyFiles(streams...); err != nil {
+		return err
+	}
+	err := v.update(func(st *replicaState) error {
+		switch in.Op {
+		case intentCycle:
+			st.Applied, st.AppliedAt = in.Cycle, in.Sealed
+			if st.State == stateNew && !st.NeedsSync {
+				st.State = stateReplicating
+			}
+			// After a sync the image is exact once the cycles that follow
+			// it are applied; while one runs, it is not (wire.Replica).
+			st.Consistent = st.State == stateReplicating
+		case intentResync:
+			finishSync(st, in.Gen, in.Base)
+		}
+		st.Intent = nil
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	switch in.Op {
+	case intentCycle:
+		v.removeStaged(streams[0])
+		v.s.log.Info("cycle applied", "vm", v.name, "cycle", in.Cycle)
+	case intentResync:
+		if err := removeAll(v.s.fs, v.syncDir(in.Gen)); err != nil {
+			v.s.log.Warn("remove applied resync pieces", "vm", v.name, "gen", in.Gen, "err", err)
+		}
+		v.s.log.Info("resync applied", "vm", v.name, "gen", in.Gen, "base", in.Base)
+	}
+	if recovering {
+		if f := v.s.ev.Recovered; f != nil {
+			f(v.name, in.String())
+		}
+	}
+	switch {
+	case in.Op == intentCycle && v.s.ev.CycleApplied != nil:
+		v.s.ev.CycleApplied(v.name, in.Cycle)
+	case in.Op == intentResync && v.s.ev.SyncFinished != nil:
+		v.s.ev.SyncFinished(v.name, in.Gen)
+	}
+	return nil
+}
+
+// finishSync is the state after a sync of generation gen completed: the
+// images follow cycle base.
+func finishSync(st *replicaState, gen, base uint64) {
+	st.Applied, st.AppliedAt = base, time.Time{}
+	st.State = stateReplicating
+	// The pieces were read from the primary while its guest kept writing,
+	// so the images hold a mix of the disks as they were at Base and
+	// later. The cycles after Base carry every write since Base's barrier;
+	// once the next one is applied, the images equal the primary's at its
+	// barrier again (the primary folds into the sync, and into Base, the
+	// cycles sealed while it read).
+	st.Consistent = false
+	st.NeedsSync = false
+	st.Sync = nil
+	st.LastSync = gen
+}
+
+func (v *vm) commitPiece(u uploadID) error {
+	st := v.snapshot()
+	if err := v.checkSyncPiece(u); err != nil {
+		return err
+	}
+	part := v.staged(u.id)
+	if st.Sync.isDone(u.piece) {
+		v.removeStaged(part) // a retry of a commit that succeeded
+		return nil
+	}
+	kind := st.Sync.Kind
+	src, staged := part, false
+	if kind == wire.KindResync && !v.exists(part) && v.exists(v.syncPiece(u.gen, u.piece)) {
+		// A commit that failed after the piece was moved into the sync
+		// directory: only marking it done is left.
+		src, staged = v.syncPiece(u.gen, u.piece), true
+	}
+	if err := syncFile(v, src); err != nil {
+		return err
+	}
+	_, err := v.verifyStream(src, func(h wire.Header) error {
+		if err := v.checkHeader(h, kind); err != nil {
+			return err
+		}
+		if h.Gen != u.gen || h.Piece != u.piece {
+			return fmt.Errorf("%w: upload %s holds piece %d of generation %d", ErrMismatch, u.id, h.Piece, h.Gen)
+		}
+		return nil
+	})
+	if err != nil {
+		if staged {
+			v.removeStaged(src)
+		}
+		return v.corrupt(u, err)
+	}
+	switch {
+	case staged:
+	case kind == wire.KindFull:
+		// An initial copy has no consistent point to keep: write the
+		// piece straight to the images.
+		if err := v.applyFiles(part); err != nil {
+			return err
+		}
+	default:
+		// A resync must leave the images at their last consistent point
+		// until every piece is here: keep the piece for finish.
+		dir := v.syncDir(u.gen)
+		if err := v.s.fs.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("apply: sync directory: %w", err)
+		}
+		if err := v.s.fs.Rename(part, v.syncPiece(u.gen, u.piece)); err != nil {
+			return fmt.Errorf("apply: stage piece %s: %w", u.id, err)
+		}
+		if err := v.s.fs.SyncDir(dir); err != nil {
+			return fmt.Errorf("apply: stage piece %s: %w", u.id, err)
+		}
+		if err := v.s.fs.SyncDir(join(v.dir, stagingDir)); err != nil {
+			return fmt.Errorf("apply: stage piece %s: %w", u.id, err)
+		}
+	}
+	err = v.update(func(st *replicaState) error {
+		st.Sync.markDone(u.piece)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if kind == wire.KindFull {
+		v.removeStaged(part)
+	}
+	return nil
+}
