@@ -70,10 +70,7 @@ func (s *Server) Allow(e AllowEntry) error {
 		}
 	}
 	if fi, err := s.fs.Stat(e.Storage); errors.Is(err, fs.ErrNotExist) {
-		if err := s.fs.MkdirAll(e.Storage, 0o700); err != nil {
-			return fmt.Errorf("apply: create storage %s: %w", e.Storage, err)
-		}
-		if err := s.fs.SyncDir(filepath.Dir(e.Storage)); err != nil {
+		if _, err := mkdirDurable(s.fs, e.Storage); err != nil {
 			return fmt.Errorf("apply: create storage %s: %w", e.Storage, err)
 		}
 	} else if err != nil {

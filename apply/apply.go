@@ -139,7 +139,7 @@ func New(cfg Config) (*Server, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
-	if err := s.fs.MkdirAll(cfg.StateDir, 0o700); err != nil {
+	if _, err := mkdirDurable(s.fs, cfg.StateDir); err != nil {
 		return nil, fmt.Errorf("apply: state directory: %w", err)
 	}
 	allow, err := loadAllow(s.fs, s.allowPath)

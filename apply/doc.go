@@ -80,7 +80,9 @@
 // streams again and applies them again, then finishes the bookkeeping. A
 // replica killed mid-apply comes back at cycle N-1 (no intent durable yet:
 // the images were not touched) or N (intent durable: the apply is redone),
-// never between. The same happens when an apply fails on an I/O error: the
+// never between. (An intent whose cycle stream is gone never began: the
+// stream is removed only after applied=N is durable. It is dropped.) The
+// same happens when an apply fails on an I/O error: the
 // intent stays, and the next request that needs the images (a commit, a
 // sync, sums) redoes it before anything else; if that fails too the
 // request fails with the error.

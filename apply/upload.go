@@ -232,8 +232,21 @@ func (v *vm) commitCycle(u uploadID) error {
 }
 
 func (v *vm) exists(name string) bool {
+	ok, _ := v.present(name)
+	return ok
+}
+
+// present tells whether a file exists; an error is one other than its
+// absence.
+func (v *vm) present(name string) (bool, error) {
 	_, err := v.s.fs.Stat(name)
-	return err == nil
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("apply: %w", err)
+	}
+	return true, nil
 }
 
 // syncFile makes a staged upload durable before it is verified.
@@ -269,6 +282,21 @@ func (v *vm) finishIntent(recovering bool) error {
 	switch in.Op {
 	case intentCycle:
 		streams = []string{v.stagedStream(wire.CycleUploadID(in.Cycle))}
+		ok, err := v.present(streams[0])
+		if err != nil {
+			return err
+		}
+		if !ok {
+			// The stream is removed only after applied=N is durable, so
+			// an intent without it is one whose write failed and was
+			// undone in memory (the stream went back to being an upload)
+			// but reached the disk: the images were never touched.
+			v.s.log.Warn("apply intent without its stream: the apply never began", "vm", v.name, "intent", in.String())
+			return v.update(func(st *replicaState) error {
+				st.Intent = nil
+				return nil
+			})
+		}
 	case intentResync:
 		if st.Sync == nil || st.Sync.Gen != in.Gen {
 			return fmt.Errorf("%w: %s: resync intent for generation %d without that sync", ErrState, join(v.dir, stateFile), in.Gen)

@@ -266,18 +266,44 @@ func (c *created) undo(fsys vfs.FS) {
 	}
 }
 
-// mkdir makes dir (and records it) if it is missing.
+// mkdir makes dir (and records what it made) if it is missing.
 func (c *created) mkdir(fsys vfs.FS, dir string) error {
-	if _, err := fsys.Stat(dir); err == nil {
-		return nil
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return err
+	made, err := mkdirDurable(fsys, dir)
+	if len(made) > 0 {
+		c.dirs = append(c.dirs, made[0])
 	}
+	return err
+}
+
+// mkdirDurable makes dir and its missing parents, mode 0700, and makes
+// each new name durable (SyncDir of its parent, top down). It returns the
+// directories it made, outermost first.
+func mkdirDurable(fsys vfs.FS, dir string) ([]string, error) {
+	var missing []string
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		if _, err := fsys.Stat(d); err == nil {
+			break
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		missing = append(missing, d)
+		if filepath.Dir(d) == d {
+			break
+		}
+	}
+	if len(missing) == 0 {
+		return nil, nil
+	}
+	slices.Reverse(missing)
 	if err := fsys.MkdirAll(dir, 0o700); err != nil {
-		return err
+		return nil, err
 	}
-	c.dirs = append(c.dirs, dir)
-	return fsys.SyncDir(filepath.Dir(dir))
+	for _, d := range missing {
+		if err := fsys.SyncDir(filepath.Dir(d)); err != nil {
+			return missing, err
+		}
+	}
+	return missing, nil
 }
 
 // createVM makes a new replica VM's directory, images and replica.json
@@ -305,7 +331,7 @@ func (s *Server) createVM(name string, entry AllowEntry, peer string, en wire.En
 		}
 	}()
 	// The storage directory is the admin's (made by Allow): never undone.
-	if err := s.fs.MkdirAll(storage, 0o700); err != nil {
+	if _, err := mkdirDurable(s.fs, storage); err != nil {
 		return nil, nil, fmt.Errorf("apply: storage %s: %w", storage, err)
 	}
 	if err := undo.mkdir(s.fs, dir); err != nil {
