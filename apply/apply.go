@@ -60,8 +60,9 @@ func (e *OffsetError) Error() string {
 }
 
 // Events are optional callbacks for what an operator or the metrics want
-// to know. They are called synchronously, without locks of this package
-// held; they must not block for long.
+// to know. They are called synchronously; all but Rejected run with the
+// VM's apply lock held, so they must return quickly and must not call the
+// Server about the same VM.
 type Events struct {
 	// CycleApplied: cycle is durable in the VM's images.
 	CycleApplied func(vm string, cycle uint64)
@@ -164,7 +165,7 @@ func New(cfg Config) (*Server, error) {
 		s.vms[name] = v
 	}
 	for _, name := range names {
-		s.recover(s.vms[name])
+		s.recoverVM(s.vms[name])
 	}
 	return s, nil
 }

@@ -6,12 +6,12 @@ import (
 	"strings"
 )
 
-// recover brings a VM back after a restart: the apply its replica.json
+// recoverVM brings a VM back after a restart: the apply its replica.json
 // records as begun is finished, and what no intent or sync refers to is
 // tidied. Uploads (.part) stay, so the primary resumes them. An error is
 // logged and leaves the intent in place; every request that needs the
 // images tries again.
-func (s *Server) recover(v *vm) {
+func (s *Server) recoverVM(v *vm) {
 	v.apply.Lock()
 	defer v.apply.Unlock()
 	if err := v.tidy(); err != nil {
