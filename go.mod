@@ -9,6 +9,7 @@ require (
 	github.com/pojntfx/go-nbd v0.3.2
 	github.com/urfave/cli/v2 v2.27.7
 	golang.org/x/sys v0.49.0
+	golang.org/x/time v0.16.0
 	lukechampine.com/blake3 v1.4.1
 )
 

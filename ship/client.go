@@ -1,0 +1,208 @@
+package ship
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/wire"
+)
+
+// ReplicaError is a non-2xx answer of the replica (or of a proxy on the
+// way). Wire holds the replica's JSON error; its Code is empty when the body
+// was not one (a proxy's error page). errors.As finds the *wire.Error too.
+type ReplicaError struct {
+	Op     string // what was asked, e.g. "commit c12"
+	Status int
+	Wire   wire.Error
+}
+
+func (e *ReplicaError) Error() string {
+	if e.Wire.Code == "" {
+		return fmt.Sprintf("ship: %s: HTTP %d %s", e.Op, e.Status, http.StatusText(e.Status))
+	}
+	return fmt.Sprintf("ship: %s: HTTP %d: %s (%s)", e.Op, e.Status, e.Wire.Message, e.Wire.Code)
+}
+
+func (e *ReplicaError) Unwrap() error {
+	if e.Wire.Code == "" {
+		return nil
+	}
+	return &e.Wire
+}
+
+// code is the wire error code of err, "" if it is not a replica's answer.
+func code(err error) string {
+	var re *ReplicaError
+	if errors.As(err, &re) {
+		return re.Wire.Code
+	}
+	return ""
+}
+
+// Timeouts of one request. A commit answers only once the cycle is durable
+// and applied on the replica, which for a cycle of gigabytes takes a while.
+const (
+	smallTimeout  = 2 * time.Minute
+	chunkTimeout  = 10 * time.Minute
+	commitTimeout = time.Hour
+	maxAnswer     = 1 << 20 // bytes of a JSON answer we read at most
+)
+
+// client speaks the HTTP protocol of package wire to one replica for one VM.
+type client struct {
+	base string // https://host:port/v1/replicas/VM
+	hc   *http.Client
+	tr   *http.Transport
+}
+
+func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *client {
+	tr := &http.Transport{
+		TLSClientConfig:       tlsConf.Clone(),
+		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   30 * time.Second,
+		IdleConnTimeout:       90 * time.Second,
+		MaxIdleConnsPerHost:   2,
+		ExpectContinueTimeout: time.Second,
+	}
+	if !bypassProxy {
+		tr.Proxy = http.ProxyFromEnvironment
+	}
+	u := url.URL{Scheme: "https", Host: replica, Path: "/v1/replicas/" + vm}
+	return &client{base: u.String(), hc: &http.Client{Transport: tr}, tr: tr}
+}
+
+func (c *client) close() { c.tr.CloseIdleConnections() }
+
+// do sends one request and decodes a JSON answer into out (if not nil).
+func (c *client) do(ctx context.Context, op, method, path string, body io.Reader, size int64, hdr http.Header, timeout time.Duration, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return fmt.Errorf("ship: %s: %w", op, err)
+	}
+	if body != nil {
+		req.ContentLength = size
+		if size == 0 {
+			req.Body = http.NoBody
+		}
+	}
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("ship: %s: %w", op, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
+	if err != nil {
+		return fmt.Errorf("ship: %s: read answer: %w", op, err)
+	}
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		re := &ReplicaError{Op: op, Status: resp.StatusCode}
+		if json.Unmarshal(b, &re.Wire) != nil {
+			re.Wire = wire.Error{}
+		}
+		return re
+	}
+	if out == nil {
+		return nil
+	}
+	if raw, ok := out.(*[]byte); ok {
+		*raw = b
+		return nil
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		return fmt.Errorf("%w: %s: answer: %v", ErrProtocol, op, err)
+	}
+	return nil
+}
+
+func (c *client) jsonBody(v any) (io.Reader, int64, http.Header) {
+	b, _ := json.Marshal(v)
+	return bytes.NewReader(b), int64(len(b)), http.Header{"Content-Type": {"application/json"}}
+}
+
+func (c *client) get(ctx context.Context) (wire.Replica, error) {
+	var r wire.Replica
+	err := c.do(ctx, "get replica", http.MethodGet, "", nil, 0, nil, smallTimeout, &r)
+	return r, err
+}
+
+func (c *client) enable(ctx context.Context, e wire.Enable) (wire.Replica, error) {
+	var r wire.Replica
+	body, n, h := c.jsonBody(e)
+	err := c.do(ctx, "enable", http.MethodPut, "", body, n, h, smallTimeout, &r)
+	return r, err
+}
+
+// offset is how much of upload id the replica has staged; an upload it
+// does not know has none.
+func (c *client) offset(ctx context.Context, id string) (int64, error) {
+	var u wire.Upload
+	err := c.do(ctx, "upload "+id, http.MethodGet, "/uploads/"+id, nil, 0, nil, smallTimeout, &u)
+	var re *ReplicaError
+	if errors.As(err, &re) && re.Status == http.StatusNotFound && re.Wire.Code != wire.CodeUnknownVM {
+		return 0, nil
+	}
+	return u.Offset, err
+}
+
+// put sends one chunk at off and returns the offset staged after it.
+func (c *client) put(ctx context.Context, id string, off int64, chunk []byte, body io.Reader) (int64, error) {
+	h := http.Header{
+		wire.ChunkCRCHeader: {fmt.Sprintf("%08x", wire.CRC(chunk))},
+		"Content-Type":      {"application/octet-stream"},
+	}
+	var u wire.Upload
+	path := "/uploads/" + id + "?offset=" + strconv.FormatInt(off, 10)
+	err := c.do(ctx, "upload "+id, http.MethodPut, path, body, int64(len(chunk)), h, chunkTimeout, &u)
+	return u.Offset, err
+}
+
+func (c *client) commit(ctx context.Context, id string) (wire.Replica, error) {
+	var r wire.Replica
+	err := c.do(ctx, "commit "+id, http.MethodPost, "/uploads/"+id+"/commit", bytes.NewReader(nil), 0, nil, commitTimeout, &r)
+	return r, err
+}
+
+func (c *client) discard(ctx context.Context, id string) error {
+	err := c.do(ctx, "discard "+id, http.MethodDelete, "/uploads/"+id, nil, 0, nil, smallTimeout, nil)
+	var re *ReplicaError
+	if errors.As(err, &re) && re.Status == http.StatusNotFound && re.Wire.Code != wire.CodeUnknownVM {
+		return nil
+	}
+	return err
+}
+
+func (c *client) syncStart(ctx context.Context, s wire.SyncStart) (wire.SyncState, error) {
+	var st wire.SyncState
+	body, n, h := c.jsonBody(s)
+	err := c.do(ctx, "sync start", http.MethodPost, "/sync", body, n, h, smallTimeout, &st)
+	return st, err
+}
+
+func (c *client) sums(ctx context.Context, q wire.SumsRequest) ([]byte, error) {
+	var b []byte
+	body, n, h := c.jsonBody(q)
+	err := c.do(ctx, "sums", http.MethodPost, "/sums", body, n, h, commitTimeout, &b)
+	return b, err
+}
+
+func (c *client) syncFinish(ctx context.Context, f wire.SyncFinish) (wire.Replica, error) {
+	var r wire.Replica
+	body, n, h := c.jsonBody(f)
+	err := c.do(ctx, "sync finish", http.MethodPost, "/sync/finish", body, n, h, commitTimeout, &r)
+	return r, err
+}

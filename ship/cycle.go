@@ -1,0 +1,220 @@
+package ship
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/wire"
+	"github.com/vdrepl/vdrepl/journal"
+)
+
+// shipCycle sends closed cycle info (the oldest the journal keeps), and
+// releases it once the replica committed it.
+func (s *Shipper) shipCycle(ctx context.Context, info journal.CycleInfo) error {
+	id := wire.CycleUploadID(info.Cycle)
+	log := s.log.With("cycle", info.Cycle)
+	for attempt := 0; ; attempt++ {
+		start := s.now()
+		sp, err := s.openSpool(id)
+		if err != nil {
+			return err
+		}
+		if sp == nil {
+			h := wire.Header{
+				VM: s.cfg.VM, Kind: wire.KindCycle, Disks: s.cfg.Disks,
+				Cycle: info.Cycle, Prev: info.Cycle - 1,
+				Sealed: info.Sealed, AppConsistent: info.AppConsistent,
+			}
+			sp, err = s.writeSpool(ctx, id, h, func(w *wire.Writer) error { return s.fillCycle(ctx, w, info) })
+			if err != nil {
+				return fmt.Errorf("ship: cycle %d: %w", info.Cycle, err)
+			}
+		}
+		rep, err := s.upload(ctx, sp, []*Limiter{s.cfg.Limit, s.cfg.HostLimit})
+		switch {
+		case isCode(err, wire.CodeCorrupt) && attempt == 0:
+			// The replica discarded the stream; write it anew (the spool may
+			// be what is damaged) and send it once more before backing off.
+			log.Warn("replica rejected cycle as corrupt, sending it again", "err", err)
+			s.removeSpool(sp)
+			continue
+		case isCode(err, wire.CodeCorrupt):
+			s.removeSpool(sp)
+			return err
+		case isCode(err, wire.CodeGap):
+			sp.close()
+			return s.gap(info, err)
+		case err != nil:
+			sp.close()
+			return err
+		}
+		s.removeSpool(sp)
+		return s.shipped(info, rep, sp.size, s.now().Sub(start))
+	}
+}
+
+// shipped records a cycle the replica committed and releases it.
+func (s *Shipper) shipped(info journal.CycleInfo, rep wire.Replica, size int64, latency time.Duration) error {
+	if err := s.j.Release(info.Cycle); err != nil {
+		return fmt.Errorf("ship: release cycle %d: %w", info.Cycle, err)
+	}
+	appliedAt := rep.AppliedAt
+	if appliedAt.IsZero() {
+		appliedAt = s.now()
+	}
+	s.succeeded()
+	err := s.update(func(st *persisted) {
+		if info.Cycle > st.Applied {
+			st.Applied, st.AppliedSealed, st.AppliedAt = info.Cycle, info.Sealed, appliedAt
+		}
+		if size > 0 {
+			c := &st.Counters
+			c.Shipped++
+			c.WireBytes += size
+			c.MaxCycleWire = max(c.MaxCycleWire, size)
+			c.Latency += latency
+			c.MaxLatency = max(c.MaxLatency, latency)
+		}
+	})
+	s.log.Debug("cycle shipped", "cycle", info.Cycle, "bytes", size, "latency", latency)
+	if f := s.cfg.Events.CycleShipped; f != nil && size > 0 {
+		f(info, size, latency)
+	}
+	return err
+}
+
+// gap handles a commit the replica refused because the cycle does not follow
+// the one it applied last.
+func (s *Shipper) gap(info journal.CycleInfo, err error) error {
+	var re *ReplicaError
+	errors.As(err, &re)
+	applied := re.Wire.Applied
+	if applied >= info.Cycle {
+		// It has the cycle already (the answer to an earlier commit was lost).
+		return s.shipped(info, wire.Replica{Applied: applied}, 0, 0)
+	}
+	// The replica lacks cycles the journal released (shipped to a replica
+	// that lost them, or a replica restored from an older backup). Nothing
+	// here proves it complete: resync (DESIGN invariant 2).
+	reason := fmt.Sprintf("replica is at cycle %d but the journal starts at cycle %d", applied, info.Cycle)
+	s.log.Warn("replica incomplete, resync required", "cycle", info.Cycle, "applied", applied)
+	return s.update(func(st *persisted) { st.Resync = &pendingResync{Reason: reason} })
+}
+
+// fillCycle writes the coalesced content of a closed cycle: its trim/zero
+// ranges in journal order, then its data by disk and offset, for the
+// replicated disks only.
+//
+// A write extent is read whole (ReadExtent takes no sub-range). An extent
+// is at most one journal record's data (records have headers between
+// them, so runs never merge across records), which bounds the buffer by the
+// largest single guest write (32 MiB for NBD).
+func (s *Shipper) fillCycle(ctx context.Context, w *wire.Writer, info journal.CycleInfo) error {
+	var buf []byte
+	return s.j.Extents(info.Cycle, func(e journal.Extent) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		wd, ok := s.wireOf[e.Disk]
+		if !ok {
+			return nil // excluded disk
+		}
+		// The journal tracks whole 4 KiB blocks; a disk whose size is not a
+		// multiple of that has a last block that overhangs its end.
+		n := min(e.Length, s.sizes[wd]-e.Offset)
+		if n <= 0 {
+			return nil
+		}
+		switch e.Kind {
+		case journal.KindWrite:
+			if int64(cap(buf)) < e.Length {
+				buf = make([]byte, e.Length)
+			}
+			p := buf[:e.Length]
+			if err := s.j.ReadExtent(e, p); err != nil {
+				return fmt.Errorf("ship: read cycle %d: %w", info.Cycle, err)
+			}
+			return w.Data(wd, e.Offset, p[:n])
+		case journal.KindTrim, journal.KindZero, journal.KindZeroAlloc:
+			return w.Range(wire.FrameType(e.Kind), wd, e.Offset, n)
+		}
+		return fmt.Errorf("ship: cycle %d: extent of unknown kind %d", info.Cycle, e.Kind)
+	})
+}
+
+// upload sends a spool in chunks, resuming from what the replica staged,
+// and commits it.
+func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (wire.Replica, error) {
+	off, err := s.c.offset(ctx, sp.id)
+	if err != nil {
+		return wire.Replica{}, err
+	}
+	if s.buf == nil {
+		s.buf = make([]byte, s.chunk)
+	}
+	corrupt := 0
+	for {
+		if off > sp.size || off < 0 {
+			// The replica staged another stream of this id (a spool written
+			// anew since): start over.
+			if err := s.c.discard(ctx, sp.id); err != nil {
+				return wire.Replica{}, err
+			}
+			off = 0
+		}
+		if off == sp.size {
+			break
+		}
+		chunk := s.buf[:min(s.chunk, sp.size-off)]
+		if _, err := sp.f.ReadAt(chunk, off); err != nil && !errors.Is(err, io.EOF) {
+			return wire.Replica{}, fmt.Errorf("ship: read spool %s: %w", sp.id, err)
+		}
+		body := &pacedReader{ctx: ctx, r: bytes.NewReader(chunk), lims: lims}
+		next, err := s.c.put(ctx, sp.id, off, chunk, body)
+		var re *ReplicaError
+		switch {
+		case err == nil:
+			if next <= off || next > sp.size {
+				return wire.Replica{}, fmt.Errorf("%w: upload %s: offset %d after a chunk at %d of %d", ErrProtocol, sp.id, next, off, sp.size)
+			}
+			off = next
+		case isCode(err, wire.CodeOffset) && errors.As(err, &re):
+			s.log.Debug("resuming upload", "upload", sp.id, "offset", re.Wire.Offset)
+			off = re.Wire.Offset
+		case isCode(err, wire.CodeCorrupt) && corrupt < 3:
+			// The chunk was damaged on the way; ask where to go on.
+			corrupt++
+			s.log.Warn("chunk rejected as corrupt, sending it again", "upload", sp.id, "offset", off)
+			if off, err = s.c.offset(ctx, sp.id); err != nil {
+				return wire.Replica{}, err
+			}
+		default:
+			return wire.Replica{}, err
+		}
+	}
+	return s.c.commit(ctx, sp.id)
+}
+
+// pacedReader is an upload body that waits for the bandwidth limiters.
+type pacedReader struct {
+	ctx  context.Context
+	r    io.Reader
+	lims []*Limiter
+}
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	if len(b) > 32<<10 {
+		b = b[:32<<10]
+	}
+	n, err := p.r.Read(b)
+	for _, l := range p.lims {
+		if werr := l.WaitN(p.ctx, n); werr != nil {
+			return n, werr
+		}
+	}
+	return n, err
+}

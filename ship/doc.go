@@ -1,0 +1,63 @@
+// Package ship is the primary side of replication: it seals a VM's journal
+// into cycles every Frequency, writes each closed cycle as a wire stream,
+// uploads it to the replica in resumable chunks and releases it from the
+// journal once the replica committed it. It also makes the initial copy
+// (over the network, at a set time, or to external media) and resyncs, and
+// reports status. The protocol is package wire's (internal/wire/doc.go).
+//
+// # Cycles
+//
+// The journal's closed cycles ship strictly in order, oldest first. A cycle
+// is written to a spool file (STATE.spool/c<N>.vdws beside the state file)
+// so it never sits in memory, then sent in chunks of at most wire.MaxChunk
+// bytes. Before sending, the shipper asks the replica how much of the upload
+// it holds and resumes there; a 409 "offset" answer moves it to the offset
+// the replica names. So a cut connection costs at most one chunk. A cycle is
+// released only after the commit answered success: a crash at any point
+// ships it again, and the replica answers an applied cycle as success.
+//
+// A commit answered "gap" carries the replica's last applied cycle. If that
+// is at or past the cycle, it was applied already (an earlier answer was
+// lost) and the cycle is released. Otherwise the replica lacks cycles the
+// journal no longer has, nothing proves it complete, and the VM is marked
+// resync required (DESIGN invariant 2).
+//
+// # Initial copy and resync
+//
+// Both begin with Journal.BeginResync: a barrier cycle B, every cycle up to
+// B released, every later one kept. The disks are then sent in pieces
+// (wire.PieceRange) read from the live disks: an initial copy sends non-zero
+// 4 KiB blocks as data and zero runs as zero ranges; a resync first asks the
+// replica for BLAKE3-256 sums of its blocks (BlockSize) and sends only the
+// blocks that differ. Blocks read after B may be newer than B; the cycles
+// after B, shipped after the sync finished, make the replica exact. The
+// generation, kind and base are in the state file and the replica's
+// SyncState lists the committed pieces, so a restart of either side resumes
+// at the first piece not committed. If the journal passes its cap during a
+// sync (the cycles after B are lost), the sync starts again as a resync.
+//
+// Automatic resyncs (journal overflow, an incomplete replica) start only in
+// ResyncWindow; Resync starts one at once.
+//
+// # Errors
+//
+// Network errors, timeouts, 5xx answers and the codes busy, full, internal
+// and corrupt are retried after 1, 2, 4, 8 and 10 minutes, then every 30
+// minutes (times RetryScale); a shipped cycle resets the back-off. Refusals
+// that need an admin (401/403, forbidden, unknown_vm, mismatch, a TLS
+// certificate the other side rejects, a failed journal) stop replication
+// with health critical until Resume.
+//
+// # State file
+//
+// JSON in an envelope with a format name, a version and a CRC32C of the
+// state (see state.go), replaced atomically with vfs.WriteFileAtomic.
+//
+// # Concurrency
+//
+// A Shipper is safe for concurrent use. Run owns two goroutines: the loop
+// that ships, syncs and retries, and the ticker that seals cycles. Lock
+// order: opMu (one sync operation: the loop's step or WriteOffline), then
+// saveMu (state file writes), then mu (in-memory state). No lock but opMu is
+// held across journal or network calls.
+package ship

@@ -1,0 +1,746 @@
+package ship
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+	"github.com/vdrepl/vdrepl/internal/wire"
+	"github.com/vdrepl/vdrepl/journal"
+)
+
+// Journal is what the shipper needs of a VM's journal. *journal.Journal
+// provides all of it but ReadAt, which FromJournal adds.
+type Journal interface {
+	Seal(flags uint64) (journal.CycleInfo, error)
+	Cycles() []journal.CycleInfo
+	Extents(c uint64, fn func(journal.Extent) error) error
+	ReadExtent(e journal.Extent, p []byte) error
+	Release(c uint64) error
+	Stats() journal.Stats
+	// BeginResync seals a barrier cycle, releases every cycle up to it,
+	// leaves dirty-block tracking and keeps the cycles after it.
+	BeginResync() (journal.CycleInfo, error)
+	// EndResync records that the replica holds everything up to base.
+	EndResync(base uint64) error
+	// ReadAt reads the live disk, the newest data.
+	ReadAt(disk int, p []byte, off int64) error
+}
+
+// FromJournal adapts a *journal.Journal to Journal.
+func FromJournal(j *journal.Journal) Journal { return journalDisks{j} }
+
+type journalDisks struct{ *journal.Journal }
+
+func (j journalDisks) ReadAt(disk int, p []byte, off int64) error {
+	_, err := j.Disk(disk).ReadAt(p, off)
+	return err
+}
+
+// Events are optional callbacks; each may be nil. They run on the
+// shipper's goroutines and must not call back into the Shipper.
+type Events struct {
+	CycleShipped func(info journal.CycleInfo, bytesOnWire int64, latency time.Duration)
+	SyncProgress func(done, total int64)
+	StateChanged func(state, reason string)
+	Error        func(err error, retry bool)
+}
+
+// Config of a Shipper.
+type Config struct {
+	VM string
+	// Disks are the replicated disks (excluded ones left out); DiskIndex[i]
+	// is the journal's index of Disks[i] (nil: 0, 1, 2...).
+	Disks     []wire.Disk
+	DiskIndex []int
+	Journal   Journal
+	// Replica is host:port of the replica's HTTPS listener; TLS the client
+	// configuration (pki Identity.ClientConfig).
+	Replica string
+	TLS     *tls.Config
+	// Primary is our certificate name, written into an offline manifest;
+	// default: the name of TLS's client certificate.
+	Primary     string
+	BypassProxy bool // else HTTPS_PROXY/NO_PROXY from the environment
+	Compress    bool // zstd data frames
+	// Frequency: a cycle is sealed this often.
+	Frequency time.Duration
+	// Initial is how the first copy is made, when none was: "network",
+	// "at:RFC3339", "offline:DIR" or "existing". Default "network".
+	Initial string
+	// StateFile keeps the shipper's progress (required); spools go in a
+	// directory beside it (STATE.spool for STATE.json).
+	StateFile string
+	FS        vfs.FS // nil: the real filesystem
+	// Limit paces this VM, HostLimit every VM of the host, SyncLimit initial
+	// copies and resyncs on top of both. nil is unlimited.
+	Limit, HostLimit, SyncLimit *Limiter
+	// RetryScale multiplies the back-off (1, 2, 4, 8, 10 min, then 30 min).
+	RetryScale float64
+	// PieceSize is a sync piece (default 64 MiB); BlockSize the resync
+	// checksum block (default DefaultBlockSize). PieceSize must be a
+	// multiple of BlockSize.
+	PieceSize int64
+	BlockSize int64
+	// ResyncWindow is when automatic resyncs may start (default
+	// "18:30-06:00", local time); a manual Resync starts at once.
+	ResyncWindow string
+	Logger       *slog.Logger
+	Now          func() time.Time
+	Events       Events
+	// Progress is called as a sync advances (a terminal progress bar).
+	Progress func(done, total int64)
+}
+
+// Defaults.
+const (
+	DefaultPieceSize    = 64 << 20
+	DefaultResyncWindow = "18:30-06:00"
+)
+
+type initialMode struct {
+	kind string // "network", "at", "offline", "existing"
+	at   time.Time
+	dir  string
+}
+
+func parseInitial(s string) (initialMode, error) {
+	switch {
+	case s == "" || s == "network":
+		return initialMode{kind: "network"}, nil
+	case s == "existing":
+		return initialMode{kind: "existing"}, nil
+	case strings.HasPrefix(s, "at:"):
+		t, err := time.Parse(time.RFC3339, strings.TrimPrefix(s, "at:"))
+		if err != nil {
+			return initialMode{}, fmt.Errorf("%w: initial %q: %v", ErrBadConfig, s, err)
+		}
+		return initialMode{kind: "at", at: t}, nil
+	case strings.HasPrefix(s, "offline:") && len(s) > len("offline:"):
+		return initialMode{kind: "offline", dir: strings.TrimPrefix(s, "offline:")}, nil
+	}
+	return initialMode{}, fmt.Errorf("%w: initial %q: want network, at:TIME, offline:DIR or existing", ErrBadConfig, s)
+}
+
+// Shipper ships one VM's cycles to its replica. Its methods are safe for
+// concurrent use. Lock order: opMu, then saveMu, then mu; journal and
+// network calls are made with mu not held.
+type Shipper struct {
+	cfg      Config
+	j        Journal
+	log      *slog.Logger
+	fs       vfs.FS
+	now      func() time.Time
+	c        *client
+	window   Window
+	initial  initialMode
+	spoolDir string
+	chunk    int64       // upload chunk size: wire.MaxChunk (tests lower it)
+	wireOf   map[int]int // journal disk index -> wire disk index
+	sizes    []int64
+
+	opMu   sync.Mutex // one sync operation (the loop's step, WriteOffline) at a time
+	saveMu sync.Mutex
+	buf    []byte // chunk buffer, under opMu
+
+	mu        sync.Mutex
+	st        persisted
+	changed   chan struct{} // closed and replaced at every change
+	stopped   error         // non-recoverable; cleared by Resume
+	attempt   int           // failures since the last success
+	retryAt   time.Time
+	lastErr   string
+	lastErrAt time.Time
+	waiting   string // why the loop idles: "", "at", "window", "import"
+	waitUntil time.Time
+	enabled   bool // PUT /v1/replicas/{vm} answered since the last (re)start
+	polls     int  // GETs while waiting for an offline import
+	prevTick  uint64
+	samples   []sample
+	prog      progress
+	opCancel  context.CancelFunc
+	lastState string
+	lastWhy   string
+	closed    bool
+
+	done chan struct{} // closed by Close
+	wg   sync.WaitGroup
+}
+
+type sample struct {
+	t     time.Time
+	bytes int64
+}
+
+type progress struct {
+	kind              string
+	done, total       int64
+	started           time.Time
+	startDone         int64
+	pieces, doneCount int64
+}
+
+// New checks cfg and loads the state file; it starts nothing (see Run).
+func New(cfg Config) (*Shipper, error) {
+	if !wire.ValidName(cfg.VM) {
+		return nil, fmt.Errorf("%w: VM name %q", ErrBadConfig, cfg.VM)
+	}
+	if cfg.Journal == nil {
+		return nil, fmt.Errorf("%w: no journal", ErrBadConfig)
+	}
+	if len(cfg.Disks) == 0 {
+		return nil, fmt.Errorf("%w: no disks to replicate", ErrBadConfig)
+	}
+	if cfg.DiskIndex == nil {
+		for i := range cfg.Disks {
+			cfg.DiskIndex = append(cfg.DiskIndex, i)
+		}
+	}
+	if len(cfg.DiskIndex) != len(cfg.Disks) {
+		return nil, fmt.Errorf("%w: %d disk indexes for %d disks", ErrBadConfig, len(cfg.DiskIndex), len(cfg.Disks))
+	}
+	if cfg.Replica == "" || cfg.TLS == nil {
+		return nil, fmt.Errorf("%w: replica address and TLS configuration are required", ErrBadConfig)
+	}
+	if cfg.Frequency < time.Second {
+		return nil, fmt.Errorf("%w: frequency %v is below 1s", ErrBadConfig, cfg.Frequency)
+	}
+	if cfg.PieceSize == 0 {
+		cfg.PieceSize = DefaultPieceSize
+	}
+	if cfg.BlockSize == 0 {
+		cfg.BlockSize = DefaultBlockSize
+	}
+	if cfg.BlockSize < journal.BlockSize || cfg.BlockSize&(cfg.BlockSize-1) != 0 || cfg.BlockSize > wire.MaxFrameData {
+		return nil, fmt.Errorf("%w: block size %d: want a power of two from 4 KiB to 1 MiB", ErrBadConfig, cfg.BlockSize)
+	}
+	if cfg.PieceSize < cfg.BlockSize || cfg.PieceSize%cfg.BlockSize != 0 {
+		return nil, fmt.Errorf("%w: piece size %d is not a multiple of the block size %d", ErrBadConfig, cfg.PieceSize, cfg.BlockSize)
+	}
+	if cfg.ResyncWindow == "" {
+		cfg.ResyncWindow = DefaultResyncWindow
+	}
+	win, err := ParseWindow(cfg.ResyncWindow)
+	if err != nil {
+		return nil, err
+	}
+	init, err := parseInitial(cfg.Initial)
+	if err != nil {
+		return nil, err
+	}
+	s := &Shipper{
+		cfg: cfg, j: cfg.Journal, log: cfg.Logger, fs: cfg.FS, now: cfg.Now,
+		window: win, initial: init, chunk: wire.MaxChunk,
+		wireOf:  make(map[int]int),
+		changed: make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	s.log = s.log.With("vm", cfg.VM, "peer", cfg.Replica)
+	if s.fs == nil {
+		s.fs = vfs.Default
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	for i, d := range cfg.Disks {
+		if !wire.ValidName(d.Name) || d.Size <= 0 {
+			return nil, fmt.Errorf("%w: disk %q of %d bytes", ErrBadConfig, d.Name, d.Size)
+		}
+		if _, dup := s.wireOf[cfg.DiskIndex[i]]; dup || cfg.DiskIndex[i] < 0 {
+			return nil, fmt.Errorf("%w: disk index %d", ErrBadConfig, cfg.DiskIndex[i])
+		}
+		s.wireOf[cfg.DiskIndex[i]] = i
+		s.sizes = append(s.sizes, d.Size)
+	}
+	if cfg.StateFile == "" {
+		return nil, fmt.Errorf("%w: no state file", ErrBadConfig)
+	}
+	s.spoolDir = strings.TrimSuffix(cfg.StateFile, filepath.Ext(cfg.StateFile)) + ".spool"
+	st, ok, err := loadState(s.fs, cfg.StateFile)
+	if err != nil {
+		return nil, err
+	}
+	if ok && st.VM != cfg.VM {
+		return nil, fmt.Errorf("%w: %s belongs to VM %q", ErrState, cfg.StateFile, st.VM)
+	}
+	s.st = st
+	s.st.VM = cfg.VM
+	s.c = newClient(cfg.Replica, cfg.VM, cfg.TLS, cfg.BypassProxy)
+	return s, nil
+}
+
+// Run seals a cycle every Frequency and ships closed cycles in order, doing
+// the initial copy and resyncs as they are due, until ctx ends or Close. It
+// returns nil then; errors on the way are retried or stop replication (see
+// Status), never returned.
+func (s *Shipper) Run(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer s.wg.Done()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-s.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	keep := map[string]bool{}
+	for _, c := range s.j.Cycles() {
+		keep[wire.CycleUploadID(c.Cycle)] = true
+	}
+	s.mu.Lock()
+	var gen uint64
+	if s.st.Sync != nil {
+		gen = s.st.Sync.Gen
+	}
+	s.enabled = false
+	s.mu.Unlock()
+	s.cleanSpools(keep, gen)
+
+	var wg sync.WaitGroup
+	wg.Go(func() { s.sealLoop(ctx) })
+	s.loop(ctx)
+	cancel()
+	wg.Wait()
+	return nil
+}
+
+// Close stops Run and waits for it. It is idempotent.
+func (s *Shipper) Close() error {
+	s.mu.Lock()
+	if !s.closed {
+		s.closed = true
+		close(s.done)
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	s.c.close()
+	return nil
+}
+
+// signal wakes everything waiting for a change. Call with mu held.
+func (s *Shipper) signalLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+func (s *Shipper) signal() {
+	s.mu.Lock()
+	s.signalLocked()
+	s.mu.Unlock()
+}
+
+// wait blocks until ch is closed, until (if not zero) passes, or ctx ends.
+func (s *Shipper) wait(ctx context.Context, ch <-chan struct{}, until time.Time) {
+	var timer <-chan time.Time
+	if !until.IsZero() {
+		d := until.Sub(s.now())
+		if d <= 0 {
+			return
+		}
+		t := time.NewTimer(d)
+		defer t.Stop()
+		timer = t.C
+	}
+	select {
+	case <-ctx.Done():
+	case <-ch:
+	case <-timer:
+	}
+}
+
+// save writes the state file. Saves are serialised so the file never goes
+// back to an older state.
+func (s *Shipper) save() error {
+	s.saveMu.Lock()
+	defer s.saveMu.Unlock()
+	s.mu.Lock()
+	b, err := encodeState(&s.st)
+	s.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("ship: encode state: %w", err)
+	}
+	if err := s.fs.MkdirAll(filepath.Dir(s.cfg.StateFile), 0o700); err != nil {
+		return fmt.Errorf("ship: state directory: %w", err)
+	}
+	if err := vfs.WriteFileAtomic(s.fs, s.cfg.StateFile, b, 0o600); err != nil {
+		return fmt.Errorf("ship: write state: %w", err)
+	}
+	return nil
+}
+
+// update changes the persisted state under mu, saves it and wakes waiters.
+func (s *Shipper) update(fn func(st *persisted)) error {
+	s.mu.Lock()
+	fn(&s.st)
+	s.signalLocked()
+	s.mu.Unlock()
+	err := s.save()
+	s.notifyState()
+	return err
+}
+
+// loop runs steps until ctx ends, waiting while paused, stopped, between
+// retries and when there is nothing to do.
+func (s *Shipper) loop(ctx context.Context) {
+	for ctx.Err() == nil {
+		s.mu.Lock()
+		ch := s.changed
+		hold := s.st.Paused || s.stopped != nil
+		until := s.retryAt
+		s.mu.Unlock()
+		if hold || s.now().Before(until) {
+			s.notifyState()
+			s.wait(ctx, ch, until)
+			continue
+		}
+		opCtx, cancel := context.WithCancel(ctx)
+		s.mu.Lock()
+		s.opCancel = cancel
+		s.mu.Unlock()
+		s.opMu.Lock()
+		more, wake, err := s.step(opCtx)
+		s.opMu.Unlock()
+		s.mu.Lock()
+		s.opCancel = nil
+		s.mu.Unlock()
+		paused := opCtx.Err() != nil && ctx.Err() == nil
+		cancel()
+		if more || err != nil {
+			s.setWaiting("", time.Time{})
+		}
+		switch {
+		case ctx.Err() != nil:
+			return
+		case err != nil && paused:
+			// Pause cut the operation short; it resumes where it stopped.
+		case err != nil:
+			s.fail(err)
+		case !more:
+			s.notifyState()
+			s.wait(ctx, ch, wake)
+		}
+	}
+}
+
+// fail records an error: retried after the back-off, or replication stops.
+func (s *Shipper) fail(err error) {
+	retry := retryable(err)
+	now := s.now()
+	s.mu.Lock()
+	s.lastErr, s.lastErrAt = err.Error(), now
+	var next time.Duration
+	if retry {
+		s.attempt++
+		next = backoff(s.attempt, s.cfg.RetryScale)
+		s.retryAt = now.Add(next)
+		s.st.Counters.Retries++
+	} else {
+		s.stopped = err
+	}
+	s.signalLocked()
+	s.mu.Unlock()
+	if retry {
+		s.log.Warn("replication failed, will retry", "err", err, "retry_in", next)
+	} else {
+		s.log.Error("replication stopped", "err", err)
+	}
+	if f := s.cfg.Events.Error; f != nil {
+		f(err, retry)
+	}
+	s.notifyState()
+}
+
+// succeeded resets the back-off after progress.
+func (s *Shipper) succeeded() {
+	s.mu.Lock()
+	s.attempt = 0
+	s.retryAt = time.Time{}
+	s.mu.Unlock()
+}
+
+// step does the next thing due. more says call it again at once; else the
+// loop waits for a change or until wake (if not zero).
+func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err error) {
+	s.mu.Lock()
+	st := s.st
+	enabled := s.enabled
+	s.mu.Unlock()
+
+	// An offline copy needs no replica: write it before anything else.
+	if !st.InitialDone && st.Sync == nil && s.initial.kind == "offline" {
+		return true, time.Time{}, s.writeOffline(ctx, s.initial.dir)
+	}
+	if !enabled {
+		existing := !st.InitialDone && s.initial.kind == "existing"
+		if _, err := s.c.enable(ctx, wire.Enable{Disks: s.cfg.Disks, Existing: existing}); err != nil {
+			return false, time.Time{}, err
+		}
+		s.mu.Lock()
+		s.enabled = true
+		s.mu.Unlock()
+		s.log.Debug("replica enabled")
+		return true, time.Time{}, nil
+	}
+	if st.Sync != nil {
+		return s.runSync(ctx)
+	}
+	if !st.InitialDone {
+		switch s.initial.kind {
+		case "at":
+			if now := s.now(); now.Before(s.initial.at) {
+				s.setWaiting("at", s.initial.at)
+				return false, s.initial.at, nil
+			}
+			return true, time.Time{}, s.startSync(wire.KindFull, "initial copy (scheduled)", "")
+		case "existing":
+			return true, time.Time{}, s.startSync(wire.KindResync, "initial resync against existing replica images", "")
+		default:
+			return true, time.Time{}, s.startSync(wire.KindFull, "initial copy", "")
+		}
+	}
+	js := s.j.Stats()
+	pending := st.Resync
+	if pending == nil && js.ResyncRequired {
+		pending = &pendingResync{Reason: "the journal passed its cap; changed blocks are only tracked"}
+		if err := s.update(func(p *persisted) { p.Resync = pending }); err != nil {
+			return false, time.Time{}, err
+		}
+	}
+	if pending == nil && js.ResyncBase != 0 {
+		// The journal has a resync under way we have no record of (the state
+		// was lost or a crash came between its start and our save): the
+		// replica is not complete, so run one now.
+		pending = &pendingResync{Reason: "a resync was interrupted", Manual: true}
+	}
+	if pending != nil {
+		now := s.now()
+		if !pending.Manual && !s.window.Contains(now) {
+			next := s.window.Next(now)
+			s.setWaiting("window", next)
+			return false, next, nil
+		}
+		return true, time.Time{}, s.startSync(wire.KindResync, pending.Reason, "")
+	}
+	cycles := s.j.Cycles()
+	if len(cycles) == 0 {
+		return false, time.Time{}, nil
+	}
+	if err := s.shipCycle(ctx, cycles[0]); err != nil {
+		return false, time.Time{}, err
+	}
+	return true, time.Time{}, nil
+}
+
+// setWaiting records why the loop idles and until when. Waiters are woken
+// when the reason changes (not for a new poll time, which would wake the
+// loop itself at once).
+func (s *Shipper) setWaiting(why string, until time.Time) {
+	s.mu.Lock()
+	changed := why != s.waiting
+	s.waiting, s.waitUntil = why, until
+	if changed {
+		s.signalLocked()
+	}
+	s.mu.Unlock()
+}
+
+// sealLoop seals a cycle every Frequency.
+func (s *Shipper) sealLoop(ctx context.Context) {
+	t := time.NewTicker(s.cfg.Frequency)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.tick()
+		}
+	}
+}
+
+// tick is one scheduled seal. A seal that finds the cycle of the previous
+// tick still unshipped counts a missed cycle. No cycle is sealed while
+// paused or before the initial copy finished (writes gather in the open
+// cycle meanwhile).
+func (s *Shipper) tick() {
+	js := s.j.Stats()
+	s.mu.Lock()
+	s.addSample(js.RetainedBytes)
+	skip := s.st.Paused || !s.st.InitialDone || s.st.Sync != nil
+	prev := s.prevTick
+	s.mu.Unlock()
+	if skip {
+		return
+	}
+	info, err := s.j.Seal(0)
+	if err != nil {
+		s.log.Warn("seal cycle", "err", err)
+		if f := s.cfg.Events.Error; f != nil {
+			f(err, true)
+		}
+		return
+	}
+	missed := false
+	if prev != 0 {
+		for _, c := range s.j.Cycles() {
+			if c.Cycle == prev {
+				missed = true
+				break
+			}
+		}
+	}
+	s.mu.Lock()
+	s.prevTick = info.Cycle
+	if missed {
+		s.st.Counters.Missed++
+	}
+	s.signalLocked()
+	s.mu.Unlock()
+	s.log.Debug("cycle sealed", "cycle", info.Cycle, "missed", missed)
+}
+
+func (s *Shipper) addSample(retained int64) {
+	s.samples = append(s.samples, sample{t: s.now(), bytes: retained})
+	if len(s.samples) > 16 {
+		s.samples = s.samples[len(s.samples)-16:]
+	}
+}
+
+// Sync seals a cycle now and waits until the replica applied it. It
+// returns the cycle, or why it cannot be applied (paused, stopped by a
+// non-recoverable error, a resync that waits for its window, ctx).
+func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
+	s.mu.Lock()
+	closed, paused, stopped := s.closed, s.st.Paused, s.stopped
+	s.mu.Unlock()
+	switch {
+	case closed:
+		return 0, ErrClosed
+	case paused:
+		return 0, ErrPaused
+	case stopped != nil:
+		return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
+	}
+	info, err := s.j.Seal(0)
+	if err != nil {
+		return 0, fmt.Errorf("ship: seal: %w", err)
+	}
+	s.signal()
+	for {
+		s.mu.Lock()
+		ch := s.changed
+		applied, paused, stopped, waiting, closed := s.st.Applied, s.st.Paused, s.stopped, s.waiting, s.closed
+		s.mu.Unlock()
+		switch {
+		case applied >= info.Cycle:
+			return info.Cycle, nil
+		case closed:
+			return 0, ErrClosed
+		case paused:
+			return 0, ErrPaused
+		case stopped != nil:
+			return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
+		case waiting == "window":
+			return 0, ErrResyncRequired
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-ch:
+		}
+	}
+}
+
+// Pause stops shipping (an upload under way is cut short and resumed later)
+// and sealing; writes gather in the journal. It is persisted.
+func (s *Shipper) Pause() error {
+	err := s.update(func(st *persisted) { st.Paused = true })
+	s.mu.Lock()
+	if s.opCancel != nil {
+		s.opCancel()
+	}
+	s.mu.Unlock()
+	s.log.Info("replication paused")
+	return err
+}
+
+// Resume undoes Pause, and clears a stop after a non-recoverable error
+// (retrying at once).
+func (s *Shipper) Resume() error {
+	s.mu.Lock()
+	s.stopped = nil
+	s.attempt = 0
+	s.retryAt = time.Time{}
+	s.enabled = false
+	s.waiting, s.waitUntil = "", time.Time{}
+	s.mu.Unlock()
+	err := s.update(func(st *persisted) { st.Paused = false })
+	s.log.Info("replication resumed")
+	return err
+}
+
+// Resync starts a resync now, outside the resync window too. One already
+// under way goes on.
+func (s *Shipper) Resync() error {
+	s.mu.Lock()
+	s.stopped = nil
+	s.attempt = 0
+	s.retryAt = time.Time{}
+	s.waiting, s.waitUntil = "", time.Time{}
+	running := s.st.Sync != nil
+	s.mu.Unlock()
+	if running {
+		s.signal()
+		return nil
+	}
+	s.log.Info("manual resync requested")
+	return s.update(func(st *persisted) { st.Resync = &pendingResync{Reason: "manual resync", Manual: true} })
+}
+
+// primaryName is our certificate's name, for an offline manifest.
+func (s *Shipper) primaryName() string {
+	if s.cfg.Primary != "" {
+		return s.cfg.Primary
+	}
+	var cert *tls.Certificate
+	if f := s.cfg.TLS.GetClientCertificate; f != nil {
+		cert, _ = f(&tls.CertificateRequestInfo{})
+	} else if len(s.cfg.TLS.Certificates) > 0 {
+		cert = &s.cfg.TLS.Certificates[0]
+	}
+	if cert == nil || len(cert.Certificate) == 0 {
+		return ""
+	}
+	leaf := cert.Leaf
+	if leaf == nil {
+		var err error
+		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return ""
+		}
+	}
+	if leaf.Subject.CommonName != "" {
+		return leaf.Subject.CommonName
+	}
+	if len(leaf.DNSNames) > 0 {
+		return leaf.DNSNames[0]
+	}
+	return ""
+}

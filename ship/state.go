@@ -1,0 +1,139 @@
+package ship
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io/fs"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+	"github.com/vdrepl/vdrepl/internal/wire"
+)
+
+// The state file is the shipper's own progress, replaced atomically
+// (vfs.WriteFileAtomic) at every change that matters after a restart:
+//
+//	{"format":"vdrepl-ship-state","version":1,"crc32c":N,"state":{...}}
+//
+// crc32c is the CRC32C (Castagnoli) of the exact bytes of "state". A file
+// with another format, a version outside 1..1 or a bad checksum is refused
+// (ErrState): the shipper does not guess at its progress.
+const (
+	stateFormat  = "vdrepl-ship-state"
+	stateVersion = 1
+)
+
+type stateEnvelope struct {
+	Format  string          `json:"format"`
+	Version int             `json:"version"`
+	CRC     uint32          `json:"crc32c"`
+	State   json.RawMessage `json:"state"`
+}
+
+// persisted is what survives a restart.
+type persisted struct {
+	VM string `json:"vm"`
+	// InitialDone: an initial copy (or the resync of "existing") finished;
+	// Initial is not looked at again.
+	InitialDone bool `json:"initial_done"`
+	// Gen is the last sync generation used; each sync takes the next.
+	Gen uint64 `json:"gen"`
+	// Sync is the initial copy or resync under way.
+	Sync *syncRecord `json:"sync,omitempty"`
+	// Resync is a resync that is needed but has not begun (waiting for its
+	// window unless Manual).
+	Resync *pendingResync `json:"resync,omitempty"`
+	Paused bool           `json:"paused,omitempty"`
+	// Applied is the last cycle the replica confirmed applied, with its
+	// barrier time and when the replica answered.
+	Applied       uint64    `json:"applied"`
+	AppliedSealed time.Time `json:"applied_sealed,omitzero"`
+	AppliedAt     time.Time `json:"applied_at,omitzero"`
+	Counters      counters  `json:"counters"`
+}
+
+type syncRecord struct {
+	Gen        uint64    `json:"gen"`
+	Kind       string    `json:"kind"` // wire.KindFull or wire.KindResync
+	Base       uint64    `json:"base"`
+	BaseSealed time.Time `json:"base_sealed,omitzero"`
+	PieceSize  int64     `json:"piece_size"`
+	BlockSize  int64     `json:"block_size,omitempty"` // resync
+	Pieces     int64     `json:"pieces"`
+	// Offline is the directory an offline initial copy was written to; the
+	// replica imports it and the shipper waits for that.
+	Offline string `json:"offline,omitempty"`
+	// Written: the offline copy is complete in Offline.
+	Written bool      `json:"written,omitempty"`
+	Reason  string    `json:"reason,omitempty"`
+	Started time.Time `json:"started"`
+	// Finishing: /sync/finish was sent; after a restart, ask the replica
+	// whether it took it before sending it again.
+	Finishing bool `json:"finishing,omitempty"`
+}
+
+func (r *syncRecord) start() wire.SyncStart {
+	return wire.SyncStart{Gen: r.Gen, Kind: r.Kind, Base: r.Base, PieceSize: r.PieceSize, Pieces: r.Pieces}
+}
+
+type pendingResync struct {
+	Reason string `json:"reason"`
+	Manual bool   `json:"manual,omitempty"`
+}
+
+// counters are cumulative figures for Status.
+type counters struct {
+	Shipped      int64         `json:"shipped"`
+	Missed       int64         `json:"missed"`
+	WireBytes    int64         `json:"wire_bytes"`     // cycle streams, each counted once
+	MaxCycleWire int64         `json:"max_cycle_wire"` // largest cycle stream
+	Latency      time.Duration `json:"latency"`        // sum over shipped cycles
+	MaxLatency   time.Duration `json:"max_latency"`
+	SyncBytes    int64         `json:"sync_bytes"` // sync piece streams
+	Retries      int64         `json:"retries"`
+}
+
+func loadState(fsys vfs.FS, name string) (persisted, bool, error) {
+	b, err := vfs.ReadFile(fsys, name)
+	if errors.Is(err, fs.ErrNotExist) {
+		return persisted{}, false, nil
+	}
+	if err != nil {
+		return persisted{}, false, fmt.Errorf("%w: read %s: %w", ErrState, name, err)
+	}
+	var env stateEnvelope
+	if err := json.Unmarshal(b, &env); err != nil {
+		return persisted{}, false, fmt.Errorf("%w: %s: %v", ErrState, name, err)
+	}
+	if env.Format != stateFormat {
+		return persisted{}, false, fmt.Errorf("%w: %s is not a shipper state file (format %q)", ErrState, name, env.Format)
+	}
+	if env.Version != stateVersion {
+		return persisted{}, false, fmt.Errorf("%w: %s has version %d, this vdrepl reads %d", ErrState, name, env.Version, stateVersion)
+	}
+	if crc32.Checksum(env.State, castagnoli) != env.CRC {
+		return persisted{}, false, fmt.Errorf("%w: %s: checksum mismatch", ErrState, name)
+	}
+	var st persisted
+	if err := json.Unmarshal(env.State, &st); err != nil {
+		return persisted{}, false, fmt.Errorf("%w: %s: %v", ErrState, name, err)
+	}
+	return st, true, nil
+}
+
+func encodeState(st *persisted) ([]byte, error) {
+	js, err := json.Marshal(st)
+	if err != nil {
+		return nil, err
+	}
+	// Compact on purpose: indenting would reformat "state" and break its
+	// checksum.
+	return json.Marshal(stateEnvelope{
+		Format: stateFormat, Version: stateVersion,
+		CRC: crc32.Checksum(js, castagnoli), State: js,
+	})
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
