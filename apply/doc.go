@@ -63,6 +63,11 @@
 //
 // # Apply and intent
 //
+// Cycle order: a cycle N <= applied is answered as success and not applied
+// again. Otherwise its header's Prev must equal applied (code "gap" with
+// Applied); Prev is normally N-1, less when the primary folded cycles into
+// a sync (wire.Header), so N itself may skip ahead of applied+1.
+//
 // A cycle commit verifies the whole staged upload (every CRC and the
 // stream's BLAKE3 end hash), fsyncs it, renames it to staging/c<N>.stream
 // and fsyncs the directory, then writes replica.json with intent
