@@ -47,6 +47,11 @@ type Status struct {
 	NBD          []string `json:"nbd"`
 	Mounts       []string `json:"mounts"`
 	VMs          []VMInfo `json:"vms"`
+	// Identity is this host's certificate name; ReplicaListen where the
+	// replica role listens ("" = off).
+	Identity      string   `json:"identity,omitempty"`
+	ReplicaListen string   `json:"replica_listen,omitempty"`
+	Warnings      []string `json:"warnings,omitempty"`
 }
 
 // Status reports the daemon's state.
@@ -54,7 +59,12 @@ func (d *Daemon) Status() Status {
 	vms := d.VMs()
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	s := Status{StateDir: d.cfg.StateDir, LastShutdown: d.lastShutdown, NBD: append([]string(nil), d.listeners...), VMs: vms}
+	s := Status{StateDir: d.cfg.StateDir, LastShutdown: d.lastShutdown, NBD: append([]string(nil), d.listeners...), VMs: vms,
+		ReplicaListen: d.replicaAddr}
+	if d.identity != nil {
+		s.Identity = d.identity.Name()
+		s.Warnings = d.identity.Warnings(time.Now())
+	}
 	for p := range d.mounts {
 		s.Mounts = append(s.Mounts, p)
 	}
@@ -85,6 +95,7 @@ func (d *Daemon) handler() http.Handler {
 		info, err := d.Seal(r.PathValue("name"), 0)
 		reply(w, info, err)
 	})
+	d.replicationRoutes(mux)
 	mux.HandleFunc("POST /v1/mount", d.handleMount)
 	mux.HandleFunc("POST /v1/unmount", func(w http.ResponseWriter, r *http.Request) {
 		var req MountEvent

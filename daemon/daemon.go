@@ -24,9 +24,12 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/journal"
+	"github.com/vdrepl/vdrepl/ship"
 )
 
 // Config of a Daemon.
@@ -42,6 +45,24 @@ type Config struct {
 	// SyncInterval: how often a VM's journal syncs when clients never flush.
 	SyncInterval time.Duration
 	Logger       *slog.Logger
+
+	// TLSCert, TLSKey and TLSCA are this host's identity, used to ship to
+	// replicas and, with ReplicaListen, to serve as one.
+	TLSCert, TLSKey, TLSCA string
+	// ReplicaListen enables the replica role on HOST:PORT (HTTPS, mutual TLS).
+	ReplicaListen string
+	// BandwidthLimit caps all shipping of this host ("" = unlimited); see
+	// ship.ParseBandwidth for the schedule syntax.
+	BandwidthLimit string
+	// ResyncWindow is when automatic resyncs may run ("" = 18:30-06:00).
+	ResyncWindow string
+	// RetryScale multiplies the retry back-off (1 = 1, 2, 4, 8, 10 minutes,
+	// then every 30); tests make it small.
+	RetryScale float64
+	// ResyncBlockSize is the checksum block of resyncs (0 = ship's default).
+	ResyncBlockSize int64
+	// MetricsListen serves Prometheus metrics on HOST:PORT ("" = off).
+	MetricsListen string
 }
 
 // DefaultStateDir is where state lives unless --state or VDREPL_STATE says.
@@ -75,6 +96,12 @@ type Daemon struct {
 	nbd     *blockdev.NBDServer
 	control *http.Server
 	lock    *os.File
+
+	ctx         context.Context // lives as long as Run; shippers run under it
+	identity    *pki.Identity   // nil without --tls-cert
+	replica     *apply.Server
+	replicaAddr string
+	hostLimit   *ship.Limiter
 }
 
 type vm struct {
@@ -82,6 +109,10 @@ type vm struct {
 	j     *journal.Journal
 	locks []*os.File // OFD locks on the images
 	err   error      // why the VM is not served, if it is not
+
+	ship     *ship.Shipper // non-nil while replication runs
+	shipStop context.CancelFunc
+	shipDone chan struct{}
 }
 
 // New prepares a daemon; Run starts it.
@@ -113,6 +144,27 @@ func New(cfg Config) (*Daemon, error) {
 		fuseOpen: make(map[string]int),
 	}
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
+	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
+		if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
+			return nil, fmt.Errorf("%w: give all of --tls-cert, --tls-key and --tls-ca", ErrInvalid)
+		}
+		if d.identity, err = pki.Load(cfg.TLSCert, cfg.TLSKey, cfg.TLSCA); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.ReplicaListen != "" && d.identity == nil {
+		return nil, fmt.Errorf("%w: --replica-listen needs --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`)", ErrInvalid)
+	}
+	if cfg.BandwidthLimit != "" {
+		if d.hostLimit, err = ship.ParseBandwidth(cfg.BandwidthLimit); err != nil {
+			return nil, fmt.Errorf("%w: --bandwidth-limit %q: %v", ErrInvalid, cfg.BandwidthLimit, err)
+		}
+	}
+	if cfg.ResyncWindow != "" {
+		if _, err := ship.ParseWindow(cfg.ResyncWindow); err != nil {
+			return nil, fmt.Errorf("%w: --resync-window %q: %v", ErrInvalid, cfg.ResyncWindow, err)
+		}
+	}
 	return d, nil
 }
 
@@ -127,9 +179,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	d.lastShutdown = d.detectShutdown()
 	d.log.Info("starting", "state", d.cfg.StateDir, "last_shutdown", d.lastShutdown)
+	d.ctx = ctx
+	if d.identity != nil {
+		for _, w := range d.identity.Warnings(time.Now()) {
+			d.log.Warn(w)
+		}
+	}
+	var err error
+	if d.replica, err = apply.New(apply.Config{StateDir: d.cfg.StateDir, Logger: d.log.With("role", "replica")}); err != nil {
+		d.shutdown()
+		return fmt.Errorf("replica role: %w", err)
+	}
 
 	specs, err := d.reg.load()
 	if err != nil {
+		d.shutdown()
 		return fmt.Errorf("registry: %w", err)
 	}
 	for _, s := range specs {
@@ -141,9 +205,33 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.mu.Lock()
 		d.vms[s.Name] = v
 		d.mu.Unlock()
+		if v.j != nil && s.Replication != nil {
+			if d.identity == nil {
+				v.err = fmt.Errorf("replication not running: %w", errNoIdentity)
+				d.log.Error("replication not running", "vm", s.Name, "err", errNoIdentity)
+			} else if err := d.startShipper(v); err != nil {
+				d.log.Error("replication not running", "vm", s.Name, "err", err)
+			}
+		}
 	}
 
-	errc := make(chan error, len(d.cfg.NBD)+1)
+	errc := make(chan error, len(d.cfg.NBD)+4)
+	if d.cfg.ReplicaListen != "" {
+		stop, err := d.serveReplica(ctx, errc)
+		if err != nil {
+			d.shutdown()
+			return err
+		}
+		defer stop()
+	}
+	if d.cfg.MetricsListen != "" {
+		stop, err := d.serveMetrics(errc)
+		if err != nil {
+			d.shutdown()
+			return err
+		}
+		defer stop()
+	}
 	var wg sync.WaitGroup
 	for _, addr := range d.cfg.NBD {
 		l, err := listen(addr)
@@ -218,6 +306,14 @@ func (d *Daemon) shutdown() error {
 	vms := d.vms
 	d.vms = map[string]*vm{}
 	d.mu.Unlock()
+	for _, v := range vms {
+		v.stopShipper()
+	}
+	if d.replica != nil {
+		if err := d.replica.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("replica role: %w", err))
+		}
+	}
 	for name, v := range vms {
 		if err := v.close(); err != nil {
 			errs = append(errs, fmt.Errorf("vm %s: %w", name, err))
@@ -391,6 +487,7 @@ func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
 		v.locks = append(v.locks, lf)
 	}
 	jc := journal.Config{
+		Retain:       s.Replication != nil,
 		Dir:          filepath.Join(d.cfg.StateDir, "vms", s.Name, "journal"),
 		IndexDir:     filepath.Join(d.cfg.StateDir, "vms", s.Name, "index"),
 		Cap:          d.cfg.JournalCap,
@@ -545,6 +642,10 @@ func (d *Daemon) RemoveVM(name string) error {
 	if users := d.usersLocked(name); users != "" {
 		d.mu.Unlock()
 		return fmt.Errorf("%w: VM %s is open (%s); disconnect its clients first", ErrInUse, name, users)
+	}
+	if v.spec.Replication != nil {
+		d.mu.Unlock()
+		return fmt.Errorf("%w: VM %s is replicated to %s; run `vdrepl replication disable %s` first", ErrInUse, name, v.spec.Replication.Replica, name)
 	}
 	delete(d.vms, name)
 	next := d.specsLocked()

@@ -36,6 +36,8 @@ type VMSpec struct {
 	Name    string     `json:"name"`
 	Disks   []DiskSpec `json:"disks"`
 	Created time.Time  `json:"created"`
+	// Replication is set while the VM replicates to a replica host.
+	Replication *ReplicationSpec `json:"replication,omitempty"`
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

@@ -1,44 +1,81 @@
 #!/usr/bin/env bash
-# The vdrepl demo: a daemon on this machine with a demo VM, a guest-like
-# writer, cycles closing, and the journal at work. Everything lives under
-# $DEMO_DIR (default /tmp/vdrepl-demo) and is stopped at the end; set
-# DEMO_KEEP=1 to leave the daemon running.
+# The vdrepl demo: a primary and a replica daemon on this machine (loopback,
+# mutual TLS with certificates from `vdrepl pki`), a demo VM whose disk a
+# guest-like writer changes, replication to the replica, and the replica's
+# image compared with the primary's. Everything lives under $DEMO_DIR
+# (default /tmp/vdrepl-demo) and is stopped at the end; set DEMO_KEEP=1 to
+# leave both daemons running.
 set -euo pipefail
 bin=$(realpath "${1:-bin/vdrepl}")
 dir=${DEMO_DIR:-/tmp/vdrepl-demo}
-state=$dir/primary
-sock=$state/nbd.sock
-rm -rf "$dir" && mkdir -p "$state"
-v() { "$bin" --state "$state" "$@"; }
+prim=$dir/primary
+repl=$dir/replica
+pki=$dir/pki
+sock=$prim/nbd.sock
+port=${DEMO_PORT:-18443}
+rm -rf "$dir" && mkdir -p "$prim" "$repl"
+p() { "$bin" --state "$prim" "$@"; }
+r() { "$bin" --state "$repl" "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+uri="nbd+unix:///demo/disk0?socket=$sock"
 
-"$bin" --state "$state" serve --nbd "unix:$sock" >"$dir/primary.log" 2>&1 &
-pid=$!
+say "certificates: a CA and one certificate per host (vdrepl pki)"
+"$bin" pki init --dir "$pki" >/dev/null
+"$bin" pki issue --dir "$pki" --name primary.demo --san 127.0.0.1 >/dev/null
+"$bin" pki issue --dir "$pki" --name replica.demo --san 127.0.0.1 >/dev/null
+"$bin" pki show "$pki/replica.demo.crt"
+tls() { echo --tls-cert "$pki/$1.crt" --tls-key "$pki/$1.key" --tls-ca "$pki/ca.crt"; }
+
+pids=()
 cleanup() {
-  if [ -z "${DEMO_KEEP:-}" ]; then kill -TERM $pid 2>/dev/null && wait $pid 2>/dev/null || true; fi
+  if [ -z "${DEMO_KEEP:-}" ]; then
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+  fi
 }
 trap cleanup EXIT
-for _ in $(seq 1 200); do v vm list >/dev/null 2>&1 && break; sleep 0.05; done
+# shellcheck disable=SC2046
+"$bin" --state "$repl" serve --nbd "unix:$repl/nbd.sock" $(tls replica.demo) \
+  --replica-listen "127.0.0.1:$port" >"$dir/replica.log" 2>&1 &
+pids+=($!)
+# shellcheck disable=SC2046
+"$bin" --state "$prim" serve --nbd "unix:$sock" $(tls primary.demo) >"$dir/primary.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 200); do p vm list >/dev/null 2>&1 && r vm list >/dev/null 2>&1 && break; sleep 0.05; done
 
-say "register VM 'demo' with a new 256 MiB disk"
-v vm add demo --disk "disk0=$dir/demo-disk0.img:256M"
-v vm list
+say "replica host: allow the primary to replicate into $dir/replicas"
+r replica allow add --primary primary.demo --storage "$dir/replicas"
+r replica allow list
 
-say "the NBD export, as a guest (qemu -drive file=nbd+unix:///demo/disk0?socket=$sock) sees it"
-nbdinfo "nbd+unix:///demo/disk0?socket=$sock" | sed -n '1,12p'
+say "primary host: register VM 'demo' with a new 256 MiB disk"
+p vm add demo --disk "disk0=$dir/demo-disk0.img:256M"
+nbdinfo "$uri" | sed -n '1,6p'
 
-say "a guest writes 32 MiB and flushes; the journal records every write"
-qemu-io -f raw "nbd+unix:///demo/disk0?socket=$sock" \
-  -c 'write -P 0xa5 0 16M' -c 'write -P 0x5a 64M 16M' -c flush | sed -n 's/^wrote/  wrote/p'
-v vm seal demo
-say "it rewrites one 4 KiB block 1000 times: the next cycle ships it once"
+say "a guest writes 32 MiB and flushes"
+qemu-io -f raw "$uri" -c 'write -P 0xa5 0 16M' -c 'write -P 0x5a 64M 16M' -c flush | sed -n 's/^wrote/  wrote/p'
+
+say "enable replication every 30s; the initial copy sends only the 32 MiB written (holes go as ranges)"
+p replication enable demo --replica "127.0.0.1:$port" --frequency 30s
+p replication sync demo
+
+say "the guest rewrites one 4 KiB block 1000 times and writes 8 MiB more: the cycle ships the block once"
 cmds=(); for i in $(seq 1 1000); do cmds+=(-c "write -P $((i % 250)) 4096 4k"); done
-qemu-io -f raw "nbd+unix:///demo/disk0?socket=$sock" "${cmds[@]}" >/dev/null
-v vm seal demo
-v status
+qemu-io -f raw "$uri" "${cmds[@]}" >/dev/null
+qemu-io -f raw "$uri" -c 'write -P 0x3c 128M 8M' -c flush >/dev/null
+p replication sync demo
+p replication status demo
 
-say "read back through NBD"
-qemu-io -f raw "nbd+unix:///demo/disk0?socket=$sock" -c 'read -P 0xa5 0 4k' -c 'read -P 0x5a 64M 16M' | sed -n 's/^read/  read/p'
+say "the replica's view"
+r replication status demo
 
-say "logs: $dir/primary.log; state: $state"
-if [ -n "${DEMO_KEEP:-}" ]; then echo "daemon left running (pid $pid): $bin --state $state status"; fi
+say "compare: the replica image equals the primary disk byte for byte"
+nbdcopy "$uri" "$dir/primary-now.img"
+if cmp "$dir/primary-now.img" "$dir/replicas/demo/disk0.img"; then
+  echo "  identical: $(du -h --apparent-size "$dir/replicas/demo/disk0.img" | cut -f1) image, $(du -h "$dir/replicas/demo/disk0.img" | cut -f1) allocated"
+else
+  echo "  the replica differs!" >&2
+  exit 1
+fi
+rm -f "$dir/primary-now.img"
+
+say "logs: $dir/primary.log, $dir/replica.log"
+if [ -n "${DEMO_KEEP:-}" ]; then echo "daemons left running (pids ${pids[*]}): $bin --state $prim replication status"; fi

@@ -39,7 +39,7 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "control", EnvVars: []string{"VDREPL_CONTROL"},
 				Usage: "control socket of the daemon (default: STATE/control.sock)"},
 		},
-		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), pkiCmd()},
+		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), replicationCmd(), replicaCmd(), pkiCmd()},
 	}
 }
 
@@ -144,6 +144,14 @@ A guest attaches a disk with
 			&cli.StringSliceFlag{Name: "nbd", Usage: "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable)"},
 			&cli.StringFlag{Name: "journal-cap", Usage: "journal cap per VM, e.g. 20G (default: half the VM's disk size)"},
 			&cli.DurationFlag{Name: "sync-interval", Usage: "how often journals sync when clients never flush (default 1s)"},
+			&cli.StringFlag{Name: "tls-cert", EnvVars: []string{"VDREPL_TLS_CERT"}, Usage: "this host's certificate (from `vdrepl pki issue`), used to ship and to serve as a replica"},
+			&cli.StringFlag{Name: "tls-key", EnvVars: []string{"VDREPL_TLS_KEY"}, Usage: "the certificate's private key"},
+			&cli.StringFlag{Name: "tls-ca", EnvVars: []string{"VDREPL_TLS_CA"}, Usage: "the CA certificate peers must chain to"},
+			&cli.StringFlag{Name: "replica-listen", Usage: "enable the replica role on HOST:PORT (HTTPS, mutual TLS; port 8443 if omitted)"},
+			&cli.StringFlag{Name: "bandwidth-limit", Usage: "cap all shipping of this host: 50MB/s, 100Mbit/s, or a schedule like 08:00-18:00=20MB/s,*=unlimited"},
+			&cli.StringFlag{Name: "resync-window", Usage: "when automatic resyncs may run, HH:MM-HH:MM local time (default 18:30-06:00)"},
+			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on HOST:PORT at /metrics"},
+			&cli.Float64Flag{Name: "retry-scale", Value: 1, Hidden: true, Usage: "multiply retry back-off (tests)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log JSON lines instead of text"},
 		},
@@ -163,6 +171,18 @@ A guest attaches a disk with
 				NBD:          c.StringSlice("nbd"),
 				SyncInterval: c.Duration("sync-interval"),
 				Logger:       slog.New(h),
+
+				TLSCert:        c.String("tls-cert"),
+				TLSKey:         c.String("tls-key"),
+				TLSCA:          c.String("tls-ca"),
+				ReplicaListen:  c.String("replica-listen"),
+				BandwidthLimit: c.String("bandwidth-limit"),
+				ResyncWindow:   c.String("resync-window"),
+				MetricsListen:  c.String("metrics-listen"),
+				RetryScale:     c.Float64("retry-scale"),
+			}
+			if cfg.ReplicaListen != "" {
+				cfg.ReplicaListen = withDefaultPort(cfg.ReplicaListen, "8443")
 			}
 			if s := c.String("journal-cap"); s != "" {
 				n, err := daemon.ParseSize(s)

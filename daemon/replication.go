@@ -1,0 +1,427 @@
+package daemon
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/vdrepl/vdrepl/apply"
+	"github.com/vdrepl/vdrepl/internal/wire"
+	"github.com/vdrepl/vdrepl/ship"
+)
+
+// ReplicationSpec is how a VM replicates, as the admin enabled it.
+type ReplicationSpec struct {
+	// Replica is the replica's HTTPS address, host:port.
+	Replica string `json:"replica"`
+	// Frequency is how often a cycle is closed and shipped.
+	Frequency Duration `json:"frequency"`
+	// Compression sends data zstd-compressed.
+	Compression  bool     `json:"compression"`
+	ExcludeDisks []string `json:"exclude_disks,omitempty"`
+	BypassProxy  bool     `json:"bypass_proxy,omitempty"`
+	// Initial: "network", "at:RFC3339", "offline:DIR" or "existing".
+	Initial string `json:"initial"`
+	// BandwidthLimit and SyncBandwidthLimit: "unlimited", "50MB/s", or a
+	// schedule "08:00-18:00=20MB/s,*=unlimited".
+	BandwidthLimit     string    `json:"bandwidth_limit,omitempty"`
+	SyncBandwidthLimit string    `json:"sync_bandwidth_limit,omitempty"`
+	Enabled            time.Time `json:"enabled"`
+}
+
+// Duration is a time.Duration that reads and writes as "30s", "5m".
+type Duration time.Duration
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// ReplicationStatus is a VM's replication as its primary sees it.
+type ReplicationStatus struct {
+	VM       string          `json:"vm"`
+	Role     string          `json:"role"` // "primary"
+	Spec     ReplicationSpec `json:"spec"`
+	Excluded []string        `json:"excluded_disks,omitempty"`
+	ship.Status
+}
+
+// ReplicaStatus is a VM this host keeps a replica of.
+type ReplicaStatus struct {
+	Role string `json:"role"` // "replica"
+	wire.Replica
+}
+
+// Replication lists the replication state of every VM this host is primary or
+// replica of, or of one VM.
+type Replication struct {
+	Primaries []ReplicationStatus `json:"primaries"`
+	Replicas  []ReplicaStatus     `json:"replicas"`
+	Warnings  []string            `json:"warnings,omitempty"`
+}
+
+var errNoIdentity = errors.New("this daemon has no TLS certificate: start it with --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`)")
+
+// checkSpec validates a replication spec against a VM and fills defaults.
+func (d *Daemon) checkSpec(s VMSpec, r *ReplicationSpec) error {
+	host, port, err := net.SplitHostPort(r.Replica)
+	if err != nil || host == "" || port == "" {
+		return fmt.Errorf("%w: --replica %q: want HOST:PORT (the replica's --replica-listen address)", ErrInvalid, r.Replica)
+	}
+	if r.Frequency == 0 {
+		r.Frequency = Duration(5 * time.Minute)
+	}
+	if time.Duration(r.Frequency) < time.Second {
+		return fmt.Errorf("%w: --frequency %v: the shortest is 1s (presets 30s, 5m, 15m)", ErrInvalid, time.Duration(r.Frequency))
+	}
+	for _, x := range r.ExcludeDisks {
+		if !slices.ContainsFunc(s.Disks, func(ds DiskSpec) bool { return ds.Name == x }) {
+			return fmt.Errorf("%w: --exclude-disk %s: VM %s has no such disk", ErrInvalid, x, s.Name)
+		}
+	}
+	if len(r.ExcludeDisks) >= len(s.Disks) {
+		return fmt.Errorf("%w: every disk of VM %s is excluded; nothing to replicate", ErrInvalid, s.Name)
+	}
+	if r.Initial == "" {
+		r.Initial = "network"
+	}
+	switch mode, arg, _ := strings.Cut(r.Initial, ":"); mode {
+	case "network", "existing":
+		if arg != "" {
+			return fmt.Errorf("%w: --initial %s takes no argument", ErrInvalid, mode)
+		}
+	case "at":
+		if _, err := time.Parse(time.RFC3339, arg); err != nil {
+			return fmt.Errorf("%w: --initial at:%s: want an RFC 3339 time like 2026-11-24T01:00:00Z", ErrInvalid, arg)
+		}
+	case "offline":
+		if !filepath.IsAbs(arg) {
+			return fmt.Errorf("%w: --initial offline:%s: want an absolute directory", ErrInvalid, arg)
+		}
+	default:
+		return fmt.Errorf("%w: --initial %q: want network, at:TIME, offline:DIR or existing", ErrInvalid, r.Initial)
+	}
+	for _, l := range []string{r.BandwidthLimit, r.SyncBandwidthLimit} {
+		if l == "" {
+			continue
+		}
+		if _, err := ship.ParseBandwidth(l); err != nil {
+			return fmt.Errorf("%w: bandwidth limit %q: %v", ErrInvalid, l, err)
+		}
+	}
+	return nil
+}
+
+// EnableReplication starts replicating a VM to a replica host.
+func (d *Daemon) EnableReplication(name string, r ReplicationSpec) (ReplicationSpec, error) {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	v, err := d.servedVM(name)
+	if err != nil {
+		return r, err
+	}
+	if v.spec.Replication != nil {
+		return r, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); disable it first", ErrExists, name, v.spec.Replication.Replica)
+	}
+	if d.identity == nil {
+		return r, fmt.Errorf("%w: %v", ErrInvalid, errNoIdentity)
+	}
+	if err := d.checkSpec(v.spec, &r); err != nil {
+		return r, err
+	}
+	r.Enabled = time.Now().UTC().Truncate(time.Second)
+	next := v.spec
+	next.Replication = &r
+	if err := d.saveSpec(next); err != nil {
+		return r, err
+	}
+	if err := v.j.SetRetain(true); err != nil {
+		return r, err
+	}
+	d.mu.Lock()
+	v.spec = next
+	d.mu.Unlock()
+	if err := d.startShipper(v); err != nil {
+		return r, err
+	}
+	d.log.Info("replication enabled", "vm", name, "replica", r.Replica, "frequency", time.Duration(r.Frequency), "initial", r.Initial)
+	return r, nil
+}
+
+// DisableReplication stops replicating a VM; its journal stops keeping
+// cycles. The replica keeps what it has.
+func (d *Daemon) DisableReplication(name string) error {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	v, err := d.servedVM(name)
+	if err != nil {
+		return err
+	}
+	if v.spec.Replication == nil {
+		return fmt.Errorf("%w: replication of VM %s is not enabled", ErrInvalid, name)
+	}
+	v.stopShipper()
+	next := v.spec
+	next.Replication = nil
+	if err := d.saveSpec(next); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	v.spec = next
+	d.mu.Unlock()
+	os.Remove(d.shipState(name))
+	d.log.Info("replication disabled", "vm", name)
+	return v.j.SetRetain(false)
+}
+
+// servedVM returns a registered VM whose journal is open.
+func (d *Daemon) servedVM(name string) (*vm, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v, ok := d.vms[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrUnknownVM, name)
+	}
+	if v.j == nil {
+		return nil, fmt.Errorf("VM %s is not served: %v", name, v.err)
+	}
+	return v, nil
+}
+
+func (d *Daemon) saveSpec(s VMSpec) error {
+	d.mu.Lock()
+	specs := d.specsLocked()
+	d.mu.Unlock()
+	for i := range specs {
+		if specs[i].Name == s.Name {
+			specs[i] = s
+		}
+	}
+	if err := d.reg.save(specs); err != nil {
+		return fmt.Errorf("save registry: %w", err)
+	}
+	return nil
+}
+
+func (d *Daemon) shipState(name string) string {
+	return filepath.Join(d.cfg.StateDir, "vms", name, "ship.json")
+}
+
+// startShipper runs the shipper of a VM whose replication is enabled.
+func (d *Daemon) startShipper(v *vm) error {
+	r := v.spec.Replication
+	host, _, _ := net.SplitHostPort(r.Replica)
+	cfg := ship.Config{
+		VM:           v.spec.Name,
+		Journal:      ship.FromJournal(v.j),
+		Replica:      r.Replica,
+		TLS:          d.identity.ClientConfig(host),
+		BypassProxy:  r.BypassProxy,
+		Compress:     r.Compression,
+		Frequency:    time.Duration(r.Frequency),
+		Initial:      r.Initial,
+		StateFile:    d.shipState(v.spec.Name),
+		HostLimit:    d.hostLimit,
+		RetryScale:   d.cfg.RetryScale,
+		BlockSize:    d.cfg.ResyncBlockSize,
+		ResyncWindow: d.cfg.ResyncWindow,
+		Logger:       d.log.With("vm", v.spec.Name),
+	}
+	for i, ds := range v.spec.Disks {
+		if slices.Contains(r.ExcludeDisks, ds.Name) {
+			continue
+		}
+		cfg.Disks = append(cfg.Disks, wire.Disk{Name: ds.Name, Size: ds.Size})
+		cfg.DiskIndex = append(cfg.DiskIndex, i)
+	}
+	var err error
+	if r.BandwidthLimit != "" {
+		if cfg.Limit, err = ship.ParseBandwidth(r.BandwidthLimit); err != nil {
+			return err
+		}
+	}
+	if r.SyncBandwidthLimit != "" {
+		if cfg.SyncLimit, err = ship.ParseBandwidth(r.SyncBandwidthLimit); err != nil {
+			return err
+		}
+	}
+	s, err := ship.New(cfg)
+	if err != nil {
+		return fmt.Errorf("VM %s: start replication: %w", v.spec.Name, err)
+	}
+	ctx, cancel := context.WithCancel(d.ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := s.Run(ctx); err != nil {
+			d.log.Error("replication stopped", "vm", v.spec.Name, "err", err)
+		}
+	}()
+	d.mu.Lock()
+	v.ship, v.shipStop, v.shipDone = s, cancel, done
+	d.mu.Unlock()
+	return nil
+}
+
+// stopShipper ends a VM's shipper and waits for it.
+func (v *vm) stopShipper() {
+	if v.ship == nil {
+		return
+	}
+	v.shipStop()
+	<-v.shipDone
+	v.ship.Close()
+	v.ship = nil
+}
+
+// shipper returns the shipper of a VM with replication enabled.
+func (d *Daemon) shipper(name string) (*ship.Shipper, error) {
+	v, err := d.servedVM(name)
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if v.ship == nil {
+		return nil, fmt.Errorf("%w: replication of VM %s is not enabled", ErrInvalid, name)
+	}
+	return v.ship, nil
+}
+
+// SyncReplication closes a cycle now and waits until the replica applied it.
+func (d *Daemon) SyncReplication(ctx context.Context, name string) (uint64, error) {
+	s, err := d.shipper(name)
+	if err != nil {
+		return 0, err
+	}
+	return s.Sync(ctx)
+}
+
+// ReplicationControl pauses, resumes or resyncs a VM's replication.
+func (d *Daemon) ReplicationControl(name, op string) error {
+	s, err := d.shipper(name)
+	if err != nil {
+		return err
+	}
+	switch op {
+	case "pause":
+		return s.Pause()
+	case "resume":
+		return s.Resume()
+	case "resync":
+		return s.Resync()
+	}
+	return fmt.Errorf("%w: unknown operation %q", ErrInvalid, op)
+}
+
+// ReplicationStatus reports replication of every VM, or of one.
+func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
+	var out Replication
+	d.mu.Lock()
+	specs := d.specsLocked()
+	vms := make(map[string]*vm, len(d.vms))
+	for k, v := range d.vms {
+		vms[k] = v
+	}
+	d.mu.Unlock()
+	found := name == ""
+	for _, s := range specs {
+		if name != "" && s.Name != name {
+			continue
+		}
+		v := vms[s.Name]
+		if s.Replication == nil {
+			continue
+		}
+		found = true
+		rs := ReplicationStatus{VM: s.Name, Role: "primary", Spec: *s.Replication, Excluded: s.Replication.ExcludeDisks}
+		d.mu.Lock()
+		sh := v.ship
+		d.mu.Unlock()
+		if sh != nil {
+			rs.Status = sh.Status()
+		} else {
+			rs.Status.State = "error"
+			rs.Status.Health = "critical"
+			if v.err != nil {
+				rs.Status.Reason = v.err.Error()
+			}
+		}
+		out.Primaries = append(out.Primaries, rs)
+	}
+	if d.replica != nil {
+		for _, r := range d.replica.Replicas() {
+			if name != "" && r.VM != name {
+				continue
+			}
+			found = true
+			out.Replicas = append(out.Replicas, ReplicaStatus{Role: "replica", Replica: r})
+		}
+	}
+	if !found {
+		return out, fmt.Errorf("%w: %s (neither replicated from nor to this host)", ErrUnknownVM, name)
+	}
+	if d.identity != nil {
+		out.Warnings = d.identity.Warnings(time.Now())
+	}
+	return out, nil
+}
+
+// serveReplica runs the replica role's HTTPS listener.
+func (d *Daemon) serveReplica(ctx context.Context, errc chan<- error) (func(), error) {
+	if d.identity == nil {
+		return nil, errNoIdentity
+	}
+	l, err := net.Listen("tcp", d.cfg.ReplicaListen)
+	if err != nil {
+		return nil, fmt.Errorf("replica listen %s: %w", d.cfg.ReplicaListen, err)
+	}
+	d.mu.Lock()
+	d.replicaAddr = l.Addr().String()
+	d.mu.Unlock()
+	srv := &http.Server{
+		Handler:           d.replica.Handler(),
+		TLSConfig:         d.identity.ServerConfig(),
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+		ErrorLog:          nil,
+	}
+	go func() {
+		if err := srv.Serve(tls.NewListener(l, srv.TLSConfig)); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("replica listener: %w", err)
+		}
+	}()
+	d.log.Info("replica role serving", "listen", l.Addr().String(), "name", d.identity.Name())
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}, nil
+}
+
+// Allow adds an allow-list entry of the replica role.
+func (d *Daemon) Allow(e apply.AllowEntry) error { return d.replica.Allow(e) }
+
+// Disallow removes an allow-list entry.
+func (d *Daemon) Disallow(pattern string) error { return d.replica.Disallow(pattern) }
+
+// AllowList lists the replica role's allow-list.
+func (d *Daemon) AllowList() []apply.AllowEntry { return d.replica.AllowList() }
+
+// ImportInitial loads an offline initial copy on the replica.
+func (d *Daemon) ImportInitial(vm, dir string) error { return d.replica.ImportInitial(vm, dir) }

@@ -1,0 +1,144 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// pair is a primary and a replica daemon on loopback, with certificates made
+// by `vdrepl pki` and the primary on the replica's allow-list.
+type pair struct {
+	prim, rep   *host
+	pki         string
+	storage     string // the replica's storage directory for the primary
+	replicaAddr string
+}
+
+func vdrepl(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(vdreplBin, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("vdrepl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func tlsFlags(dir, name string) []string {
+	return []string{"--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key"), "--tls-ca", filepath.Join(dir, "ca.crt")}
+}
+
+func newPair(t *testing.T) *pair {
+	t.Helper()
+	p := &pair{pki: t.TempDir(), storage: filepath.Join(t.TempDir(), "replicas")}
+	vdrepl(t, "pki", "init", "--dir", p.pki)
+	vdrepl(t, "pki", "issue", "--dir", p.pki, "--name", "primary.test", "--san", "127.0.0.1")
+	vdrepl(t, "pki", "issue", "--dir", p.pki, "--name", "replica.test", "--san", "127.0.0.1")
+	p.rep = newHost(t, append(tlsFlags(p.pki, "replica.test"), "--replica-listen", "127.0.0.1:0")...)
+	p.prim = newHost(t, append(tlsFlags(p.pki, "primary.test"), "--retry-scale", "0.0005")...)
+	p.rep.run("replica", "allow", "add", "--primary", "primary.test", "--storage", p.storage)
+	var st struct {
+		ReplicaListen string `json:"replica_listen"`
+	}
+	if err := json.Unmarshal([]byte(p.rep.run("status", "--json")), &st); err != nil || st.ReplicaListen == "" {
+		t.Fatalf("replica status has no listen address: %v %+v", err, st)
+	}
+	p.replicaAddr = st.ReplicaListen
+	return p
+}
+
+// exportBytes reads a whole NBD export of h.
+func exportBytes(t *testing.T, h *host, export string) []byte {
+	t.Helper()
+	dst := filepath.Join(t.TempDir(), "export.img")
+	sh(t, "nbdcopy", h.uri(export), dst)
+	b, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// checkEqual compares the primary's export with the replica's image file.
+func (p *pair) checkEqual(t *testing.T, vm, disk string) {
+	t.Helper()
+	want := exportBytes(t, p.prim, vm+"/"+disk)
+	got, err := os.ReadFile(filepath.Join(p.storage, vm, disk+".img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("replica image is %d bytes, primary %d", len(got), len(want))
+	}
+	if !bytes.Equal(got, want) {
+		for i := range got {
+			if got[i] != want[i] {
+				t.Fatalf("replica differs from primary at byte %d (block %d)", i, i/4096)
+			}
+		}
+	}
+}
+
+type replStatus struct {
+	Primaries []struct {
+		VM     string `json:"vm"`
+		State  string `json:"state"`
+		Health string `json:"health"`
+	} `json:"primaries"`
+	Replicas []struct {
+		VM         string `json:"vm"`
+		Primary    string `json:"primary"`
+		Applied    uint64 `json:"applied"`
+		Consistent bool   `json:"consistent"`
+		State      string `json:"state"`
+	} `json:"replicas"`
+}
+
+func (h *host) replication(vm string) replStatus {
+	h.t.Helper()
+	var s replStatus
+	if err := json.Unmarshal([]byte(h.run("replication", "status", vm, "--json")), &s); err != nil {
+		h.t.Fatal(err)
+	}
+	return s
+}
+
+func fioVerify(t *testing.T, uri, size string) {
+	t.Helper()
+	sh(t, "fio", "--name=repl", "--ioengine=nbd", "--uri="+uri,
+		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size="+size,
+		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+}
+
+// TestReplicationEndToEnd: fio with verify on the primary, an initial copy,
+// cycles, `replication sync`, and the replica equal to the primary byte for
+// byte after each step.
+func TestReplicationEndToEnd(t *testing.T) {
+	need(t, "fio", "nbdcopy", "qemu-io")
+	p := newPair(t)
+	p.prim.addVM("vm1", "64M")
+	fioVerify(t, p.prim.uri("vm1/disk0"), "16m")
+
+	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h")
+	p.prim.run("replication", "sync", "vm1")
+	p.checkEqual(t, "vm1", "disk0")
+
+	// Writes after the initial copy travel as cycles.
+	fioVerify(t, p.prim.uri("vm1/disk0"), "32m")
+	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 40M 1M", "-c", "discard 8M 4M", p.prim.uri("vm1/disk0"))
+	p.prim.run("replication", "sync", "vm1")
+	p.checkEqual(t, "vm1", "disk0")
+
+	s := p.rep.replication("vm1")
+	if len(s.Replicas) != 1 || s.Replicas[0].Primary != "primary.test" || !s.Replicas[0].Consistent || s.Replicas[0].Applied == 0 {
+		t.Fatalf("replica status: %+v", s)
+	}
+	ps := p.prim.replication("vm1")
+	if len(ps.Primaries) != 1 || ps.Primaries[0].State != "replicating" || ps.Primaries[0].Health != "normal" {
+		t.Fatalf("primary status: %+v", ps)
+	}
+}
