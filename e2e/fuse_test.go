@@ -84,7 +84,7 @@ func TestFUSEFioVerify(t *testing.T) {
 	}
 	sh(t, "fio", "--name=v", "--filename="+file, "--ioengine=libaio", "--direct=1",
 		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32m",
-		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+		"--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1", "--do_verify=1")
 	stop()
 	if isMounted(mp) {
 		t.Fatal("mount still present after SIGINT to vdrepl mount")

@@ -104,7 +104,7 @@ func TestFioVerifyTwoConnections(t *testing.T) {
 	h.addVM("vm1", "64M")
 	out := sh(t, "fio", "--name=verify", "--ioengine=nbd", "--uri="+h.uri("vm1/disk0"),
 		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--numjobs=2", "--size=32m",
-		"--offset_increment=32m", "--verify=crc32c", "--verify_fatal=1",
+		"--offset_increment=32m", "--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1",
 		"--do_verify=1", "--group_reporting", "--output-format=json")
 	var res struct {
 		Jobs []struct {

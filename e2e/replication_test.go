@@ -111,7 +111,7 @@ func fioVerify(t *testing.T, uri, size string) {
 	t.Helper()
 	sh(t, "fio", "--name=repl", "--ioengine=nbd", "--uri="+uri,
 		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size="+size,
-		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+		"--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1", "--do_verify=1")
 }
 
 // TestReplicationEndToEnd: fio with verify on the primary, an initial copy,
