@@ -51,6 +51,7 @@ type Status struct {
 	// replica role listens ("" = off).
 	Identity      string   `json:"identity,omitempty"`
 	ReplicaListen string   `json:"replica_listen,omitempty"`
+	MetricsListen string   `json:"metrics_listen,omitempty"`
 	Warnings      []string `json:"warnings,omitempty"`
 }
 
@@ -60,7 +61,7 @@ func (d *Daemon) Status() Status {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	s := Status{StateDir: d.cfg.StateDir, LastShutdown: d.lastShutdown, NBD: append([]string(nil), d.listeners...), VMs: vms,
-		ReplicaListen: d.replicaAddr}
+		ReplicaListen: d.replicaAddr, MetricsListen: d.metricsAddr}
 	if d.identity != nil {
 		s.Identity = d.identity.Name()
 		s.Warnings = d.identity.Warnings(time.Now())

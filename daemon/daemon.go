@@ -101,6 +101,7 @@ type Daemon struct {
 	identity    *pki.Identity   // nil without --tls-cert
 	replica     *apply.Server
 	replicaAddr string
+	metricsAddr string
 	hostLimit   *ship.Limiter
 }
 

@@ -3,6 +3,9 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,7 +42,7 @@ func newPair(t *testing.T) *pair {
 	vdrepl(t, "pki", "issue", "--dir", p.pki, "--name", "primary.test", "--san", "127.0.0.1")
 	vdrepl(t, "pki", "issue", "--dir", p.pki, "--name", "replica.test", "--san", "127.0.0.1")
 	p.rep = newHost(t, append(tlsFlags(p.pki, "replica.test"), "--replica-listen", "127.0.0.1:0")...)
-	p.prim = newHost(t, append(tlsFlags(p.pki, "primary.test"), "--retry-scale", "0.0005")...)
+	p.prim = newHost(t, append(tlsFlags(p.pki, "primary.test"), "--retry-scale", "0.0005", "--metrics-listen", "127.0.0.1:0")...)
 	p.rep.run("replica", "allow", "add", "--primary", "primary.test", "--storage", p.storage)
 	var st struct {
 		ReplicaListen string `json:"replica_listen"`
@@ -140,5 +143,30 @@ func TestReplicationEndToEnd(t *testing.T) {
 	ps := p.prim.replication("vm1")
 	if len(ps.Primaries) != 1 || ps.Primaries[0].State != "replicating" || ps.Primaries[0].Health != "normal" {
 		t.Fatalf("primary status: %+v", ps)
+	}
+
+	// The same figures for Prometheus.
+	var st struct {
+		MetricsListen string `json:"metrics_listen"`
+	}
+	if err := json.Unmarshal([]byte(p.prim.run("status", "--json")), &st); err != nil || st.MetricsListen == "" {
+		t.Fatalf("no metrics address in status: %v", err)
+	}
+	resp, err := http.Get("http://" + st.MetricsListen + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`vdrepl_replication_health{vm="vm1"} 0`,
+		`vdrepl_replication_frequency_seconds{vm="vm1"} 3600`,
+		`vdrepl_replication_state{state="replicating",vm="vm1"} 1`,
+		`vdrepl_replication_last_applied_cycle{vm="vm1"} ` + fmt.Sprint(s.Replicas[0].Applied),
+		`vdrepl_replication_configured_vms 1`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q:\n%s", want, body)
+		}
 	}
 }
