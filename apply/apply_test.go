@@ -508,7 +508,7 @@ func TestFullInitialCopy(t *testing.T) {
 	sendPieces(t, a, "vm1", testDisks, wire.KindFull, 7, pieceSize, primary, []int64{0, 2, 4})
 
 	// Finishing early is refused and says how many pieces are missing.
-	fin := wire.SyncFinish{Gen: 7, Base: 41}
+	fin := wire.SyncFinish{Gen: 7, Base: 41, ConsistentAt: 43}
 	if status, e := a.call("POST", vmPath("vm1")+"/sync/finish", fin, nil); status != http.StatusConflict || e.Code != wire.CodeMismatch {
 		t.Fatalf("early finish: %d %+v", status, e)
 	}
@@ -529,17 +529,22 @@ func TestFullInitialCopy(t *testing.T) {
 		if status, e := a.call("POST", vmPath("vm1")+"/sync/finish", fin, &rep); status != 200 {
 			t.Fatalf("finish: %d %+v", status, e)
 		}
-		if rep.State != stateReplicating || rep.Applied != 41 || rep.Consistent || rep.Sync != nil {
+		if rep.State != stateReplicating || rep.Applied != 41 || rep.Consistent || rep.ConsistentAt != 43 || rep.Sync != nil {
 			t.Fatalf("after finish: %+v", rep)
 		}
 	}
 	checkImages(t, vfs.Default, dir, testDisks, primary)
-	// The next cycle makes it consistent.
+	// The cycles up to ConsistentAt, sealed after the last piece was read,
+	// make it consistent; not before.
 	ops := []op{{t: wire.FrameTrim, disk: 0, off: 0, n: 64 << 10}}
 	rep = a.send("vm1", "c42", buildStream(t, cycleHeader("vm1", 42, 41), ops))
 	primary.apply(ops)
-	if !rep.Consistent || rep.Applied != 42 {
-		t.Fatalf("after cycle 42: %+v", rep)
+	if rep.Consistent || rep.Applied != 42 {
+		t.Fatalf("after cycle 42 (consistent at 43): %+v", rep)
+	}
+	rep = a.send("vm1", "c43", buildStream(t, cycleHeader("vm1", 43, 42), nil))
+	if !rep.Consistent || rep.Applied != 43 || rep.ConsistentAt != 0 {
+		t.Fatalf("after cycle 43: %+v", rep)
 	}
 	checkImages(t, vfs.Default, dir, testDisks, primary)
 	// A finished generation cannot start again.

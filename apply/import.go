@@ -158,7 +158,7 @@ func (v *vm) importPieces(m wire.OfflineManifest, dir string) error {
 		return err
 	}
 	err = v.update(func(st *replicaState) error {
-		finishSync(st, m.Gen, m.Base)
+		finishSync(st, m.Gen, m.Base, m.ConsistentAt)
 		return nil
 	})
 	if err != nil {

@@ -111,6 +111,9 @@ type replicaState struct {
 	Applied    uint64      `json:"applied"`
 	AppliedAt  time.Time   `json:"applied_at,omitzero"`
 	Consistent bool        `json:"consistent"`
+	// ConsistentAt: after a sync, applying this cycle makes the images
+	// exact (wire.SyncFinish).
+	ConsistentAt uint64 `json:"consistent_at,omitempty"`
 	// NeedsSync: the images were there before (Enable.Existing) and are
 	// not known to match anything until a sync finishes; cycles alone do
 	// not make the VM replicating.
@@ -206,8 +209,9 @@ type intent struct {
 	Sealed time.Time `json:"sealed,omitzero"`
 	// A resync finish: sync/<Gen>/*.stream hold its pieces; the image then
 	// follows cycle Base.
-	Gen  uint64 `json:"gen,omitempty"`
-	Base uint64 `json:"base,omitempty"`
+	Gen          uint64 `json:"gen,omitempty"`
+	Base         uint64 `json:"base,omitempty"`
+	ConsistentAt uint64 `json:"consistent_at,omitempty"`
 }
 
 const (
@@ -248,6 +252,9 @@ func (st *replicaState) wire() wire.Replica {
 		Applied:    st.Applied,
 		AppliedAt:  st.AppliedAt,
 		Consistent: st.Consistent,
+	}
+	if !st.Consistent {
+		r.ConsistentAt = st.ConsistentAt
 	}
 	if st.Sync != nil {
 		r.Sync = st.Sync.wire()

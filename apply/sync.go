@@ -118,7 +118,7 @@ func (v *vm) syncFinish(req wire.SyncFinish) (wire.Replica, error) {
 	if st.Sync.Kind == wire.KindFull {
 		// Every piece is already in the images, synced.
 		if err := v.update(func(st *replicaState) error {
-			finishSync(st, req.Gen, req.Base)
+			finishSync(st, req.Gen, req.Base, req.ConsistentAt)
 			return nil
 		}); err != nil {
 			return wire.Replica{}, err
@@ -150,7 +150,7 @@ func (v *vm) syncFinish(req wire.SyncFinish) (wire.Replica, error) {
 		}
 	}
 	err := v.update(func(st *replicaState) error {
-		st.Intent = &intent{Op: intentResync, Gen: req.Gen, Base: req.Base}
+		st.Intent = &intent{Op: intentResync, Gen: req.Gen, Base: req.Base, ConsistentAt: req.ConsistentAt}
 		return nil
 	})
 	if err != nil {

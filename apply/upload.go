@@ -327,9 +327,9 @@ func (v *vm) finishIntent(recovering bool) error {
 			}
 			// After a sync the image is exact once the cycles that follow
 			// it are applied; while one runs, it is not (wire.Replica).
-			st.Consistent = st.State == stateReplicating
+			st.Consistent = st.State == stateReplicating && st.Applied >= st.ConsistentAt
 		case intentResync:
-			finishSync(st, in.Gen, in.Base)
+			finishSync(st, in.Gen, in.Base, in.ConsistentAt)
 		}
 		st.Intent = nil
 		return nil
@@ -363,16 +363,16 @@ func (v *vm) finishIntent(recovering bool) error {
 
 // finishSync is the state after a sync of generation gen completed: the
 // images follow cycle base.
-func finishSync(st *replicaState, gen, base uint64) {
+func finishSync(st *replicaState, gen, base, consistentAt uint64) {
 	st.Applied, st.AppliedAt = base, time.Time{}
 	st.State = stateReplicating
 	// The pieces were read from the primary while its guest kept writing,
 	// so the images hold a mix of the disks as they were at Base and
 	// later. The cycles after Base carry every write since Base's barrier;
-	// once the next one is applied, the images equal the primary's at its
-	// barrier again (the primary folds into the sync, and into Base, the
-	// cycles sealed while it read).
+	// once those up to ConsistentAt (sealed after the last piece was read)
+	// are applied, the images equal the primary's at that barrier.
 	st.Consistent = false
+	st.ConsistentAt = max(consistentAt, base+1)
 	st.NeedsSync = false
 	st.Sync = nil
 	st.LastSync = gen

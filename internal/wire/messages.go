@@ -74,8 +74,10 @@ type Replica struct {
 	AppliedAt time.Time `json:"applied_at,omitzero"`
 	// Consistent is false while an initial copy or resync is unfinished or
 	// the cycles that follow it are not applied yet.
-	Consistent bool       `json:"consistent"`
-	Sync       *SyncState `json:"sync,omitempty"`
+	Consistent bool `json:"consistent"`
+	// ConsistentAt: after a sync, the cycle from which on it is consistent.
+	ConsistentAt uint64     `json:"consistent_at,omitempty"`
+	Sync         *SyncState `json:"sync,omitempty"`
 }
 
 // Upload is how much of an upload the replica holds.
@@ -116,6 +118,11 @@ type SumsRequest struct {
 type SyncFinish struct {
 	Gen  uint64 `json:"gen"`
 	Base uint64 `json:"base"`
+	// ConsistentAt is the first cycle at whose barrier the replica equals
+	// the primary: the pieces were read while the guest wrote, so the copy
+	// is exact only once the cycles up to the one sealed after the last
+	// piece was read are applied. 0 = the cycle after Base.
+	ConsistentAt uint64 `json:"consistent_at,omitempty"`
 }
 
 // Error codes. The primary retries "offset" (resume), "corrupt" (send
@@ -180,6 +187,9 @@ type OfflineManifest struct {
 	PieceSize int64     `json:"piece_size"`
 	Pieces    int64     `json:"pieces"`
 	Created   time.Time `json:"created"`
+	// ConsistentAt: see SyncFinish. The primary seals it right after the
+	// pieces are written.
+	ConsistentAt uint64 `json:"consistent_at,omitempty"`
 }
 
 // OfflineManifestFile is the manifest's name in an offline directory.
