@@ -56,12 +56,13 @@ func backoff(n int, scale float64) time.Duration {
 // retryable says whether err may go away by itself (network trouble, a busy
 // or full replica, a corrupted transfer) or needs an admin (authorization,
 // certificates, a replica that does not know the VM or disagrees about its
-// disks, a journal that failed).
+// disks, a journal that failed or does not keep cycles).
 func retryable(err error) bool {
 	if err == nil {
 		return true
 	}
-	if errors.Is(err, journal.ErrFailed) || errors.Is(err, ErrBadConfig) || errors.Is(err, ErrState) {
+	if errors.Is(err, journal.ErrFailed) || errors.Is(err, journal.ErrNotRetaining) ||
+		errors.Is(err, ErrBadConfig) || errors.Is(err, ErrState) {
 		return false
 	}
 	var re *ReplicaError

@@ -455,16 +455,18 @@ func (s *Shipper) fail(err error) {
 	} else {
 		s.stopped = err
 	}
-	s.signalLocked()
 	s.mu.Unlock()
 	if retry {
 		s.log.Warn("replication failed, will retry", "err", err, "retry_in", next)
 	} else {
 		s.log.Error("replication stopped", "err", err)
 	}
+	// The event comes before waiters wake, so whoever sees the new state
+	// has been told why.
 	if f := s.cfg.Events.Error; f != nil {
 		f(err, retry)
 	}
+	s.signal()
 	s.notifyState()
 }
 
@@ -578,8 +580,11 @@ func (s *Shipper) sealLoop(ctx context.Context) {
 
 // tick is one scheduled seal. A seal that finds the cycle of the previous
 // tick still unshipped counts a missed cycle. No cycle is sealed while
-// paused or before the initial copy finished (writes gather in the open
-// cycle meanwhile).
+// paused, nor before the initial copy or while a sync runs: then every write
+// made while the pieces were read lands in the one cycle after the base,
+// sealed after the last read, and the replica equals the primary at that
+// cycle's barrier once it applied it (apply marks it consistent then). A
+// cycle sealed mid-sync would be marked consistent without being so.
 func (s *Shipper) tick() {
 	js := s.j.Stats()
 	s.mu.Lock()
@@ -626,7 +631,8 @@ func (s *Shipper) addSample(retained int64) {
 
 // Sync seals a cycle now and waits until the replica applied it. It
 // returns the cycle, or why it cannot be applied (paused, stopped by a
-// non-recoverable error, a resync that waits for its window, ctx).
+// non-recoverable error, a resync that waits for its window, ctx). During an
+// initial copy or resync it waits for the end of it before sealing.
 func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
 	s.mu.Lock()
 	closed, paused, stopped := s.closed, s.st.Paused, s.stopped
@@ -638,6 +644,32 @@ func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
 		return 0, ErrPaused
 	case stopped != nil:
 		return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
+	}
+	// Seal only once no sync runs (see tick).
+	for {
+		s.mu.Lock()
+		ch := s.changed
+		ready := s.st.InitialDone && s.st.Sync == nil
+		paused, stopped, waiting, closed := s.st.Paused, s.stopped, s.waiting, s.closed
+		s.mu.Unlock()
+		if ready {
+			break
+		}
+		switch {
+		case closed:
+			return 0, ErrClosed
+		case paused:
+			return 0, ErrPaused
+		case stopped != nil:
+			return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
+		case waiting == "at":
+			return 0, fmt.Errorf("ship: the initial copy is scheduled for %s", s.initial.at.Format(time.RFC3339))
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-ch:
+		}
 	}
 	info, err := s.j.Seal(0)
 	if err != nil {

@@ -26,6 +26,17 @@ func cycleOf(id string) (uint64, bool) {
 	return n, err == nil
 }
 
+// pieceOf parses an upload id "s<gen>-<piece>".
+func pieceOf(id string) (gen uint64, piece int64, ok bool) {
+	g, p, found := strings.Cut(strings.TrimPrefix(id, "s"), "-")
+	if !strings.HasPrefix(id, "s") || !found {
+		return 0, 0, false
+	}
+	gen, err1 := strconv.ParseUint(g, 10, 64)
+	piece, err2 := strconv.ParseInt(p, 10, 64)
+	return gen, piece, err1 == nil && err2 == nil
+}
+
 func TestInitialCopyThenCyclesInOrder(t *testing.T) {
 	e := newEnv(t, 1<<20, 512<<10)
 	e.j.write(0, 0, random(64<<10))
@@ -39,7 +50,7 @@ func TestInitialCopyThenCyclesInOrder(t *testing.T) {
 	// barrier and must reach the replica too.
 	var once sync.Once
 	e.rep.afterCommit = func(id string) {
-		if id == wire.SyncUploadID(1, 0) {
+		if _, p, ok := pieceOf(id); ok && p == 0 {
 			once.Do(func() { e.j.write(0, 4096, random(16<<10)) })
 		}
 	}
@@ -202,10 +213,11 @@ func TestForbiddenStopsUntilResume(t *testing.T) {
 		t.Fatalf("stopped by %v", stopped)
 	}
 	mu.Lock()
-	if !slices.Equal(errs, []bool{false}) {
-		t.Fatalf("error events %v, want one non-retryable", errs)
-	}
+	got := slices.Clone(errs)
 	mu.Unlock()
+	if !slices.Equal(got, []bool{false}) {
+		t.Fatalf("error events %v, want one non-retryable", got)
+	}
 
 	e.rep.mu.Lock()
 	e.rep.allow["primary"] = true
@@ -253,13 +265,15 @@ func TestFullReplicaBacksOffThenRecovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.checkImages(c)
+	// Copies: failing with mu held would deadlock with the shipper's events.
 	mu.Lock()
-	defer mu.Unlock()
-	if len(failedAt) != 3 {
-		t.Fatalf("%d failed commits", len(failedAt))
+	failed, evs := slices.Clone(failedAt), slices.Clone(events)
+	mu.Unlock()
+	if len(failed) != 3 {
+		t.Fatalf("%d failed commits", len(failed))
 	}
-	for i := 1; i < len(failedAt); i++ {
-		if d, min := failedAt[i].Sub(failedAt[i-1]), backoff(i, e.cfg.RetryScale); d < min {
+	for i := 1; i < len(failed); i++ {
+		if d, min := failed[i].Sub(failed[i-1]), backoff(i, e.cfg.RetryScale); d < min {
 			t.Fatalf("retry %d after %v, back-off is %v", i, d, min)
 		}
 	}
@@ -273,8 +287,8 @@ func TestFullReplicaBacksOffThenRecovers(t *testing.T) {
 	if attempt != 0 {
 		t.Fatalf("back-off not reset: attempt %d", attempt)
 	}
-	if !slices.ContainsFunc(events, func(s string) bool { return strings.Contains(s, "retrying after") && strings.Contains(s, "full") }) {
-		t.Fatalf("no retry in the state events: %q", events)
+	if !slices.ContainsFunc(evs, func(s string) bool { return strings.Contains(s, "retrying after") && strings.Contains(s, "full") }) {
+		t.Fatalf("no retry in the state events: %q", evs)
 	}
 }
 
@@ -343,7 +357,7 @@ func TestResyncSendsOnlyDifferingBlocksAndResumesAfterRestart(t *testing.T) {
 	var once sync.Once
 	var r *run
 	e.rep.afterCommit = func(id string) {
-		if id == wire.SyncUploadID(1, 2) {
+		if _, p, ok := pieceOf(id); ok && p == 2 {
 			once.Do(func() { r.cancel(); close(stopped) })
 		}
 	}
@@ -367,12 +381,13 @@ func TestResyncSendsOnlyDifferingBlocksAndResumesAfterRestart(t *testing.T) {
 	zeros := e.rep.zeroRanges[wire.KindResync]
 	e.rep.mu.Unlock()
 	seen := map[string]bool{}
+	gen0, _, _ := pieceOf(commits[0])
 	for _, id := range commits {
 		if seen[id] {
 			t.Fatalf("piece %s committed twice: %v", id, commits)
 		}
-		if !strings.HasPrefix(id, "s1-") {
-			t.Fatalf("commit %s: the restart began a new generation", id)
+		if gen, _, ok := pieceOf(id); !ok || gen != gen0 {
+			t.Fatalf("commit %s after %s: the restart began a new generation", id, commits[0])
 		}
 		seen[id] = true
 	}
@@ -725,3 +740,47 @@ func TestRetryable(t *testing.T) {
 }
 
 func writeFile(name, data string) error { return os.WriteFile(name, []byte(data), 0o600) }
+
+// countingLimiter is an unlimited schedule that counts the uploads it paces
+// (WaitN asks its Now for every read of an upload body).
+func countingLimiter(t *testing.T) (*Limiter, func() int) {
+	l, err := ParseBandwidth("unlimited")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	n := 0
+	l.Now = func() time.Time {
+		mu.Lock()
+		n++
+		mu.Unlock()
+		return time.Now()
+	}
+	return l, func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return n
+	}
+}
+
+func TestLimitersPaceTheirTraffic(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	e.j.write(0, 0, random(128<<10))
+	var vmN, hostN, syncN func() int
+	e.cfg.Limit, vmN = countingLimiter(t)
+	e.cfg.HostLimit, hostN = countingLimiter(t)
+	e.cfg.SyncLimit, syncN = countingLimiter(t)
+	r := e.start(e.cfg)
+	waitReplicating(t, r.s)
+	if vmN() == 0 || hostN() == 0 || syncN() == 0 {
+		t.Fatalf("initial copy paced by VM %d, host %d, sync %d reads: want all three", vmN(), hostN(), syncN())
+	}
+	v, h, s := vmN(), hostN(), syncN()
+	e.j.write(0, 0, random(128<<10))
+	if _, err := r.s.Sync(syncCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if vmN() == v || hostN() == h || syncN() != s {
+		t.Fatalf("a cycle paced by VM %d, host %d, sync %d reads: want the first two only", vmN()-v, hostN()-h, syncN()-s)
+	}
+}

@@ -132,6 +132,10 @@ func (s *Shipper) Status() Status {
 		}
 	}
 
+	// Warning when replication falls behind: a retry is pending, a resync
+	// is due, or the oldest closed cycle not yet on the replica was sealed
+	// more than two cycles ago (the newest unshipped one is at most one
+	// cycle old while seals go on, so it would never tell).
 	switch {
 	case s.stopped != nil:
 		st.Health = HealthCritical

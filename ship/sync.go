@@ -36,8 +36,12 @@ var zeros = make([]byte, wire.MaxFrameData)
 
 func isZero(b []byte) bool { return bytes.Equal(b, zeros[:len(b)]) }
 
-// maxSumBlocks bounds one /sums answer to 512 KiB of hashes.
-const maxSumBlocks = 16384
+// One /sums request covers at most maxSumBlocks blocks (a 512 KiB answer)
+// and maxSumLength bytes of disk (what a replica reads for one answer).
+const (
+	maxSumBlocks = 16384
+	maxSumLength = 256 << 20
+)
 
 // ErrSyncRunning is returned by WriteOffline when another initial copy or
 // resync is under way.
@@ -60,7 +64,10 @@ func (s *Shipper) startSync(kind, reason, offline string) error {
 	}
 	var rec syncRecord
 	err = s.update(func(st *persisted) {
-		st.Gen++
+		// Generations count up from the clock, not from 1: the replica
+		// refuses a generation it already finished, and a primary whose state
+		// file was lost must not reuse one.
+		st.Gen = max(st.Gen+1, uint64(s.now().Unix()))
 		rec = syncRecord{
 			Gen: st.Gen, Kind: kind, Base: info.Cycle, BaseSealed: info.Sealed,
 			PieceSize: s.cfg.PieceSize, Pieces: wire.PieceCount(s.cfg.Disks, s.cfg.PieceSize),
@@ -73,6 +80,8 @@ func (s *Shipper) startSync(kind, reason, offline string) error {
 		st.Resync = nil
 	})
 	s.log.Info("sync started", "kind", kind, "gen", rec.Gen, "base", rec.Base, "reason", reason)
+	// Spools of an abandoned generation and of released cycles are dead.
+	s.cleanSpools(nil, rec.Gen)
 	return err
 }
 
@@ -275,7 +284,7 @@ func (s *Shipper) fillFull(ctx context.Context, w *wire.Writer, wd int, off, n i
 func (s *Shipper) remoteSums(ctx context.Context, wd int, off, n, bs int64) ([]byte, error) {
 	sums := make([]byte, 0, (n+bs-1)/bs*wire.HashSize)
 	for pos := off; pos < off+n; {
-		m := min(off+n-pos, maxSumBlocks*bs)
+		m := min(off+n-pos, maxSumBlocks*bs, maxSumLength)
 		b, err := s.c.sums(ctx, wire.SumsRequest{Disk: wd, Offset: pos, Length: m, BlockSize: bs})
 		if err != nil {
 			return nil, err
