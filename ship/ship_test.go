@@ -784,3 +784,29 @@ func TestLimitersPaceTheirTraffic(t *testing.T) {
 		t.Fatalf("a cycle paced by VM %d, host %d, sync %d reads: want the first two only", vmN()-v, hostN()-h, syncN()-s)
 	}
 }
+
+func TestStatusSyncProgress(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	now := time.Date(2026, 3, 2, 12, 0, 0, 0, time.UTC)
+	e.cfg.Now = func() time.Time { return now }
+	s, err := New(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.st.Sync = &syncRecord{Gen: 9, Kind: wire.KindFull, Base: 3, Pieces: 800, Reason: "initial copy"}
+	// 10 GiB of 50 in the 10 minutes since this process took it up (2 GiB
+	// were done before a restart).
+	s.prog = progress{kind: wire.KindFull, total: 50 << 30, done: 12 << 30, startDone: 2 << 30,
+		started: now.Add(-10 * time.Minute), pieces: 800, doneCount: 192}
+	st := s.Status()
+	if st.State != StateInitialCopy || st.Sync == nil || st.Sync.Done != 192 || st.Sync.Gen != 9 {
+		t.Fatalf("status %+v", st)
+	}
+	if want := float64(10<<30) / 600; st.Metrics.SyncRate != want {
+		t.Fatalf("rate %v, want %v", st.Metrics.SyncRate, want)
+	}
+	if st.Metrics.SyncETASeconds != 38*60 || st.Forecast != "initial copy done in 38m" {
+		t.Fatalf("eta %vs, forecast %q", st.Metrics.SyncETASeconds, st.Forecast)
+	}
+}
