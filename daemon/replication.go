@@ -239,7 +239,7 @@ func (d *Daemon) startShipper(v *vm) error {
 		RetryScale:   d.cfg.RetryScale,
 		BlockSize:    d.cfg.ResyncBlockSize,
 		ResyncWindow: d.cfg.ResyncWindow,
-		Logger:       d.log.With("vm", v.spec.Name),
+		Logger:       d.log,
 	}
 	for i, ds := range v.spec.Disks {
 		if slices.Contains(r.ExcludeDisks, ds.Name) {
