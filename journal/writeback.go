@@ -323,6 +323,7 @@ func (j *Journal) enterDirty(reason string) error {
 	j.closedC = nil
 	j.released = max(j.released, j.cycle-1)
 	j.cutting = false
+	nDirty := dm.count() // writes mark the map under mu from now on
 	j.mu.Unlock()
 	if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), j.encodeDirty(), 0o600); err != nil {
 		return fmt.Errorf("write dirty map: %w", err)
@@ -337,7 +338,7 @@ func (j *Journal) enterDirty(reason string) error {
 			return err
 		}
 	}
-	j.log.Warn("resync required", "reason", reason, "dirty_blocks", dm.count())
+	j.log.Warn("resync required", "reason", reason, "dirty_blocks", nDirty)
 	if f := j.cfg.Events.ResyncRequired; f != nil {
 		f(reason)
 	}
