@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -338,6 +339,7 @@ func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
 		vms[k] = v
 	}
 	d.mu.Unlock()
+	out.Primaries, out.Replicas = []ReplicationStatus{}, []ReplicaStatus{}
 	found := name == ""
 	for _, s := range specs {
 		if name != "" && s.Name != name {
@@ -399,7 +401,9 @@ func (d *Daemon) serveReplica(ctx context.Context, errc chan<- error) (func(), e
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		BaseContext:       func(net.Listener) context.Context { return ctx },
-		ErrorLog:          nil,
+		// Refused handshakes (unknown CA, no client certificate) are worth
+		// a line in the daemon's own log.
+		ErrorLog: slog.NewLogLogger(d.log.With("role", "replica").Handler(), slog.LevelWarn),
 	}
 	go func() {
 		if err := srv.Serve(tls.NewListener(l, srv.TLSConfig)); err != nil && !errors.Is(err, http.ErrServerClosed) {

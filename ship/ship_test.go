@@ -518,8 +518,8 @@ func TestPauseIsPersisted(t *testing.T) {
 	}
 	r.stop()
 	r2 := e.start(e.cfg)
-	if st := r2.s.Status(); st.State != StatePaused {
-		t.Fatalf("after restart: %+v", st)
+	if st := r2.s.Status(); st.State != StatePaused || st.Health != HealthWarning {
+		t.Fatalf("after restart: %+v, want paused with health warning", st)
 	}
 	if err := r2.s.Resume(); err != nil {
 		t.Fatal(err)

@@ -132,14 +132,16 @@ func (s *Shipper) Status() Status {
 		}
 	}
 
-	// Warning when replication falls behind: a retry is pending, a resync
-	// is due, or the oldest closed cycle not yet on the replica was sealed
+	// Warning when replication falls behind or is paused (as Hyper-V
+	// shows it): a retry is pending or running, a resync is due, or the oldest closed cycle not yet on the replica was sealed
 	// more than two cycles ago (the newest unshipped one is at most one
 	// cycle old while seals go on, so it would never tell).
 	switch {
 	case s.stopped != nil:
 		st.Health = HealthCritical
-	case st.State == StateResyncRequired || !st.NextRetry.IsZero() ||
+	case st.State == StateResyncRequired || st.State == StatePaused ||
+		s.st.Resync != nil || js.ResyncRequired ||
+		!s.retryAt.IsZero() || // a retry is scheduled or under way
 		(len(cycles) > 0 && now.Sub(cycles[0].Sealed) > 2*s.cfg.Frequency):
 		st.Health = HealthWarning
 	default:
@@ -163,6 +165,9 @@ func (s *Shipper) stateLocked(js journal.Stats) (string, string) {
 	rec := s.st.Sync
 	switch {
 	case s.st.Paused:
+		if s.st.Resync != nil || js.ResyncRequired {
+			return StatePaused, "paused by the admin; the journal passed its cap, so a resync will follow"
+		}
 		return StatePaused, "paused by the admin"
 	case s.stopped != nil:
 		return StateError, s.stopped.Error()
