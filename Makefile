@@ -9,7 +9,7 @@ GO      ?= go
 BIN     ?= bin/vdrepl
 PKGS    := ./...
 
-.PHONY: all build test unit lint deps demo bench fuzz clean
+.PHONY: all build test unit lint deps demo bench bench-repl fuzz clean
 
 all: build
 
@@ -36,6 +36,10 @@ demo: deps build
 
 bench: build
 	@VDREPL=$(BIN) bench/fio.sh
+	@VDREPL=$(BIN) bench/repl.sh
+
+bench-repl: build
+	@VDREPL=$(BIN) bench/repl.sh
 
 fuzz:
 	$(GO) test ./journal -run XXX -fuzz FuzzDecodeHeader -fuzztime 30s

@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Turn a bench/repl.sh run directory into one Markdown report.
+
+    repl_report.py RUNDIR             print the report (header, table, notes)
+    repl_report.py --get FILE KEY...  fields of a `replication status VM --json`
+                                      file, space separated (KEY: state,
+                                      metrics.lag_seconds, ...)
+    repl_report.py --fio FILE KEY...  write figures of a fio JSON result
+
+RUNDIR holds `meta` (key=value lines), per part a PART.kv (key=value), an
+optional PART.notes and PART.failed, fio JSON results (PART-NAME.json) and
+status snapshots (PART-*.json), lag-samples.txt and tls.txt.
+"""
+import json
+import os
+import re
+import statistics
+import sys
+
+MiB = 1 << 20
+KEEP_UP = 0.9  # apply keeps up when it reaches this share of the write rate
+TLS_GOAL = 0.9  # encryption costs less than 10%
+
+
+def read_lines(path):
+    try:
+        with open(path) as f:
+            return [l.rstrip("\n") for l in f if l.strip()]
+    except OSError:
+        return []
+
+
+def read_kv(path):
+    out = {}
+    for line in read_lines(path):
+        k, _, v = line.partition("=")
+        out[k] = v
+    return out
+
+
+def load_json(path):
+    """A JSON document, tolerating log lines printed before it (fio)."""
+    with open(path) as f:
+        text = f.read()
+    start = text.find("{")
+    if start < 0:
+        raise ValueError(f"{path}: no JSON")
+    return json.loads(text[start:])
+
+
+def status_field(st, key):
+    v = st
+    for part in key.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
+def primary(path):
+    """The primary's status of the one VM in a status file, or None."""
+    try:
+        return load_json(path)["primaries"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def fio_write(path):
+    try:
+        return load_json(path)["jobs"][0]["write"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def seconds(d):
+    """A Go duration like 30s, 5m, 1m30s in seconds."""
+    total, n = 0.0, 0
+    for num, unit in re.findall(r"([0-9.]+)(h|ms|m|s)", d or ""):
+        total += float(num) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
+        n += 1
+    return total if n else None
+
+
+def mib(b):
+    return f"{b / MiB:,.1f} MiB" if b < 10 * MiB else f"{b / MiB:,.0f} MiB"
+
+
+def rate(b, s):
+    return f"{b / MiB / s:,.0f} MiB/s" if s else "—"
+
+
+def delta(before, after, key):
+    if before is None or after is None:
+        return None
+    a, b = status_field(after, key), status_field(before, key)
+    return None if a is None or b is None else a - b
+
+
+def cycles_of(n):
+    return "? cycles" if n is None else f"{n} cycle{'' if n == 1 else 's'}"
+
+
+def ok(good):
+    return "✅" if good else "❌"
+
+
+class Report:
+    def __init__(self, run):
+        self.run = run
+        self.meta = read_kv(os.path.join(run, "meta"))
+        self.rows = []  # (section, measurement, result, comparison, verdict)
+        self.notes = []
+        self.targets = []
+        self.apply_rate = None  # MiB/s of the sequential apply, for the TLS note
+
+    def path(self, name):
+        return os.path.join(self.run, name)
+
+    def kv(self, part):
+        return read_kv(self.path(part + ".kv"))
+
+    def ran(self, part):
+        return part in self.meta.get("parts", "").split()
+
+    def failed(self, part):
+        return os.path.exists(self.path(part + ".failed"))
+
+    def row(self, *cells):
+        self.rows.append(cells)
+
+    def missing(self, section, what):
+        why = "failed (see the run directory)" if self.failed(what) else "not run"
+        self.row(section, f"part `{what}`", why, "", "")
+
+    # 1 -----------------------------------------------------------------
+    def apply(self):
+        kv = self.kv("apply")
+        freq = self.meta.get("apply_frequency", "?")
+        for kind, label in (("seq", "sequential 1M writes, QD4"), ("rand", "random 4k writes, QD16")):
+            sec = "1 apply rate"
+            w = fio_write(self.path(f"apply-{kind}.json"))
+            if w is None or f"{kind}.total_s" not in kv:
+                self.row(sec, f"{label}", "failed" if self.failed("apply") else "not run", "", "")
+                continue
+            size, total, sync = int(kv[f"{kind}.size"]), float(kv[f"{kind}.total_s"]), float(kv[f"{kind}.sync_s"])
+            write_rate = w["bw_bytes"] / MiB
+            applied = size / MiB / total
+            before, after = primary(self.path(f"apply-{kind}-before.json")), primary(self.path(f"apply-{kind}-after.json"))
+            wire = delta(before, after, "metrics.cycle_wire_bytes_total")
+            cycles = delta(before, after, "metrics.cycles_shipped_total")
+            keeps = applied >= KEEP_UP * write_rate
+            if kind == "seq":
+                self.apply_rate = applied
+            ident = kv.get(f"apply-{kind}.identical", "?")
+            self.row(sec, f"{mib(size)} {label}: primary write rate (fio)", f"{write_rate:,.0f} MiB/s",
+                     f"{mib(size)} in {float(kv[f'{kind}.write_s']):.1f} s", "")
+            self.row(sec, f"… applied on the replica: bytes / (first write → `replication sync` done)",
+                     f"{applied:,.0f} MiB/s", f"{total:.1f} s in all; {applied / write_rate:.2f}× the write rate",
+                     f"{ok(keeps)} apply keeps up: {'yes' if keeps else 'no'}")
+            self.row(sec, "… sync only (writes done → applied): time, and the rate the replica drained the backlog",
+                     f"{sync:.1f} s ({rate(size, sync)})",
+                     f"wire {mib(wire) if wire is not None else '?'} in {cycles_of(cycles)} "
+                     f"(every {freq}, compression off); replica identical: {ident}", "")
+            self.targets.append(f"apply keeps up with {label} (applied ≥ {KEEP_UP:.0%} of the primary's write rate): "
+                                f"{applied:,.0f} vs {write_rate:,.0f} MiB/s {ok(keeps)}")
+
+    # 2 -----------------------------------------------------------------
+    def hotspot(self):
+        sec = "2 wire / guest bytes"
+        w = fio_write(self.path("hotspot-true.json"))
+        wr = fio_write(self.path("hotspot-false.json"))
+        figs = {}
+        for comp in ("true", "false"):
+            b, a = primary(self.path(f"hotspot-{comp}-before.json")), primary(self.path(f"hotspot-{comp}-after.json"))
+            figs[comp] = (delta(b, a, "metrics.cycle_wire_bytes_total"), delta(b, a, "metrics.cycles_shipped_total"))
+        if w is None or wr is None or figs["true"][0] is None or figs["false"][0] is None:
+            self.missing(sec, "hotspot")
+            return
+        guest = w["io_bytes"]
+        if wr["io_bytes"] != guest:
+            self.notes.append(f"hotspot: the two fio runs wrote different amounts ({guest} and {wr['io_bytes']} bytes)")
+        uniq = self.unique_bytes("hotspot-true.iolog")
+        kv = self.kv("hotspot")
+        zstd, raw = figs["true"][0], figs["false"][0]
+        freq = self.meta.get("hot_frequency", "?")
+        self.row(sec, f"hot spot: {mib(guest)} of 4k random writes, 80% of them on 20% of the blocks "
+                      f"(fio zoned:80/20:20/80), 50% compressible; guest bytes written", mib(guest),
+                 f"distinct blocks written: {mib(uniq)}" if uniq else "", "")
+        self.row(sec, "… without coalescing, no compression (a write-by-write shipper)", mib(guest), "1.00× guest", "")
+        self.row(sec, "… without coalescing, zstd (estimate: guest × the zstd ratio below)",
+                 mib(guest * zstd / raw), f"{zstd / raw:.2f}× guest", "")
+        self.row(sec, f"… with coalescing (cycles every {freq}), no compression", mib(raw),
+                 f"{raw / guest:.2f}× guest, in {cycles_of(figs['false'][1])}"
+                 + (f"; {raw / uniq:.3f}× the distinct blocks" if uniq else ""), "")
+        self.row(sec, f"… with coalescing and zstd (the default)", mib(zstd),
+                 f"{zstd / guest:.2f}× guest, in {cycles_of(figs['true'][1])}; "
+                 f"replicas identical: {kv.get('hot-zstd.identical', '?')}/{kv.get('hot-raw.identical', '?')}",
+                 f"saves {1 - zstd / guest:.0%}")
+
+    def unique_bytes(self, name):
+        """Bytes of the distinct 4 KiB blocks a fio write_iolog wrote."""
+        seen = set()
+        for line in read_lines(self.path(name)):
+            # "[time] FILE write OFFSET LENGTH": iolog v3 has the time, v2 not
+            f = line.split()
+            if "write" not in f[1:3]:
+                continue
+            i = f.index("write")
+            if len(f) < i + 3:
+                continue
+            off, n = int(f[i + 1]), int(f[i + 2])
+            seen.update(range(off // 4096, (off + n + 4095) // 4096))
+        return len(seen) * 4096
+
+    # 3 -----------------------------------------------------------------
+    def tls(self):
+        sec = "3 TLS cost"
+        runs = {}
+        cipher = ""
+        for line in read_lines(self.path("tls.txt")):
+            m = re.match(r"BenchmarkPut/(\w+)-\d+\s+\d+\s+([\d.]+) ns/op\s+([\d.]+) MB/s", line)
+            if m:
+                runs.setdefault(m.group(1), []).append(float(m.group(3)) * 1e6 / MiB)
+            m = re.search(r"cipher suite (\S+), curve (\S+)", line)
+            if m:
+                cipher = f"{m.group(1)}, key exchange {m.group(2)}"
+        if "plain" not in runs or "tls" not in runs:
+            self.missing(sec, "tls")
+            return
+        plain, tls = statistics.median(runs["plain"]), statistics.median(runs["tls"])
+        r = tls / plain
+        n = len(runs["tls"])
+        spread = lambda v: f"{min(v):,.0f}–{max(v):,.0f}"
+        cmd = self.kv("tls").get("command", "go test ./bench/tlscost")
+        self.row(sec, "8 MiB PUTs over loopback, one HTTP/1.1 connection: plain HTTP", f"{plain:,.0f} MiB/s",
+                 f"median of {n} (range {spread(runs['plain'])})", "")
+        self.row(sec, f"… HTTPS, TLS 1.3 mutual auth, ECDSA P-256 ({cipher or 'cipher not logged'})",
+                 f"{tls:,.0f} MiB/s", f"median of {n} (range {spread(runs['tls'])}); "
+                 f"{r:.2f}× plain, encryption costs {1 - r:.0%}", f"{ok(r >= TLS_GOAL)} goal < 10%")
+        self.targets.append(f"TLS costs < 10% of plain HTTP throughput (`{cmd}`): {1 - r:.0%} {ok(r >= TLS_GOAL)}")
+        if self.apply_rate:
+            extra = self.apply_rate * (1 / tls - 1 / plain)
+            self.notes.append(
+                f"TLS at replication speed: each MiB costs {1000 / tls - 1000 / plain:.2f} ms more over TLS than plain "
+                f"on one connection; at the {self.apply_rate:,.0f} MiB/s the replica applied in part 1 that is "
+                f"{extra:.0%} of the time.")
+
+    # 4 -----------------------------------------------------------------
+    def resync(self):
+        sec = "4 resync"
+        kv = self.kv("resync")
+        init = primary(self.path("resync-initial.json"))
+        before, after = primary(self.path("resync-before.json")), primary(self.path("resync-after.json"))
+        if init is None or after is None or "resync_s" not in kv:
+            self.missing(sec, "resync")
+            return
+        size = int(kv["size"])
+        m = init["metrics"]
+        init_bytes = m["sync_wire_bytes_total"] + m["cycle_wire_bytes_total"]
+        init_s = float(kv["initial_s"])
+        rs_bytes = delta(before, after, "metrics.sync_wire_bytes_total") + delta(before, after, "metrics.cycle_wire_bytes_total")
+        rs_s = float(kv["resync_s"])
+        changed = int(kv["changed_blocks"]) * 4096
+        pct = self.meta.get("resync_percent", "1")
+        self.row(sec, f"initial copy of a {mib(size)} image of random data (compression on)",
+                 f"{mib(init_bytes)} in {init_s:.1f} s", f"{rate(size, init_s)}", "")
+        self.row(sec, f"… resync after {pct}% of its 4k blocks changed ({mib(changed)}, spread at random; "
+                      f"replication paused meanwhile), `replication resync` → `sync` done",
+                 f"{mib(rs_bytes)} in {rs_s:.1f} s",
+                 f"{rs_bytes / init_bytes:.1%} of the initial copy's bytes, {rs_s / init_s:.0%} of its time; "
+                 f"{rs_bytes / changed:.2f}× the changed bytes; replica identical: {kv.get('resync.identical', '?')}",
+                 "")
+
+    # 5 -----------------------------------------------------------------
+    def lag(self):
+        sec = "5 lag"
+        kv = self.kv("lag")
+        samples = []
+        for line in read_lines(self.path("lag-samples.txt")):
+            f = line.split()
+            if len(f) >= 6:
+                samples.append((float(f[0]), float(f[1]), f[2], f[3], int(f[4]), int(f[5])))
+        after = primary(self.path("lag-after.json"))
+        before = primary(self.path("lag-before.json"))
+        w = fio_write(self.path("lag-load.json"))
+        if not samples or w is None or after is None:
+            self.missing(sec, "lag")
+            return
+        freq = seconds(kv.get("frequency"))
+        lags = [s[1] for s in samples]
+        worst = max(lags)
+        goal = 2 * freq if freq else None
+        health = sorted({s[3] for s in samples})
+        states = sorted({s[2] for s in samples})
+        missed = delta(before, after, "metrics.cycles_missed_total")
+        shipped = delta(before, after, "metrics.cycles_shipped_total")
+        am = after["metrics"]
+        self.row(sec, f"{kv.get('seconds')} s of 64k random writes at {w['bw_bytes'] / MiB:,.1f} MiB/s "
+                      f"(fio --rate={kv.get('rate')}), 50% compressible, cycles every {kv.get('frequency')}: "
+                      f"max lag_seconds", f"{worst:.1f} s",
+                 f"target < {goal:.0f} s (2 cycles); mean {statistics.mean(lags):.1f} s over {len(lags)} samples",
+                 f"{ok(goal is not None and worst < goal)}")
+        self.row(sec, "… shipping", f"{cycles_of(shipped)}, {missed} missed",
+                 f"avg latency {am['avg_latency_seconds']:.1f} s (max {am['max_latency_seconds']:.1f} s); "
+                 f"max pending {mib(max(s[5] for s in samples))}; health seen: {', '.join(health)}; "
+                 f"states: {', '.join(states)}; replica identical: {kv.get('lag.identical', '?')}", "")
+        self.targets.append(f"lag under steady load stays under 2 cycles ({goal:.0f} s): max {worst:.1f} s {ok(worst < goal)}")
+
+    def render(self):
+        m = self.meta
+        for part in ("apply", "hotspot", "tls", "resync", "lag"):
+            if self.ran(part):
+                getattr(self, part)()
+            for n in read_lines(self.path(part + ".notes")):
+                self.notes.append(f"{part}: {n}")
+        out = []
+        p = out.append
+        p(f"# vdrepl replication benchmark — {m.get('date', '?')}")
+        p("")
+        p(f"- Machine: {m.get('cpu', '?')}, {m.get('ram', '?')} RAM, {m.get('kernel', '?')}, {m.get('os', '?')}")
+        p(f"- Disk: {m.get('disk', '?')} (images, journals, spools and the replica's storage all on it)")
+        p(f"- Load average (1/5/15 min) at start: {m.get('load_start', '?')}; at end: {m.get('load_end', '?')}")
+        p(f"- Command: `{m.get('command', 'bench/repl.sh')}`")
+        p(f"- vdrepl {m.get('vdrepl', '?')}; {m.get('fio', 'fio')} (nbd engine over the primary's unix socket); {m.get('go', 'go')}")
+        extra = f" {m['serve_args']}" if m.get("serve_args") else ""
+        p(f"- Two daemons on loopback: primary (`serve --journal-cap {m.get('journal_cap', '?')}{extra}`) and replica "
+          f"(`serve --replica-listen 127.0.0.1:0{extra}`), mutual TLS 1.3 with certificates from `vdrepl pki`; "
+          f"one VM with one disk per measurement")
+        p("")
+        p("| # | Measurement | Result | Compared with | Verdict |")
+        p("|---|---|---:|---|---|")
+        for r in self.rows:
+            p("| " + " | ".join(str(c) for c in r) + " |")
+        p("")
+        if self.targets:
+            p("Targets:")
+            for t in self.targets:
+                p(f"- {t}")
+            p("")
+        rss = []
+        for who in ("primary", "replica"):
+            kb = read_lines(self.path(f"rss-{who}-kb"))
+            if kb:
+                rss.append(f"{who} {int(kb[0]) / 1024:.0f} MiB")
+        if rss:
+            p(f"Daemon peak RSS (VmHWM) over the whole run: {', '.join(rss)}.")
+            p("")
+        p("MiB = 2^20 bytes. Wire bytes are the primary's `cycle_wire_bytes_total` and `sync_wire_bytes_total` "
+          "(whole streams: headers, frames, payload), differences taken around each measurement.")
+        notes = self.notes + read_lines(self.path("notes"))
+        if notes:
+            p("")
+            p("Notes:")
+            for n in dict.fromkeys(notes):
+                p(f"- {n}")
+        return "\n".join(out)
+
+
+def main(argv):
+    if len(argv) >= 3 and argv[1] == "--get":
+        st = primary(argv[2])
+        if st is None:
+            return 1
+        print(" ".join(str(status_field(st, k)) for k in argv[3:]))
+        return 0
+    if len(argv) >= 3 and argv[1] == "--fio":
+        w = fio_write(argv[2])
+        if w is None:
+            return 1
+        print(" ".join(str(w.get(k)) for k in argv[3:]))
+        return 0
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    print(Report(argv[1]).render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,194 @@
+// Package tlscost measures what encryption costs vdrepl's replication
+// transport: an HTTP PUT of one wire.MaxChunk chunk (8 MiB) over loopback,
+// plain HTTP against HTTPS with the TLS 1.3 mutual-authentication
+// configuration vdrepl uses (ECDSA P-256 certificates made by internal/pki,
+// pki.Identity.ServerConfig and ClientConfig). vdrepl has no plaintext mode,
+// so this benchmark is where the comparison can be made; bench/repl.sh runs it
+// and puts the two rates and their ratio in its table.
+//
+//	go test -run '^$' -bench . -benchtime 3s ./bench/tlscost
+//
+// Both sides mirror the daemon's: the replica's http.Server serves a
+// tls.NewListener (HTTP/1.1, as in daemon.serveReplica), the primary's
+// http.Transport has its own TLS config and dialer (so HTTP/1.1 too, as in
+// ship.newClient) and keeps one connection alive across chunks, as ship does
+// while it uploads a stream. The handler reads the body and answers a small
+// JSON document, like apply's chunk PUT; it does not stage anything, so disk
+// speed stays out of the figure. The chunk is random bytes: compression is
+// not in the path either.
+package tlscost
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/pki"
+	"github.com/vdrepl/vdrepl/internal/wire"
+)
+
+// identities makes a CA and two host certificates with internal/pki, as
+// `vdrepl pki init` and `vdrepl pki issue` do, and loads them.
+func identities(tb testing.TB) (primary, replica *pki.Identity) {
+	tb.Helper()
+	dir := filepath.Join(tb.TempDir(), "pki")
+	if _, err := pki.Init(dir, pki.InitOptions{Name: "bench"}); err != nil {
+		tb.Fatal(err)
+	}
+	load := func(name string, sans ...string) *pki.Identity {
+		f, err := pki.Issue(dir, name, pki.IssueOptions{SANs: sans})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		id, err := pki.Load(f.Cert, f.Key, f.CA)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		return id
+	}
+	return load("primary.bench"), load("replica.bench", "127.0.0.1")
+}
+
+// server is a loopback HTTP server whose handler drains the body and
+// answers with the byte count, as apply answers a chunk with an Upload.
+func server(tb testing.TB, conf *tls.Config) string {
+	tb.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			n, err := io.Copy(io.Discard, r.Body)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"staged":`+strconv.FormatInt(n, 10)+`}`)
+		}),
+		ReadHeaderTimeout: 30 * time.Second,
+	}
+	scheme := "http"
+	if conf != nil {
+		scheme = "https"
+		l = tls.NewListener(l, conf)
+	}
+	go srv.Serve(l)
+	tb.Cleanup(func() { srv.Close() })
+	return scheme + "://" + l.Addr().String() + "/v1/replicas/bench/uploads/c1"
+}
+
+// client is an HTTP/1.1 client with one kept-alive connection, built like
+// ship's (its own dialer and TLS config, no HTTP/2).
+func client(conf *tls.Config) *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		TLSClientConfig:     conf,
+		DialContext:         (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout: 30 * time.Second,
+		MaxIdleConnsPerHost: 2,
+	}}
+}
+
+// put sends one chunk and checks the answer.
+func put(tb testing.TB, c *http.Client, url string, chunk []byte) {
+	req, err := http.NewRequest(http.MethodPut, url+"?offset=0", bytes.NewReader(chunk))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	req.ContentLength = int64(len(chunk))
+	resp, err := c.Do(req)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if want := `{"staged":` + strconv.Itoa(len(chunk)) + `}`; resp.StatusCode != http.StatusOK || string(b) != want {
+		tb.Fatalf("PUT: HTTP %d %q, want 200 %q", resp.StatusCode, b, want)
+	}
+}
+
+// BenchmarkPut reports MB/s of 8 MiB chunk PUTs over loopback: "plain" is
+// HTTP, "tls" is HTTPS with vdrepl's mutual TLS 1.3 configuration. The
+// handshake happens once, before the timer starts, as it does once per
+// connection in ship.
+func BenchmarkPut(b *testing.B) {
+	chunk := make([]byte, wire.MaxChunk)
+	rand.Read(chunk)
+	primary, replica := identities(b)
+	for _, tc := range []struct {
+		name     string
+		srv, cli *tls.Config
+	}{
+		{name: "plain"},
+		{name: "tls", srv: replica.ServerConfig(), cli: primary.ClientConfig("127.0.0.1")},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			url := server(b, tc.srv)
+			c := client(tc.cli)
+			defer c.CloseIdleConnections()
+			put(b, c, url, chunk) // connect (and handshake) outside the timing
+			b.SetBytes(int64(len(chunk)))
+			b.ResetTimer()
+			for b.Loop() {
+				put(b, c, url, chunk)
+			}
+		})
+	}
+}
+
+// TestHandshake checks that the "tls" case really negotiates TLS 1.3 with
+// both certificates, so the benchmark measures what vdrepl runs.
+func TestHandshake(t *testing.T) {
+	primary, replica := identities(t)
+	l, err := tls.Listen("tcp", "127.0.0.1:0", replica.ServerConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	done := make(chan tls.ConnectionState, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			close(done)
+			return
+		}
+		defer c.Close()
+		tc := c.(*tls.Conn)
+		if tc.Handshake() != nil {
+			close(done)
+			return
+		}
+		done <- tc.ConnectionState()
+	}()
+	c, err := tls.Dial("tcp", l.Addr().String(), primary.ClientConfig("127.0.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cs := c.ConnectionState()
+	if cs.Version != tls.VersionTLS13 {
+		t.Errorf("TLS version %x, want TLS 1.3", cs.Version)
+	}
+	t.Logf("cipher suite %s, curve %v", tls.CipherSuiteName(cs.CipherSuite), cs.CurveID)
+	ss, ok := <-done
+	if !ok {
+		t.Fatal("server handshake failed")
+	}
+	if name := pki.PeerName(&ss); name != "primary.bench" {
+		t.Errorf("server sees client %q, want primary.bench", name)
+	}
+	if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].PublicKeyAlgorithm.String() != "ECDSA" {
+		t.Errorf("server certificate is not ECDSA")
+	}
+}
