@@ -103,6 +103,14 @@ func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 	ci.info.End = h.LSN + uint64(h.Size())
 	if keep {
 		if err := j.cycles.put(ci); err != nil {
+			// The seal is durable but its index is not: no longer able to
+			// prove what the replica lacks, switch to dirty tracking with
+			// this cycle's blocks marked (resync required).
+			j.mu.Lock()
+			j.open[h.Cycle] = ci
+			j.cutting, j.cutReason = true, "cannot index cycle "+fmt.Sprint(h.Cycle)+": "+err.Error()
+			j.kickWriteBack()
+			j.mu.Unlock()
 			return CycleInfo{}, err
 		}
 	}
@@ -299,11 +307,30 @@ func (s *cycleStore) put(ci *cycleIndex) error {
 	return nil
 }
 
+// drop deletes a cycle's index. It deletes key by key in a write batch:
+// Badger's DropPrefix would block every concurrent write, failing a seal
+// that indexes the next cycle at that moment.
 func (s *cycleStore) drop(c uint64) error {
-	for _, p := range []byte{'r', 'b', 'i'} {
-		if err := s.db.DropPrefix(cycleKey(p, c, 0)); err != nil {
-			return fmt.Errorf("journal: drop cycle %d: %w", c, err)
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	err := s.db.View(func(txn *badger.Txn) error {
+		for _, p := range []byte{'r', 'b', 'i'} {
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: cycleKey(p, c, 0)})
+			for it.Rewind(); it.Valid(); it.Next() {
+				if err := wb.Delete(it.Item().KeyCopy(nil)); err != nil {
+					it.Close()
+					return err
+				}
+			}
+			it.Close()
 		}
+		return nil
+	})
+	if err == nil {
+		err = wb.Flush()
+	}
+	if err != nil {
+		return fmt.Errorf("journal: drop cycle %d: %w", c, err)
 	}
 	return nil
 }

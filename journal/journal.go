@@ -129,6 +129,7 @@ type Journal struct {
 	resyncBase uint64    // non-zero: a resync from this barrier cycle is under way
 	resyncNext bool      // the next seal is a resync barrier
 	cutting    bool      // a switch to dirty tracking is under way
+	cutReason  string    // why, when not the cap
 
 	kick    chan struct{}
 	stop    chan struct{}

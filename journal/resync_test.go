@@ -190,3 +190,44 @@ func TestSetRetainOffReleasesEverything(t *testing.T) {
 	}
 	checkModel(t, j, m)
 }
+
+// Releasing shipped cycles while the next one is sealed must never fail the
+// seal (Badger's DropPrefix blocked concurrent index writes).
+func TestReleaseDuringSealNeverFailsIt(t *testing.T) {
+	dir := t.TempDir()
+	cfg := testConfig(t, vfs.Default, dir, 1<<20)
+	cfg.Cap = 1 << 30
+	j := mustOpen(t, cfg)
+	defer j.Close()
+	r := rand.New(rand.NewPCG(3, 3))
+	released := make(chan uint64, 64)
+	done := make(chan error, 1)
+	go func() {
+		for c := range released {
+			if err := j.Release(c); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	for k := 0; k < 200; k++ {
+		for b := 0; b < 20; b++ {
+			if _, err := j.Disk(0).WriteAt(fill(r, BlockSize), int64(r.IntN(256))*BlockSize); err != nil {
+				t.Fatal(err)
+			}
+		}
+		info, err := j.Seal(0)
+		if err != nil {
+			t.Fatalf("seal %d: %v", k, err)
+		}
+		released <- info.Cycle
+	}
+	close(released)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if st := j.Stats(); st.ResyncRequired {
+		t.Fatalf("resync required after racing releases: %+v", st)
+	}
+}

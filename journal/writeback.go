@@ -40,6 +40,10 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 	}
 	needSync := j.head > j.synced && now.Sub(j.lastSync) >= j.cfg.SyncInterval
 	cut := j.cutting && j.dirty == nil
+	reason := j.cutReason
+	if reason == "" {
+		reason = fmt.Sprintf("journal passed its cap of %d bytes", j.cfg.Cap)
+	}
 	j.mu.Unlock()
 	if needSync {
 		if err := j.syncTo(j.headLSN()); err != nil {
@@ -50,7 +54,7 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 		return err
 	}
 	if cut {
-		if err := j.enterDirty(fmt.Sprintf("journal passed its cap of %d bytes", j.cfg.Cap)); err != nil {
+		if err := j.enterDirty(reason); err != nil {
 			return err
 		}
 	}
@@ -322,7 +326,7 @@ func (j *Journal) enterDirty(reason string) error {
 	j.open = make(map[uint64]*cycleIndex)
 	j.closedC = nil
 	j.released = max(j.released, j.cycle-1)
-	j.cutting = false
+	j.cutting, j.cutReason = false, ""
 	nDirty := dm.count() // writes mark the map under mu from now on
 	j.mu.Unlock()
 	if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), j.encodeDirty(), 0o600); err != nil {
