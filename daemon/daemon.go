@@ -308,7 +308,7 @@ func (d *Daemon) shutdown() error {
 	d.vms = map[string]*vm{}
 	d.mu.Unlock()
 	for _, v := range vms {
-		v.stopShipper()
+		d.stopShipper(v)
 	}
 	if d.replica != nil {
 		if err := d.replica.Close(); err != nil {

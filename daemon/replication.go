@@ -175,7 +175,7 @@ func (d *Daemon) DisableReplication(name string) error {
 	if v.spec.Replication == nil {
 		return fmt.Errorf("%w: replication of VM %s is not enabled", ErrInvalid, name)
 	}
-	v.stopShipper()
+	d.stopShipper(v)
 	next := v.spec
 	next.Replication = nil
 	if err := d.saveSpec(next); err != nil {
@@ -279,14 +279,17 @@ func (d *Daemon) startShipper(v *vm) error {
 }
 
 // stopShipper ends a VM's shipper and waits for it.
-func (v *vm) stopShipper() {
-	if v.ship == nil {
+func (d *Daemon) stopShipper(v *vm) {
+	d.mu.Lock()
+	s, stop, done := v.ship, v.shipStop, v.shipDone
+	v.ship = nil
+	d.mu.Unlock()
+	if s == nil {
 		return
 	}
-	v.shipStop()
-	<-v.shipDone
-	v.ship.Close()
-	v.ship = nil
+	stop()
+	<-done
+	s.Close()
 }
 
 // shipper returns the shipper of a VM with replication enabled.

@@ -61,10 +61,14 @@ func (s *Shipper) writeOffline(ctx context.Context, dir string) error {
 		}
 		s.advance(n)
 	}
+	consistentAt, err := s.sealConsistent()
+	if err != nil {
+		return err
+	}
 	m := wire.OfflineManifest{
 		Version: 1, VM: s.cfg.VM, Primary: s.primaryName(), Disks: s.cfg.Disks,
 		Gen: rec.Gen, Base: rec.Base, PieceSize: rec.PieceSize, Pieces: rec.Pieces,
-		Created: s.now().UTC(),
+		Created: s.now().UTC(), ConsistentAt: consistentAt,
 	}
 	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {

@@ -390,9 +390,11 @@ func (s *Shipper) save() error {
 func (s *Shipper) update(fn func(st *persisted)) error {
 	s.mu.Lock()
 	fn(&s.st)
+	s.mu.Unlock()
+	err := s.save() // durable before anyone waiting on it hears of it
+	s.mu.Lock()
 	s.signalLocked()
 	s.mu.Unlock()
-	err := s.save()
 	s.notifyState()
 	return err
 }
@@ -492,8 +494,16 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 	}
 	if !enabled {
 		existing := !st.InitialDone && s.initial.kind == "existing"
-		if _, err := s.c.enable(ctx, wire.Enable{Disks: s.cfg.Disks, Existing: existing}); err != nil {
+		rep, err := s.c.enable(ctx, wire.Enable{Disks: s.cfg.Disks, Existing: existing})
+		if err != nil {
 			return false, time.Time{}, err
+		}
+		if !st.InitialDone && st.Sync == nil && (s.initial.kind == "network" || s.initial.kind == "at") && rep.Applied > 0 {
+			// The replica already holds this VM (replication was disabled
+			// and enabled again): a full copy would overwrite its last
+			// consistent point, a resync sends only what differs.
+			s.log.Info("replica already holds the VM, resyncing instead of a full copy", "applied", rep.Applied)
+			s.initial.kind = "existing"
 		}
 		s.mu.Lock()
 		s.enabled = true
@@ -544,6 +554,11 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 	cycles := s.j.Cycles()
 	if len(cycles) == 0 {
 		return false, time.Time{}, nil
+	}
+	if cycles[0].Cycle <= st.Applied {
+		// Applied before a crash that came ahead of the journal's next
+		// checkpoint (Release is durable only there): release, do not resend.
+		return true, time.Time{}, s.shipped(cycles[0], wire.Replica{Applied: st.Applied}, 0, 0)
 	}
 	if err := s.shipCycle(ctx, cycles[0]); err != nil {
 		return false, time.Time{}, err
@@ -680,6 +695,9 @@ func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
 		s.mu.Lock()
 		ch := s.changed
 		applied, paused, stopped, waiting, closed := s.st.Applied, s.st.Paused, s.stopped, s.waiting, s.closed
+		// Only a pending automatic resync waits for the window; the
+		// loop's waiting reason may lag behind a manual one or a start.
+		forWindow := waiting == "window" && s.st.Sync == nil && s.st.Resync != nil && !s.st.Resync.Manual
 		s.mu.Unlock()
 		switch {
 		case applied >= info.Cycle:
@@ -690,8 +708,8 @@ func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
 			return 0, ErrPaused
 		case stopped != nil:
 			return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
-		case waiting == "window":
-			return 0, ErrResyncRequired
+		case forWindow:
+			return 0, fmt.Errorf("%w: it waits for the resync window; run `vdrepl replication resync` to start it now", ErrResyncRequired)
 		}
 		select {
 		case <-ctx.Done():

@@ -72,6 +72,9 @@ type syncRecord struct {
 	// Finishing: /sync/finish was sent; after a restart, ask the replica
 	// whether it took it before sending it again.
 	Finishing bool `json:"finishing,omitempty"`
+	// ConsistentAt is the cycle sealed after the last piece was read: the
+	// replica equals the primary once it applied it (wire.SyncFinish).
+	ConsistentAt uint64 `json:"consistent_at,omitempty"`
 }
 
 func (r *syncRecord) start() wire.SyncStart {

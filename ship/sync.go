@@ -137,6 +137,10 @@ func (s *Shipper) runSync(ctx context.Context) (bool, time.Time, error) {
 		}
 		s.succeeded()
 	}
+	consistentAt, err := s.sealConsistent()
+	if err != nil {
+		return false, time.Time{}, err
+	}
 	if err := s.update(func(st *persisted) {
 		r := *st.Sync
 		r.Finishing = true
@@ -144,11 +148,35 @@ func (s *Shipper) runSync(ctx context.Context) (bool, time.Time, error) {
 	}); err != nil {
 		return false, time.Time{}, err
 	}
-	rep, err := s.c.syncFinish(ctx, wire.SyncFinish{Gen: rec.Gen, Base: rec.Base})
+	rep, err := s.c.syncFinish(ctx, wire.SyncFinish{Gen: rec.Gen, Base: rec.Base, ConsistentAt: consistentAt})
 	if err != nil {
 		return false, time.Time{}, err
 	}
 	return true, time.Time{}, s.finishSync(rec, rep)
+}
+
+// sealConsistent seals the cycle that makes a sync exact, once per sync:
+// every piece was read before its barrier, and every write since the base
+// lies in a cycle up to it, so the replica equals the primary at its
+// barrier once it applied it. Taking it here, after the reads, keeps that
+// true even if another seal slipped in right after the base.
+func (s *Shipper) sealConsistent() (uint64, error) {
+	s.mu.Lock()
+	c := s.st.Sync.ConsistentAt
+	s.mu.Unlock()
+	if c != 0 {
+		return c, nil
+	}
+	info, err := s.j.Seal(0)
+	if err != nil {
+		return 0, fmt.Errorf("ship: seal after the last piece: %w", err)
+	}
+	err = s.update(func(st *persisted) {
+		r := *st.Sync
+		r.ConsistentAt = info.Cycle
+		st.Sync = &r
+	})
+	return info.Cycle, err
 }
 
 // finishSync records a sync the replica finished: it follows cycle Base now.
