@@ -66,6 +66,9 @@ func (d *Daemon) Status() Status {
 		s.Identity = d.identity.Name()
 		s.Warnings = d.identity.Warnings(time.Now())
 	}
+	if d.identityErr != nil {
+		s.Warnings = append(s.Warnings, d.identityErr.Error())
+	}
 	for p := range d.mounts {
 		s.Mounts = append(s.Mounts, p)
 	}

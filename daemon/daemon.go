@@ -99,6 +99,7 @@ type Daemon struct {
 
 	ctx         context.Context // lives as long as Run; shippers run under it
 	identity    *pki.Identity   // nil without --tls-cert
+	identityErr error           // why the configured identity could not be loaded
 	replica     *apply.Server
 	replicaAddr string
 	metricsAddr string
@@ -149,11 +150,13 @@ func New(cfg Config) (*Daemon, error) {
 		if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
 			return nil, fmt.Errorf("%w: give all of --tls-cert, --tls-key and --tls-ca", ErrInvalid)
 		}
+		// An unusable certificate (expired, say) stops replication, not the
+		// disks: the daemon still serves every VM and says why in status.
 		if d.identity, err = pki.Load(cfg.TLSCert, cfg.TLSKey, cfg.TLSCA); err != nil {
-			return nil, err
+			d.identityErr = fmt.Errorf("TLS identity unusable, replication and the replica role are off until it is fixed and the daemon restarted: %w", err)
 		}
 	}
-	if cfg.ReplicaListen != "" && d.identity == nil {
+	if cfg.ReplicaListen != "" && d.identity == nil && d.identityErr == nil {
 		return nil, fmt.Errorf("%w: --replica-listen needs --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`)", ErrInvalid)
 	}
 	if cfg.BandwidthLimit != "" {
@@ -186,6 +189,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.log.Warn(w)
 		}
 	}
+	if d.identityErr != nil {
+		d.log.Error(d.identityErr.Error())
+	}
 	var err error
 	if d.replica, err = apply.New(apply.Config{StateDir: d.cfg.StateDir, Logger: d.log.With("role", "replica")}); err != nil {
 		d.shutdown()
@@ -208,8 +214,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.mu.Unlock()
 		if v.j != nil && s.Replication != nil {
 			if d.identity == nil {
-				v.err = fmt.Errorf("replication not running: %w", errNoIdentity)
-				d.log.Error("replication not running", "vm", s.Name, "err", errNoIdentity)
+				why := d.identityErr
+				if why == nil {
+					why = errNoIdentity
+				}
+				v.err = fmt.Errorf("replication not running: %w", why)
+				d.log.Error("replication not running", "vm", s.Name, "err", why)
 			} else if err := d.startShipper(v); err != nil {
 				d.log.Error("replication not running", "vm", s.Name, "err", err)
 			}
@@ -217,7 +227,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	errc := make(chan error, len(d.cfg.NBD)+4)
-	if d.cfg.ReplicaListen != "" {
+	if d.cfg.ReplicaListen != "" && d.identityErr == nil {
 		stop, err := d.serveReplica(ctx, errc)
 		if err != nil {
 			d.shutdown()

@@ -138,6 +138,9 @@ func (d *Daemon) EnableReplication(name string, r ReplicationSpec) (ReplicationS
 	if v.spec.Replication != nil {
 		return r, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); disable it first", ErrExists, name, v.spec.Replication.Replica)
 	}
+	if d.identityErr != nil {
+		return r, d.identityErr
+	}
 	if d.identity == nil {
 		return r, fmt.Errorf("%w: %v", ErrInvalid, errNoIdentity)
 	}
@@ -382,6 +385,9 @@ func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
 	}
 	if d.identity != nil {
 		out.Warnings = d.identity.Warnings(time.Now())
+	}
+	if d.identityErr != nil {
+		out.Warnings = append(out.Warnings, d.identityErr.Error())
 	}
 	return out, nil
 }

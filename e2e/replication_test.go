@@ -170,3 +170,31 @@ func TestReplicationEndToEnd(t *testing.T) {
 		}
 	}
 }
+
+// An unusable certificate turns replication off, not the disks: the daemon
+// still serves NBD and says why in status.
+func TestBadCertificateKeepsDisksServed(t *testing.T) {
+	need(t, "qemu-io")
+	a, b := t.TempDir(), t.TempDir()
+	vdrepl(t, "pki", "init", "--dir", a)
+	vdrepl(t, "pki", "init", "--dir", b)
+	vdrepl(t, "pki", "issue", "--dir", a, "--name", "host.test")
+	// host.test's certificate with the other CA: it does not chain.
+	h := newHost(t, "--tls-cert", filepath.Join(a, "host.test.crt"), "--tls-key", filepath.Join(a, "host.test.key"),
+		"--tls-ca", filepath.Join(b, "ca.crt"))
+	h.addVM("vm1", "8M")
+	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", "-c", "read -P 0x11 0 64k", h.uri("vm1/disk0"))
+	var st struct {
+		Warnings []string `json:"warnings"`
+	}
+	if err := json.Unmarshal([]byte(h.run("status", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Warnings) == 0 || !strings.Contains(st.Warnings[0], "TLS identity unusable") {
+		t.Fatalf("status warnings %q lack the certificate problem", st.Warnings)
+	}
+	_, errOut, err := h.try("replication", "enable", "vm1", "--replica", "127.0.0.1:1")
+	if err == nil || !strings.Contains(errOut, "TLS identity unusable") {
+		t.Fatalf("enable with an unusable certificate: %v %s", err, errOut)
+	}
+}
