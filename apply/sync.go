@@ -112,6 +112,9 @@ func (v *vm) syncFinish(req wire.SyncFinish) (wire.Replica, error) {
 	if st.Sync.Gen != req.Gen {
 		return wire.Replica{}, fmt.Errorf("%w: the replica runs sync generation %d, not %d", ErrMismatch, st.Sync.Gen, req.Gen)
 	}
+	if req.Base != st.Sync.Base {
+		return wire.Replica{}, fmt.Errorf("%w: sync generation %d began at cycle %d, not %d", ErrMismatch, req.Gen, st.Sync.Base, req.Base)
+	}
 	if missing := st.Sync.Pieces - st.Sync.doneCount(); missing > 0 {
 		return wire.Replica{}, fmt.Errorf("%w: sync generation %d: %d of %d pieces missing", ErrMismatch, req.Gen, missing, st.Sync.Pieces)
 	}
