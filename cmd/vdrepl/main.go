@@ -133,7 +133,7 @@ func signalContext(c *cli.Context) (context.Context, context.CancelFunc) {
 func serveCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "serve",
-		Usage: "run the host daemon: serve every registered VM's disks over NBD",
+		Usage: "run the host daemon: serve every registered VM's disks over NBD, ship replicated VMs, and (with --replica-listen) receive replicas",
 		Description: `Example:
    vdrepl --state /var/lib/vdrepl serve --nbd unix:/run/vdrepl/nbd.sock --nbd tcp:0.0.0.0:10809
 

@@ -379,8 +379,14 @@ func printReplication(c *cli.Context, r daemon.Replication, tty bool) {
 	for _, rep := range r.Replicas {
 		fmt.Fprintf(w, "VM %s <- %s (replica)\n", rep.VM, rep.Primary)
 		fmt.Fprintf(w, "  state:        %s, consistent: %v\n", rep.State, rep.Consistent)
-		if rep.Applied > 0 {
-			fmt.Fprintf(w, "  applied:      cycle %d (barrier %s)\n", rep.Applied, rep.AppliedAt.Local().Format(time.DateTime))
+		switch {
+		case rep.Applied > 0 && !rep.AppliedAt.IsZero():
+			fmt.Fprintf(w, "  applied:      cycle %d (barrier %s, %s ago)\n", rep.Applied, rep.AppliedAt.Local().Format(time.DateTime), now.Sub(rep.AppliedAt).Round(time.Second))
+		case rep.Applied > 0:
+			fmt.Fprintf(w, "  applied:      cycle %d (the base of an initial copy or resync)\n", rep.Applied)
+		}
+		if !rep.Consistent && rep.ConsistentAt > 0 {
+			fmt.Fprintf(w, "  consistent once cycle %d is applied\n", rep.ConsistentAt)
 		}
 		if rep.Sync != nil {
 			fmt.Fprintf(w, "  sync:         %s, %d of %d pieces\n", rep.Sync.Kind, len(rep.Sync.Done), rep.Sync.Pieces)
