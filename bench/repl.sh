@@ -477,6 +477,8 @@ for part in $ALL_PARTS; do
 		daemons_alive || break
 	fi
 	log "   $part took $(secs "$start" "$(now)") s"
+	record_rss "$PRIM_PID" "$RUN/rss-primary-$part-kb" 2>/dev/null || true
+	echo "$part $(cut -d' ' -f1 /proc/loadavg)" >>"$RUN/load"
 done
 stop_daemons
 echo "load_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RUN/meta"

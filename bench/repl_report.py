@@ -317,7 +317,9 @@ class Report:
         p("")
         p(f"- Machine: {m.get('cpu', '?')}, {m.get('ram', '?')} RAM, {m.get('kernel', '?')}, {m.get('os', '?')}")
         p(f"- Disk: {m.get('disk', '?')} (images, journals, spools and the replica's storage all on it)")
-        p(f"- Load average (1/5/15 min) at start: {m.get('load_start', '?')}; at end: {m.get('load_end', '?')}")
+        steps = ", ".join(read_lines(self.path("load")))
+        p(f"- Load average (1/5/15 min) at start: {m.get('load_start', '?')}; at end: {m.get('load_end', '?')}"
+          + (f"; 1 min after each part: {steps}" if steps else ""))
         p(f"- Command: `{m.get('command', 'bench/repl.sh')}`")
         p(f"- vdrepl {m.get('vdrepl', '?')}; {m.get('fio', 'fio')} (nbd engine over the primary's unix socket); {m.get('go', 'go')}")
         extra = f" {m['serve_args']}" if m.get("serve_args") else ""
@@ -340,8 +342,14 @@ class Report:
             kb = read_lines(self.path(f"rss-{who}-kb"))
             if kb:
                 rss.append(f"{who} {int(kb[0]) / 1024:.0f} MiB")
+        steps = []
+        for part in ("apply", "hotspot", "tls", "resync", "lag"):
+            kb = read_lines(self.path(f"rss-primary-{part}-kb"))
+            if kb:
+                steps.append(f"{part} {int(kb[0]) / 1024:.0f}")
         if rss:
-            p(f"Daemon peak RSS (VmHWM) over the whole run: {', '.join(rss)}.")
+            p(f"Daemon peak RSS (VmHWM) over the whole run: {', '.join(rss)}"
+              + (f" (the primary's peak after each part, MiB: {', '.join(steps)})" if steps else "") + ".")
             p("")
         p("MiB = 2^20 bytes. Wire bytes are the primary's `cycle_wire_bytes_total` and `sync_wire_bytes_total` "
           "(whole streams: headers, frames, payload), differences taken around each measurement.")
