@@ -96,6 +96,10 @@ func (v *View) holder(key uint64) (*segment, int64) {
 	return nil, 0
 }
 
+// testHookAfterLookup, when set by a test, runs between a view read's
+// first lookup and its image read: where apply may slip in a write.
+var testHookAfterLookup func()
+
 // DiskView is one disk of a View, an io.ReaderAt.
 type DiskView struct {
 	v    *View
@@ -148,6 +152,9 @@ func (d *DiskView) ReadAt(p []byte, off int64) (int, error) {
 	}
 	if err := lookup(false); err != nil {
 		return 0, err
+	}
+	if testHookAfterLookup != nil {
+		testHookAfterLookup()
 	}
 	// bounds is the part of q that block first+i covers.
 	bounds := func(i int64) (lo, hi int64) {
