@@ -149,14 +149,22 @@
 // returns ErrBroken until the Store is closed and opened again. Failed
 // reads and bad arguments change nothing.
 //
-// # Memory
+// # Costs
 //
-// The index holds 16 bytes per block of a closed segment (a sorted slice:
-// 4 MiB per GiB of undo data) and a Go map entry, about 40 bytes, per block
-// saved in the open segment since Open (about 10 MiB per GiB), merged
-// into the sorted form when the segment closes. A disk's View reads cost
-// nothing per block beyond the request; an Overlay keeps one bit per block
-// of the disk (32 MiB per TiB).
+// Memory: the index holds 16 bytes per block of a closed segment (a sorted
+// slice: 4 MiB per GiB of undo data) and a Go map entry, 20 to 40 bytes,
+// per block saved in the open segment since Open (5 to 10 MiB per GiB),
+// merged into the sorted form when the segment closes. So memory follows
+// the undo data kept, which Prune bounds; it does not grow with disk size.
+// An Overlay keeps one bit per block of its disk (32 MiB per TiB).
+//
+// I/O: while there are points, the first change of a block after the
+// newest point costs a read of the block from the image and a 4136-byte
+// append (40 bytes if it read as zeroes). BeforeZero reads the whole range
+// to find the blocks that are not zeroes already, so trimming a large,
+// mostly empty range costs a read of it but no undo data. Open reads all
+// undo data once. A View read of a block costs an index lookup per point
+// newer than the view's and, for a saved block, a read of its record.
 //
 // # Concurrency
 //

@@ -328,9 +328,9 @@ func FuzzScanSegment(f *testing.F) {
 		if size, _ := file.Size(); size != seg.size {
 			t.Fatalf("segment ends at %d, file is %d bytes", seg.size, size)
 		}
-		buf := make([]byte, BlockSize)
+		rec := make([]byte, dataRecordSize)
 		seg.idx.each(func(key uint64, loc int64) error {
-			if err := seg.readBlock(key, loc, buf); err != nil {
+			if _, err := seg.readBlock(key, loc, rec); err != nil {
 				t.Fatalf("indexed record does not read: %v", err)
 			}
 			return nil

@@ -187,7 +187,7 @@ func (s *Store) restore(k int, write bool) error {
 			imgs = append(imgs, f)
 		}
 	}
-	buf := make([]byte, BlockSize)
+	rec := make([]byte, dataRecordSize)
 	for j := k; j < len(s.points); j++ {
 		seg := s.points[j].seg
 		err := seg.idx.each(func(key uint64, loc int64) error {
@@ -196,7 +196,8 @@ func (s *Store) restore(k int, write bool) error {
 					return nil // the older segment has the content at k
 				}
 			}
-			if err := seg.readBlock(key, loc, buf); err != nil {
+			buf, err := seg.readBlock(key, loc, rec)
+			if err != nil {
 				return err
 			}
 			if !write {
@@ -205,7 +206,6 @@ func (s *Store) restore(k int, write bool) error {
 			disk, block := splitKey(key)
 			off := block * BlockSize
 			n := min(BlockSize, s.disks[disk].Size-off)
-			var err error
 			if isZeroLoc(loc) {
 				err = imgs[disk].PunchHole(off, n)
 			} else {

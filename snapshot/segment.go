@@ -327,20 +327,21 @@ func laterSyncedRecord(f vfs.File, salt uint32, from, size int64) (at, synced in
 // partial).
 func blocks(size int64) int64 { return (size + BlockSize - 1) / BlockSize }
 
-// readBlock reads the content a segment holds for block key at loc into b
-// (BlockSize bytes), verifying the record.
-func (seg *segment) readBlock(key uint64, loc int64, b []byte) error {
+// readBlock reads the content a segment holds for block key at loc into
+// rec[recHeaderSize:] (rec is dataRecordSize bytes), verifying the record,
+// and returns that block.
+func (seg *segment) readBlock(key uint64, loc int64, rec []byte) ([]byte, error) {
+	b := rec[recHeaderSize:dataRecordSize]
 	if isZeroLoc(loc) {
-		clear(b[:BlockSize])
-		return nil
+		clear(b)
+		return b, nil
 	}
-	rec := make([]byte, dataRecordSize)
 	off := locOffset(loc)
-	if _, err := seg.f.ReadAt(rec, off); err != nil {
+	if _, err := seg.f.ReadAt(rec[:dataRecordSize], off); err != nil {
 		if errors.Is(err, io.EOF) {
-			return fmt.Errorf("%w: %s: record at %d cut short", ErrCorrupt, seg.path, off)
+			return nil, fmt.Errorf("%w: %s: record at %d cut short", ErrCorrupt, seg.path, off)
 		}
-		return fmt.Errorf("snapshot: %s: %w", seg.path, err)
+		return nil, fmt.Errorf("snapshot: %s: %w", seg.path, err)
 	}
 	h, err := decodeRecHeader(rec, seg.salt)
 	if err == nil && h.Kind != kindData {
@@ -352,11 +353,10 @@ func (seg *segment) readBlock(key uint64, loc int64, b []byte) error {
 		}
 	}
 	if err == nil {
-		err = checkRecPayload(&h, rec[recHeaderSize:])
+		err = checkRecPayload(&h, b)
 	}
 	if err != nil {
-		return fmt.Errorf("%w: %s: record at %d: %w", ErrCorrupt, seg.path, off, err)
+		return nil, fmt.Errorf("%w: %s: record at %d: %w", ErrCorrupt, seg.path, off, err)
 	}
-	copy(b, rec[recHeaderSize:])
-	return nil
+	return b, nil
 }

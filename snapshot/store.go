@@ -175,7 +175,10 @@ func (s *Store) load(sizes []int64) error {
 			return fmt.Errorf("%w: %s: %w", ErrCorrupt, join(s.dir, manifestFile), err)
 		}
 		if !slices.Equal(m.Disks, sizes) {
-			return fmt.Errorf("%w: points taken of disks of sizes %v, configured %v", ErrMismatch, m.Disks, sizes)
+			if len(m.Points) > 0 {
+				return fmt.Errorf("%w: points taken of disks of sizes %v, configured %v", ErrMismatch, m.Disks, sizes)
+			}
+			m.Disks = sizes // no point depends on them; the next manifest says the new ones
 		}
 		s.man = *m
 	}
@@ -427,6 +430,7 @@ func (s *Store) Cycle(c uint64, sealed time.Time, appConsistent, takePoint bool)
 	if c <= s.last {
 		return nil
 	}
+	sealed = fromUnixNano(unixNano(sealed)) // as the manifest keeps it
 	if !takePoint {
 		s.last = c
 		return nil

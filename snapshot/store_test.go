@@ -383,6 +383,17 @@ func TestRangeAndOrder(t *testing.T) {
 	if _, err := Open(cfg); !errors.Is(err, ErrMismatch) {
 		t.Fatalf("open with other disks: %v", err)
 	}
+	// Without points, other disks are fine.
+	h.open()
+	if err := h.s.Prune(0); err != nil {
+		t.Fatal(err)
+	}
+	h.s.Close()
+	s, err := Open(cfg)
+	if err != nil {
+		t.Fatalf("open with other disks and no points: %v", err)
+	}
+	s.Close()
 }
 
 // TestViewReadRacingApply makes apply save and overwrite a block between a

@@ -180,12 +180,13 @@ func (d *DiskView) ReadAt(p []byte, off int64) (int, error) {
 	if err := lookup(true); err != nil {
 		return 0, err
 	}
-	buf := make([]byte, BlockSize)
+	rec := make([]byte, dataRecordSize)
 	for i, sr := range src {
 		if sr.seg == nil {
 			continue
 		}
-		if err := sr.seg.readBlock(blockKey(d.disk, first+int64(i)), sr.loc, buf); err != nil {
+		buf, err := sr.seg.readBlock(blockKey(d.disk, first+int64(i)), sr.loc, rec)
+		if err != nil {
 			return 0, err
 		}
 		lo, hi := bounds(int64(i))
