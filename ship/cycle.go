@@ -62,10 +62,7 @@ func (s *Shipper) shipped(info journal.CycleInfo, rep wire.Replica, size int64, 
 	if err := s.j.Release(info.Cycle); err != nil {
 		return fmt.Errorf("ship: release cycle %d: %w", info.Cycle, err)
 	}
-	appliedAt := rep.AppliedAt
-	if appliedAt.IsZero() {
-		appliedAt = s.now()
-	}
+	appliedAt := s.now() // when the replica answered; rep.AppliedAt is the barrier
 	s.succeeded()
 	err := s.update(func(st *persisted) {
 		if info.Cycle > st.Applied {

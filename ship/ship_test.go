@@ -147,6 +147,11 @@ func TestCorruptChunkIsRejectedAndResent(t *testing.T) {
 	e.cfg.Compress = false
 	r := e.start(e.cfg)
 	waitReplicating(t, r.s)
+	// Ship the cycle sealed after the initial copy first: the damage is
+	// meant for the next cycle.
+	if _, err := r.s.Sync(syncCtx(t)); err != nil {
+		t.Fatal(err)
+	}
 
 	e.j.write(0, 64<<10, random(512<<10))
 	e.rep.mu.Lock()

@@ -185,10 +185,7 @@ func (s *Shipper) finishSync(rec *syncRecord, rep wire.Replica) error {
 	if err := s.j.EndResync(rec.Base); err != nil {
 		return fmt.Errorf("ship: end %s: %w", syncWhat(rec.Kind), err)
 	}
-	at := rep.AppliedAt
-	if at.IsZero() {
-		at = s.now()
-	}
+	at := s.now()
 	s.mu.Lock()
 	s.prog = progress{}
 	s.polls = 0
