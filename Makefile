@@ -1,7 +1,7 @@
 # vdrepl — see README.md. Targets:
 #   make demo   set up and run a demo on this machine
 #   make test   run every test (unit, crash, fuzz seeds, real clients, FUSE)
-#   make bench  fio comparison against qemu-nbd, nbdkit, nbdfuse (bench/)
+#   make bench  fio comparison against qemu-nbd, nbdkit, nbdfuse, then the replication benchmark (bench/)
 #   make lint   gofmt, go vet, package dependency rules
 #   make deps   install the Debian packages the tests and demo use (root)
 
