@@ -70,7 +70,7 @@ type Replica struct {
 	State string `json:"state"`
 	// Applied is the last cycle applied; the image equals the primary's at
 	// that cycle's barrier once Consistent.
-	Applied   uint64    `json:"applied"`
+	Applied uint64 `json:"applied"`
 	// AppliedAt is the barrier time of cycle Applied (zero after a sync).
 	AppliedAt time.Time `json:"applied_at,omitzero"`
 	// Consistent is false while an initial copy or resync is unfinished or

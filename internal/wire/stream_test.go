@@ -266,3 +266,35 @@ func FuzzReader(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkStream4K writes and reads a stream of 4 KiB data frames, the
+// shape of a random-write cycle.
+func BenchmarkStream4K(b *testing.B) {
+	block := make([]byte, 4096)
+	for i := range block {
+		block[i] = byte(i * 7)
+	}
+	const blocks = 4096 // 16 MiB
+	h := Header{VM: "b", Kind: KindCycle, Disks: []Disk{{Name: "d", Size: blocks * 4096}}}
+	var buf bytes.Buffer
+	b.SetBytes(blocks * 4096)
+	for b.Loop() {
+		buf.Reset()
+		w, _ := NewWriter(&buf, h, false)
+		for k := int64(0); k < blocks; k++ {
+			w.Data(0, k*4096, block)
+		}
+		w.Close()
+		r, err := NewReader(bytes.NewReader(buf.Bytes()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		for {
+			if _, err := r.Next(); err == io.EOF {
+				break
+			} else if err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}
