@@ -660,7 +660,9 @@ func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
 	case stopped != nil:
 		return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
 	}
-	// Seal only once no sync runs (see tick).
+	// Seal only once no sync runs (see tick). Wake the loop first: an
+	// offline copy's import is then looked for now, not at the next poll.
+	s.signal()
 	for {
 		s.mu.Lock()
 		ch := s.changed
