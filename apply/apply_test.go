@@ -585,7 +585,8 @@ func TestResyncStagedUntilFinish(t *testing.T) {
 		// The image keeps its consistent point while pieces arrive.
 		checkImages(t, vfs.Default, dir, testDisks, replica)
 	}
-	if rep, _ := h.server().Replica("vm1"); rep.State != stateResyncing || rep.Applied != 1 || rep.Consistent {
+	// Still consistent: at cycle 1's barrier.
+	if rep, _ := h.server().Replica("vm1"); rep.State != stateResyncing || rep.Applied != 1 || !rep.Consistent {
 		t.Fatalf("during resync: %+v", rep)
 	}
 	if names, _ := os.ReadDir(filepath.Join(dir, syncDir, "2")); int64(len(names)) != pieces {
@@ -605,6 +606,66 @@ func TestResyncStagedUntilFinish(t *testing.T) {
 	checkImages(t, vfs.Default, dir, testDisks, primary)
 	if _, err := os.Stat(filepath.Join(dir, syncDir, "2")); !os.IsNotExist(err) {
 		t.Fatalf("applied pieces kept: %v", err)
+	}
+}
+
+// A resync finished with ConsistentAt is held: pieces and the cycles up to
+// ConsistentAt are applied together, so the images go from one consistent
+// point straight to the next (no resync cliff), across a restart too.
+func TestResyncHeldUntilConsistent(t *testing.T) {
+	h, a, dir := setup(t, nil)
+	replica := newModel(testDisks)
+	rep := a.send("vm1", "c1", buildStream(t, cycleHeader("vm1", 1, 0), nil))
+	if !rep.Consistent {
+		t.Fatalf("after cycle 1: %+v", rep)
+	}
+	const pieceSize = 512 << 10
+	pieces := wire.PieceCount(testDisks, pieceSize)
+	primary := newModel(testDisks)
+	rng := rand.New(rand.NewPCG(9, 9))
+	for i := 0; i < 4096; i++ {
+		primary[0][rng.IntN(len(primary[0]))] = byte(rng.Uint32())
+	}
+	start := wire.SyncStart{Gen: 3, Kind: wire.KindResync, Base: 5, PieceSize: pieceSize, Pieces: pieces}
+	if status, e := a.call("POST", vmPath("vm1")+"/sync", start, nil); status != 200 {
+		t.Fatalf("sync start: %d %+v", status, e)
+	}
+	all := make([]int64, pieces)
+	for i := range all {
+		all[i] = int64(i)
+	}
+	sendPieces(t, a, "vm1", testDisks, wire.KindResync, 3, pieceSize, primary, all)
+	fin := wire.SyncFinish{Gen: 3, Base: 5, ConsistentAt: 7}
+	for range 2 {
+		var r wire.Replica
+		if status, e := a.call("POST", vmPath("vm1")+"/sync/finish", fin, &r); status != 200 || r.Applied != 1 || !r.Consistent {
+			t.Fatalf("held finish: %d %+v %+v", status, e, r)
+		}
+	}
+	checkImages(t, vfs.Default, dir, testDisks, replica)
+
+	ops6 := []op{{t: wire.FrameData, disk: 1, off: 8192, data: randBytes(6, 8192)}}
+	ops7 := []op{{t: wire.FrameTrim, disk: 0, off: 0, n: 64 << 10}, {t: wire.FrameData, disk: 0, off: 1 << 16, data: randBytes(7, 4096)}}
+	rep = a.send("vm1", "c6", buildStream(t, cycleHeader("vm1", 6, 5), ops6))
+	if rep.Applied != 1 || !rep.Consistent {
+		t.Fatalf("after staging cycle 6: %+v", rep)
+	}
+	checkImages(t, vfs.Default, dir, testDisks, replica)
+	h.restart(nil) // the held resync and cycle 6 survive
+	checkImages(t, vfs.Default, dir, testDisks, replica)
+	rep = a.send("vm1", "c7", buildStream(t, cycleHeader("vm1", 7, 6), ops7))
+	primary.apply(ops6)
+	primary.apply(ops7)
+	if rep.Applied != 7 || !rep.Consistent || rep.State != stateReplicating || rep.Sync != nil {
+		t.Fatalf("after cycle 7: %+v", rep)
+	}
+	checkImages(t, vfs.Default, dir, testDisks, primary)
+	if names, _ := os.ReadDir(filepath.Join(dir, stagingDir)); len(names) != 0 {
+		t.Fatalf("staging left: %v", names)
+	}
+	rep = a.send("vm1", "c8", buildStream(t, cycleHeader("vm1", 8, 7), nil))
+	if rep.Applied != 8 {
+		t.Fatalf("after cycle 8: %+v", rep)
 	}
 }
 

@@ -103,6 +103,16 @@
 // sync/<gen>/<piece>.stream (fsync of both directories) and marked done;
 // the images stay at their last consistent point until finish.
 //
+// A resync finish that names ConsistentAt (the cycle the primary sealed
+// after reading its last piece) is held: replica.json records
+// held {gen, base, consistent_at, cycles}, and the cycles that follow the
+// base are staged as staging/c<N>.stream without being applied. When cycle
+// ConsistentAt is staged, one intent {"op":"resync", ..., "cycles": [...]}
+// applies the pieces and then those cycles in order. So the images go from
+// their last consistent point straight to the next one: there is no window
+// after a resync in which the replica holds no consistent image. A new sync
+// drops a held one and its staged cycles.
+//
 // # Concurrency
 //
 // A Server is safe for concurrent use. Each VM has an apply mutex that

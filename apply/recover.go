@@ -53,6 +53,7 @@ func (v *vm) tidy() error {
 			v.removeStaged(name) // a piece of an abandoned sync
 		case !isStream:
 		case st.Intent != nil && st.Intent.Op == intentCycle && st.Intent.Cycle == u.cycle:
+		case u.isCycle() && st.Held != nil && st.Held.holds(u.cycle):
 		case u.isCycle() && u.cycle > st.Applied && !v.exists(v.staged(id)):
 			if err := fsys.Rename(name, v.staged(id)); err != nil {
 				return err

@@ -119,6 +119,11 @@ type replicaState struct {
 	// not make the VM replicating.
 	NeedsSync bool        `json:"needs_sync,omitempty"`
 	Sync      *syncRecord `json:"sync,omitempty"`
+	// Held is a finished resync whose pieces wait, staged, for the cycles up
+	// to its ConsistentAt: pieces and cycles are then applied under one
+	// intent, so the images go straight from their last consistent point to
+	// the next one (no resync cliff).
+	Held *heldResync `json:"held,omitempty"`
 	// LastSync is the generation of the last finished sync, so that a
 	// repeated finish is answered without doing anything.
 	LastSync uint64    `json:"last_sync,omitempty"`
@@ -212,6 +217,39 @@ type intent struct {
 	Gen          uint64 `json:"gen,omitempty"`
 	Base         uint64 `json:"base,omitempty"`
 	ConsistentAt uint64 `json:"consistent_at,omitempty"`
+	// Cycles are staged cycles applied after a resync's pieces.
+	Cycles []heldCycle `json:"cycles,omitempty"`
+}
+
+// heldResync: see replicaState.Held.
+type heldResync struct {
+	Gen          uint64      `json:"gen"`
+	Base         uint64      `json:"base"`
+	ConsistentAt uint64      `json:"consistent_at"`
+	Cycles       []heldCycle `json:"cycles,omitempty"`
+}
+
+// heldCycle is a cycle staged as staging/c<Cycle>.stream, not applied yet.
+type heldCycle struct {
+	Cycle  uint64    `json:"cycle"`
+	Sealed time.Time `json:"sealed,omitzero"`
+}
+
+// last is the newest cycle the held resync covers.
+func (h *heldResync) last() uint64 {
+	if n := len(h.Cycles); n > 0 {
+		return h.Cycles[n-1].Cycle
+	}
+	return h.Base
+}
+
+func (h *heldResync) holds(c uint64) bool {
+	for _, hc := range h.Cycles {
+		if hc.Cycle == c {
+			return true
+		}
+	}
+	return false
 }
 
 const (
@@ -238,7 +276,13 @@ func (st *replicaState) clone() replicaState {
 	}
 	if st.Intent != nil {
 		ic := *st.Intent
+		ic.Cycles = append([]heldCycle(nil), st.Intent.Cycles...)
 		c.Intent = &ic
+	}
+	if st.Held != nil {
+		hc := *st.Held
+		hc.Cycles = append([]heldCycle(nil), st.Held.Cycles...)
+		c.Held = &hc
 	}
 	return c
 }

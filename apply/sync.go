@@ -62,9 +62,13 @@ func (v *vm) syncStart(req wire.SyncStart) (wire.SyncState, error) {
 		st.Sync = &syncRecord{SyncStart: req, Done: [][2]int64{}, Started: v.s.now().UTC()}
 		st.State = stateInitialCopy
 		if req.Kind == wire.KindResync {
+			// The images stay at their last consistent point until the
+			// resync is applied, all at once.
 			st.State = stateResyncing
+		} else {
+			st.Consistent = false
 		}
-		st.Consistent = false
+		st.Held = nil
 		return nil
 	})
 	if err != nil {
@@ -72,6 +76,11 @@ func (v *vm) syncStart(req wire.SyncStart) (wire.SyncState, error) {
 	}
 	if old != nil {
 		v.dropSync(old.Gen)
+	}
+	if held := st.Held; held != nil {
+		for _, hc := range held.Cycles {
+			v.removeStaged(v.stagedStream(wire.CycleUploadID(hc.Cycle)))
+		}
 	}
 	v.s.log.Info("sync started", "vm", v.name, "gen", req.Gen, "kind", req.Kind, "base", req.Base, "pieces", req.Pieces)
 	return *v.snapshot().Sync.wire(), nil
@@ -151,6 +160,21 @@ func (v *vm) syncFinish(req wire.SyncFinish) (wire.Replica, error) {
 		if err != nil {
 			return wire.Replica{}, err
 		}
+	}
+	if req.ConsistentAt > req.Base {
+		// Hold the pieces until the cycles up to ConsistentAt are staged
+		// too; then all of it is applied at once (commitCycle).
+		if st.Held == nil {
+			err := v.update(func(st *replicaState) error {
+				st.Held = &heldResync{Gen: req.Gen, Base: req.Base, ConsistentAt: req.ConsistentAt}
+				return nil
+			})
+			if err != nil {
+				return wire.Replica{}, err
+			}
+			v.s.log.Info("resync pieces held until the cycle that makes them exact", "vm", v.name, "gen", req.Gen, "base", req.Base, "consistent_at", req.ConsistentAt)
+		}
+		return v.replica(), nil
 	}
 	err := v.update(func(st *replicaState) error {
 		st.Intent = &intent{Op: intentResync, Gen: req.Gen, Base: req.Base, ConsistentAt: req.ConsistentAt}

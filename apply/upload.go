@@ -180,7 +180,11 @@ func (v *vm) commit(u uploadID) (wire.Replica, error) {
 }
 
 func (v *vm) commitCycle(u uploadID) error {
-	applied := v.snapshot().Applied
+	cur := v.snapshot()
+	applied := cur.Applied
+	if cur.Held != nil {
+		applied = cur.Held.last() // cycles follow the held resync's base
+	}
 	part := v.staged(u.id)
 	if u.cycle <= applied {
 		v.removeStaged(part) // a retry of a commit that succeeded
@@ -217,6 +221,23 @@ func (v *vm) commitCycle(u uploadID) error {
 	if err := v.s.fs.SyncDir(join(v.dir, stagingDir)); err != nil {
 		v.s.fs.Rename(stream, part)
 		return fmt.Errorf("apply: stage cycle %d: %w", u.cycle, err)
+	}
+	if held := cur.Held; held != nil {
+		// Staged durably; applied with the resync once the cycle that
+		// makes it exact is here too.
+		err = v.update(func(st *replicaState) error {
+			st.Held.Cycles = append(st.Held.Cycles, heldCycle{Cycle: u.cycle, Sealed: h.Sealed})
+			if u.cycle >= st.Held.ConsistentAt {
+				st.Intent = &intent{Op: intentResync, Gen: st.Held.Gen, Base: st.Held.Base,
+					ConsistentAt: st.Held.ConsistentAt, Cycles: append([]heldCycle(nil), st.Held.Cycles...)}
+			}
+			return nil
+		})
+		if err != nil {
+			v.s.fs.Rename(stream, part)
+			return err
+		}
+		return v.finishIntent(false)
 	}
 	err = v.update(func(st *replicaState) error {
 		st.Intent = &intent{Op: intentCycle, Cycle: u.cycle, Sealed: h.Sealed}
@@ -304,6 +325,9 @@ func (v *vm) finishIntent(recovering bool) error {
 		for p := int64(0); p < st.Sync.Pieces; p++ {
 			streams = append(streams, v.syncPiece(in.Gen, p))
 		}
+		for _, hc := range in.Cycles {
+			streams = append(streams, v.stagedStream(wire.CycleUploadID(hc.Cycle)))
+		}
 	default:
 		return fmt.Errorf("%w: %s: unknown intent %q", ErrState, join(v.dir, stateFile), in.Op)
 	}
@@ -330,6 +354,12 @@ func (v *vm) finishIntent(recovering bool) error {
 			st.Consistent = st.State == stateReplicating && st.Applied >= st.ConsistentAt
 		case intentResync:
 			finishSync(st, in.Gen, in.Base, in.ConsistentAt)
+			if n := len(in.Cycles); n > 0 {
+				last := in.Cycles[n-1]
+				st.Applied, st.AppliedAt = last.Cycle, last.Sealed
+				st.Consistent = st.Applied >= st.ConsistentAt
+			}
+			st.Held = nil
 		}
 		st.Intent = nil
 		return nil
@@ -344,6 +374,9 @@ func (v *vm) finishIntent(recovering bool) error {
 	case intentResync:
 		if err := removeAll(v.s.fs, v.syncDir(in.Gen)); err != nil {
 			v.s.log.Warn("remove applied resync pieces", "vm", v.name, "gen", in.Gen, "err", err)
+		}
+		for _, hc := range in.Cycles {
+			v.removeStaged(v.stagedStream(wire.CycleUploadID(hc.Cycle)))
 		}
 		v.s.log.Info("resync applied", "vm", v.name, "gen", in.Gen, "base", in.Base)
 	}
