@@ -254,55 +254,13 @@ func (s *Shipper) shipPiece(ctx context.Context, rec *syncRecord, p int64) error
 // 4 KiB blocks and zero ranges for runs of zero blocks: a sparse disk costs
 // next to nothing on the wire.
 func (s *Shipper) fillFull(ctx context.Context, w *wire.Writer, wd int, off, n int64) error {
-	jd := s.cfg.DiskIndex[wd]
-	buf := make([]byte, min(n, wire.MaxFrameData))
-	zeroAt := int64(-1)
-	flushZero := func(end int64) error {
-		if zeroAt < 0 {
-			return nil
-		}
-		err := w.Range(wire.FrameZero, wd, zeroAt, end-zeroAt)
-		zeroAt = -1
-		return err
-	}
-	for pos := off; pos < off+n; {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		p := buf[:min(int64(len(buf)), off+n-pos)]
-		if err := s.j.ReadAt(jd, p, pos); err != nil {
-			return fmt.Errorf("ship: read disk %d at %d: %w", jd, pos, err)
-		}
-		data := -1
-		for b := 0; b < len(p); b += journal.BlockSize {
-			e := min(b+journal.BlockSize, len(p))
-			if isZero(p[b:e]) {
-				if data >= 0 {
-					if err := w.Data(wd, pos+int64(data), p[data:b]); err != nil {
-						return err
-					}
-					data = -1
-				}
-				if zeroAt < 0 {
-					zeroAt = pos + int64(b)
-				}
-				continue
-			}
-			if err := flushZero(pos + int64(b)); err != nil {
-				return err
-			}
-			if data < 0 {
-				data = b
-			}
-		}
-		if data >= 0 {
-			if err := w.Data(wd, pos+int64(data), p[data:]); err != nil {
-				return err
-			}
-		}
-		pos += int64(len(p))
-	}
-	return flushZero(off + n)
+	return s.fillResync(ctx, w, wd, off, n, journal.BlockSize, nil)
+}
+
+// same says whether blk hashes to sum.
+func same(blk, sum []byte) bool {
+	h := blake3.Sum256(blk)
+	return bytes.Equal(h[:], sum)
 }
 
 // remoteSums asks the replica for the hashes of its blocks of a range.
@@ -324,7 +282,8 @@ func (s *Shipper) remoteSums(ctx context.Context, wd int, off, n, bs int64) ([]b
 }
 
 // fillResync writes the blocks of [off, off+n) whose BLAKE3-256 differs from
-// the replica's (sums): data frames, or zero ranges for zero blocks.
+// the replica's (sums; nil: every block differs): data frames, or zero
+// ranges for zero blocks.
 func (s *Shipper) fillResync(ctx context.Context, w *wire.Writer, wd int, off, n, bs int64, sums []byte) error {
 	jd := s.cfg.DiskIndex[wd]
 	buf := make([]byte, min(n, max(bs, wire.MaxFrameData)))
@@ -358,7 +317,7 @@ func (s *Shipper) fillResync(ctx context.Context, w *wire.Writer, wd int, off, n
 			e := min(b+bs, int64(len(p)))
 			blk := p[b:e]
 			i := (pos + b - off) / bs * wire.HashSize
-			if sum := blake3.Sum256(blk); bytes.Equal(sum[:], sums[i:i+wire.HashSize]) {
+			if sums != nil && same(blk, sums[i:i+wire.HashSize]) {
 				if err := flushData(b); err != nil {
 					return err
 				}
