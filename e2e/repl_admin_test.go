@@ -25,37 +25,6 @@ import (
 // while replication is paused, initial copies by media or from a restored
 // backup, and the JSON a monitoring script reads.
 
-// pairOpts changes what newPairWith builds.
-type pairOpts struct {
-	primExtra []string // extra `serve` flags of the primary
-	storage   string   // the replica's storage directory for primary.test (default: a new temporary one)
-}
-
-// newPairWith is newPair with options: a primary with extra serve flags, a
-// replica storage directory the test prepared (e.g. a small filesystem).
-func newPairWith(t *testing.T, o pairOpts) *pair {
-	t.Helper()
-	p := &pair{pki: t.TempDir(), storage: o.storage}
-	if p.storage == "" {
-		p.storage = filepath.Join(t.TempDir(), "replicas")
-	}
-	vdrepl(t, "pki", "init", "--dir", p.pki)
-	vdrepl(t, "pki", "issue", "--dir", p.pki, "--name", "primary.test", "--san", "127.0.0.1")
-	vdrepl(t, "pki", "issue", "--dir", p.pki, "--name", "replica.test", "--san", "127.0.0.1")
-	p.rep = newHost(t, append(tlsFlags(p.pki, "replica.test"), "--replica-listen", "127.0.0.1:0")...)
-	prim := append(tlsFlags(p.pki, "primary.test"), "--retry-scale", "0.0005")
-	p.prim = newHost(t, append(prim, o.primExtra...)...)
-	p.rep.run("replica", "allow", "add", "--primary", "primary.test", "--storage", p.storage)
-	var st struct {
-		ReplicaListen string `json:"replica_listen"`
-	}
-	if err := json.Unmarshal([]byte(p.rep.run("status", "--json")), &st); err != nil || st.ReplicaListen == "" {
-		t.Fatalf("replica status has no listen address: %v %+v", err, st)
-	}
-	p.replicaAddr = st.ReplicaListen
-	return p
-}
-
 // extraPrimary starts another primary daemon with a certificate named name
 // from the CA in dir (issued here) and trusting that CA.
 func extraPrimary(t *testing.T, dir, name string) *host {

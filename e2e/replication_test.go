@@ -37,12 +37,29 @@ func tlsFlags(dir, name string) []string {
 
 func newPair(t *testing.T) *pair {
 	t.Helper()
-	p := &pair{pki: t.TempDir(), storage: filepath.Join(t.TempDir(), "replicas")}
+	return newPairWith(t, pairOpts{primExtra: []string{"--metrics-listen", "127.0.0.1:0"}})
+}
+
+// pairOpts changes what newPairWith builds.
+type pairOpts struct {
+	primExtra []string // extra `serve` flags of the primary
+	storage   string   // the replica's storage directory for primary.test (default: a new temporary one)
+}
+
+// newPairWith is newPair with options: a primary with extra serve flags, a
+// replica storage directory the test prepared (e.g. a small filesystem).
+func newPairWith(t *testing.T, o pairOpts) *pair {
+	t.Helper()
+	p := &pair{pki: t.TempDir(), storage: o.storage}
+	if p.storage == "" {
+		p.storage = filepath.Join(t.TempDir(), "replicas")
+	}
 	vdrepl(t, "pki", "init", "--dir", p.pki)
 	vdrepl(t, "pki", "issue", "--dir", p.pki, "--name", "primary.test", "--san", "127.0.0.1")
 	vdrepl(t, "pki", "issue", "--dir", p.pki, "--name", "replica.test", "--san", "127.0.0.1")
 	p.rep = newHost(t, append(tlsFlags(p.pki, "replica.test"), "--replica-listen", "127.0.0.1:0")...)
-	p.prim = newHost(t, append(tlsFlags(p.pki, "primary.test"), "--retry-scale", "0.0005", "--metrics-listen", "127.0.0.1:0")...)
+	prim := append(tlsFlags(p.pki, "primary.test"), "--retry-scale", "0.0005")
+	p.prim = newHost(t, append(prim, o.primExtra...)...)
 	p.rep.run("replica", "allow", "add", "--primary", "primary.test", "--storage", p.storage)
 	var st struct {
 		ReplicaListen string `json:"replica_listen"`

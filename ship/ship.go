@@ -738,25 +738,28 @@ func (s *Shipper) Pause() error {
 // (retrying at once).
 func (s *Shipper) Resume() error {
 	s.mu.Lock()
-	s.stopped = nil
-	s.attempt = 0
-	s.retryAt = time.Time{}
+	s.clearStopLocked()
 	s.enabled = false
-	s.waiting, s.waitUntil = "", time.Time{}
 	s.mu.Unlock()
 	err := s.update(func(st *persisted) { st.Paused = false })
 	s.log.Info("replication resumed")
 	return err
 }
 
-// Resync starts a resync now, outside the resync window too. One already
-// under way goes on.
-func (s *Shipper) Resync() error {
-	s.mu.Lock()
+// clearStopLocked forgets a stop, the back-off and what the loop waited for:
+// the admin acted, try at once.
+func (s *Shipper) clearStopLocked() {
 	s.stopped = nil
 	s.attempt = 0
 	s.retryAt = time.Time{}
 	s.waiting, s.waitUntil = "", time.Time{}
+}
+
+// Resync starts a resync now, outside the resync window too. One already
+// under way goes on.
+func (s *Shipper) Resync() error {
+	s.mu.Lock()
+	s.clearStopLocked()
 	running := s.st.Sync != nil
 	s.mu.Unlock()
 	if running {
