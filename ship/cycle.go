@@ -166,7 +166,7 @@ func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (wire.
 		if off == sp.size {
 			break
 		}
-		chunk := s.buf[:min(s.chunk, sp.size-off)]
+		chunk := s.buf[:min(chunkFor(s.chunk, lims, s.now()), sp.size-off)]
 		if _, err := sp.f.ReadAt(chunk, off); err != nil && !errors.Is(err, io.EOF) {
 			return wire.Replica{}, fmt.Errorf("ship: read spool %s: %w", sp.id, err)
 		}
@@ -194,6 +194,19 @@ func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (wire.
 		}
 	}
 	return s.c.commit(ctx, sp.id)
+}
+
+// chunkFor is the chunk size to send now: at most max, and no more than two
+// minutes' worth under the slowest limiter, so a chunk finishes well inside
+// its request timeout on a slow link and a cut costs little.
+func chunkFor(limit int64, lims []*Limiter, now time.Time) int64 {
+	n := limit
+	for _, l := range lims {
+		if r := l.Rate(now); r < float64(n)/120 {
+			n = int64(r * 120)
+		}
+	}
+	return min(limit, max(n&^4095, 64<<10))
 }
 
 // pacedReader is an upload body that waits for the bandwidth limiters.

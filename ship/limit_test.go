@@ -174,3 +174,29 @@ func TestWindow(t *testing.T) {
 		}
 	}
 }
+
+func TestChunkForSlowLinks(t *testing.T) {
+	now := time.Now()
+	lim := func(s string) *Limiter {
+		l, err := ParseBandwidth(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	for _, c := range []struct {
+		lims []*Limiter
+		want int64
+	}{
+		{nil, 8 << 20},
+		{[]*Limiter{nil, lim("unlimited")}, 8 << 20},
+		{[]*Limiter{lim("100MB/s")}, 8 << 20},
+		{[]*Limiter{lim("50KB/s"), nil}, 50000 * 120 &^ 4095},
+		{[]*Limiter{lim("100MB/s"), lim("1KB/s")}, 120000 &^ 4095},
+		{[]*Limiter{lim("0.1KB/s")}, 64 << 10},
+	} {
+		if got := chunkFor(8<<20, c.lims, now); got != c.want {
+			t.Errorf("chunkFor(%v) = %d, want %d", c.lims, got, c.want)
+		}
+	}
+}
