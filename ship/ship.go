@@ -650,72 +650,82 @@ func (s *Shipper) addSample(retained int64) {
 // initial copy or resync it waits for the end of it before sealing.
 func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
 	s.mu.Lock()
-	closed, paused, stopped := s.closed, s.st.Paused, s.stopped
+	err := s.haltedLocked()
 	s.mu.Unlock()
-	switch {
-	case closed:
-		return 0, ErrClosed
-	case paused:
-		return 0, ErrPaused
-	case stopped != nil:
-		return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
+	if err != nil {
+		return 0, err
 	}
 	// Seal only once no sync runs (see tick). Wake the loop first: an
 	// offline copy's import is then looked for now, not at the next poll.
 	s.signal()
-	for {
-		s.mu.Lock()
-		ch := s.changed
-		ready := s.st.InitialDone && s.st.Sync == nil
-		paused, stopped, waiting, closed := s.st.Paused, s.stopped, s.waiting, s.closed
-		s.mu.Unlock()
-		if ready {
-			break
+	err = s.await(ctx, func() (bool, error) {
+		if s.st.InitialDone && s.st.Sync == nil {
+			return true, nil
 		}
-		switch {
-		case closed:
-			return 0, ErrClosed
-		case paused:
-			return 0, ErrPaused
-		case stopped != nil:
-			return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
-		case waiting == "at":
-			return 0, fmt.Errorf("ship: the initial copy is scheduled for %s", s.initial.at.Format(time.RFC3339))
+		if err := s.haltedLocked(); err != nil {
+			return false, err
 		}
-		select {
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		case <-ch:
+		if s.waiting == "at" {
+			return false, fmt.Errorf("ship: the initial copy is scheduled for %s", s.initial.at.Format(time.RFC3339))
 		}
+		return false, nil
+	})
+	if err != nil {
+		return 0, err
 	}
 	info, err := s.j.Seal(0)
 	if err != nil {
 		return 0, fmt.Errorf("ship: seal: %w", err)
 	}
 	s.signal()
+	err = s.await(ctx, func() (bool, error) {
+		if s.st.Applied >= info.Cycle {
+			return true, nil
+		}
+		if err := s.haltedLocked(); err != nil {
+			return false, err
+		}
+		// Only a pending automatic resync waits for the window; the
+		// loop's waiting reason may lag behind a manual one or a start.
+		if s.waiting == "window" && s.st.Sync == nil && s.st.Resync != nil && !s.st.Resync.Manual {
+			return false, fmt.Errorf("%w: it waits for the resync window; run `vdrepl replication resync` to start it now", ErrResyncRequired)
+		}
+		return false, nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	return info.Cycle, nil
+}
+
+// haltedLocked says why the shipper makes no progress until an admin acts:
+// closed, paused, or stopped by a non-recoverable error. Call with mu held.
+func (s *Shipper) haltedLocked() error {
+	switch {
+	case s.closed:
+		return ErrClosed
+	case s.st.Paused:
+		return ErrPaused
+	case s.stopped != nil:
+		return fmt.Errorf("%w: %w", ErrStopped, s.stopped)
+	}
+	return nil
+}
+
+// await calls check with mu held until it reports done or an error, waiting
+// for a change of state between calls, or until ctx ends.
+func (s *Shipper) await(ctx context.Context, check func() (bool, error)) error {
 	for {
 		s.mu.Lock()
 		ch := s.changed
-		applied, paused, stopped, waiting, closed := s.st.Applied, s.st.Paused, s.stopped, s.waiting, s.closed
-		// Only a pending automatic resync waits for the window; the
-		// loop's waiting reason may lag behind a manual one or a start.
-		forWindow := waiting == "window" && s.st.Sync == nil && s.st.Resync != nil && !s.st.Resync.Manual
+		done, err := check()
 		s.mu.Unlock()
-		switch {
-		case applied >= info.Cycle:
-			return info.Cycle, nil
-		case closed:
-			return 0, ErrClosed
-		case paused:
-			return 0, ErrPaused
-		case stopped != nil:
-			return 0, fmt.Errorf("%w: %w", ErrStopped, stopped)
-		case forWindow:
-			return 0, fmt.Errorf("%w: it waits for the resync window; run `vdrepl replication resync` to start it now", ErrResyncRequired)
+		if done || err != nil {
+			return err
 		}
 		select {
 		case <-ctx.Done():
-			return 0, ctx.Err()
+			return ctx.Err()
 		case <-ch:
 		}
 	}
