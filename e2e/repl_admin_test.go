@@ -33,46 +33,6 @@ func extraPrimary(t *testing.T, dir, name string) *host {
 	return newHost(t, append(tlsFlags(dir, name), "--retry-scale", "0.0005")...)
 }
 
-// primStatus is what a script reads from `replication status VM --json` on
-// the primary.
-type primStatus struct {
-	VM          string    `json:"vm"`
-	State       string    `json:"state"`
-	Health      string    `json:"health"`
-	Reason      string    `json:"reason"`
-	LastApplied uint64    `json:"last_applied_cycle"`
-	LastError   string    `json:"last_error"`
-	NextRetry   time.Time `json:"next_retry"`
-	Metrics     struct {
-		Health             int     `json:"health"`
-		LagSeconds         float64 `json:"lag_seconds"`
-		PendingBytes       int64   `json:"pending_bytes"`
-		PendingCycles      int     `json:"pending_cycles"`
-		JournalCapBytes    int64   `json:"journal_cap_bytes"`
-		SyncWireBytesTotal int64   `json:"sync_wire_bytes_total"`
-		RetriesTotal       int64   `json:"retries_total"`
-	} `json:"metrics"`
-}
-
-// primaryStatus is the primary-side status of vm on h.
-func primaryStatus(t *testing.T, h *host, vm string) primStatus {
-	t.Helper()
-	out := h.run("replication", "status", vm, "--json")
-	var s struct {
-		Primaries []primStatus `json:"primaries"`
-	}
-	if err := json.Unmarshal([]byte(out), &s); err != nil {
-		t.Fatalf("replication status %s --json: %v\n%s", vm, err, out)
-	}
-	for _, p := range s.Primaries {
-		if p.VM == vm {
-			return p
-		}
-	}
-	t.Fatalf("replication status %s --json lists no primary entry for it:\n%s", vm, out)
-	return primStatus{}
-}
-
 // waitStatus polls the primary's status of vm until cond holds (30 s) and
 // returns that status; on time-out it fails with the last one seen.
 func waitStatus(t *testing.T, h *host, vm, what string, cond func(primStatus) bool) primStatus {

@@ -30,47 +30,11 @@ const maxChunk = 8 << 20
 // and handshakes, HTTP requests, status calls. Far less than a chunk.
 const proxySlack = 1 << 20
 
-// shipFigures is the part of the primary's `replication status VM --json`
-// these tests read.
-type shipFigures struct {
-	VM          string `json:"vm"`
-	State       string `json:"state"`
-	Health      string `json:"health"`
-	Reason      string `json:"reason"`
-	LastApplied uint64 `json:"last_applied_cycle"`
-	LastError   string `json:"last_error"`
-	Metrics     struct {
-		PendingCycles       int   `json:"pending_cycles"`
-		CyclesShippedTotal  int64 `json:"cycles_shipped_total"`
-		CycleWireBytesTotal int64 `json:"cycle_wire_bytes_total"`
-		SyncWireBytesTotal  int64 `json:"sync_wire_bytes_total"`
-		RetriesTotal        int64 `json:"retries_total"`
-	} `json:"metrics"`
-}
-
-func primaryFigures(t *testing.T, h *host, vm string) shipFigures {
-	t.Helper()
-	out := h.run("replication", "status", vm, "--json")
-	var s struct {
-		Primaries []shipFigures `json:"primaries"`
-	}
-	if err := json.Unmarshal([]byte(out), &s); err != nil {
-		t.Fatalf("replication status --json: %v\n%s", err, out)
-	}
-	for _, f := range s.Primaries {
-		if f.VM == vm {
-			return f
-		}
-	}
-	t.Fatalf("replication status %s --json has no primary entry:\n%s", vm, out)
-	return shipFigures{}
-}
-
 // checkRecovered: the primary replicates with health normal, the replica
 // holds a consistent image at cycle applied or later.
-func checkRecovered(t *testing.T, p *pair, vm string, applied uint64) shipFigures {
+func checkRecovered(t *testing.T, p *pair, vm string, applied uint64) primStatus {
 	t.Helper()
-	f := primaryFigures(t, p.prim, vm)
+	f := primaryStatus(t, p.prim, vm)
 	if f.State != "replicating" || f.Health != "normal" {
 		t.Errorf("primary status after recovery: state %q health %q (%s; last error %q), want replicating/normal",
 			f.State, f.Health, f.Reason, f.LastError)
@@ -202,7 +166,7 @@ func checkSent(t *testing.T, sent, stream int64) {
 // resumes the upload from the replica's staged offset.
 func TestReplicaKilledMidUploadResumes(t *testing.T) {
 	p, px := newProxiedPair(t, "32M", "--bandwidth-limit", "8MB/s")
-	before := primaryFigures(t, p.prim, "vm1")
+	before := primaryStatus(t, p.prim, "vm1")
 	up0 := px.upstream()
 	writeRandom(t, p.prim, "vm1/disk0", 24<<20)
 	wait := syncInBackground(t, p.prim, "vm1")
@@ -242,7 +206,7 @@ func TestReplicaKilledMidUploadResumes(t *testing.T) {
 // and made the replica equal.
 func proxyFaultMidUpload(t *testing.T, arm func(*faultProxy)) {
 	p, px := newProxiedPair(t, "32M")
-	before := primaryFigures(t, p.prim, "vm1")
+	before := primaryStatus(t, p.prim, "vm1")
 	writeRandom(t, p.prim, "vm1/disk0", 24<<20)
 	up0 := px.upstream()
 	arm(px)
@@ -280,7 +244,7 @@ func TestProxyFlipsByteUploadRecovers(t *testing.T) {
 // replica image never holds the damaged byte.
 func TestCorruptStagedUploadRejected(t *testing.T) {
 	p, px := newProxiedPair(t, "32M", "--bandwidth-limit", "8MB/s")
-	before := primaryFigures(t, p.prim, "vm1")
+	before := primaryStatus(t, p.prim, "vm1")
 	up0 := px.upstream()
 	writeRandom(t, p.prim, "vm1/disk0", 24<<20)
 	wait := syncInBackground(t, p.prim, "vm1")
@@ -352,7 +316,7 @@ func TestReplicaKilledMidApply(t *testing.T) {
 	p, px := newProxiedPair(t, "64M")
 	staging := filepath.Join(p.storage, "vm1", "staging")
 	for _, when := range []string{"stream", "intent"} {
-		n := primaryFigures(t, p.prim, "vm1").LastApplied + 1
+		n := primaryStatus(t, p.prim, "vm1").LastApplied + 1
 		prev := exportBytes(t, p.prim, "vm1/disk0") // the primary at barrier N-1
 		writeRandom(t, p.prim, "vm1/disk0", 48<<20)
 		next := exportBytes(t, p.prim, "vm1/disk0") // at barrier N: nothing else writes
@@ -433,7 +397,7 @@ func TestPrimaryKilledUnderWriteLoad(t *testing.T) {
 	p.prim.addVM("vm1", "64M")
 	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1s")
 	p.prim.run("replication", "sync", "vm1")
-	before := primaryFigures(t, p.prim, "vm1")
+	before := primaryStatus(t, p.prim, "vm1")
 
 	// fio writes until the daemon dies under it; --rate keeps the journal
 	// under its cap (half the disk) whatever the machine's speed. After the
@@ -466,7 +430,7 @@ func TestPrimaryKilledUnderWriteLoad(t *testing.T) {
 	// Kill in the middle: cycles written under load have shipped, fio is
 	// still writing.
 	waitFor(t, "three cycles shipped under fio load", func() bool {
-		return primaryFigures(t, p.prim, "vm1").Metrics.CyclesShippedTotal >= before.Metrics.CyclesShippedTotal+3
+		return primaryStatus(t, p.prim, "vm1").Metrics.CyclesShippedTotal >= before.Metrics.CyclesShippedTotal+3
 	})
 	select {
 	case err := <-fioDone:
@@ -499,14 +463,14 @@ func TestPrimaryKilledAfterShipSendsNoAppliedCycle(t *testing.T) {
 	writeRandom(t, p.prim, "vm1/disk0", 16<<20)
 	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
 	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
-	before := primaryFigures(t, p.prim, "vm1")
+	before := primaryStatus(t, p.prim, "vm1")
 	p.prim.kill()
 	up0 := px.upstream()
 	p.prim.start()
 	// Let the restarted primary catch up with the cycles its journal kept
 	// before sealing another (a seal during that is TestProxyOutageBacklogCatchesUp).
 	waitFor(t, "the restarted primary to ship what its journal kept", func() bool {
-		f := primaryFigures(t, p.prim, "vm1")
+		f := primaryStatus(t, p.prim, "vm1")
 		return f.Metrics.PendingCycles == 0 && f.LastApplied >= before.LastApplied
 	})
 	sent := px.upstream() - up0
@@ -529,7 +493,7 @@ func TestPrimaryKilledAfterShipSendsNoAppliedCycle(t *testing.T) {
 func TestProxyOutageBacklogCatchesUp(t *testing.T) {
 	need(t, "qemu-io")
 	p, px := newProxiedPair(t, "32M")
-	before := primaryFigures(t, p.prim, "vm1")
+	before := primaryStatus(t, p.prim, "vm1")
 	px.block()
 	const backlog = 8
 	for i := range backlog {
@@ -539,7 +503,7 @@ func TestProxyOutageBacklogCatchesUp(t *testing.T) {
 			t.Fatal("replication sync succeeded with the replica unreachable")
 		}
 	}
-	if f := primaryFigures(t, p.prim, "vm1"); f.Metrics.PendingCycles != backlog {
+	if f := primaryStatus(t, p.prim, "vm1"); f.Metrics.PendingCycles != backlog {
 		t.Fatalf("%d cycles pending after %d seals with the replica unreachable", f.Metrics.PendingCycles, backlog)
 	}
 
@@ -550,7 +514,7 @@ func TestProxyOutageBacklogCatchesUp(t *testing.T) {
 	shipped := before.Metrics.CyclesShippedTotal
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		f := primaryFigures(t, p.prim, "vm1")
+		f := primaryStatus(t, p.prim, "vm1")
 		// Only while backlog cycles ship: each sync adds a cycle of its own.
 		if f.Metrics.CyclesShippedTotal > shipped && f.Metrics.CyclesShippedTotal < before.Metrics.CyclesShippedTotal+backlog {
 			shipped = f.Metrics.CyclesShippedTotal
@@ -567,7 +531,7 @@ func TestProxyOutageBacklogCatchesUp(t *testing.T) {
 			t.Errorf("sync %d of %d started while the backlog shipped: %v", i+1, len(waits), err)
 		}
 	}
-	if f := primaryFigures(t, p.prim, "vm1"); f.Metrics.PendingCycles != 0 || f.State != "replicating" {
+	if f := primaryStatus(t, p.prim, "vm1"); f.Metrics.PendingCycles != 0 || f.State != "replicating" {
 		t.Fatalf("after the backlog shipped: state %s (%s), %d cycles pending, last error %q",
 			f.State, f.Reason, f.Metrics.PendingCycles, f.LastError)
 	}

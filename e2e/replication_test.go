@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // pair is a primary and a replica daemon on loopback, with certificates made
@@ -104,11 +105,7 @@ func (p *pair) checkEqual(t *testing.T, vm, disk string) {
 }
 
 type replStatus struct {
-	Primaries []struct {
-		VM     string `json:"vm"`
-		State  string `json:"state"`
-		Health string `json:"health"`
-	} `json:"primaries"`
+	Primaries []primStatus `json:"primaries"`
 	Replicas []struct {
 		VM         string `json:"vm"`
 		Primary    string `json:"primary"`
@@ -125,6 +122,48 @@ func (h *host) replication(vm string) replStatus {
 		h.t.Fatal(err)
 	}
 	return s
+}
+
+// primStatus is what a script reads from `replication status VM --json` on
+// the primary.
+type primStatus struct {
+	VM          string    `json:"vm"`
+	State       string    `json:"state"`
+	Health      string    `json:"health"`
+	Reason      string    `json:"reason"`
+	LastApplied uint64    `json:"last_applied_cycle"`
+	LastError   string    `json:"last_error"`
+	NextRetry   time.Time `json:"next_retry"`
+	Metrics     struct {
+		Health              int     `json:"health"`
+		LagSeconds          float64 `json:"lag_seconds"`
+		PendingBytes        int64   `json:"pending_bytes"`
+		PendingCycles       int     `json:"pending_cycles"`
+		JournalCapBytes     int64   `json:"journal_cap_bytes"`
+		CyclesShippedTotal  int64   `json:"cycles_shipped_total"`
+		CycleWireBytesTotal int64   `json:"cycle_wire_bytes_total"`
+		SyncWireBytesTotal  int64   `json:"sync_wire_bytes_total"`
+		RetriesTotal        int64   `json:"retries_total"`
+	} `json:"metrics"`
+}
+
+// primaryStatus is the primary-side status of vm on h.
+func primaryStatus(t *testing.T, h *host, vm string) primStatus {
+	t.Helper()
+	out := h.run("replication", "status", vm, "--json")
+	var s struct {
+		Primaries []primStatus `json:"primaries"`
+	}
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatalf("replication status %s --json: %v\n%s", vm, err, out)
+	}
+	for _, p := range s.Primaries {
+		if p.VM == vm {
+			return p
+		}
+	}
+	t.Fatalf("replication status %s --json lists no primary entry for it:\n%s", vm, out)
+	return primStatus{}
 }
 
 func fioVerify(t *testing.T, uri, size string) {
