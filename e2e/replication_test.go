@@ -106,7 +106,7 @@ func (p *pair) checkEqual(t *testing.T, vm, disk string) {
 
 type replStatus struct {
 	Primaries []primStatus `json:"primaries"`
-	Replicas []struct {
+	Replicas  []struct {
 		VM         string `json:"vm"`
 		Primary    string `json:"primary"`
 		Applied    uint64 `json:"applied"`
