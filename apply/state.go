@@ -1,14 +1,13 @@
 package apply
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"path/filepath"
-	"strconv"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/statefile"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
@@ -35,43 +34,13 @@ const (
 
 func join(elem ...string) string { return filepath.Join(elem...) }
 
-// envelope is the outer object of every state file. Body is kept as the
-// exact bytes read, so the checksum covers what is on disk.
-type envelope struct {
-	Format  string          `json:"format"`
-	Version int             `json:"version"`
-	CRC     string          `json:"crc32c"`
-	Body    json.RawMessage `json:"body"`
-}
-
-// encodeState renders v in its envelope. The envelope is assembled by hand
-// so that the body bytes, and so the checksum, are exactly json.Marshal's.
+// encodeState renders v as a state file of format (internal/statefile).
 func encodeState(format string, v any) ([]byte, error) {
-	body, err := json.Marshal(v)
-	if err != nil {
-		return nil, err
-	}
-	out := fmt.Appendf(nil, `{"format":%q,"version":%d,"crc32c":"%08x","body":`, format, stateVersion, wire.CRC(body))
-	out = append(out, body...)
-	return append(out, "}\n"...), nil
+	return statefile.Encode(format, stateVersion, v)
 }
 
 func decodeState(name, format string, data []byte, v any) error {
-	var env envelope
-	if err := json.Unmarshal(data, &env); err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrState, name, err)
-	}
-	if env.Format != format {
-		return fmt.Errorf("%w: %s: format %q, want %q", ErrState, name, env.Format, format)
-	}
-	if env.Version != stateVersion {
-		return fmt.Errorf("%w: %s: version %d not supported (this vdrepl reads %d)", ErrState, name, env.Version, stateVersion)
-	}
-	crc, err := strconv.ParseUint(env.CRC, 16, 32)
-	if err != nil || uint32(crc) != wire.CRC(env.Body) {
-		return fmt.Errorf("%w: %s: checksum mismatch", ErrState, name)
-	}
-	if err := json.Unmarshal(env.Body, v); err != nil {
+	if err := statefile.Decode(format, stateVersion, data, v); err != nil {
 		return fmt.Errorf("%w: %s: %v", ErrState, name, err)
 	}
 	return nil

@@ -25,6 +25,7 @@ forbid internal/vfs journal blockdev ship apply snapshot daemon cmd
 # The wire format is a leaf: both sides of replication import it, it imports
 # nothing of ours.
 forbid internal/wire journal blockdev ship apply snapshot daemon cmd internal/vfs internal/pki
+forbid internal/statefile journal blockdev ship apply snapshot daemon cmd internal/vfs internal/wire internal/pki
 forbid internal/pki journal blockdev ship apply snapshot daemon cmd internal/wire
 forbid daemon cmd
 exit $fail

@@ -1,13 +1,12 @@
 package ship
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io/fs"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/statefile"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
@@ -15,22 +14,15 @@ import (
 // The state file is the shipper's own progress, replaced atomically
 // (vfs.WriteFileAtomic) at every change that matters after a restart:
 //
-//	{"format":"vdrepl-ship-state","version":1,"crc32c":N,"state":{...}}
+//	{"format":"vdrepl-ship-state","version":1,"crc32c":"8 hex digits","body":{...}}
 //
-// crc32c is the CRC32C (Castagnoli) of the exact bytes of "state". A file
+// (internal/statefile): crc32c is the CRC32C of the exact bytes of body. A file
 // with another format, a version outside 1..1 or a bad checksum is refused
 // (ErrState): the shipper does not guess at its progress.
 const (
 	stateFormat  = "vdrepl-ship-state"
 	stateVersion = 1
 )
-
-type stateEnvelope struct {
-	Format  string          `json:"format"`
-	Version int             `json:"version"`
-	CRC     uint32          `json:"crc32c"`
-	State   json.RawMessage `json:"state"`
-}
 
 // persisted is what survives a restart.
 type persisted struct {
@@ -106,37 +98,13 @@ func loadState(fsys vfs.FS, name string) (persisted, bool, error) {
 	if err != nil {
 		return persisted{}, false, fmt.Errorf("%w: read %s: %w", ErrState, name, err)
 	}
-	var env stateEnvelope
-	if err := json.Unmarshal(b, &env); err != nil {
-		return persisted{}, false, fmt.Errorf("%w: %s: %v", ErrState, name, err)
-	}
-	if env.Format != stateFormat {
-		return persisted{}, false, fmt.Errorf("%w: %s is not a shipper state file (format %q)", ErrState, name, env.Format)
-	}
-	if env.Version != stateVersion {
-		return persisted{}, false, fmt.Errorf("%w: %s has version %d, this vdrepl reads %d", ErrState, name, env.Version, stateVersion)
-	}
-	if crc32.Checksum(env.State, castagnoli) != env.CRC {
-		return persisted{}, false, fmt.Errorf("%w: %s: checksum mismatch", ErrState, name)
-	}
 	var st persisted
-	if err := json.Unmarshal(env.State, &st); err != nil {
+	if err := statefile.Decode(stateFormat, stateVersion, b, &st); err != nil {
 		return persisted{}, false, fmt.Errorf("%w: %s: %v", ErrState, name, err)
 	}
 	return st, true, nil
 }
 
 func encodeState(st *persisted) ([]byte, error) {
-	js, err := json.Marshal(st)
-	if err != nil {
-		return nil, err
-	}
-	// Compact on purpose: indenting would reformat "state" and break its
-	// checksum.
-	return json.Marshal(stateEnvelope{
-		Format: stateFormat, Version: stateVersion,
-		CRC: crc32.Checksum(js, castagnoli), State: js,
-	})
+	return statefile.Encode(stateFormat, stateVersion, st)
 }
-
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
