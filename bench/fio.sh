@@ -260,18 +260,6 @@ target_vdrepl-fuse() {
 }
 
 # ------------------------------------------------------------------- meta ---
-disk_of() { # the block device (and model) under a path
-	local src dev
-	src=$(df --output=source "$1" | tail -1)
-	dev=$(lsblk -no PKNAME "$src" 2>/dev/null | head -1)
-	[[ -n $dev ]] || dev=$(basename "$src")
-	local model rota size
-	model=$(lsblk -dno MODEL "/dev/$dev" 2>/dev/null | xargs || true)
-	rota=$(lsblk -dno ROTA "/dev/$dev" 2>/dev/null | xargs || true)
-	size=$(lsblk -dno SIZE "/dev/$dev" 2>/dev/null | xargs || true)
-	echo "$dev${model:+ ($model)}, $size, rotational=$rota, $(findmnt -no FSTYPE -T "$1") filesystem"
-}
-
 knobs_used() {
 	local v out=""
 	for v in BENCH_QUICK BENCH_SIZE BENCH_RUNTIME BENCH_RAMP BENCH_DIR BENCH_TARGETS BENCH_JOBS \

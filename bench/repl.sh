@@ -406,18 +406,6 @@ part_lag() {
 }
 
 # ------------------------------------------------------------------- meta ---
-disk_of() { # the block device (and model) under a path
-	local src dev
-	src=$(df --output=source "$1" | tail -1)
-	dev=$(lsblk -no PKNAME "$src" 2>/dev/null | head -1)
-	[[ -n $dev ]] || dev=$(basename "$src")
-	local model rota size
-	model=$(lsblk -dno MODEL "/dev/$dev" 2>/dev/null | xargs || true)
-	rota=$(lsblk -dno ROTA "/dev/$dev" 2>/dev/null | xargs || true)
-	size=$(lsblk -dno SIZE "/dev/$dev" 2>/dev/null | xargs || true)
-	echo "$dev${model:+ ($model)}, $size, rotational=$rota, $(findmnt -no FSTYPE -T "$1") filesystem"
-}
-
 knobs_used() {
 	local v out=""
 	for v in REPL_QUICK REPL_PARTS REPL_SEQ_SIZE REPL_RAND_SIZE REPL_APPLY_FREQUENCY REPL_HOT_REGION \
