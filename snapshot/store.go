@@ -418,16 +418,17 @@ func (s *Store) syncOpen() error {
 // Cycle records that cycle c, whose barrier was sealed at sealed, is fully
 // applied and durable in the images. With takePoint, cycle c becomes a
 // recovery point: the open segment is closed and a new one starts at c,
-// recorded in the manifest before Cycle returns. A cycle not newer than
-// the newest one recorded is a repeat (apply redone after a crash) and
-// changes nothing.
+// recorded in the manifest before Cycle returns. A cycle older than the
+// newest one recorded is a repeat (apply redone after a crash) and changes
+// nothing; so is the newest one unless it becomes a point now (the images
+// still hold it: a test failover of the latest state makes it a point).
 func (s *Store) Cycle(c uint64, sealed time.Time, appConsistent, takePoint bool) error {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	if err := s.check(); err != nil {
 		return err
 	}
-	if c <= s.last {
+	if c < s.last || c == s.last && (!takePoint || s.newestPoint() == c) {
 		return nil
 	}
 	sealed = fromUnixNano(unixNano(sealed)) // as the manifest keeps it
@@ -471,6 +472,15 @@ func (s *Store) Cycle(c uint64, sealed time.Time, appConsistent, takePoint bool)
 	s.last = c
 	s.log.Info("recovery point taken", "cycle", c, "sealed", sealed, "app_consistent", appConsistent)
 	return nil
+}
+
+// newestPoint is the cycle of the newest point, 0 with none. Caller holds
+// writeMu or mu.
+func (s *Store) newestPoint() uint64 {
+	if n := len(s.points); n > 0 {
+		return s.points[n-1].cycle
+	}
+	return 0
 }
 
 func (s *Store) writeManifest(m *manifest) error {

@@ -464,3 +464,36 @@ type blockDisk interface {
 }
 
 var _ blockDisk = (*OverlayDisk)(nil)
+
+// TestPointAtNewestCycle: the newest cycle recorded without a point can
+// still become one while the images hold it (a test failover of the latest
+// state), exactly once; an older cycle cannot.
+func TestPointAtNewestCycle(t *testing.T) {
+	h := newHarness(t, vfs.NewMemFS(), 7)
+	h.every = 1000
+	for range 3 {
+		h.step() // cycles 1..3, no point
+	}
+	if n := len(h.s.Points()); n != 0 {
+		t.Fatalf("%d points before any was asked for", n)
+	}
+	if err := h.s.Cycle(2, time.Unix(2, 0), false, true); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(h.s.Points()); n != 0 {
+		t.Fatalf("an older cycle became a point")
+	}
+	for range 2 {
+		if err := h.s.Cycle(3, time.Unix(3, 0), false, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.at[3] = cloneImages(h.model)
+	if got := pointCycles(h.s.Points()); !slices.Equal(got, []uint64{3}) {
+		t.Fatalf("points %v, want [3]", got)
+	}
+	for range 3 {
+		h.step()
+	}
+	h.checkPoints()
+}
