@@ -33,7 +33,10 @@ func newApp() *cli.App {
 		Name:                 "vdrepl",
 		Usage:                "replicate VM disks block by block to a replica host",
 		EnableBashCompletion: true,
+		Before:               loadAppConfig,
 		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "config", Value: defaultConfigPath, EnvVars: []string{"VDREPL_CONFIG"},
+				Usage: "config file (TOML) whose keys are the global and serve flags; flags override it; a missing default file is fine"},
 			&cli.StringFlag{Name: "state", Value: daemon.DefaultStateDir, EnvVars: []string{"VDREPL_STATE"},
 				Usage: "state directory of the daemon (registry, journals, sockets)"},
 			&cli.StringFlag{Name: "control", EnvVars: []string{"VDREPL_CONTROL"},
@@ -207,6 +210,8 @@ A guest attaches a disk with
 			defer stop()
 			return d.Run(ctx)
 		},
+		// Flags override the config file: applied before Action reads them.
+		Before: applyServeConfig,
 	}
 }
 
