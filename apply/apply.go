@@ -174,10 +174,22 @@ func New(cfg Config) (*Server, error) {
 // included). It is idempotent.
 func (s *Server) Close() error {
 	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
 	s.closed = true
 	s.mu.Unlock()
 	s.inflight.Wait()
-	return nil
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var errs []error
+	for _, v := range s.vms {
+		if err := v.snap.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("apply: replica VM %q: %w", v.name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // enter registers an operation in flight; the caller calls the returned
@@ -239,8 +251,8 @@ func (s *Server) ImageDir(name string) (string, bool) {
 }
 
 // RemoveReplica forgets a replica VM: it leaves the registry and its
-// replica.json, staged uploads and staged sync pieces are removed. The
-// images stay where they are.
+// replica.json, staged uploads, staged sync pieces and recovery points are
+// removed. The images stay where they are.
 func (s *Server) RemoveReplica(name string) error {
 	done, err := s.enter()
 	if err != nil {
@@ -271,7 +283,8 @@ func (s *Server) RemoveReplica(name string) error {
 	v.mu.Unlock()
 	// The registry no longer names the VM: what follows is tidying, and a
 	// failure leaves only files that nothing reads.
-	for _, p := range []string{join(v.dir, stateFile), join(v.dir, stagingDir), join(v.dir, syncDir)} {
+	v.snap.Close()
+	for _, p := range []string{join(v.dir, stateFile), join(v.dir, stagingDir), join(v.dir, syncDir), join(v.dir, pointsDir)} {
 		if err := removeAll(s.fs, p); err != nil {
 			s.log.Warn("remove replica: leftover file", "vm", name, "path", p, "err", err)
 		}

@@ -48,6 +48,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	peer := pki.PeerName(r.TLS)
+	if r.URL.Path == PeerPath {
+		s.probe(w, r, peer)
+		return
+	}
 	rest, ok := strings.CutPrefix(r.URL.EscapedPath(), prefix)
 	if !ok || rest == "" {
 		s.fail(w, r, "", peer, fmt.Errorf("%w: no endpoint %s %s", ErrInvalid, r.Method, r.URL.Path))
@@ -290,6 +294,9 @@ func errorAnswer(err error) (int, wire.Error) {
 	case errors.Is(err, ErrForbidden):
 		e.Code = wire.CodeForbidden
 		return http.StatusForbidden, e
+	case errors.Is(err, ErrFailedOver):
+		e.Code = wire.CodeFailedOver
+		return http.StatusConflict, e
 	case errors.Is(err, ErrUnknownVM):
 		e.Code = wire.CodeUnknownVM
 		return http.StatusNotFound, e

@@ -20,6 +20,9 @@ func (s *Server) recoverVM(v *vm) {
 	if err := v.finishIntent(true); err != nil {
 		s.log.Error("recovery: cannot finish the interrupted apply; will retry", "vm", v.name, "err", err)
 	}
+	if err := v.recoverFailover(); err != nil {
+		s.log.Error("recovery: cannot finish the interrupted failover or cancel; run the command again", "vm", v.name, "err", err)
+	}
 }
 
 // tidy removes leftovers of crashes: a replica.json.tmp, cycle streams no

@@ -98,6 +98,21 @@ type replicaState struct {
 	LastSync uint64    `json:"last_sync,omitempty"`
 	Intent   *intent   `json:"intent,omitempty"`
 	Created  time.Time `json:"created"`
+	// Points and PointInterval: the recovery point policy (wire.Enable).
+	Points        int           `json:"points,omitempty"`
+	PointInterval time.Duration `json:"point_interval,omitempty"`
+	// Failover is set while the VM is failed over on this host.
+	Failover *failoverRecord `json:"failover,omitempty"`
+}
+
+// failoverRecord is a failover of the VM on this host (see points.go).
+type failoverRecord struct {
+	wire.FailedOver
+	// Reverted: the images hold the point (the revert finished).
+	Reverted bool `json:"reverted,omitempty"`
+	// Cancelling: a cancel began; the rollback to Latest is finished at
+	// recovery.
+	Cancelling bool `json:"cancelling,omitempty"`
 }
 
 // Replica states (wire.Replica.State).
@@ -181,6 +196,7 @@ type intent struct {
 	// A cycle: staging/c<Cycle>.stream holds it.
 	Cycle  uint64    `json:"cycle,omitempty"`
 	Sealed time.Time `json:"sealed,omitzero"`
+	App    bool      `json:"app,omitempty"` // the cycle is application-consistent
 	// A resync finish: sync/<Gen>/*.stream hold its pieces; the image then
 	// follows cycle Base.
 	Gen          uint64 `json:"gen,omitempty"`
@@ -202,6 +218,7 @@ type heldResync struct {
 type heldCycle struct {
 	Cycle  uint64    `json:"cycle"`
 	Sealed time.Time `json:"sealed,omitzero"`
+	App    bool      `json:"app,omitempty"`
 }
 
 // last is the newest cycle the held resync covers.
@@ -253,6 +270,10 @@ func (st *replicaState) clone() replicaState {
 		hc.Cycles = append([]heldCycle(nil), st.Held.Cycles...)
 		c.Held = &hc
 	}
+	if st.Failover != nil {
+		fc := *st.Failover
+		c.Failover = &fc
+	}
 	return c
 }
 
@@ -271,6 +292,11 @@ func (st *replicaState) wire() wire.Replica {
 	}
 	if st.Sync != nil {
 		r.Sync = st.Sync.wire()
+	}
+	r.RecoveryPoints, r.PointInterval = st.Points, st.PointInterval
+	if st.Failover != nil {
+		f := st.Failover.FailedOver
+		r.FailedOver = &f
 	}
 	return r
 }

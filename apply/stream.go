@@ -127,8 +127,12 @@ func (v *vm) applyStream(name string, imgs []vfs.File) error {
 }
 
 // applyFiles applies streams to the images, in order, and makes the images
-// durable.
+// durable. The recovery points' undo data of every range they change is
+// saved first (points.go).
 func (v *vm) applyFiles(names ...string) error {
+	if err := v.saveUndo(names); err != nil {
+		return err
+	}
 	imgs, err := v.openImages(os.O_RDWR)
 	if err != nil {
 		return err

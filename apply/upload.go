@@ -226,7 +226,7 @@ func (v *vm) commitCycle(u uploadID) error {
 		// Staged durably; applied with the resync once the cycle that
 		// makes it exact is here too.
 		err = v.update(func(st *replicaState) error {
-			st.Held.Cycles = append(st.Held.Cycles, heldCycle{Cycle: u.cycle, Sealed: h.Sealed})
+			st.Held.Cycles = append(st.Held.Cycles, heldCycle{Cycle: u.cycle, Sealed: h.Sealed, App: h.AppConsistent})
 			if u.cycle >= st.Held.ConsistentAt {
 				st.Intent = &intent{Op: intentResync, Gen: st.Held.Gen, Base: st.Held.Base,
 					ConsistentAt: st.Held.ConsistentAt, Cycles: append([]heldCycle(nil), st.Held.Cycles...)}
@@ -240,7 +240,7 @@ func (v *vm) commitCycle(u uploadID) error {
 		return v.finishIntent(false)
 	}
 	err = v.update(func(st *replicaState) error {
-		st.Intent = &intent{Op: intentCycle, Cycle: u.cycle, Sealed: h.Sealed}
+		st.Intent = &intent{Op: intentCycle, Cycle: u.cycle, Sealed: h.Sealed, App: h.AppConsistent}
 		return nil
 	})
 	if err != nil {
@@ -342,26 +342,13 @@ func (v *vm) finishIntent(recovering bool) error {
 	if err := v.applyFiles(streams...); err != nil {
 		return err
 	}
+	next := v.snapshot()
+	applied(&next, in)
+	if err := v.recordCycles(&next, in); err != nil {
+		return err
+	}
 	err := v.update(func(st *replicaState) error {
-		switch in.Op {
-		case intentCycle:
-			st.Applied, st.AppliedAt = in.Cycle, in.Sealed
-			if st.State == stateNew && !st.NeedsSync {
-				st.State = stateReplicating
-			}
-			// After a sync the image is exact once the cycles that follow
-			// it are applied; while one runs, it is not (wire.Replica).
-			st.Consistent = st.State == stateReplicating && st.Applied >= st.ConsistentAt
-		case intentResync:
-			finishSync(st, in.Gen, in.Base, in.ConsistentAt)
-			if n := len(in.Cycles); n > 0 {
-				last := in.Cycles[n-1]
-				st.Applied, st.AppliedAt = last.Cycle, last.Sealed
-				st.Consistent = st.Applied >= st.ConsistentAt
-			}
-			st.Held = nil
-		}
-		st.Intent = nil
+		applied(st, in)
 		return nil
 	})
 	if err != nil {
@@ -392,6 +379,29 @@ func (v *vm) finishIntent(recovering bool) error {
 		v.s.ev.SyncFinished(v.name, in.Gen)
 	}
 	return nil
+}
+
+// applied is the state after intent in was carried out.
+func applied(st *replicaState, in *intent) {
+	switch in.Op {
+	case intentCycle:
+		st.Applied, st.AppliedAt = in.Cycle, in.Sealed
+		if st.State == stateNew && !st.NeedsSync {
+			st.State = stateReplicating
+		}
+		// After a sync the image is exact once the cycles that follow
+		// it are applied; while one runs, it is not (wire.Replica).
+		st.Consistent = st.State == stateReplicating && st.Applied >= st.ConsistentAt
+	case intentResync:
+		finishSync(st, in.Gen, in.Base, in.ConsistentAt)
+		if n := len(in.Cycles); n > 0 {
+			last := in.Cycles[n-1]
+			st.Applied, st.AppliedAt = last.Cycle, last.Sealed
+			st.Consistent = st.Applied >= st.ConsistentAt
+		}
+		st.Held = nil
+	}
+	st.Intent = nil
 }
 
 // finishSync is the state after a sync of generation gen completed: the

@@ -9,9 +9,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/internal/wire"
+	"github.com/vdrepl/vdrepl/snapshot"
 )
 
 // maxDisks bounds the disks of one VM (the frame's disk index is 16 bits;
@@ -31,6 +33,9 @@ type vm struct {
 
 	// disks never change after creation; st.Disks holds the same.
 	disks []wire.Disk
+	// snap holds the recovery points (points.go); replaced only under
+	// apply, when an I/O error broke it.
+	snap *snapshot.Store
 
 	mu      sync.Mutex // guards the fields below; never held during I/O
 	st      replicaState
@@ -62,7 +67,11 @@ func (s *Server) openVM(name, dir string) (*vm, error) {
 	if st.VM != name {
 		return nil, fmt.Errorf("%w: %s names VM %q, the registry %q", ErrState, join(dir, stateFile), st.VM, name)
 	}
-	return newVM(s, name, dir, st), nil
+	v := newVM(s, name, dir, st)
+	if err := v.openPoints(); err != nil {
+		return nil, err
+	}
+	return v, nil
 }
 
 // lockUpload takes the lock of upload id and returns its release.
@@ -94,8 +103,16 @@ func (v *vm) snapshot() replicaState {
 
 func (v *vm) replica() wire.Replica {
 	v.mu.Lock()
-	defer v.mu.Unlock()
-	return v.st.wire()
+	r := v.st.wire()
+	v.mu.Unlock()
+	if v.snap != nil {
+		ps := v.snap.Points()
+		r.Points = len(ps)
+		if len(ps) > 0 {
+			r.PointBytes = ps[0].Bytes
+		}
+	}
+	return r
 }
 
 // update changes the VM's state: fn edits a copy, the copy is written to
@@ -134,10 +151,13 @@ func (v *vm) syncPiece(gen uint64, piece int64) string {
 // over when it writes.
 func (v *vm) authorize(peer string, entry AllowEntry, write bool) error {
 	v.mu.Lock()
-	owner, group, removed := v.st.Primary, v.st.TrustGroup, v.removed
+	owner, group, removed, failover := v.st.Primary, v.st.TrustGroup, v.removed, v.st.Failover
 	v.mu.Unlock()
 	if removed {
 		return fmt.Errorf("%w: %q", ErrUnknownVM, v.name)
+	}
+	if failover != nil && write {
+		return fmt.Errorf("%w: replica VM %q was failed over on the replica host (%s failover, %s) and takes no more data from %q; reverse replication from the replica host, or cancel the failover there", ErrFailedOver, v.name, failover.Kind, failover.At.Format(time.RFC3339), peer)
 	}
 	if strings.EqualFold(owner, peer) {
 		return nil
@@ -354,6 +374,9 @@ func (s *Server) createVM(name string, entry AllowEntry, peer string, en wire.En
 		State:      stateNew,
 		NeedsSync:  en.Existing,
 		Created:    s.now().UTC(),
+
+		Points:        en.RecoveryPoints,
+		PointInterval: en.PointInterval,
 	}
 	madeImages := false
 	for _, d := range en.Disks {
@@ -386,7 +409,12 @@ func (s *Server) createVM(name string, entry AllowEntry, peer string, en wire.En
 	if err := writeState(s.fs, join(dir, stateFile), formatReplica, &st); err != nil {
 		return nil, nil, err
 	}
-	return newVM(s, name, dir, st), undo, nil
+	v := newVM(s, name, dir, st)
+	undo.dirs = append(undo.dirs, join(dir, pointsDir))
+	if err := v.openPoints(); err != nil {
+		return nil, nil, err
+	}
+	return v, undo, nil
 }
 
 // createImage makes a sparse image of size bytes.
@@ -429,6 +457,9 @@ func (s *Server) enable(name, peer string, entry AllowEntry, en wire.Enable) (wi
 	if err := checkDisks(en.Disks); err != nil {
 		return wire.Replica{}, err
 	}
+	if err := checkPolicy(en); err != nil {
+		return wire.Replica{}, err
+	}
 	for {
 		if v, err := s.lookup(name); err == nil {
 			if err := v.authorize(peer, entry, true); err != nil {
@@ -438,7 +469,10 @@ func (s *Server) enable(name, peer string, entry AllowEntry, en wire.Enable) (wi
 			if !slices.Equal(r.Disks, en.Disks) {
 				return wire.Replica{}, fmt.Errorf("%w: replica VM %q has disks %v, the primary sends %v", ErrMismatch, name, r.Disks, en.Disks)
 			}
-			return r, nil
+			if err := v.setPolicy(en); err != nil {
+				return wire.Replica{}, err
+			}
+			return v.replica(), nil
 		}
 		err := s.reserve(name)
 		if errors.Is(err, ErrExists) {

@@ -151,7 +151,8 @@ func closeFiles(files []vfs.File) {
 // PunchHole, ZeroRange: BeforeWrite or BeforeZero, then Sync), so the
 // points stay exact while something other than apply writes the images —
 // the journal of a failed-over VM. A change of an image's size is refused.
-// With no points the guard costs a map lookup per write.
+// With no points the guard costs a map lookup per write; once the Store
+// is closed with no points it passes every write through.
 func (s *Store) GuardFS(base vfs.FS) vfs.FS {
 	paths := make(map[string]int, len(s.disks))
 	for i, d := range s.disks {
@@ -178,6 +179,14 @@ func (g guardFS) OpenFile(name string, flag int, perm fs.FileMode) (vfs.File, er
 	return guardFile{File: f, s: g.s, disk: disk}, nil
 }
 
+// released: the Store was closed with no points left (a completed
+// failover), so nothing depends on the images' old content any more.
+func (s *Store) released() bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.closed && len(s.points) == 0
+}
+
 // guardFile is an image whose changes are saved first. It deliberately
 // lacks vfs.DirectWriter, so every write comes through WriteAt.
 type guardFile struct {
@@ -187,6 +196,9 @@ type guardFile struct {
 }
 
 func (f guardFile) guard(off, n int64, zeroing bool) error {
+	if f.s.released() {
+		return nil
+	}
 	if err := f.s.before(f.disk, off, n, zeroing); err != nil {
 		return err
 	}

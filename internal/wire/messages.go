@@ -59,7 +59,16 @@ type Enable struct {
 	// keep them as they are, a resync follows. Otherwise missing images are
 	// created sparse.
 	Existing bool `json:"existing,omitempty"`
+	// RecoveryPoints is how many recovery points the replica keeps besides
+	// the latest state (0..24), one per PointInterval (nanoseconds), and
+	// one for each application-consistent cycle. Sent with every enable,
+	// so a change takes effect when the primary's shipper restarts.
+	RecoveryPoints int           `json:"recovery_points,omitempty"`
+	PointInterval  time.Duration `json:"point_interval,omitempty"`
 }
+
+// MaxRecoveryPoints bounds Enable.RecoveryPoints.
+const MaxRecoveryPoints = 24
 
 // Replica is the replica's view of one replicated VM.
 type Replica struct {
@@ -79,6 +88,25 @@ type Replica struct {
 	// ConsistentAt: after a sync, the cycle from which on it is consistent.
 	ConsistentAt uint64     `json:"consistent_at,omitempty"`
 	Sync         *SyncState `json:"sync,omitempty"`
+	// RecoveryPoints and PointInterval: the policy of Enable. Points is
+	// how many are kept now and PointBytes the undo data they take.
+	RecoveryPoints int           `json:"recovery_points,omitempty"`
+	PointInterval  time.Duration `json:"point_interval,omitempty"`
+	Points         int           `json:"points,omitempty"`
+	PointBytes     int64         `json:"point_bytes,omitempty"`
+	// FailedOver is set once the VM was failed over on the replica host:
+	// it takes no more data from its primary.
+	FailedOver *FailedOver `json:"failed_over,omitempty"`
+}
+
+// FailedOver describes a failover on the replica host.
+type FailedOver struct {
+	Kind string `json:"kind"` // "unplanned" or "planned"
+	// Point is the recovery point the disks were rolled to ("" = the
+	// latest state); Latest the last cycle applied before the failover.
+	Point  string    `json:"point,omitempty"`
+	Latest uint64    `json:"latest"`
+	At     time.Time `json:"at"`
 }
 
 // Upload is how much of an upload the replica holds.
@@ -139,7 +167,10 @@ const (
 	CodeForbidden = "forbidden"  // the primary may not write this VM
 	CodeUnknownVM = "unknown_vm" // the replica has no such VM
 	CodeMismatch  = "mismatch"   // disks, sizes or sync generation do not match
-	CodeBadReq    = "bad_request"
+	// CodeFailedOver: the replica VM was failed over on the replica host
+	// and takes no more data from this primary.
+	CodeFailedOver = "failed_over"
+	CodeBadReq     = "bad_request"
 )
 
 // Error is the body of every non-2xx answer.

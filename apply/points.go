@@ -1,0 +1,484 @@
+package apply
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"time"
+
+	"github.com/vdrepl/vdrepl/internal/wire"
+	"github.com/vdrepl/vdrepl/snapshot"
+)
+
+// Recovery points and failover on the replica host.
+//
+// Each VM has a snapshot.Store in <vmdir>/points. Apply keeps its contract
+// (snapshot package documentation): before the images change, every range
+// a stream will write is passed to BeforeWrite or BeforeZero and the undo
+// data synced; after the images hold a cycle, Cycle records it, as a point
+// when the policy (replica.json points, point_interval) wants one — the
+// first, one per interval of barrier time, and every application-
+// consistent cycle — and Prune keeps the newest Points. Cycles are
+// recorded before replica.json says applied: a crash in between redoes the
+// apply, which the Store takes as a repeat, so no point is missed.
+//
+// A failover (FailOver) records failover{point, latest} in replica.json
+// first: from then on the primary's writes are refused (CodeFailedOver).
+// Then the latest cycle becomes a point, and the images are reverted to the
+// chosen point keeping every point (snapshot.Store.Revert), so that cancel
+// is a Rollback to the latest point. Reverted is recorded last; recovery
+// redoes the revert when it is missing. The images are then the failed-over
+// VM's: the daemon serves them through a journal whose files are guarded
+// (snapshot.Store.GuardFS), so the points stay exact until complete drops
+// them.
+
+const (
+	pointsDir = "points" // in a VM dir
+	// defaultPointInterval is the interval of recovery points when the
+	// primary sends none.
+	defaultPointInterval = time.Hour
+)
+
+// ErrFailedOver: the replica VM is failed over on this host.
+var ErrFailedOver = errors.New("apply: replica VM failed over")
+
+// openPoints opens the VM's recovery point store.
+func (v *vm) openPoints() error {
+	disks := make([]snapshot.Disk, len(v.disks))
+	for i, d := range v.disks {
+		disks[i] = snapshot.Disk{Name: d.Name, Size: d.Size, Path: v.image(i)}
+	}
+	st, err := snapshot.Open(snapshot.Config{FS: v.s.fs, Dir: join(v.dir, pointsDir), Disks: disks, Logger: v.s.log.With("vm", v.name)})
+	if err != nil {
+		return fmt.Errorf("apply: replica VM %q: recovery points: %w", v.name, err)
+	}
+	v.snap = st
+	return nil
+}
+
+// pointsErr reopens a store an I/O error broke (Open recovers it), so the
+// retry of the apply finds it usable, and returns err.
+func (v *vm) pointsErr(err error) error {
+	if errors.Is(err, snapshot.ErrBroken) {
+		v.snap.Close()
+		if rerr := v.openPoints(); rerr != nil {
+			v.s.log.Error("reopen recovery points", "vm", v.name, "err", rerr)
+		}
+	}
+	return err
+}
+
+// saveUndo passes every range the streams will change to the Store and
+// syncs the undo data. With no points it does nothing.
+func (v *vm) saveUndo(names []string) error {
+	if len(v.snap.Points()) == 0 {
+		return nil
+	}
+	for _, name := range names {
+		if err := v.saveStreamUndo(name); err != nil {
+			return v.pointsErr(err)
+		}
+	}
+	return v.pointsErr(v.snap.Sync())
+}
+
+func (v *vm) saveStreamUndo(name string) error {
+	f, r, err := v.openStream(name)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for {
+		fr, err := r.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return streamErr(name, err)
+		}
+		switch fr.Type {
+		case wire.FrameData:
+			err = v.snap.BeforeWrite(fr.Disk, fr.Offset, int64(len(fr.Data)))
+		default:
+			err = v.snap.BeforeZero(fr.Disk, fr.Offset, fr.Length)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// recordCycles tells the Store which cycles the images now hold (next is
+// the state the apply leads to) and takes a point where the policy wants
+// one.
+func (v *vm) recordCycles(next *replicaState, in *intent) error {
+	var cycles []heldCycle
+	switch in.Op {
+	case intentCycle:
+		cycles = []heldCycle{{Cycle: in.Cycle, Sealed: in.Sealed, App: in.App}}
+	case intentResync:
+		cycles = in.Cycles
+	}
+	for i, c := range cycles {
+		take := i == len(cycles)-1 && next.Consistent && v.wantPoint(next, c)
+		if err := v.snap.Cycle(c.Cycle, c.Sealed, c.App, take); err != nil {
+			return v.pointsErr(err)
+		}
+	}
+	return v.prune(next)
+}
+
+// wantPoint: the policy of st says cycle c becomes a recovery point.
+func (v *vm) wantPoint(st *replicaState, c heldCycle) bool {
+	if st.Points <= 0 {
+		return false
+	}
+	ps := v.snap.Points()
+	if len(ps) == 0 || c.App {
+		return true
+	}
+	every := st.PointInterval
+	if every <= 0 {
+		every = defaultPointInterval
+	}
+	return c.Sealed.Sub(ps[len(ps)-1].Time) >= every
+}
+
+// prune keeps the newest points of the policy; while the VM is failed
+// over, every point is kept (cancel needs them).
+func (v *vm) prune(st *replicaState) error {
+	if st.Failover != nil {
+		return nil
+	}
+	return v.pointsErr(v.snap.Prune(st.Points))
+}
+
+// setPolicy records a new recovery point policy (an enable).
+func (v *vm) setPolicy(en wire.Enable) error {
+	cur := v.snapshot()
+	if cur.Points == en.RecoveryPoints && cur.PointInterval == en.PointInterval {
+		return nil
+	}
+	v.apply.Lock()
+	defer v.apply.Unlock()
+	return v.update(func(st *replicaState) error {
+		st.Points, st.PointInterval = en.RecoveryPoints, en.PointInterval
+		return nil
+	})
+}
+
+// checkPolicy validates the recovery point policy of an enable.
+func checkPolicy(en wire.Enable) error {
+	if en.RecoveryPoints < 0 || en.RecoveryPoints > wire.MaxRecoveryPoints {
+		return fmt.Errorf("%w: %d recovery points: keep 0 to %d", ErrInvalid, en.RecoveryPoints, wire.MaxRecoveryPoints)
+	}
+	if en.PointInterval < 0 {
+		return fmt.Errorf("%w: recovery point interval %v", ErrInvalid, en.PointInterval)
+	}
+	return nil
+}
+
+// Points lists a replica VM's recovery points, oldest first.
+func (s *Server) Points(name string) ([]snapshot.Point, error) {
+	v, err := s.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	return v.snap.Points(), nil
+}
+
+// View opens a read-only view of a recovery point of a replica VM for a
+// test failover; id "" is the latest state, which becomes a point for the
+// purpose (the policy prunes it once the view is closed). Apply goes on
+// underneath; the view does not change.
+func (s *Server) View(name, id string) (*snapshot.View, error) {
+	done, err := s.enter()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	v, err := s.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	v.apply.Lock()
+	defer v.apply.Unlock()
+	if err := v.finishIntent(true); err != nil {
+		return nil, err
+	}
+	if id == "" {
+		if id, err = v.latestPoint(); err != nil {
+			return nil, err
+		}
+	}
+	view, err := v.snap.View(id)
+	if errors.Is(err, snapshot.ErrNotFound) {
+		return nil, fmt.Errorf("%w: replica VM %q has no recovery point %q (see `vdrepl replication points %s`)", ErrNotFound, name, id, name)
+	}
+	return view, err
+}
+
+// latestPoint makes the latest applied cycle a point, if it is not one,
+// and returns its id. The images must be consistent. Caller holds v.apply.
+func (v *vm) latestPoint() (string, error) {
+	st := v.snapshot()
+	if !st.Consistent {
+		return "", fmt.Errorf("%w: replica VM %q has no consistent latest state yet (state %s, applied %d); choose a recovery point", ErrInvalid, v.name, st.State, st.Applied)
+	}
+	if err := v.snap.Cycle(st.Applied, st.AppliedAt, false, true); err != nil {
+		return "", v.pointsErr(err)
+	}
+	return strconv.FormatUint(st.Applied, 10), nil
+}
+
+// Prune applies the VM's recovery point policy now (after a test failover
+// closed its view).
+func (s *Server) Prune(name string) error {
+	v, err := s.lookup(name)
+	if err != nil {
+		return err
+	}
+	v.apply.Lock()
+	defer v.apply.Unlock()
+	st := v.snapshot()
+	return v.prune(&st)
+}
+
+// FailedOverVM is what the daemon needs to serve a failed-over replica VM.
+type FailedOverVM struct {
+	Disks  []wire.Disk
+	Images []string // the image of each disk
+	// Points guards the images: open them through Points.GuardFS.
+	Points *snapshot.Store
+	wire.FailedOver
+}
+
+// FailOver fails a replica VM over on this host: no more data is taken
+// from its primary, and the images are rolled to point id ("" = the latest
+// state) with every point kept, so CancelFailover can return to the latest
+// state. Calling it again for a VM already failed over to the same point
+// finishes an interrupted failover and returns the same.
+func (s *Server) FailOver(name, kind, id string) (FailedOverVM, error) {
+	done, err := s.enter()
+	if err != nil {
+		return FailedOverVM{}, err
+	}
+	defer done()
+	v, err := s.lookup(name)
+	if err != nil {
+		return FailedOverVM{}, err
+	}
+	v.apply.Lock()
+	defer v.apply.Unlock()
+	if err := v.finishIntent(true); err != nil {
+		return FailedOverVM{}, err
+	}
+	st := v.snapshot()
+	if f := st.Failover; f != nil {
+		if f.Point != id || f.Kind != kind {
+			return FailedOverVM{}, fmt.Errorf("%w: replica VM %q is already failed over (%s, to %s); cancel or complete that failover first", ErrExists, name, f.Kind, pointName(f.Point))
+		}
+	} else {
+		if id == "" && !st.Consistent {
+			return FailedOverVM{}, fmt.Errorf("%w: replica VM %q has no consistent latest state (state %s); fail over to a recovery point (`vdrepl replication points %s`)", ErrInvalid, name, st.State, name)
+		}
+		if id != "" && !containsPoint(v.snap.Points(), id) {
+			return FailedOverVM{}, fmt.Errorf("%w: replica VM %q has no recovery point %q (see `vdrepl replication points %s`)", ErrNotFound, name, id, name)
+		}
+		if st.Applied == 0 && !st.Consistent {
+			return FailedOverVM{}, fmt.Errorf("%w: replica VM %q holds no data yet (state %s)", ErrInvalid, name, st.State)
+		}
+		err := v.update(func(st *replicaState) error {
+			st.Failover = &failoverRecord{FailedOver: wire.FailedOver{Kind: kind, Point: id, Latest: st.Applied, At: v.s.now().UTC()}}
+			return nil
+		})
+		if err != nil {
+			return FailedOverVM{}, err
+		}
+	}
+	if err := v.revert(); err != nil {
+		return FailedOverVM{}, err
+	}
+	return v.failedOver(), nil
+}
+
+func pointName(id string) string {
+	if id == "" {
+		return "the latest state"
+	}
+	return "recovery point " + id
+}
+
+func containsPoint(ps []snapshot.Point, id string) bool {
+	for _, p := range ps {
+		if p.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// revert carries out a recorded failover: the latest cycle becomes a
+// point, the images are reverted to the chosen one, and Reverted is
+// recorded. Each step may be redone. Caller holds v.apply.
+func (v *vm) revert() error {
+	st := v.snapshot()
+	f := st.Failover
+	if f == nil || f.Reverted || f.Cancelling {
+		return nil
+	}
+	latest := strconv.FormatUint(f.Latest, 10)
+	if !containsPoint(v.snap.Points(), latest) {
+		if err := v.snap.Cycle(f.Latest, st.AppliedAt, false, true); err != nil {
+			return v.pointsErr(err)
+		}
+	}
+	if f.Point != "" && f.Point != latest {
+		if err := v.snap.Revert(f.Point); err != nil {
+			return v.pointsErr(err)
+		}
+	}
+	err := v.update(func(st *replicaState) error {
+		st.Failover.Reverted = true
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	v.s.log.Info("replica VM failed over", "vm", v.name, "kind", f.Kind, "point", pointName(f.Point), "latest", f.Latest)
+	return nil
+}
+
+func (v *vm) failedOver() FailedOverVM {
+	st := v.snapshot()
+	out := FailedOverVM{Disks: append([]wire.Disk(nil), v.disks...), Points: v.snap, FailedOver: st.Failover.FailedOver}
+	for i := range v.disks {
+		out.Images = append(out.Images, v.image(i))
+	}
+	return out
+}
+
+// FailedOver lists the replica VMs failed over on this host (for the
+// daemon to serve after a restart).
+func (s *Server) FailedOver() map[string]FailedOverVM {
+	out := map[string]FailedOverVM{}
+	s.mu.Lock()
+	vms := make([]*vm, 0, len(s.vms))
+	for _, v := range s.vms {
+		vms = append(vms, v)
+	}
+	s.mu.Unlock()
+	for _, v := range vms {
+		v.apply.Lock()
+		if st := v.snapshot(); st.Failover != nil && st.Failover.Reverted && !st.Failover.Cancelling {
+			out[v.name] = v.failedOver()
+		}
+		v.apply.Unlock()
+	}
+	return out
+}
+
+// CancelFailover returns a failed-over VM to being a replica: the images
+// go back to the latest state before the failover (everything written
+// since is discarded), every older point stays, and the primary's data is
+// taken again. The daemon must have stopped serving the images.
+func (s *Server) CancelFailover(name string) error {
+	done, err := s.enter()
+	if err != nil {
+		return err
+	}
+	defer done()
+	v, err := s.lookup(name)
+	if err != nil {
+		return err
+	}
+	v.apply.Lock()
+	defer v.apply.Unlock()
+	st := v.snapshot()
+	if st.Failover == nil {
+		return fmt.Errorf("%w: replica VM %q is not failed over", ErrInvalid, name)
+	}
+	if !st.Failover.Cancelling {
+		err := v.update(func(st *replicaState) error {
+			st.Failover.Cancelling = true
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return v.cancel()
+}
+
+// cancel finishes a cancel recorded in replica.json. Caller holds v.apply.
+func (v *vm) cancel() error {
+	f := v.snapshot().Failover
+	latest := strconv.FormatUint(f.Latest, 10)
+	// Rollback finishes at Open once its intent is durable, so the point
+	// is there exactly when the rollback has not happened.
+	if containsPoint(v.snap.Points(), latest) {
+		if err := v.snap.Rollback(latest); err != nil {
+			return v.pointsErr(err)
+		}
+	}
+	err := v.update(func(st *replicaState) error {
+		st.Failover = nil
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	st := v.snapshot()
+	v.s.log.Info("failover cancelled: replica again", "vm", v.name, "applied", st.Applied)
+	return v.prune(&st)
+}
+
+// CompleteFailover makes a failover final: the recovery points are
+// discarded and the VM leaves the replica role (its images stay, the
+// daemon's VM now). The daemon keeps serving the images meanwhile: with no
+// points the guard writes straight through.
+func (s *Server) CompleteFailover(name string) error {
+	done, err := s.enter()
+	if err != nil {
+		return err
+	}
+	defer done()
+	v, err := s.lookup(name)
+	if err != nil {
+		return err
+	}
+	v.apply.Lock()
+	st := v.snapshot()
+	if st.Failover == nil || st.Failover.Cancelling {
+		v.apply.Unlock()
+		return fmt.Errorf("%w: replica VM %q is not failed over", ErrInvalid, name)
+	}
+	if !st.Failover.Reverted {
+		if err := v.revert(); err != nil {
+			v.apply.Unlock()
+			return err
+		}
+	}
+	if err := v.pointsErr(v.snap.Prune(0)); err != nil {
+		v.apply.Unlock()
+		return err
+	}
+	v.apply.Unlock()
+	return s.RemoveReplica(name)
+}
+
+// recoverFailover finishes a failover or a cancel a crash interrupted.
+// Caller holds v.apply.
+func (v *vm) recoverFailover() error {
+	f := v.snapshot().Failover
+	switch {
+	case f == nil:
+		return nil
+	case f.Cancelling:
+		return v.cancel()
+	case !f.Reverted:
+		return v.revert()
+	}
+	return nil
+}
