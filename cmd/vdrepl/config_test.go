@@ -152,7 +152,9 @@ func TestConfigPrecedence(t *testing.T) {
 		{name: "file only", args: []string{"--config", file, "serve"}, want: func(*served) {}},
 		{name: "file from VDREPL_CONFIG", env: map[string]string{"VDREPL_CONFIG": file}, args: []string{"serve"}, want: func(*served) {}},
 		{name: "flags win", args: []string{"--config", file, "serve", "--nbd", "tcp:127.0.0.1:1", "--log-level", "warn", "--sync-interval", "5s", "--log-json=false"},
-			want: func(s *served) { s.nbd, s.logLevel, s.syncInterval, s.logJSON = "tcp:127.0.0.1:1", "warn", 5*time.Second, false }},
+			want: func(s *served) {
+				s.nbd, s.logLevel, s.syncInterval, s.logJSON = "tcp:127.0.0.1:1", "warn", 5*time.Second, false
+			}},
 		{name: "flags after an argument", args: []string{"--config", file, "serve", "extra", "--journal-cap", "1G"},
 			want: func(s *served) { s.journalCap = "1G" }},
 		{name: "environment wins", env: map[string]string{"VDREPL_TLS_CERT": "/env.crt"}, args: []string{"--config", file, "serve"},

@@ -51,6 +51,11 @@ func newApp() *cli.App {
 // positional one, so the leaf command's flags are moved in front of its
 // positional arguments. "--" ends the reordering.
 func interspersed(app *cli.App, args []string) []string {
+	// Shell completion: urfave/cli only sees its flag in last place.
+	const complete = "--generate-bash-completion"
+	if n := len(args); n > 1 && args[n-1] == complete {
+		return append(interspersed(app, args[:n-1]), complete)
+	}
 	out := []string{args[0]}
 	cmds := app.Commands
 	i := 1
@@ -219,6 +224,9 @@ func vmCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "vm",
 		Usage: "register, list and remove VMs",
+		Description: `Example:
+   vdrepl vm add web1 --disk /srv/vm/web1.img:20G
+   vdrepl vm list`,
 		Subcommands: []*cli.Command{
 			{
 				Name:      "add",
@@ -266,6 +274,12 @@ name without extension.`,
 				Name:  "list",
 				Usage: "list registered VMs and their disks",
 				Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+				Description: `Example:
+   vdrepl vm list
+   vdrepl vm list --json
+
+One line per disk: its NBD export VM/DISK, size, image and state (ok, not
+served, resync required, or the error that stopped it).`,
 				Action: func(c *cli.Context) error {
 					vms, err := client(c).VMs(c.Context)
 					if err != nil {
@@ -291,6 +305,11 @@ name without extension.`,
 				Name:      "remove",
 				Usage:     "stop serving a VM and forget it (its images stay)",
 				ArgsUsage: "NAME",
+				Description: `Example:
+   vdrepl vm remove web1
+
+Refused while a client has one of the VM's disks open or while the VM is
+replicated (run vdrepl replication disable web1 first).`,
 				Action: func(c *cli.Context) error {
 					if c.NArg() != 1 {
 						return fmt.Errorf("vm remove takes exactly one VM name")
@@ -303,6 +322,8 @@ name without extension.`,
 				Usage:     "close the VM's current cycle now (all its disks at one instant)",
 				ArgsUsage: "NAME",
 				Flags:     []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+				Description: `Example:
+   vdrepl vm seal web1`,
 				Action: func(c *cli.Context) error {
 					if c.NArg() != 1 {
 						return fmt.Errorf("vm seal takes exactly one VM name")
@@ -373,6 +394,9 @@ func statusCmd() *cli.Command {
 		Name:  "status",
 		Usage: "show the daemon's state, VMs and journals",
 		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+		Description: `Example:
+   vdrepl status
+   vdrepl --control /run/vdrepl/control.sock status --json`,
 		Action: func(c *cli.Context) error {
 			s, err := client(c).Status(c.Context)
 			if err != nil {

@@ -50,6 +50,9 @@ func replicationCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "replication",
 		Usage: "enable, watch and control replication of VMs to a replica host",
+		Description: `Example:
+   vdrepl replication enable web1 --replica replica.example.com:8443 --frequency 30s
+   vdrepl replication status --watch`,
 		Subcommands: []*cli.Command{
 			{
 				Name:      "enable",
@@ -229,9 +232,14 @@ func replicaCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "replica",
 		Usage: "configure this host as a replica server (the Set-VMReplicationServer of vdrepl)",
+		Description: `Example (the daemon runs with --replica-listen and its TLS flags):
+   vdrepl replica allow add --primary host1.example.com --storage /srv/replicas/host1`,
 		Subcommands: []*cli.Command{{
 			Name:  "allow",
 			Usage: "which primaries may replicate here, and where their replicas are stored",
+			Description: `Example:
+   vdrepl replica allow add --primary host1.example.com --storage /srv/replicas/host1
+   vdrepl replica allow list`,
 			Subcommands: []*cli.Command{
 				{
 					Name:  "add",
@@ -265,6 +273,8 @@ its entry's --storage directory. VMs may move between primaries of one
 					Name:  "list",
 					Usage: "list the allow-list",
 					Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+					Description: `Example:
+   vdrepl replica allow list --json`,
 					Action: func(c *cli.Context) error {
 						l, err := client(c).AllowList(c.Context)
 						if err != nil {
