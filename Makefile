@@ -4,6 +4,7 @@
 #   make bench  fio comparison against qemu-nbd, nbdkit, nbdfuse, then the replication benchmark (bench/)
 #   make lint   gofmt, go vet, package dependency rules
 #   make deps   install the Debian packages the tests and demo use (root)
+#   make guest  fetch the guest test's Debian kernel, build its initramfs (scripts/guest.sh)
 
 GO      ?= go
 BIN     ?= bin/vdrepl
@@ -30,6 +31,10 @@ lint:
 	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 	@scripts/check-deps.sh
+
+.PHONY: guest
+guest: deps
+	@scripts/guest.sh prepare
 
 demo: deps build
 	@scripts/demo.sh $(BIN)
