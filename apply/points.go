@@ -116,7 +116,7 @@ func (v *vm) recordCycles(next *replicaState, in *intent) error {
 	var cycles []heldCycle
 	switch in.Op {
 	case intentCycle:
-		cycles = []heldCycle{{Cycle: in.Cycle, Sealed: in.Sealed, App: in.App}}
+		cycles = []heldCycle{{Cycle: in.Cycle, Sealed: in.Sealed, App: in.App, Point: in.Point}}
 	case intentResync:
 		cycles = in.Cycles
 	}
@@ -135,7 +135,7 @@ func (v *vm) wantPoint(st *replicaState, c heldCycle) bool {
 		return false
 	}
 	ps := v.snap.Points()
-	if len(ps) == 0 || c.App {
+	if len(ps) == 0 || c.App || c.Point {
 		return true
 	}
 	every := st.PointInterval

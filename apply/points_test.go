@@ -43,6 +43,7 @@ func history(t *testing.T, a *client, at map[uint64]model, cur model, from, to u
 		ops := randomOps(r, testDisks, 8)
 		h := cycleHeader("vm1", c, c-1)
 		h.AppConsistent = app != nil && app(c)
+		h.Point = c == 7 // a quiesce that failed
 		a.send("vm1", wire.CycleUploadID(c), buildStream(t, h, ops))
 		cur = cur.clone()
 		cur.apply(ops)
@@ -131,8 +132,9 @@ func TestRecoveryPointPolicy(t *testing.T) {
 	h, a, _ := setupPoints(t, nil, 5, 3*time.Minute)
 	at := map[uint64]model{}
 	history(t, a, at, newModel(testDisks), 1, 8, func(c uint64) bool { return c == 5 })
-	// 1 (first), 4 (3 min later), 5 (app-consistent), 8 (3 min after 5).
-	if got := pointIDs(t, h.server()); !slices.Equal(got, []string{"1", "4", "5", "8"}) {
+	// 1 (first), 4 (3 min later), 5 (app-consistent), 7 (asked for); not 8
+	// (1 min after 7).
+	if got := pointIDs(t, h.server()); !slices.Equal(got, []string{"1", "4", "5", "7"}) {
 		t.Fatalf("points %v", got)
 	}
 	ps, _ := h.server().Points("vm1")

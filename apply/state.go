@@ -197,6 +197,7 @@ type intent struct {
 	Cycle  uint64    `json:"cycle,omitempty"`
 	Sealed time.Time `json:"sealed,omitzero"`
 	App    bool      `json:"app,omitempty"` // the cycle is application-consistent
+	Point  bool      `json:"point,omitempty"` // wire.Header.Point
 	// A resync finish: sync/<Gen>/*.stream hold its pieces; the image then
 	// follows cycle Base.
 	Gen          uint64 `json:"gen,omitempty"`
@@ -219,6 +220,7 @@ type heldCycle struct {
 	Cycle  uint64    `json:"cycle"`
 	Sealed time.Time `json:"sealed,omitzero"`
 	App    bool      `json:"app,omitempty"`
+	Point  bool      `json:"point,omitempty"` // wire.Header.Point
 }
 
 // last is the newest cycle the held resync covers.

@@ -226,7 +226,7 @@ func (v *vm) commitCycle(u uploadID) error {
 		// Staged durably; applied with the resync once the cycle that
 		// makes it exact is here too.
 		err = v.update(func(st *replicaState) error {
-			st.Held.Cycles = append(st.Held.Cycles, heldCycle{Cycle: u.cycle, Sealed: h.Sealed, App: h.AppConsistent})
+			st.Held.Cycles = append(st.Held.Cycles, heldCycle{Cycle: u.cycle, Sealed: h.Sealed, App: h.AppConsistent, Point: h.Point})
 			if u.cycle >= st.Held.ConsistentAt {
 				st.Intent = &intent{Op: intentResync, Gen: st.Held.Gen, Base: st.Held.Base,
 					ConsistentAt: st.Held.ConsistentAt, Cycles: append([]heldCycle(nil), st.Held.Cycles...)}
@@ -240,7 +240,7 @@ func (v *vm) commitCycle(u uploadID) error {
 		return v.finishIntent(false)
 	}
 	err = v.update(func(st *replicaState) error {
-		st.Intent = &intent{Op: intentCycle, Cycle: u.cycle, Sealed: h.Sealed, App: h.AppConsistent}
+		st.Intent = &intent{Op: intentCycle, Cycle: u.cycle, Sealed: h.Sealed, App: h.AppConsistent, Point: h.Point}
 		return nil
 	})
 	if err != nil {

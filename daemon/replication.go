@@ -315,7 +315,7 @@ func (d *Daemon) SyncReplication(ctx context.Context, name string) (uint64, erro
 	if err != nil {
 		return 0, err
 	}
-	return s.Sync(ctx)
+	return s.Sync(ctx, false)
 }
 
 // ReplicationControl pauses, resumes or resyncs a VM's replication.

@@ -16,6 +16,8 @@ type CycleInfo struct {
 	Cycle         uint64    `json:"cycle"`
 	Sealed        time.Time `json:"sealed"`
 	AppConsistent bool      `json:"app_consistent"`
+	// Point: the cycle should become a recovery point (SealPoint).
+	Point bool `json:"point,omitempty"`
 	// Bytes is what the guest wrote during the cycle, overwrites included.
 	Bytes int64 `json:"bytes"`
 	// Blocks is the number of distinct blocks the cycle ships after coalescing.
@@ -100,6 +102,7 @@ func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 	ci.info.Bytes = written
 	ci.info.Sealed = timeFromNano(now.UnixNano())
 	ci.info.AppConsistent = flags&SealAppConsistent != 0
+	ci.info.Point = flags&SealPoint != 0
 	ci.info.End = h.LSN + uint64(h.Size())
 	if keep {
 		if err := j.cycles.put(ci); err != nil {

@@ -60,7 +60,8 @@
 //	48      4     CRC32C of the payload
 //	52      4     CRC32C of bytes 0..51
 //	56      ...   payload: the data of a write; for a seal, 16 bytes:
-//	              unix nanoseconds (8) and flags (8, bit 0 app-consistent)
+//	              unix nanoseconds (8) and flags (8, bit 0 app-consistent,
+//	              bit 1 recovery point wanted)
 //
 // # Recovery
 //

@@ -154,6 +154,9 @@ const (
 	sealPayloadSize = 16
 	// SealAppConsistent marks a barrier taken while the guest was quiesced.
 	SealAppConsistent uint64 = 1 << 0
+	// SealPoint asks the replica to make the cycle a recovery point: an
+	// application-consistent barrier whose quiesce failed.
+	SealPoint uint64 = 1 << 1
 )
 
 type sealPayload struct {

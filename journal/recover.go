@@ -243,6 +243,7 @@ func (j *Journal) recoverSeal(h *Header) error {
 	ci.info.Bytes = written
 	ci.info.Sealed = timeFromNano(sp.UnixNano)
 	ci.info.AppConsistent = sp.Flags&SealAppConsistent != 0
+	ci.info.Point = sp.Flags&SealPoint != 0
 	if err := j.cycles.put(ci); err != nil {
 		return err
 	}

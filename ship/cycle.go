@@ -27,7 +27,7 @@ func (s *Shipper) shipCycle(ctx context.Context, info journal.CycleInfo) error {
 			h := wire.Header{
 				VM: s.cfg.VM, Kind: wire.KindCycle, Disks: s.cfg.Disks,
 				Cycle: info.Cycle, Prev: info.Cycle - 1,
-				Sealed: info.Sealed, AppConsistent: info.AppConsistent,
+				Sealed: info.Sealed, AppConsistent: info.AppConsistent, Point: info.Point,
 			}
 			sp, err = s.writeSpool(ctx, id, h, func(w *wire.Writer) error { return s.fillCycle(ctx, w, info) })
 			if err != nil {

@@ -48,6 +48,23 @@ type fakeReplica struct {
 	dataBytes    map[string]int64
 	zeroRanges   map[string]int64
 	resyncBlocks int64 // data bytes applied by resync pieces
+	enables      []wire.Enable
+	headers      []wire.Header // of the cycles applied, in order
+}
+
+func (f *fakeReplica) lastEnable() wire.Enable {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.enables) == 0 {
+		return wire.Enable{}
+	}
+	return f.enables[len(f.enables)-1]
+}
+
+func (f *fakeReplica) cycleHeaders() []wire.Header {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]wire.Header(nil), f.headers...)
 }
 
 type fakeVM struct {
@@ -152,6 +169,7 @@ func (f *fakeReplica) enable(w http.ResponseWriter, r *http.Request) {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.enables = append(f.enables, e)
 	peer := pki.PeerName(r.TLS)
 	if !f.allow[peer] {
 		writeErr(w, http.StatusForbidden, wire.Error{Code: wire.CodeForbidden, Message: "primary " + peer + " is not allowed"})
@@ -307,6 +325,7 @@ func (f *fakeReplica) commit(w http.ResponseWriter, r *http.Request) {
 		}
 		vm.apply(frames)
 		vm.applied, vm.appliedAt = hdr.Cycle, time.Now()
+		f.headers = append(f.headers, hdr)
 	default:
 		s := vm.sync
 		if s == nil || s.Gen != hdr.Gen || s.Kind != hdr.Kind || hdr.Piece < 0 || hdr.Piece >= s.Pieces {

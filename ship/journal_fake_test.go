@@ -123,9 +123,9 @@ func (j *fakeJournal) sealLocked() journal.CycleInfo {
 func (j *fakeJournal) Seal(flags uint64) (journal.CycleInfo, error) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	info := j.sealLocked()
-	info.AppConsistent = flags&journal.SealAppConsistent != 0
-	return info, nil
+	j.open.info.AppConsistent = flags&journal.SealAppConsistent != 0
+	j.open.info.Point = flags&journal.SealPoint != 0
+	return j.sealLocked(), nil
 }
 
 func (j *fakeJournal) Cycles() []journal.CycleInfo {

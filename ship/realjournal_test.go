@@ -62,7 +62,7 @@ func TestRealJournal(t *testing.T) {
 		d0.Trim(2<<20, 64<<10)
 		j.Disk(1).Zero(int64(i)*8192, 4096, i%2 == 0)
 		j.Disk(1).WriteAt(random(8192), 512<<10)
-		if _, err := r.s.Sync(syncCtx(t)); err != nil {
+		if _, err := r.s.Sync(syncCtx(t), false); err != nil {
 			t.Fatal(err)
 		}
 		for d, n := range sizes {

@@ -97,6 +97,14 @@ type Config struct {
 	Events       Events
 	// Progress is called as a sync advances (a terminal progress bar).
 	Progress func(done, total int64)
+	// RecoveryPoints and PointInterval are the replica's recovery point
+	// policy, sent with every enable (wire.Enable).
+	RecoveryPoints int
+	PointInterval  time.Duration
+	// AppConsistentEvery: a scheduled seal at least this long after the
+	// last quiesced one is quiesced through Quiesce (appseal.go); 0 = never.
+	AppConsistentEvery time.Duration
+	Quiesce            QuiesceFunc
 }
 
 // Defaults.
@@ -494,7 +502,8 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 	}
 	if !enabled {
 		existing := !st.InitialDone && s.initial.kind == "existing"
-		rep, err := s.c.enable(ctx, wire.Enable{Disks: s.cfg.Disks, Existing: existing})
+		rep, err := s.c.enable(ctx, wire.Enable{Disks: s.cfg.Disks, Existing: existing,
+			RecoveryPoints: s.cfg.RecoveryPoints, PointInterval: s.cfg.PointInterval})
 		if err != nil {
 			return false, time.Time{}, err
 		}
@@ -588,7 +597,7 @@ func (s *Shipper) sealLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			s.tick()
+			s.tick(ctx)
 		}
 	}
 }
@@ -600,17 +609,18 @@ func (s *Shipper) sealLoop(ctx context.Context) {
 // sealed after the last read, and the replica equals the primary at that
 // cycle's barrier once it applied it (apply marks it consistent then). A
 // cycle sealed mid-sync would be marked consistent without being so.
-func (s *Shipper) tick() {
+func (s *Shipper) tick(ctx context.Context) {
 	js := s.j.Stats()
 	s.mu.Lock()
 	s.addSample(js.RetainedBytes)
 	skip := s.st.Paused || !s.st.InitialDone || s.st.Sync != nil
 	prev := s.prevTick
+	app := s.appSealDue(s.now())
 	s.mu.Unlock()
 	if skip {
 		return
 	}
-	info, err := s.j.Seal(0)
+	info, err := s.seal(ctx, app)
 	if err != nil {
 		s.log.Warn("seal cycle", "err", err)
 		if f := s.cfg.Events.Error; f != nil {
@@ -647,8 +657,13 @@ func (s *Shipper) addSample(retained int64) {
 // Sync seals a cycle now and waits until the replica applied it. It
 // returns the cycle, or why it cannot be applied (paused, stopped by a
 // non-recoverable error, a resync that waits for its window, ctx). During an
-// initial copy or resync it waits for the end of it before sealing.
-func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
+// initial copy or resync it waits for the end of it before sealing. With
+// app, the cycle is sealed with the guest quiesced (appseal.go); without a
+// quiescer that is an error.
+func (s *Shipper) Sync(ctx context.Context, app bool) (uint64, error) {
+	if app && s.cfg.Quiesce == nil {
+		return 0, fmt.Errorf("%w: VM %s has no quiescer (enable replication with --quiesce-cmd or --qga-socket)", ErrBadConfig, s.cfg.VM)
+	}
 	s.mu.Lock()
 	err := s.haltedLocked()
 	s.mu.Unlock()
@@ -673,7 +688,7 @@ func (s *Shipper) Sync(ctx context.Context) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	info, err := s.j.Seal(0)
+	info, err := s.seal(ctx, app)
 	if err != nil {
 		return 0, fmt.Errorf("ship: seal: %w", err)
 	}

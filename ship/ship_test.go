@@ -1,6 +1,7 @@
 package ship
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -64,7 +65,7 @@ func TestInitialCopyThenCyclesInOrder(t *testing.T) {
 			e.j.zero(0, 512<<10, 64<<10, journal.KindTrim)
 			e.j.zero(1, 0, 4096, journal.KindZeroAlloc)
 		}
-		c, err := r.s.Sync(syncCtx(t))
+		c, err := r.s.Sync(syncCtx(t), false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -121,7 +122,7 @@ func TestCutConnectionResumesFromReplicaOffset(t *testing.T) {
 	e.j.write(0, 0, random(1<<20))
 	// Cut in the middle of the fourth chunk of the cycle's upload.
 	e.px.arm(3*e.chunk+e.chunk/2, false)
-	c, err := r.s.Sync(syncCtx(t))
+	c, err := r.s.Sync(syncCtx(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +150,7 @@ func TestCorruptChunkIsRejectedAndResent(t *testing.T) {
 	waitReplicating(t, r.s)
 	// Ship the cycle sealed after the initial copy first: the damage is
 	// meant for the next cycle.
-	if _, err := r.s.Sync(syncCtx(t)); err != nil {
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
 		t.Fatal(err)
 	}
 
@@ -157,7 +158,7 @@ func TestCorruptChunkIsRejectedAndResent(t *testing.T) {
 	e.rep.mu.Lock()
 	e.rep.corruptChunks = 1
 	e.rep.mu.Unlock()
-	c, err := r.s.Sync(syncCtx(t))
+	c, err := r.s.Sync(syncCtx(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,7 +182,7 @@ func TestByteFlippedBelowTLSIsRetried(t *testing.T) {
 
 	e.j.write(0, 0, random(256<<10))
 	e.px.arm(100<<10, true)
-	c, err := r.s.Sync(syncCtx(t))
+	c, err := r.s.Sync(syncCtx(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +208,7 @@ func TestForbiddenStopsUntilResume(t *testing.T) {
 	if st.State != StateError || !st.NextRetry.IsZero() || !strings.Contains(st.Reason, "forbidden") {
 		t.Fatalf("status after 403: %+v", st)
 	}
-	if _, err := r.s.Sync(syncCtx(t)); !errors.Is(err, ErrStopped) {
+	if _, err := r.s.Sync(syncCtx(t), false); !errors.Is(err, ErrStopped) {
 		t.Fatalf("Sync while stopped: %v", err)
 	}
 	var re *wire.Error
@@ -265,7 +266,7 @@ func TestFullReplicaBacksOffThenRecovers(t *testing.T) {
 	}
 	e.rep.mu.Unlock()
 	e.j.write(0, 0, random(32<<10))
-	c, err := r.s.Sync(syncCtx(t))
+	c, err := r.s.Sync(syncCtx(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -428,7 +429,7 @@ func TestOfflineInitialCopy(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitReplicating(t, r.s)
-	c, err := r.s.Sync(syncCtx(t))
+	c, err := r.s.Sync(syncCtx(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -450,7 +451,7 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 	r := e.start(e.cfg)
 	waitReplicating(t, r.s)
 	e.j.write(0, 0, random(8192))
-	if _, err := r.s.Sync(syncCtx(t)); err != nil {
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
 		t.Fatal(err)
 	}
 
@@ -461,7 +462,7 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 	e.rep.vms["vm1"].applied = 0
 	e.rep.mu.Unlock()
 	e.j.write(0, 8192, random(4096))
-	if _, err := r.s.Sync(syncCtx(t)); !errors.Is(err, ErrResyncRequired) {
+	if _, err := r.s.Sync(syncCtx(t), false); !errors.Is(err, ErrResyncRequired) {
 		t.Fatalf("Sync with a replica behind: %v", err)
 	}
 	st := r.s.Status()
@@ -474,7 +475,7 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 	}
 	waitReplicating(t, r.s)
 	e.j.write(0, 4096, random(4096))
-	c, err := r.s.Sync(syncCtx(t))
+	c, err := r.s.Sync(syncCtx(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -504,7 +505,7 @@ func TestJournalOverflowResyncsInWindow(t *testing.T) {
 	r.s.signal()
 	waitReplicating(t, r.s)
 	waitState(t, r.s, StateReplicating)
-	c, err := r.s.Sync(syncCtx(t))
+	c, err := r.s.Sync(syncCtx(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -518,7 +519,7 @@ func TestPauseIsPersisted(t *testing.T) {
 	if err := r.s.Pause(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.s.Sync(syncCtx(t)); !errors.Is(err, ErrPaused) {
+	if _, err := r.s.Sync(syncCtx(t), false); !errors.Is(err, ErrPaused) {
 		t.Fatalf("Sync while paused: %v", err)
 	}
 	r.stop()
@@ -530,7 +531,7 @@ func TestPauseIsPersisted(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.j.write(0, 0, random(4096))
-	c, err := r2.s.Sync(syncCtx(t))
+	c, err := r2.s.Sync(syncCtx(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -609,13 +610,13 @@ func TestStatusLagAndMissedCycles(t *testing.T) {
 	s.st.Applied, s.st.AppliedSealed = 0, t0.Add(-30*time.Second)
 
 	e.j.write(0, 0, random(64<<10))
-	s.tick() // seals cycle 1
+	s.tick(context.Background()) // seals cycle 1
 	clock.Add(time.Minute)
 	e.j.write(0, 0, random(64<<10))
-	s.tick() // cycle 1 is still unshipped: missed
+	s.tick(context.Background()) // cycle 1 is still unshipped: missed
 	clock.Add(time.Minute)
 	e.j.write(0, 0, random(64<<10))
-	s.tick() // and cycle 2 too
+	s.tick(context.Background()) // and cycle 2 too
 	clock.Add(time.Second)
 
 	st := s.Status()
@@ -782,7 +783,7 @@ func TestLimitersPaceTheirTraffic(t *testing.T) {
 	}
 	v, h, s := vmN(), hostN(), syncN()
 	e.j.write(0, 0, random(128<<10))
-	if _, err := r.s.Sync(syncCtx(t)); err != nil {
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
 		t.Fatal(err)
 	}
 	if vmN() == v || hostN() == h || syncN() != s {

@@ -44,6 +44,12 @@ type persisted struct {
 	AppliedSealed time.Time `json:"applied_sealed,omitzero"`
 	AppliedAt     time.Time `json:"applied_at,omitzero"`
 	Counters      counters  `json:"counters"`
+	// LastAppSeal is when the last quiesced seal was tried;
+	// LastAppConsistent the barrier of the last one that succeeded;
+	// QuiesceError why the last try did not (empty when it did).
+	LastAppSeal       time.Time `json:"last_app_seal,omitzero"`
+	LastAppConsistent time.Time `json:"last_app_consistent,omitzero"`
+	QuiesceError      string    `json:"quiesce_error,omitempty"`
 }
 
 type syncRecord struct {

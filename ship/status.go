@@ -44,8 +44,12 @@ type Status struct {
 	Sync            *SyncStatus `json:"sync,omitempty"`
 	// Forecast is a sentence about what comes next, where one can be made:
 	// "journal full in 3h at the current rate", "initial copy done in 40m".
-	Forecast string  `json:"forecast,omitempty"`
-	Metrics  Metrics `json:"metrics"`
+	Forecast string `json:"forecast,omitempty"`
+	// LastAppConsistent is the barrier of the last application-consistent
+	// cycle; QuiesceError why the last quiesce failed, if it did.
+	LastAppConsistent time.Time `json:"last_app_consistent,omitzero"`
+	QuiesceError      string    `json:"quiesce_error,omitempty"`
+	Metrics           Metrics   `json:"metrics"`
 }
 
 // SyncStatus is an initial copy or resync under way.
@@ -94,6 +98,7 @@ func (s *Shipper) Status() Status {
 		VM: s.cfg.VM, Replica: s.cfg.Replica,
 		LastApplied: s.st.Applied, LastAppliedSealed: s.st.AppliedSealed, LastAppliedAt: s.st.AppliedAt,
 		LastError: s.lastErr, LastErrorAt: s.lastErrAt,
+		LastAppConsistent: s.st.LastAppConsistent, QuiesceError: s.st.QuiesceError,
 	}
 	st.State, st.Reason = s.stateLocked(js)
 	if s.stopped == nil && now.Before(s.retryAt) {

@@ -46,6 +46,10 @@ type Header struct {
 	// Sealed is when the cycle's barrier was taken.
 	Sealed        time.Time `json:"sealed,omitzero"`
 	AppConsistent bool      `json:"app_consistent,omitempty"`
+	// Point asks the replica to make the cycle a recovery point whatever
+	// its interval says: it was meant to be application-consistent, but
+	// the guest could not be quiesced.
+	Point bool `json:"point,omitempty"`
 	// Gen and Piece identify a sync piece (KindFull, KindResync).
 	Gen   uint64 `json:"gen,omitempty"`
 	Piece int64  `json:"piece,omitempty"`
