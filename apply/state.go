@@ -196,7 +196,7 @@ type intent struct {
 	// A cycle: staging/c<Cycle>.stream holds it.
 	Cycle  uint64    `json:"cycle,omitempty"`
 	Sealed time.Time `json:"sealed,omitzero"`
-	App    bool      `json:"app,omitempty"` // the cycle is application-consistent
+	App    bool      `json:"app,omitempty"`   // the cycle is application-consistent
 	Point  bool      `json:"point,omitempty"` // wire.Header.Point
 	// A resync finish: sync/<Gen>/*.stream hold its pieces; the image then
 	// follows cycle Base.

@@ -76,7 +76,7 @@ func TestAppConsistentSeals(t *testing.T) {
 	if len(hs) != 5 {
 		t.Fatalf("%d cycles applied, want 5", len(hs))
 	}
-	if hs = hs[1:];  !hs[0].AppConsistent || hs[1].AppConsistent || hs[1].Point || hs[2].AppConsistent || !hs[2].Point || !hs[3].AppConsistent {
+	if hs = hs[1:]; !hs[0].AppConsistent || hs[1].AppConsistent || hs[1].Point || hs[2].AppConsistent || !hs[2].Point || !hs[3].AppConsistent {
 		t.Fatalf("headers the replica got: %+v", hs)
 	}
 	s.cfg.Quiesce = nil
