@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"time"
 
@@ -157,13 +158,14 @@ func (v *vm) prune(st *replicaState) error {
 // setPolicy records a new recovery point policy (an enable).
 func (v *vm) setPolicy(en wire.Enable) error {
 	cur := v.snapshot()
-	if cur.Points == en.RecoveryPoints && cur.PointInterval == en.PointInterval {
+	if cur.Points == en.RecoveryPoints && cur.PointInterval == en.PointInterval && slices.Equal(cur.Excluded, en.Excluded) {
 		return nil
 	}
 	v.apply.Lock()
 	defer v.apply.Unlock()
 	return v.update(func(st *replicaState) error {
 		st.Points, st.PointInterval = en.RecoveryPoints, en.PointInterval
+		st.Excluded = slices.Clone(en.Excluded)
 		return nil
 	})
 }
@@ -251,6 +253,8 @@ type FailedOverVM struct {
 	Images []string // the image of each disk
 	// Points guards the images: open them through Points.GuardFS.
 	Points *snapshot.Store
+	// Excluded: the primary's disks that were never replicated.
+	Excluded []string
 	wire.FailedOver
 }
 
@@ -352,7 +356,7 @@ func (v *vm) revert() error {
 
 func (v *vm) failedOver() FailedOverVM {
 	st := v.snapshot()
-	out := FailedOverVM{Disks: append([]wire.Disk(nil), v.disks...), Points: v.snap, FailedOver: st.Failover.FailedOver}
+	out := FailedOverVM{Disks: append([]wire.Disk(nil), v.disks...), Points: v.snap, FailedOver: st.Failover.FailedOver, Excluded: st.Excluded}
 	for i := range v.disks {
 		out.Images = append(out.Images, v.image(i))
 	}

@@ -103,6 +103,8 @@ type replicaState struct {
 	PointInterval time.Duration `json:"point_interval,omitempty"`
 	// Failover is set while the VM is failed over on this host.
 	Failover *failoverRecord `json:"failover,omitempty"`
+	// Excluded: the primary's disks it does not replicate (wire.Enable).
+	Excluded []string `json:"excluded,omitempty"`
 }
 
 // failoverRecord is a failover of the VM on this host (see points.go).
@@ -257,6 +259,7 @@ func (in *intent) String() string {
 func (st *replicaState) clone() replicaState {
 	c := *st
 	c.Disks = append([]wire.Disk(nil), st.Disks...)
+	c.Excluded = append([]string(nil), st.Excluded...)
 	if st.Sync != nil {
 		sc := *st.Sync
 		sc.Done = append([][2]int64(nil), st.Sync.Done...)
@@ -296,6 +299,7 @@ func (st *replicaState) wire() wire.Replica {
 		r.Sync = st.Sync.wire()
 	}
 	r.RecoveryPoints, r.PointInterval = st.Points, st.PointInterval
+	r.Excluded = append([]string(nil), st.Excluded...)
 	if st.Failover != nil {
 		f := st.Failover.FailedOver
 		r.FailedOver = &f

@@ -377,6 +377,7 @@ func (s *Server) createVM(name string, entry AllowEntry, peer string, en wire.En
 
 		Points:        en.RecoveryPoints,
 		PointInterval: en.PointInterval,
+		Excluded:      slices.Clone(en.Excluded),
 	}
 	madeImages := false
 	for _, d := range en.Disks {

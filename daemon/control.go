@@ -53,15 +53,18 @@ type Status struct {
 	ReplicaListen string   `json:"replica_listen,omitempty"`
 	MetricsListen string   `json:"metrics_listen,omitempty"`
 	Warnings      []string `json:"warnings,omitempty"`
+	// Tests are the test failovers running on this host.
+	Tests []TestFailoverInfo `json:"test_failovers,omitempty"`
 }
 
 // Status reports the daemon's state.
 func (d *Daemon) Status() Status {
 	vms := d.VMs()
+	tests := d.TestFailovers()
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	s := Status{StateDir: d.cfg.StateDir, LastShutdown: d.lastShutdown, NBD: append([]string(nil), d.listeners...), VMs: vms,
-		ReplicaListen: d.replicaAddr, MetricsListen: d.metricsAddr}
+		ReplicaListen: d.replicaAddr, MetricsListen: d.metricsAddr, Tests: tests}
 	if d.identity != nil {
 		s.Identity = d.identity.Name()
 		s.Warnings = d.identity.Warnings(time.Now())
@@ -100,6 +103,8 @@ func (d *Daemon) handler() http.Handler {
 		reply(w, info, err)
 	})
 	d.replicationRoutes(mux)
+	d.failoverRoutes(mux)
+	d.doctorRoutes(mux)
 	mux.HandleFunc("POST /v1/mount", d.handleMount)
 	mux.HandleFunc("POST /v1/unmount", func(w http.ResponseWriter, r *http.Request) {
 		var req MountEvent

@@ -37,7 +37,7 @@ func (d *Daemon) replicationRoutes(mux *http.ServeMux) {
 		reply(w, struct{}{}, d.DisableReplication(r.PathValue("name")))
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/replication/sync", func(w http.ResponseWriter, r *http.Request) {
-		c, err := d.SyncReplication(r.Context(), r.PathValue("name"))
+		c, err := d.SyncReplication(r.Context(), r.PathValue("name"), r.URL.Query().Get("app") == "1")
 		reply(w, SyncResult{Cycle: c}, err)
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/replication/{op}", func(w http.ResponseWriter, r *http.Request) {
@@ -101,10 +101,15 @@ func (c *Client) DisableReplication(ctx context.Context, vm string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(vm)+"/replication", nil, nil)
 }
 
-// SyncReplication closes a cycle now and waits until the replica applied it.
-func (c *Client) SyncReplication(ctx context.Context, vm string) (uint64, error) {
+// SyncReplication closes a cycle now (app: with the guest quiesced) and
+// waits until the replica applied it.
+func (c *Client) SyncReplication(ctx context.Context, vm string, app bool) (uint64, error) {
 	var out SyncResult
-	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/replication/sync", nil, &out)
+	p := "/v1/vms/" + url.PathEscape(vm) + "/replication/sync"
+	if app {
+		p += "?app=1"
+	}
+	err := c.do(ctx, http.MethodPost, p, nil, &out)
 	return out.Cycle, err
 }
 

@@ -63,6 +63,8 @@ type Config struct {
 	ResyncBlockSize int64
 	// MetricsListen serves Prometheus metrics on HOST:PORT ("" = off).
 	MetricsListen string
+	// QuiesceTimeout bounds a guest freeze (0 = DefaultQuiesceTimeout).
+	QuiesceTimeout time.Duration
 }
 
 // DefaultStateDir is where state lives unless --state or VDREPL_STATE says.
@@ -89,6 +91,7 @@ type Daemon struct {
 	vms          map[string]*vm
 	mounts       map[string]*blockdev.FUSEMount
 	fuseOpen     map[string]int // export -> files open through FUSE
+	tests        map[string]*testFailover
 	lastShutdown string
 	listeners    []string
 	closed       bool
@@ -144,6 +147,7 @@ func New(cfg Config) (*Daemon, error) {
 		vms:      make(map[string]*vm),
 		mounts:   make(map[string]*blockdev.FUSEMount),
 		fuseOpen: make(map[string]int),
+		tests:    make(map[string]*testFailover),
 	}
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
@@ -203,7 +207,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.shutdown()
 		return fmt.Errorf("registry: %w", err)
 	}
-	for _, s := range specs {
+	for _, s := range d.reconcileFailovers(specs) {
 		v, err := d.openVM(s, false)
 		if err != nil {
 			d.log.Error("VM not served", "vm", s.Name, "err", err)
@@ -225,6 +229,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		}
 	}
+
+	d.restartTests()
 
 	errc := make(chan error, len(d.cfg.NBD)+4)
 	if d.cfg.ReplicaListen != "" && d.identityErr == nil {
@@ -316,18 +322,26 @@ func (d *Daemon) shutdown() error {
 	d.mu.Lock()
 	vms := d.vms
 	d.vms = map[string]*vm{}
+	tests := d.tests
+	d.tests = map[string]*testFailover{}
 	d.mu.Unlock()
 	for _, v := range vms {
 		d.stopShipper(v)
 	}
-	if d.replica != nil {
-		if err := d.replica.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("replica role: %w", err))
-		}
+	for _, t := range tests {
+		t.overlay.Close()
+		t.view.Close()
 	}
+	// Journals first: a failed-over VM writes back through the replica's
+	// recovery points, which close with the replica role.
 	for name, v := range vms {
 		if err := v.close(); err != nil {
 			errs = append(errs, fmt.Errorf("vm %s: %w", name, err))
+		}
+	}
+	if d.replica != nil {
+		if err := d.replica.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("replica role: %w", err))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -508,6 +522,9 @@ func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
 	for _, ds := range v.spec.Disks {
 		jc.Disks = append(jc.Disks, journal.DiskSpec{Name: ds.Name, Path: ds.Path, Size: ds.Size})
 	}
+	if jc.FS, err = d.guardFS(s); err != nil {
+		return nil, err
+	}
 	if v.j, err = journal.Open(jc); err != nil {
 		return nil, err
 	}
@@ -658,6 +675,10 @@ func (d *Daemon) RemoveVM(name string) error {
 		d.mu.Unlock()
 		return fmt.Errorf("%w: VM %s is replicated to %s; run `vdrepl replication disable %s` first", ErrInUse, name, v.spec.Replication.Replica, name)
 	}
+	if v.spec.FailedOver {
+		d.mu.Unlock()
+		return fmt.Errorf("%w: VM %s is failed over here; `vdrepl failover complete %s` or `vdrepl failover cancel %s` first", ErrInUse, name, name, name)
+	}
 	delete(d.vms, name)
 	next := d.specsLocked()
 	d.mu.Unlock()
@@ -736,7 +757,10 @@ func (e *exports) Lookup(name string) (blockdev.Export, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v, ok := d.vms[vmName]
-	if !ok || v.j == nil {
+	if !ok {
+		return d.testExportLocked(vmName, diskName)
+	}
+	if v.j == nil {
 		return blockdev.Export{}, false
 	}
 	for i, ds := range v.spec.Disks {
@@ -760,6 +784,13 @@ func (e *exports) List() []blockdev.Export {
 		for i, ds := range s.Disks {
 			n := s.Name + "/" + ds.Name
 			out = append(out, blockdev.Export{Name: n, Disk: v.j.Disk(i), Description: "vdrepl VM " + s.Name + " disk " + ds.Name})
+		}
+	}
+	for name, t := range d.tests {
+		for _, disk := range t.disks {
+			if x, ok := d.testExportLocked(name+testSuffix, disk); ok {
+				out = append(out, x)
+			}
 		}
 	}
 	return out

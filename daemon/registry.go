@@ -38,6 +38,13 @@ type VMSpec struct {
 	Created time.Time  `json:"created"`
 	// Replication is set while the VM replicates to a replica host.
 	Replication *ReplicationSpec `json:"replication,omitempty"`
+	// FailedOver: the VM is a replica VM failed over on this host and not
+	// completed yet; its images are the replica's, written through its
+	// recovery point guard (failover.go).
+	FailedOver bool `json:"failed_over,omitempty"`
+	// Lacks names disks the VM had on its primary that were never
+	// replicated (excluded), so a failed-over VM runs without them.
+	Lacks []string `json:"lacks_disks,omitempty"`
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

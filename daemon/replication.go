@@ -16,7 +16,9 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/internal/wire"
+	"github.com/vdrepl/vdrepl/journal"
 	"github.com/vdrepl/vdrepl/ship"
+	"github.com/vdrepl/vdrepl/snapshot"
 )
 
 // ReplicationSpec is how a VM replicates, as the admin enabled it.
@@ -36,7 +38,22 @@ type ReplicationSpec struct {
 	BandwidthLimit     string    `json:"bandwidth_limit,omitempty"`
 	SyncBandwidthLimit string    `json:"sync_bandwidth_limit,omitempty"`
 	Enabled            time.Time `json:"enabled"`
+	// RecoveryPoints (0..24) are kept on the replica besides the latest
+	// state, one per PointInterval (default 1h).
+	RecoveryPoints int      `json:"recovery_points,omitempty"`
+	PointInterval  Duration `json:"recovery_point_interval,omitempty"`
+	// AppConsistentEvery: a cycle this often is sealed with the guest
+	// quiesced by QuiesceCmd (run as CMD VM freeze|thaw) or through the
+	// qemu-guest-agent socket QGASocket; 0 = never.
+	AppConsistentEvery Duration `json:"app_consistent_every,omitempty"`
+	QuiesceCmd         string   `json:"quiesce_cmd,omitempty"`
+	QGASocket          string   `json:"qga_socket,omitempty"`
 }
+
+// DefaultQuiesceTimeout bounds a guest freeze unless Config.QuiesceTimeout
+// says otherwise: past it the guest is thawed and a standard point recorded
+// instead (ship/appseal.go).
+const DefaultQuiesceTimeout = 30 * time.Second
 
 // Duration is a time.Duration that reads and writes as "30s", "5m".
 type Duration time.Duration
@@ -115,6 +132,38 @@ func (d *Daemon) checkSpec(s VMSpec, r *ReplicationSpec) error {
 		}
 	default:
 		return fmt.Errorf("%w: --initial %q: want network, at:TIME, offline:DIR or existing", ErrInvalid, r.Initial)
+	}
+	if r.RecoveryPoints < 0 || r.RecoveryPoints > wire.MaxRecoveryPoints {
+		return fmt.Errorf("%w: --recovery-points %d: keep 0 to %d points besides the latest", ErrInvalid, r.RecoveryPoints, wire.MaxRecoveryPoints)
+	}
+	if r.PointInterval == 0 {
+		r.PointInterval = Duration(time.Hour)
+	}
+	if time.Duration(r.PointInterval) < time.Second {
+		return fmt.Errorf("%w: --recovery-point-interval %v: the shortest is 1s", ErrInvalid, time.Duration(r.PointInterval))
+	}
+	if r.QuiesceCmd != "" && r.QGASocket != "" {
+		return fmt.Errorf("%w: give --quiesce-cmd or --qga-socket, not both", ErrInvalid)
+	}
+	if r.QuiesceCmd != "" {
+		if !filepath.IsAbs(r.QuiesceCmd) {
+			return fmt.Errorf("%w: --quiesce-cmd %s: want an absolute path to an executable", ErrInvalid, r.QuiesceCmd)
+		}
+		if st, err := os.Stat(r.QuiesceCmd); err != nil || !st.Mode().IsRegular() || st.Mode().Perm()&0o111 == 0 {
+			return fmt.Errorf("%w: --quiesce-cmd %s is not an executable file", ErrInvalid, r.QuiesceCmd)
+		}
+	}
+	if r.QGASocket != "" && !filepath.IsAbs(r.QGASocket) {
+		return fmt.Errorf("%w: --qga-socket %s: want an absolute path", ErrInvalid, r.QGASocket)
+	}
+	if r.AppConsistentEvery < 0 {
+		return fmt.Errorf("%w: --app-consistent-every %v", ErrInvalid, time.Duration(r.AppConsistentEvery))
+	}
+	if r.AppConsistentEvery > 0 && r.QuiesceCmd == "" && r.QGASocket == "" {
+		return fmt.Errorf("%w: --app-consistent-every needs a way to quiesce the guest: --quiesce-cmd CMD or --qga-socket PATH", ErrInvalid)
+	}
+	if r.AppConsistentEvery > 0 && r.RecoveryPoints == 0 {
+		return fmt.Errorf("%w: --app-consistent-every needs --recovery-points of at least 1 to keep the application-consistent points", ErrInvalid)
 	}
 	for _, l := range []string{r.BandwidthLimit, r.SyncBandwidthLimit} {
 		if l == "" {
@@ -244,6 +293,12 @@ func (d *Daemon) startShipper(v *vm) error {
 		BlockSize:    d.cfg.ResyncBlockSize,
 		ResyncWindow: d.cfg.ResyncWindow,
 		Logger:       d.log,
+
+		RecoveryPoints:     r.RecoveryPoints,
+		PointInterval:      time.Duration(r.PointInterval),
+		Excluded:           r.ExcludeDisks,
+		AppConsistentEvery: time.Duration(r.AppConsistentEvery),
+		Quiesce:            quiesceFunc(v.spec.Name, r, d.cfg.QuiesceTimeout),
 	}
 	for i, ds := range v.spec.Disks {
 		if slices.Contains(r.ExcludeDisks, ds.Name) {
@@ -281,6 +336,26 @@ func (d *Daemon) startShipper(v *vm) error {
 	return nil
 }
 
+// quiesceFunc binds a VM's quiescer to snapshot.QuiescedBarrier; nil
+// without one.
+func quiesceFunc(vm string, r *ReplicationSpec, timeout time.Duration) ship.QuiesceFunc {
+	if timeout <= 0 {
+		timeout = DefaultQuiesceTimeout
+	}
+	var q snapshot.Quiescer
+	switch {
+	case r.QuiesceCmd != "":
+		q = snapshot.CommandQuiescer{Cmd: r.QuiesceCmd, VM: vm}
+	case r.QGASocket != "":
+		q = snapshot.QGAQuiescer{Socket: r.QGASocket}
+	default:
+		return nil
+	}
+	return func(ctx context.Context, barrier func(bool) (journal.CycleInfo, error)) (journal.CycleInfo, bool, error, error) {
+		return snapshot.QuiescedBarrier(ctx, q, timeout, barrier)
+	}
+}
+
 // stopShipper ends a VM's shipper and waits for it.
 func (d *Daemon) stopShipper(v *vm) {
 	d.mu.Lock()
@@ -309,13 +384,18 @@ func (d *Daemon) shipper(name string) (*ship.Shipper, error) {
 	return v.ship, nil
 }
 
-// SyncReplication closes a cycle now and waits until the replica applied it.
-func (d *Daemon) SyncReplication(ctx context.Context, name string) (uint64, error) {
+// SyncReplication closes a cycle now (with app, quiesced: an
+// application-consistent point) and waits until the replica applied it.
+func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (uint64, error) {
 	s, err := d.shipper(name)
 	if err != nil {
 		return 0, err
 	}
-	return s.Sync(ctx, false)
+	c, err := s.Sync(ctx, app)
+	if errors.Is(err, ship.ErrBadConfig) {
+		err = fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return c, err
 }
 
 // ReplicationControl pauses, resumes or resyncs a VM's replication.

@@ -101,6 +101,8 @@ type Config struct {
 	// policy, sent with every enable (wire.Enable).
 	RecoveryPoints int
 	PointInterval  time.Duration
+	// Excluded names the VM's disks left out of Disks (wire.Enable).
+	Excluded []string
 	// AppConsistentEvery: a scheduled seal at least this long after the
 	// last quiesced one is quiesced through Quiesce (appseal.go); 0 = never.
 	AppConsistentEvery time.Duration
@@ -503,7 +505,7 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 	if !enabled {
 		existing := !st.InitialDone && s.initial.kind == "existing"
 		rep, err := s.c.enable(ctx, wire.Enable{Disks: s.cfg.Disks, Existing: existing,
-			RecoveryPoints: s.cfg.RecoveryPoints, PointInterval: s.cfg.PointInterval})
+			RecoveryPoints: s.cfg.RecoveryPoints, PointInterval: s.cfg.PointInterval, Excluded: s.cfg.Excluded})
 		if err != nil {
 			return false, time.Time{}, err
 		}

@@ -42,7 +42,7 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "control", EnvVars: []string{"VDREPL_CONTROL"},
 				Usage: "control socket of the daemon (default: STATE/control.sock)"},
 		},
-		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), replicationCmd(), replicaCmd(), pkiCmd()},
+		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), replicationCmd(), replicaCmd(), pkiCmd(), doctorCmd(), failoverCmd()},
 	}
 }
 
@@ -160,6 +160,7 @@ A guest attaches a disk with
 			&cli.StringFlag{Name: "resync-window", Usage: "when automatic resyncs may run, HH:MM-HH:MM local time (default 18:30-06:00)"},
 			&cli.StringFlag{Name: "resync-block-size", Usage: "checksum block of resyncs, a power of two from 4K to 1M (default 16K, measured in ship/blocksize_test.go; 4K suits links well below 50 Mbit/s)"},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on HOST:PORT at /metrics"},
+			&cli.DurationFlag{Name: "quiesce-timeout", Value: daemon.DefaultQuiesceTimeout, Usage: "longest a guest stays frozen for an application-consistent point; past it the guest is thawed and a standard point taken"},
 			&cli.Float64Flag{Name: "retry-scale", Value: 1, Hidden: true, Usage: "multiply retry back-off (tests)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log JSON lines instead of text"},
@@ -188,6 +189,7 @@ A guest attaches a disk with
 				BandwidthLimit: c.String("bandwidth-limit"),
 				ResyncWindow:   c.String("resync-window"),
 				MetricsListen:  c.String("metrics-listen"),
+				QuiesceTimeout: c.Duration("quiesce-timeout"),
 				RetryScale:     c.Float64("retry-scale"),
 			}
 			if s := c.String("resync-block-size"); s != "" {

@@ -67,7 +67,12 @@ The replica must run ` + "`vdrepl serve --replica-listen ...`" + ` and allow thi
 offline:DIR (write it to DIR for external media, then run
 ` + "`vdrepl replication import-initial VM DIR`" + ` on the replica), or existing
 (the replica already has the images, e.g. a restored backup: a checksum
-resync brings them current).`,
+resync brings them current).
+
+Recovery points: --recovery-points 4 keeps four hourly points on the replica
+besides the latest state; with --app-consistent-every 4 --quiesce-cmd
+/usr/local/sbin/freeze-web1 one of them is application-consistent every four
+hours (the guest frozen while the cycle is closed).`,
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "replica", Required: true, Usage: "the replica's HOST:PORT (port 8443 if omitted)"},
 					&cli.DurationFlag{Name: "frequency", Value: 5 * time.Minute, Usage: "how often a cycle is shipped: 30s, 5m, 15m or any duration >= 1s"},
@@ -77,6 +82,11 @@ resync brings them current).`,
 					&cli.StringFlag{Name: "initial", Value: "network", Usage: "network | at:RFC3339 | offline:DIR | existing"},
 					&cli.StringFlag{Name: "bandwidth-limit", Usage: "cap this VM's shipping: 50MB/s, or 08:00-18:00=20MB/s,*=unlimited"},
 					&cli.StringFlag{Name: "sync-bandwidth-limit", Usage: "a lower cap for the initial copy and resyncs, so delta cycles are never starved"},
+					&cli.IntFlag{Name: "recovery-points", Usage: "recovery points the replica keeps besides the latest state, 0 to 24"},
+					&cli.DurationFlag{Name: "recovery-point-interval", Value: time.Hour, Usage: "one recovery point per this much time"},
+					&cli.StringFlag{Name: "app-consistent-every", Usage: "take an application-consistent point every H hours (or a duration like 30m); needs --quiesce-cmd or --qga-socket"},
+					&cli.StringFlag{Name: "quiesce-cmd", Usage: "executable run as `CMD VM freeze` and `CMD VM thaw` around an application-consistent barrier (e.g. a wrapper of fsfreeze)"},
+					&cli.StringFlag{Name: "qga-socket", Usage: "the guest's qemu-guest-agent socket, for guest-fsfreeze-freeze/thaw"},
 					&cli.BoolFlag{Name: "json", Usage: "print JSON"},
 				},
 				Action: func(c *cli.Context) error {
@@ -93,6 +103,26 @@ resync brings them current).`,
 						Initial:            c.String("initial"),
 						BandwidthLimit:     c.String("bandwidth-limit"),
 						SyncBandwidthLimit: c.String("sync-bandwidth-limit"),
+						RecoveryPoints:     c.Int("recovery-points"),
+						PointInterval:      daemon.Duration(c.Duration("recovery-point-interval")),
+						QuiesceCmd:         c.String("quiesce-cmd"),
+						QGASocket:          c.String("qga-socket"),
+					}
+					if s := c.String("app-consistent-every"); s != "" {
+						d, err := parseHours(s)
+						if err != nil {
+							return fmt.Errorf("--app-consistent-every %q: %w", s, err)
+						}
+						spec.AppConsistentEvery = daemon.Duration(d)
+					}
+					for _, f := range []*string{&spec.QuiesceCmd, &spec.QGASocket} {
+						if *f != "" {
+							abs, err := filepath.Abs(*f)
+							if err != nil {
+								return err
+							}
+							*f = abs
+						}
 					}
 					if mode, dir, ok := strings.Cut(spec.Initial, ":"); ok && mode == "offline" {
 						abs, err := filepath.Abs(dir)
@@ -131,7 +161,10 @@ resync brings them current).`,
 				Usage:       "close a cycle now and wait until the replica has applied it",
 				ArgsUsage:   "VM",
 				Description: "Example (in a script, after writing data that must be on the replica):\n   vdrepl replication sync web1",
-				Flags:       []cli.Flag{&cli.DurationFlag{Name: "timeout", Value: 0, Usage: "give up after this long (0 = wait as long as it takes)"}},
+				Flags: []cli.Flag{
+					&cli.DurationFlag{Name: "timeout", Value: 0, Usage: "give up after this long (0 = wait as long as it takes)"},
+					&cli.BoolFlag{Name: "app-consistent", Usage: "quiesce the guest for this cycle: an application-consistent recovery point"},
+				},
 				Action: func(c *cli.Context) error {
 					vm, err := oneVM(c, "replication sync")
 					if err != nil {
@@ -144,7 +177,7 @@ resync brings them current).`,
 						ctx, cancel = contextWithTimeout(ctx, t)
 						defer cancel()
 					}
-					cycle, err := client(c).SyncReplication(ctx, vm)
+					cycle, err := client(c).SyncReplication(ctx, vm, c.Bool("app-consistent"))
 					if err != nil {
 						return err
 					}
@@ -155,6 +188,7 @@ resync brings them current).`,
 			simple("pause", "stop shipping cycles for now (the journal keeps them)"),
 			simple("resume", "ship again after pause, or retry now after an error"),
 			simple("resync", "compare primary and replica by checksums now and send what differs"),
+			pointsCmd(),
 			{
 				Name:      "status",
 				Usage:     "show replication health, lag and progress (the Measure-VMReplication of vdrepl)",
@@ -385,6 +419,19 @@ func printReplication(c *cli.Context, r daemon.Replication, tty bool) {
 		if len(p.Excluded) > 0 {
 			fmt.Fprintf(w, "  excluded:     %s\n", strings.Join(p.Excluded, ", "))
 		}
+		if p.Spec.RecoveryPoints > 0 {
+			fmt.Fprintf(w, "  points:       %d kept on the replica, one per %s\n", p.Spec.RecoveryPoints, time.Duration(p.Spec.PointInterval))
+		}
+		if p.Spec.AppConsistentEvery > 0 {
+			last := "none yet"
+			if !s.LastAppConsistent.IsZero() {
+				last = s.LastAppConsistent.Local().Format(time.DateTime)
+			}
+			fmt.Fprintf(w, "  app-consistent: every %s, last %s\n", time.Duration(p.Spec.AppConsistentEvery), last)
+		}
+		if s.QuiesceError != "" {
+			fmt.Fprintf(w, "  quiesce:      %s\n", s.QuiesceError)
+		}
 	}
 	for _, rep := range r.Replicas {
 		fmt.Fprintf(w, "VM %s <- %s (replica)\n", rep.VM, rep.Primary)
@@ -400,6 +447,15 @@ func printReplication(c *cli.Context, r daemon.Replication, tty bool) {
 		}
 		if rep.Sync != nil {
 			fmt.Fprintf(w, "  sync:         %s, %d of %d pieces\n", rep.Sync.Kind, len(rep.Sync.Done), rep.Sync.Pieces)
+		}
+		if rep.RecoveryPoints > 0 || rep.Points > 0 {
+			fmt.Fprintf(w, "  points:       %d of %d kept, %s of undo data\n", rep.Points, rep.RecoveryPoints, humanBytes(rep.PointBytes))
+		}
+		if f := rep.FailedOver; f != nil {
+			fmt.Fprintf(w, "  FAILED OVER:  %s failover at %s to %s; takes no data from %s\n", f.Kind, f.At.Local().Format(time.DateTime), pointLabel(f.Point), rep.Primary)
+		}
+		if len(rep.Excluded) > 0 {
+			fmt.Fprintf(w, "  not replicated (excluded on the primary): %s\n", strings.Join(rep.Excluded, ", "))
 		}
 	}
 	if len(r.Primaries)+len(r.Replicas) == 0 {

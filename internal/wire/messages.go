@@ -69,6 +69,9 @@ type Enable struct {
 	// so a change takes effect when the primary's shipper restarts.
 	RecoveryPoints int           `json:"recovery_points,omitempty"`
 	PointInterval  time.Duration `json:"point_interval,omitempty"`
+	// Excluded names the primary's disks that are not replicated, so a
+	// failover on the replica can say which disks the VM lacks.
+	Excluded []string `json:"excluded,omitempty"`
 }
 
 // MaxRecoveryPoints bounds Enable.RecoveryPoints.
@@ -96,6 +99,7 @@ type Replica struct {
 	// how many are kept now and PointBytes the undo data they take.
 	RecoveryPoints int           `json:"recovery_points,omitempty"`
 	PointInterval  time.Duration `json:"point_interval,omitempty"`
+	Excluded       []string      `json:"excluded,omitempty"`
 	Points         int           `json:"points,omitempty"`
 	PointBytes     int64         `json:"point_bytes,omitempty"`
 	// FailedOver is set once the VM was failed over on the replica host:

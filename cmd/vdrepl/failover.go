@@ -1,0 +1,162 @@
+package main
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+)
+
+// parseHours reads --app-consistent-every: a number of hours ("4", "0.5")
+// or a Go duration ("30m", "1h30m").
+func parseHours(s string) (time.Duration, error) {
+	if h, err := strconv.ParseFloat(s, 64); err == nil {
+		if h < 0 {
+			return 0, fmt.Errorf("want hours >= 0")
+		}
+		return time.Duration(h * float64(time.Hour)), nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return 0, fmt.Errorf("want a number of hours (4) or a duration (30m)")
+	}
+	return d, nil
+}
+
+func pointLabel(id string) string {
+	if id == "" {
+		return "the latest state"
+	}
+	return "recovery point " + id
+}
+
+// pointsCmd is `vdrepl replication points VM`, run on the replica host.
+func pointsCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "points",
+		Usage:     "list a replica VM's recovery points (on the replica host)",
+		ArgsUsage: "VM",
+		Description: `Example:
+   vdrepl replication points web1
+   vdrepl failover test web1 --point 1234     # then boot from export web1-test/DISK`,
+		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+		Action: func(c *cli.Context) error {
+			vm, err := oneVM(c, "replication points")
+			if err != nil {
+				return err
+			}
+			p, err := client(c).Points(c.Context, vm)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, p)
+			}
+			w := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "ID\tTIME\tKIND\tSIZE")
+			for i := len(p.Points) - 1; i >= 0; i-- {
+				pt := p.Points[i]
+				kind := "standard"
+				if pt.AppConsistent {
+					kind = "application-consistent"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", pt.ID, pt.Time.Local().Format(time.DateTime), kind, humanBytes(pt.OwnBytes))
+			}
+			w.Flush()
+			fmt.Fprintf(c.App.Writer, "%d point(s) besides the latest state (policy keeps %d), %s of undo data\n", len(p.Points), p.Keep, humanBytes(p.Bytes))
+			return nil
+		},
+	}
+}
+
+func failoverCmd() *cli.Command {
+	pointFlag := &cli.StringFlag{Name: "point", Usage: "recovery point ID from `vdrepl replication points` (default: the latest state)"}
+	jsonFlag := &cli.BoolFlag{Name: "json", Usage: "print JSON"}
+	run := func(op, what string) cli.ActionFunc {
+		return func(c *cli.Context) error {
+			vm, err := oneVM(c, "failover "+op)
+			if err != nil {
+				return err
+			}
+			res, err := client(c).Failover(c.Context, vm, op, c.String("point"))
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, res)
+			}
+			switch op {
+			case "test", "unplanned":
+				fmt.Fprintf(c.App.Writer, "%s of %s from %s: exports %s\n", what, vm, pointLabel(res.Point), strings.Join(res.Exports, ", "))
+				if len(res.Lacks) > 0 {
+					fmt.Fprintf(c.App.Writer, "warning: the VM lacks disk(s) %s: they were excluded from replication\n", strings.Join(res.Lacks, ", "))
+				}
+			default:
+				fmt.Fprintf(c.App.Writer, "%s: %s\n", vm, what)
+			}
+			return nil
+		}
+	}
+	return &cli.Command{
+		Name:  "failover",
+		Usage: "test, unplanned failover of a VM to this replica host, and its completion or cancel",
+		Description: `Run on the replica host. Example, the primary lost:
+   vdrepl failover unplanned web1 --point 1234   # web1/DISK served read-write here
+   vdrepl failover complete web1                 # keep it: the other points are discarded
+Example, a drill while replication goes on:
+   vdrepl failover test web1                     # boot a VM from web1-test/DISK
+   vdrepl failover stop-test web1`,
+		Subcommands: []*cli.Command{
+			{
+				Name:      "test",
+				Usage:     "expose a writable, throw-away copy of a recovery point as VM-test/DISK; replication goes on",
+				ArgsUsage: "VM",
+				Description: `Example:
+   vdrepl failover test web1 --point 1234
+   qemu-system-x86_64 ... -drive file=nbd+unix:///web1-test/root?socket=/var/lib/vdrepl/nbd.sock,format=raw
+   vdrepl failover stop-test web1`,
+				Flags:  []cli.Flag{pointFlag, jsonFlag},
+				Action: run("test", "test failover"),
+			},
+			{
+				Name:        "stop-test",
+				Usage:       "end a test failover; what was written to the test copy is discarded",
+				ArgsUsage:   "VM",
+				Description: "Example:\n   vdrepl failover stop-test web1",
+				Flags:       []cli.Flag{jsonFlag},
+				Action:      run("stop-test", "test failover stopped, its writes discarded"),
+			},
+			{
+				Name:      "unplanned",
+				Usage:     "the primary is lost: roll the VM's disks to a recovery point and serve them read-write here",
+				ArgsUsage: "VM",
+				Description: `Example:
+   vdrepl failover unplanned web1                 # the latest state
+   vdrepl failover unplanned web1 --point 1234    # an older point
+Until ` + "`vdrepl failover complete web1`" + ` every other point is kept and
+` + "`vdrepl failover cancel web1`" + ` returns to being a replica at the latest state.`,
+				Flags:  []cli.Flag{pointFlag, jsonFlag},
+				Action: run("unplanned", "unplanned failover"),
+			},
+			{
+				Name:        "complete",
+				Usage:       "make a failover final: the other recovery points are discarded",
+				ArgsUsage:   "VM",
+				Description: "Example:\n   vdrepl failover complete web1",
+				Flags:       []cli.Flag{jsonFlag},
+				Action:      run("complete", "failover completed; the VM is this host's now"),
+			},
+			{
+				Name:        "cancel",
+				Usage:       "undo a failover not yet completed: back to a replica at the latest state, writes since discarded",
+				ArgsUsage:   "VM",
+				Description: "Example (shut the failed-over VM down first):\n   vdrepl failover cancel web1",
+				Flags:       []cli.Flag{jsonFlag},
+				Action:      run("cancel", "failover cancelled; a replica again at the latest state"),
+			},
+		},
+	}
+}
