@@ -5,6 +5,7 @@
 #   make lint   gofmt, go vet, package dependency rules
 #   make deps   install the Debian packages the tests and demo use (root)
 #   make guest  fetch the guest test's Debian kernel, build its initramfs (scripts/guest.sh)
+#   make install  binary, systemd unit, config, bash completion (PREFIX, DESTDIR, SYSCONFDIR)
 
 GO      ?= go
 BIN     ?= bin/vdrepl
@@ -49,6 +50,39 @@ bench-repl: build
 fuzz:
 	$(GO) test ./journal -run XXX -fuzz FuzzDecodeHeader -fuzztime 30s
 	$(GO) test ./blockdev -run XXX -fuzz FuzzDecodeRequest -fuzztime 30s
+
+# make install [PREFIX=/usr/local] [DESTDIR=] [SYSCONFDIR=/etc]: the unit gets
+# the installed paths. The config is installed from the example only when
+# none exists; the binary reads /etc/vdrepl/vdrepl.toml unless --config or
+# VDREPL_CONFIG says otherwise.
+PREFIX        ?= /usr/local
+BINDIR        ?= $(PREFIX)/bin
+SYSCONFDIR    ?= /etc
+UNITDIR       ?= $(PREFIX)/lib/systemd/system
+DOCDIR        ?= $(PREFIX)/share/doc/vdrepl
+COMPLETIONDIR ?= $(PREFIX)/share/bash-completion/completions
+
+.PHONY: install uninstall
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/vdrepl
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/etc/vdrepl/|$(SYSCONFDIR)/vdrepl/|g' \
+	    -e 's|/usr/local/share/doc/vdrepl/|$(DOCDIR)/|g' scripts/vdrepl.service > $(DESTDIR)$(UNITDIR)/vdrepl.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/vdrepl.service
+	install -D -m 0644 scripts/vdrepl-completion.bash $(DESTDIR)$(COMPLETIONDIR)/vdrepl
+	install -D -m 0644 scripts/vdrepl.toml.example $(DESTDIR)$(DOCDIR)/vdrepl.toml.example
+	install -D -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	install -D -m 0644 scripts/grafana-dashboard.json $(DESTDIR)$(DOCDIR)/grafana-dashboard.json
+	install -D -m 0644 scripts/vdrepl-alerts.yml $(DESTDIR)$(DOCDIR)/vdrepl-alerts.yml
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/vdrepl/vdrepl.toml ]; then \
+	  echo "kept $(DESTDIR)$(SYSCONFDIR)/vdrepl/vdrepl.toml (the example is $(DOCDIR)/vdrepl.toml.example)"; \
+	else install -D -m 0644 scripts/vdrepl.toml.example $(DESTDIR)$(SYSCONFDIR)/vdrepl/vdrepl.toml; fi
+	@echo "next: systemctl daemon-reload && systemctl enable --now vdrepl"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/vdrepl $(DESTDIR)$(UNITDIR)/vdrepl.service $(DESTDIR)$(COMPLETIONDIR)/vdrepl
+	rm -rf $(DESTDIR)$(DOCDIR)
+	@echo "kept $(DESTDIR)$(SYSCONFDIR)/vdrepl and /var/lib/vdrepl"
 
 clean:
 	rm -rf bin bench/out

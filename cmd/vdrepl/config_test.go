@@ -117,10 +117,17 @@ type served struct {
 // records the flags it reads.
 func runServe(t *testing.T, args ...string) (served, error) {
 	t.Helper()
+	return runAs(t, "serve", args...)
+}
+
+// runAs runs the real app with args, the Action of the top-level command
+// named command replaced by one that records the flags serve would read.
+func runAs(t *testing.T, command string, args ...string) (served, error) {
+	t.Helper()
 	app := newApp()
 	app.Writer, app.ErrWriter = io.Discard, io.Discard
 	var got served
-	app.Command("serve").Action = func(c *cli.Context) error {
+	app.Command(command).Action = func(c *cli.Context) error {
 		got = served{
 			state: c.String("state"), control: controlPath(c), nbd: strings.Join(c.StringSlice("nbd"), ","),
 			tlsCert: c.String("tls-cert"), journalCap: c.String("journal-cap"), logLevel: c.String("log-level"),
