@@ -27,5 +27,7 @@ forbid internal/vfs journal blockdev ship apply snapshot daemon cmd
 forbid internal/wire journal blockdev ship apply snapshot daemon cmd internal/vfs internal/pki
 forbid internal/statefile journal blockdev ship apply snapshot daemon cmd internal/vfs internal/wire internal/pki
 forbid internal/pki journal blockdev ship apply snapshot daemon cmd internal/wire
-forbid daemon cmd
+forbid daemon cmd doctor
+# doctor reads the daemon and probes replicas; nothing below cmd uses it.
+forbid doctor cmd
 exit $fail
