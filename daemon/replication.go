@@ -352,7 +352,11 @@ func quiesceFunc(vm string, r *ReplicationSpec, timeout time.Duration) ship.Quie
 		return nil
 	}
 	return func(ctx context.Context, barrier func(bool) (journal.CycleInfo, error)) (journal.CycleInfo, bool, error, error) {
-		return snapshot.QuiescedBarrier(ctx, q, timeout, barrier)
+		info, app, reason, err := snapshot.QuiescedBarrier(ctx, q, timeout, barrier)
+		if !app && errors.Is(reason, context.DeadlineExceeded) {
+			reason = fmt.Errorf("the guest did not freeze within %s (serve --quiesce-timeout), so it was thawed: %w", timeout, reason)
+		}
+		return info, app, reason, err
 	}
 }
 
