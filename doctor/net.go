@@ -156,6 +156,9 @@ func resolve(ctx context.Context, host string, via bool, timeout time.Duration) 
 		}
 		return nil, f
 	}
+	for i := range ips {
+		ips[i] = ips[i].Unmap()
+	}
 	f.Cause = fmt.Sprintf("%s resolves to %s", host, addrList(ips))
 	return ips, f
 }

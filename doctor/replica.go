@@ -217,9 +217,11 @@ func (s *session) probe(ctx context.Context, host string) (verified, allowed boo
 		check: CheckTLSServer,
 		who:   fmt.Sprintf("the replica's certificate %q", name),
 		leaf:  peer[0], inter: peer[1:], pool: id.Pool, ca: id.CA, host: host, now: rc.Now(),
-		usages:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		reissue: fmt.Sprintf("issue the replica a certificate with `vdrepl pki issue --name %s` from the CA %q and restart its daemon with it", name, id.CA.Subject.CommonName),
-		mitm:    mitm,
+		usages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		reissue: func(flags string) string {
+			return fmt.Sprintf("issue the replica a certificate with `vdrepl pki issue --name %s%s` from the CA %q and restart its daemon with it", name, flags, id.CA.Subject.CommonName)
+		},
+		mitm: mitm,
 	})
 	verified = true
 	for _, f := range bad {

@@ -65,7 +65,7 @@ func TestIdentity(t *testing.T) {
 	// Another CA of the same name: made again with `vdrepl pki init`.
 	again := newCA(t, "one")
 	_, fs = LoadIdentity(TLSFiles{Cert: good.Cert, Key: good.Key, CA: filepath.Join(again, "ca.crt")}, time.Now())
-	want(t, fs, CheckIdentity, Problem, "another CA named", "made again")
+	want(t, fs, CheckIdentity, Problem, "only has the same name", "made again")
 }
 
 // The replica's certificate as this host checks it: each fault its own
@@ -95,7 +95,7 @@ func TestReplicaCertificate(t *testing.T) {
 		}, Warning, []string{"expires in 19 days"}},
 		{"wrong name", func() TLSFiles {
 			return issueBad(t, ca, "named.test", func(c *x509.Certificate) { c.IPAddresses = nil })
-		}, Problem, []string{`is for named.test, not "127.0.0.1"`, "--san 127.0.0.1"}},
+		}, Problem, []string{`is for named.test, not "127.0.0.1"`, "vdrepl pki issue --name named.test --san 127.0.0.1`"}},
 		{"no SAN", func() TLSFiles {
 			return issueBad(t, ca, "cn-only.test", func(c *x509.Certificate) { c.IPAddresses, c.DNSNames = nil, nil })
 		}, Problem, []string{"no name at all", `common name "cn-only.test"`}},

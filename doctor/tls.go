@@ -72,8 +72,10 @@ func LoadIdentity(files TLSFiles, now time.Time) (*Identity, []Finding) {
 		check: CheckIdentity, subject: files.Cert,
 		who:  fmt.Sprintf("this host's certificate %q", id.Name()),
 		leaf: id.Leaf, pool: pool, ca: ca, now: now,
-		usages:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		reissue: fmt.Sprintf("issue this host a new one with `vdrepl pki issue --name %s` from the CA %q", id.Name(), ca.Subject.CommonName),
+		usages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		reissue: func(flags string) string {
+			return fmt.Sprintf("issue this host a new one with `vdrepl pki issue --name %s%s` from the CA %q", id.Name(), flags, ca.Subject.CommonName)
+		},
 	})
 	if d := ca.NotAfter.Sub(now); d <= pki.WarnBefore {
 		sev, what := Warning, fmt.Sprintf("the CA %q expires on %s", ca.Subject.CommonName, day(ca.NotAfter))
@@ -136,8 +138,8 @@ type certCheck struct {
 	ca             *x509.Certificate // ours
 	host           string            // the name it must be valid for ("": none)
 	usages         []x509.ExtKeyUsage
-	reissue        string // how to get a good one
-	mitm           string // a hint when a proxy may stand in between
+	reissue        func(flags string) string // how to get a good one, issued with more flags
+	mitm           string                    // a hint when a proxy may stand in between
 	now            time.Time
 }
 
@@ -167,23 +169,23 @@ func certFindings(c certCheck) []Finding {
 	switch {
 	case err == nil:
 	case errors.As(err, &unknown):
-		issuer := fmt.Sprintf("%q", leaf.Issuer.CommonName)
+		cause := fmt.Sprintf("%s was issued by %q, not by this host's CA %q, so the TLS handshake fails%s", c.who, leaf.Issuer.CommonName, c.ca.Subject.CommonName, c.mitm)
 		if leaf.Issuer.CommonName == c.ca.Subject.CommonName {
-			issuer = fmt.Sprintf("another CA named %q (was the CA made again with `vdrepl pki init`?)", leaf.Issuer.CommonName)
+			cause = fmt.Sprintf("%s was issued by a CA that only has the same name as this host's, %q (was the CA made again with `vdrepl pki init`?), so the TLS handshake fails%s",
+				c.who, leaf.Issuer.CommonName, c.mitm)
 		}
-		add(Problem, fmt.Sprintf("%s was issued by %s, not by this host's CA %q, so the TLS handshake fails%s", c.who, issuer, c.ca.Subject.CommonName, c.mitm),
-			"give both hosts certificates from one CA: "+c.reissue+", or give --tls-ca the CA that issued it")
+		add(Problem, cause, "give both hosts certificates from one CA: "+c.reissue("")+", or give --tls-ca the CA that issued it")
 	default:
-		add(Problem, fmt.Sprintf("%s does not verify against this host's CA %q: %v", c.who, c.ca.Subject.CommonName, err), c.reissue)
+		add(Problem, fmt.Sprintf("%s does not verify against this host's CA %q: %v", c.who, c.ca.Subject.CommonName, err), c.reissue(""))
 	}
 	switch left := leaf.NotAfter.Sub(c.now); {
 	case c.now.Before(leaf.NotBefore):
 		add(Problem, fmt.Sprintf("%s is not valid until %s: a clock is wrong, this host's or that of the host that issued it", c.who, leaf.NotBefore.UTC().Format(time.RFC3339)),
 			"set the clocks right (NTP: chrony or systemd-timesyncd)")
 	case left <= 0:
-		add(Problem, fmt.Sprintf("%s expired on %s", c.who, day(leaf.NotAfter)), c.reissue)
+		add(Problem, fmt.Sprintf("%s expired on %s", c.who, day(leaf.NotAfter)), c.reissue(""))
 	case left <= pki.WarnBefore:
-		add(Warning, fmt.Sprintf("%s expires in %s (%s)", c.who, durText(left), day(leaf.NotAfter)), c.reissue)
+		add(Warning, fmt.Sprintf("%s expires in %s (%s)", c.who, durText(left), day(leaf.NotAfter)), c.reissue(""))
 	}
 	for _, u := range c.usages {
 		if len(leaf.ExtKeyUsage) > 0 && !slices.Contains(leaf.ExtKeyUsage, u) && !slices.Contains(leaf.ExtKeyUsage, x509.ExtKeyUsageAny) {
@@ -191,13 +193,13 @@ func certFindings(c certCheck) []Finding {
 			if u == x509.ExtKeyUsageClientAuth {
 				name, role = "clientAuth", "client"
 			}
-			add(Problem, fmt.Sprintf("%s lacks the %s extended key usage, so peers refuse it as a TLS %s", c.who, name, role), c.reissue+" (it has both usages)")
+			add(Problem, fmt.Sprintf("%s lacks the %s extended key usage, so peers refuse it as a TLS %s", c.who, name, role), c.reissue("")+" (it has both usages)")
 		}
 	}
 	if c.host != "" {
 		if err := leaf.VerifyHostname(c.host); err != nil {
 			add(Problem, fmt.Sprintf("%s is for %s, not %q", c.who, certNames(leaf), c.host),
-				fmt.Sprintf("connect by one of its names (--replica NAME:PORT), or %s with `--san %s`", c.reissue, c.host))
+				"connect by one of its names (--replica NAME:PORT), or "+c.reissue(" --san "+c.host))
 		}
 	}
 	return out
