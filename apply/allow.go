@@ -160,3 +160,10 @@ func matchName(pattern, name string) bool {
 	}
 	return name == pattern
 }
+
+// Allows reports whether a primary with this certificate is on the
+// allow-list.
+func (s *Server) Allows(cert *x509.Certificate) bool {
+	_, ok := s.entryFor(cert)
+	return ok
+}

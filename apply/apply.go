@@ -89,6 +89,9 @@ type Config struct {
 	// Now; nil is time.Now.
 	Now    func() time.Time
 	Events Events
+	// Host is the daemon's side of planned failover and reverse
+	// replication (host.go); nil: neither is possible.
+	Host Host
 }
 
 // Server is the replica side of vdrepl: see the package documentation.
@@ -99,6 +102,8 @@ type Server struct {
 	ev        Events
 	allowPath string
 	regPath   string
+	stateDir  string
+	host      Host
 
 	// regMu serialises writes of allow.json and replicas.json, so that a
 	// file never goes back to an older snapshot.
@@ -127,6 +132,8 @@ func New(cfg Config) (*Server, error) {
 		now:       cfg.Now,
 		ev:        cfg.Events,
 		allowPath: join(cfg.StateDir, allowFile),
+		stateDir:  cfg.StateDir,
+		host:      cfg.Host,
 		regPath:   join(cfg.StateDir, registryFile),
 		vms:       map[string]*vm{},
 		reserved:  map[string]bool{},

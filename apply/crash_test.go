@@ -227,7 +227,7 @@ func newCrashRig(t *testing.T) *crashRig {
 	if err := rig.s.Allow(AllowEntry{Primary: "*", Storage: crashStorage}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := rig.s.enable("vm1", "a.example.com", AllowEntry{Primary: "*", Storage: crashStorage}, wire.Enable{Disks: testDisks}); err != nil {
+	if _, err := rig.s.enable("vm1", "a.example.com", nil, AllowEntry{Primary: "*", Storage: crashStorage}, wire.Enable{Disks: testDisks}); err != nil {
 		t.Fatal(err)
 	}
 	return rig

@@ -82,16 +82,23 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 			s.fail(w, r, q.vm, peer, err)
 			return
 		}
-		rep, err := s.enable(q.vm, peer, entry, en)
+		rep, err := s.enable(q.vm, peer, r.TLS.VerifiedChains[0][0], entry, en)
 		s.answer(q, rep, err)
 		return
 	}
+	handover := len(q.rest) == 1 && q.rest[0] == "failover" && r.Method == http.MethodPost
 	v, err := s.lookup(q.vm)
+	if err != nil && handover {
+		s.serveHandover(q, nil) // a repeat: the daemon may have finished it
+		return
+	}
 	if err != nil {
 		s.fail(w, r, q.vm, peer, err)
 		return
 	}
-	write := r.Method != http.MethodGet && !(len(q.rest) == 1 && q.rest[0] == "sums")
+	// A handover reaches a VM failed over by an earlier, interrupted one;
+	// Promote checks it is that one.
+	write := r.Method != http.MethodGet && !(len(q.rest) == 1 && q.rest[0] == "sums") && !handover
 	if err := v.authorize(peer, entry, write); err != nil {
 		if errors.Is(err, ErrForbidden) {
 			s.reject(w, r, q.vm, peer, err.Error())
@@ -143,6 +150,8 @@ func (s *Server) route(q *request, v *vm) {
 		}
 		rep, err := v.syncFinish(req)
 		s.answer(q, rep, err)
+	case len(p) == 1 && p[0] == "failover" && r.Method == http.MethodPost:
+		s.serveHandover(q, v)
 	case len(p) == 1 && p[0] == "sums" && r.Method == http.MethodPost:
 		var req wire.SumsRequest
 		if err := readJSON(r, &req); err != nil {
@@ -162,6 +171,17 @@ func (s *Server) route(q *request, v *vm) {
 	default:
 		s.fail(q.w, r, q.vm, q.peer, fmt.Errorf("%w: no endpoint %s %s", ErrInvalid, r.Method, r.URL.Path))
 	}
+}
+
+// serveHandover serves POST /v1/replicas/{vm}/failover.
+func (s *Server) serveHandover(q *request, v *vm) {
+	var h wire.Handover
+	if err := readJSON(q.r, &h); err != nil {
+		s.fail(q.w, q.r, q.vm, q.peer, err)
+		return
+	}
+	rep, err := s.handover(q.vm, q.peer, v, h)
+	s.answer(q, rep, err)
 }
 
 // upload serves the requests of one upload.

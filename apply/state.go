@@ -105,6 +105,9 @@ type replicaState struct {
 	Failover *failoverRecord `json:"failover,omitempty"`
 	// Excluded: the primary's disks it does not replicate (wire.Enable).
 	Excluded []string `json:"excluded,omitempty"`
+	// Images: where the images are when they are not <disk>.img in the
+	// VM directory: a VM of this host adopted as a replica (host.go).
+	Images []string `json:"images,omitempty"`
 }
 
 // failoverRecord is a failover of the VM on this host (see points.go).
@@ -260,6 +263,7 @@ func (st *replicaState) clone() replicaState {
 	c := *st
 	c.Disks = append([]wire.Disk(nil), st.Disks...)
 	c.Excluded = append([]string(nil), st.Excluded...)
+	c.Images = append([]string(nil), st.Images...)
 	if st.Sync != nil {
 		sc := *st.Sync
 		sc.Done = append([][2]int64(nil), st.Sync.Done...)

@@ -1,6 +1,7 @@
 package apply
 
 import (
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -31,8 +32,10 @@ type vm struct {
 	// Sums hold it too, so they never read an image mid-apply.
 	apply sync.Mutex
 
-	// disks never change after creation; st.Disks holds the same.
-	disks []wire.Disk
+	// disks and images never change after creation; st.Disks and
+	// st.Images hold the same.
+	disks  []wire.Disk
+	images []string
 	// snap holds the recovery points (points.go); replaced only under
 	// apply, when an I/O error broke it.
 	snap *snapshot.Store
@@ -51,7 +54,7 @@ type uploadLock struct {
 }
 
 func newVM(s *Server, name, dir string, st replicaState) *vm {
-	return &vm{s: s, name: name, dir: dir, disks: slices.Clone(st.Disks), st: st, uploads: map[string]*uploadLock{}}
+	return &vm{s: s, name: name, dir: dir, disks: slices.Clone(st.Disks), images: slices.Clone(st.Images), st: st, uploads: map[string]*uploadLock{}}
 }
 
 // openVM loads a registered VM's replica.json.
@@ -132,7 +135,12 @@ func (v *vm) update(fn func(st *replicaState) error) error {
 	return nil
 }
 
-func (v *vm) image(i int) string { return join(v.dir, v.disks[i].Name+imageExt) }
+func (v *vm) image(i int) string {
+	if len(v.images) > 0 {
+		return v.images[i]
+	}
+	return join(v.dir, v.disks[i].Name+imageExt)
+}
 func (v *vm) staged(id string) string {
 	return join(v.dir, stagingDir, id+partExt)
 }
@@ -454,7 +462,7 @@ func (s *Server) register(v *vm) error {
 
 // enable is PUT /v1/replicas/{vm}: create the VM, or confirm an existing
 // one has the same disks.
-func (s *Server) enable(name, peer string, entry AllowEntry, en wire.Enable) (wire.Replica, error) {
+func (s *Server) enable(name, peer string, cert *x509.Certificate, entry AllowEntry, en wire.Enable) (wire.Replica, error) {
 	if err := checkDisks(en.Disks); err != nil {
 		return wire.Replica{}, err
 	}
@@ -484,6 +492,13 @@ func (s *Server) enable(name, peer string, entry AllowEntry, en wire.Enable) (wi
 		}
 		defer s.release(name)
 		break
+	}
+	if s.host != nil && s.host.Local(name) {
+		v, err := s.adopt(name, peer, cert, entry, en)
+		if err != nil {
+			return wire.Replica{}, err
+		}
+		return v.replica(), nil
 	}
 	v, undo, err := s.createVM(name, entry, peer, en)
 	if err != nil {

@@ -14,7 +14,18 @@ import (
 //	POST /v1/failover/{vm}/unplanned[?point=ID] FailoverResult
 //	POST /v1/failover/{vm}/complete
 //	POST /v1/failover/{vm}/cancel
+//	POST /v1/failover/{vm}/planned[?force=1][&reverse_to=HOST:PORT]  PlannedResult
+//	POST /v1/vms/{vm}/replication/reverse   ReplicationSpec -> ReplicationSpec
 func (d *Daemon) failoverRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/vms/{vm}/replication/reverse", func(w http.ResponseWriter, r *http.Request) {
+		var spec ReplicationSpec
+		if err := decode(r, &spec); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		out, err := d.Reverse(r.PathValue("vm"), spec)
+		reply(w, out, err)
+	})
 	mux.HandleFunc("GET /v1/points/{vm}", func(w http.ResponseWriter, r *http.Request) {
 		out, err := d.Points(r.PathValue("vm"))
 		reply(w, out, err)
@@ -30,6 +41,8 @@ func (d *Daemon) failoverRoutes(mux *http.ServeMux) {
 			err = d.StopTest(vm)
 		case "unplanned":
 			out, err = d.FailoverUnplanned(vm, point)
+		case "planned":
+			out, err = d.FailoverPlanned(r.Context(), vm, r.URL.Query().Get("force") == "1", r.URL.Query().Get("reverse_to"))
 		case "complete":
 			err = d.CompleteFailover(vm)
 		case "cancel":
@@ -46,6 +59,28 @@ func (d *Daemon) failoverRoutes(mux *http.ServeMux) {
 func (c *Client) Points(ctx context.Context, vm string) (PointsInfo, error) {
 	var out PointsInfo
 	err := c.do(ctx, http.MethodGet, "/v1/points/"+url.PathEscape(vm), nil, &out)
+	return out, err
+}
+
+// FailoverPlanned hands a VM over to its replica and waits until it
+// replicates back.
+func (c *Client) FailoverPlanned(ctx context.Context, vm string, force bool, reverseTo string) (PlannedResult, error) {
+	var out PlannedResult
+	q := url.Values{}
+	if force {
+		q.Set("force", "1")
+	}
+	if reverseTo != "" {
+		q.Set("reverse_to", reverseTo)
+	}
+	err := c.do(ctx, http.MethodPost, "/v1/failover/"+url.PathEscape(vm)+"/planned?"+q.Encode(), nil, &out)
+	return out, err
+}
+
+// Reverse replicates a failed-over VM back to its old primary.
+func (c *Client) Reverse(ctx context.Context, vm string, s ReplicationSpec) (ReplicationSpec, error) {
+	var out ReplicationSpec
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/replication/reverse", s, &out)
 	return out, err
 }
 

@@ -92,6 +92,7 @@ type Daemon struct {
 	mounts       map[string]*blockdev.FUSEMount
 	fuseOpen     map[string]int // export -> files open through FUSE
 	tests        map[string]*testFailover
+	adopted      map[string]chan struct{} // closed when a VM becomes a replica here
 	lastShutdown string
 	listeners    []string
 	closed       bool
@@ -110,6 +111,7 @@ type Daemon struct {
 }
 
 type vm struct {
+	gate  gate // read-only during a planned failover (planned.go)
 	spec  VMSpec
 	j     *journal.Journal
 	locks []*os.File // OFD locks on the images
@@ -148,6 +150,7 @@ func New(cfg Config) (*Daemon, error) {
 		mounts:   make(map[string]*blockdev.FUSEMount),
 		fuseOpen: make(map[string]int),
 		tests:    make(map[string]*testFailover),
+		adopted:  make(map[string]chan struct{}),
 	}
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
@@ -197,7 +200,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Error(d.identityErr.Error())
 	}
 	var err error
-	if d.replica, err = apply.New(apply.Config{StateDir: d.cfg.StateDir, Logger: d.log.With("role", "replica")}); err != nil {
+	if d.replica, err = apply.New(apply.Config{StateDir: d.cfg.StateDir, Logger: d.log.With("role", "replica"), Host: (*hostHooks)(d)}); err != nil {
 		d.shutdown()
 		return fmt.Errorf("replica role: %w", err)
 	}
@@ -207,7 +210,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.shutdown()
 		return fmt.Errorf("registry: %w", err)
 	}
-	for _, s := range d.reconcileFailovers(specs) {
+	for _, s := range d.reconcileAdopted(d.reconcileFailovers(specs)) {
 		v, err := d.openVM(s, false)
 		if err != nil {
 			d.log.Error("VM not served", "vm", s.Name, "err", err)
@@ -216,7 +219,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.mu.Lock()
 		d.vms[s.Name] = v
 		d.mu.Unlock()
-		if v.j != nil && s.Replication != nil {
+		if s.HandedOver != nil {
+			v.gate.set(true)
+			d.log.Warn("VM handed over in a planned failover: served read-only until its new primary replicates back", "vm", s.Name, "to", s.HandedOver.To)
+		}
+		if v.j != nil && s.Replication != nil && s.HandedOver == nil {
 			if d.identity == nil {
 				why := d.identityErr
 				if why == nil {
@@ -765,7 +772,8 @@ func (e *exports) Lookup(name string) (blockdev.Export, bool) {
 	}
 	for i, ds := range v.spec.Disks {
 		if ds.Name == diskName {
-			return blockdev.Export{Name: name, Disk: v.j.Disk(i), Description: "vdrepl VM " + vmName + " disk " + diskName}, true
+			return blockdev.Export{Name: name, Disk: gatedDisk{v.j.Disk(i), &v.gate}, ReadOnly: v.spec.HandedOver != nil,
+				Description: "vdrepl VM " + vmName + " disk " + diskName}, true
 		}
 	}
 	return blockdev.Export{}, false
@@ -783,7 +791,8 @@ func (e *exports) List() []blockdev.Export {
 		}
 		for i, ds := range s.Disks {
 			n := s.Name + "/" + ds.Name
-			out = append(out, blockdev.Export{Name: n, Disk: v.j.Disk(i), Description: "vdrepl VM " + s.Name + " disk " + ds.Name})
+			out = append(out, blockdev.Export{Name: n, Disk: gatedDisk{v.j.Disk(i), &v.gate}, ReadOnly: v.spec.HandedOver != nil,
+				Description: "vdrepl VM " + s.Name + " disk " + ds.Name})
 		}
 	}
 	for name, t := range d.tests {

@@ -381,6 +381,11 @@ func (d *Daemon) CompleteFailover(name string) error {
 	if err != nil {
 		return err
 	}
+	return d.completeLocked(name, v)
+}
+
+// completeLocked is CompleteFailover with opMu held.
+func (d *Daemon) completeLocked(name string, v *vm) error {
 	if err := d.replica.CompleteFailover(name); err != nil && !errors.Is(err, apply.ErrUnknownVM) {
 		return d.pointErr(err)
 	}

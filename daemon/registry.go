@@ -45,6 +45,22 @@ type VMSpec struct {
 	// Lacks names disks the VM had on its primary that were never
 	// replicated (excluded), so a failed-over VM runs without them.
 	Lacks []string `json:"lacks_disks,omitempty"`
+	// HandedOver: a planned failover handed the VM to its replica (or is
+	// doing so); the VM is served read-only here until the new primary
+	// replicates back and this host becomes its replica (planned.go).
+	HandedOver *HandedOver `json:"handed_over,omitempty"`
+	// PromotedFrom is the certificate name of the old primary that handed
+	// the VM over to this host in a planned failover.
+	PromotedFrom string `json:"promoted_from,omitempty"`
+}
+
+// HandedOver records a planned failover on the old primary.
+type HandedOver struct {
+	To          string    `json:"to"`           // the new primary (the replica's address)
+	ToName      string    `json:"to_name"`      // its certificate name
+	Cycle       uint64    `json:"cycle"`        // the last cycle, applied there
+	ReplicateTo string    `json:"replicate_to"` // this host's replica role, as told to it
+	At          time.Time `json:"at"`
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

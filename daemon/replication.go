@@ -180,12 +180,23 @@ func (d *Daemon) checkSpec(s VMSpec, r *ReplicationSpec) error {
 func (d *Daemon) EnableReplication(name string, r ReplicationSpec) (ReplicationSpec, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
+	return d.enableLocked(name, r)
+}
+
+// enableLocked is EnableReplication with opMu held.
+func (d *Daemon) enableLocked(name string, r ReplicationSpec) (ReplicationSpec, error) {
 	v, err := d.servedVM(name)
 	if err != nil {
 		return r, err
 	}
 	if v.spec.Replication != nil {
 		return r, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); disable it first", ErrExists, name, v.spec.Replication.Replica)
+	}
+	if v.spec.HandedOver != nil {
+		return r, fmt.Errorf("%w: VM %s was handed over to %s in a planned failover", ErrInUse, name, v.spec.HandedOver.To)
+	}
+	if v.spec.FailedOver {
+		return r, fmt.Errorf("%w: VM %s is failed over here and not completed; `vdrepl replication reverse %s --replica OLD_PRIMARY` completes the failover and replicates back", ErrInUse, name, name)
 	}
 	if d.identityErr != nil {
 		return r, d.identityErr
@@ -444,9 +455,15 @@ func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
 		d.mu.Lock()
 		sh := v.ship
 		d.mu.Unlock()
-		if sh != nil {
+		switch {
+		case s.HandedOver != nil:
+			rs.Status.VM, rs.Status.Replica = s.Name, s.HandedOver.To
+			rs.Status.State, rs.Status.Health = "handed-over", "normal"
+			rs.Status.LastApplied = s.HandedOver.Cycle
+			rs.Status.Reason = fmt.Sprintf("planned failover: handed over to %s at cycle %d; served read-only here until it replicates back", s.HandedOver.To, s.HandedOver.Cycle)
+		case sh != nil:
 			rs.Status = sh.Status()
-		} else {
+		default:
 			rs.Status.State = "error"
 			rs.Status.Health = "critical"
 			if v.err != nil {

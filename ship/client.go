@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/vdrepl/vdrepl/internal/wire"
@@ -63,6 +65,8 @@ type client struct {
 	base string // https://host:port/v1/replicas/VM
 	hc   *http.Client
 	tr   *http.Transport
+	// peer is the replica's certificate in the last answer.
+	peer atomic.Pointer[x509.Certificate]
 }
 
 func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *client {
@@ -105,6 +109,9 @@ func (c *client) do(ctx context.Context, op, method, path string, body io.Reader
 		return fmt.Errorf("ship: %s: %w", op, err)
 	}
 	defer resp.Body.Close()
+	if resp.TLS != nil && len(resp.TLS.PeerCertificates) > 0 {
+		c.peer.Store(resp.TLS.PeerCertificates[0])
+	}
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
 	if err != nil {
 		return fmt.Errorf("ship: %s: read answer: %w", op, err)

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/vdrepl/vdrepl/daemon"
 )
 
 // parseHours reads --app-consistent-every: a number of hours ("4", "0.5")
@@ -67,6 +69,52 @@ func pointsCmd() *cli.Command {
 			}
 			w.Flush()
 			fmt.Fprintf(c.App.Writer, "%d point(s) besides the latest state (policy keeps %d), %s of undo data\n", len(p.Points), p.Keep, humanBytes(p.Bytes))
+			return nil
+		},
+	}
+}
+
+// reverseCmd is `vdrepl replication reverse VM --replica OLD_PRIMARY`.
+func reverseCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "reverse",
+		Usage:     "after a failover to this host, replicate the VM back to its old primary, sending only blocks that differ",
+		ArgsUsage: "VM",
+		Description: `Example (on the host the VM failed over to):
+   vdrepl replication reverse web1 --replica old-primary.example.com:8443 --frequency 5m
+The failover is completed (its recovery points discarded). The old primary
+must run the replica role and allow this host; once nothing uses the VM
+there, it keeps its images as the replica and a checksum resync sends only
+what differs.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "replica", Required: true, Usage: "the old primary's HOST:PORT (port 8443 if omitted)"},
+			&cli.DurationFlag{Name: "frequency", Value: 5 * time.Minute, Usage: "how often a cycle is shipped"},
+			&cli.BoolFlag{Name: "compression", Value: true, Usage: "zstd-compress what is sent"},
+			&cli.BoolFlag{Name: "bypass-proxy", Usage: "connect directly even when HTTPS_PROXY is set"},
+			&cli.IntFlag{Name: "recovery-points", Usage: "recovery points the old primary keeps, 0 to 24"},
+			&cli.DurationFlag{Name: "recovery-point-interval", Value: time.Hour, Usage: "one recovery point per this much time"},
+			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
+		},
+		Action: func(c *cli.Context) error {
+			vm, err := oneVM(c, "replication reverse")
+			if err != nil {
+				return err
+			}
+			out, err := client(c).Reverse(c.Context, vm, daemon.ReplicationSpec{
+				Replica:        withDefaultPort(c.String("replica"), "8443"),
+				Frequency:      daemon.Duration(c.Duration("frequency")),
+				Compression:    c.Bool("compression"),
+				BypassProxy:    c.Bool("bypass-proxy"),
+				RecoveryPoints: c.Int("recovery-points"),
+				PointInterval:  daemon.Duration(c.Duration("recovery-point-interval")),
+			})
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, out)
+			}
+			fmt.Fprintf(c.App.Writer, "replication of %s back to %s enabled; a checksum resync sends what differs\nwatch it with: vdrepl replication status %s --watch\n", vm, out.Replica, vm)
 			return nil
 		},
 	}
@@ -140,6 +188,44 @@ Until ` + "`vdrepl failover complete web1`" + ` every other point is kept and
 ` + "`vdrepl failover cancel web1`" + ` returns to being a replica at the latest state.`,
 				Flags:  []cli.Flag{pointFlag, jsonFlag},
 				Action: run("unplanned", "unplanned failover"),
+			},
+			{
+				Name:      "planned",
+				Usage:     "on the primary: hand a VM over to its replica with no data lost, and take replication back",
+				ArgsUsage: "VM",
+				Description: `Example (the VM shut down; both hosts run the replica role and allow each other):
+   vdrepl failover planned web1
+The last cycle is shipped, the replica becomes the primary and serves the
+disks read-write, and replicates back to this host, which keeps the images
+as its replica (only checksums travel: the images are equal). Run the same
+command on the new primary to fail back.`,
+				Flags: []cli.Flag{
+					&cli.BoolFlag{Name: "force", Usage: "do it although clients have the VM open: its disks become read-only under them"},
+					&cli.StringFlag{Name: "reverse-to", Usage: "HOST:PORT where the new primary reaches this host's replica role (default: its --replica-listen address)"},
+					jsonFlag,
+				},
+				Action: func(c *cli.Context) error {
+					vm, err := oneVM(c, "failover planned")
+					if err != nil {
+						return err
+					}
+					ctx, stop := signalContext(c)
+					defer stop()
+					res, err := client(c).FailoverPlanned(ctx, vm, c.Bool("force"), c.String("reverse-to"))
+					if err != nil {
+						return err
+					}
+					if c.Bool("json") {
+						return printJSON(c.App.Writer, res)
+					}
+					fmt.Fprintf(c.App.Writer, "%s handed over to %s at cycle %d; it is the primary now\n", vm, res.To, res.Cycle)
+					if res.Reversed {
+						fmt.Fprintf(c.App.Writer, "replication reversed: this host is its replica\n")
+					} else {
+						fmt.Fprintf(c.App.Writer, "%s has not replicated back yet; see `vdrepl replication status` there\n", res.To)
+					}
+					return nil
+				},
 			},
 			{
 				Name:        "complete",

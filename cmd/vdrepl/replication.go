@@ -189,6 +189,7 @@ hours (the guest frozen while the cycle is closed).`,
 			simple("resume", "ship again after pause, or retry now after an error"),
 			simple("resync", "compare primary and replica by checksums now and send what differs"),
 			pointsCmd(),
+			reverseCmd(),
 			{
 				Name:      "status",
 				Usage:     "show replication health, lag and progress (the Measure-VMReplication of vdrepl)",

@@ -203,3 +203,7 @@ func PeerName(cs *tls.ConnectionState) string {
 	}
 	return certName(cs.VerifiedChains[0][0])
 }
+
+// CertName is the name of a certificate: its common name, else its first
+// DNS SAN.
+func CertName(c *x509.Certificate) string { return certName(c) }

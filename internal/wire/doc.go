@@ -67,6 +67,7 @@
 //	POST   /v1/replicas/{vm}/sync     SyncStart  -> SyncState begin or resume an initial copy/resync
 //	POST   /v1/replicas/{vm}/sums     SumsRequest -> binary: HashSize bytes per block
 //	POST   /v1/replicas/{vm}/sync/finish SyncFinish -> Replica
+//	POST   /v1/replicas/{vm}/failover Handover   -> Replica   planned failover: become primary
 //
 // An upload is one stream sent as chunks of at most MaxChunk bytes, each a
 // PUT with its offset in the stream and the CRC32C of the chunk in the

@@ -107,6 +107,21 @@ type Replica struct {
 	FailedOver *FailedOver `json:"failed_over,omitempty"`
 }
 
+// Handover is the body of POST /v1/replicas/{vm}/failover: a planned
+// failover. The primary has stopped its VM's writes and shipped every
+// cycle; the replica checks it applied Cycle, becomes the VM's primary and
+// replicates back to ReplicateTo (the old primary's replica role) with
+// the parameters that follow, sending only what differs.
+type Handover struct {
+	Cycle          uint64        `json:"cycle"`
+	ReplicateTo    string        `json:"replicate_to"`
+	Frequency      time.Duration `json:"frequency"`
+	Compression    bool          `json:"compression,omitempty"`
+	BypassProxy    bool          `json:"bypass_proxy,omitempty"`
+	RecoveryPoints int           `json:"recovery_points,omitempty"`
+	PointInterval  time.Duration `json:"point_interval,omitempty"`
+}
+
 // FailedOver describes a failover on the replica host.
 type FailedOver struct {
 	Kind string `json:"kind"` // "unplanned" or "planned"

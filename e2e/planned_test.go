@@ -1,0 +1,157 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// twoWay is two hosts that may each replicate to the other: both run the
+// replica role and allow the other one.
+type twoWay struct {
+	a, b         *host
+	aAddr, bAddr string // replica listeners
+	pki          string
+}
+
+func newTwoWay(t *testing.T) *twoWay {
+	t.Helper()
+	w := &twoWay{pki: t.TempDir()}
+	vdrepl(t, "pki", "init", "--dir", w.pki)
+	vdrepl(t, "pki", "issue", "--dir", w.pki, "--name", "primary.test", "--san", "127.0.0.1")
+	vdrepl(t, "pki", "issue", "--dir", w.pki, "--name", "replica.test", "--san", "127.0.0.1")
+	common := []string{"--replica-listen", "127.0.0.1:0", "--retry-scale", "0.0005"}
+	w.a = newHost(t, append(tlsFlags(w.pki, "primary.test"), common...)...)
+	w.b = newHost(t, append(tlsFlags(w.pki, "replica.test"), common...)...)
+	w.a.run("replica", "allow", "add", "--primary", "replica.test", "--storage", filepath.Join(t.TempDir(), "on-a"))
+	w.b.run("replica", "allow", "add", "--primary", "primary.test", "--storage", filepath.Join(t.TempDir(), "on-b"))
+	w.aAddr, w.bAddr = listenAddr(t, w.a), listenAddr(t, w.b)
+	return w
+}
+
+func listenAddr(t *testing.T, h *host) string {
+	t.Helper()
+	var st struct {
+		ReplicaListen string `json:"replica_listen"`
+	}
+	if err := json.Unmarshal([]byte(h.run("status", "--json")), &st); err != nil || st.ReplicaListen == "" {
+		t.Fatalf("no replica listener in status: %v", err)
+	}
+	return st.ReplicaListen
+}
+
+// imageOf is where h keeps vm1's disk0 as a VM of its own.
+func imageOf(t *testing.T, h *host) string {
+	t.Helper()
+	var vms []struct {
+		Name  string `json:"name"`
+		Disks []struct {
+			Path string `json:"path"`
+		} `json:"disks"`
+	}
+	if err := json.Unmarshal([]byte(h.run("vm", "list", "--json")), &vms); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range vms {
+		if v.Name == "vm1" {
+			return v.Disks[0].Path
+		}
+	}
+	t.Fatalf("vm1 is not a VM of this host")
+	return ""
+}
+
+func hasVM(t *testing.T, h *host, name string) bool {
+	t.Helper()
+	return strings.Contains(h.run("vm", "list"), name)
+}
+
+// replicaEqual waits until the replica side has applied everything of a
+// `replication sync` and compares the replica image file with want.
+func fileEquals(t *testing.T, path string, want []byte) {
+	t.Helper()
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("%s differs from the primary's disk", path)
+	}
+}
+
+// TestPlannedFailoverAndBack: a planned failover hands vm1 from A to B with
+// no data lost; B replicates back to A, whose images are kept as the
+// replica (a resync finds them equal: no data sent); B is killed -9 and
+// restarted; a planned failover back to A; the images equal at each step.
+func TestPlannedFailoverAndBack(t *testing.T) {
+	need(t, "qemu-io", "nbdcopy", "nbdinfo")
+	w := newTwoWay(t)
+	aImg := w.a.addVM("vm1", "16M")
+	writePattern(t, w.a, "vm1/disk0", 0x31, 0)
+	w.a.run("replication", "enable", "vm1", "--replica", w.bAddr, "--frequency", "1h")
+	w.a.run("replication", "sync", "vm1")
+	writePattern(t, w.a, "vm1/disk0", 0x32, 3) // shipped by the failover itself
+	want := exportBytes(t, w.a, "vm1/disk0")
+
+	// A would not take replication back from B: refused, nothing changed.
+	w.a.run("replica", "allow", "remove", "--primary", "replica.test")
+	if _, errOut, err := w.a.try("failover", "planned", "vm1"); err == nil || !strings.Contains(errOut, "allow add --primary replica.test") {
+		t.Fatalf("planned failover to a host A does not allow back: %v %s", err, errOut)
+	}
+	writePattern(t, w.a, "vm1/disk0", 0x32, 4) // still writable
+	want = exportBytes(t, w.a, "vm1/disk0")
+	w.a.run("replica", "allow", "add", "--primary", "replica.test", "--storage", filepath.Join(t.TempDir(), "on-a"))
+	out := w.a.run("failover", "planned", "vm1")
+	if !strings.Contains(out, "replication reversed") {
+		t.Fatalf("planned failover said:\n%s", out)
+	}
+	if hasVM(t, w.a, "vm1") {
+		t.Fatal("vm1 is still a VM of A after the handover")
+	}
+	if !bytes.Equal(exportBytes(t, w.b, "vm1/disk0"), want) {
+		t.Fatal("B serves something else than A had")
+	}
+	// B resyncs against A's images: equal, so no data travels.
+	waitFor(t, "B to finish the resync back to A", func() bool {
+		st := primaryStatus(t, w.b, "vm1")
+		return st.State == "replicating" && st.LastApplied > 0
+	})
+	if st := primaryStatus(t, w.b, "vm1"); st.Metrics.SyncWireBytesTotal > 256<<10 {
+		t.Fatalf("the resync back sent %d bytes for equal images", st.Metrics.SyncWireBytesTotal)
+	}
+	fileEquals(t, aImg, want)
+
+	// B is the primary: it writes, crashes, comes back, ships.
+	writePattern(t, w.b, "vm1/disk0", 0x33, 5)
+	w.b.kill()
+	w.b.start()
+	w.b.run("replication", "sync", "vm1")
+	want = exportBytes(t, w.b, "vm1/disk0")
+	fileEquals(t, aImg, want)
+
+	// And back to A.
+	bImg := imageOf(t, w.b)
+	out = w.b.run("failover", "planned", "vm1")
+	if !strings.Contains(out, "replication reversed") {
+		t.Fatalf("planned failover back said:\n%s", out)
+	}
+	if imageOf(t, w.a) != aImg {
+		t.Fatal("A serves vm1 from another image than its own")
+	}
+	if !bytes.Equal(exportBytes(t, w.a, "vm1/disk0"), want) {
+		t.Fatal("A serves something else than B had")
+	}
+	writePattern(t, w.a, "vm1/disk0", 0x34, 7)
+	waitFor(t, "A to finish the resync back to B", func() bool {
+		st := primaryStatus(t, w.a, "vm1")
+		return st.State == "replicating" && st.LastApplied > 0
+	})
+	w.a.run("replication", "sync", "vm1")
+	fileEquals(t, bImg, exportBytes(t, w.a, "vm1/disk0"))
+	if st := primaryStatus(t, w.a, "vm1"); st.Health != "normal" {
+		t.Fatalf("A's replication after failing back: %+v", st)
+	}
+}
