@@ -3,10 +3,12 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // twoWay is two hosts that may each replicate to the other: both run the
@@ -153,5 +155,80 @@ func TestPlannedFailoverAndBack(t *testing.T) {
 	fileEquals(t, bImg, exportBytes(t, w.a, "vm1/disk0"))
 	if st := primaryStatus(t, w.a, "vm1"); st.Health != "normal" {
 		t.Fatalf("A's replication after failing back: %+v", st)
+	}
+}
+
+// TestReverseAfterUnplannedFailover: the primary A is lost; B fails over
+// to an older point and its VM writes; A comes back; B replicates back to
+// A with a checksum resync that sends only the blocks that differ (counted:
+// the resync's bytes on the wire against the differing 16 KiB blocks).
+func TestReverseAfterUnplannedFailover(t *testing.T) {
+	need(t, "qemu-io", "nbdcopy", "nbdinfo")
+	w := newTwoWay(t)
+	aImg := w.a.addVM("vm1", "16M")
+	w.a.run("replication", "enable", "vm1", "--replica", w.bAddr, "--frequency", "1h",
+		"--recovery-points", "3", "--recovery-point-interval", "1s")
+	w.a.run("replication", "sync", "vm1")
+	var cycles []uint64
+	last := time.Now() // the initial copy's cycle is a point
+	for i := range 3 {
+		nextInterval(t, last)
+		writePattern(t, w.a, "vm1/disk0", byte(0x41+i), 2*i)
+		last = time.Now()
+		cycles = append(cycles, syncCycle(t, w.a, "vm1"))
+	}
+	w.a.kill()
+
+	w.b.run("failover", "unplanned", "vm1", "--point", fmt.Sprint(cycles[0]))
+	writePattern(t, w.b, "vm1/disk0", 0x99, 8)
+	aData, err := os.ReadFile(aImg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bData := exportBytes(t, w.b, "vm1/disk0")
+	const block = 16 << 10 // the default resync block
+	// Differing blocks that read as zeroes on B travel as ranges, the
+	// others as data.
+	differ, withData := 0, 0
+	zero := make([]byte, block)
+	for off := 0; off < len(aData); off += block {
+		if !bytes.Equal(aData[off:off+block], bData[off:off+block]) {
+			differ++
+			if !bytes.Equal(bData[off:off+block], zero) {
+				withData++
+			}
+		}
+	}
+	if differ != 3*(1<<20)/block {
+		t.Fatalf("%d blocks differ before the reverse, want the 3 MiB of patterns", differ)
+	}
+
+	// A is back: its shipper finds the VM failed over and stops.
+	w.a.start()
+	w.aAddr = listenAddr(t, w.a) // a new port: it listens on 127.0.0.1:0
+	waitFor(t, "A's replication to stop on the failed-over replica", func() bool {
+		return primaryStatus(t, w.a, "vm1").Health == "critical"
+	})
+	if st := primaryStatus(t, w.a, "vm1"); !strings.Contains(st.Reason+st.LastError, "failed over") {
+		t.Fatalf("A's status does not say the VM failed over: %+v", st)
+	}
+	w.b.run("replication", "reverse", "vm1", "--replica", w.aAddr, "--frequency", "1h", "--compression=false")
+	waitFor(t, "B's resync back to A", func() bool {
+		st := primaryStatus(t, w.b, "vm1")
+		return st.State == "replicating" && st.LastApplied > 0
+	})
+	w.b.run("replication", "sync", "vm1")
+	fileEquals(t, aImg, exportBytes(t, w.b, "vm1/disk0"))
+	if hasVM(t, w.a, "vm1") {
+		t.Fatal("vm1 is still a VM of A after the reverse")
+	}
+	sent := primaryStatus(t, w.b, "vm1").Metrics.SyncWireBytesTotal
+	want := int64(withData * block)
+	if withData != (1<<20)/block || sent < want || sent > want+want/8+(64<<10) {
+		t.Fatalf("the reverse resync sent %d bytes for %d differing blocks, %d of them with data (%d bytes); a full copy is %d", sent, differ, withData, want, len(aData))
+	}
+	t.Logf("reverse resync: %d differing %d KiB blocks (%d with data), %d bytes on the wire (full copy: %d)", differ, block>>10, withData, sent, len(aData))
+	if _, errOut, err := w.b.try("replication", "points", "vm1"); err == nil || !strings.Contains(errOut, "not a replica VM") {
+		t.Fatalf("B still keeps recovery points of vm1 after reverse completed the failover: %v %s", err, errOut)
 	}
 }
