@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,9 +39,17 @@ func guestPrepare(t *testing.T) {
 	t.Logf("guest.sh prepare (%.1fs):\n%s", time.Since(start).Seconds(), out)
 }
 
-// bootGuest runs one guest job to its end and returns the key=value pairs
-// of its PASS marker; anything else fails the test with the console log.
-func bootGuest(t *testing.T, job, disk string, flags ...string) map[string]string {
+// guestResult is how one guest job ended.
+type guestResult struct {
+	err     error             // guest.sh's exit
+	verdict string            // PASS, FAIL or "" without a marker
+	detail  string            // the rest of the marker line
+	kv      map[string]string // its key=value pairs
+	report  string            // guest.sh's output and the console, for failure messages
+}
+
+// runGuest runs one guest job to its end.
+func runGuest(t *testing.T, job, disk string, flags ...string) guestResult {
 	t.Helper()
 	log := filepath.Join(t.TempDir(), job+".log")
 	args := append([]string{guestScript, "--log", log, "--timeout", "240"}, flags...)
@@ -50,21 +60,31 @@ func bootGuest(t *testing.T, job, disk string, flags ...string) map[string]strin
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()
-	err := cmd.Run()
+	r := guestResult{err: cmd.Run(), kv: map[string]string{}}
 	took := time.Since(start)
-	m := guestMarker.FindStringSubmatch(stdout.String())
-	if err != nil || m == nil || m[1] != "PASS" {
-		console, _ := os.ReadFile(log)
-		t.Fatalf("guest %s on %s: %v after %.1fs\n%s%s\nconsole:\n%s", job, disk, err, took.Seconds(), stdout.String(), stderr.String(), console)
-	}
-	t.Logf("guest %s: %s (%.1fs)", job, m[2], took.Seconds())
-	kv := map[string]string{}
-	for _, f := range strings.Fields(m[2]) {
-		if k, v, ok := strings.Cut(f, "="); ok {
-			kv[k] = v
+	console, _ := os.ReadFile(log)
+	r.report = fmt.Sprintf("guest %s on %s: exit %v after %.1fs\n%s%s\nconsole:\n%s", job, disk, r.err, took.Seconds(), stdout.String(), stderr.String(), console)
+	if m := guestMarker.FindStringSubmatch(stdout.String()); m != nil {
+		r.verdict, r.detail = m[1], m[2]
+		for _, f := range strings.Fields(m[2]) {
+			if k, v, ok := strings.Cut(f, "="); ok {
+				r.kv[k] = v
+			}
 		}
 	}
-	return kv
+	t.Logf("guest %s: %s %s (%.1fs)", job, r.verdict, r.detail, took.Seconds())
+	return r
+}
+
+// bootGuest runs one guest job that must PASS and returns the key=value
+// pairs of its marker; anything else fails the test with the console log.
+func bootGuest(t *testing.T, job, disk string, flags ...string) map[string]string {
+	t.Helper()
+	r := runGuest(t, job, disk, flags...)
+	if r.err != nil || r.verdict != "PASS" {
+		t.Fatal(r.report)
+	}
+	return r.kv
 }
 
 // loopGuest is a write-loop guest running in the background.
@@ -203,6 +223,30 @@ func TestGuestEndToEnd(t *testing.T) {
 		got := bootGuest(t, "verify", filepath.Join(p.storage, "vm1", "disk0.img"), "--readonly")
 		if got["files"] != "16" || got["recovered"] != "0" {
 			t.Fatalf("verify guest on the replica image: %v", got)
+		}
+	})
+
+	// The check above can fail: one byte of one file changed in a copy of
+	// the same image makes the guest say FAIL and name the file.
+	t.Run("a damaged copy fails verify", func(t *testing.T) {
+		img, err := os.ReadFile(filepath.Join(p.storage, "vm1", "disk0.img"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Block 2 of files/f-4 starts with its key (init: seed*1000003+4).
+		at := bytes.Index(img, []byte("key=1000007 block=2\n"))
+		if at < 0 {
+			t.Fatal("block 2 of files/f-4 is not in the replica image")
+		}
+		img[at+100] ^= 0x20
+		bad := filepath.Join(t.TempDir(), "damaged.img")
+		if err := os.WriteFile(bad, img, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		r := runGuest(t, "verify", bad, "--readonly")
+		var exit *exec.ExitError
+		if !errors.As(r.err, &exit) || exit.ExitCode() != 1 || r.verdict != "FAIL" || !strings.Contains(r.detail, "files/f-4: sha256") {
+			t.Fatalf("want FAIL naming files/f-4 with exit 1; %s", r.report)
 		}
 	})
 
