@@ -127,3 +127,16 @@ func (s *Server) Adopted(name string) bool {
 	v, err := s.lookup(name)
 	return err == nil && len(v.images) > 0
 }
+
+// Images are the paths of a replica VM's images, one per disk.
+func (s *Server) Images(name string) []string {
+	v, err := s.lookup(name)
+	if err != nil {
+		return nil
+	}
+	out := make([]string, len(v.disks))
+	for i := range v.disks {
+		out[i] = v.image(i)
+	}
+	return out
+}

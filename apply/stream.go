@@ -143,5 +143,9 @@ func (v *vm) applyFiles(names ...string) error {
 			return err
 		}
 	}
-	return syncImages(imgs)
+	if err := syncImages(imgs); err != nil || v.relay == nil {
+		return err
+	}
+	v.relay.Begin()
+	return v.relay.End(v.relayStreams(names))
 }

@@ -39,6 +39,9 @@ type vm struct {
 	// snap holds the recovery points (points.go); replaced only under
 	// apply, when an I/O error broke it.
 	snap *snapshot.Store
+	// relay, when set, gets every applied change (extended replication);
+	// guarded by apply.
+	relay Relay
 
 	mu      sync.Mutex // guards the fields below; never held during I/O
 	st      replicaState

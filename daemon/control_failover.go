@@ -16,7 +16,21 @@ import (
 //	POST /v1/failover/{vm}/cancel
 //	POST /v1/failover/{vm}/planned[?force=1][&reverse_to=HOST:PORT]  PlannedResult
 //	POST /v1/vms/{vm}/replication/reverse   ReplicationSpec -> ReplicationSpec
+//	POST   /v1/vms/{vm}/replication/extend  ExtendSpec -> ExtendSpec
+//	DELETE /v1/vms/{vm}/replication/extend
 func (d *Daemon) failoverRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/vms/{vm}/replication/extend", func(w http.ResponseWriter, r *http.Request) {
+		var spec ExtendSpec
+		if err := decode(r, &spec); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		out, err := d.ExtendReplication(r.PathValue("vm"), spec)
+		reply(w, out, err)
+	})
+	mux.HandleFunc("DELETE /v1/vms/{vm}/replication/extend", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, d.StopExtend(r.PathValue("vm")))
+	})
 	mux.HandleFunc("POST /v1/vms/{vm}/replication/reverse", func(w http.ResponseWriter, r *http.Request) {
 		var spec ReplicationSpec
 		if err := decode(r, &spec); err != nil {
@@ -75,6 +89,17 @@ func (c *Client) FailoverPlanned(ctx context.Context, vm string, force bool, rev
 	}
 	err := c.do(ctx, http.MethodPost, "/v1/failover/"+url.PathEscape(vm)+"/planned?"+q.Encode(), nil, &out)
 	return out, err
+}
+
+// Extend passes a replica VM on to a third host; StopExtend ends it.
+func (c *Client) Extend(ctx context.Context, vm string, s ExtendSpec) (ExtendSpec, error) {
+	var out ExtendSpec
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/replication/extend", s, &out)
+	return out, err
+}
+
+func (c *Client) StopExtend(ctx context.Context, vm string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(vm)+"/replication/extend", nil, nil)
 }
 
 // Reverse replicates a failed-over VM back to its old primary.

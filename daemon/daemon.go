@@ -93,6 +93,7 @@ type Daemon struct {
 	fuseOpen     map[string]int // export -> files open through FUSE
 	tests        map[string]*testFailover
 	adopted      map[string]chan struct{} // closed when a VM becomes a replica here
+	extensions   map[string]*extension    // extended replication from this replica host
 	lastShutdown string
 	listeners    []string
 	closed       bool
@@ -142,15 +143,16 @@ func New(cfg Config) (*Daemon, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		fs:       vfs.Default,
-		reg:      registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
-		vms:      make(map[string]*vm),
-		mounts:   make(map[string]*blockdev.FUSEMount),
-		fuseOpen: make(map[string]int),
-		tests:    make(map[string]*testFailover),
-		adopted:  make(map[string]chan struct{}),
+		cfg:        cfg,
+		log:        cfg.Logger,
+		fs:         vfs.Default,
+		reg:        registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
+		vms:        make(map[string]*vm),
+		mounts:     make(map[string]*blockdev.FUSEMount),
+		fuseOpen:   make(map[string]int),
+		tests:      make(map[string]*testFailover),
+		adopted:    make(map[string]chan struct{}),
+		extensions: make(map[string]*extension),
 	}
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
@@ -238,6 +240,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	d.restartTests()
+	d.restartExtensions()
 
 	errc := make(chan error, len(d.cfg.NBD)+4)
 	if d.cfg.ReplicaListen != "" && d.identityErr == nil {
@@ -334,6 +337,15 @@ func (d *Daemon) shutdown() error {
 	d.mu.Unlock()
 	for _, v := range vms {
 		d.stopShipper(v)
+	}
+	d.mu.Lock()
+	var extended []string
+	for name := range d.extensions {
+		extended = append(extended, name)
+	}
+	d.mu.Unlock()
+	for _, name := range extended {
+		d.stopExtension(name)
 	}
 	for _, t := range tests {
 		t.overlay.Close()

@@ -72,7 +72,7 @@ func (d *Duration) UnmarshalText(b []byte) error {
 // ReplicationStatus is a VM's replication as its primary sees it.
 type ReplicationStatus struct {
 	VM       string          `json:"vm"`
-	Role     string          `json:"role"` // "primary"
+	Role     string          `json:"role"` // "primary", or "extended" from a replica host
 	Spec     ReplicationSpec `json:"spec"`
 	Excluded []string        `json:"excluded_disks,omitempty"`
 	ship.Status
@@ -403,6 +403,9 @@ func (d *Daemon) shipper(name string) (*ship.Shipper, error) {
 // application-consistent point) and waits until the replica applied it.
 func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (uint64, error) {
 	s, err := d.shipper(name)
+	if x, ok := d.extensionShipper(name); ok && errors.Is(err, ErrUnknownVM) {
+		s, err = x, nil // a replica VM whose replication is extended from here
+	}
 	if err != nil {
 		return 0, err
 	}
@@ -416,6 +419,9 @@ func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (ui
 // ReplicationControl pauses, resumes or resyncs a VM's replication.
 func (d *Daemon) ReplicationControl(name, op string) error {
 	s, err := d.shipper(name)
+	if x, ok := d.extensionShipper(name); ok && errors.Is(err, ErrUnknownVM) {
+		s, err = x, nil
+	}
 	if err != nil {
 		return err
 	}
@@ -471,6 +477,10 @@ func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
 			}
 		}
 		out.Primaries = append(out.Primaries, rs)
+	}
+	if xs := d.extensionStatus(name); len(xs) > 0 {
+		found = true
+		out.Primaries = append(out.Primaries, xs...)
 	}
 	if d.replica != nil {
 		for _, r := range d.replica.Replicas() {

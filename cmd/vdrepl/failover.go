@@ -120,6 +120,55 @@ what differs.`,
 	}
 }
 
+// extendCmd is `vdrepl replication extend VM --replica THIRD`.
+func extendCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "extend",
+		Usage:     "on a replica host: pass what this host applies of a VM on to a third host (extended replication)",
+		ArgsUsage: "VM",
+		Description: `Example (on the replica host; the third host allows this one):
+   vdrepl replication extend web1 --replica dr2.example.com:8443 --frequency 15m
+   vdrepl replication extend web1 --stop
+The third host gets an initial copy, then every cycle this host applied,
+cut only between the primary's cycles; when the primary and this host are
+lost, ` + "`vdrepl failover unplanned web1`" + ` on the third host brings it back.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "replica", Usage: "the third host's HOST:PORT (port 8443 if omitted)"},
+			&cli.DurationFlag{Name: "frequency", Value: 5 * time.Minute, Usage: "how often a cycle is passed on: 5m or 15m (any duration >= 1s)"},
+			&cli.BoolFlag{Name: "compression", Value: true, Usage: "zstd-compress what is sent"},
+			&cli.BoolFlag{Name: "bypass-proxy", Usage: "connect directly even when HTTPS_PROXY is set"},
+			&cli.BoolFlag{Name: "stop", Usage: "stop extending replication of the VM"},
+			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
+		},
+		Action: func(c *cli.Context) error {
+			vm, err := oneVM(c, "replication extend")
+			if err != nil {
+				return err
+			}
+			if c.Bool("stop") {
+				return client(c).StopExtend(c.Context, vm)
+			}
+			if c.String("replica") == "" {
+				return fmt.Errorf("replication extend needs --replica HOST:PORT (or --stop)")
+			}
+			out, err := client(c).Extend(c.Context, vm, daemon.ExtendSpec{
+				Replica:     withDefaultPort(c.String("replica"), "8443"),
+				Frequency:   daemon.Duration(c.Duration("frequency")),
+				Compression: c.Bool("compression"),
+				BypassProxy: c.Bool("bypass-proxy"),
+			})
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, out)
+			}
+			fmt.Fprintf(c.App.Writer, "replication of %s extended to %s (every %s)\nwatch it with: vdrepl replication status %s\n", vm, out.Replica, time.Duration(out.Frequency), vm)
+			return nil
+		},
+	}
+}
+
 func failoverCmd() *cli.Command {
 	pointFlag := &cli.StringFlag{Name: "point", Usage: "recovery point ID from `vdrepl replication points` (default: the latest state)"}
 	jsonFlag := &cli.BoolFlag{Name: "json", Usage: "print JSON"}

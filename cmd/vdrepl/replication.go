@@ -190,6 +190,7 @@ hours (the guest frozen while the cycle is closed).`,
 			simple("resync", "compare primary and replica by checksums now and send what differs"),
 			pointsCmd(),
 			reverseCmd(),
+			extendCmd(),
 			{
 				Name:      "status",
 				Usage:     "show replication health, lag and progress (the Measure-VMReplication of vdrepl)",
@@ -380,7 +381,7 @@ func printReplication(c *cli.Context, r daemon.Replication, tty bool) {
 	now := time.Now()
 	for _, p := range r.Primaries {
 		s, m := p.Status, p.Status.Metrics
-		fmt.Fprintf(w, "VM %s -> %s (primary)\n", p.VM, p.Spec.Replica)
+		fmt.Fprintf(w, "VM %s -> %s (%s)\n", p.VM, p.Spec.Replica, p.Role)
 		fmt.Fprintf(w, "  state:        %s", s.State)
 		if s.Reason != "" {
 			fmt.Fprintf(w, " (%s)", s.Reason)
