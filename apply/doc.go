@@ -31,6 +31,11 @@
 //	staging/<id>.part        an upload being received: chunks appended in order
 //	staging/c<N>.stream      cycle N, verified and durable, being applied
 //	sync/<gen>/<piece>.stream  committed pieces of resync <gen>, applied at finish
+//	points/                  recovery points (package snapshot; points.go)
+//
+// A VM of this host adopted as a replica when replication is reversed to it
+// (host.go) keeps its images where they were (replica.json "images") and
+// the rest in <state>/adopted/<vm>/.
 //
 // Every state file appears atomically (vfs.WriteFileAtomic: temporary file,
 // fsync, rename, fsync of the directory) and is one JSON object, the
@@ -60,6 +65,12 @@
 //	                           finish is answered as success)
 //	intent                     an apply in progress (below)
 //	created                    when the VM was created here
+//	points, point_interval     the recovery point policy (wire.Enable)
+//	excluded                   the primary's disks it does not replicate
+//	failover                   a failover on this host: kind, point, latest
+//	                           (the last cycle applied before it), at,
+//	                           reverted, cancelling (points.go)
+//	images                     image paths of an adopted VM (host.go)
 //
 // # Apply and intent
 //
@@ -112,6 +123,19 @@
 // their last consistent point straight to the next one: there is no window
 // after a resync in which the replica holds no consistent image. A new sync
 // drops a held one and its staged cycles.
+//
+// # Recovery points, failover, handover, relay
+//
+// Every apply first saves the undo data of the ranges it will change (when
+// points exist), then records the cycle with the VM's snapshot.Store,
+// which takes a point as the policy says (points.go). A failover recorded
+// in replica.json refuses the primary's writes (code "failed_over"); the
+// images are then the daemon's, written through the points' guard until
+// the failover is completed or cancelled. POST .../failover (a
+// wire.Handover) is a planned failover: checked against the last cycle
+// applied, then handed to the daemon (Host.Promote). A Relay set on a VM
+// gets every applied frame, a whole apply between Begin and End (relay.go,
+// extended replication).
 //
 // # Concurrency
 //
