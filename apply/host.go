@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 
+	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
 
@@ -55,6 +56,9 @@ func (s *Server) adopt(name, peer string, cert *x509.Certificate, entry AllowEnt
 		if err = s.register(v); err != nil {
 			undo.undo(s.fs)
 		}
+	}
+	if err == nil {
+		crashpoint.Hit("adopt-registered")
 	}
 	finish(err == nil)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/snapshot"
 )
@@ -300,6 +301,7 @@ func (s *Server) FailOver(name, kind, id string) (FailedOverVM, error) {
 		if err != nil {
 			return FailedOverVM{}, err
 		}
+		crashpoint.Hit("failover-recorded")
 	}
 	if err := v.revert(); err != nil {
 		return FailedOverVM{}, err
@@ -342,6 +344,7 @@ func (v *vm) revert() error {
 		if err := v.snap.Revert(f.Point); err != nil {
 			return v.pointsErr(err)
 		}
+		crashpoint.Hit("failover-reverted")
 	}
 	err := v.update(func(st *replicaState) error {
 		st.Failover.Reverted = true
@@ -411,6 +414,7 @@ func (s *Server) CancelFailover(name string) error {
 		if err != nil {
 			return err
 		}
+		crashpoint.Hit("cancel-recorded")
 	}
 	return v.cancel()
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/statefile"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/snapshot"
@@ -301,6 +302,7 @@ func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
 	if err != nil {
 		return FailoverResult{}, d.pointErr(err)
 	}
+	crashpoint.Hit("failover-before-register")
 	if !exists || v.j == nil {
 		if err := d.registerFailedOver(name, fo, !exists); err != nil {
 			return FailoverResult{}, err
@@ -389,6 +391,7 @@ func (d *Daemon) completeLocked(name string, v *vm) error {
 	if err := d.replica.CompleteFailover(name); err != nil && !errors.Is(err, apply.ErrUnknownVM) {
 		return d.pointErr(err)
 	}
+	crashpoint.Hit("complete-before-registry")
 	next := v.spec
 	next.FailedOver = false
 	if err := d.saveSpec(next); err != nil {
@@ -433,10 +436,12 @@ func (d *Daemon) CancelFailover(name string) error {
 		d.reopen(v.spec)
 		return fmt.Errorf("cancel failover of %s: close its journal: %w", name, err)
 	}
+	crashpoint.Hit("cancel-journal-closed")
 	if err := d.replica.CancelFailover(name); err != nil {
 		d.reopen(v.spec)
 		return d.pointErr(err)
 	}
+	crashpoint.Hit("cancel-before-forget")
 	d.forget(name)
 	d.log.Info("failover cancelled: a replica again, at the latest state before the failover", "vm", name)
 	return nil

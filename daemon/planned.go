@@ -14,6 +14,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/ship"
@@ -228,6 +229,7 @@ func (d *Daemon) prepareHandover(ctx context.Context, v *vm, force bool, reverse
 	v.spec = next
 	d.mu.Unlock()
 	d.stopShipper(v)
+	crashpoint.Hit("handover-recorded")
 	return nil
 }
 
@@ -416,6 +418,7 @@ func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	d.mu.Lock()
 	v = d.vms[name]
 	d.mu.Unlock()
+	crashpoint.Hit("promote-failed-over")
 	if err := d.completeLocked(name, v); err != nil {
 		return err
 	}
@@ -427,6 +430,7 @@ func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	d.mu.Lock()
 	v.spec = next
 	d.mu.Unlock()
+	crashpoint.Hit("promote-completed")
 	return d.replicateBack(name, ho)
 }
 
