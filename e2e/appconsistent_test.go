@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -57,7 +58,7 @@ exit 2
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
-	writes := 0
+	var writes atomic.Int64
 	go func() {
 		defer wg.Done()
 		for i := 0; ; i++ {
@@ -71,10 +72,10 @@ exit 2
 				t.Errorf("write %s: %v", name, err)
 				return
 			}
-			writes++
+			writes.Add(1)
 		}
 	}()
-	waitFor(t, "the application to write", func() bool { return writes > 50 })
+	waitFor(t, "the application to write", func() bool { return writes.Load() > 50 })
 	app := syncCycle(t, p.prim, "vm1", "--app-consistent")
 	close(stop)
 	wg.Wait()
