@@ -271,3 +271,33 @@ func TestUnplannedFailoverCancelComplete(t *testing.T) {
 		t.Fatal("the completed VM's disk is not the latest state plus its own writes")
 	}
 }
+
+// TestFailoverLacksExcludedDisk: a disk excluded from replication never
+// reaches the replica, and the failed-over VM says it lacks it.
+func TestFailoverLacksExcludedDisk(t *testing.T) {
+	need(t, "qemu-io", "nbdcopy", "nbdinfo")
+	p := newPair(t)
+	dir := t.TempDir()
+	p.prim.run("vm", "add", "vm1", "--disk", "root="+filepath.Join(dir, "root.img")+":8M",
+		"--disk", "scratch="+filepath.Join(dir, "scratch.img")+":8M")
+	writePattern(t, p.prim, "vm1/root", 0x11, 1)
+	writePattern(t, p.prim, "vm1/scratch", 0x22, 1)
+	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h", "--exclude-disk", "scratch")
+	p.prim.run("replication", "sync", "vm1")
+	if _, err := os.Stat(filepath.Join(p.storage, "vm1", "scratch.img")); !os.IsNotExist(err) {
+		t.Fatalf("the excluded disk reached the replica: %v", err)
+	}
+	if out := p.rep.run("replication", "status", "vm1"); !strings.Contains(out, "not replicated (excluded on the primary): scratch") {
+		t.Fatalf("replica status does not name the excluded disk:\n%s", out)
+	}
+	out := p.rep.run("failover", "unplanned", "vm1")
+	if !strings.Contains(out, "lacks disk(s) scratch") {
+		t.Fatalf("failover does not say what the VM lacks:\n%s", out)
+	}
+	if list := p.rep.run("vm", "list"); !strings.Contains(list, "lacks disk(s) scratch") {
+		t.Fatalf("vm list does not say what the VM lacks:\n%s", list)
+	}
+	if !bytes.Equal(exportBytes(t, p.rep, "vm1/root"), exportBytes(t, p.prim, "vm1/root")) {
+		t.Fatal("the replicated disk differs")
+	}
+}

@@ -359,6 +359,17 @@ func vmState(v daemon.VMInfo) string {
 		return "journal failed: " + v.Journal.Failed
 	case v.Journal.ResyncRequired:
 		return "resync required"
+	case v.HandedOver != nil:
+		return fmt.Sprintf("read-only: handed over to %s (planned failover)", v.HandedOver.To)
+	case v.FailedOver:
+		s := "failed over here (complete or cancel the failover)"
+		if len(v.Lacks) > 0 {
+			s += "; lacks disk(s) " + strings.Join(v.Lacks, ", ")
+		}
+		return s
+	}
+	if len(v.Lacks) > 0 {
+		return "ok; lacks disk(s) " + strings.Join(v.Lacks, ", ") + " (not replicated)"
 	}
 	return "ok"
 }
