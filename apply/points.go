@@ -196,17 +196,11 @@ func (s *Server) Points(name string) ([]snapshot.Point, error) {
 // purpose (the policy prunes it once the view is closed). Apply goes on
 // underneath; the view does not change.
 func (s *Server) View(name, id string) (*snapshot.View, error) {
-	done, err := s.enter()
+	v, release, err := s.lockVM(name)
 	if err != nil {
 		return nil, err
 	}
-	defer done()
-	v, err := s.lookup(name)
-	if err != nil {
-		return nil, err
-	}
-	v.apply.Lock()
-	defer v.apply.Unlock()
+	defer release()
 	if err := v.finishIntent(true); err != nil {
 		return nil, err
 	}
@@ -265,17 +259,11 @@ type FailedOverVM struct {
 // state. Calling it again for a VM already failed over to the same point
 // finishes an interrupted failover and returns the same.
 func (s *Server) FailOver(name, kind, id string) (FailedOverVM, error) {
-	done, err := s.enter()
+	v, release, err := s.lockVM(name)
 	if err != nil {
 		return FailedOverVM{}, err
 	}
-	defer done()
-	v, err := s.lookup(name)
-	if err != nil {
-		return FailedOverVM{}, err
-	}
-	v.apply.Lock()
-	defer v.apply.Unlock()
+	defer release()
 	if err := v.finishIntent(true); err != nil {
 		return FailedOverVM{}, err
 	}
@@ -391,17 +379,11 @@ func (s *Server) FailedOver() map[string]FailedOverVM {
 // since is discarded), every older point stays, and the primary's data is
 // taken again. The daemon must have stopped serving the images.
 func (s *Server) CancelFailover(name string) error {
-	done, err := s.enter()
+	v, release, err := s.lockVM(name)
 	if err != nil {
 		return err
 	}
-	defer done()
-	v, err := s.lookup(name)
-	if err != nil {
-		return err
-	}
-	v.apply.Lock()
-	defer v.apply.Unlock()
+	defer release()
 	st := v.snapshot()
 	if st.Failover == nil {
 		return fmt.Errorf("%w: replica VM %q is not failed over", ErrInvalid, name)
@@ -447,33 +429,44 @@ func (v *vm) cancel() error {
 // daemon's VM now). The daemon keeps serving the images meanwhile: with no
 // points the guard writes straight through.
 func (s *Server) CompleteFailover(name string) error {
-	done, err := s.enter()
+	if err := s.dropPoints(name); err != nil {
+		return err
+	}
+	return s.RemoveReplica(name)
+}
+
+// dropPoints finishes a failover's revert if needed and discards every
+// recovery point, for CompleteFailover.
+func (s *Server) dropPoints(name string) error {
+	v, release, err := s.lockVM(name)
 	if err != nil {
 		return err
 	}
-	defer done()
-	v, err := s.lookup(name)
-	if err != nil {
-		return err
-	}
-	v.apply.Lock()
+	defer release()
 	st := v.snapshot()
 	if st.Failover == nil || st.Failover.Cancelling {
-		v.apply.Unlock()
 		return fmt.Errorf("%w: replica VM %q is not failed over", ErrInvalid, name)
 	}
-	if !st.Failover.Reverted {
-		if err := v.revert(); err != nil {
-			v.apply.Unlock()
-			return err
-		}
-	}
-	if err := v.pointsErr(v.snap.Prune(0)); err != nil {
-		v.apply.Unlock()
+	if err := v.revert(); err != nil {
 		return err
 	}
-	v.apply.Unlock()
-	return s.RemoveReplica(name)
+	return v.pointsErr(v.snap.Prune(0))
+}
+
+// lockVM finds a replica VM and takes its apply lock, as an operation in
+// flight; release undoes both.
+func (s *Server) lockVM(name string) (*vm, func(), error) {
+	done, err := s.enter()
+	if err != nil {
+		return nil, nil, err
+	}
+	v, err := s.lookup(name)
+	if err != nil {
+		done()
+		return nil, nil, err
+	}
+	v.apply.Lock()
+	return v, func() { v.apply.Unlock(); done() }, nil
 }
 
 // recoverFailover finishes a failover or a cancel a crash interrupted.

@@ -750,6 +750,20 @@ func (d *Daemon) VMs() []VMInfo {
 	return out
 }
 
+// setSpec changes a VM's spec: edit changes a copy, which is saved in the
+// registry and only then becomes the VM's.
+func (d *Daemon) setSpec(v *vm, edit func(*VMSpec)) error {
+	next := v.spec
+	edit(&next)
+	if err := d.saveSpec(next); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	v.spec = next
+	d.mu.Unlock()
+	return nil
+}
+
 // Seal closes the open cycle of a VM now.
 func (d *Daemon) Seal(name string, flags uint64) (journal.CycleInfo, error) {
 	d.mu.Lock()

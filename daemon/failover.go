@@ -392,14 +392,9 @@ func (d *Daemon) completeLocked(name string, v *vm) error {
 		return d.pointErr(err)
 	}
 	crashpoint.Hit("complete-before-registry")
-	next := v.spec
-	next.FailedOver = false
-	if err := d.saveSpec(next); err != nil {
+	if err := d.setSpec(v, func(s *VMSpec) { s.FailedOver = false }); err != nil {
 		return err
 	}
-	d.mu.Lock()
-	v.spec = next
-	d.mu.Unlock()
 	d.log.Info("failover completed: the VM is this host's; recovery points discarded", "vm", name)
 	return nil
 }

@@ -219,15 +219,11 @@ func (d *Daemon) prepareHandover(ctx context.Context, v *vm, force bool, reverse
 		return fmt.Errorf("planned failover of %s: ship the last cycle: %w", name, err)
 	}
 	st := sh.Status()
-	next := v.spec
-	next.HandedOver = &HandedOver{To: rs.Replica, ToName: pki.CertName(cert), Cycle: st.LastApplied, ReplicateTo: reverseTo, At: time.Now().UTC().Truncate(time.Second)}
-	if err := d.saveSpec(next); err != nil {
+	ho := &HandedOver{To: rs.Replica, ToName: pki.CertName(cert), Cycle: st.LastApplied, ReplicateTo: reverseTo, At: time.Now().UTC().Truncate(time.Second)}
+	if err := d.setSpec(v, func(s *VMSpec) { s.HandedOver = ho }); err != nil {
 		v.gate.set(false)
 		return err
 	}
-	d.mu.Lock()
-	v.spec = next
-	d.mu.Unlock()
 	d.stopShipper(v)
 	crashpoint.Hit("handover-recorded")
 	return nil
@@ -256,15 +252,10 @@ func (d *Daemon) undoHandover(name string) {
 	if err != nil || v.spec.HandedOver == nil {
 		return
 	}
-	next := v.spec
-	next.HandedOver = nil
-	if err := d.saveSpec(next); err != nil {
+	if err := d.setSpec(v, func(s *VMSpec) { s.HandedOver = nil }); err != nil {
 		d.log.Error("undo a refused handover", "vm", name, "err", err)
 		return
 	}
-	d.mu.Lock()
-	v.spec = next
-	d.mu.Unlock()
 	v.gate.set(false)
 	if err := d.startShipper(v); err != nil {
 		d.log.Error("replication not running", "vm", name, "err", err)
@@ -422,14 +413,9 @@ func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	if err := d.completeLocked(name, v); err != nil {
 		return err
 	}
-	next := v.spec
-	next.PromotedFrom = peer
-	if err := d.saveSpec(next); err != nil {
+	if err := d.setSpec(v, func(s *VMSpec) { s.PromotedFrom = peer }); err != nil {
 		return err
 	}
-	d.mu.Lock()
-	v.spec = next
-	d.mu.Unlock()
 	crashpoint.Hit("promote-completed")
 	return d.replicateBack(name, ho)
 }

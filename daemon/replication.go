@@ -239,14 +239,9 @@ func (d *Daemon) DisableReplication(name string) error {
 		return fmt.Errorf("%w: replication of VM %s is not enabled", ErrInvalid, name)
 	}
 	d.stopShipper(v)
-	next := v.spec
-	next.Replication = nil
-	if err := d.saveSpec(next); err != nil {
+	if err := d.setSpec(v, func(s *VMSpec) { s.Replication = nil }); err != nil {
 		return err
 	}
-	d.mu.Lock()
-	v.spec = next
-	d.mu.Unlock()
 	os.Remove(d.shipState(name))
 	d.log.Info("replication disabled", "vm", name)
 	return v.j.SetRetain(false)
