@@ -388,6 +388,9 @@ func (s *Server) CancelFailover(name string) error {
 	if st.Failover == nil {
 		return fmt.Errorf("%w: replica VM %q is not failed over", ErrInvalid, name)
 	}
+	if n := v.snap.OpenViews(); n > 0 && !st.Failover.Cancelling {
+		return fmt.Errorf("%w: %d views of replica VM %q's recovery points are open (a test failover)", snapshot.ErrBusy, n, name)
+	}
 	if !st.Failover.Cancelling {
 		err := v.update(func(st *replicaState) error {
 			st.Failover.Cancelling = true

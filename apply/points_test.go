@@ -14,6 +14,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/internal/wire"
+	"github.com/vdrepl/vdrepl/snapshot"
 )
 
 // setupPoints is setup with a recovery point policy.
@@ -281,4 +282,34 @@ func TestFailoverInterrupted(t *testing.T) {
 		c, _ := strconv.ParseUint(id, 10, 64)
 		checkPoint(t, h.server(), id, at[c])
 	}
+}
+
+// TestCancelRefusedWhileViewOpen: a cancel while a test failover's view is
+// open changes nothing; once the view is closed it goes through.
+func TestCancelRefusedWhileViewOpen(t *testing.T) {
+	h, a, dir := setupPoints(t, nil, 3, time.Minute)
+	at := map[uint64]model{}
+	latest := history(t, a, at, newModel(testDisks), 1, 3, nil)
+	if _, err := h.server().FailOver("vm1", "unplanned", "2"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := h.server().View("vm1", "2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.server().CancelFailover("vm1"); !errors.Is(err, snapshot.ErrBusy) {
+		t.Fatalf("cancel with a view open: %v", err)
+	}
+	if rep, _ := h.server().Replica("vm1"); rep.FailedOver == nil {
+		t.Fatal("a refused cancel changed the failover")
+	}
+	if got := h.server().FailedOver(); len(got) != 1 {
+		t.Fatalf("a refused cancel left the VM half cancelled: %+v", got)
+	}
+	checkImages(t, vfs.Default, dir, testDisks, at[2])
+	v.Close()
+	if err := h.server().CancelFailover("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	checkImages(t, vfs.Default, dir, testDisks, latest)
 }

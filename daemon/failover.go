@@ -386,8 +386,19 @@ func (d *Daemon) CompleteFailover(name string) error {
 	return d.completeLocked(name, v)
 }
 
-// completeLocked is CompleteFailover with opMu held.
+// completeLocked is CompleteFailover with opMu held. A test failover of
+// the VM ends with it: its point is discarded.
 func (d *Daemon) completeLocked(name string, v *vm) error {
+	d.mu.Lock()
+	_, testing := d.tests[name]
+	d.mu.Unlock()
+	if testing {
+		d.log.Warn("test failover stopped: the failover it ran beside was completed", "vm", name)
+		d.stopTestLocked(name)
+		if err := d.saveTests(); err != nil {
+			return err
+		}
+	}
 	if err := d.replica.CompleteFailover(name); err != nil && !errors.Is(err, apply.ErrUnknownVM) {
 		return d.pointErr(err)
 	}
@@ -418,6 +429,12 @@ func (d *Daemon) CancelFailover(name string) error {
 	}
 	if v.spec.Replication != nil {
 		return fmt.Errorf("%w: VM %s replicates to %s; disable that replication first", ErrInUse, name, v.spec.Replication.Replica)
+	}
+	d.mu.Lock()
+	_, testing := d.tests[name]
+	d.mu.Unlock()
+	if testing {
+		return fmt.Errorf("%w: a test failover of VM %s is running; `vdrepl failover stop-test %s` first", ErrInUse, name, name)
 	}
 	// Stop serving and write everything back (through the guard), so the
 	// rollback sees final images.

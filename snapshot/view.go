@@ -48,6 +48,18 @@ func (s *Store) View(id string) (*View, error) {
 	}, nil
 }
 
+// OpenViews is the number of views open (Rollback refuses to run while
+// there are any).
+func (s *Store) OpenViews() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	n := 0
+	for _, k := range s.views {
+		n += k
+	}
+	return n
+}
+
 // Point is the point the view shows (sizes not filled in).
 func (v *View) Point() Point { return v.point }
 
