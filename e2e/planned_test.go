@@ -232,3 +232,50 @@ func TestReverseAfterUnplannedFailover(t *testing.T) {
 		t.Fatalf("B still keeps recovery points of vm1 after reverse completed the failover: %v %s", err, errOut)
 	}
 }
+
+// TestPlannedFailoverRefusedWhileOpen: a planned failover is refused while
+// a client has the VM's disk open for writing; --force makes the disk
+// read-only under it (its writes fail) and hands the VM over.
+func TestPlannedFailoverRefusedWhileOpen(t *testing.T) {
+	need(t, "nbdcopy", "qemu-io")
+	w := newTwoWay(t)
+	w.a.addVM("vm1", "16M")
+	w.a.run("replication", "enable", "vm1", "--replica", w.bAddr, "--frequency", "1h")
+	w.a.run("replication", "sync", "vm1")
+	mp := t.TempDir()
+	w.a.mount(mp)
+	f, err := os.OpenFile(filepath.Join(mp, "vm1", "disk0.img"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0x5e}, 4096), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, err := w.a.try("failover", "planned", "vm1"); err == nil || !strings.Contains(errOut, "file(s) open through FUSE") {
+		t.Fatalf("planned failover with the disk open: %v %s", err, errOut)
+	}
+	// A keeps the VM (read-only) until nothing has it open: the command
+	// waits for B to replicate back, which needs the file closed.
+	done := background(w.a, "failover", "planned", "vm1", "--force")
+	waitFor(t, "B to serve vm1", func() bool { _, ok := vmList(t, w.b)["vm1"]; return ok })
+	if _, err := f.WriteAt([]byte("late"), 0); err == nil {
+		if err = f.Sync(); err == nil {
+			t.Fatal("a write to the handed-over disk through the open file went through")
+		}
+	}
+	f.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := vmList(t, w.a)["vm1"]; ok {
+		t.Fatal("A did not become the replica once the file was closed")
+	}
+	got := exportBytes(t, w.b, "vm1/disk0")
+	if !bytes.Equal(got[1<<20:1<<20+4096], bytes.Repeat([]byte{0x5e}, 4096)) || bytes.Equal(got[:4], []byte("late")) {
+		t.Fatal("the new primary does not hold exactly what was written before the handover")
+	}
+}
