@@ -19,6 +19,8 @@ import (
 var vdreplBin string
 
 func TestMain(m *testing.M) {
+	// A host's /etc/vdrepl/vdrepl.toml must not reach the test daemons.
+	os.Setenv("VDREPL_CONFIG", "/dev/null")
 	dir, err := os.MkdirTemp("", "vdrepl-e2e-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
