@@ -50,6 +50,9 @@ var metricHelp = map[string]string{
 	"vdrepl_replication_cycle_wire_bytes_avg":       "average cycle sent, bytes",
 	"vdrepl_replication_ship_latency_seconds_max":   "longest time from seal to applied",
 	"vdrepl_replication_sync_rate_bytes_per_second": "initial copy or resync rate",
+	"vdrepl_replica_recovery_points":                "replica role: recovery points kept besides the latest state",
+	"vdrepl_replica_recovery_point_bytes":           "replica role: undo data the recovery points take",
+	"vdrepl_replica_failed_over":                    "replica role: 1 while the VM is failed over on this host",
 }
 
 func newCollector(d *Daemon) *collector {
@@ -123,6 +126,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for _, rep := range r.Replicas {
 		gauge("vdrepl_replica_applied_cycle", float64(rep.Applied), rep.VM)
 		gauge("vdrepl_replica_consistent", b2f(rep.Consistent), rep.VM)
+		gauge("vdrepl_replica_recovery_points", float64(rep.Points), rep.VM)
+		gauge("vdrepl_replica_recovery_point_bytes", float64(rep.PointBytes), rep.VM)
+		gauge("vdrepl_replica_failed_over", b2f(rep.FailedOver != nil), rep.VM)
 		if !rep.AppliedAt.IsZero() {
 			gauge("vdrepl_replica_applied_barrier_age_seconds", now.Sub(rep.AppliedAt).Seconds(), rep.VM)
 		}
