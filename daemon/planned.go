@@ -126,6 +126,9 @@ const adoptWait = 2 * time.Minute
 func (d *Daemon) FailoverPlanned(ctx context.Context, name string, force bool, reverseTo string) (PlannedResult, error) {
 	d.opMu.Lock()
 	v, err := d.servedVM(name)
+	if r, ok := d.replica.Replica(name); err != nil && ok {
+		err = fmt.Errorf("%w: VM %s is a replica on this host; run the planned failover on its primary (%s), or `vdrepl failover unplanned %s` here if the primary is lost", ErrInvalid, name, r.Primary, name)
+	}
 	if err == nil && d.identity == nil {
 		err = fmt.Errorf("%w: %v", ErrInvalid, errNoIdentity)
 	}
