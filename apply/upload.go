@@ -127,15 +127,96 @@ func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.U
 		// Leave the staged length where it was, so the primary resumes
 		// from a known offset (a failed write may have written part).
 		f.Truncate(off)
+		v.dropVerifier(u.id)
 		return wire.Upload{}, fmt.Errorf("apply: stage chunk of %s: %w", u.id, err)
 	}
+	v.feedVerifier(u.id, off, chunk)
 	return wire.Upload{ID: u.id, Offset: off + int64(n)}, nil
+}
+
+// Verify as staged: every upload this process staged from its first byte
+// has a wire.Verifier that checks the chunks as they are written (frame
+// CRCs, zstd frames, counts, the BLAKE3 end hash), so a commit need not
+// read the whole staged file back to verify it. The verifier covers the
+// bytes exactly as they were written to the file; the upload's lock
+// serialises its chunks, discards and commit, and a restart (which may
+// leave a staged file this process did not write) starts without
+// verifiers, so such a commit reads the file and verifies it as before.
+// Memory: one frame (MaxStored) per upload being received, at most
+// maxVerifiers of them.
+const maxVerifiers = 64
+
+type verifierKey struct {
+	v  *vm
+	id string
+}
+
+var verifiers = struct {
+	mu sync.Mutex
+	m  map[verifierKey]*wire.Verifier
+}{m: map[verifierKey]*wire.Verifier{}}
+
+// feedVerifier checks chunk, just staged at off of upload id: a chunk at 0
+// starts a new verifier, one that does not follow what the verifier saw
+// drops it, and so does one that fails (the commit then verifies the file
+// and reports what is wrong). The caller holds the upload's lock.
+func (v *vm) feedVerifier(id string, off int64, chunk []byte) {
+	key := verifierKey{v, id}
+	verifiers.mu.Lock()
+	sv := verifiers.m[key]
+	if off == 0 {
+		if sv == nil && len(verifiers.m) >= maxVerifiers {
+			for k := range verifiers.m { // make room: that upload is verified at commit
+				delete(verifiers.m, k)
+				break
+			}
+		}
+		sv = wire.NewVerifier()
+		verifiers.m[key] = sv
+	}
+	verifiers.mu.Unlock()
+	if sv == nil {
+		return
+	}
+	if sv.Written() != off {
+		v.dropVerifier(id)
+		return
+	}
+	if _, err := sv.Write(chunk); err != nil {
+		v.dropVerifier(id)
+	}
+}
+
+func (v *vm) dropVerifier(id string) {
+	verifiers.mu.Lock()
+	delete(verifiers.m, verifierKey{v, id})
+	verifiers.mu.Unlock()
+}
+
+// verifyStaged verifies staged upload id in file name like verifyStream:
+// from its verifier when that saw every byte of the file and the whole
+// stream verified, else by reading the file. The caller holds the upload's
+// lock.
+func (v *vm) verifyStaged(id, name string, check func(wire.Header) error) (wire.Header, error) {
+	verifiers.mu.Lock()
+	sv := verifiers.m[verifierKey{v, id}]
+	verifiers.mu.Unlock()
+	if sv != nil {
+		fi, err := v.s.fs.Stat(name)
+		if err == nil && fi.Size() == sv.Written() {
+			if h, err := sv.Done(); err == nil {
+				return h, check(h)
+			}
+		}
+	}
+	return v.verifyStream(name, check)
 }
 
 // discard drops an upload.
 func (v *vm) discard(u uploadID) error {
 	unlock := v.lockUpload(u.id)
 	defer unlock()
+	v.dropVerifier(u.id)
 	if err := v.s.fs.Remove(v.staged(u.id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("apply: discard upload: %w", err)
 	}
@@ -152,6 +233,7 @@ func (v *vm) removeStaged(name string) {
 
 // corrupt discards an upload that failed verification.
 func (v *vm) corrupt(u uploadID, err error) error {
+	v.dropVerifier(u.id)
 	v.removeStaged(v.staged(u.id))
 	v.s.log.Warn("corrupt upload discarded", "vm", v.name, "upload", u.id, "err", err)
 	if f := v.s.ev.Corrupt; f != nil {
@@ -187,13 +269,14 @@ func (v *vm) commitCycle(u uploadID) error {
 	}
 	part := v.staged(u.id)
 	if u.cycle <= applied {
+		v.dropVerifier(u.id)
 		v.removeStaged(part) // a retry of a commit that succeeded
 		return nil
 	}
 	if err := syncFile(v, part); err != nil {
 		return err
 	}
-	h, err := v.verifyStream(part, func(h wire.Header) error {
+	h, err := v.verifyStaged(u.id, part, func(h wire.Header) error {
 		if err := v.checkHeader(h, wire.KindCycle); err != nil {
 			return err
 		}
@@ -215,6 +298,7 @@ func (v *vm) commitCycle(u uploadID) error {
 		return v.corrupt(u, err)
 	}
 	stream := v.stagedStream(u.id)
+	v.dropVerifier(u.id) // the upload is a stream now (or, put back, verified again)
 	if err := v.s.fs.Rename(part, stream); err != nil {
 		return fmt.Errorf("apply: stage cycle %d: %w", u.cycle, err)
 	}
@@ -428,6 +512,7 @@ func (v *vm) commitPiece(u uploadID) error {
 	}
 	part := v.staged(u.id)
 	if st.Sync.isDone(u.piece) {
+		v.dropVerifier(u.id)
 		v.removeStaged(part) // a retry of a commit that succeeded
 		return nil
 	}
@@ -441,7 +526,13 @@ func (v *vm) commitPiece(u uploadID) error {
 	if err := syncFile(v, src); err != nil {
 		return err
 	}
-	_, err := v.verifyStream(src, func(h wire.Header) error {
+	verify := v.verifyStream
+	if !staged {
+		verify = func(name string, check func(wire.Header) error) (wire.Header, error) {
+			return v.verifyStaged(u.id, name, check)
+		}
+	}
+	_, err := verify(src, func(h wire.Header) error {
 		if err := v.checkHeader(h, kind); err != nil {
 			return err
 		}
@@ -456,6 +547,7 @@ func (v *vm) commitPiece(u uploadID) error {
 		}
 		return v.corrupt(u, err)
 	}
+	v.dropVerifier(u.id)
 	switch {
 	case staged:
 	case kind == wire.KindFull:

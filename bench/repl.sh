@@ -56,6 +56,7 @@ REPL_JOURNAL_CAP=${REPL_JOURNAL_CAP:-8G}
 REPL_VERIFY=${REPL_VERIFY:-1}
 REPL_SERVE_ARGS=${REPL_SERVE_ARGS:-}
 REPL_KEEP=${REPL_KEEP:-0}
+REPL_PERF=${REPL_PERF:-0}
 REPL_SAVE=${REPL_SAVE:-0}
 BENCH_OUT=${BENCH_OUT:-$BENCH/out}
 # shellcheck disable=SC2034 # lib.sh's drop_caches reads it
@@ -262,6 +263,29 @@ verify() {
 	fi
 }
 
+# perf_start NAME / perf_stop: with REPL_PERF=1, `perf record -g` of both
+# daemons around a measurement, into RUN/perf-NAME-{primary,replica}.data
+# (read them with `perf report -i FILE --no-children`).
+PERF_PIDS=()
+perf_start() {
+	local who pid
+	PERF_PIDS=()
+	for who in primary replica; do
+		pid=$PRIM_PID
+		[[ $who == replica ]] && pid=$REPL_PID
+		perf record -F 499 -g -p "$pid" -o "$RUN/perf-$1-$who.data" >"$RUN/perf-$1-$who.log" 2>&1 &
+		PERF_PIDS+=("$!")
+	done
+}
+perf_stop() {
+	local pid
+	for pid in "${PERF_PIDS[@]}"; do
+		kill -INT "$pid" 2>/dev/null || true
+		wait "$pid" || true
+	done
+	PERF_PIDS=()
+}
+
 # ----------------------------------------------------------------- parts ----
 # 1. Applied MB/s: the time from the first write to `replication sync`
 # done, for all the bytes written; compression off, incompressible data.
@@ -281,11 +305,13 @@ part_apply() {
 		add_vm "$vm" "$size" || return 1
 		enable "$vm" "$REPL_APPLY_FREQUENCY" false || return 1
 		status "$vm" "$RUN/apply-$kind-before.json"
+		[[ $REPL_PERF == 1 ]] && perf_start "apply-$kind"
 		t0=$(now)
 		run_fio apply "$kind" "$(export_uri "$vm")" "${job[@]}" --refill_buffers --randrepeat=0 || return 1
 		t1=$(now)
 		sync_vm "$vm" || return 1
 		t2=$(now)
+		[[ $REPL_PERF == 1 ]] && perf_stop
 		status "$vm" "$RUN/apply-$kind-after.json"
 		kv apply "$kind.size" "$size"
 		kv apply "$kind.write_s" "$(secs "$t0" "$t1")"

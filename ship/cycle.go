@@ -144,8 +144,29 @@ func (s *Shipper) fillCycle(ctx context.Context, w *wire.Writer, info journal.Cy
 }
 
 // upload sends a spool in chunks, resuming from what the replica staged,
-// and commits it.
-func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (wire.Replica, error) {
+// and commits it. A spool still being written (writeSpool) is sent as it
+// grows and committed once the writer finished; upload always waits for
+// the writer before it returns, and returns the writer's error if it
+// failed.
+func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (rep wire.Replica, err error) {
+	// On a failed upload the writer goes on (it stops only with ctx): the
+	// spool is then complete for the next attempt.
+	defer func() {
+		if werr := sp.wait(); err == nil {
+			err = werr
+		}
+	}()
+	if rep, err = s.sendChunks(ctx, sp, lims); err != nil {
+		return rep, err
+	}
+	if err := sp.wait(); err != nil {
+		return wire.Replica{}, err
+	}
+	return s.c.commit(ctx, sp.id)
+}
+
+// sendChunks sends every chunk of sp the replica does not hold.
+func (s *Shipper) sendChunks(ctx context.Context, sp *spool, lims []*Limiter) (wire.Replica, error) {
 	off, err := s.c.offset(ctx, sp.id)
 	if err != nil {
 		return wire.Replica{}, err
@@ -155,7 +176,13 @@ func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (wire.
 	}
 	corrupt := 0
 	for {
-		if off > sp.size || off < 0 {
+		size, complete := sp.size, true
+		if sp.prog != nil {
+			if size, complete, err = sp.prog.avail(ctx, max(off, 0)+s.chunk); err != nil {
+				return wire.Replica{}, err
+			}
+		}
+		if complete && (off > size || off < 0) {
 			// The replica staged another stream of this id (a spool written
 			// anew since): start over.
 			if err := s.c.discard(ctx, sp.id); err != nil {
@@ -163,10 +190,10 @@ func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (wire.
 			}
 			off = 0
 		}
-		if off == sp.size {
-			break
+		if complete && off == size {
+			return wire.Replica{}, nil
 		}
-		chunk := s.buf[:min(chunkFor(s.chunk, lims, s.now()), sp.size-off)]
+		chunk := s.buf[:min(chunkFor(s.chunk, lims, s.now()), size-off)]
 		if _, err := sp.f.ReadAt(chunk, off); err != nil && !errors.Is(err, io.EOF) {
 			return wire.Replica{}, fmt.Errorf("ship: read spool %s: %w", sp.id, err)
 		}
@@ -175,8 +202,8 @@ func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (wire.
 		var re *ReplicaError
 		switch {
 		case err == nil:
-			if next <= off || next > sp.size {
-				return wire.Replica{}, fmt.Errorf("%w: upload %s: offset %d after a chunk at %d of %d", ErrProtocol, sp.id, next, off, sp.size)
+			if next <= off || complete && next > size {
+				return wire.Replica{}, fmt.Errorf("%w: upload %s: offset %d after a chunk at %d of %d", ErrProtocol, sp.id, next, off, size)
 			}
 			off = next
 		case isCode(err, wire.CodeOffset) && errors.As(err, &re):
@@ -193,7 +220,6 @@ func (s *Shipper) upload(ctx context.Context, sp *spool, lims []*Limiter) (wire.
 			return wire.Replica{}, err
 		}
 	}
-	return s.c.commit(ctx, sp.id)
 }
 
 // chunkFor is the chunk size to send now: at most max, and no more than two

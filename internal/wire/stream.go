@@ -10,6 +10,7 @@ import (
 	"hash/crc32"
 	"io"
 	"sync"
+	"unsafe"
 
 	"github.com/klauspost/compress/zstd"
 	"lukechampine.com/blake3"
@@ -271,51 +272,194 @@ func (w *Writer) Stats() (frames, data, stored, written int64) {
 	return w.frames, w.data, w.stored, w.written
 }
 
-// Reader reads and verifies a stream. It is not safe for concurrent use.
-type Reader struct {
-	r      *bufio.Reader
-	h      hash.Hash
+// checker holds the checks of a stream reader, shared by Reader (which
+// pulls bytes from an io.Reader) and Verifier (which is pushed them).
+type checker struct {
+	h      hash.Hash // nil: the stream hash is not checked (Reader.SkipHash)
 	hdr    Header
 	frames int64
 	data   int64
-	buf    []byte
 	out    []byte
 	pend   []byte // frame bytes not hashed yet
-	done   bool
-	err    error
+	sum    []byte // the hash of the bytes before the end frame, once seen
+}
+
+func newChecker() checker { return checker{h: blake3.New(32, nil)} }
+
+// fixed checks the fixed part of the stream header and returns the length
+// of the JSON header.
+func (c *checker) fixed(b []byte) (int, error) {
+	c.write(b)
+	if binary.LittleEndian.Uint32(b[0:]) != streamMagic {
+		return 0, fmt.Errorf("%w: bad magic", ErrCorrupt)
+	}
+	if b[4] != streamVersion {
+		return 0, fmt.Errorf("%w: version %d (this vdrepl reads %d)", ErrVersion, b[4], streamVersion)
+	}
+	n := binary.LittleEndian.Uint32(b[8:])
+	if n > maxJSONHeader {
+		return 0, fmt.Errorf("%w: header of %d bytes", ErrCorrupt, n)
+	}
+	return int(n), nil
+}
+
+// json checks the JSON header js against the CRC in the fixed part.
+func (c *checker) json(fixed, js []byte) error {
+	c.write(js)
+	if CRC(js) != binary.LittleEndian.Uint32(fixed[12:]) {
+		return fmt.Errorf("%w: header checksum mismatch", ErrCorrupt)
+	}
+	if err := json.Unmarshal(js, &c.hdr); err != nil {
+		return fmt.Errorf("%w: header: %v", ErrCorrupt, err)
+	}
+	return nil
+}
+
+func (c *checker) write(p []byte) {
+	if c.h != nil {
+		c.h.Write(p)
+	}
+}
+
+// hash feeds frame bytes to the stream hash in batches (see Writer.emit).
+func (c *checker) hash(p []byte) {
+	if c.h == nil {
+		return
+	}
+	if len(c.pend)+len(p) > batchSize {
+		c.h.Write(c.pend)
+		c.pend = c.pend[:0]
+	}
+	if len(p) >= batchSize {
+		c.h.Write(p)
+		return
+	}
+	c.pend = append(c.pend, p...)
+}
+
+// frameHeader checks a frame header and returns its stored payload length.
+func (c *checker) frameHeader(b []byte) (int, error) {
+	if CRC(b[:28]) != binary.LittleEndian.Uint32(b[28:]) {
+		return 0, fmt.Errorf("%w: frame %d header checksum mismatch", ErrCorrupt, c.frames)
+	}
+	if FrameType(b[0]) == FrameEnd {
+		if c.h != nil {
+			c.h.Write(c.pend) // the hash covers everything before the end frame
+			c.pend = c.pend[:0]
+			c.sum = c.h.Sum(nil)
+		}
+	} else {
+		c.hash(b)
+	}
+	stored := binary.LittleEndian.Uint32(b[4:])
+	if stored > MaxStored {
+		return 0, fmt.Errorf("%w: frame %d payload of %d bytes", ErrCorrupt, c.frames, stored)
+	}
+	return int(stored), nil
+}
+
+// frame checks the payload of the frame whose header is b. The end frame
+// is returned as a Frame of type FrameEnd once its counts and hash check.
+func (c *checker) frame(b, payload []byte) (Frame, error) {
+	f := Frame{
+		Type:   FrameType(b[0]),
+		Disk:   int(binary.LittleEndian.Uint16(b[2:])),
+		Offset: int64(binary.LittleEndian.Uint64(b[8:])),
+		Length: int64(binary.LittleEndian.Uint64(b[16:])),
+	}
+	if f.Type != FrameEnd {
+		c.hash(payload)
+	}
+	if CRC(payload) != binary.LittleEndian.Uint32(b[24:]) {
+		return Frame{}, fmt.Errorf("%w: frame %d payload checksum mismatch", ErrCorrupt, c.frames)
+	}
+	if f.Type == FrameEnd {
+		return f, c.end(payload)
+	}
+	if f.Disk >= len(c.hdr.Disks) || f.Offset < 0 || f.Length < 0 || f.Offset+f.Length > c.hdr.Disks[f.Disk].Size || f.Offset+f.Length < f.Offset {
+		return Frame{}, fmt.Errorf("%w: frame %d: disk %d [%d, +%d) outside the stream's disks", ErrCorrupt, c.frames, f.Disk, f.Offset, f.Length)
+	}
+	switch f.Type {
+	case FrameData:
+		if f.Length > MaxFrameData {
+			return Frame{}, fmt.Errorf("%w: frame %d: data frame of %d bytes", ErrCorrupt, c.frames, f.Length)
+		}
+		if b[1]&flagZstd != 0 {
+			out, err := decoder().DecodeAll(payload, c.out[:0])
+			if err != nil {
+				return Frame{}, fmt.Errorf("%w: frame %d: %v", ErrCorrupt, c.frames, err)
+			}
+			c.out = out
+			payload = out
+		}
+		if int64(len(payload)) != f.Length {
+			return Frame{}, fmt.Errorf("%w: frame %d: %d data bytes for a length of %d", ErrCorrupt, c.frames, len(payload), f.Length)
+		}
+		f.Data = payload
+		c.data += f.Length
+	case FrameTrim, FrameZero, FrameZeroAlloc:
+		if len(payload) != 0 {
+			return Frame{}, fmt.Errorf("%w: frame %d: %s frame with a payload", ErrCorrupt, c.frames, f.Type)
+		}
+	default:
+		return Frame{}, fmt.Errorf("%w: frame %d: unknown type %d", ErrCorrupt, c.frames, b[0])
+	}
+	c.frames++
+	return f, nil
+}
+
+func (c *checker) end(p []byte) error {
+	if len(p) != endPayloadSize {
+		return fmt.Errorf("%w: end frame of %d bytes", ErrCorrupt, len(p))
+	}
+	if n := int64(binary.LittleEndian.Uint64(p[0:])); n != c.frames {
+		return fmt.Errorf("%w: end frame counts %d frames, stream has %d", ErrCorrupt, n, c.frames)
+	}
+	if n := int64(binary.LittleEndian.Uint64(p[8:])); n != c.data {
+		return fmt.Errorf("%w: end frame counts %d data bytes, stream has %d", ErrCorrupt, n, c.data)
+	}
+	if c.h != nil && string(p[16:]) != string(c.sum) {
+		return fmt.Errorf("%w: stream hash mismatch", ErrCorrupt)
+	}
+	return nil
+}
+
+// Reader reads and verifies a stream. It is not safe for concurrent use.
+type Reader struct {
+	r    *bufio.Reader
+	c    checker
+	buf  []byte
+	done bool
+	err  error
 }
 
 // NewReader reads and checks the stream header from r.
 func NewReader(r io.Reader) (*Reader, error) {
-	sr := &Reader{r: bufio.NewReaderSize(r, 256<<10), h: blake3.New(32, nil)}
+	sr := &Reader{r: bufio.NewReaderSize(r, 256<<10), c: newChecker()}
 	var fixed [StreamHeaderSize]byte
 	if err := sr.read(fixed[:]); err != nil {
 		return nil, err
 	}
-	sr.h.Write(fixed[:])
-	if binary.LittleEndian.Uint32(fixed[0:]) != streamMagic {
-		return nil, fmt.Errorf("%w: bad magic", ErrCorrupt)
-	}
-	if fixed[4] != streamVersion {
-		return nil, fmt.Errorf("%w: version %d (this vdrepl reads %d)", ErrVersion, fixed[4], streamVersion)
-	}
-	n := binary.LittleEndian.Uint32(fixed[8:])
-	if n > maxJSONHeader {
-		return nil, fmt.Errorf("%w: header of %d bytes", ErrCorrupt, n)
+	n, err := sr.c.fixed(fixed[:])
+	if err != nil {
+		return nil, err
 	}
 	js := make([]byte, n)
 	if err := sr.read(js); err != nil {
 		return nil, err
 	}
-	sr.h.Write(js)
-	if CRC(js) != binary.LittleEndian.Uint32(fixed[12:]) {
-		return nil, fmt.Errorf("%w: header checksum mismatch", ErrCorrupt)
-	}
-	if err := json.Unmarshal(js, &sr.hdr); err != nil {
-		return nil, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
+	if err := sr.c.json(fixed[:], js); err != nil {
+		return nil, err
 	}
 	return sr, nil
 }
+
+// SkipHash stops the reader from computing the stream's BLAKE3 hash: every
+// frame's CRC32C and the end frame's counts are still checked, the hash in
+// the end frame is not. For a stream a Verifier (or another Reader) already
+// verified whole, when the end hash would only be checked after the frames
+// it covers were used. Call it before the first Next.
+func (r *Reader) SkipHash() { r.c.h = nil }
 
 // read fills p from the stream; EOF is truncation. The caller hashes.
 func (r *Reader) read(p []byte) error {
@@ -328,21 +472,8 @@ func (r *Reader) read(p []byte) error {
 	return nil
 }
 
-// hash feeds frame bytes to the stream hash in batches (see Writer.emit).
-func (r *Reader) hash(p []byte) {
-	if len(r.pend)+len(p) > batchSize {
-		r.h.Write(r.pend)
-		r.pend = r.pend[:0]
-	}
-	if len(p) >= batchSize {
-		r.h.Write(p)
-		return
-	}
-	r.pend = append(r.pend, p...)
-}
-
 // Header is the stream's header.
-func (r *Reader) Header() Header { return r.hdr }
+func (r *Reader) Header() Header { return r.c.hdr }
 
 // Next returns the next frame. It returns io.EOF only after the end frame
 // verified (frame count, data bytes and the hash of the whole stream).
@@ -365,95 +496,163 @@ func (r *Reader) next() (Frame, error) {
 	if err := r.read(b[:]); err != nil {
 		return Frame{}, err
 	}
-	if CRC(b[:28]) != binary.LittleEndian.Uint32(b[28:]) {
-		return Frame{}, fmt.Errorf("%w: frame %d header checksum mismatch", ErrCorrupt, r.frames)
+	stored, err := r.c.frameHeader(b[:])
+	if err != nil {
+		return Frame{}, err
 	}
-	var sum []byte
-	if FrameType(b[0]) == FrameEnd {
-		r.h.Write(r.pend) // the hash covers everything before the end frame
-		r.pend = r.pend[:0]
-		sum = r.h.Sum(nil)
-	} else {
-		r.hash(b[:])
-	}
-	f := Frame{
-		Type:   FrameType(b[0]),
-		Disk:   int(binary.LittleEndian.Uint16(b[2:])),
-		Offset: int64(binary.LittleEndian.Uint64(b[8:])),
-		Length: int64(binary.LittleEndian.Uint64(b[16:])),
-	}
-	flags := b[1]
-	stored := binary.LittleEndian.Uint32(b[4:])
-	if stored > MaxStored {
-		return Frame{}, fmt.Errorf("%w: frame %d payload of %d bytes", ErrCorrupt, r.frames, stored)
-	}
-	if cap(r.buf) < int(stored) {
-		r.buf = make([]byte, stored)
+	if cap(r.buf) < stored {
+		r.buf = alignedBuffer(MaxStored)
 	}
 	payload := r.buf[:stored]
 	if err := r.read(payload); err != nil {
 		return Frame{}, err
 	}
-	if sum == nil {
-		r.hash(payload)
-	}
-	if CRC(payload) != binary.LittleEndian.Uint32(b[24:]) {
-		return Frame{}, fmt.Errorf("%w: frame %d payload checksum mismatch", ErrCorrupt, r.frames)
+	f, err := r.c.frame(b[:], payload)
+	if err != nil {
+		return Frame{}, err
 	}
 	if f.Type == FrameEnd {
-		return Frame{}, r.end(payload, sum)
+		// Nothing may follow the end frame.
+		if _, err := r.r.ReadByte(); err == nil {
+			return Frame{}, fmt.Errorf("%w: bytes after the end frame", ErrCorrupt)
+		}
+		r.done = true
+		return Frame{}, io.EOF
 	}
-	if f.Disk >= len(r.hdr.Disks) || f.Offset < 0 || f.Length < 0 || f.Offset+f.Length > r.hdr.Disks[f.Disk].Size || f.Offset+f.Length < f.Offset {
-		return Frame{}, fmt.Errorf("%w: frame %d: disk %d [%d, +%d) outside the stream's disks", ErrCorrupt, r.frames, f.Disk, f.Offset, f.Length)
-	}
-	switch f.Type {
-	case FrameData:
-		if f.Length > MaxFrameData {
-			return Frame{}, fmt.Errorf("%w: frame %d: data frame of %d bytes", ErrCorrupt, r.frames, f.Length)
-		}
-		if flags&flagZstd != 0 {
-			out, err := decoder().DecodeAll(payload, r.out[:0])
-			if err != nil {
-				return Frame{}, fmt.Errorf("%w: frame %d: %v", ErrCorrupt, r.frames, err)
-			}
-			r.out = out
-			payload = out
-		}
-		if int64(len(payload)) != f.Length {
-			return Frame{}, fmt.Errorf("%w: frame %d: %d data bytes for a length of %d", ErrCorrupt, r.frames, len(payload), f.Length)
-		}
-		f.Data = payload
-		r.data += f.Length
-	case FrameTrim, FrameZero, FrameZeroAlloc:
-		if stored != 0 {
-			return Frame{}, fmt.Errorf("%w: frame %d: %s frame with a payload", ErrCorrupt, r.frames, f.Type)
-		}
-	default:
-		return Frame{}, fmt.Errorf("%w: frame %d: unknown type %d", ErrCorrupt, r.frames, b[0])
-	}
-	r.frames++
 	return f, nil
 }
 
-func (r *Reader) end(p []byte, sum []byte) error {
-	if len(p) != endPayloadSize {
-		return fmt.Errorf("%w: end frame of %d bytes", ErrCorrupt, len(p))
+// alignedBuffer returns n bytes starting at a 4096-aligned address, so the
+// Data of an uncompressed data frame can be written with O_DIRECT as it is.
+func alignedBuffer(n int) []byte {
+	const align = 4096
+	b := make([]byte, n+align)
+	pad := (align - int(uintptr(unsafe.Pointer(&b[0]))%align)) % align
+	return b[pad : pad+n : pad+n]
+}
+
+// Verifier checks a stream written to it piece by piece, as it arrives
+// (the replica feeds it each staged chunk), with the same checks as a
+// Reader: Done then tells whether what was written is a whole, valid
+// stream. It keeps at most one frame in memory. It is not safe for
+// concurrent use.
+type Verifier struct {
+	c       checker
+	n       int64 // bytes written
+	need    int   // bytes the current part still lacks
+	part    []byte
+	fixedb  [StreamHeaderSize]byte
+	frameb  [FrameHeaderSize]byte
+	state   int
+	headerd bool
+	err     error
+}
+
+// Verifier states: the part being gathered.
+const (
+	vFixed = iota
+	vJSON
+	vFrameHeader
+	vPayload
+	vDone
+)
+
+// NewVerifier returns a Verifier at the start of a stream.
+func NewVerifier() *Verifier {
+	return &Verifier{c: newChecker(), need: StreamHeaderSize}
+}
+
+// Written is the number of stream bytes written so far.
+func (v *Verifier) Written() int64 { return v.n }
+
+// Write takes the next bytes of the stream. It fails, and keeps failing,
+// once they cannot be part of a valid stream.
+func (v *Verifier) Write(p []byte) (int, error) {
+	if v.err != nil {
+		return 0, v.err
 	}
-	if n := int64(binary.LittleEndian.Uint64(p[0:])); n != r.frames {
-		return fmt.Errorf("%w: end frame counts %d frames, stream has %d", ErrCorrupt, n, r.frames)
+	total := len(p)
+	for len(p) > 0 {
+		if v.state == vDone {
+			v.err = fmt.Errorf("%w: bytes after the end frame", ErrCorrupt)
+			return 0, v.err
+		}
+		k := min(v.need, len(p))
+		v.part = append(v.part, p[:k]...)
+		v.need -= k
+		v.n += int64(k)
+		p = p[k:]
+		if v.need > 0 {
+			continue
+		}
+		if err := v.step(); err != nil {
+			v.err = err
+			return 0, err
+		}
 	}
-	if n := int64(binary.LittleEndian.Uint64(p[8:])); n != r.data {
-		return fmt.Errorf("%w: end frame counts %d data bytes, stream has %d", ErrCorrupt, n, r.data)
+	return total, nil
+}
+
+// step handles a complete part and sets up the next.
+func (v *Verifier) step() error {
+	part := v.part
+	v.part = v.part[:0]
+	switch v.state {
+	case vFixed:
+		copy(v.fixedb[:], part)
+		n, err := v.c.fixed(v.fixedb[:])
+		if err != nil {
+			return err
+		}
+		v.state, v.need = vJSON, n
+		if n == 0 {
+			return v.step()
+		}
+	case vJSON:
+		if err := v.c.json(v.fixedb[:], part); err != nil {
+			return err
+		}
+		v.headerd = true
+		v.state, v.need = vFrameHeader, FrameHeaderSize
+	case vFrameHeader:
+		copy(v.frameb[:], part)
+		n, err := v.c.frameHeader(v.frameb[:])
+		if err != nil {
+			return err
+		}
+		v.state, v.need = vPayload, n
+		if n == 0 {
+			return v.step()
+		}
+	case vPayload:
+		f, err := v.c.frame(v.frameb[:], part)
+		if err != nil {
+			return err
+		}
+		v.state, v.need = vFrameHeader, FrameHeaderSize
+		if f.Type == FrameEnd {
+			v.state, v.need = vDone, 0
+			v.part = nil
+		}
 	}
-	if string(p[16:]) != string(sum) {
-		return fmt.Errorf("%w: stream hash mismatch", ErrCorrupt)
+	return nil
+}
+
+// Header is the stream's header, once its bytes were written.
+func (v *Verifier) Header() (Header, bool) { return v.c.hdr, v.headerd }
+
+// Done returns the stream's header if the bytes written are one whole
+// stream that verified (end frame included, nothing after it); otherwise
+// the error a Reader would report (ErrTruncated for a stream that stops
+// early).
+func (v *Verifier) Done() (Header, error) {
+	switch {
+	case v.err != nil:
+		return v.c.hdr, v.err
+	case v.state != vDone:
+		return v.c.hdr, ErrTruncated
 	}
-	// Nothing may follow the end frame.
-	if _, err := r.r.ReadByte(); err == nil {
-		return fmt.Errorf("%w: bytes after the end frame", ErrCorrupt)
-	}
-	r.done = true
-	return io.EOF
+	return v.c.hdr, nil
 }
 
 // Verify reads a whole stream, checking every frame and the end frame, and
@@ -465,9 +664,9 @@ func Verify(r io.Reader) (Header, error) {
 	}
 	for {
 		if _, err := sr.Next(); err == io.EOF {
-			return sr.hdr, nil
+			return sr.c.hdr, nil
 		} else if err != nil {
-			return sr.hdr, err
+			return sr.c.hdr, err
 		}
 	}
 }

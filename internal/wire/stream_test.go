@@ -298,3 +298,91 @@ func BenchmarkStream4K(b *testing.B) {
 		}
 	}
 }
+
+// verifyPieces writes b to a Verifier in pieces of random sizes (up to max).
+func verifyPieces(b []byte, seed uint64, max int) (Header, error) {
+	rng := rand.New(rand.NewPCG(seed, 3))
+	v := NewVerifier()
+	for len(b) > 0 {
+		n := min(len(b), 1+rng.IntN(max))
+		if _, err := v.Write(b[:n]); err != nil {
+			return Header{}, err
+		}
+		b = b[n:]
+	}
+	return v.Done()
+}
+
+// The Verifier, fed a stream in pieces of any size, accepts what the Reader
+// accepts and rejects what it rejects, with the same kind of error.
+func TestVerifierAgreesWithReader(t *testing.T) {
+	for _, compress := range []bool{false, true} {
+		b, _ := sample(t, compress)
+		for seed, max := range []int{1 << 20, 8192, 33, 1} {
+			if compress && max == 1 {
+				continue // byte by byte is slow and adds nothing to 33
+			}
+			h, err := verifyPieces(b, uint64(seed), max)
+			if err != nil || h.VM != "vm1" || h.Cycle != 7 {
+				t.Fatalf("compress=%v pieces<=%d: %+v, %v", compress, max, h, err)
+			}
+		}
+	}
+	b, _ := sample(t, true)
+	step := 1
+	if testing.Short() {
+		step = 97
+	}
+	for i := 0; i < len(b); i += step {
+		c := bytes.Clone(b)
+		c[i] ^= 0x40
+		_, _, rerr := readAll(c)
+		_, verr := verifyPieces(c, uint64(i), 4096)
+		for _, e := range []error{ErrCorrupt, ErrTruncated, ErrVersion} {
+			if errors.Is(rerr, e) != errors.Is(verr, e) {
+				t.Fatalf("flip at byte %d: reader says %v, verifier %v", i, rerr, verr)
+			}
+		}
+		if verr == nil {
+			t.Fatalf("flip at byte %d of %d not detected", i, len(b))
+		}
+	}
+	for _, n := range []int{0, 3, StreamHeaderSize, StreamHeaderSize + 10, len(b) / 2, len(b) - 1} {
+		if _, err := verifyPieces(b[:n], 1, 100); !errors.Is(err, ErrTruncated) {
+			t.Fatalf("stream cut at %d of %d: %v, want ErrTruncated", n, len(b), err)
+		}
+	}
+	if _, err := verifyPieces(append(bytes.Clone(b), 0), 1, 100); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("trailing byte: %v, want ErrCorrupt", err)
+	}
+}
+
+// SkipHash still checks every CRC and the end frame's counts; only a change
+// the CRCs cannot see (the hash in the end frame itself) passes.
+func TestReaderSkipHash(t *testing.T) {
+	b, want := sample(t, false)
+	read := func(b []byte) (int, error) {
+		r, err := NewReader(bytes.NewReader(b))
+		if err != nil {
+			return 0, err
+		}
+		r.SkipHash()
+		n := 0
+		for {
+			if _, err := r.Next(); err == io.EOF {
+				return n, nil
+			} else if err != nil {
+				return n, err
+			}
+			n++
+		}
+	}
+	if n, err := read(b); err != nil || n != len(want) {
+		t.Fatalf("%d frames, %v; want %d", n, err, len(want))
+	}
+	c := bytes.Clone(b)
+	c[len(c)-100] ^= 1 // inside the last data frame's payload
+	if _, err := read(c); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("flipped payload byte: %v, want ErrCorrupt", err)
+	}
+}
