@@ -9,6 +9,8 @@ import (
 	"slices"
 	"unsafe"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
@@ -41,12 +43,76 @@ func (v *vm) openStream(name string) (vfs.File, *wire.Reader, error) {
 		f.Close()
 		return nil, nil, fmt.Errorf("apply: %s: %w", name, err)
 	}
-	r, err := wire.NewReader(io.NewSectionReader(f, 0, size))
+	var src io.Reader = io.NewSectionReader(f, 0, size)
+	if _, ok := v.s.fs.(vfs.OS); ok {
+		if d, err := openDirect(name, size); err == nil {
+			f, src = &withCloser{File: f, also: d.f}, d
+		}
+	}
+	r, err := wire.NewReader(src)
 	if err != nil {
 		f.Close()
 		return nil, nil, streamErr(name, err)
 	}
 	return f, r, nil
+}
+
+// withCloser is a File that closes another file with it.
+type withCloser struct {
+	vfs.File
+	also io.Closer
+}
+
+func (w *withCloser) Close() error {
+	w.also.Close()
+	return w.File.Close()
+}
+
+// directBlock is what a directReader reads at a time.
+const directBlock = 4 << 20
+
+// directReader reads a file from its start with O_DIRECT, bypassing the
+// page cache: a staged stream was written with O_DIRECT (stageChunk) and
+// is read once, so a buffered read would only fill the page cache with
+// pages nobody reads again. The kernel writes back cached dirty pages of
+// the range before a direct read, so it sees every write.
+type directReader struct {
+	f    *os.File
+	size int64
+	buf  []byte
+	r, w int
+	off  int64
+}
+
+func openDirect(name string, size int64) (*directReader, error) {
+	f, err := os.OpenFile(name, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		return nil, err
+	}
+	return &directReader{f: f, size: size, buf: vfs.AlignedBuffer(directBlock)}, nil
+}
+
+func (d *directReader) Read(p []byte) (int, error) {
+	if d.r == d.w {
+		if d.off >= d.size {
+			return 0, io.EOF
+		}
+		// One pread: os.File.ReadAt would go on at an unaligned offset
+		// after a short read, which O_DIRECT refuses.
+		n, err := unix.Pread(int(d.f.Fd()), d.buf, d.off)
+		if err != nil {
+			return 0, fmt.Errorf("apply: read %s: %w", d.f.Name(), err)
+		}
+		if n == 0 {
+			return 0, io.EOF
+		}
+		n = int(min(int64(n), d.size-d.off))
+		d.off += int64(n)
+		d.r, d.w = 0, n
+	}
+	k := copy(p, d.buf[d.r:d.w])
+	d.r += k
+	return k, nil
 }
 
 // verifyStream reads a whole staged stream: check vets its header (an

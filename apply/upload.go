@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
 
@@ -47,8 +48,9 @@ func parseUploadID(s string) (uploadID, error) {
 	return uploadID{}, bad
 }
 
-// chunkBufs recycles chunk buffers (MaxChunk each).
-var chunkBufs = sync.Pool{New: func() any { b := make([]byte, wire.MaxChunk+1); return &b }}
+// chunkBufs recycles chunk buffers (MaxChunk each, and a byte to tell a
+// larger body), aligned for O_DIRECT.
+var chunkBufs = sync.Pool{New: func() any { b := vfs.AlignedBuffer(wire.MaxChunk + vfs.DirectAlign)[:wire.MaxChunk+1]; return &b }}
 
 // uploadOffset is how much of an upload is staged.
 func (v *vm) uploadOffset(u uploadID) (wire.Upload, error) {
@@ -123,7 +125,7 @@ func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.U
 	if got := wire.CRC(chunk); got != crc {
 		return wire.Upload{}, fmt.Errorf("%w: upload %s at %d: CRC32C %08x, header says %08x", ErrChunkCRC, u.id, off, got, crc)
 	}
-	if _, err := f.WriteAt(chunk, off); err != nil {
+	if err := stageChunk(f, chunk, off); err != nil {
 		// Leave the staged length where it was, so the primary resumes
 		// from a known offset (a failed write may have written part).
 		f.Truncate(off)
@@ -132,6 +134,21 @@ func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.U
 	}
 	v.feedVerifier(u.id, off, chunk)
 	return wire.Upload{ID: u.id, Offset: off + int64(n)}, nil
+}
+
+// stageChunk writes chunk at off of a staged upload: whole blocks at a
+// block offset (every chunk but a stream's last, as the primary sends them)
+// with O_DIRECT where the file offers it, so the bytes do not pass
+// through the page cache on their way to the disk (on a replica at full
+// speed that copy was a third of its CPU time); the commit's fsync makes
+// them durable like buffered ones.
+func stageChunk(f vfs.File, chunk []byte, off int64) error {
+	if dw, ok := f.(vfs.DirectWriter); ok && len(chunk) > 0 && len(chunk)%vfs.DirectAlign == 0 && off%vfs.DirectAlign == 0 {
+		_, err := dw.WriteDirectAt(chunk, off)
+		return err
+	}
+	_, err := f.WriteAt(chunk, off)
+	return err
 }
 
 // Verify as staged: every upload this process staged from its first byte

@@ -19,41 +19,49 @@ func (s *Shipper) shipCycle(ctx context.Context, info journal.CycleInfo) error {
 	log := s.log.With("cycle", info.Cycle)
 	for attempt := 0; ; attempt++ {
 		start := s.now()
+		// A spool of the cycle (left by an older vdrepl) is sent as it is;
+		// otherwise the stream is made while it is sent (stream.go).
 		sp, err := s.openSpool(id)
 		if err != nil {
 			return err
 		}
-		if sp == nil {
+		var rep wire.Replica
+		var size int64
+		if sp != nil {
+			rep, err = s.upload(ctx, sp, []*Limiter{s.cfg.Limit, s.cfg.HostLimit})
+			size = sp.size
+			if err == nil || isCode(err, wire.CodeCorrupt) {
+				s.removeSpool(sp)
+			} else {
+				sp.close()
+			}
+		} else {
 			h := wire.Header{
 				VM: s.cfg.VM, Kind: wire.KindCycle, Disks: s.cfg.Disks,
 				Cycle: info.Cycle, Prev: info.Cycle - 1,
 				Sealed: info.Sealed, AppConsistent: info.AppConsistent, Point: info.Point,
 			}
-			sp, err = s.writeSpool(ctx, id, h, func(w *wire.Writer) error { return s.fillCycle(ctx, w, info) })
-			if err != nil {
-				return fmt.Errorf("ship: cycle %d: %w", info.Cycle, err)
+			newSrc := func() *streamSource {
+				return newStreamSource(ctx, h, s.cfg.Compress, s.chunk, func(ctx context.Context, w *wire.Writer) error {
+					return s.fillCycle(ctx, w, info)
+				})
 			}
+			rep, size, err = s.uploadStream(ctx, id, newSrc, []*Limiter{s.cfg.Limit, s.cfg.HostLimit})
 		}
-		rep, err := s.upload(ctx, sp, []*Limiter{s.cfg.Limit, s.cfg.HostLimit})
 		switch {
 		case isCode(err, wire.CodeCorrupt) && attempt == 0:
-			// The replica discarded the stream; write it anew (the spool may
-			// be what is damaged) and send it once more before backing off.
+			// The replica discarded the stream; make it anew and send it
+			// once more before backing off.
 			log.Warn("replica rejected cycle as corrupt, sending it again", "err", err)
-			s.removeSpool(sp)
 			continue
 		case isCode(err, wire.CodeCorrupt):
-			s.removeSpool(sp)
 			return err
 		case isCode(err, wire.CodeGap):
-			sp.close()
 			return s.gap(info, err)
 		case err != nil:
-			sp.close()
 			return err
 		}
-		s.removeSpool(sp)
-		return s.shipped(info, rep, sp.size, s.now().Sub(start))
+		return s.shipped(info, rep, size, s.now().Sub(start))
 	}
 }
 

@@ -7,12 +7,19 @@
 //
 // # Cycles
 //
-// The journal's closed cycles ship strictly in order, oldest first. A cycle
-// is written to a spool file (STATE.spool/c<N>.vdws beside the state file)
-// so it never sits in memory, then sent in chunks of at most wire.MaxChunk
-// bytes. Before sending, the shipper asks the replica how much of the upload
-// it holds and resumes there; a 409 "offset" answer moves it to the offset
-// the replica names. So a cut connection costs at most one chunk. A cycle is
+// The journal's closed cycles ship strictly in order, oldest first. A
+// cycle's stream is made from the journal while it is sent, in chunks of at
+// most wire.MaxChunk bytes: at most three chunks are in memory, none is
+// written to a file (stream.go). Before sending, the shipper asks the
+// replica how much of the upload it holds and resumes there; a 409 "offset"
+// answer moves it to the offset the replica names. A closed cycle's stream
+// is a function of the journal, so a resumed upload makes it again and
+// skips what the replica holds. So a cut connection costs at most one
+// chunk. (A spool file STATE.spool/c<N>.vdws left by an older vdrepl is
+// sent as it is.) Sync pieces, read from the live disks and so different
+// each time they are read, are written to a spool file
+// (STATE.spool/s<gen>-<piece>.vdws), which is sent while it is written and
+// committed once complete and synced. A cycle is
 // released only after the commit answered success: a crash at any point
 // ships it again, and the replica answers an applied cycle as success.
 //

@@ -578,14 +578,24 @@ func (v *Verifier) Write(p []byte) (int, error) {
 			return 0, v.err
 		}
 		k := min(v.need, len(p))
-		v.part = append(v.part, p[:k]...)
+		var part []byte
+		if len(v.part) == 0 && k == v.need {
+			part = p[:k] // the whole part is here: no copy
+		} else {
+			v.part = append(v.part, p[:k]...)
+			if k == v.need {
+				part = v.part
+			}
+		}
 		v.need -= k
 		v.n += int64(k)
 		p = p[k:]
 		if v.need > 0 {
 			continue
 		}
-		if err := v.step(); err != nil {
+		err := v.step(part)
+		v.part = v.part[:0]
+		if err != nil {
 			v.err = err
 			return 0, err
 		}
@@ -594,9 +604,7 @@ func (v *Verifier) Write(p []byte) (int, error) {
 }
 
 // step handles a complete part and sets up the next.
-func (v *Verifier) step() error {
-	part := v.part
-	v.part = v.part[:0]
+func (v *Verifier) step(part []byte) error {
 	switch v.state {
 	case vFixed:
 		copy(v.fixedb[:], part)
@@ -606,7 +614,7 @@ func (v *Verifier) step() error {
 		}
 		v.state, v.need = vJSON, n
 		if n == 0 {
-			return v.step()
+			return v.step(nil)
 		}
 	case vJSON:
 		if err := v.c.json(v.fixedb[:], part); err != nil {
@@ -622,7 +630,7 @@ func (v *Verifier) step() error {
 		}
 		v.state, v.need = vPayload, n
 		if n == 0 {
-			return v.step()
+			return v.step(nil)
 		}
 	case vPayload:
 		f, err := v.c.frame(v.frameb[:], part)
@@ -632,7 +640,6 @@ func (v *Verifier) step() error {
 		v.state, v.need = vFrameHeader, FrameHeaderSize
 		if f.Type == FrameEnd {
 			v.state, v.need = vDone, 0
-			v.part = nil
 		}
 	}
 	return nil

@@ -1,0 +1,255 @@
+package ship
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/vdrepl/vdrepl/internal/wire"
+)
+
+// A cycle's stream is not spooled: it is made in memory, a block of
+// s.chunk bytes at a time, while the blocks before it are being uploaded
+// (at most three blocks exist: one being filled or waiting, one being sent
+// and the one sent before it). This is possible because a closed cycle's stream is a function of
+// the journal alone (its extents, read in order, and the same encoder), so
+// a resumed upload makes the stream again and skips what the replica has
+// staged; should the bytes differ after all (another vdrepl version
+// between the attempts), the replica finds the stream corrupt at commit,
+// discards it and the cycle is sent again whole (shipCycle). Compared with
+// a spool, every byte is neither written to nor read back from a file and
+// no fsync competes with the replica's writes.
+
+// errPastEnd: the replica holds more of the upload than the stream has.
+var errPastEnd = errors.New("ship: replica staged more than the stream holds")
+
+// streamSource makes a stream in a goroutine and hands it out in pieces.
+type streamSource struct {
+	cancel context.CancelFunc
+	blocks chan []byte // full blocks, the last one shorter; closed at the end
+	free   chan []byte
+	done   chan struct{}
+	// set before done is closed
+	err        error
+	size, data int64
+
+	blk  []byte // the block being handed out
+	prev []byte // the block before it, recycled at the next block: an
+	// HTTP transport may still read a request body after the answer
+	// (a 409 sent before the body was read)
+	cur []byte // what is left of blk
+	pos int64  // stream offset of cur[0]
+	eof bool
+}
+
+// newStreamSource starts writing the stream with header h (fill writes its
+// frames) in blocks of size bytes.
+func newStreamSource(ctx context.Context, h wire.Header, compress bool, size int64, fill func(context.Context, *wire.Writer) error) *streamSource {
+	ctx, cancel := context.WithCancel(ctx)
+	src := &streamSource{
+		cancel: cancel,
+		blocks: make(chan []byte),
+		free:   make(chan []byte, 3),
+		done:   make(chan struct{}),
+	}
+	go func() {
+		defer close(src.done)
+		defer close(src.blocks)
+		bw := &blockWriter{ctx: ctx, src: src, size: int(size)}
+		w, err := wire.NewWriter(bw, h, compress)
+		if err == nil {
+			err = fill(ctx, w)
+		}
+		if err == nil {
+			err = ctx.Err()
+		}
+		if err == nil {
+			err = w.Close()
+		}
+		if err == nil {
+			err = bw.flush()
+		}
+		if err != nil {
+			src.err = err
+			return
+		}
+		_, src.data, _, src.size = w.Stats()
+	}()
+	return src
+}
+
+// blockWriter cuts what the wire writer writes into blocks.
+type blockWriter struct {
+	ctx  context.Context
+	src  *streamSource
+	size int
+	buf  []byte
+}
+
+func (w *blockWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		if w.buf == nil {
+			select {
+			case w.buf = <-w.src.free:
+				w.buf = w.buf[:0]
+			default:
+				w.buf = make([]byte, 0, w.size)
+			}
+		}
+		k := copy(w.buf[len(w.buf):cap(w.buf)], p)
+		w.buf = w.buf[:len(w.buf)+k]
+		p = p[k:]
+		if len(w.buf) == cap(w.buf) {
+			if err := w.flush(); err != nil {
+				return 0, err
+			}
+		}
+	}
+	return n, nil
+}
+
+func (w *blockWriter) flush() error {
+	if len(w.buf) == 0 {
+		return nil
+	}
+	select {
+	case w.src.blocks <- w.buf:
+		w.buf = nil
+		return nil
+	case <-w.ctx.Done():
+		return w.ctx.Err()
+	}
+}
+
+// next returns the next at most max bytes of the stream (fewer at the end
+// of a block), io.EOF after the last. The bytes stay valid until a block
+// after theirs has been handed out whole.
+func (src *streamSource) next(max int64) ([]byte, error) {
+	for len(src.cur) == 0 {
+		if src.eof {
+			return nil, io.EOF
+		}
+		if src.prev != nil {
+			select {
+			case src.free <- src.prev:
+			default:
+			}
+		}
+		src.prev, src.blk = src.blk, nil
+		b, ok := <-src.blocks
+		if !ok {
+			src.eof = true
+			<-src.done
+			if src.err != nil {
+				return nil, src.err
+			}
+			src.cur = nil
+			return nil, io.EOF
+		}
+		src.blk, src.cur = b, b
+	}
+	n := min(int64(len(src.cur)), max)
+	p := src.cur[:n]
+	src.cur = src.cur[n:]
+	src.pos += n
+	return p, nil
+}
+
+// skip drops the bytes before offset to (>= pos); errPastEnd if the stream
+// ends first.
+func (src *streamSource) skip(to int64) error {
+	for src.pos < to {
+		_, err := src.next(to - src.pos)
+		if err == io.EOF {
+			return errPastEnd
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// finish waits for the writer and returns its error.
+func (src *streamSource) finish() error {
+	<-src.done
+	return src.err
+}
+
+// stop ends the writer and waits for it.
+func (src *streamSource) stop() {
+	src.cancel()
+	for range src.blocks {
+	}
+	<-src.done
+}
+
+// uploadStream sends the stream newSrc makes as upload id, resuming from
+// what the replica staged, and commits it. It returns the replica's answer
+// and the stream's size.
+func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *streamSource, lims []*Limiter) (wire.Replica, int64, error) {
+	off, err := s.c.offset(ctx, id)
+	if err != nil {
+		return wire.Replica{}, 0, err
+	}
+	src := newSrc()
+	defer func() { src.stop() }()
+	corrupt := 0
+	for {
+		if off < src.pos || off < 0 {
+			// The replica wants bytes already sent (or makes no sense):
+			// make the stream again.
+			src.stop()
+			src = newSrc()
+			off = max(off, 0)
+		}
+		switch err := src.skip(off); {
+		case errors.Is(err, errPastEnd):
+			// The replica staged another stream of this id: start over.
+			if err := s.c.discard(ctx, id); err != nil {
+				return wire.Replica{}, 0, err
+			}
+			off = 0
+			continue
+		case err != nil:
+			return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+		}
+		chunk, err := src.next(chunkFor(s.chunk, lims, s.now()))
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+		}
+		body := &pacedReader{ctx: ctx, r: bytes.NewReader(chunk), lims: lims}
+		next, err := s.c.put(ctx, id, off, chunk, body)
+		var re *ReplicaError
+		switch {
+		case err == nil:
+			if next != off+int64(len(chunk)) {
+				return wire.Replica{}, 0, fmt.Errorf("%w: upload %s: offset %d after a chunk at %d of %d bytes", ErrProtocol, id, next, off, len(chunk))
+			}
+			off = next
+		case isCode(err, wire.CodeOffset) && errors.As(err, &re):
+			s.log.Debug("resuming upload", "upload", id, "offset", re.Wire.Offset)
+			off = re.Wire.Offset
+		case isCode(err, wire.CodeCorrupt) && corrupt < 3:
+			// The chunk was damaged on the way; ask where to go on.
+			corrupt++
+			s.log.Warn("chunk rejected as corrupt, sending it again", "upload", id, "offset", off)
+			if off, err = s.c.offset(ctx, id); err != nil {
+				return wire.Replica{}, 0, err
+			}
+		default:
+			return wire.Replica{}, 0, err
+		}
+	}
+	if err := src.finish(); err != nil {
+		return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+	}
+	rep, err := s.c.commit(ctx, id)
+	return rep, src.size, err
+}
