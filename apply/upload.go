@@ -86,11 +86,40 @@ func (v *vm) checkSyncPiece(u uploadID) error {
 // putChunk appends one chunk to an upload. off must be what is staged so
 // far; crc is the chunk's CRC32C. Nothing is stored unless the whole chunk
 // arrived and matches its checksum.
+//
+// A primary may send the next chunk before the answer to the one before
+// it came (two requests in flight, on two connections): a chunk beyond
+// what is staged is received, and then waits for those before it to come
+// and be staged (or fail) before it is checked against the staged offset
+// (awaitTurn). A chunk below the offset is refused (409) before its body
+// is read.
 func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.Upload, error) {
 	if !u.isCycle() {
 		if err := v.checkSyncPiece(u); err != nil {
 			return wire.Upload{}, err
 		}
+	}
+	fl := v.chunkArriving(u.id)
+	defer v.chunkDone(u.id, fl)
+	if err := v.awaitTurn(u.id, off, fl, false); err != nil {
+		return wire.Upload{}, err
+	}
+	bp := chunkBufs.Get().(*[]byte)
+	defer chunkBufs.Put(bp)
+	n, err := io.ReadFull(body, *bp)
+	switch {
+	case err == nil:
+		return wire.Upload{}, fmt.Errorf("%w: chunk larger than %d bytes", ErrTooLarge, wire.MaxChunk)
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+	default:
+		return wire.Upload{}, fmt.Errorf("apply: read chunk: %w", err)
+	}
+	chunk := (*bp)[:n]
+	if got := wire.CRC(chunk); got != crc {
+		return wire.Upload{}, fmt.Errorf("%w: upload %s at %d: CRC32C %08x, header says %08x", ErrChunkCRC, u.id, off, got, crc)
+	}
+	if err := v.awaitTurn(u.id, off, fl, true); err != nil {
+		return wire.Upload{}, err
 	}
 	unlock := v.lockUpload(u.id)
 	defer unlock()
@@ -111,20 +140,6 @@ func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.U
 	if off != size {
 		return wire.Upload{}, &OffsetError{Offset: size, Got: off}
 	}
-	bp := chunkBufs.Get().(*[]byte)
-	defer chunkBufs.Put(bp)
-	n, err := io.ReadFull(body, *bp)
-	switch {
-	case err == nil:
-		return wire.Upload{}, fmt.Errorf("%w: chunk larger than %d bytes", ErrTooLarge, wire.MaxChunk)
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
-	default:
-		return wire.Upload{}, fmt.Errorf("apply: read chunk: %w", err)
-	}
-	chunk := (*bp)[:n]
-	if got := wire.CRC(chunk); got != crc {
-		return wire.Upload{}, fmt.Errorf("%w: upload %s at %d: CRC32C %08x, header says %08x", ErrChunkCRC, u.id, off, got, crc)
-	}
 	if err := stageChunk(f, chunk, off); err != nil {
 		// Leave the staged length where it was, so the primary resumes
 		// from a known offset (a failed write may have written part).
@@ -134,6 +149,96 @@ func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.U
 	}
 	v.feedVerifier(u.id, off, chunk)
 	return wire.Upload{ID: u.id, Offset: off + int64(n)}, nil
+}
+
+// chunkFlight counts the chunk requests of one upload being served, so a
+// chunk that arrived early can wait for those before it.
+type chunkFlight struct {
+	n       int
+	changed chan struct{} // closed and replaced when a request comes or ends
+}
+
+var flights = struct {
+	mu sync.Mutex
+	m  map[verifierKey]*chunkFlight
+}{m: map[verifierKey]*chunkFlight{}}
+
+func (v *vm) chunkArriving(id string) *chunkFlight {
+	k := verifierKey{v, id}
+	flights.mu.Lock()
+	defer flights.mu.Unlock()
+	fl := flights.m[k]
+	if fl == nil {
+		fl = &chunkFlight{changed: make(chan struct{})}
+		flights.m[k] = fl
+	}
+	fl.n++
+	close(fl.changed)
+	fl.changed = make(chan struct{})
+	return fl
+}
+
+func (v *vm) chunkDone(id string, fl *chunkFlight) {
+	flights.mu.Lock()
+	defer flights.mu.Unlock()
+	if fl.n--; fl.n == 0 {
+		delete(flights.m, verifierKey{v, id})
+	}
+	close(fl.changed)
+	fl.changed = make(chan struct{})
+}
+
+// chunkWait bounds how long a chunk that came early waits for those before
+// it while they are being received; earlyWait how long it waits for one
+// before it to arrive at all (the primary sends them in order, but on two
+// connections, so the later one may be here first).
+const (
+	chunkWait = time.Minute
+	earlyWait = 2 * time.Second
+)
+
+// awaitTurn returns once the chunk at off follows what is staged of upload
+// id, or fails with an OffsetError: at once if off is below the staged
+// offset; if it is beyond, once no request before it has come for
+// earlyWait, or after chunkWait. Before the chunk is received
+// (received false) it returns at once unless off is below.
+func (v *vm) awaitTurn(id string, off int64, fl *chunkFlight, received bool) error {
+	var deadline, early <-chan time.Time
+	for {
+		flights.mu.Lock()
+		others, changed := fl.n-1, fl.changed
+		flights.mu.Unlock()
+		up, err := v.uploadOffset(uploadID{id: id})
+		if err != nil {
+			return err
+		}
+		switch {
+		case off == up.Offset:
+			return nil
+		case off < up.Offset:
+			return &OffsetError{Offset: up.Offset, Got: off}
+		case !received:
+			return nil // receive it while those before it are received
+		}
+		if deadline == nil {
+			t := time.NewTimer(chunkWait)
+			defer t.Stop()
+			deadline = t.C
+		}
+		early = nil
+		if others == 0 {
+			t := time.NewTimer(earlyWait)
+			defer t.Stop()
+			early = t.C
+		}
+		select {
+		case <-changed:
+		case <-early:
+			return &OffsetError{Offset: up.Offset, Got: off}
+		case <-deadline:
+			return &OffsetError{Offset: up.Offset, Got: off}
+		}
+	}
 }
 
 // stageChunk writes chunk at off of a staged upload: whole blocks at a

@@ -26,9 +26,14 @@ import (
 // corrupt and observe. It stays small on purpose: the real one is package
 // apply, which ship never imports.
 type fakeReplica struct {
-	mu    sync.Mutex
-	allow map[string]bool // primaries (certificate names) allowed
-	vms   map[string]*fakeVM
+	mu sync.Mutex
+	// inflight counts the chunk requests per upload id being served;
+	// turn is signalled when one ends (a chunk that came early waits for
+	// those before it, as apply's putChunk does).
+	inflight map[string]int
+	turn     *sync.Cond
+	allow    map[string]bool // primaries (certificate names) allowed
+	vms      map[string]*fakeVM
 	// fail, if set, may answer a request instead of the replica: it returns
 	// the status and wire code, or 0 to let the request through.
 	fail func(r *http.Request) (int, string)
@@ -206,9 +211,35 @@ func (f *fakeReplica) uploadOffset(w http.ResponseWriter, r *http.Request) {
 
 func (f *fakeReplica) putChunk(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
+	f.mu.Lock()
+	if f.inflight == nil {
+		f.inflight, f.turn = map[string]int{}, sync.NewCond(&f.mu)
+	}
+	f.inflight[id]++
+	f.turn.Broadcast()
+	f.mu.Unlock()
 	body, err := io.ReadAll(io.LimitReader(r.Body, wire.MaxChunk+1))
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	defer func() {
+		f.inflight[id]--
+		f.turn.Broadcast()
+	}()
+	// Wait for the chunks before it, as apply's awaitTurn does: while one
+	// is in flight, or for a moment for one to come.
+	if off, perr := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64); perr == nil {
+		expired := false
+		t := time.AfterFunc(200*time.Millisecond, func() {
+			f.mu.Lock()
+			expired = true
+			f.turn.Broadcast()
+			f.mu.Unlock()
+		})
+		defer t.Stop()
+		for vm := f.vms[r.PathValue("vm")]; vm != nil && off > int64(len(vm.staged[id])) && (f.inflight[id] > 1 || !expired); {
+			f.turn.Wait()
+		}
+	}
 	f.uploadBytes[id] += int64(len(body))
 	if id[0] == 's' {
 		f.syncBytes += int64(len(body))

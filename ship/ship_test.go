@@ -134,8 +134,8 @@ func TestCutConnectionResumesFromReplicaOffset(t *testing.T) {
 	e.rep.mu.Lock()
 	sent, size := e.rep.uploadBytes[id], e.rep.streamSize[id]
 	e.rep.mu.Unlock()
-	// Everything once, plus at most the part of the chunk that was cut.
-	if sent < size || sent >= size+e.chunk {
+	// Everything once, plus at most the chunks in flight when it was cut.
+	if sent < size || sent >= size+inFlight*e.chunk {
 		t.Fatalf("replica received %d bytes for a %d-byte stream in %d-byte chunks", sent, size, e.chunk)
 	}
 	if st := r.s.Status(); st.Metrics.RetriesTotal != 1 || st.LastError == "" {
@@ -170,8 +170,8 @@ func TestCorruptChunkIsRejectedAndResent(t *testing.T) {
 	if seen != 1 {
 		t.Fatalf("replica rejected %d chunks", seen)
 	}
-	if sent <= size || sent > size+e.chunk {
-		t.Fatalf("replica received %d bytes for a %d-byte stream: the damaged chunk alone should be resent", sent, size)
+	if sent <= size || sent > size+inFlight*e.chunk {
+		t.Fatalf("replica received %d bytes for a %d-byte stream: the damaged chunk and the one in flight after it alone should be resent", sent, size)
 	}
 }
 

@@ -187,9 +187,27 @@ func (src *streamSource) stop() {
 	<-src.done
 }
 
+// inFlight bounds the chunk requests of one upload in flight at once: the
+// next chunk travels (and the replica receives it) while the one before
+// is being staged. The replica holds an early chunk until the one before
+// it is staged (apply's putChunk); two is what the transport's idle
+// connections per host keep open.
+const inFlight = 2
+
+// chunkPut is one chunk request in flight.
+type chunkPut struct {
+	off  int64
+	n    int64
+	next int64 // the replica's staged offset after it
+	err  error
+	done chan struct{}
+}
+
 // uploadStream sends the stream newSrc makes as upload id, resuming from
 // what the replica staged, and commits it. It returns the replica's answer
-// and the stream's size.
+// and the stream's size. Up to inFlight chunks are in flight; when one
+// fails, the others are waited for and the upload goes on from where the
+// replica says (a 409 names it; after a damaged chunk it is asked).
 func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *streamSource, lims []*Limiter) (wire.Replica, int64, error) {
 	off, err := s.c.offset(ctx, id)
 	if err != nil {
@@ -197,54 +215,90 @@ func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *st
 	}
 	src := newSrc()
 	defer func() { src.stop() }()
+	var queue []*chunkPut
+	drain := func() {
+		for _, p := range queue {
+			<-p.done
+		}
+		queue = nil
+	}
+	defer drain()
 	corrupt := 0
+	eof := false
 	for {
-		if off < src.pos || off < 0 {
-			// The replica wants bytes already sent (or makes no sense):
-			// make the stream again.
-			src.stop()
-			src = newSrc()
-			off = max(off, 0)
-		}
-		switch err := src.skip(off); {
-		case errors.Is(err, errPastEnd):
-			// The replica staged another stream of this id: start over.
-			if err := s.c.discard(ctx, id); err != nil {
-				return wire.Replica{}, 0, err
+		// Fill the window.
+		for !eof && len(queue) < inFlight {
+			if off < src.pos || off < 0 {
+				// The replica wants bytes already sent (or makes no
+				// sense): make the stream again.
+				src.stop()
+				src = newSrc()
+				off = max(off, 0)
 			}
-			off = 0
-			continue
-		case err != nil:
-			return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+			switch err := src.skip(off); {
+			case errors.Is(err, errPastEnd):
+				// The replica staged another stream of this id: start over.
+				drain()
+				if err := s.c.discard(ctx, id); err != nil {
+					return wire.Replica{}, 0, err
+				}
+				off = 0
+				continue
+			case err != nil:
+				return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+			}
+			chunk, err := src.next(chunkFor(s.chunk, lims, s.now()))
+			if err == io.EOF {
+				eof = true
+				break
+			}
+			if err != nil {
+				return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+			}
+			p := &chunkPut{off: off, n: int64(len(chunk)), done: make(chan struct{})}
+			go func() {
+				defer close(p.done)
+				body := &pacedReader{ctx: ctx, r: bytes.NewReader(chunk), lims: lims}
+				p.next, p.err = s.c.put(ctx, id, p.off, chunk, body)
+			}()
+			queue = append(queue, p)
+			off += p.n
 		}
-		chunk, err := src.next(chunkFor(s.chunk, lims, s.now()))
-		if err == io.EOF {
-			break
+		if len(queue) == 0 {
+			break // everything sent and staged
 		}
-		if err != nil {
-			return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
-		}
-		body := &pacedReader{ctx: ctx, r: bytes.NewReader(chunk), lims: lims}
-		next, err := s.c.put(ctx, id, off, chunk, body)
+		p := queue[0]
+		<-p.done
+		queue = queue[1:]
 		var re *ReplicaError
-		switch {
+		switch err := p.err; {
 		case err == nil:
-			if next != off+int64(len(chunk)) {
-				return wire.Replica{}, 0, fmt.Errorf("%w: upload %s: offset %d after a chunk at %d of %d bytes", ErrProtocol, id, next, off, len(chunk))
+			if p.next != p.off+p.n {
+				drain()
+				return wire.Replica{}, 0, fmt.Errorf("%w: upload %s: offset %d after a chunk at %d of %d bytes", ErrProtocol, id, p.next, p.off, p.n)
 			}
-			off = next
+			continue
 		case isCode(err, wire.CodeOffset) && errors.As(err, &re):
+			drain()
 			s.log.Debug("resuming upload", "upload", id, "offset", re.Wire.Offset)
 			off = re.Wire.Offset
 		case isCode(err, wire.CodeCorrupt) && corrupt < 3:
 			// The chunk was damaged on the way; ask where to go on.
+			drain()
 			corrupt++
-			s.log.Warn("chunk rejected as corrupt, sending it again", "upload", id, "offset", off)
+			s.log.Warn("chunk rejected as corrupt, sending it again", "upload", id, "offset", p.off)
 			if off, err = s.c.offset(ctx, id); err != nil {
 				return wire.Replica{}, 0, err
 			}
 		default:
 			return wire.Replica{}, 0, err
+		}
+		// The stream goes on from off: what follows may have to be made
+		// again.
+		eof = false
+		if off < src.pos {
+			src.stop()
+			src = newSrc()
 		}
 	}
 	if err := src.finish(); err != nil {
