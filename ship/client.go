@@ -77,6 +77,13 @@ func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *clien
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConnsPerHost:   2,
 		ExpectContinueTimeout: time.Second,
+		// The default 4 KiB write buffer cuts a chunk's body into 4 KiB
+		// writes: as many TLS records (each sealed and sent on its own)
+		// and syscalls. 64 KiB lets records reach TLS's 16 KiB; 8 MiB
+		// chunk PUTs over loopback went from ~1.3-1.6 to ~2.3 GB/s plain
+		// and ~0.9 to ~1.0-1.3 GB/s over TLS (bench/tlscost).
+		WriteBufferSize: 64 << 10,
+		ReadBufferSize:  64 << 10,
 	}
 	if !bypassProxy {
 		tr.Proxy = http.ProxyFromEnvironment
@@ -166,10 +173,11 @@ func (c *client) offset(ctx context.Context, id string) (int64, error) {
 	return u.Offset, err
 }
 
-// put sends one chunk at off and returns the offset staged after it.
-func (c *client) put(ctx context.Context, id string, off int64, chunk []byte, body io.Reader) (int64, error) {
+// put sends one chunk at off, whose CRC32C is crc, and returns the offset
+// staged after it.
+func (c *client) put(ctx context.Context, id string, off int64, chunk []byte, crc uint32, body io.Reader) (int64, error) {
 	h := http.Header{
-		wire.ChunkCRCHeader: {fmt.Sprintf("%08x", wire.CRC(chunk))},
+		wire.ChunkCRCHeader: {fmt.Sprintf("%08x", crc)},
 		"Content-Type":      {"application/octet-stream"},
 	}
 	var u wire.Upload

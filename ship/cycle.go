@@ -206,7 +206,7 @@ func (s *Shipper) sendChunks(ctx context.Context, sp *spool, lims []*Limiter) (w
 			return wire.Replica{}, fmt.Errorf("ship: read spool %s: %w", sp.id, err)
 		}
 		body := &pacedReader{ctx: ctx, r: bytes.NewReader(chunk), lims: lims}
-		next, err := s.c.put(ctx, sp.id, off, chunk, body)
+		next, err := s.c.put(ctx, sp.id, off, chunk, wire.CRC(chunk), body)
 		var re *ReplicaError
 		switch {
 		case err == nil:

@@ -28,14 +28,14 @@ var errPastEnd = errors.New("ship: replica staged more than the stream holds")
 // streamSource makes a stream in a goroutine and hands it out in pieces.
 type streamSource struct {
 	cancel context.CancelFunc
-	blocks chan []byte // full blocks, the last one shorter; closed at the end
+	blocks chan block // full blocks, the last one shorter; closed at the end
 	free   chan []byte
 	done   chan struct{}
 	// set before done is closed
 	err        error
 	size, data int64
 
-	blk  []byte // the block being handed out
+	blk  block  // the block being handed out
 	prev []byte // the block before it, recycled at the next block: an
 	// HTTP transport may still read a request body after the answer
 	// (a 409 sent before the body was read)
@@ -50,7 +50,7 @@ func newStreamSource(ctx context.Context, h wire.Header, compress bool, size int
 	ctx, cancel := context.WithCancel(ctx)
 	src := &streamSource{
 		cancel: cancel,
-		blocks: make(chan []byte),
+		blocks: make(chan block),
 		free:   make(chan []byte, 3),
 		done:   make(chan struct{}),
 	}
@@ -80,12 +80,22 @@ func newStreamSource(ctx context.Context, h wire.Header, compress bool, size int
 	return src
 }
 
+// A block is a piece of the stream and its CRC32C, computed as the block
+// is filled (while its bytes are in the CPU's cache: computed as it is
+// sent, on a block written a while before, the checksum cost twice as
+// much).
+type block struct {
+	b   []byte
+	crc uint32
+}
+
 // blockWriter cuts what the wire writer writes into blocks.
 type blockWriter struct {
 	ctx  context.Context
 	src  *streamSource
 	size int
 	buf  []byte
+	crc  uint32
 }
 
 func (w *blockWriter) Write(p []byte) (int, error) {
@@ -100,6 +110,7 @@ func (w *blockWriter) Write(p []byte) (int, error) {
 			}
 		}
 		k := copy(w.buf[len(w.buf):cap(w.buf)], p)
+		w.crc = wire.UpdateCRC(w.crc, w.buf[len(w.buf):len(w.buf)+k])
 		w.buf = w.buf[:len(w.buf)+k]
 		p = p[k:]
 		if len(w.buf) == cap(w.buf) {
@@ -116,8 +127,8 @@ func (w *blockWriter) flush() error {
 		return nil
 	}
 	select {
-	case w.src.blocks <- w.buf:
-		w.buf = nil
+	case w.src.blocks <- block{b: w.buf, crc: w.crc}:
+		w.buf, w.crc = nil, 0
 		return nil
 	case <-w.ctx.Done():
 		return w.ctx.Err()
@@ -125,12 +136,12 @@ func (w *blockWriter) flush() error {
 }
 
 // next returns the next at most max bytes of the stream (fewer at the end
-// of a block), io.EOF after the last. The bytes stay valid until a block
-// after theirs has been handed out whole.
-func (src *streamSource) next(max int64) ([]byte, error) {
+// of a block) and their CRC32C, io.EOF after the last. The bytes stay
+// valid until a block after theirs has been handed out whole.
+func (src *streamSource) next(max int64) ([]byte, uint32, error) {
 	for len(src.cur) == 0 {
 		if src.eof {
-			return nil, io.EOF
+			return nil, 0, io.EOF
 		}
 		if src.prev != nil {
 			select {
@@ -138,31 +149,35 @@ func (src *streamSource) next(max int64) ([]byte, error) {
 			default:
 			}
 		}
-		src.prev, src.blk = src.blk, nil
+		src.prev, src.blk = src.blk.b, block{}
 		b, ok := <-src.blocks
 		if !ok {
 			src.eof = true
 			<-src.done
 			if src.err != nil {
-				return nil, src.err
+				return nil, 0, src.err
 			}
 			src.cur = nil
-			return nil, io.EOF
+			return nil, 0, io.EOF
 		}
-		src.blk, src.cur = b, b
+		src.blk, src.cur = b, b.b
 	}
 	n := min(int64(len(src.cur)), max)
 	p := src.cur[:n]
+	crc := src.blk.crc
+	if len(p) != len(src.blk.b) {
+		crc = wire.CRC(p) // a part of the block
+	}
 	src.cur = src.cur[n:]
 	src.pos += n
-	return p, nil
+	return p, crc, nil
 }
 
 // skip drops the bytes before offset to (>= pos); errPastEnd if the stream
 // ends first.
 func (src *streamSource) skip(to int64) error {
 	for src.pos < to {
-		_, err := src.next(to - src.pos)
+		_, _, err := src.next(to - src.pos)
 		if err == io.EOF {
 			return errPastEnd
 		}
@@ -247,7 +262,7 @@ func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *st
 			case err != nil:
 				return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
 			}
-			chunk, err := src.next(chunkFor(s.chunk, lims, s.now()))
+			chunk, crc, err := src.next(chunkFor(s.chunk, lims, s.now()))
 			if err == io.EOF {
 				eof = true
 				break
@@ -259,7 +274,7 @@ func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *st
 			go func() {
 				defer close(p.done)
 				body := &pacedReader{ctx: ctx, r: bytes.NewReader(chunk), lims: lims}
-				p.next, p.err = s.c.put(ctx, id, p.off, chunk, body)
+				p.next, p.err = s.c.put(ctx, id, p.off, chunk, crc, body)
 			}()
 			queue = append(queue, p)
 			off += p.n

@@ -87,13 +87,15 @@ func server(tb testing.TB, conf *tls.Config) string {
 }
 
 // client is an HTTP/1.1 client with one kept-alive connection, built like
-// ship's (its own dialer and TLS config, no HTTP/2).
+// ship's (its own dialer and TLS config, no HTTP/2, 64 KiB buffers).
 func client(conf *tls.Config) *http.Client {
 	return &http.Client{Transport: &http.Transport{
 		TLSClientConfig:     conf,
 		DialContext:         (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSHandshakeTimeout: 30 * time.Second,
 		MaxIdleConnsPerHost: 2,
+		WriteBufferSize:     64 << 10,
+		ReadBufferSize:      64 << 10,
 	}}
 }
 

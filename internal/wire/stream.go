@@ -69,6 +69,10 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // CRC is the CRC32C of b, the checksum of chunks and frames.
 func CRC(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
 
+// UpdateCRC is the CRC32C of the bytes crc covers followed by b, so a
+// chunk's checksum can be computed piece by piece while its bytes are hot.
+func UpdateCRC(crc uint32, b []byte) uint32 { return crc32.Update(crc, castagnoli, b) }
+
 // Frame is one decoded frame. Data is valid until the next call to Next.
 type Frame struct {
 	Type   FrameType
