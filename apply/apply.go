@@ -92,6 +92,10 @@ type Config struct {
 	// Host is the daemon's side of planned failover and reverse
 	// replication (host.go); nil: neither is possible.
 	Host Host
+	// DeferRecovery leaves the recovery of interrupted applies to Recover,
+	// so that relays (extended replication) can be set first and see the
+	// applies redone.
+	DeferRecovery bool
 }
 
 // Server is the replica side of vdrepl: see the package documentation.
@@ -171,10 +175,25 @@ func New(cfg Config) (*Server, error) {
 		}
 		s.vms[name] = v
 	}
-	for _, name := range names {
-		s.recoverVM(s.vms[name])
+	if !cfg.DeferRecovery {
+		s.Recover()
 	}
 	return s, nil
+}
+
+// Recover finishes the applies, failovers and cancels a crash interrupted
+// (see the package documentation); New does it unless DeferRecovery.
+func (s *Server) Recover() {
+	s.mu.Lock()
+	vms := make([]*vm, 0, len(s.vms))
+	for _, v := range s.vms {
+		vms = append(vms, v)
+	}
+	s.mu.Unlock()
+	sort.Slice(vms, func(i, j int) bool { return vms[i].name < vms[j].name })
+	for _, v := range vms {
+		s.recoverVM(v)
+	}
 }
 
 // Close refuses new requests and waits for those in flight (applies

@@ -2,6 +2,7 @@ package apply
 
 import (
 	"crypto/x509"
+	"strings"
 
 	"fmt"
 	"slices"
@@ -110,6 +111,11 @@ func (s *Server) handover(name, peer string, v *vm, h wire.Handover) (wire.Repli
 		v.apply.Unlock()
 		if err != nil {
 			return wire.Replica{}, err
+		}
+		// Only the VM's own primary hands it over; a trust-group peer
+		// moves a VM by writing it, never by promoting it.
+		if !strings.EqualFold(st.Primary, peer) {
+			return wire.Replica{}, fmt.Errorf("%w: replica VM %q belongs to primary %q; %q may not hand it over", ErrForbidden, name, st.Primary, peer)
 		}
 		if st.Failover == nil && (st.Applied != h.Cycle || !st.Consistent) {
 			return wire.Replica{}, fmt.Errorf("%w: replica VM %q holds cycle %d (consistent: %v), the primary's last is %d; sync first", ErrMismatch, name, st.Applied, st.Consistent, h.Cycle)

@@ -317,6 +317,9 @@ func errorAnswer(err error) (int, wire.Error) {
 	case errors.Is(err, ErrFailedOver):
 		e.Code = wire.CodeFailedOver
 		return http.StatusConflict, e
+	case errors.Is(err, ErrExists):
+		e.Code = wire.CodeMismatch
+		return http.StatusConflict, e
 	case errors.Is(err, ErrUnknownVM):
 		e.Code = wire.CodeUnknownVM
 		return http.StatusNotFound, e

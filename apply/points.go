@@ -59,14 +59,13 @@ func (v *vm) openPoints() error {
 	return nil
 }
 
-// pointsErr reopens a store an I/O error broke (Open recovers it), so the
-// retry of the apply finds it usable, and returns err.
+// pointsErr says what to do about a store an I/O error broke. The store
+// is not reopened in place: a failed-over VM's journal writes through it
+// (GuardFS), and readers take v.snap without the apply lock. A restart of
+// the daemon opens it again, which recovers it (snapshot.Open).
 func (v *vm) pointsErr(err error) error {
 	if errors.Is(err, snapshot.ErrBroken) {
-		v.snap.Close()
-		if rerr := v.openPoints(); rerr != nil {
-			v.s.log.Error("reopen recovery points", "vm", v.name, "err", rerr)
-		}
+		return fmt.Errorf("%w (replica VM %q: fix the cause, e.g. free space, and restart the daemon to recover its recovery points)", err, v.name)
 	}
 	return err
 }
@@ -388,6 +387,9 @@ func (s *Server) CancelFailover(name string) error {
 	if st.Failover == nil {
 		return fmt.Errorf("%w: replica VM %q is not failed over", ErrInvalid, name)
 	}
+	if st.Failover.Completing {
+		return fmt.Errorf("%w: the failover of replica VM %q is being completed and can no longer be cancelled; run `vdrepl failover complete %s` again", ErrInvalid, name, name)
+	}
 	if n := v.snap.OpenViews(); n > 0 && !st.Failover.Cancelling {
 		return fmt.Errorf("%w: %d views of replica VM %q's recovery points are open (a test failover)", snapshot.ErrBusy, n, name)
 	}
@@ -452,6 +454,15 @@ func (s *Server) dropPoints(name string) error {
 	}
 	if err := v.revert(); err != nil {
 		return err
+	}
+	if !st.Failover.Completing {
+		err := v.update(func(st *replicaState) error {
+			st.Failover.Completing = true
+			return nil
+		})
+		if err != nil {
+			return err
+		}
 	}
 	return v.pointsErr(v.snap.Prune(0))
 }

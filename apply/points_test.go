@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -312,4 +313,34 @@ func TestCancelRefusedWhileViewOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkImages(t, vfs.Default, dir, testDisks, latest)
+}
+
+// TestCompleteInterruptedCannotCancel: a complete that dropped the points
+// but failed to forget the replica VM cannot be cancelled any more (the
+// latest state is gone); complete again finishes it.
+func TestCompleteInterruptedCannotCancel(t *testing.T) {
+	efs := vfs.NewErrorFS(vfs.Default)
+	h, a, _ := setupPoints(t, efs, 3, time.Minute)
+	history(t, a, map[uint64]model{}, newModel(testDisks), 1, 3, nil)
+	if _, err := h.server().FailOver("vm1", "unplanned", "1"); err != nil {
+		t.Fatal(err)
+	}
+	efs.InjectAfterPath(vfs.OpRename, registryFile, 0, vfs.ErrInjected)
+	if err := h.server().CompleteFailover("vm1"); !errors.Is(err, vfs.ErrInjected) {
+		t.Fatalf("complete with a failing registry: %v", err)
+	}
+	efs.Reset()
+	h.restart(efs)
+	if got := h.server().FailedOver(); len(got) != 1 {
+		t.Fatalf("the half-completed failover is not served: %+v", got)
+	}
+	if err := h.server().CancelFailover("vm1"); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "being completed") {
+		t.Fatalf("cancel after an interrupted complete: %v", err)
+	}
+	if err := h.server().CompleteFailover("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := h.server().Replica("vm1"); ok {
+		t.Fatal("the replica VM is still there after complete")
+	}
 }

@@ -118,6 +118,9 @@ type failoverRecord struct {
 	// Cancelling: a cancel began; the rollback to Latest is finished at
 	// recovery.
 	Cancelling bool `json:"cancelling,omitempty"`
+	// Completing: a complete began and may have dropped the points, so
+	// the failover can no longer be cancelled; complete is run again.
+	Completing bool `json:"completing,omitempty"`
 }
 
 // Replica states (wire.Replica.State).

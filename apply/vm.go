@@ -36,8 +36,8 @@ type vm struct {
 	// st.Images hold the same.
 	disks  []wire.Disk
 	images []string
-	// snap holds the recovery points (points.go); replaced only under
-	// apply, when an I/O error broke it.
+	// snap holds the recovery points (points.go); set once, when the VM
+	// is opened or created.
 	snap *snapshot.Store
 	// relay, when set, gets every applied change (extended replication);
 	// guarded by apply.

@@ -202,10 +202,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Error(d.identityErr.Error())
 	}
 	var err error
-	if d.replica, err = apply.New(apply.Config{StateDir: d.cfg.StateDir, Logger: d.log.With("role", "replica"), Host: (*hostHooks)(d)}); err != nil {
+	if d.replica, err = apply.New(apply.Config{StateDir: d.cfg.StateDir, Logger: d.log.With("role", "replica"), Host: (*hostHooks)(d), DeferRecovery: true}); err != nil {
 		d.shutdown()
 		return fmt.Errorf("replica role: %w", err)
 	}
+	// Relays first: an apply a crash interrupted is redone by Recover and
+	// must reach the third host too.
+	d.restartExtensions()
+	d.replica.Recover()
 
 	specs, err := d.reg.load()
 	if err != nil {
@@ -240,7 +244,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	d.restartTests()
-	d.restartExtensions()
 
 	errc := make(chan error, len(d.cfg.NBD)+4)
 	if d.cfg.ReplicaListen != "" && d.identityErr == nil {
@@ -590,6 +593,20 @@ func (d *Daemon) AddVM(s VMSpec) (VMSpec, error) {
 			return s, fmt.Errorf("%w: disk path %q must be absolute", ErrInvalid, ds.Path)
 		}
 		ds.Path = filepath.Clean(ds.Path)
+	}
+	if d.replica != nil {
+		if _, ok := d.replica.Replica(s.Name); ok {
+			return s, fmt.Errorf("%w: this host keeps a replica VM named %s; a VM here and a replica may not share a name", ErrExists, s.Name)
+		}
+		for _, r := range d.replica.Replicas() {
+			for _, img := range d.replica.Images(r.VM) {
+				for _, ds := range s.Disks {
+					if sameFile(img, ds.Path) {
+						return s, fmt.Errorf("%w: %s is an image of replica VM %s", ErrInUse, ds.Path, r.VM)
+					}
+				}
+			}
+		}
 	}
 	d.mu.Lock()
 	if _, ok := d.vms[s.Name]; ok {

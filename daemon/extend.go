@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -112,21 +113,25 @@ type relayJournal struct {
 	r *relay
 }
 
+// Seal and BeginResync check consistency holding the relay's lock, so no
+// apply (a sync piece that makes the replica inconsistent) slips in
+// between the check and the cut. Lock order: relay.mu, then the replica
+// VM's state lock (apply's vm.mu), never the other way.
 func (rj relayJournal) Seal(flags uint64) (journal.CycleInfo, error) {
+	rj.r.mu.Lock()
+	defer rj.r.mu.Unlock()
 	if err := rj.r.consistent(); err != nil {
 		return journal.CycleInfo{}, err
 	}
-	rj.r.mu.Lock()
-	defer rj.r.mu.Unlock()
 	return rj.r.j.Seal(flags)
 }
 
 func (rj relayJournal) BeginResync() (journal.CycleInfo, error) {
+	rj.r.mu.Lock()
+	defer rj.r.mu.Unlock()
 	if err := rj.r.consistent(); err != nil {
 		return journal.CycleInfo{}, err
 	}
-	rj.r.mu.Lock()
-	defer rj.r.mu.Unlock()
 	return rj.r.j.BeginResync()
 }
 
@@ -365,7 +370,7 @@ func (d *Daemon) extensionStatus(name string) []ReplicationStatus {
 		}
 	}
 	d.mu.Unlock()
-	slices.SortFunc(xs, func(a, b *extension) int { return cmpString(a.vm, b.vm) })
+	slices.SortFunc(xs, func(a, b *extension) int { return strings.Compare(a.vm, b.vm) })
 	var out []ReplicationStatus
 	for _, x := range xs {
 		out = append(out, ReplicationStatus{VM: x.vm, Role: "extended",
@@ -373,14 +378,4 @@ func (d *Daemon) extensionStatus(name string) []ReplicationStatus {
 			Status: x.ship.Status()})
 	}
 	return out
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

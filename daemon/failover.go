@@ -82,6 +82,10 @@ type FailoverResult struct {
 	// Lacks names the disks the replica never had (excluded from
 	// replication on the primary).
 	Lacks []string `json:"lacks_disks,omitempty"`
+	// ExtendStopped: the VM's replication was extended from here to this
+	// third host; the failover stopped that (the images no longer follow
+	// the primary). Extend again once the VM replicates here again.
+	ExtendStopped string `json:"extend_stopped,omitempty"`
 }
 
 const testsFile = "tests.json"
@@ -298,17 +302,18 @@ func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
 			return FailoverResult{}, fmt.Errorf("%w: VM %s is already failed over to %s; cancel first to choose another point", ErrExists, name, pointName(r.FailedOver.Point))
 		}
 	}
+	stopped := d.stopExtendForFailover(name)
 	fo, err := d.replica.FailOver(name, "unplanned", id)
 	if err != nil {
 		return FailoverResult{}, d.pointErr(err)
 	}
 	crashpoint.Hit("failover-before-register")
 	if !exists || v.j == nil {
-		if err := d.registerFailedOver(name, fo, !exists); err != nil {
+		if err := d.registerFailedOver(name, fo, !exists, ""); err != nil {
 			return FailoverResult{}, err
 		}
 	}
-	res := FailoverResult{VM: name, Point: fo.Point, Cycle: fo.Latest, Lacks: fo.Excluded}
+	res := FailoverResult{VM: name, Point: fo.Point, Cycle: fo.Latest, Lacks: fo.Excluded, ExtendStopped: stopped}
 	for _, disk := range fo.Disks {
 		res.Exports = append(res.Exports, name+"/"+disk.Name)
 	}
@@ -327,11 +332,13 @@ func pointName(id string) string {
 // fresh: the registry does not name the VM, so a journal directory of that
 // name is a leftover of an earlier failover that was cancelled, and holds
 // nothing the images need.
-func (d *Daemon) registerFailedOver(name string, fo apply.FailedOverVM, fresh bool) error {
-	spec := VMSpec{Name: name, Created: time.Now().UTC().Truncate(time.Second), FailedOver: true, Lacks: fo.Excluded}
-	for i, disk := range fo.Disks {
-		spec.Disks = append(spec.Disks, DiskSpec{Name: disk.Name, Path: fo.Images[i], Size: disk.Size})
-	}
+//
+// promotedFrom is the old primary of a planned failover: recorded from the
+// start, so that a crash anywhere in the promotion leaves a VM that a
+// repeated handover from that peer recognises.
+func (d *Daemon) registerFailedOver(name string, fo apply.FailedOverVM, fresh bool, promotedFrom string) error {
+	spec := failedOverSpec(name, fo)
+	spec.PromotedFrom = promotedFrom
 	if fresh {
 		os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name))
 	}
@@ -362,6 +369,35 @@ func (d *Daemon) registerFailedOver(name string, fo apply.FailedOverVM, fresh bo
 	return nil
 }
 
+// stopExtendForFailover stops the extension of a replica VM about to fail
+// over here and returns where it went ("" if it had none): what the
+// failed-over VM writes is not a state of its primary, so it must not
+// reach the third host as one.
+func (d *Daemon) stopExtendForFailover(name string) string {
+	d.mu.Lock()
+	x, ok := d.extensions[name]
+	d.mu.Unlock()
+	if !ok {
+		return ""
+	}
+	d.stopExtension(name)
+	if err := d.saveExtensions(); err != nil {
+		d.log.Error("record extensions", "err", err)
+	}
+	os.RemoveAll(d.extendDir(name))
+	d.log.Warn("extended replication stopped by the failover", "vm", name, "to", x.spec.Replica)
+	return x.spec.Replica
+}
+
+// failedOverSpec is the registry entry of a replica VM failed over here.
+func failedOverSpec(name string, fo apply.FailedOverVM) VMSpec {
+	spec := VMSpec{Name: name, Created: time.Now().UTC().Truncate(time.Second), FailedOver: true, Lacks: fo.Excluded}
+	for i, disk := range fo.Disks {
+		spec.Disks = append(spec.Disks, DiskSpec{Name: disk.Name, Path: fo.Images[i], Size: disk.Size})
+	}
+	return spec
+}
+
 // failedOverVM returns a VM of this daemon that is a failover not yet
 // completed.
 func (d *Daemon) failedOverVM(name string) (*vm, error) {
@@ -383,12 +419,13 @@ func (d *Daemon) CompleteFailover(name string) error {
 	if err != nil {
 		return err
 	}
-	return d.completeLocked(name, v)
+	return d.completeLocked(name, v, nil)
 }
 
-// completeLocked is CompleteFailover with opMu held. A test failover of
-// the VM ends with it: its point is discarded.
-func (d *Daemon) completeLocked(name string, v *vm) error {
+// completeLocked is CompleteFailover with opMu held; edit, if not nil,
+// changes the VM's spec in the same registry write. A test failover of the
+// VM ends with it: its point is discarded.
+func (d *Daemon) completeLocked(name string, v *vm, edit func(*VMSpec)) error {
 	d.mu.Lock()
 	_, testing := d.tests[name]
 	d.mu.Unlock()
@@ -403,7 +440,12 @@ func (d *Daemon) completeLocked(name string, v *vm) error {
 		return d.pointErr(err)
 	}
 	crashpoint.Hit("complete-before-registry")
-	if err := d.setSpec(v, func(s *VMSpec) { s.FailedOver = false }); err != nil {
+	if err := d.setSpec(v, func(s *VMSpec) {
+		s.FailedOver = false
+		if edit != nil {
+			edit(s)
+		}
+	}); err != nil {
 		return err
 	}
 	d.log.Info("failover completed: the VM is this host's; recovery points discarded", "vm", name)
@@ -518,18 +560,20 @@ func (d *Daemon) reconcileFailovers(specs []VMSpec) []VMSpec {
 			changed = true
 		}
 	}
-	if changed {
-		if err := d.reg.save(out); err != nil {
-			d.log.Error("save registry", "err", err)
-		}
-	}
+	// d.vms is still empty here: the new entries join the list loaded, and
+	// the registry is written from that list, once.
 	for name, fo := range fos {
 		if seen[name] {
 			continue
 		}
 		d.log.Warn("failover was interrupted before the VM was registered; registering it", "vm", name)
-		if err := d.registerFailedOver(name, fo, true); err != nil {
-			d.log.Error("failed-over VM not served", "vm", name, "err", err)
+		os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name)) // a cancelled failover's leftover
+		out = append(out, failedOverSpec(name, fo))
+		changed = true
+	}
+	if changed {
+		if err := d.reg.save(out); err != nil {
+			d.log.Error("save registry", "err", err)
 		}
 	}
 	return out

@@ -295,7 +295,7 @@ func (d *Daemon) Reverse(name string, r ReplicationSpec) (ReplicationSpec, error
 	}
 	r.Initial = "existing"
 	if v.spec.FailedOver {
-		if err := d.completeLocked(name, v); err != nil {
+		if err := d.completeLocked(name, v, nil); err != nil {
 			return r, err
 		}
 	}
@@ -314,7 +314,7 @@ func (h *hostHooks) Local(name string) bool {
 }
 
 // errAdoptBusy: the VM is still in use here; the new primary retries.
-var errAdoptBusy = errors.New("busy")
+var errAdoptBusy = errors.New("daemon: VM in use")
 
 // Adopt hands a VM of this host to the replica role (see apply.Host).
 func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Enable) ([]string, func(bool), error) {
@@ -352,6 +352,14 @@ func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Ena
 			return nil, nil, fmt.Errorf("%w: VM %s here has no disk %s of %d bytes", apply.ErrMismatch, name, wd.Name, wd.Size)
 		}
 		images = append(images, v.spec.Disks[i].Path)
+	}
+	// What this host wrote after the replica's last cycle is overwritten
+	// by the resync that follows (the VM runs there now): say how much.
+	if v.spec.HandedOver == nil {
+		if cs, js := v.j.Cycles(), v.j.Stats(); len(cs) > 0 || js.RetainedBytes > 0 {
+			d.log.Warn("VM becomes a replica: writes made here that never reached the new primary are discarded",
+				"vm", name, "primary", peer, "unshipped_cycles", len(cs), "unshipped_bytes", js.RetainedBytes)
+		}
 	}
 	// Stop serving it and write everything back; the images are the
 	// replica's from here.
@@ -395,17 +403,18 @@ func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	v, exists := d.vms[name]
 	d.mu.Unlock()
 	if exists && !v.spec.FailedOver {
-		if v.spec.PromotedFrom != peer {
+		if peer == "" || v.spec.PromotedFrom != peer {
 			return fmt.Errorf("%w: VM %s already runs on this host", apply.ErrExists, name)
 		}
 		return d.replicateBack(name, ho) // a repeated handover
 	}
+	d.stopExtendForFailover(name)
 	fo, err := d.replica.FailOver(name, "planned", "")
 	if err != nil {
 		return err
 	}
 	if !exists || v.j == nil {
-		if err := d.registerFailedOver(name, fo, !exists); err != nil {
+		if err := d.registerFailedOver(name, fo, !exists, peer); err != nil {
 			return err
 		}
 	}
@@ -413,10 +422,7 @@ func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	v = d.vms[name]
 	d.mu.Unlock()
 	crashpoint.Hit("promote-failed-over")
-	if err := d.completeLocked(name, v); err != nil {
-		return err
-	}
-	if err := d.setSpec(v, func(s *VMSpec) { s.PromotedFrom = peer }); err != nil {
+	if err := d.completeLocked(name, v, func(s *VMSpec) { s.PromotedFrom = peer }); err != nil {
 		return err
 	}
 	crashpoint.Hit("promote-completed")

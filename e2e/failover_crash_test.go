@@ -78,6 +78,9 @@ func TestUnplannedFailoverCrashPoints(t *testing.T) {
 	} {
 		t.Run(s.point, func(t *testing.T) {
 			p := pointsPair(t, 3)
+			// A VM of the replica host's own must come through every
+			// restart, whatever the failover does to the registry.
+			p.rep.addVM("own", "4M")
 			want := map[uint64][]byte{}
 			var cycles []uint64
 			last := time.Now()
@@ -143,6 +146,11 @@ func TestUnplannedFailoverCrashPoints(t *testing.T) {
 					t.Fatal("the completed VM lost data")
 				}
 			}
+			p.rep.kill()
+			p.rep.start()
+			if _, ok := vmList(t, p.rep)["own"]; !ok {
+				t.Fatalf("the replica host's own VM left its registry: %+v", vmList(t, p.rep))
+			}
 		})
 	}
 }
@@ -158,6 +166,7 @@ func TestPlannedFailoverCrashPoints(t *testing.T) {
 	}{
 		{"handover-recorded", true},
 		{"promote-failed-over", false},
+		{"complete-before-registry", false}, // inside the promotion
 		{"promote-completed", false},
 		{"adopt-registered", true},
 	} {

@@ -199,10 +199,14 @@ func (f guardFile) guard(off, n int64, zeroing bool) error {
 	if f.s.released() {
 		return nil
 	}
-	if err := f.s.before(f.disk, off, n, zeroing); err != nil {
-		return err
+	err := f.s.before(f.disk, off, n, zeroing)
+	if err == nil {
+		err = f.s.Sync()
 	}
-	return f.s.Sync()
+	if errors.Is(err, ErrClosed) && f.s.released() {
+		return nil // closed meanwhile, its points gone: a completed failover
+	}
+	return err
 }
 
 func (f guardFile) WriteAt(p []byte, off int64) (int, error) {

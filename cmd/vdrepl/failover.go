@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -16,8 +17,8 @@ import (
 // or a Go duration ("30m", "1h30m").
 func parseHours(s string) (time.Duration, error) {
 	if h, err := strconv.ParseFloat(s, 64); err == nil {
-		if h < 0 {
-			return 0, fmt.Errorf("want hours >= 0")
+		if math.IsNaN(h) || h < 0 || h > 24*365*10 {
+			return 0, fmt.Errorf("want hours from 0 to 87600")
 		}
 		return time.Duration(h * float64(time.Hour)), nil
 	}
