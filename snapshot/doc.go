@@ -142,6 +142,24 @@
 // truncated there (cutTornTail). Segment files the manifest does not name
 // and *.tmp files are removed; a rollback intent is finished.
 //
+// # Revert and the guard (unplanned failover)
+//
+// Revert(P) writes point P's content into the images like Rollback, but as
+// a writer that goes through BeforeWrite: each block it changes is first
+// saved in the open segment, as content at the newest point, which must be
+// the latest cycle. So every point stays exact, and Rollback to the newest
+// point undoes the revert and everything written since (a cancelled
+// failover). GuardFS wraps a filesystem so that the images, written by
+// anyone else (the failed-over VM's journal), save their undo data the
+// same way, BeforeWrite or BeforeZero then Sync before each change. Revert
+// verifies every record first, saves and syncs in batches before writing,
+// and can be run again after a crash to finish (revert_test.go crashes it
+// at every mutating call).
+//
+// Application-consistent barriers: quiesce.go (freeze the guest, take the
+// barrier, thaw; a failed or slow freeze thaws at once and the barrier is
+// taken anyway, marked not application-consistent).
+//
 // # Errors
 //
 // After a write or sync of the Store's own files fails, memory and disk may
