@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 	"text/tabwriter"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -434,7 +435,17 @@ func statusCmd() *cli.Command {
 				}
 				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", v.Name, len(v.Disks), vmState(v), cycle, used, capb)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, t := range s.Tests {
+				fmt.Fprintf(w, "test failover: %s from recovery point %s (cycle %d), exports %s, since %s\n",
+					t.VM, t.Point, t.Cycle, strings.Join(t.Exports, ", "), t.Started.Local().Format(time.DateTime))
+			}
+			for _, warn := range s.Warnings {
+				fmt.Fprintf(w, "warning: %s\n", warn)
+			}
+			return nil
 		},
 	}
 }
