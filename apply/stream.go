@@ -46,7 +46,7 @@ func (v *vm) openStream(name string) (vfs.File, *wire.Reader, error) {
 	var src io.Reader = io.NewSectionReader(f, 0, size)
 	if _, ok := v.s.fs.(vfs.OS); ok {
 		if d, err := openDirect(name, size); err == nil {
-			f, src = &withCloser{File: f, also: d.f}, d
+			f, src = &withCloser{File: f, also: d}, d
 		}
 	}
 	r, err := wire.NewReader(src)
@@ -75,13 +75,23 @@ const directBlock = 4 << 20
 // page cache: a staged stream was written with O_DIRECT (stageChunk) and
 // is read once, so a buffered read would only fill the page cache with
 // pages nobody reads again. The kernel writes back cached dirty pages of
-// the range before a direct read, so it sees every write.
+// the range before a direct read, so it sees every write. A goroutine
+// reads the next block while the caller uses this one, so reading the
+// stream overlaps writing the images.
 type directReader struct {
-	f    *os.File
-	size int64
-	buf  []byte
-	r, w int
-	off  int64
+	f     *os.File
+	full  chan directRead // blocks read, in order
+	empty chan []byte
+	stop  chan struct{}
+	done  chan struct{}
+	cur   directRead
+	r     int
+}
+
+type directRead struct {
+	buf []byte
+	n   int
+	err error // after the n bytes
 }
 
 func openDirect(name string, size int64) (*directReader, error) {
@@ -89,30 +99,86 @@ func openDirect(name string, size int64) (*directReader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &directReader{f: f, size: size, buf: vfs.AlignedBuffer(directBlock)}, nil
+	d := &directReader{
+		f:     f,
+		full:  make(chan directRead, 1),
+		empty: make(chan []byte, 2),
+		stop:  make(chan struct{}),
+		done:  make(chan struct{}),
+	}
+	d.empty <- vfs.AlignedBuffer(directBlock)
+	d.empty <- vfs.AlignedBuffer(directBlock)
+	go d.readAhead(size)
+	return d, nil
+}
+
+// readAhead reads the file's blocks in order until size, an error or stop.
+func (d *directReader) readAhead(size int64) {
+	defer close(d.done)
+	defer close(d.full)
+	for off := int64(0); ; {
+		var buf []byte
+		select {
+		case buf = <-d.empty:
+		case <-d.stop:
+			return
+		}
+		rd := directRead{buf: buf}
+		if off >= size {
+			rd.err = io.EOF
+		} else {
+			// One pread: os.File.ReadAt would go on at an unaligned
+			// offset after a short read, which O_DIRECT refuses.
+			n, err := unix.Pread(int(d.f.Fd()), buf, off)
+			switch {
+			case err != nil:
+				rd.err = fmt.Errorf("apply: read %s: %w", d.f.Name(), err)
+			case n == 0:
+				rd.err = io.EOF
+			default:
+				rd.n = int(min(int64(n), size-off))
+				off += int64(rd.n)
+				if off < size && rd.n%vfs.DirectAlign != 0 {
+					// The next pread would be at an unaligned offset.
+					rd.err = fmt.Errorf("apply: read %s: short read of %d bytes", d.f.Name(), n)
+				}
+			}
+		}
+		select {
+		case d.full <- rd:
+		case <-d.stop:
+			return
+		}
+		if rd.err != nil {
+			return
+		}
+	}
 }
 
 func (d *directReader) Read(p []byte) (int, error) {
-	if d.r == d.w {
-		if d.off >= d.size {
-			return 0, io.EOF
+	for d.r == d.cur.n {
+		if d.cur.err != nil {
+			return 0, d.cur.err
 		}
-		// One pread: os.File.ReadAt would go on at an unaligned offset
-		// after a short read, which O_DIRECT refuses.
-		n, err := unix.Pread(int(d.f.Fd()), d.buf, d.off)
-		if err != nil {
-			return 0, fmt.Errorf("apply: read %s: %w", d.f.Name(), err)
+		if d.cur.buf != nil {
+			d.empty <- d.cur.buf
 		}
-		if n == 0 {
-			return 0, io.EOF
+		rd, ok := <-d.full
+		if !ok {
+			return 0, io.ErrUnexpectedEOF // closed
 		}
-		n = int(min(int64(n), d.size-d.off))
-		d.off += int64(n)
-		d.r, d.w = 0, n
+		d.cur, d.r = rd, 0
 	}
-	k := copy(p, d.buf[d.r:d.w])
+	k := copy(p, d.cur.buf[d.r:d.cur.n])
 	d.r += k
 	return k, nil
+}
+
+// Close stops the read-ahead and closes the file.
+func (d *directReader) Close() error {
+	close(d.stop)
+	<-d.done
+	return d.f.Close()
 }
 
 // verifyStream reads a whole staged stream: check vets its header (an
