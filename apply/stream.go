@@ -7,7 +7,6 @@ import (
 	"io/fs"
 	"os"
 	"slices"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -69,7 +68,7 @@ func (w *withCloser) Close() error {
 }
 
 // directBlock is what a directReader reads at a time.
-const directBlock = 4 << 20
+const directBlock = 8 << 20
 
 // directReader reads a file from its start with O_DIRECT, bypassing the
 // page cache: a staged stream was written with O_DIRECT (stageChunk) and
@@ -228,9 +227,10 @@ func (v *vm) checkHeader(h wire.Header, kind string) error {
 // reader skips the BLAKE3 end hash (it would be known only after every
 // frame was written) and checks each frame's CRC32C before its write.
 // Data frames of whole 4 KiB blocks go to the image with O_DIRECT where the
-// file offers it: they bypass the page cache (one copy less per byte, and
-// no dirty pages for the image's fsync to write back), and the kernel
-// keeps the page cache coherent for readers of the image.
+// file offers it, gathered into writes of up to 8 MiB where they follow
+// each other: they bypass the page cache (one copy less per byte, and no
+// dirty pages for the image's fsync to write back), and the kernel keeps
+// the page cache coherent for readers of the image.
 func (v *vm) applyStream(name string, imgs []vfs.File) error {
 	f, r, err := v.openStream(name)
 	if err != nil {
@@ -241,19 +241,31 @@ func (v *vm) applyStream(name string, imgs []vfs.File) error {
 		return fmt.Errorf("%w: %s: stream disks %v, replica VM has %v", ErrMismatch, name, h.Disks, v.disks)
 	}
 	r.SkipHash()
-	var aligned []byte // for data that does not start at an aligned address
+	var g gather
 	for {
 		fr, err := r.Next()
 		if err == io.EOF {
-			return nil
+			return g.flush()
 		}
 		if err != nil {
 			return streamErr(name, err)
 		}
 		img := imgs[fr.Disk] // the reader checked the index against the header's disks
+		if fr.Type == wire.FrameData {
+			took, err := g.add(img, fr.Data, fr.Offset)
+			if err != nil {
+				return err
+			}
+			if took {
+				continue
+			}
+		}
+		if err := g.flush(); err != nil {
+			return err
+		}
 		switch fr.Type {
 		case wire.FrameData:
-			err = writeData(img, fr.Data, fr.Offset, &aligned)
+			_, err = img.WriteAt(fr.Data, fr.Offset)
 		case wire.FrameTrim, wire.FrameZero:
 			// A hole reads as zeroes; vfs falls back to writing zeroes
 			// where the filesystem cannot punch holes.
@@ -273,23 +285,57 @@ func (v *vm) applyStream(name string, imgs []vfs.File) error {
 // page cache's copy costs less than a synchronous device write.
 const directMin = 64 << 10
 
-// writeData writes p at off of img, with O_DIRECT when img can and p is
-// whole blocks at a block offset (through *aligned, a reused buffer, when p
-// does not start at an aligned address).
-func writeData(img vfs.File, p []byte, off int64, aligned *[]byte) error {
+// gatherMax is the most a gather writes at once: with O_DIRECT each write
+// waits for the device, and 8 MiB writes of a GiB took a third of the time
+// 1 MiB ones (the frames' size) did on the benchmark machine.
+const gatherMax = 8 << 20
+
+// gather collects data frames that follow each other on one image into
+// one O_DIRECT write (frames of whole blocks at block offsets, of at least
+// directMin bytes, on a file that offers O_DIRECT). Frames are applied in
+// order: the caller flushes before any frame gather does not take.
+type gather struct {
+	img vfs.File
+	dw  vfs.DirectWriter
+	off int64
+	buf []byte // aligned, gatherMax; buf[:n] pending at off
+	n   int
+}
+
+// add takes data p at off of img if it can be written with O_DIRECT,
+// flushing what it held first when p does not follow it. False: the caller
+// writes p itself (after a flush).
+func (g *gather) add(img vfs.File, p []byte, off int64) (bool, error) {
 	dw, ok := img.(vfs.DirectWriter)
-	if !ok || len(p) < directMin || len(p)%vfs.DirectAlign != 0 || off%vfs.DirectAlign != 0 {
-		_, err := img.WriteAt(p, off)
-		return err
+	if !ok || len(p) < directMin || len(p)%vfs.DirectAlign != 0 || off%vfs.DirectAlign != 0 || len(p) > gatherMax {
+		return false, nil
 	}
-	if uintptr(unsafe.Pointer(&p[0]))%vfs.DirectAlign != 0 {
-		if cap(*aligned) < len(p) {
-			*aligned = vfs.AlignedBuffer(wire.MaxFrameData)
+	if g.n > 0 && (img != g.img || off != g.off+int64(g.n) || g.n+len(p) > gatherMax) {
+		if err := g.flush(); err != nil {
+			return false, err
 		}
-		p = append((*aligned)[:0], p...)
 	}
-	_, err := dw.WriteDirectAt(p, off)
-	return err
+	if g.buf == nil {
+		g.buf = vfs.AlignedBuffer(gatherMax)
+	}
+	if g.n == 0 {
+		g.img, g.dw, g.off = img, dw, off
+	}
+	g.n += copy(g.buf[g.n:], p)
+	return true, nil
+}
+
+// flush writes what the gather holds.
+func (g *gather) flush() error {
+	if g.n == 0 {
+		return nil
+	}
+	n := g.n
+	g.n = 0
+	if _, err := g.dw.WriteDirectAt(g.buf[:n], g.off); err != nil {
+		return fmt.Errorf("apply: data to %s [%d, +%d): %w", g.img.Name(), g.off, n, err)
+	}
+	return nil
 }
 
 // applyFiles applies streams to the images, in order, and makes the images
