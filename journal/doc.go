@@ -50,7 +50,8 @@
 //	offset  size  field
 //	0       4     magic "VDJR" (0x524a4456)
 //	4       1     version (1)
-//	5       1     kind: 1 write, 2 trim, 3 zero, 4 zero (keep allocated), 5 seal
+//	5       1     kind: 1 write, 2 trim, 3 zero, 4 zero (keep allocated), 5 seal,
+//	              6 pad
 //	6       2     disk index within the VM
 //	8       8     LSN of this record (guards against stale bytes at a position)
 //	16      8     cycle the record belongs to (for a seal: the cycle it closes)
@@ -61,12 +62,19 @@
 //	52      4     CRC32C of bytes 0..51
 //	56      ...   payload: the data of a write; for a seal, 16 bytes:
 //	              unix nanoseconds (8) and flags (8, bit 0 app-consistent,
-//	              bit 1 recovery point wanted)
+//	              bit 1 recovery point wanted); for a pad, length zero bytes
+//
+// A pad (disk 0, offset 0, length < 8192) changes nothing. It fills the gap
+// before a write of 128 KiB or more appended with O_DIRECT, whose payload must
+// start on a 4 KiB boundary of the segment file: pad, then that record's
+// header ending on the boundary (see direct.go). Readers skip pads.
 //
 // # Recovery
 //
-// Open scans every segment. The first record that does not verify ends the
-// journal. If it lies at or beyond the largest "synced" value of any valid
+// Open scans every segment. A segment whose last record ends where the next
+// segment begins is complete, whatever follows in its file (a recycled
+// segment keeps its earlier life's bytes there). Otherwise the first record
+// that does not verify ends the journal. If it lies at or beyond the largest "synced" value of any valid
 // record, it is a torn tail (ErrZeroed or ErrInvalid from the decoder): the
 // segment is cut back to its last valid record and later segments removed.
 // Below that watermark a sync had covered it: Open fails with ErrCorrupt and

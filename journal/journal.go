@@ -131,6 +131,10 @@ type Journal struct {
 	cutting    bool      // a switch to dirty tracking is under way
 	cutReason  string    // why, when not the cap
 
+	// directMin is the smallest write payload appended with O_DIRECT
+	// (directAppendMin; tests lower it to drive small writes that way).
+	directMin int
+
 	kick    chan struct{}
 	stop    chan struct{}
 	wg      sync.WaitGroup
@@ -179,15 +183,16 @@ func Open(cfg Config) (*Journal, error) {
 		cfg.Cap = max(total/2, 2*cfg.SegmentSize)
 	}
 	j := &Journal{
-		cfg:      cfg,
-		fs:       cfg.FS,
-		log:      cfg.Logger,
-		inflight: make(map[uint64]struct{}),
-		open:     make(map[uint64]*cycleIndex),
-		written:  make(map[uint64]int64),
-		pending:  make(map[uint64]uint64),
-		kick:     make(chan struct{}, 1),
-		stop:     make(chan struct{}),
+		cfg:       cfg,
+		fs:        cfg.FS,
+		log:       cfg.Logger,
+		inflight:  make(map[uint64]struct{}),
+		open:      make(map[uint64]*cycleIndex),
+		written:   make(map[uint64]int64),
+		pending:   make(map[uint64]uint64),
+		kick:      make(chan struct{}, 1),
+		stop:      make(chan struct{}),
+		directMin: directAppendMin,
 	}
 	j.cond = sync.NewCond(&j.mu)
 	if err := j.fs.MkdirAll(cfg.Dir, 0o700); err != nil {
@@ -369,18 +374,26 @@ func (j *Journal) reserveLocked(n int64) (uint64, *segment, error) {
 	}
 	active := j.segs[len(j.segs)-1]
 	if j.head+uint64(n) > active.base+uint64(j.cfg.SegmentSize) {
-		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked())
-		if err != nil {
-			return 0, nil, j.failLocked(err)
+		var err error
+		if active, err = j.newSegmentLocked(); err != nil {
+			return 0, nil, err
 		}
-		j.segs = append(j.segs, seg)
-		j.head += segmentHeaderSize
-		active = seg
 	}
 	lsn := j.head
 	j.head += uint64(n)
 	j.inflight[lsn] = struct{}{}
 	return lsn, active, nil
+}
+
+// newSegmentLocked starts a new active segment at the head.
+func (j *Journal) newSegmentLocked() (*segment, error) {
+	seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked(), j.cfg.SegmentSize)
+	if err != nil {
+		return nil, j.failLocked(err)
+	}
+	j.segs = append(j.segs, seg)
+	j.head += segmentHeaderSize
+	return seg, nil
 }
 
 // appendRecord writes one record and returns its header. The caller holds the
@@ -616,7 +629,11 @@ func (j *Journal) write(disk int, p []byte, off int64) error {
 
 func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
 	h := Header{Kind: KindWrite, Disk: uint16(disk), Offset: uint64(off), Length: uint64(len(p))}
-	_, err := j.appendRecord(h, p, func(h *Header) {
+	appendFn := j.appendRecord
+	if len(p) >= j.directMin {
+		appendFn = j.appendDirect
+	}
+	_, err := appendFn(h, p, func(h *Header) {
 		first := uint64(off) / BlockSize
 		nblk := (uint64(len(p)) + BlockSize - 1) / BlockSize
 		ci := j.cycleIndexLocked(h.Cycle)
@@ -755,6 +772,8 @@ func kindName(k uint8) string {
 		return "zero (allocated)"
 	case KindSeal:
 		return "seal"
+	case KindPad:
+		return "pad"
 	}
 	return fmt.Sprintf("kind %d", k)
 }

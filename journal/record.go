@@ -14,7 +14,14 @@ const (
 	KindZero      uint8 = 3 // zeroes written, the range may be deallocated
 	KindZeroAlloc uint8 = 4 // zeroes written, the range stays allocated (NBD NO_HOLE)
 	KindSeal      uint8 = 5 // closes cycle Cycle; payload is a sealPayload
+	// KindPad fills the gap before a write appended with O_DIRECT, so that
+	// its payload starts on a DirectAlign boundary of the segment file. Its
+	// payload is Length zero bytes; it changes nothing on any disk.
+	KindPad uint8 = 6
 )
+
+// maxPad bounds a pad record: it fills less than two DirectAlign blocks.
+const maxPad = 2 * 4096
 
 const (
 	recordMagic   = 0x524a4456 // "VDJR" little endian
@@ -56,7 +63,7 @@ type Header struct {
 // PayloadLen is the number of payload bytes that follow the header.
 func (h *Header) PayloadLen() int64 {
 	switch h.Kind {
-	case KindWrite:
+	case KindWrite, KindPad:
 		return int64(h.Length)
 	case KindSeal:
 		return sealPayloadSize
@@ -120,6 +127,10 @@ func decodeHeader(b []byte) (Header, error) {
 			return h, fmt.Errorf("%w: empty range", ErrInvalid)
 		}
 	case KindSeal:
+	case KindPad:
+		if h.Length > maxPad || h.Disk != 0 || h.Offset != 0 {
+			return h, fmt.Errorf("%w: pad of %d bytes", ErrInvalid, h.Length)
+		}
 	default:
 		return h, fmt.Errorf("%w: unknown kind %d", ErrInvalid, h.Kind)
 	}

@@ -111,6 +111,14 @@ func (j *Journal) recover() error {
 			keep = i
 			break
 		}
+		// A segment is only left for the next one when a record did not
+		// fit: the next starts exactly where its last record ends. Past
+		// that end lie bytes of the file's earlier life (a recycled
+		// segment) or preallocated zeroes, not a torn record.
+		if res.torn != nil && i+1 < len(j.segs) && j.segs[i+1].f != nil && j.segs[i+1].base == res.end {
+			j.log.Debug("journal: segment ends before its file does", "segment", seg.name, "lsn", res.end, "why", res.torn)
+			continue
+		}
 		if res.torn != nil {
 			if err := recoverTail(seg, res, durable); err != nil {
 				return err
@@ -154,7 +162,7 @@ func (j *Journal) recover() error {
 		}
 	}
 	if len(j.segs) == 0 {
-		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked())
+		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked(), j.cfg.SegmentSize)
 		if err != nil {
 			return err
 		}

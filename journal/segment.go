@@ -1,6 +1,7 @@
 package journal
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -26,6 +27,15 @@ type segment struct {
 	base uint64 // LSN of the segment's first byte (its header)
 	f    vfs.File
 	name string
+	dw   vfs.DirectWriter // f's O_DIRECT writes, nil if it has none
+	dr   vfs.DirectReader // f's O_DIRECT reads, nil if it has none
+}
+
+func newSegment(base uint64, f vfs.File, name string) *segment {
+	s := &segment{base: base, f: f, name: name}
+	s.dw, _ = f.(vfs.DirectWriter)
+	s.dr, _ = f.(vfs.DirectReader)
+	return s
 }
 
 func segmentName(dir string, base uint64) string {
@@ -78,7 +88,12 @@ const freePrefix = "free-"
 // area is empty: the header is written to a temporary (or recycled) file,
 // synced, renamed into place and the directory synced, so a crash leaves
 // either no segment or a valid empty one.
-func createSegment(fsys vfs.FS, dir string, base uint64, now int64, recycled string) (*segment, error) {
+//
+// A new file (not a recycled one) is first preallocated to size bytes where
+// the filesystem can: appends then overwrite allocated blocks inside the file
+// instead of extending it, which ext4 serialises for O_DIRECT writes. It is
+// best effort: a journal in a file that is not preallocated works the same.
+func createSegment(fsys vfs.FS, dir string, base uint64, now int64, recycled string, size int64) (*segment, error) {
 	name := segmentName(dir, base)
 	tmp := name + ".tmp"
 	flags := os.O_RDWR | os.O_CREATE | os.O_TRUNC
@@ -94,6 +109,9 @@ func createSegment(fsys vfs.FS, dir string, base uint64, now int64, recycled str
 		fsys.Remove(tmp)
 		return nil, fmt.Errorf("journal: create segment %s: %w", name, err)
 	}
+	if a, ok := f.(vfs.Allocator); ok && recycled == "" {
+		a.Allocate(0, size) // best effort, see above
+	}
 	if _, err := f.WriteAt(encodeSegmentHeader(base, now), 0); err != nil {
 		return fail(err)
 	}
@@ -106,7 +124,7 @@ func createSegment(fsys vfs.FS, dir string, base uint64, now int64, recycled str
 	if err := fsys.SyncDir(dir); err != nil {
 		return fail(err)
 	}
-	return &segment{base: base, f: f, name: name}, nil
+	return newSegment(base, f, name), nil
 }
 
 func openSegment(fsys vfs.FS, dir string, base uint64) (*segment, error) {
@@ -128,7 +146,7 @@ func openSegment(fsys vfs.FS, dir string, base uint64) (*segment, error) {
 		f.Close()
 		return nil, fmt.Errorf("journal: segment %s: %w", name, err)
 	}
-	return &segment{base: base, f: f, name: name}, nil
+	return newSegment(base, f, name), nil
 }
 
 // listFree returns the recycled segment files in dir.
@@ -179,7 +197,7 @@ type scanResult struct {
 }
 
 // scanSegment reads the records of seg in order, calling fn for each valid one
-// with its payload when withPayload(h) says so (nil payload otherwise; the
+// (pads excepted) with its payload when withPayload(h) says so (nil payload otherwise; the
 // payload checksum is verified either way when read). It stops at the end of
 // the file or at the first record that does not verify; that is not an error
 // here, the caller decides with recoverTail whether it was a torn tail or
@@ -212,7 +230,7 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 			return res, syncedBeyond(seg, pos+1, size, &res)
 		}
 		var p []byte
-		if n := h.PayloadLen(); n > 0 && (h.Kind == KindSeal || withPayload(&h)) {
+		if n := h.PayloadLen(); n > 0 && (h.Kind == KindSeal || h.Kind == KindPad || withPayload(&h)) {
 			if int64(cap(payload)) < n {
 				payload = make([]byte, n)
 			}
@@ -226,8 +244,10 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 				return res, syncedBeyond(seg, pos+1, size, &res)
 			}
 		}
-		if err := fn(h, p); err != nil {
-			return res, err
+		if h.Kind != KindPad {
+			if err := fn(h, p); err != nil {
+				return res, err
+			}
 		}
 		res.maxSynced = max(res.maxSynced, h.Synced)
 		pos += h.Size()
@@ -235,6 +255,8 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 	}
 	return res, nil
 }
+
+var recordMagicBytes = []byte("VDJR")
 
 // syncedBeyond looks past a record that does not verify for any valid record
 // header further on and raises res.maxSynced to the largest Synced it finds:
@@ -250,8 +272,12 @@ func syncedBeyond(seg *segment, from, size int64, res *scanResult) error {
 		}
 		b := buf[:n]
 		for i := 0; i+HeaderSize <= len(b) && i < chunk; i++ {
-			if b[i] != 'V' || b[i+1] != 'D' || b[i+2] != 'J' || b[i+3] != 'R' {
-				continue
+			k := bytes.Index(b[i:], recordMagicBytes)
+			if k < 0 {
+				break
+			}
+			if i += k; i+HeaderSize > len(b) || i >= chunk {
+				break
 			}
 			h, err := decodeHeader(b[i : i+HeaderSize])
 			if err == nil && h.LSN == seg.base+uint64(off)+uint64(i) {

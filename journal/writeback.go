@@ -92,18 +92,24 @@ func (j *Journal) writeBack() error {
 			return nil
 		}
 		j.mu.Unlock()
-		for i := range batch {
+		for i := 0; i < len(batch); {
 			h := &batch[i].h
 			var err error
+			k := 1
 			switch {
 			case h.Kind == KindWrite:
-				err = j.writeBackRecord(h)
+				if k = j.directRun(batch[i:]); k > 1 {
+					k, err = j.writeBackRun(batch[i : i+k])
+				} else {
+					err = j.writeBackRecord(h)
+				}
 			case !batch[i].eager:
 				err = j.applyRange(h)
 			}
 			if err != nil {
 				return fmt.Errorf("write back LSN %#x: %w", h.LSN, err)
 			}
+			i += k
 		}
 		j.mu.Lock()
 		j.queue = j.queue[n:]
@@ -153,7 +159,12 @@ func (j *Journal) writeBackRecord(h *Header) error {
 			buf = j.getBuf(n)
 		}
 		j.segMu.RLock()
-		err := j.readJournal(buf, data(r.from))
+		var err error
+		if direct {
+			err = j.readJournalDirect(buf, data(r.from))
+		} else {
+			err = j.readJournal(buf, data(r.from))
+		}
 		j.segMu.RUnlock()
 		if err == nil {
 			if direct {

@@ -100,6 +100,12 @@ func (e *ErrorFS) InjectShortWrite(n int) {
 	e.add(&injection{op: OpWrite, left: n, short: true, err: io.ErrShortWrite})
 }
 
+// InjectShortWritePath is InjectShortWrite counting only writes to files
+// whose name contains substr.
+func (e *ErrorFS) InjectShortWritePath(substr string, n int) {
+	e.add(&injection{op: OpWrite, substr: substr, left: n, short: true, err: io.ErrShortWrite})
+}
+
 // Reset drops every pending injection. Counts are kept.
 func (e *ErrorFS) Reset() {
 	e.mu.Lock()
@@ -254,6 +260,86 @@ func (f *errorFile) WriteAt(b []byte, off int64) (int, error) {
 	default:
 		return 0, in.err
 	}
+}
+
+// WriteDirectAt fails like WriteAt (a short write keeps whole DirectAlign
+// blocks) and goes to the inner file's WriteDirectAt, or its WriteAt if it
+// has none, as the real filesystem falls back where O_DIRECT is missing.
+func (f *errorFile) WriteDirectAt(b []byte, off int64) (int, error) {
+	write := f.inner.WriteAt
+	if dw, ok := f.inner.(DirectWriter); ok {
+		write = dw.WriteDirectAt
+	}
+	in := f.fs.fault(OpWrite, f.Name())
+	switch {
+	case in == nil:
+		return write(b, off)
+	case in.short:
+		n, err := write(b[:len(b)/2&^(DirectAlign-1)], off)
+		if err != nil {
+			return n, err
+		}
+		return n, in.err
+	default:
+		return 0, in.err
+	}
+}
+
+// WritevDirectAt fails like WriteAt (a short write keeps the first half of
+// the buffers) and goes to the inner file's WritevDirectAt, or writes the
+// buffers one by one.
+func (f *errorFile) WritevDirectAt(bufs [][]byte, off int64) (int, error) {
+	write := func(bufs [][]byte) (int, error) {
+		if vw, ok := f.inner.(DirectVectorWriter); ok {
+			return vw.WritevDirectAt(bufs, off)
+		}
+		total := 0
+		for _, b := range bufs {
+			n, err := f.inner.WriteAt(b, off+int64(total))
+			total += n
+			if err != nil {
+				return total, err
+			}
+		}
+		return total, nil
+	}
+	in := f.fs.fault(OpWrite, f.Name())
+	switch {
+	case in == nil:
+		return write(bufs)
+	case in.short:
+		n, err := write(bufs[:len(bufs)/2])
+		if err != nil {
+			return n, err
+		}
+		return n, in.err
+	default:
+		return 0, in.err
+	}
+}
+
+// Allocate fails like Truncate and goes to the inner file's Allocate, or
+// fails with ErrUnsupported if it has none.
+func (f *errorFile) Allocate(off, length int64) error {
+	if err := f.fs.check(OpTruncate, f.Name()); err != nil {
+		return err
+	}
+	if a, ok := f.inner.(Allocator); ok {
+		return a.Allocate(off, length)
+	}
+	return ErrUnsupported
+}
+
+// ReadDirectAt fails like ReadAt and goes to the inner file's ReadDirectAt,
+// or its ReadAt.
+func (f *errorFile) ReadDirectAt(b []byte, off int64) (int, error) {
+	if err := f.fs.check(OpRead, f.Name()); err != nil {
+		return 0, err
+	}
+	if dr, ok := f.inner.(DirectReader); ok {
+		return dr.ReadDirectAt(b, off)
+	}
+	return f.inner.ReadAt(b, off)
 }
 
 // Close closes the inner file even when it fails by injection, as close(2)

@@ -500,6 +500,58 @@ func (f *memFile) WriteAt(b []byte, off int64) (int, error) {
 	return len(b), nil
 }
 
+// WriteDirectAt is WriteAt with O_DIRECT's alignment rules: a misaligned
+// request fails with EINVAL, as the kernel's would.
+func (f *memFile) WriteDirectAt(b []byte, off int64) (int, error) {
+	if !DirectAligned(b, off) {
+		return 0, &fs.PathError{Op: "writeat", Path: f.name, Err: unix.EINVAL}
+	}
+	return f.WriteAt(b, off)
+}
+
+// WritevDirectAt writes bufs one after the other, each with WriteDirectAt's
+// alignment rules.
+func (f *memFile) WritevDirectAt(bufs [][]byte, off int64) (int, error) {
+	for _, b := range bufs {
+		if !DirectAligned(b, off) {
+			return 0, &fs.PathError{Op: "pwritev", Path: f.name, Err: unix.EINVAL}
+		}
+	}
+	var total int
+	for _, b := range bufs {
+		n, err := f.WriteAt(b, off+int64(total))
+		total += n
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+// Allocate grows the file with zeroes to cover [off, off+length).
+func (f *memFile) Allocate(off, length int64) error {
+	if err := f.check("fallocate", true); err != nil {
+		return err
+	}
+	if off < 0 || length <= 0 {
+		return &fs.PathError{Op: "fallocate", Path: f.name, Err: unix.EINVAL}
+	}
+	f.ino.mu.Lock()
+	defer f.ino.mu.Unlock()
+	if end := off + length; end > f.ino.data.size {
+		f.ino.record(fileOp{kind: fileOpTruncate, n: end})
+	}
+	return nil
+}
+
+// ReadDirectAt is ReadAt with O_DIRECT's alignment rules.
+func (f *memFile) ReadDirectAt(b []byte, off int64) (int, error) {
+	if !DirectAligned(b, off) {
+		return 0, &fs.PathError{Op: "readat", Path: f.name, Err: unix.EINVAL}
+	}
+	return f.ReadAt(b, off)
+}
+
 func (f *memFile) Close() error {
 	if f.closed.Swap(true) {
 		return &fs.PathError{Op: "close", Path: f.name, Err: fs.ErrClosed}

@@ -19,6 +19,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"sync"
 	"unsafe"
 
@@ -64,6 +66,7 @@ type OS struct{}
 
 type osFile struct {
 	*os.File
+	flag   int // access mode the file was opened with, for its O_DIRECT twin
 	direct *directFD
 }
 
@@ -83,7 +86,7 @@ func (OS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
 	if err != nil {
 		return nil, err
 	}
-	return osFile{File: f, direct: &directFD{}}, nil
+	return osFile{File: f, flag: flag & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR), direct: &directFD{}}, nil
 }
 
 func (OS) Remove(name string) error             { return os.Remove(name) }
@@ -134,8 +137,73 @@ type DirectWriter interface {
 	WriteDirectAt(p []byte, off int64) (int, error)
 }
 
-// DirectAlign is the alignment WriteDirectAt needs.
+// DirectReader is an optional File capability: a read that bypasses the page
+// cache (O_DIRECT), with the alignment rules of DirectWriter. It sees every
+// write, buffered or direct, that returned before it.
+type DirectReader interface {
+	ReadDirectAt(p []byte, off int64) (int, error)
+}
+
+// DirectVectorWriter is an optional File capability: one O_DIRECT write of
+// several buffers to consecutive bytes from off (pwritev), each buffer
+// aligned as for WriteDirectAt.
+type DirectVectorWriter interface {
+	WritevDirectAt(bufs [][]byte, off int64) (int, error)
+}
+
+func (f osFile) WritevDirectAt(bufs [][]byte, off int64) (int, error) {
+	fd := f.File
+	if d := f.directFile(); d != nil {
+		fd = d
+	}
+	bufs = slices.Clone(bufs) // trimmed as they are written
+	var total int
+	for len(bufs) > 0 {
+		n, err := unix.Pwritev(int(fd.Fd()), bufs, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return total, &fs.PathError{Op: "pwritev", Path: f.Name(), Err: err}
+		}
+		if n == 0 {
+			return total, io.ErrShortWrite
+		}
+		total += n
+		off += int64(n)
+		for n > 0 && len(bufs) > 0 {
+			k := min(n, len(bufs[0]))
+			bufs[0] = bufs[0][k:]
+			n -= k
+			if len(bufs[0]) == 0 {
+				bufs = bufs[1:]
+			}
+		}
+	}
+	return total, nil
+}
+
+// Allocator is an optional File capability: reserve disk blocks for [off,
+// off+length) and grow the file to cover it (fallocate mode 0); the new bytes
+// read as zeroes. Writes into them then neither extend the file nor allocate.
+type Allocator interface {
+	Allocate(off, length int64) error
+}
+
+func (f osFile) Allocate(off, length int64) error {
+	return unix.Fallocate(int(f.Fd()), 0, off, length)
+}
+
+// DirectAlign is the alignment WriteDirectAt and ReadDirectAt need.
 const DirectAlign = 4096
+
+// DirectAligned reports whether p and off meet the alignment of WriteDirectAt
+// and ReadDirectAt. Implementations without a kernel to refuse a misaligned
+// request (MemFS) check it, so tests catch what O_DIRECT would reject.
+func DirectAligned(p []byte, off int64) bool {
+	return off%DirectAlign == 0 && len(p)%DirectAlign == 0 &&
+		(len(p) == 0 || uintptr(unsafe.Pointer(&p[0]))%DirectAlign == 0)
+}
 
 // AlignedBuffer returns a zeroed buffer of n bytes aligned to DirectAlign.
 func AlignedBuffer(n int) []byte {
@@ -144,14 +212,36 @@ func AlignedBuffer(n int) []byte {
 	return b[pad : pad+n : pad+n]
 }
 
-func (f osFile) WriteDirectAt(p []byte, off int64) (int, error) {
+// directFile returns the O_DIRECT descriptor, or nil where the filesystem
+// has no O_DIRECT (tmpfs): then the caller uses the plain one.
+func (f osFile) directFile() *os.File {
 	f.direct.once.Do(func() {
-		f.direct.f, f.direct.err = os.OpenFile(f.Name(), os.O_WRONLY|unix.O_DIRECT, 0)
+		// Through /proc: the name may have been renamed since (a journal
+		// segment is created under a temporary name).
+		self := "/proc/self/fd/" + strconv.Itoa(int(f.Fd()))
+		f.direct.f, f.direct.err = os.OpenFile(self, f.flag|unix.O_DIRECT, 0)
+		if f.direct.err != nil {
+			f.direct.f, f.direct.err = os.OpenFile(f.Name(), f.flag|unix.O_DIRECT, 0)
+		}
 	})
 	if f.direct.err != nil {
-		return f.WriteAt(p, off) // the filesystem has no O_DIRECT (tmpfs)
+		return nil
 	}
-	return f.direct.f.WriteAt(p, off)
+	return f.direct.f
+}
+
+func (f osFile) WriteDirectAt(p []byte, off int64) (int, error) {
+	if d := f.directFile(); d != nil {
+		return d.WriteAt(p, off)
+	}
+	return f.WriteAt(p, off)
+}
+
+func (f osFile) ReadDirectAt(p []byte, off int64) (int, error) {
+	if d := f.directFile(); d != nil {
+		return d.ReadAt(p, off)
+	}
+	return f.ReadAt(p, off)
 }
 
 func (f osFile) Size() (int64, error) {

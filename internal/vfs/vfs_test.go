@@ -148,3 +148,78 @@ func TestWriteFileAtomicCrash(t *testing.T) {
 		}
 	}
 }
+
+// TestOSDirectAfterRename: WriteDirectAt and ReadDirectAt work on a file
+// renamed since it was opened (a journal segment is created under a
+// temporary name), and see the plain writes and reads of the same file.
+func TestOSDirectAfterRename(t *testing.T) {
+	dir := t.TempDir()
+	f, err := Default.OpenFile(dir+"/a.tmp", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := Default.Rename(dir+"/a.tmp", dir+"/a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("plain"), 0); err != nil {
+		t.Fatal(err)
+	}
+	buf := AlignedBuffer(2 * DirectAlign)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	if _, err := f.(DirectWriter).WriteDirectAt(buf, DirectAlign); err != nil {
+		t.Fatalf("WriteDirectAt after rename: %v", err)
+	}
+	got := AlignedBuffer(3 * DirectAlign)
+	if _, err := f.(DirectReader).ReadDirectAt(got, 0); err != nil {
+		t.Fatalf("ReadDirectAt after rename: %v", err)
+	}
+	if string(got[:5]) != "plain" || !bytes.Equal(got[DirectAlign:], buf) {
+		t.Fatal("direct read does not see what was written")
+	}
+	if _, err := Default.Stat(dir + "/a.tmp"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("old name: %v, want it gone (nothing recreated it)", err)
+	}
+}
+
+// TestMemDirectAlignment: MemFS refuses misaligned direct requests as the
+// kernel would, and ErrorFS passes direct calls through with its faults.
+func TestMemDirectAlignment(t *testing.T) {
+	mem := NewMemFS()
+	efs := NewErrorFS(mem)
+	for name, fsys := range map[string]FS{"mem": mem, "errorfs": efs} {
+		f, err := fsys.OpenFile("/f-"+name, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		buf := AlignedBuffer(2 * DirectAlign)
+		dw, dr := f.(DirectWriter), f.(DirectReader)
+		for _, bad := range []struct {
+			p   []byte
+			off int64
+		}{{buf, 512}, {buf[:100], 0}, {buf[1 : DirectAlign+1], 0}} {
+			if _, err := dw.WriteDirectAt(bad.p, bad.off); err == nil {
+				t.Errorf("%s: misaligned WriteDirectAt (%d bytes at %d) succeeded", name, len(bad.p), bad.off)
+			}
+			if _, err := dr.ReadDirectAt(bad.p, bad.off); err == nil {
+				t.Errorf("%s: misaligned ReadDirectAt (%d bytes at %d) succeeded", name, len(bad.p), bad.off)
+			}
+		}
+		buf[0] = 7
+		if _, err := dw.WriteDirectAt(buf, DirectAlign); err != nil {
+			t.Fatal(err)
+		}
+		got := AlignedBuffer(DirectAlign)
+		if _, err := dr.ReadDirectAt(got, DirectAlign); err != nil || got[0] != 7 {
+			t.Fatalf("%s: read back %d, %v", name, got[0], err)
+		}
+	}
+	efs.InjectShortWrite(0)
+	f, _ := efs.OpenFile("/f-errorfs", os.O_RDWR, 0)
+	n, err := f.(DirectWriter).WriteDirectAt(AlignedBuffer(3*DirectAlign), 0)
+	if !errors.Is(err, io.ErrShortWrite) || n != DirectAlign {
+		t.Fatalf("short direct write: %d, %v; want %d bytes (whole blocks) and ErrShortWrite", n, err, DirectAlign)
+	}
+}

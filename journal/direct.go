@@ -1,0 +1,275 @@
+package journal
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+)
+
+// Direct appends.
+//
+// A write of at least directAppendMin bytes goes into the segment file with
+// O_DIRECT when the file can (vfs.DirectWriter): the journal copy then moves
+// from the caller's buffer to the disk instead of into fresh page-cache pages,
+// which on a sequential stream was the largest single CPU cost of the write
+// path (bench/RESULTS.md). O_DIRECT wants the file range and the buffer
+// aligned to vfs.DirectAlign, so the record is placed with its payload on a
+// boundary of the file, behind a pad record:
+//
+//	o (head)     blk = o rounded up             blk+4096-56   blk+4096
+//	| pad header | pad zeroes ...                | header      | payload ...
+//	|<-plain--->|<---------------------- one O_DIRECT write -------------->|
+//
+// The pad runs from the head to the record header; the part of it before
+// blk (only when the head was not on a boundary: after a small or a plain
+// record) is written with a plain WriteAt. A stream of direct appends stays
+// on boundaries, so each costs one O_DIRECT write and 4040 bytes of padding.
+//
+// Nothing else changes: the record is the same record, reserved under mu and
+// in flight until both writes returned, so a sync still covers it only once
+// it is whole; a crash in between leaves a pad or record that does not verify
+// past the durable watermark, a torn tail like any other. The write-back
+// reads such a payload back with O_DIRECT too (readJournalDirect), as it is
+// no longer in the page cache.
+
+// directAppendMin is the smallest write payload appended with O_DIRECT.
+const directAppendMin = 128 << 10
+
+var zeroPad [maxPad]byte
+
+// directLayout places a direct append at file offset head of its segment.
+type directLayout struct {
+	pad int64 // the pad record: the head
+	blk int64 // start of the O_DIRECT write, the first boundary >= pad
+}
+
+func layoutAt(head int64) directLayout {
+	return directLayout{pad: head, blk: (head + vfs.DirectAlign - 1) &^ (vfs.DirectAlign - 1)}
+}
+
+// rec is the file offset of the write record's header.
+func (l directLayout) rec() int64 { return l.blk + vfs.DirectAlign - HeaderSize }
+
+// end is the file offset just past a payload of n bytes.
+func (l directLayout) end(n int64) int64 { return l.blk + vfs.DirectAlign + n }
+
+// reserveDirectLocked reserves room for a direct append of an n-byte payload,
+// starting a new segment when the active one is too full. ok is false when
+// the segment cannot take direct writes (or is too small for one): then the
+// caller appends the plain way.
+func (j *Journal) reserveDirectLocked(n int64) (seg *segment, l directLayout, ok bool, err error) {
+	if j.failed != nil {
+		return nil, l, false, j.failed
+	}
+	if j.closed {
+		return nil, l, false, ErrClosed
+	}
+	if layoutAt(segmentHeaderSize).end(n) > j.cfg.SegmentSize {
+		return nil, l, false, nil
+	}
+	seg = j.segs[len(j.segs)-1]
+	l = layoutAt(int64(j.head - seg.base))
+	if l.end(n) > j.cfg.SegmentSize {
+		if seg, err = j.newSegmentLocked(); err != nil {
+			return nil, l, false, err
+		}
+		l = layoutAt(int64(j.head - seg.base))
+	}
+	if seg.dw == nil {
+		return nil, l, false, nil
+	}
+	j.head = seg.base + uint64(l.end(n))
+	j.inflight[seg.base+uint64(l.pad)] = struct{}{}
+	return seg, l, true, nil
+}
+
+// appendDirect appends a write record with O_DIRECT (see above), or the plain
+// way where that is not possible. Like appendRecord, the caller holds the
+// stripe locks and index runs under mu once the record is written.
+func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) (Header, error) {
+	n := int64(len(payload))
+	j.mu.Lock()
+	seg, l, ok, err := j.reserveDirectLocked(n)
+	if err != nil || !ok {
+		j.mu.Unlock()
+		if err != nil {
+			return h, err
+		}
+		return j.appendRecord(h, payload, index)
+	}
+	start := seg.base + uint64(l.pad)
+	h.Cycle, h.LSN, h.Synced = j.cycle, seg.base+uint64(l.rec()), j.synced
+	pad := Header{Kind: KindPad, LSN: start, Cycle: j.cycle, Synced: j.synced,
+		Length: uint64(l.rec() - l.pad - HeaderSize)}
+	j.mu.Unlock()
+
+	buf := getAligned(vfs.DirectAlign + len(payload))
+	defer putAligned(buf)
+	copy(buf[vfs.DirectAlign:], payload)
+	h.DCRC = crc(buf[vfs.DirectAlign:])
+	encodeHeader(buf[vfs.DirectAlign-HeaderSize:], &h)
+	pad.DCRC = crc(zeroPad[:pad.Length])
+	var werr error
+	if l.blk == l.pad {
+		encodeHeader(buf, &pad)
+		clear(buf[HeaderSize : vfs.DirectAlign-HeaderSize])
+	} else {
+		// The pad starts before the boundary: its first bytes go in
+		// with a plain write, the rest ride at the head of buf.
+		rec := make([]byte, l.rec()-l.pad)
+		encodeHeader(rec, &pad)
+		split := l.blk - l.pad
+		copy(buf, rec[split:])
+		_, werr = seg.f.WriteAt(rec[:split], l.pad)
+	}
+	if werr == nil {
+		_, werr = seg.dw.WriteDirectAt(buf, l.blk)
+	}
+
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	delete(j.inflight, start)
+	j.cond.Broadcast()
+	if werr != nil {
+		return h, j.failLocked(fmt.Errorf("append to %s: %w", seg.name, werr))
+	}
+	if j.failed != nil {
+		return h, j.failed
+	}
+	if index != nil {
+		index(&h)
+	}
+	return h, nil
+}
+
+// readJournalDirect is readJournal for the write-back's aligned buffer: where
+// the journal position is aligned in its file (the payload of a direct
+// append) it reads with O_DIRECT, around the page cache that does not hold
+// it. Caller holds segMu for reading.
+func (j *Journal) readJournalDirect(p []byte, lsn uint64) error {
+	j.mu.Lock()
+	seg := j.segmentFor(lsn)
+	j.mu.Unlock()
+	if seg == nil {
+		return fmt.Errorf("journal: no segment holds LSN %#x", lsn)
+	}
+	off := int64(lsn - seg.base)
+	if seg.dr == nil || !vfs.DirectAligned(p, off) {
+		_, err := seg.f.ReadAt(p, off)
+		return err
+	}
+	_, err := seg.dr.ReadDirectAt(p, off)
+	return err
+}
+
+// alignedPool holds DirectAlign-aligned buffers for direct appends.
+var alignedPool sync.Pool
+
+func getAligned(n int) []byte {
+	if b, ok := alignedPool.Get().(*[]byte); ok && cap(*b) >= n {
+		return (*b)[:n]
+	}
+	return vfs.AlignedBuffer(max(n, vfs.DirectAlign+1<<20))[:n]
+}
+
+func putAligned(b []byte) {
+	if cap(b) <= vfs.DirectAlign+4<<20 {
+		alignedPool.Put(&b)
+	}
+}
+
+// writeBackRunMax bounds the bytes one grouped write-back moves.
+const writeBackRunMax = 16 << 20
+
+// directRun counts the records at the start of q that the write-back can move
+// as one: direct appends back to back in one segment (each payload 4 KiB
+// after the previous one's end) whose data is back to back on one disk, as a
+// sequential stream leaves them. Their payloads come in with one O_DIRECT read
+// and go out with one vectored O_DIRECT write, instead of a read and a write
+// for each: the write-back is a single goroutine, and per-record round trips
+// were what kept it behind a sequential stream.
+func (j *Journal) directRun(q []queued) int {
+	first := &q[0].h
+	if first.Length < uint64(j.directMin) {
+		return 1
+	}
+	if _, ok := j.images[first.Disk].(vfs.DirectVectorWriter); !ok {
+		return 1
+	}
+	j.mu.Lock()
+	seg := j.segmentFor(first.LSN)
+	j.mu.Unlock()
+	if seg == nil || seg.dr == nil || (first.LSN+HeaderSize-seg.base)%vfs.DirectAlign != 0 {
+		return 1
+	}
+	k, bytes := 1, first.Length
+	for k < len(q) {
+		prev, h := &q[k-1].h, &q[k].h
+		if h.Kind != KindWrite || h.Disk != first.Disk ||
+			h.Offset != prev.Offset+prev.Length ||
+			h.LSN+HeaderSize != prev.LSN+HeaderSize+prev.Length+vfs.DirectAlign ||
+			h.LSN+uint64(h.Size()) > seg.base+uint64(j.cfg.SegmentSize) ||
+			bytes+h.Length > writeBackRunMax {
+			break
+		}
+		bytes += h.Length
+		k++
+	}
+	return k
+}
+
+// writeBackRun writes back a run of records found by directRun. Every block of
+// every record must be its newest durable copy (as writeBackRecord decides);
+// if one is not, only the first record is written back, the plain way, and
+// the count of records done says so.
+func (j *Journal) writeBackRun(q []queued) (int, error) {
+	first, last := &q[0].h, &q[len(q)-1].h
+	disk := int(first.Disk)
+	j.mu.Lock()
+	for i := range q {
+		h := &q[i].h
+		base := h.Offset / BlockSize
+		for b := uint64(0); b < h.Length/BlockSize; b++ {
+			data := h.LSN + HeaderSize + b*BlockSize
+			if p := j.pending[blockKey(disk, base+b)]; p != data && (p == 0 || p < j.synced) {
+				j.mu.Unlock()
+				return 1, j.writeBackRecord(first)
+			}
+		}
+	}
+	j.mu.Unlock()
+	start := first.LSN + HeaderSize
+	n := int(last.LSN + HeaderSize + last.Length - start)
+	buf := j.alignedBuf(n)
+	j.segMu.RLock()
+	err := j.readJournalDirect(buf, start)
+	j.segMu.RUnlock()
+	if err != nil {
+		return 0, err
+	}
+	iov := make([][]byte, len(q))
+	pos := 0
+	for i := range q {
+		l := int(q[i].h.Length)
+		iov[i] = buf[pos : pos+l]
+		pos += l + vfs.DirectAlign
+	}
+	if _, err := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(first.Offset)); err != nil {
+		return 0, err
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for i := range q {
+		h := &q[i].h
+		base := h.Offset / BlockSize
+		for b := uint64(0); b < h.Length/BlockSize; b++ {
+			key, data := blockKey(disk, base+b), h.LSN+HeaderSize+b*BlockSize
+			if j.pending[key] == data {
+				delete(j.pending, key)
+				j.npending.Add(-1)
+			}
+		}
+	}
+	return len(q), nil
+}

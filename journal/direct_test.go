@@ -1,0 +1,271 @@
+package journal
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"testing"
+
+	"github.com/vdrepl/vdrepl/internal/vfs"
+)
+
+// journalRecords scans every segment of a closed journal in fsys and returns
+// the records it keeps (pads excepted) with their segment's base.
+func journalRecords(t *testing.T, fsys vfs.FS, dir string) (hs []Header, bases []uint64) {
+	t.Helper()
+	segs, err := listSegments(fsys, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range segs {
+		seg, err := openSegment(fsys, dir, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		size, _ := seg.f.Size()
+		res, err := scanSegment(seg, size, func(*Header) bool { return true }, func(h Header, _ []byte) error {
+			hs = append(hs, h)
+			bases = append(bases, b)
+			return nil
+		})
+		seg.f.Close()
+		if err != nil || res.torn != nil && !errors.Is(res.torn, ErrZeroed) {
+			t.Fatalf("scan %s: %v, torn %v", seg.name, err, res.torn)
+		}
+	}
+	return hs, bases
+}
+
+// TestDirectAppendLayout: large writes land with their payload on a
+// DirectAlign boundary of the segment file behind a pad record, whether the
+// head was on a boundary or not; small ones stay plain. Reads, a restart and a
+// power cut after a flush all see the data.
+func TestDirectAppendLayout(t *testing.T) {
+	mem := vfs.NewMemFS()
+	cfg := testConfig(t, mem, "/vm", 4<<20)
+	j := mustOpen(t, cfg)
+	m := newModel(4 << 20)
+	r := rand.New(rand.NewPCG(3, 4))
+	writes := []struct{ off, n int64 }{
+		{0, BlockSize},                 // plain: leaves the head unaligned
+		{64 << 10, 256 << 10},          // direct, pad split around a boundary
+		{1 << 20, 1 << 20},             // direct, head already on a boundary
+		{5 * BlockSize, 2 * BlockSize}, // plain again
+		{3 << 20, directAppendMin},     // direct at the threshold
+		{100, 200 << 10},               // unaligned: widened, then direct
+	}
+	for _, w := range writes {
+		p := fill(r, int(w.n))
+		if _, err := j.Disk(0).WriteAt(p, w.off); err != nil {
+			t.Fatal(err)
+		}
+		copy(m[0][w.off:], p)
+	}
+	checkModel(t, j, m)
+	if err := j.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	crashed := mem.CrashClone()
+	j.abandon()
+
+	hs, bases := journalRecords(t, mem, cfg.Dir)
+	direct := 0
+	for i, h := range hs {
+		if h.Kind != KindWrite {
+			continue
+		}
+		aligned := (h.LSN+HeaderSize-bases[i])%vfs.DirectAlign == 0
+		if h.Length >= directAppendMin {
+			direct++
+			if !aligned {
+				t.Errorf("direct record at LSN %#x: payload not on a boundary", h.LSN)
+			}
+		}
+	}
+	if direct != 4 {
+		t.Fatalf("%d direct records, want 4", direct)
+	}
+
+	cfg2 := cfg
+	cfg2.FS = crashed
+	j2 := mustOpen(t, cfg2) // power cut after the flush: everything kept
+	checkModel(t, j2, m)
+	j2.Close()
+	j3 := mustOpen(t, cfg) // kill -9: everything written kept
+	defer j3.Close()
+	checkModel(t, j3, m)
+}
+
+// TestDirectAppendFailure: the O_DIRECT write of an append fails, whole or
+// half way, or the plain write of its pad does. The append fails, the journal
+// stops, and recovery after a crash cuts the torn record and keeps every
+// flushed write before it.
+func TestDirectAppendFailure(t *testing.T) {
+	cases := []struct {
+		name      string
+		unaligned bool // a plain record before: the pad has a plain part
+		inject    func(e *vfs.ErrorFS)
+	}{
+		{"direct-short", false, func(e *vfs.ErrorFS) { e.InjectShortWritePath(".seg", 0) }},
+		{"direct-error", false, func(e *vfs.ErrorFS) { e.InjectAfterPath(vfs.OpWrite, ".seg", 0, vfs.ErrInjected) }},
+		{"pad-short", true, func(e *vfs.ErrorFS) { e.InjectShortWritePath(".seg", 0) }},
+		{"after-pad-short", true, func(e *vfs.ErrorFS) { e.InjectShortWritePath(".seg", 1) }},
+		{"after-pad-error", true, func(e *vfs.ErrorFS) { e.InjectAfterPath(vfs.OpWrite, ".seg", 1, vfs.ErrInjected) }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			mem := vfs.NewMemFS()
+			efs := vfs.NewErrorFS(mem)
+			cfg := testConfig(t, efs, "/vm", 2<<20)
+			j := mustOpen(t, cfg)
+			m := newModel(2 << 20)
+			r := rand.New(rand.NewPCG(5, 6))
+			write := func(off int64, n int) error {
+				p := fill(r, n)
+				if _, err := j.Disk(0).WriteAt(p, off); err != nil {
+					return err
+				}
+				copy(m[0][off:], p)
+				return nil
+			}
+			if err := write(0, 256<<10); err != nil { // direct: head ends aligned
+				t.Fatal(err)
+			}
+			if tc.unaligned {
+				if err := write(512<<10, BlockSize); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := j.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			tc.inject(efs)
+			err := write(1<<20, 512<<10)
+			if !errors.Is(err, ErrFailed) {
+				t.Fatalf("append with a failing write: %v, want ErrFailed", err)
+			}
+			if err := j.Flush(); !errors.Is(err, ErrFailed) {
+				t.Fatalf("Flush after the failure: %v, want ErrFailed", err)
+			}
+			efs.Reset()
+			kept := mem.CrashCloneRandom(rand.New(rand.NewPCG(7, 8)))
+			j.abandon()
+			for _, fsys := range []vfs.FS{mem, kept} {
+				c := cfg
+				c.FS = fsys
+				j2 := mustOpen(t, c)
+				checkModel(t, j2, m)
+				// The journal goes on after the cut: another direct append.
+				p := fill(r, 256<<10)
+				if _, err := j2.Disk(0).WriteAt(p, 1<<20); err != nil {
+					t.Fatal(err)
+				}
+				m2 := newModel(2 << 20)
+				copy(m2[0], m[0])
+				copy(m2[0][1<<20:], p)
+				checkModel(t, j2, m2)
+				if err := j2.Close(); err != nil {
+					t.Fatal(err)
+				}
+				j3 := mustOpen(t, c)
+				checkModel(t, j3, m2)
+				j3.Close()
+			}
+		})
+	}
+}
+
+// TestDirectAppendPlainFS: a filesystem without O_DIRECT (the FS seam's
+// wrappers may hide it) gets plain appends.
+func TestDirectAppendPlainFS(t *testing.T) {
+	fsys := plainFS{vfs.NewMemFS()}
+	cfg := testConfig(t, fsys, "/vm", 1<<20)
+	j := mustOpen(t, cfg)
+	p := fill(rand.New(rand.NewPCG(1, 2)), 512<<10)
+	if _, err := j.Disk(0).WriteAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	m := newModel(1 << 20)
+	copy(m[0], p)
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	hs, _ := journalRecords(t, fsys, cfg.Dir)
+	if len(hs) != 1 || hs[0].LSN != segmentHeaderSize {
+		t.Fatalf("records %+v, want one plain record right after the segment header", hs)
+	}
+	j2 := mustOpen(t, cfg)
+	defer j2.Close()
+	checkModel(t, j2, m)
+}
+
+// plainFS hides the optional capabilities of its files.
+type plainFS struct{ vfs.FS }
+
+type plainFile struct{ vfs.File }
+
+func (p plainFS) OpenFile(name string, flag int, perm os.FileMode) (vfs.File, error) {
+	f, err := p.FS.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	return plainFile{f}, nil
+}
+
+// TestWriteBackRun: a sequential stream of direct appends is written back in
+// grouped runs; a record that a newer one partly overwrote breaks the run and
+// is written back block by block. The image ends up equal to the disk, and a
+// failing grouped write stops the journal without losing a flushed write.
+func TestWriteBackRun(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		t.Run(fmt.Sprint("fail-", fail), func(t *testing.T) {
+			mem := vfs.NewMemFS()
+			efs := vfs.NewErrorFS(mem)
+			cfg := testConfig(t, efs, "/vm", 4<<20)
+			j := mustOpen(t, cfg)
+			m := newModel(4 << 20)
+			r := rand.New(rand.NewPCG(9, 9))
+			write := func(off int64, n int) {
+				p := fill(r, n)
+				if _, err := j.Disk(0).WriteAt(p, off); err != nil {
+					t.Fatal(err)
+				}
+				copy(m[0][off:], p)
+			}
+			for k := int64(0); k < 12; k++ {
+				write(k*256<<10, 256<<10)
+			}
+			write(5*256<<10+BlockSize, BlockSize) // breaks the run at record 5
+			if err := j.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if fail {
+				efs.InjectAfterPath(vfs.OpWrite, "disk0", 0, vfs.ErrInjected)
+				if err := j.writeBack(); !errors.Is(err, vfs.ErrInjected) {
+					t.Fatalf("writeBack with a failing image write: %v", err)
+				}
+				efs.Reset()
+				crashed := mem.CrashClone()
+				j.abandon()
+				c := cfg
+				c.FS = crashed
+				j2 := mustOpen(t, c)
+				defer j2.Close()
+				checkModel(t, j2, m)
+				return
+			}
+			if err := j.writeBack(); err != nil {
+				t.Fatal(err)
+			}
+			if n := j.npending.Load(); n != 0 {
+				t.Fatalf("%d blocks still pending after the write-back", n)
+			}
+			if img := readImages(t, mem, cfg); firstDiff(img[0], m[0]) >= 0 {
+				t.Fatalf("image differs from the disk at byte %d", firstDiff(img[0], m[0]))
+			}
+			checkModel(t, j, m)
+			j.Close()
+		})
+	}
+}
