@@ -77,13 +77,6 @@ func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *clien
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConnsPerHost:   2,
 		ExpectContinueTimeout: time.Second,
-		// The default 4 KiB write buffer cuts a chunk's body into 4 KiB
-		// writes: as many TLS records (each sealed and sent on its own)
-		// and syscalls. 64 KiB lets records reach TLS's 16 KiB; 8 MiB
-		// chunk PUTs over loopback went from ~1.3-1.6 to ~2.3 GB/s plain
-		// and ~0.9 to ~1.0-1.3 GB/s over TLS (bench/tlscost).
-		WriteBufferSize: 64 << 10,
-		ReadBufferSize:  64 << 10,
 	}
 	if !bypassProxy {
 		tr.Proxy = http.ProxyFromEnvironment

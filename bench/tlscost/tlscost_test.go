@@ -20,6 +20,8 @@ package tlscost
 
 import (
 	"bytes"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/rand"
 	"crypto/tls"
 	"io"
@@ -87,20 +89,22 @@ func server(tb testing.TB, conf *tls.Config) string {
 }
 
 // client is an HTTP/1.1 client with one kept-alive connection, built like
-// ship's (its own dialer and TLS config, no HTTP/2, 64 KiB buffers).
-func client(conf *tls.Config) *http.Client {
+// ship's (its own dialer and TLS config, no HTTP/2, net/http's 4 KiB
+// buffers). buf other than 0 sets the buffers; h2 asks for HTTP/2.
+func client(conf *tls.Config, buf int, h2 bool) *http.Client {
 	return &http.Client{Transport: &http.Transport{
 		TLSClientConfig:     conf,
 		DialContext:         (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSHandshakeTimeout: 30 * time.Second,
 		MaxIdleConnsPerHost: 2,
-		WriteBufferSize:     64 << 10,
-		ReadBufferSize:      64 << 10,
+		WriteBufferSize:     buf,
+		ReadBufferSize:      buf,
+		ForceAttemptHTTP2:   h2,
 	}}
 }
 
-// put sends one chunk and checks the answer.
-func put(tb testing.TB, c *http.Client, url string, chunk []byte) {
+// put sends one chunk, checks the answer and returns the HTTP version.
+func put(tb testing.TB, c *http.Client, url string, chunk []byte) int {
 	req, err := http.NewRequest(http.MethodPut, url+"?offset=0", bytes.NewReader(chunk))
 	if err != nil {
 		tb.Fatal(err)
@@ -118,28 +122,41 @@ func put(tb testing.TB, c *http.Client, url string, chunk []byte) {
 	if want := `{"staged":` + strconv.Itoa(len(chunk)) + `}`; resp.StatusCode != http.StatusOK || string(b) != want {
 		tb.Fatalf("PUT: HTTP %d %q, want 200 %q", resp.StatusCode, b, want)
 	}
+	return resp.ProtoMajor
 }
 
 // BenchmarkPut reports MB/s of 8 MiB chunk PUTs over loopback: "plain" is
 // HTTP, "tls" is HTTPS with vdrepl's mutual TLS 1.3 configuration. The
 // handshake happens once, before the timer starts, as it does once per
-// connection in ship.
+// connection in ship. The other cases answer what else might change the
+// cost: "plain_64k" and "tls_64k" use 64 KiB transport buffers instead of
+// net/http's 4 KiB (so TLS records of 16 KiB rather than 4 KiB), "tls_h2"
+// is HTTP/2 over the same TLS.
 func BenchmarkPut(b *testing.B) {
 	chunk := make([]byte, wire.MaxChunk)
 	rand.Read(chunk)
 	primary, replica := identities(b)
+	h2srv := replica.ServerConfig()
+	h2srv.NextProtos = append([]string{"h2"}, h2srv.NextProtos...)
 	for _, tc := range []struct {
 		name     string
 		srv, cli *tls.Config
+		buf      int
+		h2       bool
 	}{
 		{name: "plain"},
 		{name: "tls", srv: replica.ServerConfig(), cli: primary.ClientConfig("127.0.0.1")},
+		{name: "plain_64k", buf: 64 << 10},
+		{name: "tls_64k", srv: replica.ServerConfig(), cli: primary.ClientConfig("127.0.0.1"), buf: 64 << 10},
+		{name: "tls_h2", srv: h2srv, cli: primary.ClientConfig("127.0.0.1"), h2: true},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			url := server(b, tc.srv)
-			c := client(tc.cli)
+			c := client(tc.cli, tc.buf, tc.h2)
 			defer c.CloseIdleConnections()
-			put(b, c, url, chunk) // connect (and handshake) outside the timing
+			if proto := put(b, c, url, chunk); tc.h2 != (proto == 2) {
+				b.Fatalf("HTTP/%d, want HTTP/2 %v", proto, tc.h2)
+			}
 			b.SetBytes(int64(len(chunk)))
 			b.ResetTimer()
 			for b.Loop() {
@@ -147,6 +164,39 @@ func BenchmarkPut(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkAESGCM is the CPU ceiling of TLS's encryption here: AES-128-GCM
+// sealing and opening 16 KiB records (TLS's largest) on one core, what
+// each 8 MiB chunk costs the primary and the replica over plain HTTP.
+func BenchmarkAESGCM(b *testing.B) {
+	block, err := aes.NewCipher(make([]byte, 16))
+	if err != nil {
+		b.Fatal(err)
+	}
+	gcm, err := cipher.NewGCM(block)
+	if err != nil {
+		b.Fatal(err)
+	}
+	nonce := make([]byte, gcm.NonceSize())
+	record := make([]byte, 16<<10)
+	rand.Read(record)
+	sealed := gcm.Seal(nil, nonce, record, nil)
+	out := make([]byte, 0, len(sealed))
+	b.Run("seal", func(b *testing.B) {
+		b.SetBytes(int64(len(record)))
+		for b.Loop() {
+			gcm.Seal(out[:0], nonce, record, nil)
+		}
+	})
+	b.Run("open", func(b *testing.B) {
+		b.SetBytes(int64(len(record)))
+		for b.Loop() {
+			if _, err := gcm.Open(out[:0], nonce, sealed, nil); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
 
 // TestHandshake checks that the "tls" case really negotiates TLS 1.3 with
