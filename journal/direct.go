@@ -1,7 +1,9 @@
 package journal
 
 import (
+	"cmp"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/vdrepl/vdrepl/internal/vfs"
@@ -29,9 +31,13 @@ import (
 // Nothing else changes: the record is the same record, reserved under mu and
 // in flight until both writes returned, so a sync still covers it only once
 // it is whole; a crash in between leaves a pad or record that does not verify
-// past the durable watermark, a torn tail like any other. The write-back
-// reads such a payload back with O_DIRECT too (readJournalDirect), as it is
-// no longer in the page cache.
+// past the durable watermark, a torn tail like any other.
+//
+// The write-back takes the data of a direct append from the buffer it was
+// written from, kept with the queued record while the retainMax budget
+// allows; it is the very bytes the journal holds, and they are written back
+// only once synced, as always. Past the budget it reads the payload back
+// with O_DIRECT (readJournalDirect), as the page cache does not hold it.
 
 // directAppendMin is the smallest write payload appended with O_DIRECT.
 const directAppendMin = 128 << 10
@@ -105,7 +111,12 @@ func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) 
 	j.mu.Unlock()
 
 	buf := getAligned(vfs.DirectAlign + len(payload))
-	defer putAligned(buf)
+	kept := false
+	defer func() {
+		if !kept {
+			putAligned(buf)
+		}
+	}()
 	copy(buf[vfs.DirectAlign:], payload)
 	h.DCRC = crc(buf[vfs.DirectAlign:])
 	encodeHeader(buf[vfs.DirectAlign-HeaderSize:], &h)
@@ -140,8 +151,33 @@ func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) 
 	if index != nil {
 		index(&h)
 	}
+	// Keep the buffer for the write-back while the budget allows.
+	for q := len(j.queue) - 1; q >= 0 && j.retained+cap(buf) <= retainMax; q-- {
+		if j.queue[q].h.LSN == h.LSN {
+			j.queue[q].buf = buf
+			j.retained += cap(buf)
+			kept = true
+			break
+		}
+		if j.queue[q].h.LSN < h.LSN {
+			break
+		}
+	}
+	if j.head-j.synced >= syncEarly {
+		j.kickWriteBack() // the background syncs early: see syncEarly
+	}
 	return h, nil
 }
+
+// retainMax bounds the memory of append buffers kept for the write-back.
+// syncEarly is how much unsynced journal makes the background sync before
+// its interval is up: only synced records are written back, so without it
+// a fast stream would hold a whole interval's worth of buffers (or, past
+// retainMax, have the write-back read everything back from the journal).
+const (
+	retainMax = 64 << 20
+	syncEarly = 32 << 20
+)
 
 // readJournalDirect is readJournal for the write-back's aligned buffer: where
 // the journal position is aligned in its file (the payload of a direct
@@ -182,32 +218,33 @@ func putAligned(b []byte) {
 // writeBackRunMax bounds the bytes one grouped write-back moves.
 const writeBackRunMax = 16 << 20
 
-// directRun counts the records at the start of q that the write-back can move
-// as one: direct appends back to back in one segment (each payload 4 KiB
-// after the previous one's end) whose data is back to back on one disk, as a
-// sequential stream leaves them. Their payloads come in with one O_DIRECT read
-// and go out with one vectored O_DIRECT write, instead of a read and a write
-// for each: the write-back is a single goroutine, and per-record round trips
-// were what kept it behind a sequential stream.
-func (j *Journal) directRun(q []queued) int {
+// directRun finds the records at the start of q that the write-back can
+// move as one: direct appends back to back in one segment (each payload 4 KiB
+// after the previous one's end) whose data, taken in disk order, is back to
+// back on one disk, as a sequential stream leaves them (concurrent requests
+// reach the journal in any order). Their payloads go out with one vectored
+// O_DIRECT write, from the retained append buffers or one O_DIRECT read of the
+// journal, instead of a read and a write for each: the write-back is a single
+// goroutine, and per-record round trips kept it behind a sequential stream.
+// It returns how many records and their indexes in disk order.
+func (j *Journal) directRun(q []queued) (int, []int) {
 	first := &q[0].h
 	if first.Length < uint64(j.directMin) {
-		return 1
+		return 1, nil
 	}
 	if _, ok := j.images[first.Disk].(vfs.DirectVectorWriter); !ok {
-		return 1
+		return 1, nil
 	}
 	j.mu.Lock()
 	seg := j.segmentFor(first.LSN)
 	j.mu.Unlock()
 	if seg == nil || seg.dr == nil || (first.LSN+HeaderSize-seg.base)%vfs.DirectAlign != 0 {
-		return 1
+		return 1, nil
 	}
 	k, bytes := 1, first.Length
 	for k < len(q) {
 		prev, h := &q[k-1].h, &q[k].h
 		if h.Kind != KindWrite || h.Disk != first.Disk ||
-			h.Offset != prev.Offset+prev.Length ||
 			h.LSN+HeaderSize != prev.LSN+HeaderSize+prev.Length+vfs.DirectAlign ||
 			h.LSN+uint64(h.Size()) > seg.base+uint64(j.cfg.SegmentSize) ||
 			bytes+h.Length > writeBackRunMax {
@@ -216,16 +253,35 @@ func (j *Journal) directRun(q []queued) int {
 		bytes += h.Length
 		k++
 	}
-	return k
+	for ; k > 1; k-- {
+		order := make([]int, k)
+		for i := range order {
+			order[i] = i
+		}
+		slices.SortFunc(order, func(a, b int) int { return cmp.Compare(q[a].h.Offset, q[b].h.Offset) })
+		ok := true
+		for i := 1; i < k && ok; i++ {
+			prev, h := &q[order[i-1]].h, &q[order[i]].h
+			ok = h.Offset == prev.Offset+prev.Length
+		}
+		if ok {
+			return k, order
+		}
+	}
+	return 1, nil
 }
 
 // writeBackRun writes back a run of records found by directRun. Every block of
 // every record must be its newest durable copy (as writeBackRecord decides);
 // if one is not, only the first record is written back, the plain way, and
 // the count of records done says so.
-func (j *Journal) writeBackRun(q []queued) (int, error) {
+func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
 	first, last := &q[0].h, &q[len(q)-1].h
 	disk := int(first.Disk)
+	all := true // every record's append buffer is retained
+	for i := range q {
+		all = all && q[i].buf != nil
+	}
 	j.mu.Lock()
 	for i := range q {
 		h := &q[i].h
@@ -234,28 +290,32 @@ func (j *Journal) writeBackRun(q []queued) (int, error) {
 			data := h.LSN + HeaderSize + b*BlockSize
 			if p := j.pending[blockKey(disk, base+b)]; p != data && (p == 0 || p < j.synced) {
 				j.mu.Unlock()
-				return 1, j.writeBackRecord(first)
+				return 1, j.writeBackRecord(first, q[0].buf)
 			}
 		}
 	}
 	j.mu.Unlock()
-	start := first.LSN + HeaderSize
-	n := int(last.LSN + HeaderSize + last.Length - start)
-	buf := j.alignedBuf(n)
-	j.segMu.RLock()
-	err := j.readJournalDirect(buf, start)
-	j.segMu.RUnlock()
-	if err != nil {
-		return 0, err
-	}
 	iov := make([][]byte, len(q))
-	pos := 0
-	for i := range q {
-		l := int(q[i].h.Length)
-		iov[i] = buf[pos : pos+l]
-		pos += l + vfs.DirectAlign
+	if all {
+		for i, k := range order {
+			iov[i] = q[k].buf[vfs.DirectAlign : vfs.DirectAlign+int(q[k].h.Length)]
+		}
+	} else {
+		start := first.LSN + HeaderSize
+		n := int(last.LSN + HeaderSize + last.Length - start)
+		buf := j.alignedBuf(n)
+		j.segMu.RLock()
+		err := j.readJournalDirect(buf, start)
+		j.segMu.RUnlock()
+		if err != nil {
+			return 0, err
+		}
+		for i, k := range order {
+			pos := int(q[k].h.LSN + HeaderSize - start)
+			iov[i] = buf[pos : pos+int(q[k].h.Length)]
+		}
 	}
-	if _, err := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(first.Offset)); err != nil {
+	if _, err := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(q[order[0]].h.Offset)); err != nil {
 		return 0, err
 	}
 	j.mu.Lock()

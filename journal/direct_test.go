@@ -215,15 +215,21 @@ func (p plainFS) OpenFile(name string, flag int, perm os.FileMode) (vfs.File, er
 
 // TestWriteBackRun: a sequential stream of direct appends is written back in
 // grouped runs; a record that a newer one partly overwrote breaks the run and
-// is written back block by block. The image ends up equal to the disk, and a
-// failing grouped write stops the journal without losing a flushed write.
+// is written back block by block. The data comes from the retained append
+// buffers or, past their budget, from the journal. The image ends up equal to
+// the disk, and a failing grouped write stops the journal without losing a
+// flushed write.
 func TestWriteBackRun(t *testing.T) {
-	for _, fail := range []bool{false, true} {
-		t.Run(fmt.Sprint("fail-", fail), func(t *testing.T) {
+	for _, tc := range []struct{ fail, retain bool }{{false, true}, {false, false}, {true, true}, {true, false}} {
+		fail := tc.fail
+		t.Run(fmt.Sprintf("fail-%v-retain-%v", tc.fail, tc.retain), func(t *testing.T) {
 			mem := vfs.NewMemFS()
 			efs := vfs.NewErrorFS(mem)
 			cfg := testConfig(t, efs, "/vm", 4<<20)
 			j := mustOpen(t, cfg)
+			if !tc.retain { // no budget left: the write-back reads the journal
+				j.retained = retainMax
+			}
 			m := newModel(4 << 20)
 			r := rand.New(rand.NewPCG(9, 9))
 			write := func(off int64, n int) {
@@ -255,8 +261,14 @@ func TestWriteBackRun(t *testing.T) {
 				checkModel(t, j2, m)
 				return
 			}
+			if tc.retain && j.retained == 0 || !tc.retain && j.retained != retainMax {
+				t.Fatalf("%d bytes of append buffers retained", j.retained)
+			}
 			if err := j.writeBack(); err != nil {
 				t.Fatal(err)
+			}
+			if tc.retain && j.retained != 0 {
+				t.Fatalf("%d bytes of append buffers still retained after the write-back", j.retained)
 			}
 			if n := j.npending.Load(); n != 0 {
 				t.Fatalf("%d blocks still pending after the write-back", n)

@@ -7,9 +7,13 @@
 // A write is appended to the VM's journal and acknowledged; it is not yet
 // durable. Flush (NBD FLUSH, FUA, fsync on the FUSE file) syncs the journal with
 // one shared fdatasync for every write already acknowledged, on every disk and
-// connection. Only synced records are written back to the images, by one
-// background goroutine in journal order; until then reads find the newest
-// data through an in-memory map of pending blocks. So the image never holds a
+// connection; the journal also syncs itself every second, and sooner once
+// 32 MiB is unsynced. Only synced records are written back to the images, by
+// one background goroutine in journal order; until then reads find the newest
+// data through an in-memory map of pending blocks. Writes of 128 KiB or more
+// go to the journal with O_DIRECT, and the write-back takes their data from
+// the append buffer it keeps (up to 64 MiB of them) instead of reading the
+// journal back (direct.go). So the image never holds a
 // write the journal lacks, after a kill -9 or a power cut alike, and no resync
 // is needed after a host crash. A checkpoint (images synced, then the
 // checkpoint file replaced atomically) bounds replay after a restart.

@@ -123,6 +123,7 @@ type Journal struct {
 	pending    map[uint64]uint64      // block key -> data LSN newer than the image
 	npending   atomic.Int64
 	queue      []queued // records awaiting write-back, in LSN order
+	retained   int      // bytes of queued direct-append buffers (queued.buf)
 	applied    uint64   // every record below it is in the image (maybe unsynced)
 	ckpt       checkpoint
 	dirty      *dirtyMap // non-nil: resync required, writes tracked as dirty blocks
@@ -145,6 +146,10 @@ type queued struct {
 	h       Header
 	eager   bool // a trim/zero the caller applies itself
 	applied bool
+	// buf, if not nil, is the aligned buffer a direct append wrote the
+	// record from (payload at DirectAlign): the write-back takes the data
+	// from it instead of reading the journal back.
+	buf []byte
 }
 
 // Open recovers the journal in cfg.Dir (repairing a torn tail, refusing
@@ -652,10 +657,20 @@ func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
 			j.dirty.setRange(disk, off, int64(len(p)))
 		}
 		j.written[h.Cycle] += int64(len(p))
-		j.queue = append(j.queue, queued{h: *h})
+		j.enqueueLocked(queued{h: *h})
 		j.checkCapLocked()
 	})
 	return err
+}
+
+// enqueueLocked adds a record to the write-back queue in LSN order: appends
+// complete out of order, but rarely by more than a few places.
+func (j *Journal) enqueueLocked(q queued) {
+	i := len(j.queue)
+	for i > 0 && j.queue[i-1].h.LSN > q.h.LSN {
+		i--
+	}
+	j.queue = slices.Insert(j.queue, i, q)
 }
 
 // rangeOp journals a trim or zero of [off, off+n) and applies it to the image
@@ -688,7 +703,7 @@ func (j *Journal) rangeOp(disk int, kind uint8, off, n int64) error {
 		if j.dirty != nil {
 			j.dirty.setRange(disk, start, end-start)
 		}
-		j.queue = append(j.queue, queued{h: *h, eager: true})
+		j.enqueueLocked(queued{h: *h, eager: true})
 	})
 	if err != nil {
 		return err

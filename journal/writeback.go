@@ -38,7 +38,7 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 		j.mu.Unlock()
 		return nil
 	}
-	needSync := j.head > j.synced && now.Sub(j.lastSync) >= j.cfg.SyncInterval
+	needSync := j.head > j.synced && (now.Sub(j.lastSync) >= j.cfg.SyncInterval || j.head-j.synced >= syncEarly)
 	cut := j.cutting && j.dirty == nil
 	reason := j.cutReason
 	if reason == "" {
@@ -98,10 +98,11 @@ func (j *Journal) writeBack() error {
 			k := 1
 			switch {
 			case h.Kind == KindWrite:
-				if k = j.directRun(batch[i:]); k > 1 {
-					k, err = j.writeBackRun(batch[i : i+k])
+				var order []int
+				if k, order = j.directRun(batch[i:]); k > 1 {
+					k, err = j.writeBackRun(batch[i:i+k], order)
 				} else {
-					err = j.writeBackRecord(h)
+					err = j.writeBackRecord(h, batch[i].buf)
 				}
 			case !batch[i].eager:
 				err = j.applyRange(h)
@@ -112,6 +113,13 @@ func (j *Journal) writeBack() error {
 			i += k
 		}
 		j.mu.Lock()
+		for i := range batch {
+			if b := batch[i].buf; b != nil {
+				j.retained -= cap(b)
+				putAligned(b)
+			}
+		}
+		clear(j.queue[:n])
 		j.queue = j.queue[n:]
 		last := batch[n-1].h
 		j.applied = max(j.applied, last.LSN+uint64(last.Size()))
@@ -120,8 +128,9 @@ func (j *Journal) writeBack() error {
 }
 
 // writeBackRecord writes the blocks of a write record that are still the
-// newest copy to the image.
-func (j *Journal) writeBackRecord(h *Header) error {
+// newest copy to the image, from retained (the buffer of its direct append)
+// if not nil, else read back from the journal.
+func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
 	disk := int(h.Disk)
 	first := h.Offset / BlockSize
 	nblk := h.Length / BlockSize
@@ -153,19 +162,22 @@ func (j *Journal) writeBackRecord(h *Header) error {
 		dw, direct := j.images[disk].(vfs.DirectWriter)
 		direct = direct && n >= directMin
 		var buf []byte
-		if direct {
-			buf = j.alignedBuf(n)
-		} else {
-			buf = j.getBuf(n)
-		}
-		j.segMu.RLock()
 		var err error
-		if direct {
+		switch {
+		case retained != nil:
+			from := vfs.DirectAlign + int(r.from*BlockSize)
+			buf = retained[from : from+n]
+		case direct:
+			buf = j.alignedBuf(n)
+			j.segMu.RLock()
 			err = j.readJournalDirect(buf, data(r.from))
-		} else {
+			j.segMu.RUnlock()
+		default:
+			buf = j.getBuf(n)
+			j.segMu.RLock()
 			err = j.readJournal(buf, data(r.from))
+			j.segMu.RUnlock()
 		}
-		j.segMu.RUnlock()
 		if err == nil {
 			if direct {
 				_, err = dw.WriteDirectAt(buf, off)
@@ -173,7 +185,7 @@ func (j *Journal) writeBackRecord(h *Header) error {
 				_, err = j.images[disk].WriteAt(buf, off)
 			}
 		}
-		if !direct {
+		if !direct && retained == nil {
 			j.putBuf(buf)
 		}
 		if err != nil {
