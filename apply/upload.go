@@ -88,25 +88,29 @@ func (v *vm) checkSyncPiece(u uploadID) error {
 // arrived and matches its checksum.
 //
 // A primary may send the next chunk before the answer to the one before
-// it came (two requests in flight, on two connections): a chunk beyond
-// what is staged is received, and then waits for those before it to come
-// and be staged (or fail) before it is checked against the staged offset
-// (awaitTurn). A chunk below the offset is refused (409) before its body
-// is read.
+// it came (two requests in flight, on two connections, the second with
+// "Expect: 100-continue"). A chunk beyond what is staged waits, before its
+// body is read (so before the primary sends it), until the chunks before
+// it have been received, so that a connection broken under one costs that
+// chunk alone; it is then received while those are checked and staged,
+// and waits for them to be staged before it is checked against the staged
+// offset (awaitTurn). A chunk below the offset, or one whose predecessor
+// failed, is refused (409) before its body is read.
 func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.Upload, error) {
 	if !u.isCycle() {
 		if err := v.checkSyncPiece(u); err != nil {
 			return wire.Upload{}, err
 		}
 	}
-	fl := v.chunkArriving(u.id)
-	defer v.chunkDone(u.id, fl)
-	if err := v.awaitTurn(u.id, off, fl, false); err != nil {
+	req := v.chunkArriving(u.id)
+	defer v.chunkDone(u.id, req)
+	if err := v.awaitTurn(u.id, off, req, false); err != nil {
 		return wire.Upload{}, err
 	}
 	bp := chunkBufs.Get().(*[]byte)
 	defer chunkBufs.Put(bp)
 	n, got, err := readChunk(body, *bp)
+	v.chunkReceived(req)
 	switch {
 	case err == nil:
 		return wire.Upload{}, fmt.Errorf("%w: chunk larger than %d bytes", ErrTooLarge, wire.MaxChunk)
@@ -118,7 +122,7 @@ func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.U
 	if got != crc {
 		return wire.Upload{}, fmt.Errorf("%w: upload %s at %d: CRC32C %08x, header says %08x", ErrChunkCRC, u.id, off, got, crc)
 	}
-	if err := v.awaitTurn(u.id, off, fl, true); err != nil {
+	if err := v.awaitTurn(u.id, off, req, true); err != nil {
 		return wire.Upload{}, err
 	}
 	unlock := v.lockUpload(u.id)
@@ -148,6 +152,7 @@ func (v *vm) putChunk(u uploadID, off int64, crc uint32, body io.Reader) (wire.U
 		return wire.Upload{}, fmt.Errorf("apply: stage chunk of %s: %w", u.id, err)
 	}
 	v.feedVerifier(u.id, off, chunk)
+	req.staged = true
 	return wire.Upload{ID: u.id, Offset: off + int64(n)}, nil
 }
 
@@ -176,8 +181,18 @@ func readChunk(body io.Reader, buf []byte) (int, uint32, error) {
 // chunkFlight counts the chunk requests of one upload being served, so a
 // chunk that arrived early can wait for those before it.
 type chunkFlight struct {
-	n       int
-	changed chan struct{} // closed and replaced when a request comes or ends
+	n         int           // requests in flight
+	receiving int           // of those, requests that have not read their body yet
+	failed    int           // requests that ended without staging their chunk
+	changed   chan struct{} // closed and replaced when the above change
+}
+
+// chunkReq is one chunk request in a chunkFlight.
+type chunkReq struct {
+	fl       *chunkFlight
+	failed   int // fl.failed when it arrived
+	received bool
+	staged   bool
 }
 
 var flights = struct {
@@ -185,7 +200,12 @@ var flights = struct {
 	m  map[verifierKey]*chunkFlight
 }{m: map[verifierKey]*chunkFlight{}}
 
-func (v *vm) chunkArriving(id string) *chunkFlight {
+func (fl *chunkFlight) notify() {
+	close(fl.changed)
+	fl.changed = make(chan struct{})
+}
+
+func (v *vm) chunkArriving(id string) *chunkReq {
 	k := verifierKey{v, id}
 	flights.mu.Lock()
 	defer flights.mu.Unlock()
@@ -195,19 +215,37 @@ func (v *vm) chunkArriving(id string) *chunkFlight {
 		flights.m[k] = fl
 	}
 	fl.n++
-	close(fl.changed)
-	fl.changed = make(chan struct{})
-	return fl
+	fl.receiving++
+	fl.notify()
+	return &chunkReq{fl: fl, failed: fl.failed}
 }
 
-func (v *vm) chunkDone(id string, fl *chunkFlight) {
+// chunkReceived: req's body was read (or failed to be).
+func (v *vm) chunkReceived(req *chunkReq) {
 	flights.mu.Lock()
 	defer flights.mu.Unlock()
+	if !req.received {
+		req.received = true
+		req.fl.receiving--
+		req.fl.notify()
+	}
+}
+
+func (v *vm) chunkDone(id string, req *chunkReq) {
+	flights.mu.Lock()
+	defer flights.mu.Unlock()
+	fl := req.fl
+	if !req.received {
+		req.received = true
+		fl.receiving--
+	}
+	if !req.staged {
+		fl.failed++
+	}
 	if fl.n--; fl.n == 0 {
 		delete(flights.m, verifierKey{v, id})
 	}
-	close(fl.changed)
-	fl.changed = make(chan struct{})
+	fl.notify()
 }
 
 // chunkWait bounds how long a chunk that came early waits for those before
@@ -219,16 +257,22 @@ const (
 	earlyWait = 2 * time.Second
 )
 
-// awaitTurn returns once the chunk at off follows what is staged of upload
-// id, or fails with an OffsetError: at once if off is below the staged
-// offset; if it is beyond, once no request before it has come for
-// earlyWait, or after chunkWait. Before the chunk is received
-// (received false) it returns at once unless off is below.
-func (v *vm) awaitTurn(id string, off int64, fl *chunkFlight, received bool) error {
+// awaitTurn returns once the chunk of req at off may go on, or fails with
+// an OffsetError. Before its body is read (received false) it may go on
+// when off is the staged offset, or when the requests before it have all
+// read their bodies; after (received true), when off is the staged
+// offset. It fails at once when off is below the staged offset or a
+// request of the upload failed since req arrived; when none came before
+// it within earlyWait; and after chunkWait in all.
+func (v *vm) awaitTurn(id string, off int64, req *chunkReq, received bool) error {
 	var deadline, early <-chan time.Time
 	for {
 		flights.mu.Lock()
-		others, changed := fl.n-1, fl.changed
+		fl := req.fl
+		others, receiving, failed, changed := fl.n-1, fl.receiving, fl.failed > req.failed, fl.changed
+		if !req.received {
+			receiving-- // not counting itself
+		}
 		flights.mu.Unlock()
 		up, err := v.uploadOffset(uploadID{id: id})
 		if err != nil {
@@ -237,10 +281,10 @@ func (v *vm) awaitTurn(id string, off int64, fl *chunkFlight, received bool) err
 		switch {
 		case off == up.Offset:
 			return nil
-		case off < up.Offset:
+		case off < up.Offset, failed:
 			return &OffsetError{Offset: up.Offset, Got: off}
-		case !received:
-			return nil // receive it while those before it are received
+		case !received && others > 0 && receiving == 0:
+			return nil // receive it while those before it are staged
 		}
 		if deadline == nil {
 			t := time.NewTimer(chunkWait)

@@ -171,6 +171,12 @@ func (c *client) offset(ctx context.Context, id string) (int64, error) {
 func (c *client) put(ctx context.Context, id string, off int64, chunk []byte, crc uint32, body io.Reader) (int64, error) {
 	h := http.Header{
 		wire.ChunkCRCHeader: {fmt.Sprintf("%08x", crc)},
+		// The replica reads the body only once the chunk can be staged
+		// next (after the chunks before it were received, apply's
+		// putChunk), and refuses it without the body otherwise; a server
+		// that does not answer 100 gets the body after
+		// ExpectContinueTimeout.
+		"Expect": {"100-continue"},
 		"Content-Type":      {"application/octet-stream"},
 	}
 	var u wire.Upload

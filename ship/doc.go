@@ -15,7 +15,8 @@
 // answer moves it to the offset the replica names. A closed cycle's stream
 // is a function of the journal, so a resumed upload makes it again and
 // skips what the replica holds. Two chunk requests are in flight at a
-// time (stream.go), so a cut connection costs at most two chunks. (A spool file STATE.spool/c<N>.vdws left by an older vdrepl is
+// time (stream.go); the replica reads the second's body only after the
+// first's, so a cut connection still costs at most one chunk. (A spool file STATE.spool/c<N>.vdws left by an older vdrepl is
 // sent as it is.) Sync pieces, read from the live disks and so different
 // each time they are read, are written to a spool file
 // (STATE.spool/s<gen>-<piece>.vdws), which is sent while it is written and

@@ -74,12 +74,13 @@
 // ChunkCRCHeader header. The replica appends a chunk only at the offset it
 // has staged so far; any other offset gets 409 with code "offset" and the
 // staged offset, from which the primary resumes. A primary may have two
-// chunk requests of an upload in flight (on two connections): the replica
-// holds a chunk beyond its staged offset, once received, until the chunks
-// before it arrived and were staged (at most 2 s for one to arrive, a
-// minute in all), then checks its offset. So no request carries more
-// than MaxChunk bytes (forward proxies drop large uploads), and a broken
-// connection costs at most the two chunks in flight. Upload ids: "c<cycle>" for cycles,
+// chunk requests of an upload in flight (on two connections), sent with
+// "Expect: 100-continue": the replica reads the body of a chunk beyond its
+// staged offset only once the chunks before it were received, then holds
+// it until they are staged (at most 2 s for one to arrive, a minute in
+// all) and checks its offset; one whose predecessor failed is refused
+// unread. So no request carries more than MaxChunk bytes (forward proxies
+// drop large uploads), and a broken connection costs at most one chunk. Upload ids: "c<cycle>" for cycles,
 // "s<generation>-<piece>" for sync pieces.
 //
 // Commit verifies the whole stream (CRCs, hash, VM, disks, cycle order),
