@@ -77,6 +77,13 @@ func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *clien
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConnsPerHost:   2,
 		ExpectContinueTimeout: time.Second,
+		// net/http's 4 KiB write buffer cuts a chunk's body into 4 KiB
+		// TLS records, each sealed and written on its own; 64 KiB lets
+		// them reach TLS's 16 KiB. 8 MiB PUTs over TLS: 832-860 MB/s
+		// with 4 KiB, 1,153-1,209 MB/s with 64 KiB (bench/tlscost, 5 runs
+		// of 2 s each; plain HTTP the same either way).
+		WriteBufferSize: 64 << 10,
+		ReadBufferSize:  64 << 10,
 	}
 	if !bypassProxy {
 		tr.Proxy = http.ProxyFromEnvironment
@@ -176,8 +183,8 @@ func (c *client) put(ctx context.Context, id string, off int64, chunk []byte, cr
 		// putChunk), and refuses it without the body otherwise; a server
 		// that does not answer 100 gets the body after
 		// ExpectContinueTimeout.
-		"Expect": {"100-continue"},
-		"Content-Type":      {"application/octet-stream"},
+		"Expect":       {"100-continue"},
+		"Content-Type": {"application/octet-stream"},
 	}
 	var u wire.Upload
 	path := "/uploads/" + id + "?offset=" + strconv.FormatInt(off, 10)
