@@ -77,13 +77,6 @@ func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *clien
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConnsPerHost:   2,
 		ExpectContinueTimeout: time.Second,
-		// net/http's 4 KiB write buffer cuts a chunk's body into 4 KiB
-		// TLS records, each sealed and written on its own; 64 KiB lets
-		// them reach TLS's 16 KiB. 8 MiB PUTs over TLS: 832-860 MB/s
-		// with 4 KiB, 1,153-1,209 MB/s with 64 KiB (bench/tlscost, 5 runs
-		// of 2 s each; plain HTTP the same either way).
-		WriteBufferSize: 64 << 10,
-		ReadBufferSize:  64 << 10,
 	}
 	if !bypassProxy {
 		tr.Proxy = http.ProxyFromEnvironment
