@@ -79,8 +79,10 @@
 // Applied); Prev is normally N-1, less when the primary folded cycles into
 // a sync (wire.Header), so N itself may skip ahead of applied+1.
 //
-// A cycle commit verifies the whole staged upload (every CRC and the
-// stream's BLAKE3 end hash), fsyncs it, renames it to staging/c<N>.stream
+// A cycle commit makes sure the whole staged upload verified (every CRC and
+// the stream's BLAKE3 end hash: checked as the chunks were staged, by a
+// wire.Verifier, or read again from the file after a restart), fsyncs it,
+// renames it to staging/c<N>.stream
 // and fsyncs the directory, then writes replica.json with intent
 // {"op":"cycle","cycle":N,"sealed":T}. Only then are the frames written to
 // the images (data with pwrite, trim and zero with fallocate PUNCH_HOLE,
