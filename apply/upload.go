@@ -607,11 +607,18 @@ func (v *vm) finishIntent(recovering bool) error {
 		v.s.log.Info("finishing an interrupted apply", "vm", v.name, "intent", in.String())
 		for _, name := range streams {
 			if _, err := v.verifyStream(name, func(h wire.Header) error { return nil }); err != nil {
+				if in.Op == intentCycle && errors.Is(err, ErrCorrupt) {
+					v.dropDamagedCycle(in, streams[0], err)
+					return nil // the primary sends the cycle again
+				}
 				return fmt.Errorf("apply: replica VM %q: cannot finish %s: %w", v.name, in, err)
 			}
 		}
 	}
 	if err := v.applyFiles(streams...); err != nil {
+		if in.Op == intentCycle && errors.Is(err, ErrCorrupt) {
+			return v.dropDamagedCycle(in, streams[0], err)
+		}
 		return err
 	}
 	next := v.snapshot()
@@ -651,6 +658,32 @@ func (v *vm) finishIntent(recovering bool) error {
 		v.s.ev.SyncFinished(v.name, in.Gen)
 	}
 	return nil
+}
+
+// dropDamagedCycle gives up a cycle intent whose staged stream was damaged
+// at rest after it was verified (a frame fails its CRC while applied): the
+// primary still has the cycle (it releases it only on our answer) and
+// sends it again on the "corrupt" answer. The images may hold part of it,
+// so the VM is marked not consistent until that cycle is applied;
+// recovery points stay exact (their undo data was saved before any image
+// write). Caller holds v.apply.
+func (v *vm) dropDamagedCycle(in *intent, stream string, cause error) error {
+	err := v.update(func(st *replicaState) error {
+		st.Intent = nil
+		st.Consistent = false
+		st.ConsistentAt = max(st.ConsistentAt, in.Cycle)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	v.removeStaged(stream)
+	v.s.log.Error("staged cycle damaged at rest, dropped: the primary sends it again; the images are not consistent until then",
+		"vm", v.name, "cycle", in.Cycle, "err", cause)
+	if f := v.s.ev.Corrupt; f != nil {
+		f(v.name, wire.CycleUploadID(in.Cycle), cause)
+	}
+	return fmt.Errorf("%w: cycle %d damaged in staging after it was received: %v", ErrCorrupt, in.Cycle, cause)
 }
 
 // applied is the state after intent in was carried out.
