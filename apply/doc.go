@@ -105,6 +105,13 @@
 // sync, sums) redoes it before anything else; if that fails too the
 // request fails with the error.
 //
+// A cycle stream damaged at rest after it was verified (a frame fails its
+// CRC while applied, or at recovery) cannot be finished from the local
+// copy: the intent is dropped, the VM is marked not consistent until that
+// cycle is applied (the images may hold part of it), and the commit answers
+// "corrupt", so the primary, which keeps the cycle until it is applied,
+// sends it again.
+//
 // Recovery also tidies: a cycle stream no intent names goes back to being
 // a complete upload (staging/c<N>.part) if N is not applied yet, else it
 // is removed; pieces and directories of sync generations no longer running
