@@ -140,16 +140,8 @@ func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) 
 
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	delete(j.inflight, start)
-	j.cond.Broadcast()
-	if werr != nil {
-		return h, j.failLocked(fmt.Errorf("append to %s: %w", seg.name, werr))
-	}
-	if j.failed != nil {
-		return h, j.failed
-	}
-	if index != nil {
-		index(&h)
+	if err := j.appendedLocked(start, seg, werr, &h, index); err != nil {
+		return h, err
 	}
 	// Keep the buffer for the write-back while the budget allows.
 	for q := len(j.queue) - 1; q >= 0 && j.retained+cap(buf) <= retainMax; q-- {

@@ -433,18 +433,25 @@ func (j *Journal) appendRecord(h Header, payload []byte, index func(h *Header)) 
 
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	delete(j.inflight, lsn)
+	return h, j.appendedLocked(lsn, seg, werr, &h, index)
+}
+
+// appendedLocked ends an append that reserved [start, ...) of seg: it is
+// no longer in flight, and unless the write failed (which fails the
+// journal) or the journal failed meanwhile, index runs. Caller holds mu.
+func (j *Journal) appendedLocked(start uint64, seg *segment, werr error, h *Header, index func(h *Header)) error {
+	delete(j.inflight, start)
 	j.cond.Broadcast()
 	if werr != nil {
-		return h, j.failLocked(fmt.Errorf("append to %s: %w", seg.name, werr))
+		return j.failLocked(fmt.Errorf("append to %s: %w", seg.name, werr))
 	}
 	if j.failed != nil {
-		return h, j.failed
+		return j.failed
 	}
 	if index != nil {
-		index(&h)
+		index(h)
 	}
-	return h, nil
+	return nil
 }
 
 // Flush makes every record appended before it was called durable. Concurrent
