@@ -81,17 +81,7 @@ func TestUnplannedFailoverCrashPoints(t *testing.T) {
 			// A VM of the replica host's own must come through every
 			// restart, whatever the failover does to the registry.
 			p.rep.addVM("own", "4M")
-			want := map[uint64][]byte{}
-			var cycles []uint64
-			last := time.Now()
-			for i := range 2 {
-				nextInterval(t, last)
-				writePattern(t, p.prim, "vm1/disk0", byte(0x21+i), 2*i)
-				last = time.Now()
-				c := syncCycle(t, p.prim, "vm1")
-				want[c] = exportBytes(t, p.prim, "vm1/disk0")
-				cycles = append(cycles, c)
-			}
+			cycles, want := pointedCycles(t, p.prim, 2, 0x21, 2)
 			older, latest := fmt.Sprint(cycles[0]), want[cycles[1]]
 			img := filepath.Join(p.storage, "vm1", "disk0.img")
 			failover := []string{"failover", "unplanned", "vm1", "--point", older}

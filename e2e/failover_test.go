@@ -69,6 +69,26 @@ func nextInterval(t *testing.T, since time.Time) {
 	waitFor(t, "the next recovery point interval", func() bool { return time.Since(since) > 1100*time.Millisecond })
 }
 
+// pointedCycles writes n patterns into vm1/disk0 of h (byte base+i at MiB
+// step*i), each a recovery point interval after the one before (and after
+// the sync that preceded the call), syncs each and returns the cycles with
+// the disk's content at each.
+func pointedCycles(t *testing.T, h *host, n int, base byte, step int) ([]uint64, map[uint64][]byte) {
+	t.Helper()
+	want := map[uint64][]byte{}
+	var cycles []uint64
+	last := time.Now()
+	for i := range n {
+		nextInterval(t, last)
+		writePattern(t, h, "vm1/disk0", base+byte(i), step*i)
+		last = time.Now()
+		c := syncCycle(t, h, "vm1")
+		want[c] = exportBytes(t, h, "vm1/disk0")
+		cycles = append(cycles, c)
+	}
+	return cycles, want
+}
+
 // writePattern writes 1 MiB of byte b at MiB offset mib of vm1/disk0.
 func writePattern(t *testing.T, h *host, export string, b byte, mib int) {
 	t.Helper()
@@ -87,17 +107,7 @@ func testExportBytes(t *testing.T, h *host, export string) []byte {
 func TestRecoveryPointsExact(t *testing.T) {
 	need(t, "qemu-io", "nbdcopy", "nbdinfo")
 	p := pointsPair(t, 3)
-	want := map[uint64][]byte{}
-	var cycles []uint64
-	last := time.Now()
-	for i := range 5 {
-		nextInterval(t, last)
-		writePattern(t, p.prim, "vm1/disk0", byte(0x10+i), i)
-		last = time.Now()
-		c := syncCycle(t, p.prim, "vm1")
-		want[c] = exportBytes(t, p.prim, "vm1/disk0")
-		cycles = append(cycles, c)
-	}
+	cycles, want := pointedCycles(t, p.prim, 5, 0x10, 1)
 	ps := pointsOf(t, p.rep, "vm1")
 	var got []uint64
 	for _, pt := range ps {
@@ -189,17 +199,7 @@ func TestTestFailoverWhilePrimaryWrites(t *testing.T) {
 func TestUnplannedFailoverCancelComplete(t *testing.T) {
 	need(t, "qemu-io", "nbdcopy", "nbdinfo")
 	p := pointsPair(t, 4)
-	want := map[uint64][]byte{}
-	var cycles []uint64
-	last := time.Now()
-	for i := range 3 {
-		nextInterval(t, last)
-		writePattern(t, p.prim, "vm1/disk0", byte(0x20+i), 2*i)
-		last = time.Now()
-		c := syncCycle(t, p.prim, "vm1")
-		want[c] = exportBytes(t, p.prim, "vm1/disk0")
-		cycles = append(cycles, c)
-	}
+	cycles, want := pointedCycles(t, p.prim, 3, 0x20, 2)
 	latest := want[cycles[2]]
 	p.prim.kill()
 

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 // twoWay is two hosts that may each replicate to the other: both run the
@@ -170,15 +169,8 @@ func TestReverseAfterUnplannedFailover(t *testing.T) {
 	aImg := w.a.addVM("vm1", "16M")
 	w.a.run("replication", "enable", "vm1", "--replica", w.bAddr, "--frequency", "1h",
 		"--recovery-points", "3", "--recovery-point-interval", "1s")
-	w.a.run("replication", "sync", "vm1")
-	var cycles []uint64
-	last := time.Now() // the initial copy's cycle is a point
-	for i := range 3 {
-		nextInterval(t, last)
-		writePattern(t, w.a, "vm1/disk0", byte(0x41+i), 2*i)
-		last = time.Now()
-		cycles = append(cycles, syncCycle(t, w.a, "vm1"))
-	}
+	w.a.run("replication", "sync", "vm1") // its cycle is a point
+	cycles, _ := pointedCycles(t, w.a, 3, 0x41, 2)
 	w.a.kill()
 
 	w.b.run("failover", "unplanned", "vm1", "--point", fmt.Sprint(cycles[0]))
