@@ -269,7 +269,7 @@ func (s *Server) FailOver(name, kind, id string) (FailedOverVM, error) {
 	st := v.snapshot()
 	if f := st.Failover; f != nil {
 		if f.Point != id || f.Kind != kind {
-			return FailedOverVM{}, fmt.Errorf("%w: replica VM %q is already failed over (%s, to %s); cancel or complete that failover first", ErrExists, name, f.Kind, pointName(f.Point))
+			return FailedOverVM{}, fmt.Errorf("%w: replica VM %q is already failed over (%s, to %s); cancel or complete that failover first", ErrExists, name, f.Kind, PointName(f.Point))
 		}
 	} else {
 		if id == "" && !st.Consistent {
@@ -296,7 +296,9 @@ func (s *Server) FailOver(name, kind, id string) (FailedOverVM, error) {
 	return v.failedOver(), nil
 }
 
-func pointName(id string) string {
+// PointName names a failover target: recovery point id, or "" for the
+// latest state.
+func PointName(id string) string {
 	if id == "" {
 		return "the latest state"
 	}
@@ -340,7 +342,7 @@ func (v *vm) revert() error {
 	if err != nil {
 		return err
 	}
-	v.s.log.Info("replica VM failed over", "vm", v.name, "kind", f.Kind, "point", pointName(f.Point), "latest", f.Latest)
+	v.s.log.Info("replica VM failed over", "vm", v.name, "kind", f.Kind, "point", PointName(f.Point), "latest", f.Latest)
 	return nil
 }
 

@@ -299,7 +299,7 @@ func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
 	if exists && v.j != nil {
 		r, _ := d.replica.Replica(name)
 		if r.FailedOver != nil && r.FailedOver.Point != id {
-			return FailoverResult{}, fmt.Errorf("%w: VM %s is already failed over to %s; cancel first to choose another point", ErrExists, name, pointName(r.FailedOver.Point))
+			return FailoverResult{}, fmt.Errorf("%w: VM %s is already failed over to %s; cancel first to choose another point", ErrExists, name, apply.PointName(r.FailedOver.Point))
 		}
 	}
 	stopped := d.stopExtendForFailover(name)
@@ -317,15 +317,8 @@ func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
 	for _, disk := range fo.Disks {
 		res.Exports = append(res.Exports, name+"/"+disk.Name)
 	}
-	d.log.Info("unplanned failover: VM served from its replica", "vm", name, "point", pointName(fo.Point), "exports", res.Exports, "lacks_disks", fo.Excluded)
+	d.log.Info("unplanned failover: VM served from its replica", "vm", name, "point", apply.PointName(fo.Point), "exports", res.Exports, "lacks_disks", fo.Excluded)
 	return res, nil
-}
-
-func pointName(id string) string {
-	if id == "" {
-		return "the latest state"
-	}
-	return "recovery point " + id
 }
 
 // registerFailedOver makes a failed-over replica VM a VM of this daemon.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/daemon"
 )
 
@@ -27,13 +28,6 @@ func parseHours(s string) (time.Duration, error) {
 		return 0, fmt.Errorf("want a number of hours (4) or a duration (30m)")
 	}
 	return d, nil
-}
-
-func pointLabel(id string) string {
-	if id == "" {
-		return "the latest state"
-	}
-	return "recovery point " + id
 }
 
 // pointsCmd is `vdrepl replication points VM`, run on the replica host.
@@ -188,7 +182,7 @@ func failoverCmd() *cli.Command {
 			}
 			switch op {
 			case "test", "unplanned":
-				fmt.Fprintf(c.App.Writer, "%s of %s from %s: exports %s\n", what, vm, pointLabel(res.Point), strings.Join(res.Exports, ", "))
+				fmt.Fprintf(c.App.Writer, "%s of %s from %s: exports %s\n", what, vm, apply.PointName(res.Point), strings.Join(res.Exports, ", "))
 				if len(res.Lacks) > 0 {
 					fmt.Fprintf(c.App.Writer, "warning: the VM lacks disk(s) %s: they were excluded from replication\n", strings.Join(res.Lacks, ", "))
 				}

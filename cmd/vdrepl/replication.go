@@ -454,7 +454,7 @@ func printReplication(c *cli.Context, r daemon.Replication, tty bool) {
 			fmt.Fprintf(w, "  points:       %d of %d kept, %s of undo data\n", rep.Points, rep.RecoveryPoints, humanBytes(rep.PointBytes))
 		}
 		if f := rep.FailedOver; f != nil {
-			fmt.Fprintf(w, "  FAILED OVER:  %s failover at %s to %s; takes no data from %s\n", f.Kind, f.At.Local().Format(time.DateTime), pointLabel(f.Point), rep.Primary)
+			fmt.Fprintf(w, "  FAILED OVER:  %s failover at %s to %s; takes no data from %s\n", f.Kind, f.At.Local().Format(time.DateTime), apply.PointName(f.Point), rep.Primary)
 		}
 		if len(rep.Excluded) > 0 {
 			fmt.Fprintf(w, "  not replicated (excluded on the primary): %s\n", strings.Join(rep.Excluded, ", "))
