@@ -12,57 +12,217 @@ import (
 	"github.com/vdrepl/vdrepl/journal"
 )
 
-// shipCycle sends closed cycle info (the oldest the journal keeps), and
-// releases it once the replica committed it.
-func (s *Shipper) shipCycle(ctx context.Context, info journal.CycleInfo) error {
+// Cycles go through a two-stage pipeline: the replica answers a cycle's
+// commit only once it has applied the cycle (apply/doc.go), which for a
+// large cycle takes as long as its upload, so while the commit of cycle N
+// is in flight the chunks of N+1 are sent; the replica stages them beside
+// N while it applies N. N+1 is committed only after N's answer came, so
+// commits stay strictly in order, and a cycle is released from the journal
+// only after its own commit answered success. When N's commit fails, N+1
+// stays staged on the replica and its upload resumes there (nothing is
+// sent twice); when a resync or a pause becomes due, the pipeline drains
+// (the commit in flight is answered) and the loop's step decides.
+
+// cycleUpload is one cycle whose stream the replica holds whole, and its
+// commit.
+type cycleUpload struct {
+	info  journal.CycleInfo
+	size  int64     // stream bytes
+	start time.Time // when its upload began
+	sp    *spool    // a spool left by an older vdrepl, or nil
+	// resent: the cycle is sent again after a commit answered "corrupt"
+	resent bool
+	// set before done is closed
+	rep  wire.Replica
+	err  error
+	done chan struct{}
+}
+
+// shipCycles ships the closed cycles from first (the oldest the journal
+// keeps) in order, each uploaded while the commit of the one before it is
+// in flight, and releases each once the replica committed it. It returns
+// when no cycle is left to upload once the commit in flight was answered,
+// or when something else is due (nextCycle), always after that commit was
+// answered and recorded.
+func (s *Shipper) shipCycles(ctx context.Context, first journal.CycleInfo) error {
+	var cur *cycleUpload // its commit is in flight
+	// settle waits for the commit in flight and records its answer; it
+	// fails with errNotNext when the cycle after it must not be committed.
+	settle := func() error {
+		if cur == nil {
+			return nil
+		}
+		u := cur
+		cur = nil
+		<-u.done
+		if err := s.committed(ctx, u); err != nil {
+			return err
+		}
+		if !s.mayCommit(u.info.Cycle) {
+			return errNotNext
+		}
+		return nil
+	}
+	next := first
+	for {
+		u, err := s.sendCycle(ctx, next, settle)
+		if serr := settle(); serr != nil {
+			// next (if sent) stays staged on the replica and is resumed.
+			return notNext(serr)
+		}
+		if err != nil {
+			return notNext(err)
+		}
+		cur = u
+		s.startCommit(ctx, u)
+		info, ok := s.nextCycle(ctx, u)
+		if !ok {
+			return notNext(settle())
+		}
+		next = info
+	}
+}
+
+// errNotNext: the cycle after the one just committed must not be committed
+// now: it was not recorded applied (a "gap" answer made a resync due) or
+// something else is due; the loop's step decides what comes next.
+var errNotNext = errors.New("ship: not the next cycle's turn")
+
+func notNext(err error) error {
+	if errors.Is(err, errNotNext) {
+		return nil
+	}
+	return err
+}
+
+// mayCommit says whether the cycle after c may be committed now that c's
+// commit was answered: c is recorded as applied and no resync is due.
+func (s *Shipper) mayCommit(c uint64) bool {
+	js := s.j.Stats()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st.Applied >= c && s.st.Resync == nil && s.st.Sync == nil && !js.ResyncRequired && js.ResyncBase == 0
+}
+
+// nextCycle returns the closed cycle to upload while u's commit is in
+// flight: the one after u if the journal has it, else the first one sealed
+// before u's commit is answered. ok is false when the commit was answered
+// first, or when something else is due: a resync, a pause or stop (ctx).
+func (s *Shipper) nextCycle(ctx context.Context, u *cycleUpload) (info journal.CycleInfo, ok bool) {
+	for {
+		js := s.j.Stats()
+		s.mu.Lock()
+		ch := s.changed
+		due := s.st.Resync != nil || s.st.Sync != nil || s.st.Paused || s.closed || js.ResyncRequired || js.ResyncBase != 0
+		s.mu.Unlock()
+		if due || ctx.Err() != nil {
+			return journal.CycleInfo{}, false
+		}
+		for _, c := range s.j.Cycles() {
+			if c.Cycle > u.info.Cycle {
+				return c, true
+			}
+		}
+		select {
+		case <-u.done:
+			return journal.CycleInfo{}, false
+		case <-ch: // a cycle sealed, or the state changed
+		case <-ctx.Done():
+			return journal.CycleInfo{}, false
+		}
+	}
+}
+
+// sendCycle uploads closed cycle info whole, resuming from what the
+// replica staged, and returns it ready to commit. A spool of the cycle
+// (left by an older vdrepl) is sent as it is and committed at once, after
+// flush (the commit before it) returned; otherwise the stream is made
+// while it is sent (stream.go).
+func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo, flush func() error) (*cycleUpload, error) {
 	id := wire.CycleUploadID(info.Cycle)
-	log := s.log.With("cycle", info.Cycle)
-	for attempt := 0; ; attempt++ {
-		start := s.now()
-		// A spool of the cycle (left by an older vdrepl) is sent as it is;
-		// otherwise the stream is made while it is sent (stream.go).
-		sp, err := s.openSpool(id)
+	u := &cycleUpload{info: info, start: s.now(), done: make(chan struct{})}
+	lims := []*Limiter{s.cfg.Limit, s.cfg.HostLimit}
+	sp, err := s.openSpool(id)
+	if err != nil {
+		return nil, err
+	}
+	if sp != nil {
+		if err := flush(); err != nil {
+			sp.close()
+			return nil, err
+		}
+		u.sp, u.size = sp, sp.size
+		u.rep, u.err = s.upload(ctx, sp, lims)
+		close(u.done)
+		return u, nil
+	}
+	h := wire.Header{
+		VM: s.cfg.VM, Kind: wire.KindCycle, Disks: s.cfg.Disks,
+		Cycle: info.Cycle, Prev: info.Cycle - 1,
+		Sealed: info.Sealed, AppConsistent: info.AppConsistent, Point: info.Point,
+	}
+	newSrc := func() *streamSource {
+		return newStreamSource(ctx, h, s.cfg.Compress, s.chunk, func(ctx context.Context, w *wire.Writer) error {
+			return s.fillCycle(ctx, w, info)
+		})
+	}
+	if u.size, err = s.uploadStream(ctx, id, newSrc, lims); err != nil {
+		return nil, err
+	}
+	return u, nil
+}
+
+// startCommit sends u's commit in the background; u.done is closed with
+// the answer.
+func (s *Shipper) startCommit(ctx context.Context, u *cycleUpload) {
+	if u.sp != nil {
+		return // committed by sendCycle
+	}
+	s.mu.Lock()
+	s.committing = u.info.Cycle
+	s.mu.Unlock()
+	go func() {
+		defer close(u.done)
+		u.rep, u.err = s.c.commit(ctx, wire.CycleUploadID(u.info.Cycle))
+		s.mu.Lock()
+		s.committing = 0
+		s.mu.Unlock()
+	}()
+}
+
+// committed records the answer to u's commit: the cycle is released, sent
+// once more when the replica found it corrupt (then an error if it does
+// again), or the error is returned.
+func (s *Shipper) committed(ctx context.Context, u *cycleUpload) error {
+	err := u.err
+	if u.sp != nil {
+		if err == nil || isCode(err, wire.CodeCorrupt) {
+			s.removeSpool(u.sp)
+		} else {
+			u.sp.close()
+		}
+	}
+	switch {
+	case isCode(err, wire.CodeCorrupt) && !u.resent:
+		// The replica discarded the stream; make it anew and send it
+		// once more before backing off.
+		s.log.Warn("replica rejected cycle as corrupt, sending it again", "cycle", u.info.Cycle, "err", err)
+		again, err := s.sendCycle(ctx, u.info, func() error { return nil })
 		if err != nil {
 			return err
 		}
-		var rep wire.Replica
-		var size int64
-		if sp != nil {
-			rep, err = s.upload(ctx, sp, []*Limiter{s.cfg.Limit, s.cfg.HostLimit})
-			size = sp.size
-			if err == nil || isCode(err, wire.CodeCorrupt) {
-				s.removeSpool(sp)
-			} else {
-				sp.close()
-			}
-		} else {
-			h := wire.Header{
-				VM: s.cfg.VM, Kind: wire.KindCycle, Disks: s.cfg.Disks,
-				Cycle: info.Cycle, Prev: info.Cycle - 1,
-				Sealed: info.Sealed, AppConsistent: info.AppConsistent, Point: info.Point,
-			}
-			newSrc := func() *streamSource {
-				return newStreamSource(ctx, h, s.cfg.Compress, s.chunk, func(ctx context.Context, w *wire.Writer) error {
-					return s.fillCycle(ctx, w, info)
-				})
-			}
-			rep, size, err = s.uploadStream(ctx, id, newSrc, []*Limiter{s.cfg.Limit, s.cfg.HostLimit})
-		}
-		switch {
-		case isCode(err, wire.CodeCorrupt) && attempt == 0:
-			// The replica discarded the stream; make it anew and send it
-			// once more before backing off.
-			log.Warn("replica rejected cycle as corrupt, sending it again", "err", err)
-			continue
-		case isCode(err, wire.CodeCorrupt):
-			return err
-		case isCode(err, wire.CodeGap):
-			return s.gap(info, err)
-		case err != nil:
-			return err
-		}
-		return s.shipped(info, rep, size, s.now().Sub(start))
+		again.resent = true
+		s.startCommit(ctx, again)
+		<-again.done
+		return s.committed(ctx, again)
+	case isCode(err, wire.CodeCorrupt):
+		return err
+	case isCode(err, wire.CodeGap):
+		return s.gap(u.info, err)
+	case err != nil:
+		return err
 	}
+	return s.shipped(u.info, u.rep, u.size, s.now().Sub(u.start))
 }
 
 // shipped records a cycle the replica committed and releases it.

@@ -23,6 +23,10 @@
 // committed once complete and synced. A cycle is
 // released only after the commit answered success: a crash at any point
 // ships it again, and the replica answers an applied cycle as success.
+// The replica answers a commit once the cycle is applied, so the next
+// cycle is uploaded while that commit is in flight and committed after
+// its answer (cycle.go): upload and apply overlap, commits stay in order,
+// and a cycle whose predecessor's commit failed stays staged and resumes.
 //
 // A commit answered "gap" carries the replica's last applied cycle. If that
 // is at or past the cycle, it was applied already (an earlier answer was

@@ -179,6 +179,9 @@ type Shipper struct {
 	lastState string
 	lastWhy   string
 	closed    bool
+	// committing is the cycle whose commit is in flight: uploaded whole,
+	// being applied by the replica (cycle.go); 0 if none.
+	committing uint64
 
 	done chan struct{} // closed by Close
 	wg   sync.WaitGroup
@@ -571,7 +574,7 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 		// checkpoint (Release is durable only there): release, do not resend.
 		return true, time.Time{}, s.shipped(cycles[0], wire.Replica{Applied: st.Applied}, 0, 0)
 	}
-	if err := s.shipCycle(ctx, cycles[0]); err != nil {
+	if err := s.shipCycles(ctx, cycles[0]); err != nil {
 		return false, time.Time{}, err
 	}
 	return true, time.Time{}, nil

@@ -34,6 +34,10 @@ type Status struct {
 	LastApplied       uint64    `json:"last_applied_cycle"`
 	LastAppliedSealed time.Time `json:"last_applied_sealed,omitzero"`
 	LastAppliedAt     time.Time `json:"last_applied_at,omitzero"`
+	// Committing is the cycle the replica is applying now: uploaded whole,
+	// its commit sent and not yet answered (the next cycle is uploaded
+	// meanwhile). It counts as applied only once the replica answered.
+	Committing uint64 `json:"committing_cycle,omitempty"`
 	// OldestUnshipped is the barrier time of the oldest closed cycle not yet
 	// on the replica.
 	OldestUnshipped time.Time   `json:"oldest_unshipped,omitzero"`
@@ -97,7 +101,8 @@ func (s *Shipper) Status() Status {
 	st := Status{
 		VM: s.cfg.VM, Replica: s.cfg.Replica,
 		LastApplied: s.st.Applied, LastAppliedSealed: s.st.AppliedSealed, LastAppliedAt: s.st.AppliedAt,
-		LastError: s.lastErr, LastErrorAt: s.lastErrAt,
+		Committing: s.committing,
+		LastError:  s.lastErr, LastErrorAt: s.lastErrAt,
 		LastAppConsistent: s.st.LastAppConsistent, QuiesceError: s.st.QuiesceError,
 	}
 	st.State, st.Reason = s.stateLocked(js)

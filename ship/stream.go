@@ -219,14 +219,15 @@ type chunkPut struct {
 }
 
 // uploadStream sends the stream newSrc makes as upload id, resuming from
-// what the replica staged, and commits it. It returns the replica's answer
-// and the stream's size. Up to inFlight chunks are in flight; when one
-// fails, the others are waited for and the upload goes on from where the
-// replica says (a 409 names it; after a damaged chunk it is asked).
-func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *streamSource, lims []*Limiter) (wire.Replica, int64, error) {
+// what the replica staged, and returns the stream's size once the replica
+// staged all of it; the caller commits it (cycle.go). Up to inFlight
+// chunks are in flight; when one fails, the others are waited for and the
+// upload goes on from where the replica says (a 409 names it; after a
+// damaged chunk it is asked).
+func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *streamSource, lims []*Limiter) (int64, error) {
 	off, err := s.c.offset(ctx, id)
 	if err != nil {
-		return wire.Replica{}, 0, err
+		return 0, err
 	}
 	src := newSrc()
 	defer func() { src.stop() }()
@@ -255,12 +256,12 @@ func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *st
 				// The replica staged another stream of this id: start over.
 				drain()
 				if err := s.c.discard(ctx, id); err != nil {
-					return wire.Replica{}, 0, err
+					return 0, err
 				}
 				off = 0
 				continue
 			case err != nil:
-				return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+				return 0, fmt.Errorf("ship: make stream %s: %w", id, err)
 			}
 			chunk, crc, err := src.next(chunkFor(s.chunk, lims, s.now()))
 			if err == io.EOF {
@@ -268,7 +269,7 @@ func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *st
 				break
 			}
 			if err != nil {
-				return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+				return 0, fmt.Errorf("ship: make stream %s: %w", id, err)
 			}
 			p := &chunkPut{off: off, n: int64(len(chunk)), done: make(chan struct{})}
 			go func() {
@@ -290,7 +291,7 @@ func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *st
 		case err == nil:
 			if p.next != p.off+p.n {
 				drain()
-				return wire.Replica{}, 0, fmt.Errorf("%w: upload %s: offset %d after a chunk at %d of %d bytes", ErrProtocol, id, p.next, p.off, p.n)
+				return 0, fmt.Errorf("%w: upload %s: offset %d after a chunk at %d of %d bytes", ErrProtocol, id, p.next, p.off, p.n)
 			}
 			continue
 		case isCode(err, wire.CodeOffset) && errors.As(err, &re):
@@ -303,10 +304,10 @@ func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *st
 			corrupt++
 			s.log.Warn("chunk rejected as corrupt, sending it again", "upload", id, "offset", p.off)
 			if off, err = s.c.offset(ctx, id); err != nil {
-				return wire.Replica{}, 0, err
+				return 0, err
 			}
 		default:
-			return wire.Replica{}, 0, err
+			return 0, err
 		}
 		// The stream goes on from off: what follows may have to be made
 		// again.
@@ -317,8 +318,7 @@ func (s *Shipper) uploadStream(ctx context.Context, id string, newSrc func() *st
 		}
 	}
 	if err := src.finish(); err != nil {
-		return wire.Replica{}, 0, fmt.Errorf("ship: make stream %s: %w", id, err)
+		return 0, fmt.Errorf("ship: make stream %s: %w", id, err)
 	}
-	rep, err := s.c.commit(ctx, id)
-	return rep, src.size, err
+	return src.size, nil
 }
