@@ -105,6 +105,33 @@
 // sync, sums) redoes it before anything else; if that fails too the
 // request fails with the error.
 //
+// # What an answer acknowledges
+//
+// A chunk's answer (the new offset) says the chunk is in
+// staging/<id>.part, not that it is durable: the commit fsyncs the upload
+// before anything else. A cycle commit answers success only once the cycle
+// is applied: the images fsynced and replica.json durable with applied=N
+// (or N applied before: a repeated commit). That is more than the durability
+// the primary needs before it drops the cycle from its journal, and every
+// "applied" in an answer (wire.Replica) is a cycle the images hold. The one
+// exception is a cycle before ConsistentAt of a held resync (below): it is
+// answered once staged durably and recorded in held, the images staying at
+// their last consistent point; the commit of ConsistentAt answers after the
+// resync and every held cycle are applied. The
+// stage in between, the stream verified, fsynced and renamed to
+// staging/c<N>.stream with the intent durable, is never answered on its
+// own: a crash after it comes back at N, and an I/O error after it fails
+// the commit (the intent stays, as above). A sync piece's commit answers
+// once the piece is durable (in the images for an initial copy, in
+// sync/<gen>/ for a resync); a sync finish once the resync is applied, or
+// held (then applied stays at the last consistent point).
+//
+// No apply runs in the background, so whatever comes after an answer
+// (a failover, a handover, sums, Close) finds the images at applied. The
+// primary keeps the replica busy instead (ship/cycle.go): it uploads cycle
+// N+1 while the commit of N runs, its chunks staged beside N's apply (they
+// take no apply lock), and sends N+1's commit only after N's answer.
+//
 // A cycle stream damaged at rest after it was verified (a frame fails its
 // CRC while applied, or at recovery) cannot be finished from the local
 // copy: the intent is dropped, the VM is marked not consistent until that
