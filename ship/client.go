@@ -85,6 +85,14 @@ func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *clien
 	return &client{base: u.String(), hc: &http.Client{Transport: tr}, tr: tr}
 }
 
+// plainHTTP makes c speak http:// instead of https:// (Config.PlainHTTP,
+// for bench/tlscost only): the same transport, without TLS.
+func (c *client) plainHTTP() {
+	u, _ := url.Parse(c.base)
+	u.Scheme = "http"
+	c.base = u.String()
+}
+
 func (c *client) close() { c.tr.CloseIdleConnections() }
 
 // do sends one request and decodes a JSON answer into out (if not nil).

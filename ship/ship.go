@@ -65,6 +65,12 @@ type Config struct {
 	// configuration (pki Identity.ClientConfig).
 	Replica string
 	TLS     *tls.Config
+	// PlainHTTP speaks http:// to Replica, without TLS (TLS is still
+	// required: it names the primary). Only bench/tlscost sets it, to
+	// measure what TLS costs replication; the daemon never does, and a
+	// vdrepl replica refuses every request that lacks a verified client
+	// certificate (apply.Server.Handler).
+	PlainHTTP bool
 	// Primary is our certificate name, written into an offline manifest;
 	// default: the name of TLS's client certificate.
 	Primary     string
@@ -289,6 +295,9 @@ func New(cfg Config) (*Shipper, error) {
 	s.st = st
 	s.st.VM = cfg.VM
 	s.c = newClient(cfg.Replica, cfg.VM, cfg.TLS, cfg.BypassProxy)
+	if cfg.PlainHTTP {
+		s.c.plainHTTP()
+	}
 	return s, nil
 }
 
