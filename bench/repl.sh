@@ -4,7 +4,9 @@
 # Markdown table of
 #
 #   1. apply rate: sequential 1M and random 4k writes vs how fast the replica
-#      has them applied (`replication sync`), compression off, random data
+#      has them applied (`replication sync`), compression off, random data:
+#      a burst of a fixed size, and a sustained load (fio time_based, status
+#      sampled for the lag)
 #   2. bytes on the wire per byte the guest wrote, hot-spot writes (80% of the
 #      writes on 20% of the blocks), coalescing and compression on and off
 #   3. TLS 1.3 vs plain HTTP for 8 MiB chunk PUTs (go test ./bench/tlscost)
@@ -30,6 +32,8 @@ if [[ $REPL_QUICK == 1 ]]; then
 	REPL_HOT_WRITTEN=${REPL_HOT_WRITTEN:-96M}
 	REPL_RESYNC_SIZE=${REPL_RESYNC_SIZE:-256M}
 	REPL_LAG_SECONDS=${REPL_LAG_SECONDS:-20}
+	REPL_SUSTAIN_SECONDS=${REPL_SUSTAIN_SECONDS:-15}
+	REPL_SUSTAIN_DISK=${REPL_SUSTAIN_DISK:-256M}
 	REPL_LAG_FREQUENCY=${REPL_LAG_FREQUENCY:-5s}
 	REPL_LAG_DISK=${REPL_LAG_DISK:-256M}
 	REPL_TLS_BENCHTIME=${REPL_TLS_BENCHTIME:-200ms}
@@ -38,6 +42,9 @@ fi
 REPL_SEQ_SIZE=${REPL_SEQ_SIZE:-1G}
 REPL_RAND_SIZE=${REPL_RAND_SIZE:-256M}
 REPL_APPLY_FREQUENCY=${REPL_APPLY_FREQUENCY:-5s}
+REPL_APPLY_MODES=${REPL_APPLY_MODES:-burst sustained}
+REPL_SUSTAIN_SECONDS=${REPL_SUSTAIN_SECONDS:-60}
+REPL_SUSTAIN_DISK=${REPL_SUSTAIN_DISK:-2G}
 REPL_HOT_REGION=${REPL_HOT_REGION:-256M}
 REPL_HOT_WRITTEN=${REPL_HOT_WRITTEN:-768M}
 REPL_HOT_FREQUENCY=${REPL_HOT_FREQUENCY:-30s}
@@ -64,7 +71,7 @@ BENCH_DROP_CACHES=${REPL_DROP_CACHES:-1}
 VDREPL=${VDREPL:-}
 
 usage() {
-	sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
 	echo
 	awk '/^#/ {on = /^### Knobs of repl.sh/} on' "$BENCH/README.md"
 }
@@ -89,6 +96,11 @@ HOT_REGION_BYTES=$(bytes_of REPL_HOT_REGION "$REPL_HOT_REGION")
 HOT_WRITTEN_BYTES=$(bytes_of REPL_HOT_WRITTEN "$REPL_HOT_WRITTEN")
 RESYNC_BYTES=$(bytes_of REPL_RESYNC_SIZE "$REPL_RESYNC_SIZE")
 LAG_DISK_BYTES=$(bytes_of REPL_LAG_DISK "$REPL_LAG_DISK")
+SUSTAIN_DISK_BYTES=$(bytes_of REPL_SUSTAIN_DISK "$REPL_SUSTAIN_DISK")
+[[ $REPL_SUSTAIN_SECONDS =~ ^[0-9]+$ ]] || die "REPL_SUSTAIN_SECONDS must be whole seconds"
+for m in $REPL_APPLY_MODES; do
+	selected "$m" "burst sustained" || die "REPL_APPLY_MODES: unknown mode '$m' (have: burst sustained)"
+done
 [[ $REPL_LAG_SECONDS =~ ^[0-9]+$ ]] || die "REPL_LAG_SECONDS must be whole seconds"
 [[ $REPL_RESYNC_PERCENT =~ ^[0-9]+([.][0-9]+)?$ ]] || die "REPL_RESYNC_PERCENT must be a number"
 
@@ -112,7 +124,7 @@ mkdir -p "$REPL_DIR"
 WORK=$(mktemp -d "$REPL_DIR/run.XXXXXX")
 fstype=$(stat -f -c %T "$WORK")
 [[ $fstype != tmpfs && $fstype != ramfs ]] || log "WARNING: $WORK is on $fstype: this measures memory, not a disk"
-need=$((2 * (SEQ_BYTES + RAND_BYTES + 2 * HOT_REGION_BYTES + RESYNC_BYTES + LAG_DISK_BYTES) + (2 << 30)))
+need=$((2 * (SEQ_BYTES + RAND_BYTES + 2 * SUSTAIN_DISK_BYTES + 2 * HOT_REGION_BYTES + RESYNC_BYTES + LAG_DISK_BYTES) + (2 << 30)))
 avail=$(($(stat -f -c '%a * %S' "$WORK")))
 ((avail > need)) || log "WARNING: only $((avail >> 20)) MiB free under $REPL_DIR; this run may need $((need >> 20)) MiB"
 
@@ -287,20 +299,37 @@ perf_stop() {
 }
 
 # ----------------------------------------------------------------- parts ----
+# apply_job KIND: the fio job options of part 1's sequential or random load.
+apply_job() {
+	if [[ $1 == seq ]]; then
+		echo --rw=write --bs=1M --iodepth=4
+	else
+		echo --rw=randwrite --bs=4k --iodepth=16
+	fi
+}
+
 # 1. Applied MB/s: the time from the first write to `replication sync`
 # done, for all the bytes written; compression off, incompressible data.
+# A burst writes a fixed size once; a sustained load writes for
+# REPL_SUSTAIN_SECONDS (fio time_based, over and over a disk of
+# REPL_SUSTAIN_DISK) while the status is sampled for the lag.
 part_apply() {
+	if selected burst "$REPL_APPLY_MODES"; then
+		apply_burst || return 1
+	fi
+	if selected sustained "$REPL_APPLY_MODES"; then
+		apply_sustained || return 1
+	fi
+}
+
+apply_burst() {
 	local kind vm size t0 t1 t2
 	local -a job
 	for kind in seq rand; do
 		vm=apply-$kind
-		if [[ $kind == seq ]]; then
-			size=$SEQ_BYTES
-			job=(--rw=write --bs=1M --iodepth=4 --size="$size")
-		else
-			size=$RAND_BYTES
-			job=(--rw=randwrite --bs=4k --iodepth=16 --size="$size")
-		fi
+		size=$SEQ_BYTES
+		[[ $kind == rand ]] && size=$RAND_BYTES
+		read -ra job <<<"$(apply_job "$kind") --size=$size"
 		log "-- $vm: $((size >> 20)) MiB, every $REPL_APPLY_FREQUENCY, compression off"
 		add_vm "$vm" "$size" || return 1
 		enable "$vm" "$REPL_APPLY_FREQUENCY" false || return 1
@@ -319,6 +348,56 @@ part_apply() {
 		kv apply "$kind.total_s" "$(secs "$t0" "$t2")"
 		log "  written in $(secs "$t0" "$t1") s, applied $(secs "$t1" "$t2") s later"
 		verify apply "$vm"
+	done
+}
+
+# apply_sustained: the same two loads for REPL_SUSTAIN_SECONDS each, cycles
+# every REPL_APPLY_FREQUENCY; the sampler runs from the first write until
+# `replication sync` is done, so the lag of the drain is in the samples.
+apply_sustained() {
+	local kind vm t0 t1 t2 spid
+	local -a job
+	for kind in seq rand; do
+		vm=sustain-$kind
+		read -ra job <<<"$(apply_job "$kind") --size=$SUSTAIN_DISK_BYTES"
+		log "-- $vm: $REPL_SUSTAIN_SECONDS s on a $((SUSTAIN_DISK_BYTES >> 20)) MiB disk, every $REPL_APPLY_FREQUENCY, compression off"
+		add_vm "$vm" "$SUSTAIN_DISK_BYTES" || return 1
+		enable "$vm" "$REPL_APPLY_FREQUENCY" false || return 1
+		status "$vm" "$RUN/sustain-$kind-before.json"
+		[[ $REPL_PERF == 1 ]] && perf_start "sustain-$kind"
+		sampler "$vm" "$RUN/sustain-$kind-samples.txt" &
+		spid=$!
+		BG_PIDS+=("$spid")
+		BG_NAMES+=("status sampler")
+		t0=$(now)
+		run_fio sustain "$kind" "$(export_uri "$vm")" "${job[@]}" --time_based --runtime="$REPL_SUSTAIN_SECONDS" \
+			--refill_buffers --randrepeat=0 || { stop_pid "$spid" 5 || true; return 1; }
+		t1=$(now)
+		kv sustain "$kind.disk" "$SUSTAIN_DISK_BYTES"
+		kv sustain "$kind.seconds" "$REPL_SUSTAIN_SECONDS"
+		kv sustain "$kind.t0" "$t0"
+		kv sustain "$kind.write_s" "$(secs "$t0" "$t1")"
+		if ! sync_vm "$vm"; then
+			stop_pid "$spid" 5 || true
+			[[ $REPL_PERF == 1 ]] && perf_stop
+			status "$vm" "$RUN/sustain-$kind-after.json"
+			# Falling so far behind that the journal passes its cap is a
+			# result (the replica did not keep up), not a failure.
+			[[ $(get "$RUN/sustain-$kind-after.json" state) == resync-required ]] || return 1
+			kv sustain "$kind.overflow" 1
+			rm -f "$RUN/sustain-$kind-samples.txt.tmp"
+			log "  the journal passed its cap: resync required; $vm is left so"
+			continue
+		fi
+		t2=$(now)
+		stop_pid "$spid" 5 || true
+		rm -f "$RUN/sustain-$kind-samples.txt.tmp"
+		[[ $REPL_PERF == 1 ]] && perf_stop
+		status "$vm" "$RUN/sustain-$kind-after.json"
+		kv sustain "$kind.sync_s" "$(secs "$t1" "$t2")"
+		kv sustain "$kind.total_s" "$(secs "$t0" "$t2")"
+		log "  written for $(secs "$t0" "$t1") s, applied $(secs "$t1" "$t2") s later"
+		verify sustain "$vm"
 	done
 }
 
@@ -395,12 +474,13 @@ part_resync() {
 }
 
 # sampler VM FILE: every REPL_LAG_SAMPLE seconds, one line of the primary's
-# status: time, lag, state, health, last applied cycle, pending bytes.
+# status: time, lag, state, health, last applied cycle, pending bytes, wire
+# bytes of the cycles shipped so far.
 sampler() {
 	local vm=$1 out=$2 tmp=$2.tmp
 	while :; do
 		if p replication status "$vm" --json >"$tmp" 2>/dev/null; then
-			echo "$EPOCHREALTIME $(get "$tmp" metrics.lag_seconds state health last_applied_cycle metrics.pending_bytes)" >>"$out"
+			echo "$EPOCHREALTIME $(get "$tmp" metrics.lag_seconds state health last_applied_cycle metrics.pending_bytes metrics.cycle_wire_bytes_total)" >>"$out"
 		fi
 		sleep "$REPL_LAG_SAMPLE"
 	done
@@ -434,7 +514,8 @@ part_lag() {
 # ------------------------------------------------------------------- meta ---
 knobs_used() {
 	local v out=""
-	for v in REPL_QUICK REPL_PARTS REPL_SEQ_SIZE REPL_RAND_SIZE REPL_APPLY_FREQUENCY REPL_HOT_REGION \
+	for v in REPL_QUICK REPL_PARTS REPL_SEQ_SIZE REPL_RAND_SIZE REPL_APPLY_FREQUENCY REPL_APPLY_MODES \
+		REPL_SUSTAIN_SECONDS REPL_SUSTAIN_DISK REPL_HOT_REGION \
 		REPL_HOT_WRITTEN REPL_HOT_FREQUENCY REPL_RESYNC_SIZE REPL_RESYNC_PERCENT REPL_LAG_SECONDS \
 		REPL_LAG_FREQUENCY REPL_LAG_RATE REPL_LAG_DISK REPL_LAG_SAMPLE REPL_TLS_BENCHTIME REPL_TLS_COUNT \
 		REPL_DIR REPL_JOURNAL_CAP REPL_VERIFY REPL_DROP_CACHES REPL_SERVE_ARGS VDREPL; do
@@ -465,6 +546,7 @@ version() {
 	echo "go=$(go version 2>/dev/null | cut -d' ' -f3)"
 	echo "parts=$REPL_PARTS"
 	echo "apply_frequency=$REPL_APPLY_FREQUENCY"
+	echo "apply_modes=$REPL_APPLY_MODES"
 	echo "hot_frequency=$REPL_HOT_FREQUENCY"
 	echo "journal_cap=$REPL_JOURNAL_CAP"
 	echo "serve_args=$REPL_SERVE_ARGS"

@@ -9,7 +9,8 @@
 
 RUNDIR holds `meta` (key=value lines), per part a PART.kv (key=value), an
 optional PART.notes and PART.failed, fio JSON results (PART-NAME.json) and
-status snapshots (PART-*.json), lag-samples.txt and tls.txt.
+status snapshots (PART-*.json), lag-samples.txt and tls.txt. Part 1's
+sustained loads are sustain.kv, sustain-KIND.json and sustain-KIND-samples.txt.
 """
 import json
 import os
@@ -161,6 +162,67 @@ class Report:
                      f"(every {freq}, compression off); replica identical: {ident}", "")
             self.targets.append(f"apply keeps up with {label} (applied ≥ {KEEP_UP:.0%} of the primary's write rate): "
                                 f"{applied:,.0f} vs {write_rate:,.0f} MiB/s {ok(keeps)}")
+
+    def sustained(self):
+        """Part 1's sustained loads: fio time_based, status sampled."""
+        kv = self.kv("sustain")
+        freq = self.meta.get("apply_frequency", "?")
+        sec = "1 apply rate"
+        for kind, label in (("seq", "sequential 1M writes, QD4"), ("rand", "random 4k writes, QD16")):
+            w = fio_write(self.path(f"sustain-{kind}.json"))
+            if w is None or f"{kind}.t0" not in kv:
+                self.row(sec, f"sustained {label}", "failed" if self.failed("apply") else "not run", "", "")
+                continue
+            disk, secs, t0 = int(kv[f"{kind}.disk"]), kv[f"{kind}.seconds"], float(kv[f"{kind}.t0"])
+            write_s = float(kv[f"{kind}.write_s"])
+            overflow = kv.get(f"{kind}.overflow") == "1"
+            guest = w["io_bytes"]
+            write_rate = w["bw_bytes"] / MiB
+            before, after = primary(self.path(f"sustain-{kind}-before.json")), primary(self.path(f"sustain-{kind}-after.json"))
+            samples = []  # time, lag, state, health, applied cycle, pending, wire bytes
+            for line in read_lines(self.path(f"sustain-{kind}-samples.txt")):
+                f = line.split()
+                if len(f) >= 7 and float(f[0]) >= t0:
+                    samples.append((float(f[0]), float(f[1]), f[2], f[3], int(f[4]), int(f[5]), int(f[6])))
+            self.row(sec, f"sustained: {secs} s of {label} over a {mib(disk)} disk (fio time_based), cycles every {freq}, "
+                          f"compression off: primary write rate (fio)", f"{write_rate:,.0f} MiB/s",
+                     f"{mib(guest)} written in {write_s:.1f} s", "")
+            # Wire bytes the replica applied while fio wrote: from the
+            # samples taken during the run.
+            wire0 = status_field(before, "metrics.cycle_wire_bytes_total") if before else None
+            during = [x for x in samples if x[0] <= t0 + write_s and x[2] != "resync-required"]
+            if wire0 is not None and during:
+                last = during[-1]
+                self.row(sec, "… applied on the replica while fio wrote: wire bytes of the cycles committed (coalesced) / time",
+                         rate(last[6] - wire0, last[0] - t0),
+                         f"{mib(last[6] - wire0)} in {last[0] - t0:.0f} s, up to cycle {last[4]}", "")
+            if overflow:
+                first = next((x for x in samples if x[2] == "resync-required"), None)
+                when = f" after {first[0] - t0:.0f} s" if first else ""
+                self.row(sec, "… caught up on the replica: guest bytes / (first write → `replication sync` done)", "—",
+                         f"fell behind until the journal passed its cap{when}: resync required", "❌ apply keeps up: no")
+                self.targets.append(f"apply keeps up with {secs} s of sustained {label}: no, the journal passed its "
+                                    f"cap{when} ❌")
+            else:
+                total, sync = float(kv[f"{kind}.total_s"]), float(kv[f"{kind}.sync_s"])
+                caught = guest / MiB / total
+                keeps = caught >= KEEP_UP * write_rate
+                wire = delta(before, after, "metrics.cycle_wire_bytes_total")
+                cycles = delta(before, after, "metrics.cycles_shipped_total")
+                missed = delta(before, after, "metrics.cycles_missed_total")
+                self.row(sec, "… caught up on the replica: guest bytes / (first write → `replication sync` done)",
+                         f"{caught:,.0f} MiB/s", f"{total:.1f} s in all, sync only {sync:.1f} s; "
+                         f"{caught / write_rate:.2f}× the write rate; wire {mib(wire or 0)} in {cycles_of(cycles)}, "
+                         f"{missed} missed; replica identical: {kv.get(f'sustain-{kind}.identical', '?')}",
+                         f"{ok(keeps)} apply keeps up: {'yes' if keeps else 'no'}")
+                self.targets.append(f"apply keeps up with {secs} s of sustained {label} (guest bytes caught up ≥ "
+                                    f"{KEEP_UP:.0%} of the write rate): {caught:,.0f} vs {write_rate:,.0f} MiB/s {ok(keeps)}")
+            if samples:
+                lags = [x[1] for x in samples if x[2] != "resync-required"] or [0]
+                states = sorted({x[2] for x in samples})
+                self.row(sec, "… lag (status lag_seconds, sampled from the first write until synced)",
+                         f"max {max(lags):.1f} s", f"mean {statistics.mean(lags):.1f} s over {len(lags)} samples; "
+                         f"max pending {mib(max(x[5] for x in samples))}; states: {', '.join(states)}", "")
 
     # 2 -----------------------------------------------------------------
     def hotspot(self):
@@ -324,10 +386,16 @@ class Report:
 
     def render(self):
         m = self.meta
+        modes = self.meta.get("apply_modes", "burst").split()
         for part in ("apply", "hotspot", "tls", "resync", "lag"):
-            if self.ran(part):
+            if part == "apply" and self.ran(part):
+                if "burst" in modes:
+                    self.apply()
+                if "sustained" in modes:
+                    self.sustained()
+            elif self.ran(part):
                 getattr(self, part)()
-            for n in read_lines(self.path(part + ".notes")):
+            for n in read_lines(self.path(part + ".notes")) + (read_lines(self.path("sustain.notes")) if part == "apply" else []):
                 self.notes.append(f"{part}: {n}")
         out = []
         p = out.append
