@@ -32,6 +32,9 @@ type cycleUpload struct {
 	sp    *spool    // a spool left by an older vdrepl, or nil
 	// resent: the cycle is sent again after a commit answered "corrupt"
 	resent bool
+	// answered: rep and err hold the answer already (a spool committed
+	// by sendCycle, a cycle the replica had applied); no commit is sent
+	answered bool
 	// set before done is closed
 	rep  wire.Replica
 	err  error
@@ -142,6 +145,20 @@ func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo, flush f
 	id := wire.CycleUploadID(info.Cycle)
 	u := &cycleUpload{info: info, start: s.now(), done: make(chan struct{})}
 	lims := []*Limiter{s.cfg.Limit, s.cfg.HostLimit}
+	if info.Cycle == s.unanswered {
+		// Its last commit got no answer: the replica may have applied it
+		// and dropped its upload, so ask before sending it again.
+		rep, err := s.c.get(ctx)
+		if err != nil {
+			return nil, err
+		}
+		s.unanswered = 0
+		if rep.Applied >= info.Cycle {
+			u.rep, u.answered = rep, true
+			close(u.done)
+			return u, nil
+		}
+	}
 	sp, err := s.openSpool(id)
 	if err != nil {
 		return nil, err
@@ -151,7 +168,7 @@ func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo, flush f
 			sp.close()
 			return nil, err
 		}
-		u.sp, u.size = sp, sp.size
+		u.sp, u.size, u.answered = sp, sp.size, true
 		u.rep, u.err = s.upload(ctx, sp, lims)
 		close(u.done)
 		return u, nil
@@ -175,8 +192,8 @@ func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo, flush f
 // startCommit sends u's commit in the background; u.done is closed with
 // the answer.
 func (s *Shipper) startCommit(ctx context.Context, u *cycleUpload) {
-	if u.sp != nil {
-		return // committed by sendCycle
+	if u.answered {
+		return
 	}
 	s.mu.Lock()
 	s.committing = u.info.Cycle
@@ -219,6 +236,11 @@ func (s *Shipper) committed(ctx context.Context, u *cycleUpload) error {
 		return err
 	case isCode(err, wire.CodeGap):
 		return s.gap(u.info, err)
+	case err != nil && code(err) == "":
+		// No answer (the connection broke, a pause or stop cut the
+		// request short): the replica may apply the cycle all the same.
+		s.unanswered = u.info.Cycle
+		return err
 	case err != nil:
 		return err
 	}

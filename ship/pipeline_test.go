@@ -265,3 +265,40 @@ func TestGapStopsBeforeTheNextCycle(t *testing.T) {
 		t.Fatalf("status %+v", st)
 	}
 }
+
+// A pause cuts the commit of a cycle short while the replica applies it:
+// after Resume the shipper asks the replica, finds the cycle applied and
+// does not send it again.
+func TestCommitCutShortIsNotSentAgain(t *testing.T) {
+	e := newPipelineEnv(t)
+	a, b, res := e.twoCycles()
+	e.waitHeld()
+	if err := e.r.s.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-res; err == nil {
+		t.Fatal("Sync succeeded while paused")
+	}
+	waitFor(t, e.r.s, "the cut commit noted", func() bool {
+		e.r.s.opMu.Lock()
+		defer e.r.s.opMu.Unlock()
+		return e.r.s.unanswered == a
+	})
+	// The replica goes on with the commit whose client is gone.
+	e.release(func() (int, string) { return 0, "" })
+	waitFor(t, e.r.s, "cycle a applied", func() bool { return e.rep.applied("vm1") >= a })
+	if err := e.r.s.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	c, err := e.r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.checkImages(c)
+	if got, size := e.sent(a); got != size {
+		t.Fatalf("cycle %d: %d bytes sent for a %d-byte stream", a, got, size)
+	}
+	if got := e.cycleCommits(); !slices.Contains(got, b) {
+		t.Fatalf("commits %v", got)
+	}
+}

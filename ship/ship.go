@@ -165,6 +165,9 @@ type Shipper struct {
 	opMu   sync.Mutex // one sync operation (the loop's step, WriteOffline) at a time
 	saveMu sync.Mutex
 	buf    []byte // chunk buffer, under opMu
+	// unanswered is the cycle whose last commit got no answer, under opMu
+	// (cycle.go).
+	unanswered uint64
 
 	mu        sync.Mutex
 	st        persisted
