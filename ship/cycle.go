@@ -35,6 +35,9 @@ type cycleUpload struct {
 	// answered: rep and err hold the answer already (a spool committed
 	// by sendCycle, a cycle the replica had applied); no commit is sent
 	answered bool
+	// recorded: a success was recorded (shipped) as soon as it came; err
+	// is then shipped's error
+	recorded bool
 	// set before done is closed
 	rep  wire.Replica
 	err  error
@@ -190,7 +193,7 @@ func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo, flush f
 }
 
 // startCommit sends u's commit in the background; u.done is closed with
-// the answer.
+// the answer, a success recorded already (shipped).
 func (s *Shipper) startCommit(ctx context.Context, u *cycleUpload) {
 	if u.answered {
 		return
@@ -201,6 +204,12 @@ func (s *Shipper) startCommit(ctx context.Context, u *cycleUpload) {
 	go func() {
 		defer close(u.done)
 		u.rep, u.err = s.c.commit(ctx, wire.CycleUploadID(u.info.Cycle))
+		if u.err == nil {
+			// Record it now, not once the loop is done uploading the
+			// next cycle: Sync, the lag and the journal's space wait for
+			// it.
+			u.err, u.recorded = s.shipped(u.info, u.rep, u.size, s.now().Sub(u.start)), true
+		}
 		s.mu.Lock()
 		s.committing = 0
 		s.mu.Unlock()
@@ -212,6 +221,9 @@ func (s *Shipper) startCommit(ctx context.Context, u *cycleUpload) {
 // again), or the error is returned.
 func (s *Shipper) committed(ctx context.Context, u *cycleUpload) error {
 	err := u.err
+	if u.recorded {
+		return err
+	}
 	if u.sp != nil {
 		if err == nil || isCode(err, wire.CodeCorrupt) {
 			s.removeSpool(u.sp)

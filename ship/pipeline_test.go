@@ -17,6 +17,7 @@ type pipelineEnv struct {
 	r *run
 
 	mu     sync.Mutex
+	put    bool          // hold a chunk of the cycle, not its commit
 	hold   uint64        // the cycle whose commit is held
 	held   chan struct{} // closed when that commit arrived
 	answer chan func() (int, string)
@@ -43,10 +44,13 @@ func newPipelineEnv(t *testing.T) *pipelineEnv {
 
 // holdCommit makes the replica hold the commit of cycle c until release
 // is given the answer (0: let it through).
-func (e *pipelineEnv) holdCommit(c uint64) {
+func (e *pipelineEnv) holdCommit(c uint64) { e.holdRequest(c, false) }
+
+// holdRequest holds the commit of cycle c, or with put its first chunk.
+func (e *pipelineEnv) holdRequest(c uint64, put bool) {
 	e.mu.Lock()
 	answer := make(chan func() (int, string), 1)
-	e.hold, e.held, e.answer = c, make(chan struct{}), answer
+	e.hold, e.put, e.held, e.answer = c, put, make(chan struct{}), answer
 	e.mu.Unlock()
 	// A test that fails before release must not leave the commit held:
 	// the server's Close would wait for it.
@@ -59,12 +63,13 @@ func (e *pipelineEnv) holdCommit(c uint64) {
 }
 
 func (e *pipelineEnv) intercept(r *http.Request) (int, string) {
-	if r.Method != http.MethodPost || !strings.HasSuffix(r.URL.Path, "/commit") {
-		return 0, ""
-	}
 	e.mu.Lock()
 	hold, held, answer := e.hold, e.held, e.answer
-	if strings.HasSuffix(r.URL.Path, "/"+wire.CycleUploadID(hold)+"/commit") {
+	want := "/uploads/" + wire.CycleUploadID(hold) + "/commit"
+	if e.put {
+		want = "/uploads/" + wire.CycleUploadID(hold)
+	}
+	if hold != 0 && strings.HasSuffix(r.URL.Path, want) && (r.Method == http.MethodPut) == e.put {
 		e.hold = 0 // once
 	} else {
 		hold = 0
@@ -111,7 +116,14 @@ func (e *pipelineEnv) staged(c uint64) bool {
 
 // twoCycles seals cycle a with 512 KiB of new data and starts a Sync that
 // seals cycle b with 512 KiB more; the Sync's result comes on the channel.
+// The commit of a is held.
 func (e *pipelineEnv) twoCycles() (a, b uint64, res chan error) {
+	return e.twoCyclesHolding(false)
+}
+
+// twoCyclesHolding is twoCycles holding, with put, the first chunk of b
+// instead.
+func (e *pipelineEnv) twoCyclesHolding(put bool) (a, b uint64, res chan error) {
 	e.t.Helper()
 	e.j.write(0, 0, random(512<<10))
 	info, err := e.j.Seal(0)
@@ -119,7 +131,11 @@ func (e *pipelineEnv) twoCycles() (a, b uint64, res chan error) {
 		e.t.Fatal(err)
 	}
 	a, b = info.Cycle, info.Cycle+1
-	e.holdCommit(a)
+	if put {
+		e.holdRequest(b, true)
+	} else {
+		e.holdCommit(a)
+	}
 	e.j.write(0, 1<<20, random(512<<10))
 	res = make(chan error, 1)
 	ctx := syncCtx(e.t)
@@ -301,4 +317,22 @@ func TestCommitCutShortIsNotSentAgain(t *testing.T) {
 	if got := e.cycleCommits(); !slices.Contains(got, b) {
 		t.Fatalf("commits %v", got)
 	}
+}
+
+// The answer to a commit is recorded when it comes, not once the upload
+// of the next cycle is done: Sync, the lag and the journal's space do not
+// wait for that upload.
+func TestCommitRecordedWhileNextCycleUploads(t *testing.T) {
+	e := newPipelineEnv(t)
+	a, b, res := e.twoCyclesHolding(true)
+	e.waitHeld() // the first chunk of b is held
+	waitFor(t, e.r.s, "cycle a recorded applied while b uploads", func() bool { return e.r.s.Status().LastApplied >= a })
+	if cs := e.j.Cycles(); len(cs) == 0 || cs[0].Cycle != b {
+		t.Fatalf("journal keeps %v after cycle %d was applied", cs, a)
+	}
+	e.release(func() (int, string) { return 0, "" })
+	if err := <-res; err != nil {
+		t.Fatal(err)
+	}
+	e.checkImages(b)
 }
