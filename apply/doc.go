@@ -103,7 +103,9 @@
 // same happens when an apply fails on an I/O error: the
 // intent stays, and the next request that needs the images (a commit, a
 // sync, sums) redoes it before anything else; if that fails too the
-// request fails with the error.
+// request fails with the error. Meanwhile the upload's offset (GET
+// .../uploads/c<N>) is the staged stream's size, so the primary's retry
+// sends no byte again and only commits, which finishes the apply.
 //
 // # What an answer acknowledges
 //

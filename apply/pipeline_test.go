@@ -3,6 +3,7 @@ package apply
 import (
 	"io/fs"
 	"math/rand/v2"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -102,4 +103,35 @@ func TestNextCycleStagedWhileCommitApplies(t *testing.T) {
 	}
 	want.apply(ops3)
 	checkImages(t, vfs.Default, dir, testDisks, want)
+}
+
+// A commit that failed after its intent (the apply hit an I/O error) left
+// the cycle staged whole: its upload's offset says so, so the primary
+// commits it again without sending a byte, and that commit finishes it.
+func TestFailedApplyOffsetIsWholeStream(t *testing.T) {
+	efs := vfs.NewErrorFS(vfs.Default)
+	_, a, dir := setup(t, efs)
+	c2, _, want2 := cycleTwo(t, a)
+	a.upload("vm1", "c2", c2)
+	efs.InjectAfterPath(vfs.OpSync, ".img", 0, vfs.ErrInjected) // the images' fsync
+	if status, _, e := a.commit("vm1", "c2"); status != http.StatusInternalServerError || e.Code != wire.CodeInternal {
+		t.Fatalf("commit with a failing fsync: %d %+v", status, e)
+	}
+	var up wire.Upload
+	if status, e := a.call("GET", vmPath("vm1")+"/uploads/c2", nil, &up); status != 200 || up.Offset != int64(len(c2)) {
+		t.Fatalf("upload c2 after the failed apply: %d %+v %+v, want offset %d", status, e, up, len(c2))
+	}
+	// A chunk sent anyway (a primary whose stream differs) is refused
+	// with the offset, not appended to the staged stream.
+	if status, _, e := a.chunk("vm1", "c2", up.Offset, []byte("more")); status != http.StatusConflict || e.Code != wire.CodeOffset {
+		t.Fatalf("chunk past the staged stream: %d %+v", status, e)
+	}
+	status, rep, e := a.commit("vm1", "c2")
+	if status != 200 || rep.Applied != 2 || !rep.Consistent {
+		t.Fatalf("commit again: %d %+v %+v", status, rep, e)
+	}
+	checkImages(t, vfs.Default, dir, testDisks, want2)
+	if status, e := a.call("GET", vmPath("vm1")+"/uploads/c2", nil, &up); status != 200 || up.Offset != 0 {
+		t.Fatalf("upload c2 after it was applied: %d %+v %+v", status, e, up)
+	}
 }

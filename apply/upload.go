@@ -52,9 +52,18 @@ func parseUploadID(s string) (uploadID, error) {
 // larger body), aligned for O_DIRECT.
 var chunkBufs = sync.Pool{New: func() any { b := vfs.AlignedBuffer(wire.MaxChunk + vfs.DirectAlign)[:wire.MaxChunk+1]; return &b }}
 
-// uploadOffset is how much of an upload is staged.
+// uploadOffset is how much of an upload is staged. A cycle whose commit
+// got as far as its intent (the apply failed on I/O, or a commit whose
+// primary went away still runs) is staged whole as c<N>.stream: its offset
+// is that stream's size, so the primary sends nothing and commits it again,
+// which finishes the apply (finishIntent).
 func (v *vm) uploadOffset(u uploadID) (wire.Upload, error) {
 	fi, err := v.s.fs.Stat(v.staged(u.id))
+	if errors.Is(err, fs.ErrNotExist) && u.isCycle() && v.intends(u.cycle) {
+		if fi, err := v.s.fs.Stat(v.stagedStream(u.id)); err == nil {
+			return wire.Upload{ID: u.id, Offset: fi.Size()}, nil
+		}
+	}
 	if errors.Is(err, fs.ErrNotExist) {
 		return wire.Upload{ID: u.id}, nil
 	}
@@ -62,6 +71,25 @@ func (v *vm) uploadOffset(u uploadID) (wire.Upload, error) {
 		return wire.Upload{}, fmt.Errorf("apply: staged upload: %w", err)
 	}
 	return wire.Upload{ID: u.id, Offset: fi.Size()}, nil
+}
+
+// intends reports whether the intent in replica.json applies cycle c.
+func (v *vm) intends(c uint64) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	in := v.st.Intent
+	if in == nil {
+		return false
+	}
+	if in.Op == intentCycle {
+		return in.Cycle == c
+	}
+	for _, hc := range in.Cycles {
+		if hc.Cycle == c {
+			return true
+		}
+	}
+	return false
 }
 
 // checkSyncPiece: a sync piece belongs to the running sync.

@@ -88,4 +88,7 @@
 // durable. A cycle must follow the last applied one (code "gap" otherwise); a
 // cycle already applied is answered as success without being applied again.
 // A corrupt stream is discarded (code "corrupt") and must be sent again.
+// A commit that failed after the stream was staged durably (an I/O error
+// while applying it) leaves the upload whole: its GET offset is the
+// stream's size, and committing it again finishes the apply.
 package wire
