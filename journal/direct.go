@@ -95,7 +95,15 @@ func (j *Journal) reserveDirectLocked(n int64) (seg *segment, l directLayout, ok
 // stripe locks and index runs under mu once the record is written.
 func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) (Header, error) {
 	n := int64(len(payload))
+	buf := getAligned(vfs.DirectAlign + len(payload))
+	kept := false
+	defer func() {
+		if !kept {
+			putAligned(buf)
+		}
+	}()
 	j.mu.Lock()
+	j.waitRetainLocked(cap(buf))
 	seg, l, ok, err := j.reserveDirectLocked(n)
 	if err != nil || !ok {
 		j.mu.Unlock()
@@ -110,13 +118,6 @@ func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) 
 		Length: uint64(l.rec() - l.pad - HeaderSize)}
 	j.mu.Unlock()
 
-	buf := getAligned(vfs.DirectAlign + len(payload))
-	kept := false
-	defer func() {
-		if !kept {
-			putAligned(buf)
-		}
-	}()
 	copy(buf[vfs.DirectAlign:], payload)
 	h.DCRC = crc(buf[vfs.DirectAlign:])
 	encodeHeader(buf[vfs.DirectAlign-HeaderSize:], &h)
@@ -144,7 +145,7 @@ func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) 
 		return h, err
 	}
 	// Keep the buffer for the write-back while the budget allows.
-	for q := len(j.queue) - 1; q >= 0 && j.retained+cap(buf) <= retainMax; q-- {
+	for q := len(j.queue) - 1; q >= 0 && j.retained+cap(buf) <= j.retainLimit; q-- {
 		if j.queue[q].h.LSN == h.LSN {
 			j.queue[q].buf = buf
 			j.retained += cap(buf)
@@ -159,6 +160,24 @@ func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) 
 		j.kickWriteBack() // the background syncs early: see syncEarly
 	}
 	return h, nil
+}
+
+// waitRetainLocked holds a direct append back while the buffers kept for the
+// write-back would pass retainMax with its n bytes. This is the journal's
+// back-pressure: a stream faster than the write-back would otherwise lose
+// the kept buffers, and the write-back, now reading every byte back from
+// the journal, would fall further behind (three transfers per byte instead
+// of two). Waiting here holds the client to the rate the images take.
+// Called with mu held; returns with it held.
+// Only synced records are written back, so a waiter makes the journal sync
+// (syncIfDue) however little is unsynced.
+func (j *Journal) waitRetainLocked(n int) {
+	for j.failed == nil && !j.closed && j.retained > 0 && j.retained+n > j.retainLimit {
+		j.retainWaiters++
+		j.kickWriteBack()
+		j.cond.Wait()
+		j.retainWaiters--
+	}
 }
 
 // retainMax bounds the memory of append buffers kept for the write-back.

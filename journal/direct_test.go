@@ -227,8 +227,8 @@ func TestWriteBackRun(t *testing.T) {
 			efs := vfs.NewErrorFS(mem)
 			cfg := testConfig(t, efs, "/vm", 4<<20)
 			j := mustOpen(t, cfg)
-			if !tc.retain { // no budget left: the write-back reads the journal
-				j.retained = retainMax
+			if !tc.retain { // no budget: the write-back reads the journal
+				j.retainLimit = 0
 			}
 			m := newModel(4 << 20)
 			r := rand.New(rand.NewPCG(9, 9))
@@ -243,6 +243,13 @@ func TestWriteBackRun(t *testing.T) {
 				write(k*256<<10, 256<<10)
 			}
 			write(5*256<<10+BlockSize, BlockSize) // breaks the run at record 5
+			// Nothing is synced yet, so nothing was written back.
+			j.mu.Lock()
+			kept := j.retained
+			j.mu.Unlock()
+			if tc.retain && kept == 0 || !tc.retain && kept != 0 {
+				t.Fatalf("%d bytes of append buffers retained", kept)
+			}
 			if err := j.Flush(); err != nil {
 				t.Fatal(err)
 			}
@@ -261,14 +268,14 @@ func TestWriteBackRun(t *testing.T) {
 				checkModel(t, j2, m)
 				return
 			}
-			if tc.retain && j.retained == 0 || !tc.retain && j.retained != retainMax {
-				t.Fatalf("%d bytes of append buffers retained", j.retained)
-			}
 			if err := j.writeBack(); err != nil {
 				t.Fatal(err)
 			}
-			if tc.retain && j.retained != 0 {
-				t.Fatalf("%d bytes of append buffers still retained after the write-back", j.retained)
+			j.mu.Lock()
+			kept = j.retained
+			j.mu.Unlock()
+			if kept != 0 {
+				t.Fatalf("%d bytes of append buffers still retained after the write-back", kept)
 			}
 			if n := j.npending.Load(); n != 0 {
 				t.Fatalf("%d blocks still pending after the write-back", n)
@@ -280,4 +287,48 @@ func TestWriteBackRun(t *testing.T) {
 			j.Close()
 		})
 	}
+}
+
+// TestBackPressure: a stream of direct appends faster than the write-back
+// waits for the buffers kept for it instead of outrunning them, so the
+// write-back never reads a record back from the journal; the buffers kept
+// never pass their budget, and the image ends up equal to the disk.
+func TestBackPressure(t *testing.T) {
+	mem := vfs.NewMemFS()
+	efs := vfs.NewErrorFS(mem)
+	cfg := testConfig(t, efs, "/vm", 8<<20)
+	j := mustOpen(t, cfg)
+	defer j.Close()
+	const rec = 256 << 10
+	j.retainLimit = 3 * cap(getAligned(vfs.DirectAlign+rec)) // three appends' buffers
+	m := newModel(8 << 20)
+	r := rand.New(rand.NewPCG(3, 3))
+	reads := efs.Count(vfs.OpRead)
+	for k := int64(0); k < 64; k++ {
+		off := k % 32 * rec
+		p := fill(r, rec)
+		if _, err := j.Disk(0).WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(m[0][off:], p)
+		j.mu.Lock()
+		kept := j.retained
+		j.mu.Unlock()
+		if kept > j.retainLimit {
+			t.Fatalf("after append %d: %d bytes of buffers kept, budget %d", k, kept, j.retainLimit)
+		}
+	}
+	if err := j.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.writeBack(); err != nil {
+		t.Fatal(err)
+	}
+	if n := efs.Count(vfs.OpRead) - reads; n != 0 {
+		t.Fatalf("the write-back read the journal back %d times", n)
+	}
+	if img := readImages(t, mem, cfg); firstDiff(img[0], m[0]) >= 0 {
+		t.Fatalf("image differs from the disk at byte %d", firstDiff(img[0], m[0]))
+	}
+	checkModel(t, j, m)
 }

@@ -94,5 +94,6 @@
 // 1 MiB regions are serialised by stripe locks (an unaligned write must
 // read-modify-write whole blocks); appends to the segment reserve their LSN
 // under the journal mutex and write outside it. Lock order: stripe locks in
-// ascending order, sealMu, wbMu, segMu, mu.
+// ascending order, sealMu, wbMu or ckptMu (the write-back or a checkpoint,
+// which run side by side), segMu, mu.
 package journal

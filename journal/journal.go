@@ -86,7 +86,8 @@ type Config struct {
 // never holds a write the journal lacks, even after a power cut.
 //
 // A Journal is safe for concurrent use. Lock order: stripe locks (ascending),
-// then sealMu, then wbMu, then segMu, then mu; syncMu is taken with none of mu, segMu held.
+// then sealMu, then wbMu or ckptMu (never both), then segMu, then mu; syncMu
+// is taken with none of mu, segMu held.
 type Journal struct {
 	cfg    Config
 	fs     vfs.FS
@@ -95,42 +96,47 @@ type Journal struct {
 	disks  []*Disk
 	cycles *cycleStore
 
-	stripes [numStripes]sync.Mutex
-	syncMu  sync.Mutex   // one journal sync at a time; callers share it
-	sealMu  sync.Mutex   // one seal or switch to dirty tracking at a time
-	wbMu    sync.Mutex   // write-back and image changes; guards wbBuf
-	wbBuf   []byte       // aligned buffer for direct write-back
-	segMu   sync.RWMutex // readers of segment data vs closing segments
+	stripes  [numStripes]sync.Mutex
+	syncMu   sync.Mutex   // one journal sync at a time; callers share it
+	sealMu   sync.Mutex   // one seal or switch to dirty tracking at a time
+	wbMu     sync.Mutex   // write-back and image changes; guards wbBuf
+	ckptMu   sync.Mutex   // one checkpoint at a time
+	ckptBusy atomic.Bool  // the background's checkpoint is running
+	dirtyMu  sync.Mutex   // writes and removal of the dirty map file
+	wbBuf    []byte       // aligned buffer for direct write-back
+	segMu    sync.RWMutex // readers of segment data vs closing segments
 
-	mu         sync.Mutex
-	cond       *sync.Cond // inflight completions, synced advances
-	failed     error
-	closed     bool
-	head       uint64 // next LSN to hand out
-	segs       []*segment
-	free       []string // recycled segment files, ready for reuse
-	freeSeq    int
-	inflight   map[uint64]struct{}
-	synced     uint64 // journal durable through this LSN
-	lastSync   time.Time
-	cycle      uint64                 // the open cycle
-	cycleStart uint64                 // LSN where the open cycle began
-	open       map[uint64]*cycleIndex // cycles whose index is still in memory
-	written    map[uint64]int64       // bytes written per open cycle, kept or not
-	closedC    []CycleInfo            // sealed, indexed, not released
-	released   uint64                 // cycles <= released are gone
-	retainFrom uint64                 // LSN of the oldest record an unreleased cycle needs
-	pending    map[uint64]uint64      // block key -> data LSN newer than the image
-	npending   atomic.Int64
-	queue      []queued // records awaiting write-back, in LSN order
-	retained   int      // bytes of queued direct-append buffers (queued.buf)
-	applied    uint64   // every record below it is in the image (maybe unsynced)
-	ckpt       checkpoint
-	dirty      *dirtyMap // non-nil: resync required, writes tracked as dirty blocks
-	resyncBase uint64    // non-zero: a resync from this barrier cycle is under way
-	resyncNext bool      // the next seal is a resync barrier
-	cutting    bool      // a switch to dirty tracking is under way
-	cutReason  string    // why, when not the cap
+	mu            sync.Mutex
+	cond          *sync.Cond // inflight completions, synced advances
+	failed        error
+	closed        bool
+	head          uint64 // next LSN to hand out
+	segs          []*segment
+	free          []string // recycled segment files, ready for reuse
+	freeSeq       int
+	inflight      map[uint64]struct{}
+	synced        uint64 // journal durable through this LSN
+	lastSync      time.Time
+	cycle         uint64                 // the open cycle
+	cycleStart    uint64                 // LSN where the open cycle began
+	open          map[uint64]*cycleIndex // cycles whose index is still in memory
+	written       map[uint64]int64       // bytes written per open cycle, kept or not
+	closedC       []CycleInfo            // sealed, indexed, not released
+	released      uint64                 // cycles <= released are gone
+	retainFrom    uint64                 // LSN of the oldest record an unreleased cycle needs
+	pending       map[uint64]uint64      // block key -> data LSN newer than the image
+	npending      atomic.Int64
+	queue         []queued // records awaiting write-back, in LSN order
+	retained      int      // bytes of queued direct-append buffers (queued.buf)
+	retainLimit   int      // budget of retained: retainMax (tests change it)
+	retainWaiters int      // appends waiting in waitRetainLocked
+	applied       uint64   // every record below it is in the image (maybe unsynced)
+	ckpt          checkpoint
+	dirty         *dirtyMap // non-nil: resync required, writes tracked as dirty blocks
+	resyncBase    uint64    // non-zero: a resync from this barrier cycle is under way
+	resyncNext    bool      // the next seal is a resync barrier
+	cutting       bool      // a switch to dirty tracking is under way
+	cutReason     string    // why, when not the cap
 
 	// directMin is the smallest write payload appended with O_DIRECT
 	// (directAppendMin; tests lower it to drive small writes that way).
@@ -188,16 +194,17 @@ func Open(cfg Config) (*Journal, error) {
 		cfg.Cap = max(total/2, 2*cfg.SegmentSize)
 	}
 	j := &Journal{
-		cfg:       cfg,
-		fs:        cfg.FS,
-		log:       cfg.Logger,
-		inflight:  make(map[uint64]struct{}),
-		open:      make(map[uint64]*cycleIndex),
-		written:   make(map[uint64]int64),
-		pending:   make(map[uint64]uint64),
-		kick:      make(chan struct{}, 1),
-		stop:      make(chan struct{}),
-		directMin: directAppendMin,
+		cfg:         cfg,
+		fs:          cfg.FS,
+		log:         cfg.Logger,
+		inflight:    make(map[uint64]struct{}),
+		open:        make(map[uint64]*cycleIndex),
+		written:     make(map[uint64]int64),
+		pending:     make(map[uint64]uint64),
+		kick:        make(chan struct{}, 1),
+		stop:        make(chan struct{}),
+		directMin:   directAppendMin,
+		retainLimit: retainMax,
 	}
 	j.cond = sync.NewCond(&j.mu)
 	if err := j.fs.MkdirAll(cfg.Dir, 0o700); err != nil {
@@ -258,6 +265,7 @@ func (j *Journal) Close() error {
 		return nil
 	}
 	j.closed = true
+	j.cond.Broadcast()
 	j.mu.Unlock()
 	close(j.stop)
 	j.wg.Wait()

@@ -98,7 +98,7 @@ func (j *Journal) BeginResync() (CycleInfo, error) {
 	}
 	j.released = max(j.released, base)
 	j.mu.Unlock()
-	if err := j.removeState(dirtyFile); err != nil {
+	if err := j.removeDirtyMap(); err != nil {
 		return CycleInfo{}, fmt.Errorf("journal: remove dirty map: %w", err)
 	}
 	for _, c := range drop {
@@ -149,7 +149,6 @@ func (j *Journal) SetRetain(on bool) error {
 	}
 	j.cfg.Retain = on
 	var drop []uint64
-	var dirty []byte
 	if on {
 		// A replica that was never filled is not complete: every block is
 		// dirty until the initial copy (BeginResync) starts. This also keeps
@@ -162,7 +161,6 @@ func (j *Journal) SetRetain(on bool) error {
 		dm.released = j.cycle - 1
 		j.dirty = dm
 		j.released = max(j.released, j.cycle-1)
-		dirty = dm.encode()
 	} else {
 		for _, c := range j.closedC {
 			drop = append(drop, c.Cycle)
@@ -181,11 +179,11 @@ func (j *Journal) SetRetain(on bool) error {
 		}
 	}
 	if on {
-		if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), dirty, 0o600); err != nil {
-			return fmt.Errorf("journal: write dirty map: %w", err)
+		if err := j.writeDirtyMap(); err != nil {
+			return fmt.Errorf("journal: %w", err)
 		}
 	} else {
-		if err := j.removeState(dirtyFile); err != nil {
+		if err := j.removeDirtyMap(); err != nil {
 			return err
 		}
 		if err := j.removeState(resyncFile); err != nil {

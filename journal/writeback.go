@@ -31,6 +31,11 @@ func (j *Journal) background() {
 	}
 }
 
+// stepBytes bounds the write-back of one background step, so that a stream
+// that never lets the queue run dry still gets its checkpoints (which free
+// journal segments) and its switch to dirty tracking.
+const stepBytes = 256 << 20
+
 func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 	now := j.cfg.Now()
 	j.mu.Lock()
@@ -38,20 +43,20 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 		j.mu.Unlock()
 		return nil
 	}
-	needSync := j.head > j.synced && (now.Sub(j.lastSync) >= j.cfg.SyncInterval || j.head-j.synced >= syncEarly)
 	cut := j.cutting && j.dirty == nil
 	reason := j.cutReason
 	if reason == "" {
 		reason = fmt.Sprintf("journal passed its cap of %d bytes", j.cfg.Cap)
 	}
 	j.mu.Unlock()
-	if needSync {
-		if err := j.syncTo(j.headLSN()); err != nil {
-			return nil // already failed the journal
+	more := true
+	for done := int64(0); more && done < stepBytes; {
+		n, m, err := j.writeBackBatch()
+		if err != nil {
+			return err
 		}
-	}
-	if err := j.writeBack(); err != nil {
-		return err
+		done += n
+		more = m
 	}
 	if cut {
 		if err := j.enterDirty(reason); err != nil {
@@ -61,70 +66,123 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 	j.mu.Lock()
 	due := now.Sub(*lastCkpt) >= j.cfg.CheckpointInterval || j.applied-j.ckpt.Applied >= checkpointBytes
 	j.mu.Unlock()
-	if due {
+	if due && j.ckptBusy.CompareAndSwap(false, true) {
+		// The checkpoint's fsync of the images can take seconds: it runs
+		// beside the syncs and the write-back, not in their way.
 		*lastCkpt = now
-		return j.checkpoint(false)
+		j.wg.Add(1)
+		go func() {
+			defer j.wg.Done()
+			defer j.ckptBusy.Store(false)
+			if err := j.checkpoint(false); err != nil {
+				j.mu.Lock()
+				j.failLocked(err)
+				j.mu.Unlock()
+			}
+		}()
+	}
+	if more {
+		j.kickWriteBack()
 	}
 	return nil
+}
+
+// syncIfDue syncs the journal when the sync interval is up, syncEarly bytes
+// are unsynced or appends wait for the write-back (waitRetainLocked). It is
+// false if the sync failed (the journal is failed).
+func (j *Journal) syncIfDue() bool {
+	now := j.cfg.Now()
+	j.mu.Lock()
+	due := j.failed == nil && j.head > j.synced &&
+		(now.Sub(j.lastSync) >= j.cfg.SyncInterval || j.head-j.synced >= syncEarly || j.retainWaiters > 0)
+	j.mu.Unlock()
+	return !due || j.syncTo(j.headLSN()) == nil
 }
 
 // writeBack copies every synced record to the images, oldest first. A block
 // that a newer record has rewritten is skipped: that record will carry it.
 func (j *Journal) writeBack() error {
+	for {
+		_, more, err := j.writeBackBatch()
+		if err != nil || !more {
+			return err
+		}
+	}
+}
+
+// Bounds of one write-back batch.
+const (
+	batchRecords = 1024
+	batchBytes   = 32 << 20
+)
+
+// writeBackBatch writes back the oldest synced records, up to batchRecords
+// and batchBytes of journal. It returns the journal bytes it covered and
+// more, false when no record was ready.
+//
+// It first syncs the journal if a sync is due: a long write-back (a backlog
+// of small random writes) must not hold the sync back, or every append after
+// it waits unsynced, its buffer past the retainMax budget, and is later read
+// back from the journal.
+func (j *Journal) writeBackBatch() (int64, bool, error) {
 	j.wbMu.Lock()
 	defer j.wbMu.Unlock()
-	for {
-		j.mu.Lock()
-		n := 0
-		for n < len(j.queue) && n < 1024 {
-			q := &j.queue[n]
-			if q.h.LSN+uint64(q.h.Size()) > j.synced || (q.eager && !q.applied) {
-				break
-			}
-			n++
-		}
-		batch := append([]queued(nil), j.queue[:n]...)
-		if n == 0 {
-			if len(j.queue) == 0 && j.synced > j.applied {
-				j.applied = j.synced
-			}
-			j.mu.Unlock()
-			return nil
-		}
-		j.mu.Unlock()
-		for i := 0; i < len(batch); {
-			h := &batch[i].h
-			var err error
-			k := 1
-			switch {
-			case h.Kind == KindWrite:
-				var order []int
-				if k, order = j.directRun(batch[i:]); k > 1 {
-					k, err = j.writeBackRun(batch[i:i+k], order)
-				} else {
-					err = j.writeBackRecord(h, batch[i].buf)
-				}
-			case !batch[i].eager:
-				err = j.applyRange(h)
-			}
-			if err != nil {
-				return fmt.Errorf("write back LSN %#x: %w", h.LSN, err)
-			}
-			i += k
-		}
-		j.mu.Lock()
-		for i := range batch {
-			if b := batch[i].buf; b != nil {
-				j.retained -= cap(b)
-				putAligned(b)
-			}
-		}
-		clear(j.queue[:n])
-		j.queue = j.queue[n:]
-		last := batch[n-1].h
-		j.applied = max(j.applied, last.LSN+uint64(last.Size()))
-		j.mu.Unlock()
+	if !j.syncIfDue() {
+		return 0, false, j.failedErr()
 	}
+	j.mu.Lock()
+	n, size := 0, int64(0)
+	for n < len(j.queue) && n < batchRecords && size < batchBytes {
+		q := &j.queue[n]
+		if q.h.LSN+uint64(q.h.Size()) > j.synced || (q.eager && !q.applied) {
+			break
+		}
+		size += q.h.Size()
+		n++
+	}
+	batch := append([]queued(nil), j.queue[:n]...)
+	if n == 0 {
+		if len(j.queue) == 0 && j.synced > j.applied {
+			j.applied = j.synced
+		}
+		j.mu.Unlock()
+		return 0, false, nil
+	}
+	j.mu.Unlock()
+	for i := 0; i < len(batch); {
+		h := &batch[i].h
+		var err error
+		k := 1
+		switch {
+		case h.Kind == KindWrite:
+			var order []int
+			if k, order = j.directRun(batch[i:]); k > 1 {
+				k, err = j.writeBackRun(batch[i:i+k], order)
+			} else {
+				err = j.writeBackRecord(h, batch[i].buf)
+			}
+		case !batch[i].eager:
+			err = j.applyRange(h)
+		}
+		if err != nil {
+			return 0, false, fmt.Errorf("write back LSN %#x: %w", h.LSN, err)
+		}
+		i += k
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for i := range batch {
+		if b := batch[i].buf; b != nil {
+			j.retained -= cap(b)
+			putAligned(b)
+			j.cond.Broadcast() // appends waiting for retainMax room
+		}
+	}
+	clear(j.queue[:n])
+	j.queue = j.queue[n:]
+	last := batch[n-1].h
+	j.applied = max(j.applied, last.LSN+uint64(last.Size()))
+	return size, true, nil
 }
 
 // writeBackRecord writes the blocks of a write record that are still the
@@ -229,17 +287,17 @@ func (j *Journal) retainFromLocked() uint64 {
 
 // checkpoint syncs the images and records how far they are applied; then the
 // segments nobody needs any more are removed.
+//
+// It does not stop the write-back: applied only passes a record once its
+// image writes returned, so the fsync that follows covers everything below
+// the Applied it records, whatever the write-back adds meanwhile. (Holding
+// the write-back through an fsync of images full of dirty pages stalled it
+// for seconds, and the journal behind it.)
 func (j *Journal) checkpoint(force bool) error {
-	j.wbMu.Lock()
-	defer j.wbMu.Unlock()
+	j.ckptMu.Lock()
+	defer j.ckptMu.Unlock()
 	j.mu.Lock()
 	ck := checkpoint{Applied: j.applied, Head: j.head, Released: j.released, Cycle: j.cycle}
-	dirty := j.dirty
-	var dirtyBytes []byte
-	if dirty != nil {
-		dirty.released = j.released
-		dirtyBytes = dirty.encode()
-	}
 	j.mu.Unlock()
 	if !force && ck == j.ckpt {
 		return nil
@@ -249,10 +307,8 @@ func (j *Journal) checkpoint(force bool) error {
 			return fmt.Errorf("sync disk %s: %w", j.cfg.Disks[i].Name, err)
 		}
 	}
-	if dirtyBytes != nil {
-		if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), dirtyBytes, 0o600); err != nil {
-			return fmt.Errorf("write dirty map: %w", err)
-		}
+	if err := j.writeDirtyMap(); err != nil {
+		return err
 	}
 	if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, checkpointFile), ck.encode(), 0o600); err != nil {
 		return fmt.Errorf("write checkpoint: %w", err)
@@ -352,8 +408,8 @@ func (j *Journal) enterDirty(reason string) error {
 	j.cutting, j.cutReason = false, ""
 	nDirty := dm.count() // writes mark the map under mu from now on
 	j.mu.Unlock()
-	if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), j.encodeDirty(), 0o600); err != nil {
-		return fmt.Errorf("write dirty map: %w", err)
+	if err := j.writeDirtyMap(); err != nil {
+		return err
 	}
 	if resyncing {
 		if err := j.removeState(resyncFile); err != nil {
@@ -372,10 +428,34 @@ func (j *Journal) enterDirty(reason string) error {
 	return nil
 }
 
-func (j *Journal) encodeDirty() []byte {
+// writeDirtyMap writes the dirty map as it is now, if there is one. Every
+// write or removal of the file happens under dirtyMu with the map read
+// inside it, so a slow writer never puts back an older map (or one that a
+// resync has since removed).
+func (j *Journal) writeDirtyMap() error {
+	j.dirtyMu.Lock()
+	defer j.dirtyMu.Unlock()
 	j.mu.Lock()
-	defer j.mu.Unlock()
-	return j.dirty.encode()
+	var b []byte
+	if j.dirty != nil {
+		j.dirty.released = j.released
+		b = j.dirty.encode()
+	}
+	j.mu.Unlock()
+	if b == nil {
+		return nil
+	}
+	if err := vfs.WriteFileAtomic(j.fs, path.Join(j.cfg.Dir, dirtyFile), b, 0o600); err != nil {
+		return fmt.Errorf("write dirty map: %w", err)
+	}
+	return nil
+}
+
+// removeDirtyMap removes the dirty map file; see writeDirtyMap.
+func (j *Journal) removeDirtyMap() error {
+	j.dirtyMu.Lock()
+	defer j.dirtyMu.Unlock()
+	return j.removeState(dirtyFile)
 }
 
 // Stats is a snapshot of the journal's state for status and metrics.
