@@ -68,7 +68,9 @@
 // # Concurrency
 //
 // A Shipper is safe for concurrent use. Run owns two goroutines: the loop
-// that ships, syncs and retries, and the ticker that seals cycles. Lock
+// that ships, syncs and retries, and the ticker that seals cycles; while a
+// cycle's commit is in flight, the loop's step owns one more, which sends
+// it and records a success (cycle.go) while the loop uploads the next. Lock
 // order: opMu (one sync operation: the loop's step or WriteOffline), then
 // saveMu (state file writes), then mu (in-memory state). No lock but opMu is
 // held across journal or network calls.
