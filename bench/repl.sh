@@ -38,6 +38,7 @@ if [[ $REPL_QUICK == 1 ]]; then
 	REPL_LAG_DISK=${REPL_LAG_DISK:-256M}
 	REPL_TLS_BENCHTIME=${REPL_TLS_BENCHTIME:-200ms}
 	REPL_TLS_COUNT=${REPL_TLS_COUNT:-1}
+	REPL_TLS_ROUNDS=${REPL_TLS_ROUNDS:-2}
 fi
 REPL_SEQ_SIZE=${REPL_SEQ_SIZE:-1G}
 REPL_RAND_SIZE=${REPL_RAND_SIZE:-256M}
@@ -57,6 +58,7 @@ REPL_LAG_DISK=${REPL_LAG_DISK:-2G}
 REPL_LAG_SAMPLE=${REPL_LAG_SAMPLE:-2}
 REPL_TLS_BENCHTIME=${REPL_TLS_BENCHTIME:-2s}
 REPL_TLS_COUNT=${REPL_TLS_COUNT:-5}
+REPL_TLS_ROUNDS=${REPL_TLS_ROUNDS:-6}
 REPL_PARTS=${REPL_PARTS:-$ALL_PARTS}
 REPL_DIR=${REPL_DIR:-/var/tmp/vdrepl-repl-bench}
 REPL_JOURNAL_CAP=${REPL_JOURNAL_CAP:-8G}
@@ -425,7 +427,16 @@ part_hotspot() {
 
 # 3. TLS vs plain HTTP: the Go benchmark in bench/tlscost.
 part_tls() {
-	local args=(test -run TestHandshake -v -bench . -benchtime "$REPL_TLS_BENCHTIME" -count "$REPL_TLS_COUNT" ./bench/tlscost)
+	# Replication itself over TLS and over plain HTTP (the real shipper,
+	# journal and replica in one process; 1 GiB per round, alternating
+	# which goes first): the figure the goal is about.
+	local rargs=(test -run '^$' -bench Replicate/raw -benchtime "${REPL_TLS_ROUNDS}x" -v -timeout 30m ./bench/tlscost)
+	log "-- go ${rargs[*]}"
+	kv tls replicate_command "go ${rargs[*]}"
+	waiting go -C "$ROOT" "${rargs[@]}" >"$RUN/tls-replicate.txt" 2>&1 || { tail -20 "$RUN/tls-replicate.txt" >&2; return 1; }
+	grep 'tls costs .* medians' "$RUN/tls-replicate.txt" | sed 's/^ */  /' >&2
+	# The transport alone: 8 MiB PUTs and AES-GCM, an upper bound.
+	local args=(test -run TestHandshake -v -bench 'Put|AESGCM' -benchtime "$REPL_TLS_BENCHTIME" -count "$REPL_TLS_COUNT" ./bench/tlscost)
 	log "-- go ${args[*]}"
 	kv tls command "go ${args[*]}"
 	waiting go -C "$ROOT" "${args[@]}" >"$RUN/tls.txt" 2>&1 || { tail -20 "$RUN/tls.txt" >&2; return 1; }

@@ -147,21 +147,20 @@ class Report:
             before, after = primary(self.path(f"apply-{kind}-before.json")), primary(self.path(f"apply-{kind}-after.json"))
             wire = delta(before, after, "metrics.cycle_wire_bytes_total")
             cycles = delta(before, after, "metrics.cycles_shipped_total")
-            keeps = applied >= KEEP_UP * write_rate
             if kind == "seq":
                 self.apply_rate = applied
             ident = kv.get(f"apply-{kind}.identical", "?")
-            self.row(sec, f"{mib(size)} {label}: primary write rate (fio)", f"{write_rate:,.0f} MiB/s",
+            # A burst lands in the page cache in a second or two, faster
+            # than any rate the primary can sustain: these rows say how fast
+            # a backlog drains; the target is the sustained load's.
+            self.row(sec, f"burst: {mib(size)} {label}: primary write rate (fio)", f"{write_rate:,.0f} MiB/s",
                      f"{mib(size)} in {float(kv[f'{kind}.write_s']):.1f} s", "")
             self.row(sec, f"… applied on the replica: bytes / (first write → `replication sync` done)",
-                     f"{applied:,.0f} MiB/s", f"{total:.1f} s in all; {applied / write_rate:.2f}× the write rate",
-                     f"{ok(keeps)} apply keeps up: {'yes' if keeps else 'no'}")
+                     f"{applied:,.0f} MiB/s", f"{total:.1f} s in all; {applied / write_rate:.2f}× the burst's rate", "")
             self.row(sec, "… sync only (writes done → applied): time, and the rate the replica drained the backlog",
                      f"{sync:.1f} s ({rate(size, sync)})",
                      f"wire {mib(wire) if wire is not None else '?'} in {cycles_of(cycles)} "
                      f"(every {freq}, compression off); replica identical: {ident}", "")
-            self.targets.append(f"apply keeps up with {label} (applied ≥ {KEEP_UP:.0%} of the primary's write rate): "
-                                f"{applied:,.0f} vs {write_rate:,.0f} MiB/s {ok(keeps)}")
 
     def sustained(self):
         """Part 1's sustained loads: fio time_based, status sampled."""
@@ -285,19 +284,47 @@ class Report:
             m = re.search(r"cipher suite (\S+), curve (\S+)", line)
             if m:
                 cipher = f"{m.group(1)}, key exchange {m.group(2)}"
-        if "plain" not in runs or "tls" not in runs:
+        # Replication over TLS vs plain HTTP (BenchmarkReplicate): the goal.
+        rep = {}
+        for line in read_lines(self.path("tls-replicate.txt")):
+            m = re.search(r"(plain|tls):\s+([\d.]+) MiB/s median \(range ([\d.]+)-([\d.]+)\), ([\d.]+) CPU-s/GiB", line)
+            if m:
+                rep[m.group(1)] = tuple(float(m.group(i)) for i in range(2, 6))
+            m = re.search(r"(\d+) rounds of (\d+) MiB", line)
+            if m:
+                rep["rounds"] = (int(m.group(1)), int(m.group(2)))
+            m = re.search(r"by round: median (-?[\d.]+)% \(range (-?[\d.]+)-(-?[\d.]+)\)", line)
+            if m:
+                rep["paired"] = tuple(float(m.group(i)) for i in range(1, 4))
+        rcmd = self.kv("tls").get("replicate_command", "go test -bench Replicate ./bench/tlscost")
+        if "plain" in rep and "tls" in rep:
+            (pm, plo, phi, pcpu), (tm, tlo, thi, tcpu) = rep["plain"], rep["tls"]
+            rounds, size = rep.get("rounds", (0, 0))
+            cost = 1 - tm / pm
+            self.row(sec, f"replication (shipper → replica staging, commit, apply; {size:,} MiB per round, "
+                          f"compression off): plain HTTP", f"{pm:,.0f} MiB/s",
+                     f"median of {rounds} rounds (range {plo:,.0f}–{phi:,.0f}); {pcpu:.2f} CPU-s per GiB", "")
+            paired = rep.get("paired")
+            pnote = f"; paired by round: median {paired[0]:.1f}% (range {paired[1]:.1f}% to {paired[2]:.1f}%)" if paired else ""
+            self.row(sec, "… over mutual TLS 1.3", f"{tm:,.0f} MiB/s",
+                     f"median (range {tlo:,.0f}–{thi:,.0f}); {tcpu:.2f} CPU-s per GiB; encryption costs {cost:.1%} "
+                     f"of the rate{pnote}", f"{ok(cost < 1 - TLS_GOAL)} goal < 10%")
+            self.targets.append(f"TLS costs < 10% of plain HTTP replication throughput (`{rcmd}`): "
+                                f"{cost:.1%} {ok(cost < 1 - TLS_GOAL)}")
+        else:
             self.missing(sec, "tls")
+        if "plain" not in runs or "tls" not in runs:
             return
         plain, tls = statistics.median(runs["plain"]), statistics.median(runs["tls"])
         r = tls / plain
         n = len(runs["tls"])
         spread = lambda v: f"{min(v):,.0f}–{max(v):,.0f}"
-        cmd = self.kv("tls").get("command", "go test ./bench/tlscost")
-        self.row(sec, "8 MiB PUTs over loopback, one HTTP/1.1 connection: plain HTTP", f"{plain:,.0f} MiB/s",
+        self.row(sec, "transport alone, an upper bound: 8 MiB PUTs over loopback, one HTTP/1.1 connection, "
+                      "nothing staged: plain HTTP", f"{plain:,.0f} MiB/s",
                  f"median of {n} (range {spread(runs['plain'])})", "")
         self.row(sec, f"… HTTPS, TLS 1.3 mutual auth, ECDSA P-256 ({cipher or 'cipher not logged'})",
                  f"{tls:,.0f} MiB/s", f"median of {n} (range {spread(runs['tls'])}); "
-                 f"{r:.2f}× plain, encryption costs {1 - r:.0%}", f"{ok(r >= TLS_GOAL)} goal < 10%")
+                 f"{r:.2f}× plain, encryption costs {1 - r:.0%} of a memory copy", "")
         med = lambda k: statistics.median(runs[k])
         if "plain_64k" in runs and "tls_64k" in runs:
             self.row(sec, "… both with 64 KiB transport buffers instead of net/http's 4 KiB (16 KiB TLS records)",
@@ -315,7 +342,6 @@ class Report:
                      f"{seal:,.0f} / {opn:,.0f} MiB/s",
                      f"seal / open: {per_chunk[0]:.1f} + {per_chunk[1]:.1f} ms of CPU per 8 MiB chunk, "
                      f"plain HTTP moves a chunk in {8 / plain * 1000:.1f} ms", "")
-        self.targets.append(f"TLS costs < 10% of plain HTTP throughput (`{cmd}`): {1 - r:.0%} {ok(r >= TLS_GOAL)}")
         if self.apply_rate:
             extra = self.apply_rate * (1 / tls - 1 / plain)
             self.notes.append(
