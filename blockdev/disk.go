@@ -25,6 +25,18 @@ type Disk interface {
 	Zero(off, length int64, punch bool) error
 }
 
+// A Receiver is a Disk that takes large write payloads straight from the
+// client's stream into memory of its own (the journal's append buffers),
+// sparing the front end's buffer and a copy. Front ends use it for writes of
+// at least ReceiveMin bytes.
+type Receiver interface {
+	ReceiveMin() int
+	// ReceiveWrite reads a write's n-byte payload from r and returns the
+	// function that writes it at off, as WriteAt would; the front end calls
+	// it exactly once, from any goroutine. An error is the stream's.
+	ReceiveWrite(r io.Reader, n int) (write func(off int64) error, err error)
+}
+
 // Export is one named disk offered to clients.
 type Export struct {
 	// Name is "VM/DISK".

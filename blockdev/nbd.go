@@ -718,6 +718,18 @@ func (c *nbdConn) transmit() {
 			n = int(r.Length)
 		}
 		c.inflight.acquire(int64(n))
+		if rcv, ok := c.exp.Disk.(Receiver); ok && r.Type == nbdCmdWrite && n >= rcv.ReceiveMin() {
+			write, err := rcv.ReceiveWrite(c.br, n)
+			if err != nil {
+				c.inflight.release(int64(n))
+				if !c.isClosing() {
+					c.log.Warn("NBD write payload cut short", "err", err)
+				}
+				return
+			}
+			go c.handle(r, nil, write)
+			continue
+		}
 		var bp *[]byte
 		if n > 0 {
 			bp = getNBDBuf(n)
@@ -732,12 +744,13 @@ func (c *nbdConn) transmit() {
 				return
 			}
 		}
-		go c.handle(r, bp)
+		go c.handle(r, bp, nil)
 	}
 }
 
-// handle runs one validated request on the Disk and replies.
-func (c *nbdConn) handle(r request, bp *[]byte) {
+// handle runs one validated request on the Disk and replies. A write comes
+// with its payload in bp, or received by the Disk (write, see Receiver).
+func (c *nbdConn) handle(r request, bp *[]byte, write func(off int64) error) {
 	var buf []byte
 	if bp != nil {
 		buf = *bp
@@ -755,7 +768,11 @@ func (c *nbdConn) handle(r request, bp *[]byte) {
 			err = io.ErrUnexpectedEOF
 		}
 	case nbdCmdWrite:
-		_, err = d.WriteAt(buf, off)
+		if write != nil {
+			err = write(off)
+		} else {
+			_, err = d.WriteAt(buf, off)
+		}
 	case nbdCmdFlush:
 		if !c.exp.ReadOnly {
 			err = d.Flush()
@@ -780,7 +797,11 @@ func (c *nbdConn) handle(r request, bp *[]byte) {
 	}
 	c.reply(r.Handle, errno, payload)
 	putNBDBuf(bp)
-	c.inflight.release(int64(len(buf)))
+	var n int64 // what transmit acquired
+	if r.Type == nbdCmdRead || r.Type == nbdCmdWrite {
+		n = int64(r.Length)
+	}
+	c.inflight.release(n)
 }
 
 // nbdErrno maps a Disk error to an NBD error value.
