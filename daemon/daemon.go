@@ -65,6 +65,10 @@ type Config struct {
 	MetricsListen string
 	// QuiesceTimeout bounds a guest freeze (0 = DefaultQuiesceTimeout).
 	QuiesceTimeout time.Duration
+	// MemoryLimit is the process's soft memory limit (memory.go): 0 sets
+	// one from the number of VMs, > 0 that many bytes, < 0 none. GOMEMLIMIT
+	// in the environment wins.
+	MemoryLimit int64
 }
 
 // DefaultStateDir is where state lives unless --state or VDREPL_STATE says.
@@ -142,6 +146,7 @@ func New(cfg Config) (*Daemon, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	configureMemoryLimit(cfg.MemoryLimit)
 	d := &Daemon{
 		cfg:        cfg,
 		log:        cfg.Logger,
@@ -382,6 +387,7 @@ func (v *vm) close() error {
 	if v.j != nil {
 		err = v.j.Close()
 		v.j = nil
+		journalsOpen(-1)
 	}
 	for _, f := range v.locks {
 		f.Close()
@@ -550,6 +556,7 @@ func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
 	if v.j, err = journal.Open(jc); err != nil {
 		return nil, err
 	}
+	journalsOpen(1)
 	return v, nil
 }
 

@@ -162,6 +162,7 @@ A guest attaches a disk with
 			&cli.StringFlag{Name: "resync-block-size", Usage: "checksum block of resyncs, a power of two from 4K to 1M (default 16K, measured in ship/blocksize_test.go; 4K suits links well below 50 Mbit/s)"},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on HOST:PORT at /metrics"},
 			&cli.DurationFlag{Name: "quiesce-timeout", Value: daemon.DefaultQuiesceTimeout, Usage: "longest a guest stays frozen for an application-consistent point; past it the guest is thawed and a standard point taken"},
+			&cli.StringFlag{Name: "memory-limit", Value: "auto", Usage: "soft memory limit of the daemon: auto (128 MiB + 96 MiB per VM), a size like 1G, or off; GOMEMLIMIT wins"},
 			&cli.Float64Flag{Name: "retry-scale", Value: 1, Hidden: true, Usage: "multiply retry back-off (tests)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log JSON lines instead of text"},
@@ -202,6 +203,17 @@ A guest attaches a disk with
 			}
 			if cfg.ReplicaListen != "" {
 				cfg.ReplicaListen = withDefaultPort(cfg.ReplicaListen, "8443")
+			}
+			switch s := c.String("memory-limit"); s {
+			case "auto", "":
+			case "off":
+				cfg.MemoryLimit = -1
+			default:
+				n, err := daemon.ParseSize(s)
+				if err != nil || n <= 0 {
+					return fmt.Errorf("--memory-limit %q: want auto, off or a size like 512M", s)
+				}
+				cfg.MemoryLimit = n
 			}
 			if s := c.String("journal-cap"); s != "" {
 				n, err := daemon.ParseSize(s)
