@@ -13,10 +13,15 @@
 // data through an in-memory map of pending blocks. Writes of 128 KiB or more
 // go to the journal with O_DIRECT, and the write-back takes their data from
 // the append buffer it keeps (up to 64 MiB of them) instead of reading the
-// journal back (direct.go). So the image never holds a
+// journal back (direct.go); a front end may receive such a write straight
+// into that buffer (Disk.ReceiveWrite). A direct append waits while the kept
+// buffers are at their budget: that is the journal's back-pressure, which
+// holds a client to the rate the images take. So the image never holds a
 // write the journal lacks, after a kill -9 or a power cut alike, and no resync
 // is needed after a host crash. A checkpoint (images synced, then the
-// checkpoint file replaced atomically) bounds replay after a restart.
+// checkpoint file replaced atomically) bounds replay after a restart; it runs
+// beside the write-back, which goes in bounded batches and syncs the journal
+// between them when a sync is due (writeback.go).
 //
 // Trims and zeroes are recorded as ranges, never as data. They are applied to
 // the image as soon as their record is synced, so a large discard costs one
