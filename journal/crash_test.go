@@ -38,6 +38,7 @@ func blockHash(b []byte) [32]byte { return sha256.Sum256(b) }
 func (j *Journal) abandon() {
 	j.mu.Lock()
 	j.closed = true
+	j.cond.Broadcast()
 	j.mu.Unlock()
 	close(j.stop)
 	j.wg.Wait()
