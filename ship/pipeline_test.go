@@ -158,6 +158,24 @@ func (e *pipelineEnv) sent(c uint64) (received, size int64) {
 	return e.rep.uploadBytes[id], e.rep.streamSize[id]
 }
 
+// checkCommits: the last cycle commits the replica saw are a, then b.
+func (e *pipelineEnv) checkCommits(t *testing.T, a, b uint64) {
+	t.Helper()
+	if got := e.cycleCommits(); len(got) < 2 || !slices.Equal(got[len(got)-2:], []uint64{a, b}) {
+		t.Fatalf("commits %v, want ... %d %d", got, a, b)
+	}
+}
+
+// checkSentOnce: every byte of each cycle's stream was sent exactly once.
+func (e *pipelineEnv) checkSentOnce(t *testing.T, cycles ...uint64) {
+	t.Helper()
+	for _, c := range cycles {
+		if got, size := e.sent(c); got != size {
+			t.Fatalf("cycle %d: %d bytes sent for a %d-byte stream", c, got, size)
+		}
+	}
+}
+
 func (e *pipelineEnv) cycleCommits() []uint64 {
 	e.rep.mu.Lock()
 	defer e.rep.mu.Unlock()
@@ -192,14 +210,8 @@ func TestNextCycleUploadsWhileCommitIsApplied(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.checkImages(b)
-	if got := e.cycleCommits(); !slices.Equal(got[len(got)-2:], []uint64{a, b}) {
-		t.Fatalf("commits %v", got)
-	}
-	for _, c := range []uint64{a, b} {
-		if got, size := e.sent(c); got != size {
-			t.Fatalf("cycle %d: %d bytes sent for a %d-byte stream", c, got, size)
-		}
-	}
+	e.checkCommits(t, a, b)
+	e.checkSentOnce(t, a, b)
 	waitFor(t, e.r.s, "no commit in flight", func() bool { return e.r.s.Status().Committing == 0 })
 	if st := e.r.s.Status(); st.LastApplied != b || st.Metrics.RetriesTotal != 0 {
 		t.Fatalf("status %+v", st)
@@ -218,14 +230,8 @@ func TestFailedCommitKeepsNextCycleStaged(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.checkImages(b)
-	if got := e.cycleCommits(); !slices.Equal(got[len(got)-2:], []uint64{a, b}) {
-		t.Fatalf("commits %v", got)
-	}
-	for _, c := range []uint64{a, b} {
-		if got, size := e.sent(c); got != size {
-			t.Fatalf("cycle %d: %d bytes sent for a %d-byte stream", c, got, size)
-		}
-	}
+	e.checkCommits(t, a, b)
+	e.checkSentOnce(t, a, b)
 	if st := e.r.s.Status(); st.Metrics.RetriesTotal != 1 || !strings.Contains(st.LastError, "injected") {
 		t.Fatalf("status %+v", st)
 	}
@@ -250,9 +256,7 @@ func TestCorruptCommitResendsBeforeTheNextCycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.checkImages(b)
-	if got := e.cycleCommits(); !slices.Equal(got[len(got)-2:], []uint64{a, b}) {
-		t.Fatalf("commits %v", got)
-	}
+	e.checkCommits(t, a, b)
 	if got, size := e.sent(a); got != 2*size {
 		t.Fatalf("cycle %d: %d bytes sent for a %d-byte stream sent twice", a, got, size)
 	}
