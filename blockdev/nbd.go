@@ -718,33 +718,28 @@ func (c *nbdConn) transmit() {
 			n = int(r.Length)
 		}
 		c.inflight.acquire(int64(n))
-		if rcv, ok := c.exp.Disk.(Receiver); ok && r.Type == nbdCmdWrite && n >= rcv.ReceiveMin() {
-			write, err := rcv.ReceiveWrite(c.br, n)
-			if err != nil {
-				c.inflight.release(int64(n))
-				if !c.isClosing() {
-					c.log.Warn("NBD write payload cut short", "err", err)
-				}
-				return
-			}
-			go c.handle(r, nil, write)
-			continue
-		}
+		// A write's payload goes into a buffer of ours, or, for a large
+		// one on a Receiver disk, into the disk's own.
 		var bp *[]byte
-		if n > 0 {
+		var write func(off int64) error
+		switch rcv, ok := c.exp.Disk.(Receiver); {
+		case ok && r.Type == nbdCmdWrite && n >= rcv.ReceiveMin():
+			write, err = rcv.ReceiveWrite(c.br, n)
+		case n > 0:
 			bp = getNBDBuf(n)
-		}
-		if r.Type == nbdCmdWrite {
-			if _, err := io.ReadFull(c.br, *bp); err != nil {
-				putNBDBuf(bp)
-				c.inflight.release(int64(n))
-				if !c.isClosing() {
-					c.log.Warn("NBD write payload cut short", "err", err)
-				}
-				return
+			if r.Type == nbdCmdWrite {
+				_, err = io.ReadFull(c.br, *bp)
 			}
 		}
-		go c.handle(r, bp, nil)
+		if err != nil {
+			putNBDBuf(bp)
+			c.inflight.release(int64(n))
+			if !c.isClosing() {
+				c.log.Warn("NBD write payload cut short", "err", err)
+			}
+			return
+		}
+		go c.handle(r, bp, write)
 	}
 }
 
