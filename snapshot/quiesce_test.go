@@ -578,9 +578,11 @@ func TestQuiesceQGASilent(t *testing.T) {
 		defer wg.Wait()
 		defer ln.Close()
 
+		// The clock starts before the deadline is set: the deadline counts
+		// from the context's creation, so a later start reads short.
+		start := time.Now()
 		ctx, cancel := context.WithTimeout(t.Context(), timeout)
 		defer cancel()
-		start := time.Now()
 		err = QGAQuiescer{Socket: socket}.Freeze(ctx)
 		elapsed := time.Since(start)
 		if !errors.Is(err, ErrQuiesce) || !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "guest-sync-delimited") {
