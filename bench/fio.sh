@@ -8,7 +8,9 @@
 #                                vdrepl's FUSE mount
 #
 # Ratios: vdrepl-nbd to qemu-nbd and to nbdkit, vdrepl-fuse to nbdfuse.
-# See bench/README.md for the knobs; BENCH_QUICK=1 is a ~3 minute smoke test.
+# BENCH_ROUNDS rounds (default 3), each every target in turn; the table shows
+# medians. See bench/README.md for the knobs; BENCH_QUICK=1 is a ~3 minute
+# smoke test (one round).
 set -euo pipefail
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,10 +26,12 @@ if [[ $BENCH_QUICK == 1 ]]; then
 	BENCH_SIZE=${BENCH_SIZE:-256M}
 	BENCH_RUNTIME=${BENCH_RUNTIME:-5}
 	BENCH_RAMP=${BENCH_RAMP:-1}
+	BENCH_ROUNDS=${BENCH_ROUNDS:-1}
 fi
 BENCH_SIZE=${BENCH_SIZE:-2G}
 BENCH_RUNTIME=${BENCH_RUNTIME:-20}
 BENCH_RAMP=${BENCH_RAMP:-5}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/vdrepl-bench}
 BENCH_TARGETS=${BENCH_TARGETS:-$ALL_TARGETS}
 BENCH_JOBS=${BENCH_JOBS:-}
@@ -43,7 +47,7 @@ VDREPL_SERVE_ARGS=${VDREPL_SERVE_ARGS:-}
 VDREPL=${VDREPL:-}
 
 usage() {
-	sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
 	echo
 	sed -n '/^## Knobs/,/^## /p' "$BENCH/README.md" | sed '$d'
 }
@@ -57,6 +61,7 @@ for t in $BENCH_TARGETS; do
 	selected "$t" "$ALL_TARGETS" || die "BENCH_TARGETS: unknown target '$t' (have: $ALL_TARGETS)"
 done
 [[ $BENCH_TRANSPORT == unix || $BENCH_TRANSPORT == tcp ]] || die "BENCH_TRANSPORT must be unix or tcp"
+[[ $BENCH_ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a whole number, at least 1"
 SIZE_BYTES=$(numfmt --from=iec "$BENCH_SIZE") || die "BENCH_SIZE: cannot parse '$BENCH_SIZE'"
 ((SIZE_BYTES >= 64 * 1048576 && SIZE_BYTES % 1048576 == 0)) || die "BENCH_SIZE must be a whole number of MiB, at least 64M"
 SIZE=$BENCH_SIZE
@@ -149,7 +154,7 @@ start_qemu_nbd() { # TARGET DIR IMG -> QEMU_PID, QEMU_URI
 	local -a listen=(--socket="$sock")
 	[[ $BENCH_TRANSPORT == tcp ]] && listen=(--bind=127.0.0.1 --port="$(port_of "$t")")
 	rm -f "$sock"
-	spawn qemu-nbd "$RUN/$t/qemu-nbd.log" qemu-nbd --cache=none --aio=native --format=raw \
+	spawn qemu-nbd "$RDIR/$t/qemu-nbd.log" qemu-nbd --cache=none --aio=native --format=raw \
 		--persistent --shared=16 "${listen[@]}" --export-name=bench "$img"
 	QEMU_PID=$SPAWNED
 	QEMU_URI=$(uri "$t" "$sock" bench)
@@ -157,17 +162,19 @@ start_qemu_nbd() { # TARGET DIR IMG -> QEMU_PID, QEMU_URI
 }
 
 # ---------------------------------------------------------------- targets ---
+# Each target_* writes its logs and fio results under $RDIR/TARGET, RDIR being
+# the current round's directory (set by the round loop at the end).
 target_raw() {
 	local img=$WORK/raw/img.raw
 	fresh_image "$img" || return 1
-	run_jobs "$RUN/raw" file "$img" || true
+	run_jobs "$RDIR/raw" file "$img" || true
 }
 
 target_qemu-nbd() {
 	local dir=$WORK/qemu-nbd
 	fresh_image "$dir/img.raw" || return 1
 	start_qemu_nbd qemu-nbd "$dir" "$dir/img.raw" || return 1
-	HEALTH_PID=$QEMU_PID run_jobs "$RUN/qemu-nbd" nbd "$QEMU_URI" || true
+	HEALTH_PID=$QEMU_PID run_jobs "$RDIR/qemu-nbd" nbd "$QEMU_URI" || true
 	stop_pid "$QEMU_PID" || true
 }
 
@@ -179,12 +186,12 @@ target_nbdkit() {
 	rm -f "$sock"
 	# Defaults on purpose: cache=default (page cache), flush = fdatasync,
 	# multi-conn advertised, 16 threads.
-	spawn nbdkit "$RUN/nbdkit/nbdkit.log" nbdkit --foreground "${listen[@]}" \
+	spawn nbdkit "$RDIR/nbdkit/nbdkit.log" nbdkit --foreground "${listen[@]}" \
 		--exportname bench file file="$dir/img.raw"
 	local pid=$SPAWNED u
 	u=$(uri nbdkit "$sock" bench)
 	wait_until 30 "$pid" nbdkit nbd_ready "$u" || return 1
-	HEALTH_PID=$pid run_jobs "$RUN/nbdkit" nbd "$u" || true
+	HEALTH_PID=$pid run_jobs "$RDIR/nbdkit" nbd "$u" || true
 	stop_pid "$pid" || true
 }
 
@@ -194,10 +201,10 @@ target_nbdfuse() {
 	start_qemu_nbd nbdfuse "$dir" "$dir/img.raw" || return 1
 	mkdir -p "$mnt"
 	MOUNTS+=("$mnt")
-	spawn nbdfuse "$RUN/nbdfuse/nbdfuse.log" nbdfuse "$mnt" "$QEMU_URI"
+	spawn nbdfuse "$RDIR/nbdfuse/nbdfuse.log" nbdfuse "$mnt" "$QEMU_URI"
 	local fpid=$SPAWNED
 	wait_until 30 "$fpid" "nbdfuse mount" file_ready "$mnt/nbd" || return 1
-	HEALTH_PID=$fpid run_jobs "$RUN/nbdfuse" file "$mnt/nbd" || true
+	HEALTH_PID=$fpid run_jobs "$RDIR/nbdfuse" file "$mnt/nbd" || true
 	unmount "$mnt"
 	stop_pid "$fpid" || true
 	stop_pid "$QEMU_PID" || true
@@ -213,29 +220,29 @@ start_vdrepl() {
 	local addr=unix:$VD_SOCK
 	[[ $BENCH_TRANSPORT == tcp ]] && addr=tcp:127.0.0.1:$(port_of "$t")
 	# shellcheck disable=SC2086 # VDREPL_SERVE_ARGS is a word list
-	spawn "vdrepl serve" "$RUN/$t/vdrepl.log" "$VDREPL" --state "$VD_STATE" serve \
+	spawn "vdrepl serve" "$RDIR/$t/vdrepl.log" "$VDREPL" --state "$VD_STATE" serve \
 		--nbd "$addr" $VDREPL_SERVE_ARGS
 	VD_PID=$SPAWNED
 	wait_until 60 "$VD_PID" "vdrepl control socket" "$VDREPL" --state "$VD_STATE" vm list || return 1
-	"$VDREPL" --state "$VD_STATE" vm add bench --disk "$dir/img.raw" >>"$RUN/$t/vdrepl-cli.log" 2>&1 ||
-		{ cat "$RUN/$t/vdrepl-cli.log" >&2; return 1; }
+	"$VDREPL" --state "$VD_STATE" vm add bench --disk "$dir/img.raw" >>"$RDIR/$t/vdrepl-cli.log" 2>&1 ||
+		{ cat "$RDIR/$t/vdrepl-cli.log" >&2; return 1; }
 	VD_URI=$(uri "$t" "$VD_SOCK" bench/img)
 	wait_until 60 "$VD_PID" "vdrepl export bench/img" nbd_ready "$VD_URI"
 }
 
 stop_vdrepl() { # TARGET
-	"$VDREPL" --state "$VD_STATE" status >"$RUN/$1/vdrepl-status.txt" 2>&1 || true
-	record_rss "$VD_PID" "$RUN/$1/rss-kb"
+	"$VDREPL" --state "$VD_STATE" status >"$RDIR/$1/vdrepl-status.txt" 2>&1 || true
+	record_rss "$VD_PID" "$RDIR/$1/rss-kb"
 	local rc=0
 	stop_pid "$VD_PID" 60 || rc=$?
-	[[ $rc == 0 ]] || { log "vdrepl serve exited with status $rc"; echo "daemon exit status $rc" >>"$RUN/$1/notes"; }
+	[[ $rc == 0 ]] || { log "vdrepl serve exited with status $rc"; echo "daemon exit status $rc" >>"$RDIR/$1/notes"; }
 }
 
 target_vdrepl-nbd() {
 	local dir=$WORK/vdrepl-nbd
 	fresh_image "$dir/img.raw" || return 1
 	start_vdrepl vdrepl-nbd "$dir" || { stop_vdrepl vdrepl-nbd; return 1; }
-	HEALTH_PID=$VD_PID run_jobs "$RUN/vdrepl-nbd" nbd "$VD_URI" || true
+	HEALTH_PID=$VD_PID run_jobs "$RDIR/vdrepl-nbd" nbd "$VD_URI" || true
 	stop_vdrepl vdrepl-nbd
 }
 
@@ -245,12 +252,12 @@ target_vdrepl-fuse() {
 	start_vdrepl vdrepl-fuse "$dir" || { stop_vdrepl vdrepl-fuse; return 1; }
 	mkdir -p "$mnt"
 	MOUNTS+=("$mnt")
-	spawn "vdrepl mount" "$RUN/vdrepl-fuse/mount.log" "$VDREPL" --state "$VD_STATE" mount "$mnt"
+	spawn "vdrepl mount" "$RDIR/vdrepl-fuse/mount.log" "$VDREPL" --state "$VD_STATE" mount "$mnt"
 	local mpid=$SPAWNED
 	if wait_until 60 "$mpid" "vdrepl mount" file_ready "$mnt/bench/img.img"; then
-		HEALTH_PID=$VD_PID run_jobs "$RUN/vdrepl-fuse" file "$mnt/bench/img.img" || true
+		HEALTH_PID=$VD_PID run_jobs "$RDIR/vdrepl-fuse" file "$mnt/bench/img.img" || true
 	else
-		echo "mount did not come up" >>"$RUN/vdrepl-fuse/notes"
+		echo "mount did not come up" >>"$RDIR/vdrepl-fuse/notes"
 		FAILURES=$((FAILURES + 1))
 	fi
 	# vdrepl mount unmounts on SIGTERM; fusermount3 only if it did not.
@@ -262,7 +269,7 @@ target_vdrepl-fuse() {
 # ------------------------------------------------------------------- meta ---
 knobs_used() {
 	local v out=""
-	for v in BENCH_QUICK BENCH_SIZE BENCH_RUNTIME BENCH_RAMP BENCH_DIR BENCH_TARGETS BENCH_JOBS \
+	for v in BENCH_QUICK BENCH_ROUNDS BENCH_SIZE BENCH_RUNTIME BENCH_RAMP BENCH_DIR BENCH_TARGETS BENCH_JOBS \
 		BENCH_TRANSPORT BENCH_SEQ_QD BENCH_FSYNC_QD BENCH_DROP_CACHES VDREPL VDREPL_SERVE_ARGS; do
 		[[ -n ${!v+x} && -n ${!v} ]] || continue
 		# only the knobs the user set, not our defaults
@@ -283,6 +290,7 @@ knobs_used() {
 	echo "size=$SIZE"
 	echo "runtime=$RUNTIME"
 	echo "ramp=$RAMP"
+	echo "rounds=$BENCH_ROUNDS"
 	echo "seq_qd=$SEQ_QD"
 	echo "fsync_qd=$FSYNC_QD"
 	echo "transport=$BENCH_TRANSPORT"
@@ -298,28 +306,37 @@ knobs_used() {
 } >"$RUN/meta"
 
 # -------------------------------------------------------------------- run ---
-log "run $STAMP: size $SIZE, ${RUNTIME}s + ${RAMP}s ramp per job, targets: $BENCH_TARGETS"
+log "run $STAMP: $BENCH_ROUNDS round(s), size $SIZE, ${RUNTIME}s + ${RAMP}s ramp per job, targets: $BENCH_TARGETS"
 log "work dir $WORK ($(disk_of "$WORK")), results in $RUN"
 load1=$(cut -d' ' -f1 /proc/loadavg)
 if awk -v l="$load1" -v n="$(nproc)" 'BEGIN {exit !(l > n / 2)}'; then
 	log "WARNING: load average $load1 on $(nproc) CPUs: other work will skew the numbers"
 fi
 make_base
-for t in $ALL_TARGETS; do
-	selected "$t" "$BENCH_TARGETS" || continue
-	mkdir -p "$RUN/$t"
-	if [[ $t == vdrepl-* && -z $VDREPL ]]; then
-		echo "skipped: $VDREPL_NOTE" >>"$RUN/$t/notes"
-		continue
-	fi
-	log "== $t"
-	if ! "target_$t"; then
-		log "target $t failed to start; see $RUN/$t/*.log"
-		echo "failed to start (see logs)" >>"$RUN/$t/notes"
-		FAILURES=$((FAILURES + 1))
-	fi
-	cleanup_all # anything a failed target left behind
-	rm -rf --one-file-system "${WORK:?}/$t"
+# Each round is the whole single-run procedure (every target, fresh image and
+# server, every job); rounds interleave the targets in time, so a drift of the
+# machine's speed lands on all of them alike. Results: $RUN/round-N/TARGET/.
+for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+	RDIR=$RUN/round-$round
+	mkdir -p "$RDIR"
+	log "=== round $round/$BENCH_ROUNDS"
+	echo "start=$(date -u '+%H:%M') load=$(cut -d' ' -f1 /proc/loadavg)" >"$RDIR/started"
+	for t in $ALL_TARGETS; do
+		selected "$t" "$BENCH_TARGETS" || continue
+		mkdir -p "$RDIR/$t"
+		if [[ $t == vdrepl-* && -z $VDREPL ]]; then
+			echo "skipped: $VDREPL_NOTE" >>"$RDIR/$t/notes"
+			continue
+		fi
+		log "== $t (round $round/$BENCH_ROUNDS)"
+		if ! "target_$t"; then
+			log "target $t failed to start; see $RDIR/$t/*.log"
+			echo "failed to start (see logs)" >>"$RDIR/$t/notes"
+			FAILURES=$((FAILURES + 1))
+		fi
+		cleanup_all # anything a failed target left behind
+		rm -rf --one-file-system "${WORK:?}/$t"
+	done
 done
 
 echo "load_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RUN/meta"

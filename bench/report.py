@@ -4,11 +4,20 @@
     report.py RUNDIR          print the report (header, table, targets, notes)
     report.py --check FILE    exit 1 unless FILE is a fio JSON result without errors
 
-RUNDIR holds `meta` (key=value lines) and one directory per target with one
-fio JSON file per job, plus optional `notes`, `failed` and `rss-kb` files.
+RUNDIR holds `meta` (key=value lines) and one directory per round,
+`round-1`, `round-2`, ... (each with an optional `started` line), holding one
+directory per target with one fio JSON file per job, plus optional `notes`,
+`failed` and `rss-kb` files. A run directory from before rounds existed (the
+target directories directly in RUNDIR) reads as one round.
+
+Each cell is the median over the rounds in which it succeeded; each ratio is
+the median of the per-round ratios (rounds where both sides succeeded), and
+the verdicts use that median. Peak RSS is the maximum over all rounds.
 """
 import json
 import os
+import re
+import statistics
 import sys
 
 TARGETS = [  # (dir, column title)
@@ -93,8 +102,8 @@ class Result:
         self.writes_per_flush = writes_per_flush
 
 
-def result(run, target, job, ddir, unit):
-    d = os.path.join(run, target)
+def result(rdir, target, job, ddir, unit):
+    d = os.path.join(rdir, target)
     path = os.path.join(d, job + ".json")
     if not os.path.exists(path):
         return None
@@ -113,28 +122,96 @@ def result(run, target, job, ddir, unit):
     return Result(value, buffered=buffered, writes_per_flush=wpf)
 
 
-def fmt_value(r):
-    if r is None:
+def rounds_of(run):
+    """[(round number, directory)], oldest first; an old run is one round."""
+    found = []
+    for name in os.listdir(run):
+        m = re.fullmatch(r"round-([0-9]+)", name)
+        if m and os.path.isdir(os.path.join(run, name)):
+            found.append((int(m.group(1)), os.path.join(run, name)))
+    return sorted(found) or [(1, run)]
+
+
+class Cell:
+    """One (target, job) over the rounds: the median of the rounds that
+    succeeded, how many did, and how many ran at all."""
+
+    def __init__(self, results):
+        ran = [r for r in results if r is not None]
+        ok = [r for r in ran if not r.error]
+        self.ran, self.ok = len(ran), len(ok)
+        self.value = statistics.median(r.value for r in ok) if ok else None
+        self.buffered = any(r.buffered for r in ok)
+        wpf = [r.writes_per_flush for r in ok if r.writes_per_flush]
+        self.writes_per_flush = statistics.median(wpf) if wpf else None
+
+
+def fmt_number(v):
+    return f"{v:,.0f}"
+
+
+def fmt_cell(c, nrounds):
+    if c.ran == 0:
         return "—"
-    if r.error:
+    if c.ok == 0:
         return "ERR"
-    v = f"{r.value:,.0f}"
-    return v + " †" if r.buffered else v
+    v = fmt_number(c.value)
+    if c.buffered:
+        v += " †"
+    if c.ok < nrounds:
+        v += f" ({c.ok}/{nrounds})"
+    return v
 
 
 def ratio(a, b):
+    """a / b for two single-round Results, None unless both succeeded."""
     if a is None or b is None or a.error or b.error or not b.value:
         return None
     return a.value / b.value
 
 
+def round_ratios(per_round, n, d, job):
+    """n / d on job in every round where both succeeded."""
+    rs = [ratio(res[n, job], res[d, job]) for res in per_round]
+    return [r for r in rs if r is not None]
+
+
+def median_ratio(per_round, n, d, job):
+    """(median of the per-round ratios or None, how many rounds had one)."""
+    rs = round_ratios(per_round, n, d, job)
+    return (statistics.median(rs), len(rs)) if rs else (None, 0)
+
+
+def fmt_ratio(r, minimum=None):
+    """r as 0.00x; three decimals when two would round it onto a line it
+    misses (0.798 against 0.8 would read "0.80x ❌")."""
+    if r is None:
+        return "—"
+    s = f"{r:.2f}"
+    if minimum is not None and r < minimum <= float(s):
+        s = f"{r:.3f}"
+    return s + "x"
+
+
+def verdict(r, minimum):
+    return "✅" if r >= minimum else "❌"
+
+
 def main(run):
     meta = read_meta(run)
-    res = {}
-    for t, _ in TARGETS:
-        for job, _, ddir, unit in JOBS:
-            res[t, job] = result(run, t, job, ddir, unit)
+    rounds = rounds_of(run)
+    nrounds = len(rounds)
+    per_round = []  # one {(target, job): Result} per round
+    for _, rdir in rounds:
+        per_round.append({(t, job): result(rdir, t, job, ddir, unit)
+                          for t, _ in TARGETS for job, _, ddir, unit in JOBS})
+    cells = {(t, job): Cell([res[t, job] for res in per_round])
+             for t, _ in TARGETS for job, _, _, _ in JOBS}
     goal = {(n, d, j): m for n, d, j, m in GOALS}
+
+    def job_label(job):
+        label = next(l for j, l, _, _ in JOBS if j == job)
+        return label.format(seq_qd=meta.get("seq_qd", "?"), fsync_qd=meta.get("fsync_qd", "?"))
 
     out = []
     p = out.append
@@ -152,80 +229,136 @@ def main(run):
       f"{meta.get('fio', 'fio')}, {meta.get('qemu_nbd', '')}, {meta.get('nbdkit', '')}, {meta.get('nbdfuse', '')}; "
       f"vdrepl {meta.get('vdrepl', '?')}"
       + (f" (serve {meta['vdrepl_args']})" if meta.get("vdrepl_args") else ""))
+    if nrounds == 1:
+        p("- Rounds: 1 (one sample per cell; `BENCH_ROUNDS=3` gives medians of three)")
+    else:
+        p(f"- Rounds: {nrounds}, interleaved (every target in the order of the columns, then again); "
+          f"each cell is the median over the rounds in which it succeeded"
+          + (" (for an even count, the mean of the middle two)" if nrounds % 2 == 0 else "")
+          + "; each ratio is the median of the per-round ratios")
     p("")
 
     head = ["Job"] + [title for _, title in TARGETS] + [title for _, _, title in RATIOS]
     p("| " + " | ".join(head) + " |")
     p("|" + "---|" + "---:|" * (len(head) - 1))
-    for job, label, _, unit in JOBS:
-        label = label.format(seq_qd=meta.get("seq_qd", "?"), fsync_qd=meta.get("fsync_qd", "?"))
-        row = [f"{label} ({unit})"]
-        row += [fmt_value(res[t, job]) for t, _ in TARGETS]
+    for job, _, _, unit in JOBS:
+        row = [f"{job_label(job)} ({unit})"]
+        row += [fmt_cell(cells[t, job], nrounds) for t, _ in TARGETS]
         for n, d, _ in RATIOS:
-            r = ratio(res[n, job], res[d, job])
-            cell = "—" if r is None else f"{r:.2f}x"
+            r, k = median_ratio(per_round, n, d, job)
             m = goal.get((n, d, job))
+            cell = fmt_ratio(r, m)
             if m is not None and r is not None:
-                cell += f" {'✅' if r >= m else '❌'} ≥{m:.1f}"
+                cell += f" {verdict(r, m)} ≥{m:.1f}"
+            if r is not None and k < nrounds:
+                cell += f" ({k}/{nrounds})"
             row.append(cell)
         p("| " + " | ".join(row) + " |")
     p("")
 
-    # Memory.
+    # Memory: the highest VmHWM any round saw, per target.
     rss = {}
     for t in ("vdrepl-nbd", "vdrepl-fuse"):
-        kb = read_lines(os.path.join(run, t, "rss-kb"))
-        if kb:
-            rss[t] = int(kb[0]) / 1024
+        for _, rdir in rounds:
+            kb = read_lines(os.path.join(rdir, t, "rss-kb"))
+            if kb:
+                rss[t] = max(rss.get(t, 0), int(kb[0]) / 1024)
+    over = f" (highest of {nrounds} rounds)" if nrounds > 1 else ""
     if rss:
         peak = max(rss.values())
         parts = ", ".join(f"{v:.0f} MiB during {t}" for t, v in rss.items())
-        p(f"vdrepl daemon peak RSS (VmHWM): {parts} — "
+        p(f"vdrepl daemon peak RSS (VmHWM){over}: {parts} — "
           f"{'✅' if peak < RSS_LIMIT_MIB else '❌'} target < {RSS_LIMIT_MIB} MiB")
     else:
         p("vdrepl daemon peak RSS: not measured (vdrepl did not run)")
     p("")
 
     # Targets from the issue, as a checklist.
-    p("Targets:")
+    p("Targets" + (" (median ratio over the rounds):" if nrounds > 1 else ":"))
     for n, d, job, m in GOALS:
-        r = ratio(res[n, job], res[d, job])
-        label = next(l for j, l, _, _ in JOBS if j == job).format(
-            seq_qd=meta.get("seq_qd", "?"), fsync_qd=meta.get("fsync_qd", "?"))
-        status = "not measured" if r is None else f"{r:.2f}x {'✅' if r >= m else '❌'}"
-        p(f"- {n} ≥ {m:.1f}x {d} on {label}: {status}")
+        r, k = median_ratio(per_round, n, d, job)
+        status = "not measured" if r is None else f"{fmt_ratio(r, m)} {verdict(r, m)}"
+        if r is not None and nrounds > 1:
+            met = sum(1 for x in round_ratios(per_round, n, d, job) if x >= m)
+            status += f" (met in {met} of {k} rounds)"
+        p(f"- {n} ≥ {m:.1f}x {d} on {job_label(job)}: {status}")
     if rss:
         p(f"- vdrepl daemon RSS < {RSS_LIMIT_MIB} MiB under load: {max(rss.values()):.0f} MiB "
           f"{'✅' if max(rss.values()) < RSS_LIMIT_MIB else '❌'}")
     p("")
 
+    if nrounds > 1:
+        per_round_table(p, meta, rounds, per_round, job_label)
+
     # Flushes fio actually sent in the fsync job (see README: fio 3.33's nbd
     # engine sends about QD flushes per 32 writes when iodepth > 1).
-    wpf = [(title, res[t, "randwrite-4k-fsync32"]) for t, title in TARGETS]
-    wpf = [(title, r.writes_per_flush) for title, r in wpf if r is not None and r.writes_per_flush]
+    wpf = [(title, cells[t, "randwrite-4k-fsync32"].writes_per_flush) for t, title in TARGETS]
+    wpf = [(title, v) for title, v in wpf if v]
     if wpf:
-        p("Writes per fsync/flush actually issued in the fsync job: "
+        p("Writes per fsync/flush actually issued in the fsync job"
+          + (" (median over the rounds)" if nrounds > 1 else "") + ": "
           + ", ".join(f"{title} {v:.1f}" for title, v in wpf) + ".")
         p("")
 
     notes = []
     if meta.get("vdrepl_note"):
         notes.append(meta["vdrepl_note"])
-    for t, title in TARGETS:
-        for n in read_lines(os.path.join(run, t, "notes")):
-            if n == "direct=0":
-                n = "O_DIRECT refused: the file jobs ran buffered (direct=0), marked †"
-            notes.append(f"{title}: {n}")
-        for j in read_lines(os.path.join(run, t, "failed")):
-            notes.append(f"{title}: job {j} failed (ERR); see {t}/{j}.log in the run directory")
+    for num, rdir in rounds:
+        where = f"round-{num}/" if rdir != run else ""
+        prefix = f"round {num}, " if nrounds > 1 else ""
+        for t, title in TARGETS:
+            for n in read_lines(os.path.join(rdir, t, "notes")):
+                if n == "direct=0":
+                    n = "O_DIRECT refused: the file jobs ran buffered (direct=0), marked †"
+                notes.append(f"{prefix}{title}: {n}")
+            for j in read_lines(os.path.join(rdir, t, "failed")):
+                notes.append(f"{prefix}{title}: job {j} failed (ERR); see {where}{t}/{j}.log in the run directory")
     p("Units: IOPS, or MiB/s for the 1M job; higher is better. Ratios above 1.0x mean vdrepl is faster. "
-      "— = not run.")
+      "— = not run."
+      + (" Ratios are the median of the per-round ratios, not the ratio of the medians." if nrounds > 1 else "")
+      + (f" (k/{nrounds}) = the median of the k rounds that succeeded; the others failed (see the notes)."
+         if any(0 < c.ok < nrounds for c in cells.values()) else ""))
     if notes:
         p("")
         p("Notes:")
         for n in dict.fromkeys(notes):
             p(f"- {n}")
     print("\n".join(out))
+
+
+# The jobs that have targets, with the columns the targets compare.
+ROUND_COLUMNS = ["vdrepl-nbd", "qemu-nbd", "nbdkit", "vdrepl-fuse", "nbdfuse"]
+
+
+def per_round_table(p, meta, rounds, per_round, job_label):
+    """Every round's values for the jobs with targets, so the spread shows."""
+    title = dict(TARGETS)
+    jobs = list(dict.fromkeys(j for _, _, j, _ in GOALS))
+    goals = {}  # (n, d) -> {job: minimum}
+    for n, d, j, m in GOALS:
+        goals.setdefault((n, d), {})[j] = m
+    head = ["Job", "Round"] + [title[t] for t in ROUND_COLUMNS] + [f"{n} / {d}" for n, d in goals]
+    p("Per round (the spread behind the medians):")
+    p("")
+    p("| " + " | ".join(head) + " |")
+    p("|---|---|" + "---:|" * (len(head) - 2))
+    for job in jobs:
+        unit = next(u for j, _, _, u in JOBS if j == job)
+        for (num, rdir), res in zip(rounds, per_round):
+            started = dict(f.partition("=")[::2] for f in " ".join(read_lines(os.path.join(rdir, "started"))).split())
+            when = f" ({started['start']}, load {started.get('load', '?')})" if started.get("start") else ""
+            row = [f"{job_label(job)} ({unit})", f"{num}{when}"]
+            for t in ROUND_COLUMNS:
+                r = res[t, job]
+                row.append("—" if r is None else "ERR" if r.error else fmt_number(r.value))
+            for (n, d), ms in goals.items():
+                r, m = ratio(res[n, job], res[d, job]), ms.get(job)
+                cell = fmt_ratio(r, m)
+                if r is not None and m is not None:
+                    cell += f" {verdict(r, m)}"
+                row.append(cell)
+            p("| " + " | ".join(row) + " |")
+    p("")
 
 
 if __name__ == "__main__":
