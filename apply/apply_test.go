@@ -524,6 +524,14 @@ func TestFullInitialCopy(t *testing.T) {
 		}
 	}
 	sendPieces(t, a, "vm1", testDisks, wire.KindFull, 7, pieceSize, primary, rest)
+	// An upload of a cycle the copy covers (an earlier attempt's) goes
+	// with the finish; one of a later cycle stays.
+	staging := filepath.Join(dir, stagingDir)
+	for _, n := range []string{"c41.part", "c42.part"} {
+		if err := os.WriteFile(filepath.Join(staging, n), []byte("ahead"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	var rep wire.Replica
 	for range 2 { // the second finish is a retry
 		if status, e := a.call("POST", vmPath("vm1")+"/sync/finish", fin, &rep); status != 200 {
@@ -534,6 +542,12 @@ func TestFullInitialCopy(t *testing.T) {
 		}
 	}
 	checkImages(t, vfs.Default, dir, testDisks, primary)
+	if names, _ := os.ReadDir(staging); len(names) != 1 || names[0].Name() != "c42.part" {
+		t.Fatalf("staging after the finish: %v, want only c42.part", names)
+	}
+	if err := os.Remove(filepath.Join(staging, "c42.part")); err != nil {
+		t.Fatal(err)
+	}
 	// The cycles up to ConsistentAt, sealed after the last piece was read,
 	// make it consistent; not before.
 	ops := []op{{t: wire.FrameTrim, disk: 0, off: 0, n: 64 << 10}}
@@ -596,6 +610,15 @@ func TestResyncStagedUntilFinish(t *testing.T) {
 	h.restart(nil)
 	checkImages(t, vfs.Default, dir, testDisks, replica)
 
+	// Cycles the primary uploaded ahead before it met the gap and
+	// resynced: the finish leaves those at or below the base behind it.
+	staging := filepath.Join(dir, stagingDir)
+	for _, n := range []string{"c3.part", "c5.part", "c6.part"} {
+		if err := os.WriteFile(filepath.Join(staging, n), []byte("ahead"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+
 	fin := wire.SyncFinish{Gen: 2, Base: 5}
 	var rep wire.Replica
 	for range 2 {
@@ -606,6 +629,9 @@ func TestResyncStagedUntilFinish(t *testing.T) {
 	checkImages(t, vfs.Default, dir, testDisks, primary)
 	if _, err := os.Stat(filepath.Join(dir, syncDir, "2")); !os.IsNotExist(err) {
 		t.Fatalf("applied pieces kept: %v", err)
+	}
+	if names, _ := os.ReadDir(staging); len(names) != 1 || names[0].Name() != "c6.part" {
+		t.Fatalf("staging after the finish: %v, want only c6.part", names)
 	}
 }
 

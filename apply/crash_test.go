@@ -424,9 +424,11 @@ func TestRecoveryTidies(t *testing.T) {
 	c2, _, want2 := cycleTwo(t, a)
 	staging := filepath.Join(dir, stagingDir)
 	// A verified cycle 2 whose intent never became durable, a stale cycle
-	// 1 stream, an abandoned sync piece, an upload in progress, a temp file.
+	// 1 stream, an upload of the applied cycle 1 that was never committed,
+	// an abandoned sync piece, an upload in progress, a temp file.
 	for name, data := range map[string][]byte{
-		"c2.stream": c2, "c1.stream": []byte("old"), "s5-0.part": []byte("x"), "c3.part": []byte("partial"),
+		"c2.stream": c2, "c1.stream": []byte("old"), "c1.part": []byte("stale"),
+		"s5-0.part": []byte("x"), "c3.part": []byte("partial"),
 	} {
 		if err := os.WriteFile(filepath.Join(staging, name), data, 0o600); err != nil {
 			t.Fatal(err)

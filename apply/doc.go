@@ -144,7 +144,10 @@
 // Recovery also tidies: a cycle stream no intent names goes back to being
 // a complete upload (staging/c<N>.part) if N is not applied yet, else it
 // is removed; pieces and directories of sync generations no longer running
-// are removed. Other .part files stay, and the primary resumes them.
+// are removed. So are uploads (.part) of cycles at or below applied: a
+// cycle uploaded ahead whose commit never came, because the primary met a
+// gap and resynced past it (a finished resync or initial copy removes them
+// too). Other .part files stay, and the primary resumes them.
 //
 // Sync pieces: a piece of an initial copy (KindFull) is written straight to
 // the images (there is no consistent point to keep), the images fsynced,

@@ -8,7 +8,8 @@ import (
 
 // recoverVM brings a VM back after a restart: the apply its replica.json
 // records as begun is finished, and what no intent or sync refers to is
-// tidied. Uploads (.part) stay, so the primary resumes them. An error is
+// tidied. Uploads (.part) stay, so the primary resumes them, unless their
+// cycle is applied. An error is
 // logged and leaves the intent in place; every request that needs the
 // images tries again.
 func (s *Server) recoverVM(v *vm) {
@@ -54,6 +55,8 @@ func (v *vm) tidy() error {
 			continue // not ours
 		case !u.isCycle() && (st.Sync == nil || st.Sync.Gen != u.gen):
 			v.removeStaged(name) // a piece of an abandoned sync
+		case !isStream && u.isCycle() && u.cycle <= st.Applied:
+			v.removeStaged(name) // a cycle applied without it (dropStaleParts)
 		case !isStream:
 		case st.Intent != nil && st.Intent.Op == intentCycle && st.Intent.Cycle == u.cycle:
 		case u.isCycle() && st.Held != nil && st.Held.holds(u.cycle):

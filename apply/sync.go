@@ -135,6 +135,7 @@ func (v *vm) syncFinish(req wire.SyncFinish) (wire.Replica, error) {
 		}); err != nil {
 			return wire.Replica{}, err
 		}
+		v.dropStaleParts(req.Base)
 		v.s.log.Info("initial copy finished", "vm", v.name, "gen", req.Gen, "base", req.Base)
 		if f := v.s.ev.SyncFinished; f != nil {
 			f(v.name, req.Gen)

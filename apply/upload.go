@@ -447,6 +447,28 @@ func (v *vm) removeStaged(name string) {
 	}
 }
 
+// dropStaleParts removes the uploads of cycles at or below applied. A cycle
+// uploaded ahead whose commit never came (the primary met a gap and resynced
+// past it, or crashed mid-upload and then resynced) would otherwise stay in
+// staging for good; a repeated commit of an applied cycle needs no data.
+// An upload's lock is not taken: the caller may hold v.apply, which a commit
+// takes inside its upload's lock, and a chunk still being written to the
+// removed file only lands in an unlinked file of a cycle that is done.
+func (v *vm) dropStaleParts(applied uint64) {
+	staging := join(v.dir, stagingDir)
+	names, err := v.s.fs.ReadDir(staging)
+	if err != nil {
+		return
+	}
+	for _, n := range names {
+		id, ok := strings.CutSuffix(n, partExt)
+		if u, err := parseUploadID(id); ok && err == nil && u.isCycle() && u.cycle <= applied {
+			v.dropVerifier(id)
+			v.removeStaged(join(staging, n))
+		}
+	}
+}
+
 // corrupt discards an upload that failed verification.
 func (v *vm) corrupt(u uploadID, err error) error {
 	v.dropVerifier(u.id)
@@ -672,6 +694,7 @@ func (v *vm) finishIntent(recovering bool) error {
 		for _, hc := range in.Cycles {
 			v.removeStaged(v.stagedStream(wire.CycleUploadID(hc.Cycle)))
 		}
+		v.dropStaleParts(next.Applied)
 		v.s.log.Info("resync applied", "vm", v.name, "gen", in.Gen, "base", in.Base)
 	}
 	if recovering {
