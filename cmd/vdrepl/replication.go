@@ -392,6 +392,9 @@ func printReplication(c *cli.Context, r daemon.Replication, tty bool) {
 			fmt.Fprintf(w, "  last applied: cycle %d, sealed %s ago\n", s.LastApplied, now.Sub(s.LastAppliedSealed).Round(time.Second))
 			fmt.Fprintf(w, "  lag:          %s (RPO achieved; frequency %s)\n", time.Duration(m.LagSeconds*float64(time.Second)).Round(time.Second), time.Duration(p.Spec.Frequency))
 		}
+		if s.Committing > 0 {
+			fmt.Fprintf(w, "  applying:     cycle %d (uploaded; the replica is applying it)\n", s.Committing)
+		}
 		fmt.Fprintf(w, "  pending:      %s in %d cycle(s), journal cap %s\n", humanBytes(m.PendingBytes), m.PendingCycles, humanBytes(m.JournalCapBytes))
 		fmt.Fprintf(w, "  cycles:       %d shipped, %d missed; size avg %s, max %s; latency avg %s\n",
 			m.CyclesShippedTotal, m.CyclesMissedTotal, humanBytes(int64(m.AvgCycleWireBytes)), humanBytes(m.MaxCycleWireBytes),
