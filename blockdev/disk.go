@@ -33,7 +33,10 @@ type Receiver interface {
 	ReceiveMin() int
 	// ReceiveWrite reads a write's n-byte payload from r and returns the
 	// function that writes it at off, as WriteAt would; the front end calls
-	// it exactly once, from any goroutine. An error is the stream's.
+	// it exactly once, from any goroutine. An error is the stream's. A
+	// wrapper that refuses the write still calls it once, with a negative
+	// off: that writes nothing and gives the payload's buffer back (the
+	// journal's come from a bounded pool, not only the garbage collector).
 	ReceiveWrite(r io.Reader, n int) (write func(off int64) error, err error)
 }
 

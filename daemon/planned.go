@@ -115,7 +115,8 @@ func (d gatedDisk) ReceiveWrite(r io.Reader, n int) (func(off int64) error, erro
 	}
 	return func(off int64) error {
 		if !d.g.enter() {
-			return blockdev.ErrReadOnly // the buffer is left to the garbage collector
+			write(-1) // gives the buffer back (blockdev.Receiver)
+			return blockdev.ErrReadOnly
 		}
 		defer d.g.mu.RUnlock()
 		return write(off)

@@ -256,10 +256,24 @@ func receiveCRC(r io.Reader, dst []byte) (uint32, error) {
 	return sum, nil
 }
 
-// alignedPool holds DirectAlign-aligned buffers for direct appends.
-var alignedPool sync.Pool
+// Append buffers: those of a header block and up to 1 MiB of payload (every
+// FUSE write, and NBD writes up to 1 MiB) come from hugeBufs, so that the
+// disk gets each in one request (see vfs.HugePool: from ordinary pages a
+// 1 MiB O_DIRECT write was two requests, and the grouped write-back of 16
+// kept buffers seventeen). Larger ones, and any past hugeBufs' bound (one
+// journal's retainMax and as much again in flight; the pool is shared by
+// all journals and never shrinks), come from alignedPool.
+var (
+	hugeBufs    = vfs.NewHugePool(vfs.DirectAlign+1<<20, 2*retainMax)
+	alignedPool sync.Pool
+)
 
 func getAligned(n int) []byte {
+	if n <= hugeBufs.Size() {
+		if b, ok := hugeBufs.Get(); ok {
+			return b[:n]
+		}
+	}
 	if b, ok := alignedPool.Get().(*[]byte); ok && cap(*b) >= n {
 		return (*b)[:n]
 	}
@@ -267,6 +281,9 @@ func getAligned(n int) []byte {
 }
 
 func putAligned(b []byte) {
+	if hugeBufs.Put(b) {
+		return
+	}
 	if cap(b) <= vfs.DirectAlign+4<<20 {
 		alignedPool.Put(&b)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"syscall"
 	"testing"
 
 	"github.com/vdrepl/vdrepl/internal/vfs"
@@ -390,4 +391,55 @@ func crashReopenCheck(t *testing.T, j *Journal, mem *vfs.MemFS, cfg Config, m mo
 	j2 := mustOpen(t, cfg)
 	defer j2.Close()
 	checkModel(t, j2, m)
+}
+
+// TestPoolBuffersReturned: every append buffer taken from the shared pool of
+// huge-page buffers goes back to it: after a received write is refused (a
+// negative offset, as the daemon's gate does) or its stream is cut short,
+// and on Close of a journal whose write-back failed while it kept buffers.
+func TestPoolBuffersReturned(t *testing.T) {
+	base := hugeBufs.InUse()
+	mem := vfs.NewMemFS()
+	efs := vfs.NewErrorFS(mem)
+	cfg := testConfig(t, efs, "/vm", 8<<20)
+	j := mustOpen(t, cfg)
+	d := j.Disk(0)
+	p := fill(rand.New(rand.NewPCG(9, 9)), 1<<20)
+
+	write, err := d.ReceiveWrite(bytes.NewReader(p), len(p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hugeBufs.InUse() != base+1 {
+		t.Fatalf("%d pool buffers in use while one write is received, want %d", hugeBufs.InUse(), base+1)
+	}
+	if err := write(-1); err == nil {
+		t.Fatal("a write at offset -1 succeeded")
+	}
+	if _, err := d.ReceiveWrite(bytes.NewReader(p[:1000]), len(p)); err == nil {
+		t.Fatal("a payload cut short was received")
+	}
+	if n := hugeBufs.InUse(); n != base {
+		t.Fatalf("%d pool buffers in use after a refused and a cut-short write, want %d", n, base)
+	}
+
+	for k := range int64(4) {
+		if _, err := d.WriteAt(p, k<<20); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if hugeBufs.InUse() != base+4 {
+		t.Fatalf("%d pool buffers in use with 4 writes kept for the write-back, want %d", hugeBufs.InUse(), base+4)
+	}
+	efs.InjectAlways(vfs.OpWrite, syscall.EIO) // the images (and all else) fail from here
+	if err := j.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.writeBack(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write-back onto a failing image: %v", err)
+	}
+	j.Close()
+	if n := hugeBufs.InUse(); n != base {
+		t.Fatalf("%d pool buffers in use after Close, want %d", n, base)
+	}
 }

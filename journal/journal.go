@@ -283,6 +283,17 @@ func (j *Journal) Close() error {
 	if cerr := j.cycles.close(); err == nil {
 		err = cerr
 	}
+	// A failed journal still holds the buffers of records it did not
+	// write back; they belong to a pool shared by every journal.
+	j.mu.Lock()
+	for i := range j.queue {
+		if b := j.queue[i].buf; b != nil {
+			j.retained -= cap(b)
+			putAligned(b)
+			j.queue[i].buf = nil
+		}
+	}
+	j.mu.Unlock()
 	return err
 }
 
@@ -875,8 +886,9 @@ func (d *Disk) ReceiveMin() int { return d.j.directMin }
 // buffer the journal will append it from, checksumming it as it arrives,
 // and returns the function that journals it at off, like WriteAt. A front
 // end calls it where it would read the payload into a buffer of its own,
-// and the function once, from any goroutine. (It saves a copy of every
-// byte, and a pass of CRC32C over memory no longer in the CPU cache.)
+// and the function once, from any goroutine; with a negative off it only
+// gives the buffer back. (It saves a copy of every byte, and a pass of
+// CRC32C over memory no longer in the CPU cache.)
 func (d *Disk) ReceiveWrite(r io.Reader, n int) (func(off int64) error, error) {
 	buf := getAligned(vfs.DirectAlign + n)
 	data := buf[vfs.DirectAlign:]
