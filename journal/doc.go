@@ -14,7 +14,11 @@
 // go to the journal with O_DIRECT, and the write-back takes their data from
 // the append buffer it keeps (up to 64 MiB of them) instead of reading the
 // journal back (direct.go); a front end may receive such a write straight
-// into that buffer (Disk.ReceiveWrite). A direct append waits while the kept
+// into that buffer (Disk.ReceiveWrite). Append buffers of up to 1 MiB come
+// from memory backed by huge pages (vfs.HugePool), so each reaches the disk
+// as one request, not split at the device's limit of pieces per request;
+// the disk, writing every byte twice, is what bounds a sequential stream.
+// A direct append waits while the kept
 // buffers are at their budget: that is the journal's back-pressure, which
 // holds a client to the rate the images take. So the image never holds a
 // write the journal lacks, after a kill -9 or a power cut alike, and no resync
