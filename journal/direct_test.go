@@ -398,6 +398,11 @@ func crashReopenCheck(t *testing.T, j *Journal, mem *vfs.MemFS, cfg Config, m mo
 // negative offset, as the daemon's gate does) or its stream is cut short,
 // and on Close of a journal whose write-back failed while it kept buffers.
 func TestPoolBuffersReturned(t *testing.T) {
+	// A pool of its own: journals that earlier tests abandoned (crashes)
+	// keep theirs, and a full pool would hand out heap buffers instead.
+	shared := hugeBufs
+	hugeBufs = vfs.NewHugePool(shared.Size(), 2*retainMax)
+	defer func() { hugeBufs = shared }()
 	base := hugeBufs.InUse()
 	mem := vfs.NewMemFS()
 	efs := vfs.NewErrorFS(mem)
