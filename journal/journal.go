@@ -287,11 +287,8 @@ func (j *Journal) Close() error {
 	// write back; they belong to a pool shared by every journal.
 	j.mu.Lock()
 	for i := range j.queue {
-		if b := j.queue[i].buf; b != nil {
-			j.retained -= cap(b)
-			putAligned(b)
-			j.queue[i].buf = nil
-		}
+		j.releaseKeptLocked(j.queue[i].buf)
+		j.queue[i].buf = nil
 	}
 	j.mu.Unlock()
 	return err

@@ -172,17 +172,24 @@ func (j *Journal) writeBackBatch() (int64, bool, error) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	for i := range batch {
-		if b := batch[i].buf; b != nil {
-			j.retained -= cap(b)
-			putAligned(b)
-			j.cond.Broadcast() // appends waiting for retainMax room
-		}
+		j.releaseKeptLocked(batch[i].buf)
 	}
 	clear(j.queue[:n])
 	j.queue = j.queue[n:]
 	last := batch[n-1].h
 	j.applied = max(j.applied, last.LSN+uint64(last.Size()))
 	return size, true, nil
+}
+
+// releaseKeptLocked gives back an append buffer kept for the write-back
+// (nil: none was kept). Called with mu held.
+func (j *Journal) releaseKeptLocked(b []byte) {
+	if b == nil {
+		return
+	}
+	j.retained -= cap(b)
+	putAligned(b)
+	j.cond.Broadcast() // appends waiting for retainMax room
 }
 
 // writeBackRecord writes the blocks of a write record that are still the
