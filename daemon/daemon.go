@@ -71,17 +71,6 @@ type Config struct {
 	MemoryLimit int64
 }
 
-// DefaultStateDir is where state lives unless --state or VDREPL_STATE says.
-const DefaultStateDir = "/var/lib/vdrepl"
-
-// DefaultControl is the control socket for a state directory.
-func DefaultControl(stateDir string) string { return filepath.Join(stateDir, "control.sock") }
-
-// DefaultNBD is the NBD listen list for a state directory.
-func DefaultNBD(stateDir string) []string {
-	return []string{"unix:" + filepath.Join(stateDir, "nbd.sock"), "tcp:127.0.0.1:10809"}
-}
-
 // Daemon is a running vdrepl host.
 type Daemon struct {
 	cfg Config
@@ -741,14 +730,6 @@ func (d *Daemon) RemoveVM(name string) error {
 	}
 	d.log.Info("VM removed", "vm", name)
 	return err
-}
-
-// VMInfo is a VM as the CLI shows it.
-type VMInfo struct {
-	VMSpec
-	Exports []string       `json:"exports"`
-	Journal *journal.Stats `json:"journal,omitempty"`
-	Error   string         `json:"error,omitempty"`
 }
 
 // VMs lists the registered VMs.

@@ -39,15 +39,6 @@ import (
 // extend.json records each extension; the relay journal and the shipper's
 // state live in STATE/extend/VM/.
 
-// ExtendSpec is an extension of a replica VM to a third host.
-type ExtendSpec struct {
-	Replica     string    `json:"replica"`
-	Frequency   Duration  `json:"frequency"`
-	Compression bool      `json:"compression"`
-	BypassProxy bool      `json:"bypass_proxy,omitempty"`
-	Enabled     time.Time `json:"enabled"`
-}
-
 const extendFile = "extend.json"
 
 // extension is a running extension.

@@ -55,16 +55,6 @@ type testFailover struct {
 	started time.Time
 }
 
-// TestFailoverInfo is a test failover as status shows it.
-type TestFailoverInfo struct {
-	VM      string    `json:"vm"`
-	Point   string    `json:"point"`
-	Cycle   uint64    `json:"cycle"`
-	Time    time.Time `json:"time,omitzero"`
-	Exports []string  `json:"exports"`
-	Started time.Time `json:"started"`
-}
-
 func (t *testFailover) info() TestFailoverInfo {
 	out := TestFailoverInfo{VM: t.vm, Point: t.point.ID, Cycle: t.point.Cycle, Time: t.point.Time, Started: t.started}
 	for _, d := range t.disks {
@@ -73,31 +63,7 @@ func (t *testFailover) info() TestFailoverInfo {
 	return out
 }
 
-// FailoverResult answers a failover command.
-type FailoverResult struct {
-	VM      string   `json:"vm"`
-	Point   string   `json:"point,omitempty"` // "" = the latest state
-	Cycle   uint64   `json:"cycle,omitempty"`
-	Exports []string `json:"exports"`
-	// Lacks names the disks the replica never had (excluded from
-	// replication on the primary).
-	Lacks []string `json:"lacks_disks,omitempty"`
-	// ExtendStopped: the VM's replication was extended from here to this
-	// third host; the failover stopped that (the images no longer follow
-	// the primary). Extend again once the VM replicates here again.
-	ExtendStopped string `json:"extend_stopped,omitempty"`
-}
-
 const testsFile = "tests.json"
-
-// PointsInfo lists a replica VM's recovery points.
-type PointsInfo struct {
-	VM     string           `json:"vm"`
-	Keep   int              `json:"keep"`
-	Points []snapshot.Point `json:"points"`
-	// Bytes is the undo data all points take.
-	Bytes int64 `json:"bytes"`
-}
 
 // Points lists the recovery points of a replica VM kept on this host.
 func (d *Daemon) Points(name string) (PointsInfo, error) {

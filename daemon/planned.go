@@ -139,16 +139,6 @@ func (d gatedDisk) Zero(off, n int64, punch bool) error {
 	return d.Disk.Zero(off, n, punch)
 }
 
-// PlannedResult answers a planned failover.
-type PlannedResult struct {
-	VM    string `json:"vm"`
-	To    string `json:"to"`
-	Cycle uint64 `json:"cycle"`
-	// Reversed: the new primary replicates back and this host is its
-	// replica; false when FailoverPlanned stopped waiting for it.
-	Reversed bool `json:"reversed"`
-}
-
 // adoptWait is how long FailoverPlanned waits for the new primary to
 // replicate back before it returns anyway.
 const adoptWait = 2 * time.Minute

@@ -9,59 +9,9 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
-
-// Errors of VM management; the control API turns them into HTTP statuses.
-var (
-	ErrUnknownVM = errors.New("unknown VM")
-	ErrExists    = errors.New("already exists")
-	ErrInvalid   = errors.New("invalid request")
-	ErrInUse     = errors.New("in use")
-)
-
-// DiskSpec is one disk of a VM as the user registered it.
-type DiskSpec struct {
-	Name string `json:"name"`
-	Path string `json:"path"`
-	Size int64  `json:"size"`
-	// Create asks for a sparse image of Size bytes when Path is missing.
-	Create bool `json:"create,omitempty"`
-}
-
-// VMSpec is a registered VM.
-type VMSpec struct {
-	Name    string     `json:"name"`
-	Disks   []DiskSpec `json:"disks"`
-	Created time.Time  `json:"created"`
-	// Replication is set while the VM replicates to a replica host.
-	Replication *ReplicationSpec `json:"replication,omitempty"`
-	// FailedOver: the VM is a replica VM failed over on this host and not
-	// completed yet; its images are the replica's, written through its
-	// recovery point guard (failover.go).
-	FailedOver bool `json:"failed_over,omitempty"`
-	// Lacks names disks the VM had on its primary that were never
-	// replicated (excluded), so a failed-over VM runs without them.
-	Lacks []string `json:"lacks_disks,omitempty"`
-	// HandedOver: a planned failover handed the VM to its replica (or is
-	// doing so); the VM is served read-only here until the new primary
-	// replicates back and this host becomes its replica (planned.go).
-	HandedOver *HandedOver `json:"handed_over,omitempty"`
-	// PromotedFrom is the certificate name of the old primary that handed
-	// the VM over to this host in a planned failover.
-	PromotedFrom string `json:"promoted_from,omitempty"`
-}
-
-// HandedOver records a planned failover on the old primary.
-type HandedOver struct {
-	To          string    `json:"to"`           // the new primary (the replica's address)
-	ToName      string    `json:"to_name"`      // its certificate name
-	Cycle       uint64    `json:"cycle"`        // the last cycle, applied there
-	ReplicateTo string    `json:"replicate_to"` // this host's replica role, as told to it
-	At          time.Time `json:"at"`
-}
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 

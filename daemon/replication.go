@@ -21,76 +21,10 @@ import (
 	"github.com/vdrepl/vdrepl/snapshot"
 )
 
-// ReplicationSpec is how a VM replicates, as the admin enabled it.
-type ReplicationSpec struct {
-	// Replica is the replica's HTTPS address, host:port.
-	Replica string `json:"replica"`
-	// Frequency is how often a cycle is closed and shipped.
-	Frequency Duration `json:"frequency"`
-	// Compression sends data zstd-compressed.
-	Compression  bool     `json:"compression"`
-	ExcludeDisks []string `json:"exclude_disks,omitempty"`
-	BypassProxy  bool     `json:"bypass_proxy,omitempty"`
-	// Initial: "network", "at:RFC3339", "offline:DIR" or "existing".
-	Initial string `json:"initial"`
-	// BandwidthLimit and SyncBandwidthLimit: "unlimited", "50MB/s", or a
-	// schedule "08:00-18:00=20MB/s,*=unlimited".
-	BandwidthLimit     string    `json:"bandwidth_limit,omitempty"`
-	SyncBandwidthLimit string    `json:"sync_bandwidth_limit,omitempty"`
-	Enabled            time.Time `json:"enabled"`
-	// RecoveryPoints (0..24) are kept on the replica besides the latest
-	// state, one per PointInterval (default 1h).
-	RecoveryPoints int      `json:"recovery_points,omitempty"`
-	PointInterval  Duration `json:"recovery_point_interval,omitempty"`
-	// AppConsistentEvery: a cycle this often is sealed with the guest
-	// quiesced by QuiesceCmd (run as CMD VM freeze|thaw) or through the
-	// qemu-guest-agent socket QGASocket; 0 = never.
-	AppConsistentEvery Duration `json:"app_consistent_every,omitempty"`
-	QuiesceCmd         string   `json:"quiesce_cmd,omitempty"`
-	QGASocket          string   `json:"qga_socket,omitempty"`
-}
-
 // DefaultQuiesceTimeout bounds a guest freeze unless Config.QuiesceTimeout
 // says otherwise: past it the guest is thawed and a standard point recorded
 // instead (ship/appseal.go).
 const DefaultQuiesceTimeout = 30 * time.Second
-
-// Duration is a time.Duration that reads and writes as "30s", "5m".
-type Duration time.Duration
-
-func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
-
-func (d *Duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
-	if err != nil {
-		return err
-	}
-	*d = Duration(v)
-	return nil
-}
-
-// ReplicationStatus is a VM's replication as its primary sees it.
-type ReplicationStatus struct {
-	VM       string          `json:"vm"`
-	Role     string          `json:"role"` // "primary", or "extended" from a replica host
-	Spec     ReplicationSpec `json:"spec"`
-	Excluded []string        `json:"excluded_disks,omitempty"`
-	ship.Status
-}
-
-// ReplicaStatus is a VM this host keeps a replica of.
-type ReplicaStatus struct {
-	Role string `json:"role"` // "replica"
-	wire.Replica
-}
-
-// Replication lists the replication state of every VM this host is primary or
-// replica of, or of one VM.
-type Replication struct {
-	Primaries []ReplicationStatus `json:"primaries"`
-	Replicas  []ReplicaStatus     `json:"replicas"`
-	Warnings  []string            `json:"warnings,omitempty"`
-}
 
 var errNoIdentity = errors.New("this daemon has no TLS certificate: start it with --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`)")
 

@@ -1,0 +1,17 @@
+package control
+
+import "path/filepath"
+
+// Where a daemon keeps its state and listens unless told otherwise; the
+// daemon, the CLI and doctor agree on them through these.
+
+// DefaultStateDir is where state lives unless --state or VDREPL_STATE says.
+const DefaultStateDir = "/var/lib/vdrepl"
+
+// DefaultControl is the control socket for a state directory.
+func DefaultControl(stateDir string) string { return filepath.Join(stateDir, "control.sock") }
+
+// DefaultNBD is the NBD listen list for a state directory.
+func DefaultNBD(stateDir string) []string {
+	return []string{"unix:" + filepath.Join(stateDir, "nbd.sock"), "tcp:127.0.0.1:10809"}
+}
