@@ -1,9 +1,19 @@
 package daemon
 
-import "github.com/vdrepl/vdrepl/control"
+import (
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"slices"
+	"time"
 
-// The types, errors and defaults of the control API are package control's;
-// the daemon names them as its own so that its methods read as before.
+	"github.com/vdrepl/vdrepl/control"
+)
+
+// The daemon's side of the control API (package control): it serves
+// control.NewHandler with itself as the control.Host. The API's types,
+// errors and defaults are package control's; the daemon names them as its
+// own so that its methods read as before.
 
 type (
 	DiskSpec          = control.DiskSpec
@@ -38,3 +48,73 @@ func DefaultControl(stateDir string) string { return control.DefaultControl(stat
 
 // DefaultNBD is the NBD listen list for a state directory.
 func DefaultNBD(stateDir string) []string { return control.DefaultNBD(stateDir) }
+
+var _ control.Host = (*Daemon)(nil)
+
+// handler is the control API that Run serves on the control socket.
+func (d *Daemon) handler() http.Handler { return control.NewHandler(d) }
+
+// Status reports the daemon's state.
+func (d *Daemon) Status() control.Status {
+	vms := d.VMs()
+	tests := d.TestFailovers()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s := control.Status{StateDir: d.cfg.StateDir, LastShutdown: d.lastShutdown, NBD: append([]string(nil), d.listeners...), VMs: vms,
+		ReplicaListen: d.replicaAddr, MetricsListen: d.metricsAddr, Tests: tests}
+	if d.identity != nil {
+		s.Identity = d.identity.Name()
+		s.Warnings = d.identity.Warnings(time.Now())
+	}
+	if d.identityErr != nil {
+		s.Warnings = append(s.Warnings, d.identityErr.Error())
+	}
+	for p := range d.mounts {
+		s.Mounts = append(s.Mounts, p)
+	}
+	return s
+}
+
+// DoctorInfo reports the daemon's configuration and, for the replica
+// addresses given and those of replicated VMs, the proxy it would use.
+func (d *Daemon) DoctorInfo(replicas []string) control.DoctorInfo {
+	d.mu.Lock()
+	info := control.DoctorInfo{
+		StateDir:      d.cfg.StateDir,
+		NBD:           slices.Clone(d.listeners),
+		JournalCap:    d.cfg.JournalCap,
+		TLSCert:       absPath(d.cfg.TLSCert),
+		TLSKey:        absPath(d.cfg.TLSKey),
+		TLSCA:         absPath(d.cfg.TLSCA),
+		ReplicaListen: d.replicaAddr,
+		Proxies:       map[string]string{},
+	}
+	for _, v := range d.vms {
+		if r := v.spec.Replication; r != nil {
+			replicas = append(replicas, r.Replica)
+		}
+	}
+	d.mu.Unlock()
+	for _, addr := range replicas {
+		// The same question ship's HTTP transport asks for every request.
+		req := &http.Request{URL: &url.URL{Scheme: "https", Host: addr}}
+		if p, err := http.ProxyFromEnvironment(req); err == nil && p != nil {
+			info.Proxies[addr] = p.String()
+		} else {
+			info.Proxies[addr] = ""
+		}
+	}
+	return info
+}
+
+// absPath makes a path given relative to the daemon's working directory
+// usable by the CLI, which may run elsewhere.
+func absPath(p string) string {
+	if p == "" {
+		return ""
+	}
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}

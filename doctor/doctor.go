@@ -34,7 +34,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vdrepl/vdrepl/daemon"
+	"github.com/vdrepl/vdrepl/control"
 )
 
 // Severity says how bad a finding is.
@@ -120,9 +120,9 @@ func (r *Report) add(fs ...Finding) {
 type Config struct {
 	// Daemon is this host's daemon; when nil or not answering, the checks
 	// that need it say so and the rest use StateDir and NBD.
-	Daemon *daemon.Client
+	Daemon *control.Client
 	// StateDir is the daemon's state directory when the daemon does not
-	// say (default daemon.DefaultStateDir).
+	// say (default control.DefaultStateDir).
 	StateDir string
 	// NBD lists the NBD addresses to check; empty: those the running
 	// daemon listens on, else the defaults for StateDir.
@@ -153,7 +153,7 @@ type Config struct {
 
 func (c *Config) defaults() {
 	if c.StateDir == "" {
-		c.StateDir = daemon.DefaultStateDir
+		c.StateDir = control.DefaultStateDir
 	}
 	if c.Proxy == nil {
 		c.Proxy = http.ProxyFromEnvironment
@@ -174,10 +174,10 @@ func (c *Config) defaults() {
 
 // daemonView is what the running daemon told.
 type daemonView struct {
-	status daemon.Status
-	info   daemon.DoctorInfo
-	repl   daemon.Replication
-	vms    []daemon.VMInfo
+	status control.Status
+	info   control.DoctorInfo
+	repl   control.Replication
+	vms    []control.VMInfo
 }
 
 // target is one replica to check, and how shipping reaches it.
@@ -209,7 +209,7 @@ func Run(ctx context.Context, cfg Config) Report {
 		nbd = held
 	}
 	if len(nbd) == 0 {
-		nbd = daemon.DefaultNBD(stateDir)
+		nbd = control.DefaultNBD(stateDir)
 	}
 	r.add(NBD(nbd, held)...)
 
@@ -278,11 +278,11 @@ func askDaemon(ctx context.Context, cfg Config) (*daemonView, []Finding) {
 
 // targets are the replicas to check.
 func targets(cfg Config, dv *daemonView) ([]target, []Finding) {
-	var prims []daemon.ReplicationStatus
+	var prims []control.ReplicationStatus
 	if dv != nil {
 		prims = dv.repl.Primaries
 	}
-	vmSpec := func(vm string) *daemon.ReplicationSpec {
+	vmSpec := func(vm string) *control.ReplicationSpec {
 		for _, p := range prims {
 			if p.VM == vm {
 				return &p.Spec
@@ -341,7 +341,7 @@ func proxyFor(cfg Config, dv *daemonView, t target) (*url.URL, string, error) {
 
 // journalRoom is how much the journals of replicated VMs may still grow
 // before their caps, and which VMs that is.
-func journalRoom(vms []daemon.VMInfo) (int64, string) {
+func journalRoom(vms []control.VMInfo) (int64, string) {
 	var need int64
 	var names []string
 	for _, v := range vms {

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/vdrepl/vdrepl/daemon"
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/ship"
 )
 
@@ -22,14 +22,14 @@ const (
 // VMReplication checks a VM's replication as the daemon reports it:
 // served, its replication state and health, lag against its frequency,
 // journal fill and last error; or, on a replica host, its replica.
-func VMReplication(name string, vms []daemon.VMInfo, repl daemon.Replication, now time.Time) []Finding {
-	var info *daemon.VMInfo
+func VMReplication(name string, vms []control.VMInfo, repl control.Replication, now time.Time) []Finding {
+	var info *control.VMInfo
 	for i := range vms {
 		if vms[i].Name == name {
 			info = &vms[i]
 		}
 	}
-	var prim *daemon.ReplicationStatus
+	var prim *control.ReplicationStatus
 	for i := range repl.Primaries {
 		if repl.Primaries[i].VM == name {
 			prim = &repl.Primaries[i]

@@ -4,7 +4,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vdrepl/vdrepl/daemon"
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/journal"
 	"github.com/vdrepl/vdrepl/ship"
@@ -12,14 +12,14 @@ import (
 
 func TestVMReplication(t *testing.T) {
 	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
-	vm := daemon.VMInfo{VMSpec: daemon.VMSpec{Name: "web1", Replication: &daemon.ReplicationSpec{Replica: "r:8443"}}, Journal: &journal.Stats{}}
+	vm := control.VMInfo{VMSpec: control.VMSpec{Name: "web1", Replication: &control.ReplicationSpec{Replica: "r:8443"}}, Journal: &journal.Stats{}}
 	base := ship.Status{VM: "web1", Replica: "r:8443", State: ship.StateReplicating, Health: ship.HealthNormal, LastApplied: 7,
 		LastAppliedSealed: now.Add(-20 * time.Second), LastAppliedAt: now.Add(-19 * time.Second),
 		Metrics: ship.Metrics{LagSeconds: 20, FrequencySeconds: 30, JournalCapBytes: 1 << 30, PendingBytes: 1 << 20, PendingCycles: 1}}
-	with := func(edit func(*ship.Status)) daemon.Replication {
+	with := func(edit func(*ship.Status)) control.Replication {
 		st := base
 		edit(&st)
-		return daemon.Replication{Primaries: []daemon.ReplicationStatus{{VM: "web1", Spec: *vm.Replication, Status: st}}}
+		return control.Replication{Primaries: []control.ReplicationStatus{{VM: "web1", Spec: *vm.Replication, Status: st}}}
 	}
 	type expect struct {
 		check string
@@ -28,29 +28,29 @@ func TestVMReplication(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name string
-		vms  []daemon.VMInfo
-		repl daemon.Replication
+		vms  []control.VMInfo
+		repl control.Replication
 		want []expect
 	}{
-		{"healthy", []daemon.VMInfo{vm}, with(func(*ship.Status) {}), []expect{
+		{"healthy", []control.VMInfo{vm}, with(func(*ship.Status) {}), []expect{
 			{CheckVM, OK, []string{"replicating to r:8443: cycle 7"}},
 			{CheckVMLag, OK, []string{"lag 20s against a frequency of 30s"}},
 			{CheckVMJournal, OK, []string{"journal 0% full", "1 unshipped"}},
 		}},
-		{"stopped", []daemon.VMInfo{vm}, with(func(s *ship.Status) {
+		{"stopped", []control.VMInfo{vm}, with(func(s *ship.Status) {
 			s.State, s.Health, s.Reason = ship.StateError, ship.HealthCritical, "the replica refused: primary not on the allow-list"
 		}), []expect{{CheckVM, Problem, []string{"stopped: the replica refused", "vdrepl replication resume web1"}}}},
-		{"paused", []daemon.VMInfo{vm}, with(func(s *ship.Status) {
+		{"paused", []control.VMInfo{vm}, with(func(s *ship.Status) {
 			s.State, s.Health, s.Reason = ship.StatePaused, ship.HealthWarning, "paused by the admin"
 		}), []expect{{CheckVM, Warning, []string{"paused by the admin", "vdrepl replication resume web1"}}}},
-		{"resync required", []daemon.VMInfo{vm}, with(func(s *ship.Status) {
+		{"resync required", []control.VMInfo{vm}, with(func(s *ship.Status) {
 			s.State, s.Health, s.Reason, s.NextResync = ship.StateResyncRequired, ship.HealthWarning, "the journal passed its cap", now.Add(time.Hour)
 		}), []expect{{CheckVM, Warning, []string{"needs a resync: the journal passed its cap", "resync window", "vdrepl replication resync web1"}}}},
-		{"initial copy", []daemon.VMInfo{vm}, with(func(s *ship.Status) {
+		{"initial copy", []control.VMInfo{vm}, with(func(s *ship.Status) {
 			s.State, s.LastAppliedSealed = ship.StateInitialCopy, time.Time{}
 			s.Metrics.SyncDoneBytes, s.Metrics.SyncTotalBytes, s.Forecast = 1<<30, 4<<30, "initial copy done in 3m"
 		}), []expect{{CheckVM, OK, []string{"initial copy to r:8443 under way: 1.0 GiB of 4.0 GiB", "done in 3m"}}}},
-		{"behind", []daemon.VMInfo{vm}, with(func(s *ship.Status) {
+		{"behind", []control.VMInfo{vm}, with(func(s *ship.Status) {
 			s.Health, s.Reason, s.NextRetry = ship.HealthWarning, "retrying after: connection refused", now.Add(time.Minute)
 			s.LastError, s.LastErrorAt = "connection refused", now.Add(-time.Second)
 			s.Metrics.LagSeconds = 100
@@ -59,29 +59,29 @@ func TestVMReplication(t *testing.T) {
 			{CheckVMLag, Warning, []string{"lag 1m40s against a frequency of 30s", "over 2 cycles"}},
 			{CheckVMError, Warning, []string{"connection refused", "not followed by a cycle applied"}},
 		}},
-		{"far behind", []daemon.VMInfo{vm}, with(func(s *ship.Status) { s.Metrics.LagSeconds = 3600 }), []expect{
+		{"far behind", []control.VMInfo{vm}, with(func(s *ship.Status) { s.Metrics.LagSeconds = 3600 }), []expect{
 			{CheckVMLag, Problem, []string{"lag 1h", "over 10 cycles"}},
 		}},
-		{"journal filling", []daemon.VMInfo{vm}, with(func(s *ship.Status) { s.Metrics.PendingBytes = 950 << 20 }), []expect{
+		{"journal filling", []control.VMInfo{vm}, with(func(s *ship.Status) { s.Metrics.PendingBytes = 950 << 20 }), []expect{
 			{CheckVMJournal, Warning, []string{"journal 93% full", "--journal-cap"}},
 		}},
-		{"error since recovered", []daemon.VMInfo{vm}, with(func(s *ship.Status) {
+		{"error since recovered", []control.VMInfo{vm}, with(func(s *ship.Status) {
 			s.LastError, s.LastErrorAt = "timeout", now.Add(-time.Hour)
 		}), []expect{{CheckVMError, OK, []string{"since recovered: timeout"}}}},
-		{"journal failed", []daemon.VMInfo{{VMSpec: vm.VMSpec, Journal: &journal.Stats{Failed: "write: no space left on device"}}}, with(func(*ship.Status) {}), []expect{
+		{"journal failed", []control.VMInfo{{VMSpec: vm.VMSpec, Journal: &journal.Stats{Failed: "write: no space left on device"}}}, with(func(*ship.Status) {}), []expect{
 			{CheckVMJournal, Problem, []string{"journal failed: write: no space", "free space"}},
 		}},
-		{"not served", []daemon.VMInfo{{VMSpec: daemon.VMSpec{Name: "web1"}, Error: "disk d0: /x.img does not exist"}}, daemon.Replication{}, []expect{
+		{"not served", []control.VMInfo{{VMSpec: control.VMSpec{Name: "web1"}, Error: "disk d0: /x.img does not exist"}}, control.Replication{}, []expect{
 			{CheckVM, Problem, []string{"not served: disk d0", "restart `vdrepl serve`"}},
 		}},
-		{"not replicated", []daemon.VMInfo{{VMSpec: daemon.VMSpec{Name: "web1"}}}, daemon.Replication{}, []expect{
+		{"not replicated", []control.VMInfo{{VMSpec: control.VMSpec{Name: "web1"}}}, control.Replication{}, []expect{
 			{CheckVM, Warning, []string{"not replicated", "vdrepl replication enable web1"}},
 		}},
-		{"unknown", nil, daemon.Replication{}, []expect{{CheckVM, Problem, []string{"no VM and no replica of that name", "vdrepl vm list"}}}},
-		{"replica here", nil, daemon.Replication{Replicas: []daemon.ReplicaStatus{{Replica: wire.Replica{VM: "web1", Primary: "p1", State: "replicating", Applied: 9, Consistent: true}}}}, []expect{
+		{"unknown", nil, control.Replication{}, []expect{{CheckVM, Problem, []string{"no VM and no replica of that name", "vdrepl vm list"}}}},
+		{"replica here", nil, control.Replication{Replicas: []control.ReplicaStatus{{Replica: wire.Replica{VM: "web1", Primary: "p1", State: "replicating", Applied: 9, Consistent: true}}}}, []expect{
 			{CheckVM, OK, []string{`replica from "p1"`, "cycle 9", "consistent"}},
 		}},
-		{"replica not consistent", nil, daemon.Replication{Replicas: []daemon.ReplicaStatus{{Replica: wire.Replica{VM: "web1", Primary: "p1", State: "initial-copy"}}}}, []expect{
+		{"replica not consistent", nil, control.Replication{Replicas: []control.ReplicaStatus{{Replica: wire.Replica{VM: "web1", Primary: "p1", State: "initial-copy"}}}}, []expect{
 			{CheckVM, Warning, []string{"not consistent yet", "failover"}},
 		}},
 	} {

@@ -11,7 +11,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/vdrepl/vdrepl/apply"
-	"github.com/vdrepl/vdrepl/daemon"
+	"github.com/vdrepl/vdrepl/control"
 )
 
 // parseHours reads --app-consistent-every: a number of hours ("4", "0.5")
@@ -95,13 +95,13 @@ what differs.`,
 			if err != nil {
 				return err
 			}
-			out, err := client(c).Reverse(c.Context, vm, daemon.ReplicationSpec{
+			out, err := client(c).Reverse(c.Context, vm, control.ReplicationSpec{
 				Replica:        withDefaultPort(c.String("replica"), "8443"),
-				Frequency:      daemon.Duration(c.Duration("frequency")),
+				Frequency:      control.Duration(c.Duration("frequency")),
 				Compression:    c.Bool("compression"),
 				BypassProxy:    c.Bool("bypass-proxy"),
 				RecoveryPoints: c.Int("recovery-points"),
-				PointInterval:  daemon.Duration(c.Duration("recovery-point-interval")),
+				PointInterval:  control.Duration(c.Duration("recovery-point-interval")),
 			})
 			if err != nil {
 				return err
@@ -146,9 +146,9 @@ lost, ` + "`vdrepl failover unplanned web1`" + ` on the third host brings it bac
 			if c.String("replica") == "" {
 				return fmt.Errorf("replication extend needs --replica HOST:PORT (or --stop)")
 			}
-			out, err := client(c).Extend(c.Context, vm, daemon.ExtendSpec{
+			out, err := client(c).Extend(c.Context, vm, control.ExtendSpec{
 				Replica:     withDefaultPort(c.String("replica"), "8443"),
-				Frequency:   daemon.Duration(c.Duration("frequency")),
+				Frequency:   control.Duration(c.Duration("frequency")),
 				Compression: c.Bool("compression"),
 				BypassProxy: c.Bool("bypass-proxy"),
 			})

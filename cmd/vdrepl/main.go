@@ -18,6 +18,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/daemon"
 )
 
@@ -38,7 +39,7 @@ func newApp() *cli.App {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "config", Value: defaultConfigPath, EnvVars: []string{"VDREPL_CONFIG"},
 				Usage: "config file (TOML) whose keys are the global and serve flags; flags override it; a missing default file is fine"},
-			&cli.StringFlag{Name: "state", Value: daemon.DefaultStateDir, EnvVars: []string{"VDREPL_STATE"},
+			&cli.StringFlag{Name: "state", Value: control.DefaultStateDir, EnvVars: []string{"VDREPL_STATE"},
 				Usage: "state directory of the daemon (registry, journals, sockets)"},
 			&cli.StringFlag{Name: "control", EnvVars: []string{"VDREPL_CONTROL"},
 				Usage: "control socket of the daemon (default: STATE/control.sock)"},
@@ -130,10 +131,10 @@ func controlPath(c *cli.Context) string {
 	if p := c.String("control"); p != "" {
 		return p
 	}
-	return daemon.DefaultControl(c.String("state"))
+	return control.DefaultControl(c.String("state"))
 }
 
-func client(c *cli.Context) *daemon.Client { return daemon.NewClient(controlPath(c)) }
+func client(c *cli.Context) *control.Client { return control.NewClient(controlPath(c)) }
 
 func signalContext(c *cli.Context) (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
@@ -261,7 +262,7 @@ name without extension.`,
 					if c.NArg() != 1 {
 						return fmt.Errorf("vm add takes exactly one VM name, got %d arguments", c.NArg())
 					}
-					spec := daemon.VMSpec{Name: c.Args().First()}
+					spec := control.VMSpec{Name: c.Args().First()}
 					for _, s := range c.StringSlice("disk") {
 						ds, err := daemon.ParseDiskSpec(s)
 						if err != nil {
@@ -302,7 +303,7 @@ served, resync required, or the error that stopped it).`,
 					}
 					if c.Bool("json") {
 						if vms == nil {
-							vms = []daemon.VMInfo{}
+							vms = []control.VMInfo{}
 						}
 						return printJSON(c.App.Writer, vms)
 					}
@@ -362,7 +363,7 @@ replicated (run vdrepl replication disable web1 first).`,
 	}
 }
 
-func vmState(v daemon.VMInfo) string {
+func vmState(v control.VMInfo) string {
 	switch {
 	case v.Error != "":
 		return "error: " + v.Error

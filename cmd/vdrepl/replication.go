@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vdrepl/vdrepl/apply"
-	"github.com/vdrepl/vdrepl/daemon"
+	"github.com/vdrepl/vdrepl/control"
 )
 
 // withDefaultPort adds port to an address given without one.
@@ -94,9 +94,9 @@ hours (the guest frozen while the cycle is closed).`,
 					if err != nil {
 						return err
 					}
-					spec := daemon.ReplicationSpec{
+					spec := control.ReplicationSpec{
 						Replica:            withDefaultPort(c.String("replica"), "8443"),
-						Frequency:          daemon.Duration(c.Duration("frequency")),
+						Frequency:          control.Duration(c.Duration("frequency")),
 						Compression:        c.Bool("compression"),
 						ExcludeDisks:       c.StringSlice("exclude-disk"),
 						BypassProxy:        c.Bool("bypass-proxy"),
@@ -104,7 +104,7 @@ hours (the guest frozen while the cycle is closed).`,
 						BandwidthLimit:     c.String("bandwidth-limit"),
 						SyncBandwidthLimit: c.String("sync-bandwidth-limit"),
 						RecoveryPoints:     c.Int("recovery-points"),
-						PointInterval:      daemon.Duration(c.Duration("recovery-point-interval")),
+						PointInterval:      control.Duration(c.Duration("recovery-point-interval")),
 						QuiesceCmd:         c.String("quiesce-cmd"),
 						QGASocket:          c.String("qga-socket"),
 					}
@@ -113,7 +113,7 @@ hours (the guest frozen while the cycle is closed).`,
 						if err != nil {
 							return fmt.Errorf("--app-consistent-every %q: %w", s, err)
 						}
-						spec.AppConsistentEvery = daemon.Duration(d)
+						spec.AppConsistentEvery = control.Duration(d)
 					}
 					for _, f := range []*string{&spec.QuiesceCmd, &spec.QGASocket} {
 						if *f != "" {
@@ -376,7 +376,7 @@ func contextWithTimeout(ctx context.Context, d time.Duration) (context.Context, 
 }
 
 // printReplication renders replication status for people.
-func printReplication(c *cli.Context, r daemon.Replication, tty bool) {
+func printReplication(c *cli.Context, r control.Replication, tty bool) {
 	w := c.App.Writer
 	now := time.Now()
 	for _, p := range r.Primaries {

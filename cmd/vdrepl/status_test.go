@@ -9,7 +9,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/vdrepl/vdrepl/daemon"
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/ship"
 )
 
@@ -20,13 +20,13 @@ func TestPrintReplicationCommitting(t *testing.T) {
 		app := newApp()
 		var out bytes.Buffer
 		app.Writer = &out
-		st := daemon.ReplicationStatus{VM: "vm1", Role: "primary"}
+		st := control.ReplicationStatus{VM: "vm1", Role: "primary"}
 		st.Spec.Replica = "replica:8443"
-		st.Spec.Frequency = daemon.Duration(30 * time.Second)
+		st.Spec.Frequency = control.Duration(30 * time.Second)
 		st.Status = ship.Status{VM: "vm1", State: "replicating", Health: ship.HealthNormal,
 			LastApplied: 41, LastAppliedSealed: time.Now(), Committing: committing}
 		printReplication(cli.NewContext(app, flag.NewFlagSet("status", flag.ContinueOnError), nil),
-			daemon.Replication{Primaries: []daemon.ReplicationStatus{st}}, false)
+			control.Replication{Primaries: []control.ReplicationStatus{st}}, false)
 		return out.String()
 	}
 	out := render(42)
