@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks that package dependencies point the way DESIGN.md says:
-# cmd -> (daemon, blockdev, ship, apply, snapshot) -> journal -> internal.
+# cmd -> (daemon, blockdev, ship, apply, snapshot) -> journal -> internal;
+# the control API sits between cmd/doctor and the daemon.
 # Front ends know nothing of replication; apply never imports ship; no
 # package imports cmd; leaf packages import nothing of ours.
 set -euo pipefail
@@ -16,18 +17,24 @@ forbid() { # package, forbidden import prefixes...
     done
   done
 }
-forbid blockdev journal ship apply snapshot daemon cmd
-forbid journal blockdev ship apply snapshot daemon cmd
-forbid apply ship cmd daemon
-forbid ship apply cmd daemon
-forbid snapshot cmd daemon
-forbid internal/vfs journal blockdev ship apply snapshot daemon cmd
+forbid blockdev journal ship apply snapshot daemon cmd control
+forbid journal blockdev ship apply snapshot daemon cmd control
+forbid apply ship cmd daemon control
+forbid ship apply cmd daemon control
+forbid snapshot cmd daemon control
+forbid internal/vfs journal blockdev ship apply snapshot daemon cmd control
 # The wire format is a leaf: both sides of replication import it, it imports
 # nothing of ours.
-forbid internal/wire journal blockdev ship apply snapshot daemon cmd internal/vfs internal/pki
-forbid internal/statefile journal blockdev ship apply snapshot daemon cmd internal/vfs internal/wire internal/pki
-forbid internal/pki journal blockdev ship apply snapshot daemon cmd internal/wire
+forbid internal/wire journal blockdev ship apply snapshot daemon cmd internal/vfs internal/pki control
+forbid internal/statefile journal blockdev ship apply snapshot daemon cmd internal/vfs internal/wire internal/pki control
+forbid internal/pki journal blockdev ship apply snapshot daemon cmd internal/wire control
+# The control API (types, handler, client) knows the daemon only as the
+# Host interface it defines; it carries the types of journal, ship, apply,
+# snapshot and wire that its answers embed, and serves nothing itself.
+forbid control daemon cmd doctor blockdev internal/vfs internal/pki internal/statefile
+# The daemon serves the control API.
 forbid daemon cmd doctor
-# doctor reads the daemon and probes replicas; nothing below cmd uses it.
-forbid doctor cmd
+# doctor reads the daemon through the control API and probes replicas;
+# nothing below cmd uses it.
+forbid doctor cmd daemon
 exit $fail
