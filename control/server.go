@@ -93,15 +93,9 @@ func vmRoutes(mux *http.ServeMux, h VMHost) {
 	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, h.VMs(), nil)
 	})
-	mux.HandleFunc("POST /v1/vms", func(w http.ResponseWriter, r *http.Request) {
-		var s VMSpec
-		if err := decode(r, &s); err != nil {
-			reply(w, nil, err)
-			return
-		}
-		out, err := h.AddVM(s)
-		reply(w, out, err)
-	})
+	mux.HandleFunc("POST /v1/vms", decoded(func(_ *http.Request, s VMSpec) (any, error) {
+		return h.AddVM(s)
+	}))
 	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.RemoveVM(r.PathValue("name")))
 	})
@@ -135,14 +129,9 @@ func mountRoutes(mux *http.ServeMux, h MountHost) {
 		}
 		enc.Encode(MountEvent{Unmounted: mp})
 	})
-	mux.HandleFunc("POST /v1/unmount", func(w http.ResponseWriter, r *http.Request) {
-		var req MountEvent
-		if err := decode(r, &req); err != nil {
-			reply(w, nil, err)
-			return
-		}
-		reply(w, struct{}{}, h.Unmount(req.Mountpoint))
-	})
+	mux.HandleFunc("POST /v1/unmount", decoded(func(_ *http.Request, req MountEvent) (any, error) {
+		return struct{}{}, h.Unmount(req.Mountpoint)
+	}))
 }
 
 func replicationRoutes(mux *http.ServeMux, h ReplicationHost) {
@@ -150,15 +139,9 @@ func replicationRoutes(mux *http.ServeMux, h ReplicationHost) {
 		out, err := h.ReplicationStatus(r.URL.Query().Get("vm"))
 		reply(w, out, err)
 	})
-	mux.HandleFunc("POST /v1/vms/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
-		var spec ReplicationSpec
-		if err := decode(r, &spec); err != nil {
-			reply(w, nil, err)
-			return
-		}
-		out, err := h.EnableReplication(r.PathValue("name"), spec)
-		reply(w, out, err)
-	})
+	mux.HandleFunc("POST /v1/vms/{name}/replication", decoded(func(r *http.Request, spec ReplicationSpec) (any, error) {
+		return h.EnableReplication(r.PathValue("name"), spec)
+	}))
 	mux.HandleFunc("DELETE /v1/vms/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.DisableReplication(r.PathValue("name")))
 	})
@@ -172,49 +155,27 @@ func replicationRoutes(mux *http.ServeMux, h ReplicationHost) {
 	mux.HandleFunc("GET /v1/replica/allow", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, h.AllowList(), nil)
 	})
-	mux.HandleFunc("POST /v1/replica/allow", func(w http.ResponseWriter, r *http.Request) {
-		var e apply.AllowEntry
-		if err := decode(r, &e); err != nil {
-			reply(w, nil, err)
-			return
-		}
-		reply(w, e, h.Allow(e))
-	})
+	mux.HandleFunc("POST /v1/replica/allow", decoded(func(_ *http.Request, e apply.AllowEntry) (any, error) {
+		return e, h.Allow(e)
+	}))
 	mux.HandleFunc("DELETE /v1/replica/allow", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.Disallow(r.URL.Query().Get("primary")))
 	})
-	mux.HandleFunc("POST /v1/replica/import", func(w http.ResponseWriter, r *http.Request) {
-		var req ImportRequest
-		if err := decode(r, &req); err != nil {
-			reply(w, nil, err)
-			return
-		}
-		reply(w, struct{}{}, h.ImportInitial(req.VM, req.Dir))
-	})
+	mux.HandleFunc("POST /v1/replica/import", decoded(func(_ *http.Request, req ImportRequest) (any, error) {
+		return struct{}{}, h.ImportInitial(req.VM, req.Dir)
+	}))
 }
 
 func failoverRoutes(mux *http.ServeMux, h FailoverHost) {
-	mux.HandleFunc("POST /v1/vms/{vm}/replication/extend", func(w http.ResponseWriter, r *http.Request) {
-		var spec ExtendSpec
-		if err := decode(r, &spec); err != nil {
-			reply(w, nil, err)
-			return
-		}
-		out, err := h.ExtendReplication(r.PathValue("vm"), spec)
-		reply(w, out, err)
-	})
+	mux.HandleFunc("POST /v1/vms/{vm}/replication/extend", decoded(func(r *http.Request, spec ExtendSpec) (any, error) {
+		return h.ExtendReplication(r.PathValue("vm"), spec)
+	}))
 	mux.HandleFunc("DELETE /v1/vms/{vm}/replication/extend", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.StopExtend(r.PathValue("vm")))
 	})
-	mux.HandleFunc("POST /v1/vms/{vm}/replication/reverse", func(w http.ResponseWriter, r *http.Request) {
-		var spec ReplicationSpec
-		if err := decode(r, &spec); err != nil {
-			reply(w, nil, err)
-			return
-		}
-		out, err := h.Reverse(r.PathValue("vm"), spec)
-		reply(w, out, err)
-	})
+	mux.HandleFunc("POST /v1/vms/{vm}/replication/reverse", decoded(func(r *http.Request, spec ReplicationSpec) (any, error) {
+		return h.Reverse(r.PathValue("vm"), spec)
+	}))
 	mux.HandleFunc("GET /v1/points/{vm}", func(w http.ResponseWriter, r *http.Request) {
 		out, err := h.Points(r.PathValue("vm"))
 		reply(w, out, err)
@@ -244,6 +205,20 @@ func failoverRoutes(mux *http.ServeMux, h FailoverHost) {
 		}
 		reply(w, out, err)
 	})
+}
+
+// decoded serves a route whose request body is one T: a body that does
+// not decode is answered as ErrInvalid, else what serve returns.
+func decoded[T any](serve func(r *http.Request, in T) (any, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var in T
+		if err := decode(r, &in); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		out, err := serve(r, in)
+		reply(w, out, err)
+	}
 }
 
 // decode reads a request body of at most 1 MiB; a body that does not
