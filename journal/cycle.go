@@ -133,9 +133,6 @@ func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 		}
 	}
 	j.log.Debug("cycle sealed", "cycle", info.Cycle, "blocks", info.Blocks, "bytes", info.Bytes)
-	if f := j.cfg.Events.CycleSealed; f != nil {
-		f(info)
-	}
 	return info, nil
 }
 

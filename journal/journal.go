@@ -48,14 +48,6 @@ type DiskSpec struct {
 	Size int64
 }
 
-// Events are optional callbacks; each may be nil. They run on the goroutine
-// that caused them and must not call back into the journal.
-type Events struct {
-	CycleSealed     func(CycleInfo)
-	ResyncRequired  func(reason string)
-	BackgroundError func(error)
-}
-
 // Config of a Journal.
 type Config struct {
 	FS    vfs.FS // nil = the real filesystem
@@ -76,7 +68,6 @@ type Config struct {
 	// sync and checkpoint; default 5s.
 	CheckpointInterval time.Duration
 	Logger             *slog.Logger
-	Events             Events
 	Now                func() time.Time
 }
 
@@ -333,9 +324,6 @@ func (j *Journal) failLocked(err error) error {
 	if j.failed == nil {
 		j.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 		j.log.Error("journal failed; writes and flushes now fail until restart", "err", err)
-		if f := j.cfg.Events.BackgroundError; f != nil {
-			f(j.failed)
-		}
 	}
 	j.cond.Broadcast()
 	return j.failed

@@ -429,9 +429,6 @@ func (j *Journal) enterDirty(reason string) error {
 		}
 	}
 	j.log.Warn("resync required", "reason", reason, "dirty_blocks", nDirty)
-	if f := j.cfg.Events.ResyncRequired; f != nil {
-		f(reason)
-	}
 	return nil
 }
 
