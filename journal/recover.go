@@ -28,16 +28,16 @@ func (j *Journal) recover() error {
 	if ck.Cycle == 0 {
 		ck.Cycle = 1
 	}
-	if j.dirty, err = readDirty(j.fs, j.cfg.Dir, j.diskSizes()); err != nil {
+	if j.mu.dirty, err = readDirty(j.fs, j.cfg.Dir, j.diskSizes()); err != nil {
 		return err
 	}
-	if j.resyncBase, err = readResync(j.fs, j.cfg.Dir); err != nil {
+	if j.mu.resyncBase, err = readResync(j.fs, j.cfg.Dir); err != nil {
 		return err
 	}
-	if j.dirty != nil && j.resyncBase != 0 {
+	if j.mu.dirty != nil && j.mu.resyncBase != 0 {
 		// A crash inside BeginResync, or the cap passed during a resync:
 		// the dirty map wins and the resync starts again.
-		j.resyncBase = 0
+		j.mu.resyncBase = 0
 		if err := j.removeState(resyncFile); err != nil {
 			return fmt.Errorf("journal: remove resync marker: %w", err)
 		}
@@ -46,14 +46,14 @@ func (j *Journal) recover() error {
 	if err != nil {
 		return fmt.Errorf("journal: list segments: %w", err)
 	}
-	if j.free, err = listFree(j.fs, j.cfg.Dir); err != nil {
+	if j.mu.free, err = listFree(j.fs, j.cfg.Dir); err != nil {
 		return fmt.Errorf("journal: list segments: %w", err)
 	}
-	j.freeSeq = len(j.free) + 1
-	for _, f := range j.free {
+	j.mu.freeSeq = len(j.mu.free) + 1
+	for _, f := range j.mu.free {
 		var n int
 		if _, err := fmt.Sscanf(path.Base(f), freePrefix+"%d", &n); err == nil {
-			j.freeSeq = max(j.freeSeq, n+1)
+			j.mu.freeSeq = max(j.mu.freeSeq, n+1)
 		}
 	}
 
@@ -73,10 +73,10 @@ func (j *Journal) recover() error {
 			// only matters if something durable could live there.
 			results = append(results, scanResult{end: b, torn: err})
 			perSeg = append(perSeg, nil)
-			j.segs = append(j.segs, &segment{base: b, name: segmentName(j.cfg.Dir, b)})
+			j.mu.segs = append(j.mu.segs, &segment{base: b, name: segmentName(j.cfg.Dir, b)})
 			continue
 		}
-		j.segs = append(j.segs, seg)
+		j.mu.segs = append(j.mu.segs, seg)
 		size, err := seg.f.Size()
 		if err != nil {
 			return fmt.Errorf("journal: %s: %w", seg.name, err)
@@ -94,8 +94,8 @@ func (j *Journal) recover() error {
 	}
 
 	// 2. Find the end.
-	keep := len(j.segs)
-	for i, seg := range j.segs {
+	keep := len(j.mu.segs)
+	for i, seg := range j.mu.segs {
 		res := results[i]
 		if i > 0 && seg.base != results[i-1].end {
 			if results[i-1].end < durable {
@@ -115,7 +115,7 @@ func (j *Journal) recover() error {
 		// fit: the next starts exactly where its last record ends. Past
 		// that end lie bytes of the file's earlier life (a recycled
 		// segment) or preallocated zeroes, not a torn record.
-		if res.torn != nil && i+1 < len(j.segs) && j.segs[i+1].f != nil && j.segs[i+1].base == res.end {
+		if res.torn != nil && i+1 < len(j.mu.segs) && j.mu.segs[i+1].f != nil && j.mu.segs[i+1].base == res.end {
 			j.log.Debug("journal: segment ends before its file does", "segment", seg.name, "lsn", res.end, "why", res.torn)
 			continue
 		}
@@ -128,7 +128,7 @@ func (j *Journal) recover() error {
 			break
 		}
 	}
-	for _, seg := range j.segs[keep:] {
+	for _, seg := range j.mu.segs[keep:] {
 		if seg.f != nil {
 			seg.f.Close()
 		}
@@ -137,51 +137,51 @@ func (j *Journal) recover() error {
 		}
 		j.log.Info("journal: dropped segment past torn tail", "segment", seg.name)
 	}
-	if keep < len(j.segs) {
+	if keep < len(j.mu.segs) {
 		if err := j.fs.SyncDir(j.cfg.Dir); err != nil {
 			return fmt.Errorf("journal: %w", err)
 		}
 	}
-	j.segs = j.segs[:keep]
+	j.mu.segs = j.mu.segs[:keep]
 	var headers []Header
 	for _, hs := range perSeg[:keep] {
 		headers = append(headers, hs...)
 	}
-	if n := len(j.segs); n > 0 {
-		j.head = results[n-1].end
+	if n := len(j.mu.segs); n > 0 {
+		j.mu.head = results[n-1].end
 	} else {
-		j.head = ck.Head
+		j.mu.head = ck.Head
 	}
-	if j.head < ck.Applied {
-		return fmt.Errorf("%w: journal ends at %#x before checkpoint %#x", ErrCorrupt, j.head, ck.Applied)
+	if j.mu.head < ck.Applied {
+		return fmt.Errorf("%w: journal ends at %#x before checkpoint %#x", ErrCorrupt, j.mu.head, ck.Applied)
 	}
 	// Whatever survived is now part of the journal for good.
-	for _, seg := range j.segs {
+	for _, seg := range j.mu.segs {
 		if err := seg.f.Sync(); err != nil {
 			return fmt.Errorf("journal: sync %s: %w", seg.name, err)
 		}
 	}
-	if len(j.segs) == 0 {
-		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked(), j.cfg.SegmentSize)
+	if len(j.mu.segs) == 0 {
+		seg, err := createSegment(j.fs, j.cfg.Dir, j.mu.head, j.cfg.Now().UnixNano(), j.popFreeLocked(), j.cfg.SegmentSize)
 		if err != nil {
 			return err
 		}
-		j.segs = append(j.segs, seg)
-		j.head += segmentHeaderSize
+		j.mu.segs = append(j.mu.segs, seg)
+		j.mu.head += segmentHeaderSize
 	}
-	j.synced = j.head
+	j.mu.synced = j.mu.head
 
 	// 3. Rebuild and replay.
-	j.released = max(ck.Released, j.resyncBase)
-	if j.dirty != nil {
-		j.released = max(j.released, j.dirty.released)
+	j.mu.released = max(ck.Released, j.mu.resyncBase)
+	if j.mu.dirty != nil {
+		j.mu.released = max(j.mu.released, j.mu.dirty.released)
 	}
-	j.cycle = max(ck.Cycle, j.released+1)
-	j.cycleStart = j.segs[0].base
-	j.applied = ck.Applied
+	j.mu.cycle = max(ck.Cycle, j.mu.released+1)
+	j.mu.cycleStart = j.mu.segs[0].base
+	j.mu.applied = ck.Applied
 	for i := range headers {
 		h := &headers[i]
-		j.cycle = max(j.cycle, h.Cycle)
+		j.mu.cycle = max(j.mu.cycle, h.Cycle)
 		if h.Kind == KindSeal {
 			if err := j.recoverSeal(h); err != nil {
 				return err
@@ -189,12 +189,12 @@ func (j *Journal) recover() error {
 			continue
 		}
 		if h.Kind == KindWrite {
-			j.written[h.Cycle] += int64(h.Length)
+			j.mu.written[h.Cycle] += int64(h.Length)
 		}
 		if ci := j.cycleIndexLocked(h.Cycle); ci != nil {
 			j.indexRecovered(ci, h)
-		} else if j.dirty != nil && h.LSN >= j.dirty.lsn {
-			j.dirty.setRange(int(h.Disk), int64(h.Offset), int64(h.Length))
+		} else if j.mu.dirty != nil && h.LSN >= j.mu.dirty.lsn {
+			j.mu.dirty.setRange(int(h.Disk), int64(h.Offset), int64(h.Length))
 		}
 		if h.LSN >= ck.Applied {
 			if err := j.replay(h); err != nil {
@@ -202,10 +202,10 @@ func (j *Journal) recover() error {
 			}
 		}
 	}
-	j.applied = j.head
+	j.mu.applied = j.mu.head
 
 	// 4. Checkpoint.
-	j.ckpt = ck
+	j.mu.ckpt = ck
 	return j.checkpoint(true)
 }
 
@@ -225,16 +225,16 @@ func (j *Journal) indexRecovered(ci *cycleIndex, h *Header) {
 
 // recoverSeal closes a cycle found in the journal during recovery.
 func (j *Journal) recoverSeal(h *Header) error {
-	j.cycle = max(j.cycle, h.Cycle+1)
+	j.mu.cycle = max(j.mu.cycle, h.Cycle+1)
 	end := h.LSN + uint64(h.Size())
-	start := j.cycleStart
-	j.cycleStart = end
-	ci := j.open[h.Cycle]
-	delete(j.open, h.Cycle)
-	written := j.written[h.Cycle]
-	delete(j.written, h.Cycle)
-	if !j.cfg.Retain || j.dirty != nil || h.Cycle <= j.released {
-		j.released = max(j.released, h.Cycle)
+	start := j.mu.cycleStart
+	j.mu.cycleStart = end
+	ci := j.mu.open[h.Cycle]
+	delete(j.mu.open, h.Cycle)
+	written := j.mu.written[h.Cycle]
+	delete(j.mu.written, h.Cycle)
+	if !j.mu.retain || j.mu.dirty != nil || h.Cycle <= j.mu.released {
+		j.mu.released = max(j.mu.released, h.Cycle)
 		return nil
 	}
 	if ci == nil {
@@ -255,7 +255,7 @@ func (j *Journal) recoverSeal(h *Header) error {
 	if err := j.cycles.put(ci); err != nil {
 		return err
 	}
-	j.closedC = append(j.closedC, ci.info)
+	j.mu.closedC = append(j.mu.closedC, ci.info)
 	return nil
 }
 
