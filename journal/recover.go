@@ -9,45 +9,88 @@ import (
 
 // recover brings the journal back after any shutdown, clean or not:
 //
-//  1. Scan every segment. Each valid record carries the LSN that was durable
-//     when it was written; the largest such value says how far the journal had
-//     certainly been synced.
-//  2. The first gap or invalid record ends the journal. At or past the durable
-//     LSN it is a torn tail (a crash): cut it off, drop later segments. Below
-//     it, synced data is damaged: refuse with ErrCorrupt.
+//  1. Scan every segment (scanSegments). Each valid record carries the LSN
+//     that was durable when it was written; the largest such value says how
+//     far the journal had certainly been synced.
+//  2. The first gap or invalid record ends the journal (findEnd). At or past
+//     the durable LSN it is a torn tail (a crash): cut it off, drop later
+//     segments (cutEnd). Below it, synced data is damaged: refuse with
+//     ErrCorrupt.
 //  3. Rebuild the unreleased cycles' indexes and the dirty map from the
 //     records, and replay into the images every record the last checkpoint
-//     does not cover. Replay is idempotent: a record already in the image is
-//     written again with the same bytes.
+//     does not cover (rebuild). Replay is idempotent: a record already in the
+//     image is written again with the same bytes.
 //  4. Sync the images and write a checkpoint at the journal's head.
+//
+// It runs inside Open, before any other goroutine can reach the journal, so
+// it touches mu's fields without taking mu.
 func (j *Journal) recover() error {
-	ck, _, err := readCheckpoint(j.fs, j.cfg.Dir)
+	ck, err := j.readState()
 	if err != nil {
 		return err
+	}
+	bases, err := j.listSegmentFiles()
+	if err != nil {
+		return err
+	}
+	scans, durable, err := j.scanSegments(bases, ck.Applied)
+	if err != nil {
+		return err
+	}
+	keep, err := j.findEnd(scans, durable)
+	if err != nil {
+		return err
+	}
+	if err := j.cutEnd(keep, scans, ck); err != nil {
+		return err
+	}
+	var headers []Header
+	for _, sc := range scans[:keep] {
+		headers = append(headers, sc.headers...)
+	}
+	if err := j.rebuild(headers, ck); err != nil {
+		return err
+	}
+	j.mu.ckpt = ck
+	return j.checkpoint(true)
+}
+
+// readState reads the checkpoint, the dirty map and the resync marker. A
+// resync marker beside a dirty map is dropped: the dirty map wins.
+func (j *Journal) readState() (checkpoint, error) {
+	ck, _, err := readCheckpoint(j.fs, j.cfg.Dir)
+	if err != nil {
+		return ck, err
 	}
 	if ck.Cycle == 0 {
 		ck.Cycle = 1
 	}
 	if j.mu.dirty, err = readDirty(j.fs, j.cfg.Dir, j.diskSizes()); err != nil {
-		return err
+		return ck, err
 	}
 	if j.mu.resyncBase, err = readResync(j.fs, j.cfg.Dir); err != nil {
-		return err
+		return ck, err
 	}
 	if j.mu.dirty != nil && j.mu.resyncBase != 0 {
 		// A crash inside BeginResync, or the cap passed during a resync:
 		// the dirty map wins and the resync starts again.
 		j.mu.resyncBase = 0
 		if err := j.removeState(resyncFile); err != nil {
-			return fmt.Errorf("journal: remove resync marker: %w", err)
+			return ck, fmt.Errorf("journal: remove resync marker: %w", err)
 		}
 	}
+	return ck, nil
+}
+
+// listSegmentFiles returns the base LSNs of the segments, oldest first, and
+// picks up the recycled files kept for reuse.
+func (j *Journal) listSegmentFiles() ([]uint64, error) {
 	bases, err := listSegments(j.fs, j.cfg.Dir)
 	if err != nil {
-		return fmt.Errorf("journal: list segments: %w", err)
+		return nil, fmt.Errorf("journal: list segments: %w", err)
 	}
 	if j.mu.free, err = listFree(j.fs, j.cfg.Dir); err != nil {
-		return fmt.Errorf("journal: list segments: %w", err)
+		return nil, fmt.Errorf("journal: list segments: %w", err)
 	}
 	j.mu.freeSeq = len(j.mu.free) + 1
 	for _, f := range j.mu.free {
@@ -56,60 +99,71 @@ func (j *Journal) recover() error {
 			j.mu.freeSeq = max(j.mu.freeSeq, n+1)
 		}
 	}
+	return bases, nil
+}
 
-	// 1. Scan.
-	var (
-		perSeg  [][]Header
-		results []scanResult
-		durable = ck.Applied
-	)
+// segmentScan is what scanSegments found in one segment: where its valid
+// records end and why they stop, and their headers.
+type segmentScan struct {
+	res     scanResult
+	headers []Header
+}
+
+// scanSegments opens every segment into mu.segs and reads its records; the
+// payloads of those at or past applied (the ones replay will need) are
+// checked. It returns one segmentScan per segment and the durable watermark:
+// the largest Synced value of any valid record, at least applied.
+func (j *Journal) scanSegments(bases []uint64, applied uint64) ([]segmentScan, uint64, error) {
+	var scans []segmentScan
+	durable := applied
 	for _, b := range bases {
 		seg, err := openSegment(j.fs, j.cfg.Dir, b)
 		if err != nil {
 			if errors.Is(err, ErrVersion) {
-				return err
+				return nil, 0, err
 			}
 			// Segments are created atomically; a bad header is damage, but
 			// only matters if something durable could live there.
-			results = append(results, scanResult{end: b, torn: err})
-			perSeg = append(perSeg, nil)
+			scans = append(scans, segmentScan{res: scanResult{end: b, torn: err}})
 			j.mu.segs = append(j.mu.segs, &segment{base: b, name: segmentName(j.cfg.Dir, b)})
 			continue
 		}
 		j.mu.segs = append(j.mu.segs, seg)
 		size, err := seg.f.Size()
 		if err != nil {
-			return fmt.Errorf("journal: %s: %w", seg.name, err)
+			return nil, 0, fmt.Errorf("journal: %s: %w", seg.name, err)
 		}
 		var hs []Header
 		res, err := scanSegment(seg, size,
-			func(h *Header) bool { return h.LSN >= ck.Applied },
+			func(h *Header) bool { return h.LSN >= applied },
 			func(h Header, _ []byte) error { hs = append(hs, h); return nil })
 		if err != nil {
-			return err
+			return nil, 0, err
 		}
-		results = append(results, res)
-		perSeg = append(perSeg, hs)
+		scans = append(scans, segmentScan{res: res, headers: hs})
 		durable = max(durable, res.maxSynced)
 	}
+	return scans, durable, nil
+}
 
-	// 2. Find the end.
-	keep := len(j.mu.segs)
+// findEnd finds where the journal ends: the first gap between segments or
+// record that does not verify, cutting a torn tail at or past durable
+// (recoverTail) and failing with ErrCorrupt below it. It returns how many
+// segments, from the first, hold the journal.
+func (j *Journal) findEnd(scans []segmentScan, durable uint64) (int, error) {
 	for i, seg := range j.mu.segs {
-		res := results[i]
-		if i > 0 && seg.base != results[i-1].end {
-			if results[i-1].end < durable {
-				return fmt.Errorf("%w: gap before segment %s (durable through %#x)", ErrCorrupt, seg.name, durable)
+		res := scans[i].res
+		if i > 0 && seg.base != scans[i-1].res.end {
+			if scans[i-1].res.end < durable {
+				return 0, fmt.Errorf("%w: gap before segment %s (durable through %#x)", ErrCorrupt, seg.name, durable)
 			}
-			keep = i
-			break
+			return i, nil
 		}
 		if seg.f == nil {
 			if seg.base < durable {
-				return fmt.Errorf("%w: %v", ErrCorrupt, res.torn)
+				return 0, fmt.Errorf("%w: %v", ErrCorrupt, res.torn)
 			}
-			keep = i
-			break
+			return i, nil
 		}
 		// A segment is only left for the next one when a record did not
 		// fit: the next starts exactly where its last record ends. Past
@@ -121,13 +175,19 @@ func (j *Journal) recover() error {
 		}
 		if res.torn != nil {
 			if err := recoverTail(seg, res, durable); err != nil {
-				return err
+				return 0, err
 			}
 			j.log.Info("journal: cut torn tail", "segment", seg.name, "lsn", res.end, "why", res.torn)
-			keep = i + 1
-			break
+			return i + 1, nil
 		}
 	}
+	return len(j.mu.segs), nil
+}
+
+// cutEnd removes the segments past the end findEnd found (keep segments
+// stay), sets the head where the journal ends and makes what survived
+// durable; with no segment left it starts one at the checkpoint's head.
+func (j *Journal) cutEnd(keep int, scans []segmentScan, ck checkpoint) error {
 	for _, seg := range j.mu.segs[keep:] {
 		if seg.f != nil {
 			seg.f.Close()
@@ -143,12 +203,8 @@ func (j *Journal) recover() error {
 		}
 	}
 	j.mu.segs = j.mu.segs[:keep]
-	var headers []Header
-	for _, hs := range perSeg[:keep] {
-		headers = append(headers, hs...)
-	}
-	if n := len(j.mu.segs); n > 0 {
-		j.mu.head = results[n-1].end
+	if keep > 0 {
+		j.mu.head = scans[keep-1].res.end
 	} else {
 		j.mu.head = ck.Head
 	}
@@ -170,8 +226,13 @@ func (j *Journal) recover() error {
 		j.mu.head += segmentHeaderSize
 	}
 	j.mu.synced = j.mu.head
+	return nil
+}
 
-	// 3. Rebuild and replay.
+// rebuild rebuilds the cycles (closing those whose seal it meets), their
+// indexes and the dirty map from the records, oldest first, and replays
+// into the images every record at or past the checkpoint.
+func (j *Journal) rebuild(headers []Header, ck checkpoint) error {
 	j.mu.released = max(ck.Released, j.mu.resyncBase)
 	if j.mu.dirty != nil {
 		j.mu.released = max(j.mu.released, j.mu.dirty.released)
@@ -203,10 +264,7 @@ func (j *Journal) recover() error {
 		}
 	}
 	j.mu.applied = j.mu.head
-
-	// 4. Checkpoint.
-	j.mu.ckpt = ck
-	return j.checkpoint(true)
+	return nil
 }
 
 func (j *Journal) indexRecovered(ci *cycleIndex, h *Header) {
