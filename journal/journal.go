@@ -667,25 +667,58 @@ func (j *Journal) write(disk int, p []byte, off int64) error {
 	return nil
 }
 
-func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
-	return j.appendWriteBuf(disk, p, off, nil, 0)
+// appendPath is how a write record reaches its segment file. Which one a
+// write takes is decided in one place, appendPathFor.
+type appendPath int
+
+const (
+	// appendPlain copies header and payload into one pooled buffer and
+	// writes it with a plain WriteAt (appendRecord): small writes, which
+	// the page cache gathers.
+	appendPlain appendPath = iota
+	// appendCopyDirect copies a large payload into an aligned append buffer,
+	// checksumming it on the way, and writes it with O_DIRECT behind a pad
+	// record (appendDirect, see direct.go): the journal copy skips the page
+	// cache, and the buffer can be kept for the write-back.
+	appendCopyDirect
+	// appendReceived writes with O_DIRECT straight from the append buffer a
+	// front end received the payload into (Disk.ReceiveWrite,
+	// appendDirectBuf): not even the copy into an aligned buffer is left.
+	appendReceived
+)
+
+// appendPathFor decides how a write of n bytes at off is appended; received
+// says its payload already lies in an append buffer (Disk.ReceiveWrite).
+//
+// A payload of at least directMin bytes goes with O_DIRECT: from the buffer
+// it was received into if it can be appended from there as it is (on block
+// boundaries and one record long), else copied into one. Smaller ones take
+// the plain path. The two O_DIRECT paths still fall back to the plain one
+// when the segment cannot take O_DIRECT writes (reserveDirectLocked).
+func (j *Journal) appendPathFor(off int64, n int, received bool) appendPath {
+	direct := n >= j.directMin
+	switch {
+	case received && direct && off%BlockSize == 0 && n%BlockSize == 0 && n <= MaxPayload:
+		return appendReceived
+	case direct:
+		return appendCopyDirect
+	default:
+		return appendPlain
+	}
 }
 
-// appendWriteBuf journals a write of p at off; buf, if not nil, is the append
-// buffer p lies in (Disk.ReceiveWrite) and sum its checksum, and is taken.
-func (j *Journal) appendWriteBuf(disk int, p []byte, off int64, buf []byte, sum uint32) error {
+// appendWrite journals a write of p at off, a whole number of blocks of at
+// most MaxPayload bytes. The caller holds the range's stripe locks.
+func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
+	return j.appendWriteVia(j.appendPathFor(off, len(p), false), disk, p, off, nil, 0)
+}
+
+// appendWriteVia journals a write of p at off by path via. For
+// appendReceived, buf is the append buffer p lies in and sum its checksum,
+// and buf is taken.
+func (j *Journal) appendWriteVia(via appendPath, disk int, p []byte, off int64, buf []byte, sum uint32) error {
 	h := Header{Kind: KindWrite, Disk: uint16(disk), Offset: uint64(off), Length: uint64(len(p))}
-	appendFn := j.appendRecord
-	switch {
-	case buf != nil:
-		h.DCRC = sum
-		appendFn = func(h Header, _ []byte, index func(*Header)) (Header, error) {
-			return j.appendDirectBuf(h, buf, index)
-		}
-	case len(p) >= j.directMin:
-		appendFn = j.appendDirect
-	}
-	_, err := appendFn(h, p, func(h *Header) {
+	index := func(h *Header) {
 		first := uint64(off) / BlockSize
 		nblk := (uint64(len(p)) + BlockSize - 1) / BlockSize
 		ci := j.cycleIndexLocked(h.Cycle)
@@ -706,7 +739,17 @@ func (j *Journal) appendWriteBuf(disk int, p []byte, off int64, buf []byte, sum 
 		j.mu.written[h.Cycle] += int64(len(p))
 		j.enqueueLocked(queued{h: *h})
 		j.checkCapLocked()
-	})
+	}
+	var err error
+	switch via {
+	case appendReceived:
+		h.DCRC = sum
+		_, err = j.appendDirectBuf(h, buf, index)
+	case appendCopyDirect:
+		_, err = j.appendDirect(h, p, index)
+	case appendPlain:
+		_, err = j.appendRecord(h, p, index)
+	}
 	return err
 }
 
@@ -917,17 +960,17 @@ func (d *Disk) ReceiveWrite(r io.Reader, n int) (func(off int64) error, error) {
 
 // writeReceived journals a write received into an append buffer (see
 // ReceiveWrite) and takes buf. A write that cannot be appended from it as it
-// is (not on block boundaries, small, or larger than a record) takes the
-// copying path.
+// is (appendPathFor: not on block boundaries, small, or larger than a
+// record) is journaled like any other write, from a copy.
 func (j *Journal) writeReceived(disk int, buf []byte, sum uint32, off int64) error {
 	p := buf[vfs.DirectAlign:]
-	if off%BlockSize != 0 || len(p)%BlockSize != 0 || len(p) < j.directMin || len(p) > MaxPayload {
+	if j.appendPathFor(off, len(p), true) != appendReceived {
 		defer putAligned(buf)
 		return j.write(disk, p, off)
 	}
 	unlock := j.lockRange(disk, off, int64(len(p)))
 	defer unlock()
-	return j.appendWriteBuf(disk, p, off, buf, sum)
+	return j.appendWriteVia(appendReceived, disk, p, off, buf, sum)
 }
 
 // Flush makes every write of every disk of the VM that returned before it
