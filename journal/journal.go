@@ -81,10 +81,11 @@ type Config struct {
 // use by themselves; the locks that serialise an operation and guard no field
 // (sealMu, ckptMu, dirtyMu, syncMu, segMu); wb, the write-back's lock with
 // the buffer it guards; and mu with everything else, which is most of the
-// state. A goroutine holding one lock takes only locks later in this order:
+// state. A goroutine holding one lock takes only locks later in this order
+// (see the package doc):
 //
-//	stripes (ascending) > sealMu > wb or ckptMu (never both) > dirtyMu >
-//	syncMu > segMu > mu
+//	stripes (ascending), sealMu, wb or ckptMu (never both), dirtyMu,
+//	syncMu, segMu, mu
 type Journal struct {
 	// Set by Open, read-only after it.
 	cfg    Config // cfg.Retain is only the initial mu.retain
