@@ -37,8 +37,8 @@ func blockHash(b []byte) [32]byte { return sha256.Sum256(b) }
 // nothing is synced, written back or checkpointed.
 func (j *Journal) abandon() {
 	j.mu.Lock()
-	j.closed = true
-	j.cond.Broadcast()
+	j.mu.closed = true
+	j.mu.cond.Broadcast()
 	j.mu.Unlock()
 	close(j.stop)
 	j.wg.Wait()
@@ -395,8 +395,8 @@ func TestTornTailIsCut(t *testing.T) {
 		t.Fatal(err)
 	}
 	j.Disk(0).WriteAt(fill(r, BlockSize), 5*BlockSize) // the one to tear
-	seg := j.segs[len(j.segs)-1]
-	end := int64(j.head - seg.base) // the file is preallocated beyond
+	seg := j.mu.segs[len(j.mu.segs)-1]
+	end := int64(j.mu.head - seg.base) // the file is preallocated beyond
 	j.abandon()
 	f, _ := mem.OpenFile(seg.name, 2, 0)
 	f.Truncate(end - 1000)
@@ -449,8 +449,8 @@ func TestRecycledSegmentRestart(t *testing.T) {
 			if err := j.Flush(); err != nil {
 				t.Fatal(err)
 			}
-			if len(j.segs) < 3 || j.freeSeq == 0 {
-				t.Fatalf("%d segments, %d recycled: the test needs several, recycled", len(j.segs), j.freeSeq)
+			if len(j.mu.segs) < 3 || j.mu.freeSeq == 0 {
+				t.Fatalf("%d segments, %d recycled: the test needs several, recycled", len(j.mu.segs), j.mu.freeSeq)
 			}
 			crashed := mem.CrashClone()
 			j.abandon()

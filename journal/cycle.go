@@ -56,13 +56,13 @@ func (ci *cycleIndex) dropRange(disk int, off, n int64) {
 // cycleIndexLocked returns the in-memory index of cycle c, or nil when cycles
 // are not being kept (no replication, or dirty-block tracking).
 func (j *Journal) cycleIndexLocked(c uint64) *cycleIndex {
-	if !j.cfg.Retain || c <= j.released || (j.dirty != nil && (j.resyncBase == 0 || c <= j.resyncBase)) {
+	if !j.mu.retain || c <= j.mu.released || (j.mu.dirty != nil && (j.mu.resyncBase == 0 || c <= j.mu.resyncBase)) {
 		return nil
 	}
-	ci := j.open[c]
+	ci := j.mu.open[c]
 	if ci == nil {
 		ci = &cycleIndex{info: CycleInfo{Cycle: c}, blocks: make(map[uint64]uint64)}
-		j.open[c] = ci
+		j.mu.open[c] = ci
 	}
 	return ci
 }
@@ -90,11 +90,11 @@ func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 	// Every record of the cycle is below the seal and the sync waited for
 	// all of them, so the cycle's index is complete.
 	j.mu.Lock()
-	ci := j.open[h.Cycle]
-	delete(j.open, h.Cycle)
-	written := j.written[h.Cycle]
-	delete(j.written, h.Cycle)
-	keep := ci != nil || (j.cfg.Retain && j.dirty == nil && h.Cycle > j.released)
+	ci := j.mu.open[h.Cycle]
+	delete(j.mu.open, h.Cycle)
+	written := j.mu.written[h.Cycle]
+	delete(j.mu.written, h.Cycle)
+	keep := ci != nil || (j.mu.retain && j.mu.dirty == nil && h.Cycle > j.mu.released)
 	j.mu.Unlock()
 	if ci == nil {
 		ci = &cycleIndex{info: CycleInfo{Cycle: h.Cycle}}
@@ -110,8 +110,8 @@ func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 			// prove what the replica lacks, switch to dirty tracking with
 			// this cycle's blocks marked (resync required).
 			j.mu.Lock()
-			j.open[h.Cycle] = ci
-			j.cutting, j.cutReason = true, "cannot index cycle "+fmt.Sprint(h.Cycle)+": "+err.Error()
+			j.mu.open[h.Cycle] = ci
+			j.mu.cutting, j.mu.cutReason = true, "cannot index cycle "+fmt.Sprint(h.Cycle)+": "+err.Error()
 			j.kickWriteBack()
 			j.mu.Unlock()
 			return CycleInfo{}, err
@@ -119,11 +119,11 @@ func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 	}
 	j.mu.Lock()
 	ci.info.Start = j.sealStartLocked(h.Cycle)
-	j.cycleStart = ci.info.End
-	if keep && h.Cycle > j.released && j.dirty == nil {
-		j.closedC = append(j.closedC, ci.info)
-	} else if h.Cycle > j.released {
-		j.released = h.Cycle
+	j.mu.cycleStart = ci.info.End
+	if keep && h.Cycle > j.mu.released && j.mu.dirty == nil {
+		j.mu.closedC = append(j.mu.closedC, ci.info)
+	} else if h.Cycle > j.mu.released {
+		j.mu.released = h.Cycle
 	}
 	info := ci.info
 	j.mu.Unlock()
@@ -133,32 +133,29 @@ func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 		}
 	}
 	j.log.Debug("cycle sealed", "cycle", info.Cycle, "blocks", info.Blocks, "bytes", info.Bytes)
-	if f := j.cfg.Events.CycleSealed; f != nil {
-		f(info)
-	}
 	return info, nil
 }
 
 // sealStartLocked is where cycle c began: the end of the previous seal.
 func (j *Journal) sealStartLocked(c uint64) uint64 {
-	if n := len(j.closedC); n > 0 && j.closedC[n-1].Cycle == c-1 {
-		return j.closedC[n-1].End
+	if n := len(j.mu.closedC); n > 0 && j.mu.closedC[n-1].Cycle == c-1 {
+		return j.mu.closedC[n-1].End
 	}
-	return j.cycleStart
+	return j.mu.cycleStart
 }
 
 // Cycles lists the closed cycles not yet released, oldest first.
 func (j *Journal) Cycles() []CycleInfo {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return append([]CycleInfo(nil), j.closedC...)
+	return append([]CycleInfo(nil), j.mu.closedC...)
 }
 
 // OpenCycle is the number of the cycle writes currently go to.
 func (j *Journal) OpenCycle() uint64 {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return j.cycle
+	return j.mu.cycle
 }
 
 // Extents calls fn for the coalesced content of closed cycle c: first its
@@ -175,7 +172,7 @@ func (j *Journal) Extents(c uint64, fn func(Extent) error) error {
 func (j *Journal) isClosed(c uint64) bool {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	for _, ci := range j.closedC {
+	for _, ci := range j.mu.closedC {
 		if ci.Cycle == c {
 			return true
 		}
@@ -200,12 +197,12 @@ func (j *Journal) ReadExtent(e Extent, p []byte) error {
 func (j *Journal) Release(c uint64) error {
 	j.mu.Lock()
 	var drop []uint64
-	for len(j.closedC) > 0 && j.closedC[0].Cycle <= c {
-		drop = append(drop, j.closedC[0].Cycle)
-		j.closedC = j.closedC[1:]
+	for len(j.mu.closedC) > 0 && j.mu.closedC[0].Cycle <= c {
+		drop = append(drop, j.mu.closedC[0].Cycle)
+		j.mu.closedC = j.mu.closedC[1:]
 	}
-	if c > j.released && c < j.cycle {
-		j.released = c
+	if c > j.mu.released && c < j.mu.cycle {
+		j.mu.released = c
 	}
 	j.mu.Unlock()
 	for _, n := range drop {

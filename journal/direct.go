@@ -67,28 +67,28 @@ func (l directLayout) end(n int64) int64 { return l.blk + vfs.DirectAlign + n }
 // the segment cannot take direct writes (or is too small for one): then the
 // caller appends the plain way.
 func (j *Journal) reserveDirectLocked(n int64) (seg *segment, l directLayout, ok bool, err error) {
-	if j.failed != nil {
-		return nil, l, false, j.failed
+	if j.mu.failed != nil {
+		return nil, l, false, j.mu.failed
 	}
-	if j.closed {
+	if j.mu.closed {
 		return nil, l, false, ErrClosed
 	}
 	if layoutAt(segmentHeaderSize).end(n) > j.cfg.SegmentSize {
 		return nil, l, false, nil
 	}
-	seg = j.segs[len(j.segs)-1]
-	l = layoutAt(int64(j.head - seg.base))
+	seg = j.mu.segs[len(j.mu.segs)-1]
+	l = layoutAt(int64(j.mu.head - seg.base))
 	if l.end(n) > j.cfg.SegmentSize {
 		if seg, err = j.newSegmentLocked(); err != nil {
 			return nil, l, false, err
 		}
-		l = layoutAt(int64(j.head - seg.base))
+		l = layoutAt(int64(j.mu.head - seg.base))
 	}
 	if seg.dw == nil {
 		return nil, l, false, nil
 	}
-	j.head = seg.base + uint64(l.end(n))
-	j.inflight[seg.base+uint64(l.pad)] = struct{}{}
+	j.mu.head = seg.base + uint64(l.end(n))
+	j.mu.inflight[seg.base+uint64(l.pad)] = struct{}{}
 	return seg, l, true, nil
 }
 
@@ -123,8 +123,8 @@ func (j *Journal) appendDirectBuf(h Header, buf []byte, index func(h *Header)) (
 		return j.appendRecord(h, buf[vfs.DirectAlign:vfs.DirectAlign+n], index)
 	}
 	start := seg.base + uint64(l.pad)
-	h.Cycle, h.LSN, h.Synced = j.cycle, seg.base+uint64(l.rec()), j.synced
-	pad := Header{Kind: KindPad, LSN: start, Cycle: j.cycle, Synced: j.synced,
+	h.Cycle, h.LSN, h.Synced = j.mu.cycle, seg.base+uint64(l.rec()), j.mu.synced
+	pad := Header{Kind: KindPad, LSN: start, Cycle: j.mu.cycle, Synced: j.mu.synced,
 		Length: uint64(l.rec() - l.pad - HeaderSize)}
 	j.mu.Unlock()
 
@@ -153,18 +153,18 @@ func (j *Journal) appendDirectBuf(h Header, buf []byte, index func(h *Header)) (
 		return h, err
 	}
 	// Keep the buffer for the write-back while the budget allows.
-	for q := len(j.queue) - 1; q >= 0 && j.retained+cap(buf) <= j.retainLimit; q-- {
-		if j.queue[q].h.LSN == h.LSN {
-			j.queue[q].buf = buf
-			j.retained += cap(buf)
+	for q := len(j.mu.queue) - 1; q >= 0 && j.mu.retained+cap(buf) <= j.mu.retainLimit; q-- {
+		if j.mu.queue[q].h.LSN == h.LSN {
+			j.mu.queue[q].buf = buf
+			j.mu.retained += cap(buf)
 			kept = true
 			break
 		}
-		if j.queue[q].h.LSN < h.LSN {
+		if j.mu.queue[q].h.LSN < h.LSN {
 			break
 		}
 	}
-	if j.head-j.synced >= syncEarly {
+	if j.mu.head-j.mu.synced >= syncEarly {
 		j.kickWriteBack() // the background syncs early: see syncEarly
 	}
 	return h, nil
@@ -180,11 +180,11 @@ func (j *Journal) appendDirectBuf(h Header, buf []byte, index func(h *Header)) (
 // Only synced records are written back, so a waiter makes the journal sync
 // (syncIfDue) however little is unsynced.
 func (j *Journal) waitRetainLocked(n int) {
-	for j.failed == nil && !j.closed && j.retained > 0 && j.retained+n > j.retainLimit {
-		j.retainWaiters++
+	for j.mu.failed == nil && !j.mu.closed && j.mu.retained > 0 && j.mu.retained+n > j.mu.retainLimit {
+		j.mu.retainWaiters++
 		j.kickWriteBack()
-		j.cond.Wait()
-		j.retainWaiters--
+		j.mu.cond.Wait()
+		j.mu.retainWaiters--
 	}
 }
 
@@ -367,7 +367,7 @@ func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
 		j.mu.Lock()
 		for b := uint64(0); b < h.Length/BlockSize; b++ {
 			data := h.LSN + HeaderSize + b*BlockSize
-			if p := j.pending[blockKey(disk, base+b)]; p != data && (p == 0 || p < j.synced) {
+			if p := j.mu.pending[blockKey(disk, base+b)]; p != data && (p == 0 || p < j.mu.synced) {
 				j.mu.Unlock()
 				return 1, j.writeBackRecord(first, q[0].buf)
 			}
@@ -403,8 +403,8 @@ func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
 		j.mu.Lock()
 		for b := uint64(0); b < h.Length/BlockSize; b++ {
 			key, data := blockKey(disk, base+b), h.LSN+HeaderSize+b*BlockSize
-			if j.pending[key] == data {
-				delete(j.pending, key)
+			if j.mu.pending[key] == data {
+				delete(j.mu.pending, key)
 				j.npending.Add(-1)
 			}
 		}

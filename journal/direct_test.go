@@ -230,7 +230,7 @@ func TestWriteBackRun(t *testing.T) {
 			cfg := testConfig(t, efs, "/vm", 4<<20)
 			j := mustOpen(t, cfg)
 			if !tc.retain { // no budget: the write-back reads the journal
-				j.retainLimit = 0
+				j.mu.retainLimit = 0
 			}
 			m := newModel(4 << 20)
 			r := rand.New(rand.NewPCG(9, 9))
@@ -247,7 +247,7 @@ func TestWriteBackRun(t *testing.T) {
 			write(5*256<<10+BlockSize, BlockSize) // breaks the run at record 5
 			// Nothing is synced yet, so nothing was written back.
 			j.mu.Lock()
-			kept := j.retained
+			kept := j.mu.retained
 			j.mu.Unlock()
 			if tc.retain && kept == 0 || !tc.retain && kept != 0 {
 				t.Fatalf("%d bytes of append buffers retained", kept)
@@ -268,7 +268,7 @@ func TestWriteBackRun(t *testing.T) {
 				t.Fatal(err)
 			}
 			j.mu.Lock()
-			kept = j.retained
+			kept = j.mu.retained
 			j.mu.Unlock()
 			if kept != 0 {
 				t.Fatalf("%d bytes of append buffers still retained after the write-back", kept)
@@ -296,7 +296,7 @@ func TestBackPressure(t *testing.T) {
 	j := mustOpen(t, cfg)
 	defer j.Close()
 	const rec = 256 << 10
-	j.retainLimit = 3 * cap(getAligned(vfs.DirectAlign+rec)) // three appends' buffers
+	j.mu.retainLimit = 3 * cap(getAligned(vfs.DirectAlign+rec)) // three appends' buffers
 	m := newModel(8 << 20)
 	r := rand.New(rand.NewPCG(3, 3))
 	reads := efs.Count(vfs.OpRead)
@@ -308,10 +308,10 @@ func TestBackPressure(t *testing.T) {
 		}
 		copy(m[0][off:], p)
 		j.mu.Lock()
-		kept := j.retained
+		kept := j.mu.retained
 		j.mu.Unlock()
-		if kept > j.retainLimit {
-			t.Fatalf("after append %d: %d bytes of buffers kept, budget %d", k, kept, j.retainLimit)
+		if kept > j.mu.retainLimit {
+			t.Fatalf("after append %d: %d bytes of buffers kept, budget %d", k, kept, j.mu.retainLimit)
 		}
 	}
 	if err := j.Flush(); err != nil {

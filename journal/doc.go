@@ -102,7 +102,19 @@
 // A Journal and its Disks are safe for concurrent use. Writes to overlapping
 // 1 MiB regions are serialised by stripe locks (an unaligned write must
 // read-modify-write whole blocks); appends to the segment reserve their LSN
-// under the journal mutex and write outside it. Lock order: stripe locks in
-// ascending order, sealMu, wbMu or ckptMu (the write-back or a checkpoint,
-// which run side by side), segMu, mu.
+// under the journal mutex and write outside it. The Journal struct groups its
+// fields by the lock that guards them: mu (with its condition variable) guards
+// the log, the cycles and the write-back queue; wb guards the write-back's
+// buffer and is held by whatever changes the images; sealMu, ckptMu, dirtyMu,
+// syncMu and segMu guard no field but serialise seals, checkpoints, dirty map
+// file changes, journal syncs, and reads of segment files against their
+// removal. Lock order: a goroutine holding one takes only later ones.
+//
+//	stripe locks (ascending)
+//	sealMu
+//	wb or ckptMu (never both: the write-back and a checkpoint run side by side)
+//	dirtyMu
+//	syncMu
+//	segMu
+//	mu
 package journal

@@ -48,14 +48,6 @@ type DiskSpec struct {
 	Size int64
 }
 
-// Events are optional callbacks; each may be nil. They run on the goroutine
-// that caused them and must not call back into the journal.
-type Events struct {
-	CycleSealed     func(CycleInfo)
-	ResyncRequired  func(reason string)
-	BackgroundError func(error)
-}
-
 // Config of a Journal.
 type Config struct {
 	FS    vfs.FS // nil = the real filesystem
@@ -76,7 +68,6 @@ type Config struct {
 	// sync and checkpoint; default 5s.
 	CheckpointInterval time.Duration
 	Logger             *slog.Logger
-	Events             Events
 	Now                func() time.Time
 }
 
@@ -85,67 +76,91 @@ type Config struct {
 // image only after the journal holding it is synced (write-back). So the image
 // never holds a write the journal lacks, even after a power cut.
 //
-// A Journal is safe for concurrent use. Lock order: stripe locks (ascending),
-// then sealMu, then wbMu or ckptMu (never both), then segMu, then mu; syncMu
-// is taken with none of mu, segMu held.
+// A Journal is safe for concurrent use. Its fields are grouped by what guards
+// them: those set by Open and only read after it; those safe for concurrent
+// use by themselves; the locks that serialise an operation and guard no field
+// (sealMu, ckptMu, dirtyMu, syncMu, segMu); wb, the write-back's lock with
+// the buffer it guards; and mu with everything else, which is most of the
+// state. A goroutine holding one lock takes only locks later in this order
+// (see the package doc):
+//
+//	stripes (ascending), sealMu, wb or ckptMu (never both), dirtyMu,
+//	syncMu, segMu, mu
 type Journal struct {
-	cfg    Config
+	// Set by Open, read-only after it.
+	cfg    Config // cfg.Retain is only the initial mu.retain
 	fs     vfs.FS
 	log    *slog.Logger
 	images []vfs.File
 	disks  []*Disk
-	cycles *cycleStore
-
-	stripes  [numStripes]sync.Mutex
-	syncMu   sync.Mutex   // one journal sync at a time; callers share it
-	sealMu   sync.Mutex   // one seal or switch to dirty tracking at a time
-	wbMu     sync.Mutex   // write-back and image changes; guards wbBuf
-	ckptMu   sync.Mutex   // one checkpoint at a time
-	ckptBusy atomic.Bool  // the background's checkpoint is running
-	dirtyMu  sync.Mutex   // writes and removal of the dirty map file
-	wbBuf    []byte       // aligned buffer for direct write-back
-	segMu    sync.RWMutex // readers of segment data vs closing segments
-
-	mu            sync.Mutex
-	cond          *sync.Cond // inflight completions, synced advances
-	failed        error
-	closed        bool
-	head          uint64 // next LSN to hand out
-	segs          []*segment
-	free          []string // recycled segment files, ready for reuse
-	freeSeq       int
-	inflight      map[uint64]struct{}
-	synced        uint64 // journal durable through this LSN
-	lastSync      time.Time
-	cycle         uint64                 // the open cycle
-	cycleStart    uint64                 // LSN where the open cycle began
-	open          map[uint64]*cycleIndex // cycles whose index is still in memory
-	written       map[uint64]int64       // bytes written per open cycle, kept or not
-	closedC       []CycleInfo            // sealed, indexed, not released
-	released      uint64                 // cycles <= released are gone
-	retainFrom    uint64                 // LSN of the oldest record an unreleased cycle needs
-	pending       map[uint64]uint64      // block key -> data LSN newer than the image
-	npending      atomic.Int64
-	queue         []queued // records awaiting write-back, in LSN order
-	retained      int      // bytes of queued direct-append buffers (queued.buf)
-	retainLimit   int      // budget of retained: retainMax (tests change it)
-	retainWaiters int      // appends waiting in waitRetainLocked
-	applied       uint64   // every record below it is in the image (maybe unsynced)
-	ckpt          checkpoint
-	dirty         *dirtyMap // non-nil: resync required, writes tracked as dirty blocks
-	resyncBase    uint64    // non-zero: a resync from this barrier cycle is under way
-	resyncNext    bool      // the next seal is a resync barrier
-	cutting       bool      // a switch to dirty tracking is under way
-	cutReason     string    // why, when not the cap
-
+	cycles *cycleStore // Badger is safe for concurrent use
 	// directMin is the smallest write payload appended with O_DIRECT
 	// (directAppendMin; tests lower it to drive small writes that way).
 	directMin int
 
-	kick    chan struct{}
-	stop    chan struct{}
-	wg      sync.WaitGroup
-	bufPool sync.Pool
+	// Safe for concurrent use by themselves.
+	npending atomic.Int64 // len(mu.pending): changed under mu, read without it
+	ckptBusy atomic.Bool  // the background's checkpoint is running
+	kick     chan struct{}
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	bufPool  sync.Pool
+
+	// Locks that serialise an operation and guard no field of their own.
+	stripes [numStripes]sync.Mutex // writes to overlapping 1 MiB regions of a disk
+	sealMu  sync.Mutex             // one seal, resync step or switch to dirty tracking
+	ckptMu  sync.Mutex             // one checkpoint at a time
+	dirtyMu sync.Mutex             // writes and removal of the dirty map file
+	syncMu  sync.Mutex             // one journal sync at a time; callers share it
+	segMu   sync.RWMutex           // readers of segment files vs closing them
+
+	// wb is held by the write-back and by anything else that changes the
+	// images (rangeOp).
+	wb struct {
+		sync.Mutex
+		buf []byte // aligned buffer for direct write-back (alignedBuf)
+	}
+
+	mu struct {
+		sync.Mutex
+		// cond is signalled when an append leaves flight, a sync ends, a
+		// kept buffer is given back, or the journal fails or closes.
+		cond   *sync.Cond
+		failed error // sticky: see failLocked
+		closed bool
+
+		// The log.
+		head     uint64 // next LSN to hand out
+		segs     []*segment
+		free     []string // recycled segment files, ready for reuse
+		freeSeq  int
+		inflight map[uint64]struct{} // reserved LSNs whose write has not returned
+		synced   uint64              // journal durable through this LSN
+		lastSync time.Time
+
+		// Cycles and resync.
+		retain     bool                   // keep cycles for shipping (Config.Retain, SetRetain)
+		cycle      uint64                 // the open cycle
+		cycleStart uint64                 // LSN where the open cycle began
+		open       map[uint64]*cycleIndex // cycles whose index is still in memory
+		written    map[uint64]int64       // bytes written per open cycle, kept or not
+		closedC    []CycleInfo            // sealed, indexed, not released
+		released   uint64                 // cycles <= released are gone
+		dirty      *dirtyMap              // non-nil: resync required, writes tracked as dirty blocks
+		resyncBase uint64                 // non-zero: a resync from this barrier cycle is under way
+		resyncNext bool                   // the next seal is a resync barrier
+		cutting    bool                   // a switch to dirty tracking is under way
+		cutReason  string                 // why, when not the cap
+
+		// The write-back.
+		pending       map[uint64]uint64 // block key -> data LSN newer than the image
+		queue         []queued          // records awaiting write-back, in LSN order
+		retained      int               // bytes of queued direct-append buffers (queued.buf)
+		retainLimit   int               // budget of retained: retainMax (tests change it)
+		retainWaiters int               // appends waiting in waitRetainLocked
+		applied       uint64            // every record below it is in the image (maybe unsynced)
+		ckpt          checkpoint        // the last checkpoint written
+	}
 }
 
 type queued struct {
@@ -194,19 +209,20 @@ func Open(cfg Config) (*Journal, error) {
 		cfg.Cap = max(total/2, 2*cfg.SegmentSize)
 	}
 	j := &Journal{
-		cfg:         cfg,
-		fs:          cfg.FS,
-		log:         cfg.Logger,
-		inflight:    make(map[uint64]struct{}),
-		open:        make(map[uint64]*cycleIndex),
-		written:     make(map[uint64]int64),
-		pending:     make(map[uint64]uint64),
-		kick:        make(chan struct{}, 1),
-		stop:        make(chan struct{}),
-		directMin:   directAppendMin,
-		retainLimit: retainMax,
+		cfg:       cfg,
+		fs:        cfg.FS,
+		log:       cfg.Logger,
+		kick:      make(chan struct{}, 1),
+		stop:      make(chan struct{}),
+		directMin: directAppendMin,
 	}
-	j.cond = sync.NewCond(&j.mu)
+	j.mu.cond = sync.NewCond(&j.mu.Mutex)
+	j.mu.inflight = make(map[uint64]struct{})
+	j.mu.open = make(map[uint64]*cycleIndex)
+	j.mu.written = make(map[uint64]int64)
+	j.mu.pending = make(map[uint64]uint64)
+	j.mu.retain = cfg.Retain
+	j.mu.retainLimit = retainMax
 	if err := j.fs.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
@@ -244,7 +260,7 @@ func Open(cfg Config) (*Journal, error) {
 		j.cycles.close()
 		return nil, err
 	}
-	j.lastSync = cfg.Now()
+	j.mu.lastSync = cfg.Now()
 	j.wg.Add(1)
 	go j.background()
 	return j, nil
@@ -260,12 +276,12 @@ func (j *Journal) Disks() []*Disk { return j.disks }
 // the files. It is idempotent.
 func (j *Journal) Close() error {
 	j.mu.Lock()
-	if j.closed {
+	if j.mu.closed {
 		j.mu.Unlock()
 		return nil
 	}
-	j.closed = true
-	j.cond.Broadcast()
+	j.mu.closed = true
+	j.mu.cond.Broadcast()
 	j.mu.Unlock()
 	close(j.stop)
 	j.wg.Wait()
@@ -286,9 +302,9 @@ func (j *Journal) Close() error {
 	// A failed journal still holds the buffers of records it did not
 	// write back; they belong to a pool shared by every journal.
 	j.mu.Lock()
-	for i := range j.queue {
-		j.releaseKeptLocked(j.queue[i].buf)
-		j.queue[i].buf = nil
+	for i := range j.mu.queue {
+		j.releaseKeptLocked(j.mu.queue[i].buf)
+		j.mu.queue[i].buf = nil
 	}
 	j.mu.Unlock()
 	return err
@@ -298,7 +314,7 @@ func (j *Journal) closeFiles() {
 	for _, f := range j.images {
 		f.Close()
 	}
-	for _, s := range j.segs {
+	for _, s := range j.mu.segs {
 		s.f.Close()
 	}
 }
@@ -307,38 +323,35 @@ func (j *Journal) closeFiles() {
 const maxFree = 4
 
 func (j *Journal) popFreeLocked() string {
-	if len(j.free) == 0 {
+	if len(j.mu.free) == 0 {
 		return ""
 	}
-	f := j.free[len(j.free)-1]
-	j.free = j.free[:len(j.free)-1]
+	f := j.mu.free[len(j.mu.free)-1]
+	j.mu.free = j.mu.free[:len(j.mu.free)-1]
 	return f
 }
 
 func (j *Journal) headLSN() uint64 {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return j.head
+	return j.mu.head
 }
 
 func (j *Journal) failedErr() error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return j.failed
+	return j.mu.failed
 }
 
 // failLocked stops the journal after an I/O error: a record may be missing
 // from the middle of the log, so nothing after it may be called durable.
 func (j *Journal) failLocked(err error) error {
-	if j.failed == nil {
-		j.failed = fmt.Errorf("%w: %w", ErrFailed, err)
+	if j.mu.failed == nil {
+		j.mu.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 		j.log.Error("journal failed; writes and flushes now fail until restart", "err", err)
-		if f := j.cfg.Events.BackgroundError; f != nil {
-			f(j.failed)
-		}
 	}
-	j.cond.Broadcast()
-	return j.failed
+	j.mu.cond.Broadcast()
+	return j.mu.failed
 }
 
 func blockKey(disk int, block uint64) uint64 { return uint64(disk)<<48 | block }
@@ -387,33 +400,33 @@ func (j *Journal) putBuf(b []byte) {
 // reserveLocked hands out LSNs for a record of n bytes, starting a new segment
 // when the active one is full. The record is marked in flight.
 func (j *Journal) reserveLocked(n int64) (uint64, *segment, error) {
-	if j.failed != nil {
-		return 0, nil, j.failed
+	if j.mu.failed != nil {
+		return 0, nil, j.mu.failed
 	}
-	if j.closed {
+	if j.mu.closed {
 		return 0, nil, ErrClosed
 	}
-	active := j.segs[len(j.segs)-1]
-	if j.head+uint64(n) > active.base+uint64(j.cfg.SegmentSize) {
+	active := j.mu.segs[len(j.mu.segs)-1]
+	if j.mu.head+uint64(n) > active.base+uint64(j.cfg.SegmentSize) {
 		var err error
 		if active, err = j.newSegmentLocked(); err != nil {
 			return 0, nil, err
 		}
 	}
-	lsn := j.head
-	j.head += uint64(n)
-	j.inflight[lsn] = struct{}{}
+	lsn := j.mu.head
+	j.mu.head += uint64(n)
+	j.mu.inflight[lsn] = struct{}{}
 	return lsn, active, nil
 }
 
 // newSegmentLocked starts a new active segment at the head.
 func (j *Journal) newSegmentLocked() (*segment, error) {
-	seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked(), j.cfg.SegmentSize)
+	seg, err := createSegment(j.fs, j.cfg.Dir, j.mu.head, j.cfg.Now().UnixNano(), j.popFreeLocked(), j.cfg.SegmentSize)
 	if err != nil {
 		return nil, j.failLocked(err)
 	}
-	j.segs = append(j.segs, seg)
-	j.head += segmentHeaderSize
+	j.mu.segs = append(j.mu.segs, seg)
+	j.mu.head += segmentHeaderSize
 	return seg, nil
 }
 
@@ -432,16 +445,16 @@ func (j *Journal) appendRecord(h Header, payload []byte, index func(h *Header)) 
 		j.mu.Unlock()
 		return h, err
 	}
-	h.Cycle = j.cycle
+	h.Cycle = j.mu.cycle
 	if h.Kind == KindSeal {
-		j.cycle++ // the cut: later records belong to the next cycle
-		if j.resyncNext {
+		j.mu.cycle++ // the cut: later records belong to the next cycle
+		if j.mu.resyncNext {
 			// BeginResync: from the next cycle on, cycles are kept even
 			// though the dirty map is still in place.
-			j.resyncBase, j.resyncNext = h.Cycle, false
+			j.mu.resyncBase, j.mu.resyncNext = h.Cycle, false
 		}
 	}
-	h.LSN, h.Synced = lsn, j.synced
+	h.LSN, h.Synced = lsn, j.mu.synced
 	j.mu.Unlock()
 
 	encodeHeader(buf, &h)
@@ -456,13 +469,13 @@ func (j *Journal) appendRecord(h Header, payload []byte, index func(h *Header)) 
 // no longer in flight, and unless the write failed (which fails the
 // journal) or the journal failed meanwhile, index runs. Caller holds mu.
 func (j *Journal) appendedLocked(start uint64, seg *segment, werr error, h *Header, index func(h *Header)) error {
-	delete(j.inflight, start)
-	j.cond.Broadcast()
+	delete(j.mu.inflight, start)
+	j.mu.cond.Broadcast()
 	if werr != nil {
 		return j.failLocked(fmt.Errorf("append to %s: %w", seg.name, werr))
 	}
-	if j.failed != nil {
-		return j.failed
+	if j.mu.failed != nil {
+		return j.mu.failed
 	}
 	if index != nil {
 		index(h)
@@ -479,28 +492,28 @@ func (j *Journal) syncTo(target uint64) error {
 	j.syncMu.Lock()
 	defer j.syncMu.Unlock()
 	j.mu.Lock()
-	if j.failed != nil {
+	if j.mu.failed != nil {
 		defer j.mu.Unlock()
-		return j.failed
+		return j.mu.failed
 	}
-	if j.synced >= target {
+	if j.mu.synced >= target {
 		j.mu.Unlock()
 		return nil
 	}
-	upTo := j.head
+	upTo := j.mu.head
 	// Records below upTo must all be written before the sync, or a crash
 	// could keep a later record and lose an earlier one it was promised with.
-	for j.failed == nil && j.inflightBelow(upTo) {
-		j.cond.Wait()
+	for j.mu.failed == nil && j.inflightBelow(upTo) {
+		j.mu.cond.Wait()
 	}
-	if j.failed != nil {
+	if j.mu.failed != nil {
 		defer j.mu.Unlock()
-		return j.failed
+		return j.mu.failed
 	}
 	var toSync []*segment
-	for i := len(j.segs) - 1; i >= 0; i-- {
-		toSync = append(toSync, j.segs[i])
-		if j.segs[i].base <= j.synced {
+	for i := len(j.mu.segs) - 1; i >= 0; i-- {
+		toSync = append(toSync, j.mu.segs[i])
+		if j.mu.segs[i].base <= j.mu.synced {
 			break
 		}
 	}
@@ -521,17 +534,17 @@ func (j *Journal) syncTo(target uint64) error {
 	if err != nil {
 		return j.failLocked(err)
 	}
-	if upTo > j.synced {
-		j.synced = upTo
+	if upTo > j.mu.synced {
+		j.mu.synced = upTo
 	}
-	j.lastSync = j.cfg.Now()
-	j.cond.Broadcast()
+	j.mu.lastSync = j.cfg.Now()
+	j.mu.cond.Broadcast()
 	j.kickWriteBack()
 	return nil
 }
 
 func (j *Journal) inflightBelow(lsn uint64) bool {
-	for l := range j.inflight {
+	for l := range j.mu.inflight {
 		if l < lsn {
 			return true
 		}
@@ -546,13 +559,13 @@ func (j *Journal) kickWriteBack() {
 	}
 }
 
-// segmentFor returns the segment holding lsn. Caller holds segMu or mu.
+// segmentFor returns the segment holding lsn. Caller holds mu.
 func (j *Journal) segmentFor(lsn uint64) *segment {
-	i := sort.Search(len(j.segs), func(i int) bool { return j.segs[i].base > lsn }) - 1
+	i := sort.Search(len(j.mu.segs), func(i int) bool { return j.mu.segs[i].base > lsn }) - 1
 	if i < 0 {
 		return nil
 	}
-	return j.segs[i]
+	return j.mu.segs[i]
 }
 
 // readJournal reads journal bytes at lsn. Caller holds segMu for reading.
@@ -598,7 +611,7 @@ func (j *Journal) readAt(disk int, p []byte, off int64) error {
 		inBlk := pos % BlockSize
 		n := min(int64(len(p)-done), BlockSize-inBlk)
 		var lsn uint64
-		if d, ok := j.pending[blockKey(disk, blk)]; ok {
+		if d, ok := j.mu.pending[blockKey(disk, blk)]; ok {
 			lsn = d + uint64(inBlk)
 		}
 		if k := len(pieces) - 1; k >= 0 && (pieces[k].lsn == 0) == (lsn == 0) &&
@@ -655,57 +668,100 @@ func (j *Journal) write(disk int, p []byte, off int64) error {
 	return nil
 }
 
-func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
-	return j.appendWriteBuf(disk, p, off, nil, 0)
+// appendPath is how a write record reaches its segment file. Which one a
+// write takes is decided in one place, appendPathFor.
+type appendPath int
+
+const (
+	// appendPlain copies header and payload into one pooled buffer and
+	// writes it with a plain WriteAt (appendRecord): small writes, which
+	// the page cache gathers.
+	appendPlain appendPath = iota
+	// appendCopyDirect copies a large payload into an aligned append buffer,
+	// checksumming it on the way, and writes it with O_DIRECT behind a pad
+	// record (appendDirect, see direct.go): the journal copy skips the page
+	// cache, and the buffer can be kept for the write-back.
+	appendCopyDirect
+	// appendReceived writes with O_DIRECT straight from the append buffer a
+	// front end received the payload into (Disk.ReceiveWrite,
+	// appendDirectBuf): not even the copy into an aligned buffer is left.
+	appendReceived
+)
+
+// appendPathFor decides how a write of n bytes at off is appended; received
+// says its payload already lies in an append buffer (Disk.ReceiveWrite).
+//
+// A payload of at least directMin bytes goes with O_DIRECT: from the buffer
+// it was received into if it can be appended from there as it is (on block
+// boundaries and one record long), else copied into one. Smaller ones take
+// the plain path. The two O_DIRECT paths still fall back to the plain one
+// when the segment cannot take O_DIRECT writes (reserveDirectLocked).
+func (j *Journal) appendPathFor(off int64, n int, received bool) appendPath {
+	direct := n >= j.directMin
+	switch {
+	case received && direct && off%BlockSize == 0 && n%BlockSize == 0 && n <= MaxPayload:
+		return appendReceived
+	case direct:
+		return appendCopyDirect
+	default:
+		return appendPlain
+	}
 }
 
-// appendWriteBuf journals a write of p at off; buf, if not nil, is the append
-// buffer p lies in (Disk.ReceiveWrite) and sum its checksum, and is taken.
-func (j *Journal) appendWriteBuf(disk int, p []byte, off int64, buf []byte, sum uint32) error {
+// appendWrite journals a write of p at off, a whole number of blocks of at
+// most MaxPayload bytes. The caller holds the range's stripe locks.
+func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
+	return j.appendWriteVia(j.appendPathFor(off, len(p), false), disk, p, off, nil, 0)
+}
+
+// appendWriteVia journals a write of p at off by path via. For
+// appendReceived, buf is the append buffer p lies in and sum its checksum,
+// and buf is taken.
+func (j *Journal) appendWriteVia(via appendPath, disk int, p []byte, off int64, buf []byte, sum uint32) error {
 	h := Header{Kind: KindWrite, Disk: uint16(disk), Offset: uint64(off), Length: uint64(len(p))}
-	appendFn := j.appendRecord
-	switch {
-	case buf != nil:
-		h.DCRC = sum
-		appendFn = func(h Header, _ []byte, index func(*Header)) (Header, error) {
-			return j.appendDirectBuf(h, buf, index)
-		}
-	case len(p) >= j.directMin:
-		appendFn = j.appendDirect
-	}
-	_, err := appendFn(h, p, func(h *Header) {
+	index := func(h *Header) {
 		first := uint64(off) / BlockSize
 		nblk := (uint64(len(p)) + BlockSize - 1) / BlockSize
 		ci := j.cycleIndexLocked(h.Cycle)
 		for i := uint64(0); i < nblk; i++ {
 			key := blockKey(disk, first+i)
 			data := h.LSN + HeaderSize + i*BlockSize
-			if _, ok := j.pending[key]; !ok {
+			if _, ok := j.mu.pending[key]; !ok {
 				j.npending.Add(1)
 			}
-			j.pending[key] = data
+			j.mu.pending[key] = data
 			if ci != nil {
 				ci.blocks[key] = data
 			}
 		}
-		if j.dirty != nil {
-			j.dirty.setRange(disk, off, int64(len(p)))
+		if j.mu.dirty != nil {
+			j.mu.dirty.setRange(disk, off, int64(len(p)))
 		}
-		j.written[h.Cycle] += int64(len(p))
+		j.mu.written[h.Cycle] += int64(len(p))
 		j.enqueueLocked(queued{h: *h})
 		j.checkCapLocked()
-	})
+	}
+	var err error
+	switch via {
+	case appendReceived:
+		h.DCRC = sum
+		_, err = j.appendDirectBuf(h, buf, index)
+	case appendCopyDirect:
+		_, err = j.appendDirect(h, p, index)
+	case appendPlain:
+		_, err = j.appendRecord(h, p, index)
+	}
 	return err
 }
 
 // enqueueLocked adds a record to the write-back queue in LSN order: appends
 // complete out of order, but rarely by more than a few places.
 func (j *Journal) enqueueLocked(q queued) {
-	i := len(j.queue)
-	for i > 0 && j.queue[i-1].h.LSN > q.h.LSN {
+	i := len(j.mu.queue)
+	for i > 0 && j.mu.queue[i-1].h.LSN > q.h.LSN {
 		i--
 	}
-	j.queue = slices.Insert(j.queue, i, q)
+	j.mu.queue = slices.Insert(j.mu.queue, i, q)
 }
 
 // rangeOp journals a trim or zero of [off, off+n) and applies it to the image
@@ -735,8 +791,8 @@ func (j *Journal) rangeOp(disk int, kind uint8, off, n int64) error {
 			ci.dropRange(disk, start, end-start)
 			ci.ranges = append(ci.ranges, Extent{Disk: disk, Offset: start, Length: end - start, Kind: kind, lsn: h.LSN})
 		}
-		if j.dirty != nil {
-			j.dirty.setRange(disk, start, end-start)
+		if j.mu.dirty != nil {
+			j.mu.dirty.setRange(disk, start, end-start)
 		}
 		j.enqueueLocked(queued{h: *h, eager: true})
 	})
@@ -746,17 +802,17 @@ func (j *Journal) rangeOp(disk int, kind uint8, off, n int64) error {
 	if err := j.syncTo(h.LSN + HeaderSize); err != nil {
 		return err
 	}
-	j.wbMu.Lock()
-	defer j.wbMu.Unlock()
+	j.wb.Lock()
+	defer j.wb.Unlock()
 	err = j.applyRange(&h)
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if err != nil {
 		return j.failLocked(err)
 	}
-	for i := range j.queue {
-		if j.queue[i].h.LSN == h.LSN {
-			j.queue[i].applied = true
+	for i := range j.mu.queue {
+		if j.mu.queue[i].h.LSN == h.LSN {
+			j.mu.queue[i].applied = true
 			break
 		}
 	}
@@ -765,7 +821,7 @@ func (j *Journal) rangeOp(disk int, kind uint8, off, n int64) error {
 }
 
 // applyRange applies a trim or zero record to the image and forgets older
-// journal blocks in its range. Caller holds wbMu.
+// journal blocks in its range. Caller holds wb.
 func (j *Journal) applyRange(h *Header) error {
 	f := j.images[h.Disk]
 	off, n := int64(h.Offset), int64(h.Length)
@@ -780,9 +836,9 @@ func (j *Journal) applyRange(h *Header) error {
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	forEachKeyInRange(j.pending, int(h.Disk), off, n, func(key, data uint64) {
+	forEachKeyInRange(j.mu.pending, int(h.Disk), off, n, func(key, data uint64) {
 		if data < h.LSN {
-			delete(j.pending, key)
+			delete(j.mu.pending, key)
 			j.npending.Add(-1)
 		}
 	})
@@ -826,118 +882,4 @@ func kindName(k uint8) string {
 		return "pad"
 	}
 	return fmt.Sprintf("kind %d", k)
-}
-
-// Disk is one disk of a journaled VM, the block device the front ends serve.
-// It satisfies blockdev.Disk.
-type Disk struct {
-	j    *Journal
-	idx  int
-	size int64
-}
-
-func (d *Disk) check(off int64, n int) error {
-	if off < 0 || n < 0 || off+int64(n) > d.size || off+int64(n) < off {
-		return fmt.Errorf("%w: [%d, +%d) on a %d-byte disk", ErrOutOfRange, off, n, d.size)
-	}
-	return nil
-}
-
-// Name is the disk's name.
-func (d *Disk) Name() string { return d.j.cfg.Disks[d.idx].Name }
-
-// Size is the disk size in bytes.
-func (d *Disk) Size() int64 { return d.size }
-
-// ReadAt reads the newest data, journaled or written back.
-func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
-	if err := d.check(off, len(p)); err != nil {
-		return 0, err
-	}
-	if err := d.j.readAt(d.idx, p, off); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-// WriteAt journals p; it returns once the record is in the journal (not yet
-// durable: see Flush).
-func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
-	if err := d.check(off, len(p)); err != nil {
-		return 0, err
-	}
-	if len(p) == 0 {
-		return 0, nil
-	}
-	if err := d.j.write(d.idx, p, off); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-// ReceiveMin is the smallest write ReceiveWrite takes without a copy: the
-// smallest appended with O_DIRECT.
-func (d *Disk) ReceiveMin() int { return d.j.directMin }
-
-// ReceiveWrite reads the n-byte payload of a write from r straight into the
-// buffer the journal will append it from, checksumming it as it arrives,
-// and returns the function that journals it at off, like WriteAt. A front
-// end calls it where it would read the payload into a buffer of its own,
-// and the function once, from any goroutine; with a negative off it only
-// gives the buffer back. (It saves a copy of every byte, and a pass of
-// CRC32C over memory no longer in the CPU cache.)
-func (d *Disk) ReceiveWrite(r io.Reader, n int) (func(off int64) error, error) {
-	buf := getAligned(vfs.DirectAlign + n)
-	data := buf[vfs.DirectAlign:]
-	sum, err := receiveCRC(r, data)
-	if err != nil {
-		putAligned(buf)
-		return nil, err
-	}
-	return func(off int64) error {
-		if err := d.check(off, n); err != nil {
-			putAligned(buf)
-			return err
-		}
-		return d.j.writeReceived(d.idx, buf, sum, off)
-	}, nil
-}
-
-// writeReceived journals a write received into an append buffer (see
-// ReceiveWrite) and takes buf. A write that cannot be appended from it as it
-// is (not on block boundaries, small, or larger than a record) takes the
-// copying path.
-func (j *Journal) writeReceived(disk int, buf []byte, sum uint32, off int64) error {
-	p := buf[vfs.DirectAlign:]
-	if off%BlockSize != 0 || len(p)%BlockSize != 0 || len(p) < j.directMin || len(p) > MaxPayload {
-		defer putAligned(buf)
-		return j.write(disk, p, off)
-	}
-	unlock := j.lockRange(disk, off, int64(len(p)))
-	defer unlock()
-	return j.appendWriteBuf(disk, p, off, buf, sum)
-}
-
-// Flush makes every write of every disk of the VM that returned before it
-// durable.
-func (d *Disk) Flush() error { return d.j.Flush() }
-
-// Trim discards the range; it reads back as zeroes.
-func (d *Disk) Trim(off, n int64) error {
-	if err := d.check(off, int(n)); err != nil || n == 0 {
-		return err
-	}
-	return d.j.rangeOp(d.idx, KindTrim, off, n)
-}
-
-// Zero writes zeroes; with punch the range may be deallocated.
-func (d *Disk) Zero(off, n int64, punch bool) error {
-	if err := d.check(off, int(n)); err != nil || n == 0 {
-		return err
-	}
-	kind := KindZeroAlloc
-	if punch {
-		kind = KindZero
-	}
-	return d.j.rangeOp(d.idx, kind, off, n)
 }

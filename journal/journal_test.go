@@ -2,11 +2,14 @@ package journal
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -256,7 +259,7 @@ func TestJournalConcurrentWritersAndFlushes(t *testing.T) {
 	}
 }
 
-// cycleContent replays closed cycles' extents onto base images.
+// applyCycle replays closed cycle c's extents onto the images imgs.
 func applyCycle(t *testing.T, j *Journal, c uint64, imgs model) {
 	t.Helper()
 	err := j.Extents(c, func(e Extent) error {
@@ -399,9 +402,8 @@ func TestCapSwitchesToDirtyTracking(t *testing.T) {
 	cfg.Cap = 4 << 20
 	cfg.SyncInterval = time.Millisecond
 	cfg.CheckpointInterval = time.Millisecond
-	var reasons []string
-	var mu sync.Mutex
-	cfg.Events.ResyncRequired = func(r string) { mu.Lock(); reasons = append(reasons, r); mu.Unlock() }
+	resyncs := &msgCounter{msg: "resync required"}
+	cfg.Logger = slog.New(resyncs)
 	j := mustOpen(t, cfg)
 	m := newModel(8 << 20)
 	r := rand.New(rand.NewPCG(5, 6))
@@ -438,11 +440,26 @@ func TestCapSwitchesToDirtyTracking(t *testing.T) {
 	if st := j.Stats(); !st.ResyncRequired || st.DirtyBlocks != (2<<20)/BlockSize+1 {
 		t.Fatalf("after reopen: %+v", st)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if len(reasons) != 1 {
-		t.Fatalf("ResyncRequired fired %d times", len(reasons))
+	if n := resyncs.n.Load(); n != 1 {
+		t.Fatalf("resync required logged %d times", n)
 	}
+}
+
+// msgCounter is a slog handler that counts the records logged with msg.
+type msgCounter struct {
+	msg string
+	n   atomic.Int64
+}
+
+func (c *msgCounter) Enabled(context.Context, slog.Level) bool { return true }
+func (c *msgCounter) WithAttrs([]slog.Attr) slog.Handler       { return c }
+func (c *msgCounter) WithGroup(string) slog.Handler            { return c }
+
+func (c *msgCounter) Handle(_ context.Context, r slog.Record) error {
+	if r.Message == c.msg {
+		c.n.Add(1)
+	}
+	return nil
 }
 
 func waitFor(t *testing.T, cond func() bool) {

@@ -9,126 +9,186 @@ import (
 
 // recover brings the journal back after any shutdown, clean or not:
 //
-//  1. Scan every segment. Each valid record carries the LSN that was durable
-//     when it was written; the largest such value says how far the journal had
-//     certainly been synced.
-//  2. The first gap or invalid record ends the journal. At or past the durable
-//     LSN it is a torn tail (a crash): cut it off, drop later segments. Below
-//     it, synced data is damaged: refuse with ErrCorrupt.
+//  1. Scan every segment (scanSegments). Each valid record carries the LSN
+//     that was durable when it was written; the largest such value says how
+//     far the journal had certainly been synced.
+//  2. The first gap or invalid record ends the journal (findEnd). At or past
+//     the durable LSN it is a torn tail (a crash): cut it off, drop later
+//     segments (cutEnd). Below it, synced data is damaged: refuse with
+//     ErrCorrupt.
 //  3. Rebuild the unreleased cycles' indexes and the dirty map from the
 //     records, and replay into the images every record the last checkpoint
-//     does not cover. Replay is idempotent: a record already in the image is
-//     written again with the same bytes.
+//     does not cover (rebuild). Replay is idempotent: a record already in the
+//     image is written again with the same bytes.
 //  4. Sync the images and write a checkpoint at the journal's head.
+//
+// It runs inside Open, before any other goroutine can reach the journal, so
+// it touches mu's fields without taking mu.
 func (j *Journal) recover() error {
-	ck, _, err := readCheckpoint(j.fs, j.cfg.Dir)
+	ck, err := j.readState()
 	if err != nil {
 		return err
+	}
+	bases, err := j.listSegmentFiles()
+	if err != nil {
+		return err
+	}
+	scans, durable, err := j.scanSegments(bases, ck.Applied)
+	if err != nil {
+		return err
+	}
+	keep, err := j.findEnd(scans, durable)
+	if err != nil {
+		return err
+	}
+	if err := j.cutEnd(keep, scans, ck); err != nil {
+		return err
+	}
+	var headers []Header
+	for _, sc := range scans[:keep] {
+		headers = append(headers, sc.headers...)
+	}
+	if err := j.rebuild(headers, ck); err != nil {
+		return err
+	}
+	j.mu.ckpt = ck
+	return j.checkpoint(true)
+}
+
+// readState reads the checkpoint, the dirty map and the resync marker. A
+// resync marker beside a dirty map is dropped: the dirty map wins.
+func (j *Journal) readState() (checkpoint, error) {
+	ck, _, err := readCheckpoint(j.fs, j.cfg.Dir)
+	if err != nil {
+		return ck, err
 	}
 	if ck.Cycle == 0 {
 		ck.Cycle = 1
 	}
-	if j.dirty, err = readDirty(j.fs, j.cfg.Dir, j.diskSizes()); err != nil {
-		return err
+	if j.mu.dirty, err = readDirty(j.fs, j.cfg.Dir, j.diskSizes()); err != nil {
+		return ck, err
 	}
-	if j.resyncBase, err = readResync(j.fs, j.cfg.Dir); err != nil {
-		return err
+	if j.mu.resyncBase, err = readResync(j.fs, j.cfg.Dir); err != nil {
+		return ck, err
 	}
-	if j.dirty != nil && j.resyncBase != 0 {
+	if j.mu.dirty != nil && j.mu.resyncBase != 0 {
 		// A crash inside BeginResync, or the cap passed during a resync:
 		// the dirty map wins and the resync starts again.
-		j.resyncBase = 0
+		j.mu.resyncBase = 0
 		if err := j.removeState(resyncFile); err != nil {
-			return fmt.Errorf("journal: remove resync marker: %w", err)
+			return ck, fmt.Errorf("journal: remove resync marker: %w", err)
 		}
 	}
+	return ck, nil
+}
+
+// listSegmentFiles returns the base LSNs of the segments, oldest first, and
+// picks up the recycled files kept for reuse.
+func (j *Journal) listSegmentFiles() ([]uint64, error) {
 	bases, err := listSegments(j.fs, j.cfg.Dir)
 	if err != nil {
-		return fmt.Errorf("journal: list segments: %w", err)
+		return nil, fmt.Errorf("journal: list segments: %w", err)
 	}
-	if j.free, err = listFree(j.fs, j.cfg.Dir); err != nil {
-		return fmt.Errorf("journal: list segments: %w", err)
+	if j.mu.free, err = listFree(j.fs, j.cfg.Dir); err != nil {
+		return nil, fmt.Errorf("journal: list segments: %w", err)
 	}
-	j.freeSeq = len(j.free) + 1
-	for _, f := range j.free {
+	j.mu.freeSeq = len(j.mu.free) + 1
+	for _, f := range j.mu.free {
 		var n int
 		if _, err := fmt.Sscanf(path.Base(f), freePrefix+"%d", &n); err == nil {
-			j.freeSeq = max(j.freeSeq, n+1)
+			j.mu.freeSeq = max(j.mu.freeSeq, n+1)
 		}
 	}
+	return bases, nil
+}
 
-	// 1. Scan.
-	var (
-		perSeg  [][]Header
-		results []scanResult
-		durable = ck.Applied
-	)
+// segmentScan is what scanSegments found in one segment: where its valid
+// records end and why they stop, and their headers.
+type segmentScan struct {
+	res     scanResult
+	headers []Header
+}
+
+// scanSegments opens every segment into mu.segs and reads its records; the
+// payloads of those at or past applied (the ones replay will need) are
+// checked. It returns one segmentScan per segment and the durable watermark:
+// the largest Synced value of any valid record, at least applied.
+func (j *Journal) scanSegments(bases []uint64, applied uint64) ([]segmentScan, uint64, error) {
+	var scans []segmentScan
+	durable := applied
 	for _, b := range bases {
 		seg, err := openSegment(j.fs, j.cfg.Dir, b)
 		if err != nil {
 			if errors.Is(err, ErrVersion) {
-				return err
+				return nil, 0, err
 			}
 			// Segments are created atomically; a bad header is damage, but
 			// only matters if something durable could live there.
-			results = append(results, scanResult{end: b, torn: err})
-			perSeg = append(perSeg, nil)
-			j.segs = append(j.segs, &segment{base: b, name: segmentName(j.cfg.Dir, b)})
+			scans = append(scans, segmentScan{res: scanResult{end: b, torn: err}})
+			j.mu.segs = append(j.mu.segs, &segment{base: b, name: segmentName(j.cfg.Dir, b)})
 			continue
 		}
-		j.segs = append(j.segs, seg)
+		j.mu.segs = append(j.mu.segs, seg)
 		size, err := seg.f.Size()
 		if err != nil {
-			return fmt.Errorf("journal: %s: %w", seg.name, err)
+			return nil, 0, fmt.Errorf("journal: %s: %w", seg.name, err)
 		}
 		var hs []Header
 		res, err := scanSegment(seg, size,
-			func(h *Header) bool { return h.LSN >= ck.Applied },
+			func(h *Header) bool { return h.LSN >= applied },
 			func(h Header, _ []byte) error { hs = append(hs, h); return nil })
 		if err != nil {
-			return err
+			return nil, 0, err
 		}
-		results = append(results, res)
-		perSeg = append(perSeg, hs)
+		scans = append(scans, segmentScan{res: res, headers: hs})
 		durable = max(durable, res.maxSynced)
 	}
+	return scans, durable, nil
+}
 
-	// 2. Find the end.
-	keep := len(j.segs)
-	for i, seg := range j.segs {
-		res := results[i]
-		if i > 0 && seg.base != results[i-1].end {
-			if results[i-1].end < durable {
-				return fmt.Errorf("%w: gap before segment %s (durable through %#x)", ErrCorrupt, seg.name, durable)
+// findEnd finds where the journal ends: the first gap between segments or
+// record that does not verify, cutting a torn tail at or past durable
+// (recoverTail) and failing with ErrCorrupt below it. It returns how many
+// segments, from the first, hold the journal.
+func (j *Journal) findEnd(scans []segmentScan, durable uint64) (int, error) {
+	for i, seg := range j.mu.segs {
+		res := scans[i].res
+		if i > 0 && seg.base != scans[i-1].res.end {
+			if scans[i-1].res.end < durable {
+				return 0, fmt.Errorf("%w: gap before segment %s (durable through %#x)", ErrCorrupt, seg.name, durable)
 			}
-			keep = i
-			break
+			return i, nil
 		}
 		if seg.f == nil {
 			if seg.base < durable {
-				return fmt.Errorf("%w: %v", ErrCorrupt, res.torn)
+				return 0, fmt.Errorf("%w: %v", ErrCorrupt, res.torn)
 			}
-			keep = i
-			break
+			return i, nil
 		}
 		// A segment is only left for the next one when a record did not
 		// fit: the next starts exactly where its last record ends. Past
 		// that end lie bytes of the file's earlier life (a recycled
 		// segment) or preallocated zeroes, not a torn record.
-		if res.torn != nil && i+1 < len(j.segs) && j.segs[i+1].f != nil && j.segs[i+1].base == res.end {
+		if res.torn != nil && i+1 < len(j.mu.segs) && j.mu.segs[i+1].f != nil && j.mu.segs[i+1].base == res.end {
 			j.log.Debug("journal: segment ends before its file does", "segment", seg.name, "lsn", res.end, "why", res.torn)
 			continue
 		}
 		if res.torn != nil {
 			if err := recoverTail(seg, res, durable); err != nil {
-				return err
+				return 0, err
 			}
 			j.log.Info("journal: cut torn tail", "segment", seg.name, "lsn", res.end, "why", res.torn)
-			keep = i + 1
-			break
+			return i + 1, nil
 		}
 	}
-	for _, seg := range j.segs[keep:] {
+	return len(j.mu.segs), nil
+}
+
+// cutEnd removes the segments past the end findEnd found (keep segments
+// stay), sets the head where the journal ends and makes what survived
+// durable; with no segment left it starts one at the checkpoint's head.
+func (j *Journal) cutEnd(keep int, scans []segmentScan, ck checkpoint) error {
+	for _, seg := range j.mu.segs[keep:] {
 		if seg.f != nil {
 			seg.f.Close()
 		}
@@ -137,51 +197,52 @@ func (j *Journal) recover() error {
 		}
 		j.log.Info("journal: dropped segment past torn tail", "segment", seg.name)
 	}
-	if keep < len(j.segs) {
+	if keep < len(j.mu.segs) {
 		if err := j.fs.SyncDir(j.cfg.Dir); err != nil {
 			return fmt.Errorf("journal: %w", err)
 		}
 	}
-	j.segs = j.segs[:keep]
-	var headers []Header
-	for _, hs := range perSeg[:keep] {
-		headers = append(headers, hs...)
-	}
-	if n := len(j.segs); n > 0 {
-		j.head = results[n-1].end
+	j.mu.segs = j.mu.segs[:keep]
+	if keep > 0 {
+		j.mu.head = scans[keep-1].res.end
 	} else {
-		j.head = ck.Head
+		j.mu.head = ck.Head
 	}
-	if j.head < ck.Applied {
-		return fmt.Errorf("%w: journal ends at %#x before checkpoint %#x", ErrCorrupt, j.head, ck.Applied)
+	if j.mu.head < ck.Applied {
+		return fmt.Errorf("%w: journal ends at %#x before checkpoint %#x", ErrCorrupt, j.mu.head, ck.Applied)
 	}
 	// Whatever survived is now part of the journal for good.
-	for _, seg := range j.segs {
+	for _, seg := range j.mu.segs {
 		if err := seg.f.Sync(); err != nil {
 			return fmt.Errorf("journal: sync %s: %w", seg.name, err)
 		}
 	}
-	if len(j.segs) == 0 {
-		seg, err := createSegment(j.fs, j.cfg.Dir, j.head, j.cfg.Now().UnixNano(), j.popFreeLocked(), j.cfg.SegmentSize)
+	if len(j.mu.segs) == 0 {
+		seg, err := createSegment(j.fs, j.cfg.Dir, j.mu.head, j.cfg.Now().UnixNano(), j.popFreeLocked(), j.cfg.SegmentSize)
 		if err != nil {
 			return err
 		}
-		j.segs = append(j.segs, seg)
-		j.head += segmentHeaderSize
+		j.mu.segs = append(j.mu.segs, seg)
+		j.mu.head += segmentHeaderSize
 	}
-	j.synced = j.head
+	j.mu.synced = j.mu.head
+	return nil
+}
 
-	// 3. Rebuild and replay.
-	j.released = max(ck.Released, j.resyncBase)
-	if j.dirty != nil {
-		j.released = max(j.released, j.dirty.released)
+// rebuild rebuilds the cycles (closing those whose seal it meets), their
+// indexes and the dirty map from the records, oldest first, and replays
+// into the images every record at or past the checkpoint.
+func (j *Journal) rebuild(headers []Header, ck checkpoint) error {
+	j.mu.released = max(ck.Released, j.mu.resyncBase)
+	if j.mu.dirty != nil {
+		j.mu.released = max(j.mu.released, j.mu.dirty.released)
 	}
-	j.cycle = max(ck.Cycle, j.released+1)
-	j.cycleStart = j.segs[0].base
-	j.applied = ck.Applied
+	j.mu.cycle = max(ck.Cycle, j.mu.released+1)
+	j.mu.cycleStart = j.mu.segs[0].base
+	j.mu.applied = ck.Applied
 	for i := range headers {
 		h := &headers[i]
-		j.cycle = max(j.cycle, h.Cycle)
+		j.mu.cycle = max(j.mu.cycle, h.Cycle)
 		if h.Kind == KindSeal {
 			if err := j.recoverSeal(h); err != nil {
 				return err
@@ -189,12 +250,12 @@ func (j *Journal) recover() error {
 			continue
 		}
 		if h.Kind == KindWrite {
-			j.written[h.Cycle] += int64(h.Length)
+			j.mu.written[h.Cycle] += int64(h.Length)
 		}
 		if ci := j.cycleIndexLocked(h.Cycle); ci != nil {
 			j.indexRecovered(ci, h)
-		} else if j.dirty != nil && h.LSN >= j.dirty.lsn {
-			j.dirty.setRange(int(h.Disk), int64(h.Offset), int64(h.Length))
+		} else if j.mu.dirty != nil && h.LSN >= j.mu.dirty.lsn {
+			j.mu.dirty.setRange(int(h.Disk), int64(h.Offset), int64(h.Length))
 		}
 		if h.LSN >= ck.Applied {
 			if err := j.replay(h); err != nil {
@@ -202,11 +263,8 @@ func (j *Journal) recover() error {
 			}
 		}
 	}
-	j.applied = j.head
-
-	// 4. Checkpoint.
-	j.ckpt = ck
-	return j.checkpoint(true)
+	j.mu.applied = j.mu.head
+	return nil
 }
 
 func (j *Journal) indexRecovered(ci *cycleIndex, h *Header) {
@@ -225,16 +283,16 @@ func (j *Journal) indexRecovered(ci *cycleIndex, h *Header) {
 
 // recoverSeal closes a cycle found in the journal during recovery.
 func (j *Journal) recoverSeal(h *Header) error {
-	j.cycle = max(j.cycle, h.Cycle+1)
+	j.mu.cycle = max(j.mu.cycle, h.Cycle+1)
 	end := h.LSN + uint64(h.Size())
-	start := j.cycleStart
-	j.cycleStart = end
-	ci := j.open[h.Cycle]
-	delete(j.open, h.Cycle)
-	written := j.written[h.Cycle]
-	delete(j.written, h.Cycle)
-	if !j.cfg.Retain || j.dirty != nil || h.Cycle <= j.released {
-		j.released = max(j.released, h.Cycle)
+	start := j.mu.cycleStart
+	j.mu.cycleStart = end
+	ci := j.mu.open[h.Cycle]
+	delete(j.mu.open, h.Cycle)
+	written := j.mu.written[h.Cycle]
+	delete(j.mu.written, h.Cycle)
+	if !j.mu.retain || j.mu.dirty != nil || h.Cycle <= j.mu.released {
+		j.mu.released = max(j.mu.released, h.Cycle)
 		return nil
 	}
 	if ci == nil {
@@ -255,7 +313,7 @@ func (j *Journal) recoverSeal(h *Header) error {
 	if err := j.cycles.put(ci); err != nil {
 		return err
 	}
-	j.closedC = append(j.closedC, ci.info)
+	j.mu.closedC = append(j.mu.closedC, ci.info)
 	return nil
 }
 

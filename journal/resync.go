@@ -70,16 +70,16 @@ func (j *Journal) BeginResync() (CycleInfo, error) {
 	j.sealMu.Lock()
 	defer j.sealMu.Unlock()
 	j.mu.Lock()
-	if !j.cfg.Retain {
+	if !j.mu.retain {
 		j.mu.Unlock()
 		return CycleInfo{}, ErrNotRetaining
 	}
-	j.resyncNext = true
+	j.mu.resyncNext = true
 	j.mu.Unlock()
 	info, err := j.sealLocked(0)
 	if err != nil {
 		j.mu.Lock()
-		j.resyncNext = false
+		j.mu.resyncNext = false
 		j.mu.Unlock()
 		return CycleInfo{}, err
 	}
@@ -90,13 +90,13 @@ func (j *Journal) BeginResync() (CycleInfo, error) {
 		return CycleInfo{}, fmt.Errorf("journal: write resync marker: %w", err)
 	}
 	j.mu.Lock()
-	j.dirty = nil
+	j.mu.dirty = nil
 	var drop []uint64
-	for len(j.closedC) > 0 && j.closedC[0].Cycle <= base {
-		drop = append(drop, j.closedC[0].Cycle)
-		j.closedC = j.closedC[1:]
+	for len(j.mu.closedC) > 0 && j.mu.closedC[0].Cycle <= base {
+		drop = append(drop, j.mu.closedC[0].Cycle)
+		j.mu.closedC = j.mu.closedC[1:]
 	}
-	j.released = max(j.released, base)
+	j.mu.released = max(j.mu.released, base)
 	j.mu.Unlock()
 	if err := j.removeDirtyMap(); err != nil {
 		return CycleInfo{}, fmt.Errorf("journal: remove dirty map: %w", err)
@@ -120,7 +120,7 @@ func (j *Journal) EndResync(base uint64) error {
 	j.sealMu.Lock()
 	defer j.sealMu.Unlock()
 	j.mu.Lock()
-	running := j.resyncBase == base && j.dirty == nil
+	running := j.mu.resyncBase == base && j.mu.dirty == nil
 	j.mu.Unlock()
 	if !running {
 		return nil
@@ -129,7 +129,7 @@ func (j *Journal) EndResync(base uint64) error {
 		return fmt.Errorf("journal: remove resync marker: %w", err)
 	}
 	j.mu.Lock()
-	j.resyncBase = 0
+	j.mu.resyncBase = 0
 	j.mu.Unlock()
 	j.log.Info("resync complete", "barrier", base)
 	return nil
@@ -143,11 +143,11 @@ func (j *Journal) SetRetain(on bool) error {
 	j.sealMu.Lock()
 	defer j.sealMu.Unlock()
 	j.mu.Lock()
-	if j.cfg.Retain == on {
+	if j.mu.retain == on {
 		j.mu.Unlock()
 		return nil
 	}
-	j.cfg.Retain = on
+	j.mu.retain = on
 	var drop []uint64
 	if on {
 		// A replica that was never filled is not complete: every block is
@@ -157,20 +157,20 @@ func (j *Journal) SetRetain(on bool) error {
 		for i, size := range j.diskSizes() {
 			dm.setRange(i, 0, size)
 		}
-		dm.lsn = j.head
-		dm.released = j.cycle - 1
-		j.dirty = dm
-		j.released = max(j.released, j.cycle-1)
+		dm.lsn = j.mu.head
+		dm.released = j.mu.cycle - 1
+		j.mu.dirty = dm
+		j.mu.released = max(j.mu.released, j.mu.cycle-1)
 	} else {
-		for _, c := range j.closedC {
+		for _, c := range j.mu.closedC {
 			drop = append(drop, c.Cycle)
 		}
-		j.closedC = nil
-		j.open = make(map[uint64]*cycleIndex)
-		j.released = max(j.released, j.cycle-1)
-		j.dirty = nil
-		j.resyncBase = 0
-		j.cutting = false
+		j.mu.closedC = nil
+		j.mu.open = make(map[uint64]*cycleIndex)
+		j.mu.released = max(j.mu.released, j.mu.cycle-1)
+		j.mu.dirty = nil
+		j.mu.resyncBase = 0
+		j.mu.cutting = false
 	}
 	j.mu.Unlock()
 	for _, c := range drop {

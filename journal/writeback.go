@@ -39,12 +39,12 @@ const stepBytes = 256 << 20
 func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 	now := j.cfg.Now()
 	j.mu.Lock()
-	if j.failed != nil {
+	if j.mu.failed != nil {
 		j.mu.Unlock()
 		return nil
 	}
-	cut := j.cutting && j.dirty == nil
-	reason := j.cutReason
+	cut := j.mu.cutting && j.mu.dirty == nil
+	reason := j.mu.cutReason
 	if reason == "" {
 		reason = fmt.Sprintf("journal passed its cap of %d bytes", j.cfg.Cap)
 	}
@@ -64,7 +64,7 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 		}
 	}
 	j.mu.Lock()
-	due := now.Sub(*lastCkpt) >= j.cfg.CheckpointInterval || j.applied-j.ckpt.Applied >= checkpointBytes
+	due := now.Sub(*lastCkpt) >= j.cfg.CheckpointInterval || j.mu.applied-j.mu.ckpt.Applied >= checkpointBytes
 	j.mu.Unlock()
 	if due && j.ckptBusy.CompareAndSwap(false, true) {
 		// The checkpoint's fsync of the images can take seconds: it runs
@@ -93,8 +93,8 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 func (j *Journal) syncIfDue() bool {
 	now := j.cfg.Now()
 	j.mu.Lock()
-	due := j.failed == nil && j.head > j.synced &&
-		(now.Sub(j.lastSync) >= j.cfg.SyncInterval || j.head-j.synced >= syncEarly || j.retainWaiters > 0)
+	due := j.mu.failed == nil && j.mu.head > j.mu.synced &&
+		(now.Sub(j.mu.lastSync) >= j.cfg.SyncInterval || j.mu.head-j.mu.synced >= syncEarly || j.mu.retainWaiters > 0)
 	j.mu.Unlock()
 	return !due || j.syncTo(j.headLSN()) == nil
 }
@@ -125,25 +125,25 @@ const (
 // it waits unsynced, its buffer past the retainMax budget, and is later read
 // back from the journal.
 func (j *Journal) writeBackBatch() (int64, bool, error) {
-	j.wbMu.Lock()
-	defer j.wbMu.Unlock()
+	j.wb.Lock()
+	defer j.wb.Unlock()
 	if !j.syncIfDue() {
 		return 0, false, j.failedErr()
 	}
 	j.mu.Lock()
 	n, size := 0, int64(0)
-	for n < len(j.queue) && n < batchRecords && size < batchBytes {
-		q := &j.queue[n]
-		if q.h.LSN+uint64(q.h.Size()) > j.synced || (q.eager && !q.applied) {
+	for n < len(j.mu.queue) && n < batchRecords && size < batchBytes {
+		q := &j.mu.queue[n]
+		if q.h.LSN+uint64(q.h.Size()) > j.mu.synced || (q.eager && !q.applied) {
 			break
 		}
 		size += q.h.Size()
 		n++
 	}
-	batch := append([]queued(nil), j.queue[:n]...)
+	batch := append([]queued(nil), j.mu.queue[:n]...)
 	if n == 0 {
-		if len(j.queue) == 0 && j.synced > j.applied {
-			j.applied = j.synced
+		if len(j.mu.queue) == 0 && j.mu.synced > j.mu.applied {
+			j.mu.applied = j.mu.synced
 		}
 		j.mu.Unlock()
 		return 0, false, nil
@@ -174,10 +174,10 @@ func (j *Journal) writeBackBatch() (int64, bool, error) {
 	for i := range batch {
 		j.releaseKeptLocked(batch[i].buf)
 	}
-	clear(j.queue[:n])
-	j.queue = j.queue[n:]
+	clear(j.mu.queue[:n])
+	j.mu.queue = j.mu.queue[n:]
 	last := batch[n-1].h
-	j.applied = max(j.applied, last.LSN+uint64(last.Size()))
+	j.mu.applied = max(j.mu.applied, last.LSN+uint64(last.Size()))
 	return size, true, nil
 }
 
@@ -187,9 +187,9 @@ func (j *Journal) releaseKeptLocked(b []byte) {
 	if b == nil {
 		return
 	}
-	j.retained -= cap(b)
+	j.mu.retained -= cap(b)
 	putAligned(b)
-	j.cond.Broadcast() // appends waiting for retainMax room
+	j.mu.cond.Broadcast() // appends waiting for retainMax room
 }
 
 // writeBackRecord writes the blocks of a write record that are still the
@@ -208,7 +208,7 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
 		// record is durable: it will be written back or replayed. If it
 		// is not, a crash loses it, and this (synced, maybe flushed) copy
 		// must be in the image before the checkpoint passes this record.
-		if p := j.pending[blockKey(disk, first+i)]; p != data(i) && (p == 0 || p < j.synced) {
+		if p := j.mu.pending[blockKey(disk, first+i)]; p != data(i) && (p == 0 || p < j.mu.synced) {
 			continue
 		}
 		if k := len(runs) - 1; k >= 0 && runs[k].to == i {
@@ -259,8 +259,8 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
 		j.mu.Lock()
 		for i := r.from; i < r.to; i++ {
 			key := blockKey(disk, first+i)
-			if j.pending[key] == data(i) {
-				delete(j.pending, key)
+			if j.mu.pending[key] == data(i) {
+				delete(j.mu.pending, key)
 				j.npending.Add(-1)
 			}
 		}
@@ -275,21 +275,21 @@ const directMin = 256 << 10
 // alignedBuf returns a DirectAlign-aligned buffer of n bytes, reused by the
 // single write-back goroutine.
 func (j *Journal) alignedBuf(n int) []byte {
-	if cap(j.wbBuf) < n {
-		j.wbBuf = vfs.AlignedBuffer(max(n, 1<<20))
+	if cap(j.wb.buf) < n {
+		j.wb.buf = vfs.AlignedBuffer(max(n, 1<<20))
 	}
-	return j.wbBuf[:n]
+	return j.wb.buf[:n]
 }
 
 // retainFromLocked is the oldest LSN an unreleased cycle still needs.
 func (j *Journal) retainFromLocked() uint64 {
-	if !j.cfg.Retain || j.dirty != nil {
-		return j.head
+	if !j.mu.retain || j.mu.dirty != nil {
+		return j.mu.head
 	}
-	if len(j.closedC) > 0 {
-		return j.closedC[0].Start
+	if len(j.mu.closedC) > 0 {
+		return j.mu.closedC[0].Start
 	}
-	return j.cycleStart
+	return j.mu.cycleStart
 }
 
 // checkpoint syncs the images and records how far they are applied; then the
@@ -304,9 +304,9 @@ func (j *Journal) checkpoint(force bool) error {
 	j.ckptMu.Lock()
 	defer j.ckptMu.Unlock()
 	j.mu.Lock()
-	ck := checkpoint{Applied: j.applied, Head: j.head, Released: j.released, Cycle: j.cycle}
+	ck := checkpoint{Applied: j.mu.applied, Head: j.mu.head, Released: j.mu.released, Cycle: j.mu.cycle}
 	j.mu.Unlock()
-	if !force && ck == j.ckpt {
+	if !force && ck == j.mu.ckpt {
 		return nil
 	}
 	for i, f := range j.images {
@@ -321,7 +321,7 @@ func (j *Journal) checkpoint(force bool) error {
 		return fmt.Errorf("write checkpoint: %w", err)
 	}
 	j.mu.Lock()
-	j.ckpt = ck
+	j.mu.ckpt = ck
 	keep := min(ck.Applied, j.retainFromLocked())
 	j.mu.Unlock()
 	return j.removeSegments(keep)
@@ -334,24 +334,24 @@ func (j *Journal) removeSegments(keep uint64) error {
 	defer j.segMu.Unlock()
 	j.mu.Lock()
 	var gone []*segment
-	for len(j.segs) > 1 && j.segs[1].base <= keep {
-		gone = append(gone, j.segs[0])
-		j.segs = j.segs[1:]
+	for len(j.mu.segs) > 1 && j.mu.segs[1].base <= keep {
+		gone = append(gone, j.mu.segs[0])
+		j.mu.segs = j.mu.segs[1:]
 	}
 	j.mu.Unlock()
 	for _, s := range gone {
 		s.f.Close()
 		j.mu.Lock()
-		recycle := len(j.free) < maxFree
-		j.freeSeq++
-		free := path.Join(j.cfg.Dir, fmt.Sprintf("%s%d", freePrefix, j.freeSeq))
+		recycle := len(j.mu.free) < maxFree
+		j.mu.freeSeq++
+		free := path.Join(j.cfg.Dir, fmt.Sprintf("%s%d", freePrefix, j.mu.freeSeq))
 		j.mu.Unlock()
 		if recycle {
 			if err := j.fs.Rename(s.name, free); err != nil {
 				return fmt.Errorf("recycle %s: %w", s.name, err)
 			}
 			j.mu.Lock()
-			j.free = append(j.free, free)
+			j.mu.free = append(j.mu.free, free)
 			j.mu.Unlock()
 			continue
 		}
@@ -368,11 +368,11 @@ func (j *Journal) removeSegments(keep uint64) error {
 // checkCapLocked asks for the switch to dirty tracking once the journal kept
 // for unshipped cycles passes its cap. Called with mu held on every write.
 func (j *Journal) checkCapLocked() {
-	if j.cutting || j.dirty != nil || !j.cfg.Retain {
+	if j.mu.cutting || j.mu.dirty != nil || !j.mu.retain {
 		return
 	}
-	if j.head-j.retainFromLocked() > uint64(j.cfg.Cap) {
-		j.cutting = true
+	if j.mu.head-j.retainFromLocked() > uint64(j.cfg.Cap) {
+		j.mu.cutting = true
 		j.kickWriteBack()
 	}
 }
@@ -388,7 +388,7 @@ func (j *Journal) enterDirty(reason string) error {
 		dm.setRange(e.Disk, e.Offset, e.Length)
 	}
 	j.mu.Lock()
-	closed := append([]CycleInfo(nil), j.closedC...)
+	closed := append([]CycleInfo(nil), j.mu.closedC...)
 	j.mu.Unlock()
 	for _, c := range closed {
 		if err := j.cycles.extents(c.Cycle, func(e Extent) error { mark(e); return nil }); err != nil {
@@ -396,7 +396,7 @@ func (j *Journal) enterDirty(reason string) error {
 		}
 	}
 	j.mu.Lock()
-	for _, ci := range j.open {
+	for _, ci := range j.mu.open {
 		for k := range ci.blocks {
 			dm.set(int(k>>48), k&(1<<48-1))
 		}
@@ -404,15 +404,15 @@ func (j *Journal) enterDirty(reason string) error {
 			mark(r)
 		}
 	}
-	dm.lsn = j.head
-	dm.released = j.cycle - 1
-	j.dirty = dm
-	resyncing := j.resyncBase != 0
-	j.resyncBase = 0 // a resync under way starts again
-	j.open = make(map[uint64]*cycleIndex)
-	j.closedC = nil
-	j.released = max(j.released, j.cycle-1)
-	j.cutting, j.cutReason = false, ""
+	dm.lsn = j.mu.head
+	dm.released = j.mu.cycle - 1
+	j.mu.dirty = dm
+	resyncing := j.mu.resyncBase != 0
+	j.mu.resyncBase = 0 // a resync under way starts again
+	j.mu.open = make(map[uint64]*cycleIndex)
+	j.mu.closedC = nil
+	j.mu.released = max(j.mu.released, j.mu.cycle-1)
+	j.mu.cutting, j.mu.cutReason = false, ""
 	nDirty := dm.count() // writes mark the map under mu from now on
 	j.mu.Unlock()
 	if err := j.writeDirtyMap(); err != nil {
@@ -429,9 +429,6 @@ func (j *Journal) enterDirty(reason string) error {
 		}
 	}
 	j.log.Warn("resync required", "reason", reason, "dirty_blocks", nDirty)
-	if f := j.cfg.Events.ResyncRequired; f != nil {
-		f(reason)
-	}
 	return nil
 }
 
@@ -444,9 +441,9 @@ func (j *Journal) writeDirtyMap() error {
 	defer j.dirtyMu.Unlock()
 	j.mu.Lock()
 	var b []byte
-	if j.dirty != nil {
-		j.dirty.released = j.released
-		b = j.dirty.encode()
+	if j.mu.dirty != nil {
+		j.mu.dirty.released = j.mu.released
+		b = j.mu.dirty.encode()
 	}
 	j.mu.Unlock()
 	if b == nil {
@@ -494,21 +491,21 @@ func (j *Journal) Stats() Stats {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	s := Stats{
-		Head: j.head, Synced: j.synced, Applied: j.applied, Checkpointed: j.ckpt.Applied,
-		OpenCycle: j.cycle, ClosedCycles: len(j.closedC), Released: j.released,
-		Segments: len(j.segs), Cap: j.cfg.Cap, PendingBlocks: j.npending.Load(),
-		ResyncRequired: j.dirty != nil,
-		ResyncBase:     j.resyncBase,
+		Head: j.mu.head, Synced: j.mu.synced, Applied: j.mu.applied, Checkpointed: j.mu.ckpt.Applied,
+		OpenCycle: j.mu.cycle, ClosedCycles: len(j.mu.closedC), Released: j.mu.released,
+		Segments: len(j.mu.segs), Cap: j.cfg.Cap, PendingBlocks: j.npending.Load(),
+		ResyncRequired: j.mu.dirty != nil,
+		ResyncBase:     j.mu.resyncBase,
 	}
-	if len(j.segs) > 0 {
-		s.JournalBytes = int64(j.head - j.segs[0].base)
+	if len(j.mu.segs) > 0 {
+		s.JournalBytes = int64(j.mu.head - j.mu.segs[0].base)
 	}
-	s.RetainedBytes = int64(j.head - min(j.head, j.retainFromLocked()))
-	if j.dirty != nil {
-		s.DirtyBlocks = j.dirty.count()
+	s.RetainedBytes = int64(j.mu.head - min(j.mu.head, j.retainFromLocked()))
+	if j.mu.dirty != nil {
+		s.DirtyBlocks = j.mu.dirty.count()
 	}
-	if j.failed != nil {
-		s.Failed = j.failed.Error()
+	if j.mu.failed != nil {
+		s.Failed = j.mu.failed.Error()
 	}
 	return s
 }
