@@ -19,7 +19,7 @@ import (
 // maxJSONBody bounds the JSON body of a request.
 const maxJSONBody = 1 << 20
 
-const prefix = "/v1/replicas/"
+const prefix = wire.ReplicasPath
 
 // Handler serves the HTTP protocol of internal/wire. It must be served over
 // TLS that verifies client certificates (pki's ServerConfig): the peer is
@@ -48,7 +48,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	peer := pki.PeerName(r.TLS)
-	if r.URL.Path == PeerPath {
+	if r.URL.Path == wire.PeerPath {
 		s.probe(w, r, peer)
 		return
 	}
