@@ -3,6 +3,12 @@
 // that carries it in resumable chunks, and the JSON messages of that protocol.
 // It imports nothing of vdrepl's.
 //
+// A sender writes a stream with NewWriter (Data and Range for its frames,
+// Close for the end frame) and sends it as the HTTP protocol below says; a
+// receiver checks chunks as they arrive with a Verifier and reads a staged
+// stream back with NewReader. Both sides name endpoints with ReplicasPath
+// and PeerPath and exchange the message types of messages.go.
+//
 // # Streams
 //
 // Everything a primary sends a replica's disks is a stream: a header, frames,
