@@ -49,7 +49,8 @@ func (v *vm) relayStreams(names []string) error {
 		}
 		// A frame that no longer reads is wrapped like the relay's own
 		// errors, not classified by streamErr: the apply has just read
-		// the stream whole, so the stream is not what failed to upload.
+		// and checked this stream, so a failure now is the relay's, not
+		// a corrupt upload for the primary to send again.
 		err = forEachFrame(r, nil, func(fr wire.Frame) error {
 			if fr.Type == wire.FrameData {
 				return v.relay.WriteAt(fr.Disk, fr.Data, fr.Offset)
