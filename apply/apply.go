@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"sort"
 	"sync"
 	"time"
@@ -108,6 +109,7 @@ type Server struct {
 	regPath   string
 	stateDir  string
 	host      Host
+	routes    *http.ServeMux // the endpoints of VMs (http.go)
 
 	// regMu serialises writes of allow.json and replicas.json, so that a
 	// file never goes back to an older snapshot.
@@ -142,6 +144,7 @@ func New(cfg Config) (*Server, error) {
 		vms:       map[string]*vm{},
 		reserved:  map[string]bool{},
 	}
+	s.routes = s.newMux()
 	if s.fs == nil {
 		s.fs = vfs.Default
 	}

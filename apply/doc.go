@@ -2,6 +2,12 @@
 // protocol in internal/wire, its authorization, the staging of uploads, and
 // the atomic apply of cycles and sync pieces to the replica images.
 //
+// The daemon makes one Server per host with New, serves its Handler over
+// mutual TLS, and keeps its allow-list with Allow and Disallow; the
+// recovery points and failovers of its replica VMs go through Points,
+// View, FailOver, CancelFailover and CompleteFailover, extended
+// replication through SetRelay. Close refuses new requests and waits.
+//
 // # Authorization
 //
 // A request is served only over TLS with a verified client certificate

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -19,23 +21,91 @@ import (
 // maxJSONBody bounds the JSON body of a request.
 const maxJSONBody = 1 << 20
 
-const prefix = "/v1/replicas/"
-
 // Handler serves the HTTP protocol of internal/wire. It must be served over
 // TLS that verifies client certificates (pki's ServerConfig): the peer is
 // the verified leaf of r.TLS; a request without one gets 403.
 func (s *Server) Handler() http.Handler { return http.HandlerFunc(s.serve) }
 
-// request is one request after authentication and routing.
+// request is one request for a VM after authentication.
 type request struct {
 	w     http.ResponseWriter
 	r     *http.Request
 	peer  string
 	entry AllowEntry
 	vm    string
-	rest  []string // path elements after the VM
 }
 
+// newMux routes the endpoints of replica VMs (internal/wire/doc.go). Each
+// handler checks the peer against the allow-list and the VM name, finds the
+// VM and authorizes the peer for it (write: the request changes the VM)
+// before it serves. What no endpoint takes goes to unrouted.
+func (s *Server) newMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	onVM := func(pattern string, write bool, serve func(*request, *vm)) {
+		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			if q, ok := s.vmRequest(w, r, r.PathValue("vm")); ok {
+				if v, ok := s.existing(q, write); ok {
+					serve(q, v)
+				}
+			}
+		})
+	}
+	onUpload := func(pattern string, write bool, serve func(*request, *vm, uploadID)) {
+		onVM(pattern, write, func(q *request, v *vm) {
+			u, err := parseUploadID(q.r.PathValue("id"))
+			if err != nil {
+				s.fail(q.w, q.r, q.vm, q.peer, err)
+				return
+			}
+			serve(q, v, u)
+		})
+	}
+	mux.HandleFunc("PUT /v1/replicas/{vm}", func(w http.ResponseWriter, r *http.Request) {
+		if q, ok := s.vmRequest(w, r, r.PathValue("vm")); ok {
+			serveJSON(s, q, func(en wire.Enable) (wire.Replica, error) {
+				return s.enable(q.vm, q.peer, r.TLS.VerifiedChains[0][0], q.entry, en)
+			})
+		}
+	})
+	mux.HandleFunc("POST /v1/replicas/{vm}/failover", func(w http.ResponseWriter, r *http.Request) {
+		q, ok := s.vmRequest(w, r, r.PathValue("vm"))
+		if !ok {
+			return
+		}
+		// Without the VM (v nil) it is a repeat: the daemon may have
+		// finished it. A handover reaches a VM failed over by an earlier,
+		// interrupted one; Promote checks it is that one.
+		v, err := s.lookup(q.vm)
+		if err == nil && !s.authorized(q, v, false) {
+			return
+		}
+		serveJSON(s, q, func(h wire.Handover) (wire.Replica, error) { return s.handover(q.vm, q.peer, v, h) })
+	})
+	onVM("GET /v1/replicas/{vm}", false, func(q *request, v *vm) { s.answer(q, v.replica(), nil) })
+	onVM("DELETE /v1/replicas/{vm}", true, func(q *request, v *vm) { s.noContent(q, s.RemoveReplica(q.vm)) })
+	onUpload("GET /v1/replicas/{vm}/uploads/{id}", false, func(q *request, v *vm, u uploadID) {
+		up, err := v.uploadOffset(u)
+		s.answer(q, up, err)
+	})
+	onUpload("PUT /v1/replicas/{vm}/uploads/{id}", true, s.serveChunk)
+	onUpload("DELETE /v1/replicas/{vm}/uploads/{id}", true, func(q *request, v *vm, u uploadID) { s.noContent(q, v.discard(u)) })
+	onUpload("POST /v1/replicas/{vm}/uploads/{id}/commit", true, func(q *request, v *vm, u uploadID) {
+		rep, err := v.commit(u)
+		s.answer(q, rep, err)
+	})
+	onVM("POST /v1/replicas/{vm}/sync", true, func(q *request, v *vm) { serveJSON(s, q, v.syncStart) })
+	onVM("POST /v1/replicas/{vm}/sync/finish", true, func(q *request, v *vm) { serveJSON(s, q, v.syncFinish) })
+	onVM("POST /v1/replicas/{vm}/sums", false, s.serveSums) // reading sums changes nothing
+	mux.HandleFunc("/", s.unrouted)
+	return mux
+}
+
+// serve authenticates a request and routes it: the probe (for any method),
+// then the endpoints of VMs. What ServeMux would take other than the
+// protocol always did goes straight to unrouted: HEAD (a GET pattern would
+// serve it), CONNECT, a path that does not start with ReplicasPath as sent
+// (ServeMux also matches "/v1/%72eplicas/..."), and one that is not clean
+// (ServeMux would redirect it).
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	done, err := s.enter()
 	if err != nil {
@@ -47,182 +117,163 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, r, "", "", "no verified client certificate")
 		return
 	}
-	peer := pki.PeerName(r.TLS)
-	if r.URL.Path == PeerPath {
-		s.probe(w, r, peer)
-		return
+	p := r.URL.EscapedPath()
+	switch {
+	case r.URL.Path == wire.PeerPath:
+		s.probe(w, r, pki.PeerName(r.TLS))
+	case r.Method == http.MethodHead, r.Method == http.MethodConnect, !strings.HasPrefix(p, wire.ReplicasPath), !cleanPath(p):
+		s.unrouted(w, r)
+	default:
+		s.routes.ServeHTTP(w, r)
 	}
-	rest, ok := strings.CutPrefix(r.URL.EscapedPath(), prefix)
+}
+
+// cleanPath says whether ServeMux takes p as it is: no empty, "." or ".."
+// element (a trailing slash is kept).
+func cleanPath(p string) bool {
+	c := path.Clean(p)
+	if strings.HasSuffix(p, "/") && c != "/" {
+		c += "/"
+	}
+	return c == p
+}
+
+// vmRequest checks the peer against the allow-list and the VM's name.
+func (s *Server) vmRequest(w http.ResponseWriter, r *http.Request, name string) (*request, bool) {
+	peer := pki.PeerName(r.TLS)
+	entry, ok := s.entryFor(r.TLS.VerifiedChains[0][0])
+	if !ok {
+		s.reject(w, r, name, peer, fmt.Sprintf("primary %q is not on the allow-list", peer))
+		return nil, false
+	}
+	if !wire.ValidName(name) {
+		s.fail(w, r, "", peer, fmt.Errorf("%w: VM name %q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, name))
+		return nil, false
+	}
+	return &request{w: w, r: r, peer: peer, entry: entry, vm: name}, true
+}
+
+// existing finds the VM of q and authorizes its peer for it.
+func (s *Server) existing(q *request, write bool) (*vm, bool) {
+	v, err := s.lookup(q.vm)
+	if err != nil {
+		s.fail(q.w, q.r, q.vm, q.peer, err)
+		return nil, false
+	}
+	return v, s.authorized(q, v, write)
+}
+
+// authorized says whether q's peer may use v (write: to change it), and
+// answers the request when not.
+func (s *Server) authorized(q *request, v *vm, write bool) bool {
+	err := v.authorize(q.peer, q.entry, write)
+	switch {
+	case errors.Is(err, ErrForbidden):
+		s.reject(q.w, q.r, q.vm, q.peer, err.Error())
+	case err != nil:
+		s.fail(q.w, q.r, q.vm, q.peer, err)
+	}
+	return err == nil
+}
+
+// unrouted answers a request no endpoint takes as the hand-written router
+// before ServeMux did: 400 for a path outside ReplicasPath; for one under
+// it, the checks of the VM (allow-list, name, lookup, authorization), then
+// 405 for an endpoint's path with a method it does not take and 400 for
+// any other path.
+func (s *Server) unrouted(w http.ResponseWriter, r *http.Request) {
+	rest, ok := strings.CutPrefix(r.URL.EscapedPath(), wire.ReplicasPath)
 	if !ok || rest == "" {
-		s.fail(w, r, "", peer, fmt.Errorf("%w: no endpoint %s %s", ErrInvalid, r.Method, r.URL.Path))
+		s.fail(w, r, "", pki.PeerName(r.TLS), noEndpoint(r))
 		return
 	}
 	elems := strings.Split(rest, "/")
 	for i, e := range elems {
-		u, err := url.PathUnescape(e)
-		if err != nil {
-			s.fail(w, r, "", peer, fmt.Errorf("%w: path %q: %v", ErrInvalid, r.URL.Path, err))
-			return
-		}
-		elems[i] = u
+		elems[i], _ = url.PathUnescape(e) // EscapedPath is well-formed
 	}
-	entry, ok := s.entryFor(r.TLS.VerifiedChains[0][0])
+	q, ok := s.vmRequest(w, r, elems[0])
 	if !ok {
-		s.reject(w, r, elems[0], peer, fmt.Sprintf("primary %q is not on the allow-list", peer))
 		return
 	}
-	q := &request{w: w, r: r, peer: peer, entry: entry, vm: elems[0], rest: elems[1:]}
-	if !wire.ValidName(q.vm) {
-		s.fail(w, r, "", peer, fmt.Errorf("%w: VM name %q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, q.vm))
+	p := elems[1:]
+	if _, ok := s.existing(q, r.Method != http.MethodGet && !slices.Equal(p, []string{"sums"})); !ok {
 		return
 	}
-	if len(q.rest) == 0 && r.Method == http.MethodPut {
-		var en wire.Enable
-		if err := readJSON(r, &en); err != nil {
-			s.fail(w, r, q.vm, peer, err)
-			return
-		}
-		rep, err := s.enable(q.vm, peer, r.TLS.VerifiedChains[0][0], entry, en)
-		s.answer(q, rep, err)
-		return
-	}
-	handover := len(q.rest) == 1 && q.rest[0] == "failover" && r.Method == http.MethodPost
-	v, err := s.lookup(q.vm)
-	if err != nil && handover {
-		s.serveHandover(q, nil) // a repeat: the daemon may have finished it
-		return
-	}
-	if err != nil {
-		s.fail(w, r, q.vm, peer, err)
-		return
-	}
-	// A handover reaches a VM failed over by an earlier, interrupted one;
-	// Promote checks it is that one.
-	write := r.Method != http.MethodGet && !(len(q.rest) == 1 && q.rest[0] == "sums") && !handover
-	if err := v.authorize(peer, entry, write); err != nil {
-		if errors.Is(err, ErrForbidden) {
-			s.reject(w, r, q.vm, peer, err.Error())
-		} else {
-			s.fail(w, r, q.vm, peer, err)
-		}
-		return
-	}
-	s.route(q, v)
-}
-
-// route dispatches a request for an existing VM.
-func (s *Server) route(q *request, v *vm) {
-	r := q.r
-	switch p := q.rest; {
-	case len(p) == 0:
-		switch r.Method {
-		case http.MethodGet:
-			s.answer(q, v.replica(), nil)
-		case http.MethodDelete:
-			if err := s.RemoveReplica(q.vm); err != nil {
-				s.fail(q.w, r, q.vm, q.peer, err)
-				return
-			}
-			q.w.WriteHeader(http.StatusNoContent)
-		default:
-			s.badMethod(q)
-		}
+	switch {
 	case len(p) == 2 && p[0] == "uploads", len(p) == 3 && p[0] == "uploads" && p[2] == "commit":
-		u, err := parseUploadID(p[1])
-		if err != nil {
-			s.fail(q.w, r, q.vm, q.peer, err)
+		if _, err := parseUploadID(p[1]); err != nil {
+			s.fail(w, r, q.vm, q.peer, err)
 			return
 		}
-		s.upload(q, v, u, len(p) == 3)
-	case len(p) == 1 && p[0] == "sync" && r.Method == http.MethodPost:
-		var req wire.SyncStart
-		if err := readJSON(r, &req); err != nil {
-			s.fail(q.w, r, q.vm, q.peer, err)
-			return
-		}
-		st, err := v.syncStart(req)
-		s.answer(q, st, err)
-	case len(p) == 2 && p[0] == "sync" && p[1] == "finish" && r.Method == http.MethodPost:
-		var req wire.SyncFinish
-		if err := readJSON(r, &req); err != nil {
-			s.fail(q.w, r, q.vm, q.peer, err)
-			return
-		}
-		rep, err := v.syncFinish(req)
-		s.answer(q, rep, err)
-	case len(p) == 1 && p[0] == "failover" && r.Method == http.MethodPost:
-		s.serveHandover(q, v)
-	case len(p) == 1 && p[0] == "sums" && r.Method == http.MethodPost:
-		var req wire.SumsRequest
-		if err := readJSON(r, &req); err != nil {
-			s.fail(q.w, r, q.vm, q.peer, err)
-			return
-		}
-		b, err := v.sums(req)
-		if err != nil {
-			s.fail(q.w, r, q.vm, q.peer, err)
-			return
-		}
-		q.w.Header().Set("Content-Type", "application/octet-stream")
-		q.w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-		q.w.Write(b)
-	case len(p) == 1 && (p[0] == "sync" || p[0] == "sums"), len(p) == 2 && p[0] == "sync" && p[1] == "finish":
+		s.badMethod(q)
+	case len(p) == 0, len(p) == 1 && (p[0] == "sync" || p[0] == "sums"), len(p) == 2 && p[0] == "sync" && p[1] == "finish":
 		s.badMethod(q)
 	default:
-		s.fail(q.w, r, q.vm, q.peer, fmt.Errorf("%w: no endpoint %s %s", ErrInvalid, r.Method, r.URL.Path))
+		s.fail(w, r, q.vm, q.peer, noEndpoint(r))
 	}
 }
 
-// serveHandover serves POST /v1/replicas/{vm}/failover.
-func (s *Server) serveHandover(q *request, v *vm) {
-	var h wire.Handover
-	if err := readJSON(q.r, &h); err != nil {
+func noEndpoint(r *http.Request) error {
+	return fmt.Errorf("%w: no endpoint %s %s", ErrInvalid, r.Method, r.URL.Path)
+}
+
+// serveChunk serves PUT /v1/replicas/{vm}/uploads/{id}?offset=N, one chunk.
+func (s *Server) serveChunk(q *request, v *vm, u uploadID) {
+	r := q.r
+	off, err := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
+	if err != nil || off < 0 {
+		s.fail(q.w, r, q.vm, q.peer, fmt.Errorf("%w: chunk needs ?offset=N", ErrInvalid))
+		return
+	}
+	h := r.Header.Get(wire.ChunkCRCHeader)
+	crc, err := strconv.ParseUint(h, 16, 32)
+	if err != nil || len(h) != 8 {
+		s.fail(q.w, r, q.vm, q.peer, fmt.Errorf("%w: chunk needs header %s: 8 hex digits of its CRC32C", ErrInvalid, wire.ChunkCRCHeader))
+		return
+	}
+	if r.ContentLength > wire.MaxChunk {
+		s.fail(q.w, r, q.vm, q.peer, fmt.Errorf("%w: chunk of %d bytes; at most %d", ErrTooLarge, r.ContentLength, wire.MaxChunk))
+		return
+	}
+	up, err := v.putChunk(u, off, uint32(crc), r.Body)
+	s.answer(q, up, err)
+}
+
+// serveSums serves POST /v1/replicas/{vm}/sums: binary, not JSON.
+func (s *Server) serveSums(q *request, v *vm) {
+	var req wire.SumsRequest
+	if err := readJSON(q.r, &req); err != nil {
 		s.fail(q.w, q.r, q.vm, q.peer, err)
 		return
 	}
-	rep, err := s.handover(q.vm, q.peer, v, h)
-	s.answer(q, rep, err)
+	b, err := v.sums(req)
+	if err != nil {
+		s.fail(q.w, q.r, q.vm, q.peer, err)
+		return
+	}
+	q.w.Header().Set("Content-Type", "application/octet-stream")
+	q.w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	q.w.Write(b)
 }
 
-// upload serves the requests of one upload.
-func (s *Server) upload(q *request, v *vm, u uploadID, commit bool) {
-	r := q.r
-	switch {
-	case commit && r.Method == http.MethodPost:
-		rep, err := v.commit(u)
-		s.answer(q, rep, err)
-	case commit:
-		s.badMethod(q)
-	case r.Method == http.MethodGet:
-		up, err := v.uploadOffset(u)
-		s.answer(q, up, err)
-	case r.Method == http.MethodDelete:
-		if err := v.discard(u); err != nil {
-			s.fail(q.w, r, q.vm, q.peer, err)
-			return
-		}
-		q.w.WriteHeader(http.StatusNoContent)
-	case r.Method == http.MethodPut:
-		off, err := strconv.ParseInt(r.URL.Query().Get("offset"), 10, 64)
-		if err != nil || off < 0 {
-			s.fail(q.w, r, q.vm, q.peer, fmt.Errorf("%w: chunk needs ?offset=N", ErrInvalid))
-			return
-		}
-		h := r.Header.Get(wire.ChunkCRCHeader)
-		crc, err := strconv.ParseUint(h, 16, 32)
-		if err != nil || len(h) != 8 {
-			s.fail(q.w, r, q.vm, q.peer, fmt.Errorf("%w: chunk needs header %s: 8 hex digits of its CRC32C", ErrInvalid, wire.ChunkCRCHeader))
-			return
-		}
-		if r.ContentLength > wire.MaxChunk {
-			s.fail(q.w, r, q.vm, q.peer, fmt.Errorf("%w: chunk of %d bytes; at most %d", ErrTooLarge, r.ContentLength, wire.MaxChunk))
-			return
-		}
-		up, err := v.putChunk(u, off, uint32(crc), r.Body)
-		s.answer(q, up, err)
-	default:
-		s.badMethod(q)
+// serveJSON reads a JSON request, calls do with it and answers its result.
+func serveJSON[In, Out any](s *Server, q *request, do func(In) (Out, error)) {
+	var in In
+	if err := readJSON(q.r, &in); err != nil {
+		s.fail(q.w, q.r, q.vm, q.peer, err)
+		return
 	}
+	out, err := do(in)
+	s.answer(q, out, err)
+}
+
+// noContent answers 204, or err.
+func (s *Server) noContent(q *request, err error) {
+	if err != nil {
+		s.fail(q.w, q.r, q.vm, q.peer, err)
+		return
+	}
+	q.w.WriteHeader(http.StatusNoContent)
 }
 
 func readJSON(r *http.Request, v any) error {

@@ -3,7 +3,6 @@ package apply
 import (
 	"errors"
 	"fmt"
-	"io"
 	"slices"
 	"strconv"
 	"time"
@@ -90,24 +89,12 @@ func (v *vm) saveStreamUndo(name string) error {
 		return err
 	}
 	defer f.Close()
-	for {
-		fr, err := r.Next()
-		if err == io.EOF {
-			return nil
+	return forEachFrame(r, readErrOf(name), func(fr wire.Frame) error {
+		if fr.Type == wire.FrameData {
+			return v.snap.BeforeWrite(fr.Disk, fr.Offset, int64(len(fr.Data)))
 		}
-		if err != nil {
-			return streamErr(name, err)
-		}
-		switch fr.Type {
-		case wire.FrameData:
-			err = v.snap.BeforeWrite(fr.Disk, fr.Offset, int64(len(fr.Data)))
-		default:
-			err = v.snap.BeforeZero(fr.Disk, fr.Offset, fr.Length)
-		}
-		if err != nil {
-			return err
-		}
-	}
+		return v.snap.BeforeZero(fr.Disk, fr.Offset, fr.Length)
+	})
 }
 
 // recordCycles tells the Store which cycles the images now hold (next is

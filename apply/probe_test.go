@@ -19,28 +19,28 @@ func TestPeerProbe(t *testing.T) {
 	h.allow("*.example.com", h.storage, "")
 	a, stranger := h.client("a.example.com"), h.client("c.other.org")
 
-	var info PeerInfo
-	if status, e := a.call("GET", PeerPath, nil, &info); status != http.StatusOK {
+	var info wire.PeerInfo
+	if status, e := a.call("GET", wire.PeerPath, nil, &info); status != http.StatusOK {
 		t.Fatalf("allowed primary: %d %+v", status, e)
 	}
-	if info != (PeerInfo{Peer: "a.example.com", Pattern: "*.example.com"}) {
+	if info != (wire.PeerInfo{Peer: "a.example.com", Pattern: "*.example.com"}) {
 		t.Fatalf("probe answer %+v", info)
 	}
-	status, body := a.do("POST", PeerPath, bytes.Repeat([]byte{7}, wire.MaxChunk), nil)
+	status, body := a.do("POST", wire.PeerPath, bytes.Repeat([]byte{7}, wire.MaxChunk), nil)
 	if _, e := a.decode(status, body, &info); status != http.StatusOK || info.Received != wire.MaxChunk {
 		t.Fatalf("a full chunk: %d %+v %+v", status, e, info)
 	}
-	status, body = a.do("POST", PeerPath, make([]byte, wire.MaxChunk+1), nil)
+	status, body = a.do("POST", wire.PeerPath, make([]byte, wire.MaxChunk+1), nil)
 	if _, e := a.decode(status, body, nil); status != http.StatusRequestEntityTooLarge {
 		t.Fatalf("a chunk too large: %d %+v", status, e)
 	}
-	status, body = a.do("PUT", PeerPath, nil, nil)
+	status, body = a.do("PUT", wire.PeerPath, nil, nil)
 	if _, e := a.decode(status, body, nil); status != http.StatusMethodNotAllowed {
 		t.Fatalf("PUT: %d %+v", status, e)
 	}
 
 	for _, method := range []string{"GET", "POST"} {
-		status, body := stranger.do(method, PeerPath, []byte("x"), nil)
+		status, body := stranger.do(method, wire.PeerPath, []byte("x"), nil)
 		if _, e := stranger.decode(status, body, nil); status != http.StatusForbidden || e.Code != wire.CodeForbidden {
 			t.Fatalf("stranger %s: %d %+v", method, status, e)
 		}
@@ -51,7 +51,7 @@ func TestPeerProbe(t *testing.T) {
 
 	// Without a verified certificate: 403, as everywhere.
 	w := httptest.NewRecorder()
-	h.server().Handler().ServeHTTP(w, httptest.NewRequest("GET", PeerPath, nil))
+	h.server().Handler().ServeHTTP(w, httptest.NewRequest("GET", wire.PeerPath, nil))
 	if w.Code != http.StatusForbidden {
 		t.Fatalf("no certificate: %d %s", w.Code, w.Body)
 	}

@@ -2,7 +2,6 @@ package apply
 
 import (
 	"fmt"
-	"io"
 
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
@@ -48,24 +47,20 @@ func (v *vm) relayStreams(names []string) error {
 		if err != nil {
 			return err
 		}
-		for {
-			fr, err := r.Next()
-			if err == io.EOF {
-				break
+		// A frame that no longer reads is wrapped like the relay's own
+		// errors, not classified by streamErr: the apply has just read
+		// and checked this stream, so a failure now is the relay's, not
+		// a corrupt upload for the primary to send again.
+		err = forEachFrame(r, nil, func(fr wire.Frame) error {
+			if fr.Type == wire.FrameData {
+				return v.relay.WriteAt(fr.Disk, fr.Data, fr.Offset)
 			}
-			if err == nil {
-				if fr.Type == wire.FrameData {
-					err = v.relay.WriteAt(fr.Disk, fr.Data, fr.Offset)
-				} else {
-					err = v.relay.Zero(fr.Disk, fr.Offset, fr.Length, fr.Type)
-				}
-			}
-			if err != nil {
-				f.Close()
-				return fmt.Errorf("apply: relay %s: %w", name, err)
-			}
-		}
+			return v.relay.Zero(fr.Disk, fr.Offset, fr.Length, fr.Type)
+		})
 		f.Close()
+		if err != nil {
+			return fmt.Errorf("apply: relay %s: %w", name, err)
+		}
 	}
 	return nil
 }

@@ -193,15 +193,37 @@ func (v *vm) verifyStream(name string, check func(wire.Header) error) (wire.Head
 	if err := check(h); err != nil {
 		return h, err
 	}
+	return h, forEachFrame(r, readErrOf(name), func(wire.Frame) error { return nil })
+}
+
+// forEachFrame is the one loop over the frames of a staged stream, which
+// every pass over it shares: verification (verifyStream), undo data
+// (saveStreamUndo), apply (applyStream) and relay (relayStreams). It calls
+// fn with each frame of r, in order, and returns nil after the end frame.
+// An error from fn stops it and is returned as it is; an error reading a
+// frame (a failed check, a truncated stream, I/O) is returned through
+// readErr (nil: as it is).
+func forEachFrame(r *wire.Reader, readErr func(error) error, fn func(wire.Frame) error) error {
 	for {
-		_, err := r.Next()
+		fr, err := r.Next()
 		if err == io.EOF {
-			return h, nil
+			return nil
 		}
 		if err != nil {
-			return h, streamErr(name, err)
+			if readErr != nil {
+				err = readErr(err)
+			}
+			return err
+		}
+		if err := fn(fr); err != nil {
+			return err
 		}
 	}
+}
+
+// readErrOf classifies the read errors of staged stream name (streamErr).
+func readErrOf(name string) func(error) error {
+	return func(err error) error { return streamErr(name, err) }
 }
 
 // checkHeader is the part of a header check common to every stream.
@@ -242,27 +264,18 @@ func (v *vm) applyStream(name string, imgs []vfs.File) error {
 	}
 	r.SkipHash()
 	var g gather
-	for {
-		fr, err := r.Next()
-		if err == io.EOF {
-			return g.flush()
-		}
-		if err != nil {
-			return streamErr(name, err)
-		}
+	err = forEachFrame(r, readErrOf(name), func(fr wire.Frame) error {
 		img := imgs[fr.Disk] // the reader checked the index against the header's disks
 		if fr.Type == wire.FrameData {
 			took, err := g.add(img, fr.Data, fr.Offset)
-			if err != nil {
+			if err != nil || took {
 				return err
-			}
-			if took {
-				continue
 			}
 		}
 		if err := g.flush(); err != nil {
 			return err
 		}
+		var err error
 		switch fr.Type {
 		case wire.FrameData:
 			_, err = img.WriteAt(fr.Data, fr.Offset)
@@ -278,7 +291,12 @@ func (v *vm) applyStream(name string, imgs []vfs.File) error {
 		if err != nil {
 			return fmt.Errorf("apply: %s frame to %s [%d, +%d): %w", fr.Type, img.Name(), fr.Offset, fr.Length, err)
 		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
+	return g.flush()
 }
 
 // directMin is the smallest data frame written with O_DIRECT: below it the

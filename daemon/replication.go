@@ -17,8 +17,8 @@ import (
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/journal"
+	"github.com/vdrepl/vdrepl/quiesce"
 	"github.com/vdrepl/vdrepl/ship"
-	"github.com/vdrepl/vdrepl/snapshot"
 )
 
 // DefaultQuiesceTimeout bounds a guest freeze unless Config.QuiesceTimeout
@@ -276,23 +276,23 @@ func (d *Daemon) startShipper(v *vm) error {
 	return nil
 }
 
-// quiesceFunc binds a VM's quiescer to snapshot.QuiescedBarrier; nil
+// quiesceFunc binds a VM's quiescer to quiesce.QuiescedBarrier; nil
 // without one.
 func quiesceFunc(vm string, r *ReplicationSpec, timeout time.Duration) ship.QuiesceFunc {
 	if timeout <= 0 {
 		timeout = DefaultQuiesceTimeout
 	}
-	var q snapshot.Quiescer
+	var q quiesce.Quiescer
 	switch {
 	case r.QuiesceCmd != "":
-		q = snapshot.CommandQuiescer{Cmd: r.QuiesceCmd, VM: vm}
+		q = quiesce.CommandQuiescer{Cmd: r.QuiesceCmd, VM: vm}
 	case r.QGASocket != "":
-		q = snapshot.QGAQuiescer{Socket: r.QGASocket}
+		q = quiesce.QGAQuiescer{Socket: r.QGASocket}
 	default:
 		return nil
 	}
 	return func(ctx context.Context, barrier func(bool) (journal.CycleInfo, error)) (journal.CycleInfo, bool, error, error) {
-		info, app, reason, err := snapshot.QuiescedBarrier(ctx, q, timeout, barrier)
+		info, app, reason, err := quiesce.QuiescedBarrier(ctx, q, timeout, barrier)
 		if !app && errors.Is(reason, context.DeadlineExceeded) {
 			reason = fmt.Errorf("the guest did not freeze within %s (serve --quiesce-timeout), so it was thawed: %w", timeout, reason)
 		}

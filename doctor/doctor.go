@@ -20,7 +20,7 @@
 //     and last error, as the daemon's control API reports them.
 //
 // The network checks never change anything on the replica: they use the
-// replica's probe (apply.PeerPath), which reads and discards what it is
+// replica's probe (wire.PeerPath), which reads and discards what it is
 // sent. Functions are safe for concurrent use; Run makes its checks one
 // after another.
 package doctor

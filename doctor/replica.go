@@ -16,7 +16,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
 
@@ -197,7 +196,7 @@ func (s *session) probe(ctx context.Context, host string) (verified, allowed boo
 	id := rc.Identity
 	ctx, cancel := context.WithTimeout(ctx, rc.Timeout)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.url(apply.PeerPath), nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.url(wire.PeerPath), nil)
 	t0 := rc.Now()
 	resp, err := s.hc.Do(req)
 	t1 := rc.Now()
@@ -245,7 +244,7 @@ func (s *session) probe(ctx context.Context, host string) (verified, allowed boo
 	f := Finding{Check: CheckAllowList, Severity: OK}
 	switch resp.StatusCode {
 	case http.StatusOK:
-		var info apply.PeerInfo
+		var info wire.PeerInfo
 		json.Unmarshal(body, &info)
 		allowed = true
 		f.Cause = fmt.Sprintf("the replica lets this host (%q) in by its allow-list entry %q", id.Name(), info.Pattern)
@@ -402,7 +401,7 @@ func (s *session) upload(ctx context.Context) (time.Duration, error) {
 	rand.Read(body) // incompressible, like compressed cycle data
 	ctx, cancel := context.WithTimeout(ctx, s.rc.UploadTimeout)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.url(apply.PeerPath), bytes.NewReader(body))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, s.url(wire.PeerPath), bytes.NewReader(body))
 	req.Header.Set("Content-Type", "application/octet-stream")
 	start := time.Now()
 	resp, err := s.hc.Do(req)
@@ -414,7 +413,7 @@ func (s *session) upload(ctx context.Context) (time.Duration, error) {
 		return 0, ue
 	}
 	defer resp.Body.Close()
-	var info apply.PeerInfo
+	var info wire.PeerInfo
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if resp.StatusCode != http.StatusOK {
 		return 0, &uploadError{status: resp.Status}
@@ -431,7 +430,7 @@ func (s *session) replicaVM(ctx context.Context) Finding {
 	f := Finding{Check: CheckVMReplica, Subject: vm, Severity: OK}
 	ctx, cancel := context.WithTimeout(ctx, s.rc.Timeout)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.url("/v1/replicas/"+url.PathEscape(vm)), nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.url(wire.ReplicasPath+url.PathEscape(vm)), nil)
 	resp, err := s.hc.Do(req)
 	if err != nil {
 		f.Severity, f.Cause, f.Fix = Warning, fmt.Sprintf("the replica did not say how it holds the VM: %v", unwrapURL(err)), "run doctor again"

@@ -22,6 +22,9 @@ forbid journal blockdev ship apply snapshot daemon cmd control
 forbid apply ship cmd daemon control
 forbid ship apply cmd daemon control
 forbid snapshot cmd daemon control
+# Guest freeze/thaw is a leaf the primary's seal calls: it imports nothing
+# of ours but, should it come to persist anything, the filesystem seam.
+forbid quiesce journal blockdev ship apply snapshot daemon doctor cmd control internal/wire internal/pki internal/statefile internal/crashpoint internal/fakedisk
 forbid internal/vfs journal blockdev ship apply snapshot daemon cmd control
 # The wire format is a leaf: both sides of replication import it, it imports
 # nothing of ours.

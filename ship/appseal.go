@@ -20,7 +20,7 @@ import (
 // writes are never held longer than the quiesce's timeout: the journal's
 // seal itself takes no I/O lock on the guest's writes beyond its own.
 
-// QuiesceFunc is snapshot.QuiescedBarrier bound to a VM's quiescer: it
+// QuiesceFunc is quiesce.QuiescedBarrier bound to a VM's quiescer: it
 // freezes, calls barrier while frozen (true) or after a failed freeze
 // (false), thaws, and reports the barrier's result, whether it was taken
 // frozen, what went wrong with the quiesce (reason) and the barrier's own

@@ -10,7 +10,7 @@ import (
 	"github.com/vdrepl/vdrepl/journal"
 )
 
-// fakeQuiesce plays snapshot.QuiescedBarrier: it records its calls and
+// fakeQuiesce plays quiesce.QuiescedBarrier: it records its calls and
 // fails the freeze when fail is set.
 type fakeQuiesce struct {
 	calls []string

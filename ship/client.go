@@ -91,7 +91,7 @@ func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *clien
 	if !bypassProxy {
 		tr.Proxy = http.ProxyFromEnvironment
 	}
-	u := url.URL{Scheme: "https", Host: replica, Path: "/v1/replicas/" + vm}
+	u := url.URL{Scheme: "https", Host: replica, Path: wire.ReplicasPath + vm}
 	return &client{base: u.String(), hc: &http.Client{Transport: tr}, tr: tr}
 }
 

@@ -29,11 +29,10 @@ type cycleUpload struct {
 	info  journal.CycleInfo
 	size  int64     // stream bytes
 	start time.Time // when its upload began
-	sp    *spool    // a spool left by an older vdrepl, or nil
 	// resent: the cycle is sent again after a commit answered "corrupt"
 	resent bool
-	// answered: rep and err hold the answer already (a spool committed
-	// by sendCycle, a cycle the replica had applied); no commit is sent
+	// answered: rep and err hold the answer already (a cycle the replica
+	// had applied); no commit is sent
 	answered bool
 	// recorded: a success was recorded (shipped) as soon as it came; err
 	// is then shipped's error
@@ -71,7 +70,7 @@ func (s *Shipper) shipCycles(ctx context.Context, first journal.CycleInfo) error
 	}
 	next := first
 	for {
-		u, err := s.sendCycle(ctx, next, settle)
+		u, err := s.sendCycle(ctx, next)
 		if serr := settle(); serr != nil {
 			// next (if sent) stays staged on the replica and is resumed.
 			return notNext(serr)
@@ -140,11 +139,9 @@ func (s *Shipper) nextCycle(ctx context.Context, u *cycleUpload) (info journal.C
 }
 
 // sendCycle uploads closed cycle info whole, resuming from what the
-// replica staged, and returns it ready to commit. A spool of the cycle
-// (left by an older vdrepl) is sent as it is and committed at once, after
-// flush (the commit before it) returned; otherwise the stream is made
-// while it is sent (stream.go).
-func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo, flush func() error) (*cycleUpload, error) {
+// replica staged, and returns it ready to commit. The stream is made while
+// it is sent (stream.go).
+func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo) (*cycleUpload, error) {
 	id := wire.CycleUploadID(info.Cycle)
 	u := &cycleUpload{info: info, start: s.now(), done: make(chan struct{})}
 	lims := []*Limiter{s.cfg.Limit, s.cfg.HostLimit}
@@ -162,20 +159,6 @@ func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo, flush f
 			return u, nil
 		}
 	}
-	sp, err := s.openSpool(id)
-	if err != nil {
-		return nil, err
-	}
-	if sp != nil {
-		if err := flush(); err != nil {
-			sp.close()
-			return nil, err
-		}
-		u.sp, u.size, u.answered = sp, sp.size, true
-		u.rep, u.err = s.upload(ctx, sp, lims)
-		close(u.done)
-		return u, nil
-	}
 	h := wire.Header{
 		VM: s.cfg.VM, Kind: wire.KindCycle, Disks: s.cfg.Disks,
 		Cycle: info.Cycle, Prev: info.Cycle - 1,
@@ -186,6 +169,7 @@ func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo, flush f
 			return s.fillCycle(ctx, w, info)
 		})
 	}
+	var err error
 	if u.size, err = s.uploadStream(ctx, id, newSrc, lims); err != nil {
 		return nil, err
 	}
@@ -224,19 +208,12 @@ func (s *Shipper) committed(ctx context.Context, u *cycleUpload) error {
 	if u.recorded {
 		return err
 	}
-	if u.sp != nil {
-		if err == nil || isCode(err, wire.CodeCorrupt) {
-			s.removeSpool(u.sp)
-		} else {
-			u.sp.close()
-		}
-	}
 	switch {
 	case isCode(err, wire.CodeCorrupt) && !u.resent:
 		// The replica discarded the stream; make it anew and send it
 		// once more before backing off.
 		s.log.Warn("replica rejected cycle as corrupt, sending it again", "cycle", u.info.Cycle, "err", err)
-		again, err := s.sendCycle(ctx, u.info, func() error { return nil })
+		again, err := s.sendCycle(ctx, u.info)
 		if err != nil {
 			return err
 		}

@@ -5,6 +5,11 @@
 // (over the network, at a set time, or to external media) and resyncs, and
 // reports status. The protocol is package wire's (internal/wire/doc.go).
 //
+// The daemon makes one Shipper per replicated VM with New, runs it with Run
+// until it is stopped, and closes it with Close; Sync, Pause, Resume,
+// Resync and Status serve the admin's commands, WriteOffline an initial
+// copy on external media.
+//
 // # Cycles
 //
 // The journal's closed cycles ship strictly in order, oldest first. A
@@ -16,13 +21,13 @@
 // is a function of the journal, so a resumed upload makes it again and
 // skips what the replica holds. Two chunk requests are in flight at a
 // time (stream.go); the replica reads the second's body only after the
-// first's, so a cut connection still costs at most one chunk. (A spool file STATE.spool/c<N>.vdws left by an older vdrepl is
-// sent as it is.) Sync pieces, read from the live disks and so different
-// each time they are read, are written to a spool file
-// (STATE.spool/s<gen>-<piece>.vdws), which is sent while it is written and
-// committed once complete and synced. A cycle is
-// released only after the commit answered success: a crash at any point
-// ships it again, and the replica answers an applied cycle as success.
+// first's, so a cut connection still costs at most one chunk. Sync
+// pieces, read from the live disks and so different each time they are
+// read, are written to a spool file (STATE.spool/s<gen>-<piece>.vdws),
+// which is sent while it is written and committed once complete and
+// synced. A cycle is released only after the commit answered success: a
+// crash at any point ships it again, and the replica answers an applied
+// cycle as success.
 // The replica answers a commit once the cycle is applied, so the next
 // cycle is uploaded while that commit is in flight and committed after
 // its answer (cycle.go): upload and apply overlap, commits stay in order,

@@ -48,7 +48,6 @@ func (j journalDisks) ReadAt(disk int, p []byte, off int64) error {
 // shipper's goroutines and must not call back into the Shipper.
 type Events struct {
 	CycleShipped func(info journal.CycleInfo, bytesOnWire int64, latency time.Duration)
-	SyncProgress func(done, total int64)
 	StateChanged func(state, reason string)
 	Error        func(err error, retry bool)
 }
@@ -326,10 +325,6 @@ func (s *Shipper) Run(ctx context.Context) error {
 		case <-ctx.Done():
 		}
 	}()
-	keep := map[string]bool{}
-	for _, c := range s.j.Cycles() {
-		keep[wire.CycleUploadID(c.Cycle)] = true
-	}
 	s.mu.Lock()
 	var gen uint64
 	if s.st.Sync != nil {
@@ -337,7 +332,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 	}
 	s.enabled = false
 	s.mu.Unlock()
-	s.cleanSpools(keep, gen)
+	s.cleanSpools(gen)
 
 	var wg sync.WaitGroup
 	wg.Go(func() { s.sealLoop(ctx) })

@@ -15,9 +15,10 @@ import (
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
 
-// A spool is one stream written to a file before it is uploaded, so a cycle
-// of gigabytes never sits in memory and a resumed upload sends exactly the
-// bytes the replica staged a part of. Spools live in the spool directory as
+// A spool is the stream of one sync piece written to a file as it is
+// uploaded: a piece is read from the live disks, so reading it again would
+// make other bytes, and a resumed upload must send exactly the bytes the
+// replica staged a part of. Spools live in the spool directory as
 // ID.vdws; they appear by rename once complete (and synced), so one found
 // after a restart is whole and is uploaded as it is. One that is not what
 // the replica expects fails its commit as corrupt and is written again.
@@ -240,10 +241,10 @@ func (s *Shipper) removeSpool(sp *spool) {
 	}
 }
 
-// cleanSpools removes spools nothing will upload: those of cycles no longer
-// in the journal, of sync generations other than the running one, and
+// cleanSpools removes spools nothing will upload: all but the pieces of
+// the running sync generation gen (cycles are never spooled), and
 // unfinished temporary files.
-func (s *Shipper) cleanSpools(keepCycles map[string]bool, gen uint64) {
+func (s *Shipper) cleanSpools(gen uint64) {
 	names, err := s.fs.ReadDir(s.spoolDir)
 	if err != nil {
 		return
@@ -251,7 +252,7 @@ func (s *Shipper) cleanSpools(keepCycles map[string]bool, gen uint64) {
 	genPrefix := fmt.Sprintf("s%d-", gen)
 	for _, n := range names {
 		id, ok := strings.CutSuffix(n, ".vdws")
-		if ok && (keepCycles[id] || (gen != 0 && strings.HasPrefix(id, genPrefix))) {
+		if ok && gen != 0 && strings.HasPrefix(id, genPrefix) {
 			continue
 		}
 		if err := s.fs.Remove(filepath.Join(s.spoolDir, n)); err != nil {

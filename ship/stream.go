@@ -18,7 +18,7 @@ import (
 // a resumed upload makes the stream again and skips what the replica has
 // staged; should the bytes differ after all (another vdrepl version
 // between the attempts), the replica finds the stream corrupt at commit,
-// discards it and the cycle is sent again whole (shipCycle). Compared with
+// discards it and the cycle is sent again whole (committed). Compared with
 // a spool, every byte is neither written to nor read back from a file and
 // no fsync competes with the replica's writes.
 

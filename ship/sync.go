@@ -81,7 +81,7 @@ func (s *Shipper) startSync(kind, reason, offline string) error {
 	})
 	s.log.Info("sync started", "kind", kind, "gen", rec.Gen, "base", rec.Base, "reason", reason)
 	// Spools of an abandoned generation and of released cycles are dead.
-	s.cleanSpools(nil, rec.Gen)
+	s.cleanSpools(rec.Gen)
 	return err
 }
 
@@ -381,9 +381,6 @@ func (s *Shipper) reportProgress() {
 	done, total := s.prog.done, s.prog.total
 	s.signalLocked()
 	s.mu.Unlock()
-	if f := s.cfg.Events.SyncProgress; f != nil {
-		f(done, total)
-	}
 	if f := s.cfg.Progress; f != nil {
 		f(done, total)
 	}

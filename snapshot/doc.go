@@ -156,9 +156,8 @@
 // and can be run again after a crash to finish (revert_test.go crashes it
 // at every mutating call).
 //
-// Application-consistent barriers: quiesce.go (freeze the guest, take the
-// barrier, thaw; a failed or slow freeze thaws at once and the barrier is
-// taken anyway, marked not application-consistent).
+// Application-consistent barriers (freeze the guest, take the barrier,
+// thaw) are package quiesce's, on the primary.
 //
 // # Errors
 //

@@ -3,6 +3,12 @@
 // that carries it in resumable chunks, and the JSON messages of that protocol.
 // It imports nothing of vdrepl's.
 //
+// A sender writes a stream with NewWriter (Data and Range for its frames,
+// Close for the end frame) and sends it as the HTTP protocol below says; a
+// receiver checks chunks as they arrive with a Verifier and reads a staged
+// stream back with NewReader. Both sides name endpoints with ReplicasPath
+// and PeerPath and exchange the message types of messages.go.
+//
 // # Streams
 //
 // Everything a primary sends a replica's disks is a stream: a header, frames,
@@ -54,8 +60,8 @@
 //
 // The replica serves HTTPS with mutual TLS. The primary is the peer's
 // certificate name; the replica checks it against its allow-list. Every
-// request names the VM; errors are JSON (type Error) with a Code that tells
-// the primary whether to retry.
+// request but the probe names the VM; errors are JSON (type Error) with a
+// Code that tells the primary whether to retry.
 //
 //	GET    /v1/replicas/{vm}                     -> Replica
 //	PUT    /v1/replicas/{vm}          Enable     -> Replica   create or confirm
@@ -68,6 +74,8 @@
 //	POST   /v1/replicas/{vm}/sums     SumsRequest -> binary: HashSize bytes per block
 //	POST   /v1/replicas/{vm}/sync/finish SyncFinish -> Replica
 //	POST   /v1/replicas/{vm}/failover Handover   -> Replica   planned failover: become primary
+//	GET    /v1/peer                              -> PeerInfo  the probe of vdrepl doctor (PeerPath)
+//	POST   /v1/peer   up to MaxChunk bytes       -> PeerInfo  the same; Received: bytes read
 //
 // An upload is one stream sent as chunks of at most MaxChunk bytes, each a
 // PUT with its offset in the stream and the CRC32C of the chunk in the

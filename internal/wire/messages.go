@@ -21,6 +21,32 @@ const (
 	ChunkCRCHeader = "Vdrepl-Chunk-Crc32c"
 )
 
+// Paths of the HTTP protocol (doc.go).
+const (
+	// ReplicasPath is the root of the endpoints of replica VMs: the
+	// endpoints of VM vm are under ReplicasPath + vm.
+	ReplicasPath = "/v1/replicas/"
+	// PeerPath is the replica's probe for `vdrepl doctor`, outside the
+	// endpoints of VMs and changing nothing:
+	//
+	//	GET  /v1/peer   -> PeerInfo: the caller is on the allow-list; 403 (code
+	//	                   "forbidden") if it is not
+	//	POST /v1/peer   the same, after reading and discarding a body of at
+	//	                most MaxChunk bytes (Received says how many arrived),
+	//	                so that a primary can see whether a proxy on the way
+	//	                lets a full upload chunk through
+	//
+	// Like every request it needs a verified client certificate.
+	PeerPath = "/v1/peer"
+)
+
+// PeerInfo is the answer of the probe at PeerPath.
+type PeerInfo struct {
+	Peer     string `json:"peer"`    // the caller's certificate name
+	Pattern  string `json:"pattern"` // the allow-list entry that matched it
+	Received int64  `json:"received"`
+}
+
 // Stream kinds.
 const (
 	KindCycle  = "cycle"  // the coalesced content of one closed cycle
