@@ -121,6 +121,7 @@ type vm struct {
 	j     *journal.Journal
 	locks []*os.File // OFD locks on the images
 	err   error      // why the VM is not served, if it is not
+	busy  bool       // a stand-in while the VM is in a transition (transition.go)
 
 	ship     *ship.Shipper // non-nil while replication runs
 	shipStop context.CancelFunc
@@ -710,6 +711,10 @@ func (d *Daemon) RemoveVM(name string) error {
 		d.mu.Unlock()
 		return fmt.Errorf("%w: %s", ErrUnknownVM, name)
 	}
+	if v.busy {
+		d.mu.Unlock()
+		return errBusy(v)
+	}
 	if users := d.usersLocked(name); users != "" {
 		d.mu.Unlock()
 		return fmt.Errorf("%w: VM %s is open (%s); disconnect its clients first", ErrInUse, name, users)
@@ -732,10 +737,7 @@ func (d *Daemon) RemoveVM(name string) error {
 		return fmt.Errorf("save registry: %w", err)
 	}
 	// The catalogue no longer has the VM; end any connection that raced in.
-	for _, ds := range v.spec.Disks {
-		d.nbd.CloseExport(name + "/" + ds.Name)
-	}
-	err := v.close()
+	err := d.stopServing(v)
 	if rerr := os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name)); err == nil {
 		err = rerr
 	}

@@ -400,6 +400,9 @@ func (d *Daemon) failedOverVM(name string) (*vm, error) {
 	if !ok || !v.spec.FailedOver {
 		return nil, fmt.Errorf("%w: VM %s is not failed over on this host", ErrInvalid, name)
 	}
+	if v.busy {
+		return nil, errBusy(v)
+	}
 	return v, nil
 }
 
@@ -473,37 +476,17 @@ func (d *Daemon) CancelFailover(name string) error {
 	}
 	// Stop serving and write everything back (through the guard), so the
 	// rollback sees final images.
-	for _, ds := range v.spec.Disks {
-		d.nbd.CloseExport(name + "/" + ds.Name)
-	}
-	d.mu.Lock()
-	d.vms[name] = &vm{spec: v.spec, err: errors.New("failover being cancelled")}
-	d.mu.Unlock()
-	if err := v.close(); err != nil {
-		d.reopen(v.spec)
-		return fmt.Errorf("cancel failover of %s: close its journal: %w", name, err)
-	}
-	crashpoint.Hit("cancel-journal-closed")
-	if err := d.replica.CancelFailover(name); err != nil {
-		d.reopen(v.spec)
-		return d.pointErr(err)
+	err = d.transition(v, "failover being cancelled", func() error {
+		crashpoint.Hit("cancel-journal-closed")
+		return d.pointErr(d.replica.CancelFailover(name))
+	})
+	if err != nil {
+		return err
 	}
 	crashpoint.Hit("cancel-before-forget")
 	d.forget(name)
 	d.log.Info("failover cancelled: a replica again, at the latest state before the failover", "vm", name)
 	return nil
-}
-
-// reopen serves a failed-over VM again after a failed cancel.
-func (d *Daemon) reopen(s VMSpec) {
-	nv, err := d.openVM(s, false)
-	if err != nil {
-		nv = &vm{spec: s, err: err}
-		d.log.Error("failed-over VM not served", "vm", s.Name, "err", err)
-	}
-	d.mu.Lock()
-	d.vms[s.Name] = nv
-	d.mu.Unlock()
 }
 
 // forget drops a VM from the registry and its journal from the state

@@ -243,9 +243,7 @@ func (d *Daemon) prepareHandover(ctx context.Context, v *vm, force bool, reverse
 	}
 	v.gate.set(true)
 	if force {
-		for _, ds := range v.spec.Disks {
-			d.nbd.CloseExport(name + "/" + ds.Name)
-		}
+		d.closeExports(v.spec)
 	}
 	sh, err := d.shipper(name)
 	if err == nil {
@@ -324,6 +322,9 @@ func (d *Daemon) Reverse(name string, r ReplicationSpec) (ReplicationSpec, error
 	if !ok {
 		return r, fmt.Errorf("%w: %s", ErrUnknownVM, name)
 	}
+	if v.busy {
+		return r, errBusy(v)
+	}
 	if r.Initial != "" && r.Initial != "existing" {
 		return r, fmt.Errorf("%w: reverse replication compares with the images the old primary has; --initial does not apply", ErrInvalid)
 	}
@@ -351,41 +352,19 @@ func (h *hostHooks) Local(name string) bool {
 var errAdoptBusy = errors.New("daemon: VM in use")
 
 // Adopt hands a VM of this host to the replica role (see apply.Host).
+//
+// No lock of the daemon is held while apply registers the replica VM:
+// Adopt takes opMu for the checks and the transition that stops serving
+// the VM, and returns with a busy stand-in in the VM's place; every
+// operation that finds the stand-in refuses the VM (errBusy) until finish
+// takes opMu again and forgets the VM or serves it again.
 func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Enable) ([]string, func(bool), error) {
 	d := (*Daemon)(h)
 	d.opMu.Lock()
-	v, err := d.servedVM(name)
+	defer d.opMu.Unlock()
+	v, images, err := d.adoptable(name, peer, cert, en)
 	if err != nil {
-		d.opMu.Unlock()
-		return nil, nil, fmt.Errorf("%w: VM %s cannot become a replica here: %v", apply.ErrForbidden, name, err)
-	}
-	target := ""
-	switch {
-	case v.spec.HandedOver != nil:
-		target = v.spec.HandedOver.To
-	case v.spec.Replication != nil:
-		target = v.spec.Replication.Replica
-	}
-	host, _, _ := net.SplitHostPort(target)
-	if target == "" || cert == nil || cert.VerifyHostname(host) != nil {
-		d.opMu.Unlock()
-		return nil, nil, fmt.Errorf("%w: VM %s runs on this host and %q is not the host it replicates to", apply.ErrForbidden, name, peer)
-	}
-	d.mu.Lock()
-	users := d.usersLocked(name)
-	d.mu.Unlock()
-	if users != "" {
-		d.opMu.Unlock()
-		return nil, nil, fmt.Errorf("%w: VM %s still runs on this host (%s): shut it down here to let %s replicate it back (%w)", apply.ErrBusy, name, users, peer, errAdoptBusy)
-	}
-	var images []string
-	for _, wd := range en.Disks {
-		i := slices.IndexFunc(v.spec.Disks, func(ds DiskSpec) bool { return ds.Name == wd.Name })
-		if i < 0 || v.spec.Disks[i].Size != wd.Size {
-			d.opMu.Unlock()
-			return nil, nil, fmt.Errorf("%w: VM %s here has no disk %s of %d bytes", apply.ErrMismatch, name, wd.Name, wd.Size)
-		}
-		images = append(images, v.spec.Disks[i].Path)
+		return nil, nil, err
 	}
 	// What this host wrote after the replica's last cycle is overwritten
 	// by the resync that follows (the VM runs there now): say how much.
@@ -398,21 +377,17 @@ func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Ena
 	// Stop serving it and write everything back; the images are the
 	// replica's from here.
 	d.stopShipper(v)
-	for _, ds := range v.spec.Disks {
-		d.nbd.CloseExport(name + "/" + ds.Name)
+	if err := d.transition(v, "becoming a replica", nil); err != nil {
+		return nil, nil, err
 	}
-	d.mu.Lock()
-	d.vms[name] = &vm{spec: v.spec, err: errors.New("becoming a replica")}
-	d.mu.Unlock()
-	if err := v.close(); err != nil {
-		d.reopen(v.spec)
-		d.opMu.Unlock()
-		return nil, nil, fmt.Errorf("VM %s: close its journal: %w", name, err)
-	}
+	spec := v.spec
 	finish := func(ok bool) {
+		d.opMu.Lock()
 		defer d.opMu.Unlock()
 		if !ok {
-			d.reopen(v.spec)
+			if err := d.restore(spec, nil); err != nil {
+				d.log.Error("VM not adopted and not served again", "vm", name, "err", err)
+			}
 			return
 		}
 		d.forget(name)
@@ -425,6 +400,41 @@ func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Ena
 		d.log.Info("replication reversed: this host is now the replica of the VM", "vm", name, "primary", peer)
 	}
 	return images, finish, nil
+}
+
+// adoptable checks that VM name may become the replica of peer and
+// returns it with the images of the disks en enables. Caller holds opMu.
+func (d *Daemon) adoptable(name, peer string, cert *x509.Certificate, en wire.Enable) (*vm, []string, error) {
+	v, err := d.servedVM(name)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: VM %s cannot become a replica here: %v", apply.ErrForbidden, name, err)
+	}
+	target := ""
+	switch {
+	case v.spec.HandedOver != nil:
+		target = v.spec.HandedOver.To
+	case v.spec.Replication != nil:
+		target = v.spec.Replication.Replica
+	}
+	host, _, _ := net.SplitHostPort(target)
+	if target == "" || cert == nil || cert.VerifyHostname(host) != nil {
+		return nil, nil, fmt.Errorf("%w: VM %s runs on this host and %q is not the host it replicates to", apply.ErrForbidden, name, peer)
+	}
+	d.mu.Lock()
+	users := d.usersLocked(name)
+	d.mu.Unlock()
+	if users != "" {
+		return nil, nil, fmt.Errorf("%w: VM %s still runs on this host (%s): shut it down here to let %s replicate it back (%w)", apply.ErrBusy, name, users, peer, errAdoptBusy)
+	}
+	var images []string
+	for _, wd := range en.Disks {
+		i := slices.IndexFunc(v.spec.Disks, func(ds DiskSpec) bool { return ds.Name == wd.Name })
+		if i < 0 || v.spec.Disks[i].Size != wd.Size {
+			return nil, nil, fmt.Errorf("%w: VM %s here has no disk %s of %d bytes", apply.ErrMismatch, name, wd.Name, wd.Size)
+		}
+		images = append(images, v.spec.Disks[i].Path)
+	}
+	return v, images, nil
 }
 
 // Promote makes a replica VM this host's in a planned failover (see
