@@ -26,6 +26,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/journal"
@@ -110,6 +111,7 @@ type Daemon struct {
 	identity    *pki.Identity   // nil without --tls-cert
 	identityErr error           // why the configured identity could not be loaded
 	replica     *apply.Server
+	fo          *failover.Machine // set by Run with the replica role
 	replicaAddr string
 	metricsAddr string
 	hostLimit   *ship.Limiter
@@ -222,7 +224,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.shutdown()
 		return fmt.Errorf("registry: %w", err)
 	}
-	for _, s := range d.reconcileAdopted(d.reconcileFailovers(specs)) {
+	d.fo = failover.New(failover.Config{Host: (*failoverHost)(d), Replica: replicaRole{d.replica}, Logger: d.log})
+	for _, s := range d.applyFixes(specs, d.fo.Reconcile(entries(specs))) {
 		v, err := d.openVM(s, false)
 		if err != nil {
 			d.log.Error("VM not served", "vm", s.Name, "err", err)

@@ -11,7 +11,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
-	"github.com/vdrepl/vdrepl/internal/crashpoint"
+	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/statefile"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/snapshot"
@@ -290,35 +290,29 @@ func (d *Daemon) lacks(name string) []string {
 func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	d.mu.Lock()
-	v, exists := d.vms[name]
-	d.mu.Unlock()
-	if exists && !v.spec.FailedOver {
-		return FailoverResult{}, fmt.Errorf("%w: VM %s is already a VM of this host (a primary); a replica VM of the same name cannot fail over here", ErrExists, name)
+	if err := d.notBusy(name); err != nil {
+		return FailoverResult{}, err
 	}
-	if exists && v.j != nil {
-		r, _ := d.replica.Replica(name)
-		if r.FailedOver != nil && r.FailedOver.Point != id {
-			return FailoverResult{}, fmt.Errorf("%w: VM %s is already failed over to %s; cancel first to choose another point", ErrExists, name, apply.PointName(r.FailedOver.Point))
-		}
-	}
-	stopped := d.stopExtendForFailover(name)
-	fo, err := d.replica.FailOver(name, "unplanned", id)
+	fo, stopped, err := d.fo.Unplanned(name, id)
 	if err != nil {
-		return FailoverResult{}, d.pointErr(err)
-	}
-	crashpoint.Hit("failover-before-register")
-	if !exists || v.j == nil {
-		if err := d.registerFailedOver(name, fo, !exists, ""); err != nil {
-			return FailoverResult{}, err
-		}
+		return FailoverResult{}, d.failoverErr(err)
 	}
 	res := FailoverResult{VM: name, Point: fo.Point, Cycle: fo.Latest, Lacks: fo.Excluded, ExtendStopped: stopped}
 	for _, disk := range fo.Disks {
 		res.Exports = append(res.Exports, name+"/"+disk.Name)
 	}
-	d.log.Info("unplanned failover: VM served from its replica", "vm", name, "point", apply.PointName(fo.Point), "exports", res.Exports, "lacks_disks", fo.Excluded)
+	d.log.Info("unplanned failover: VM served from its replica", "vm", name, "point", failover.PointName(fo.Point), "exports", res.Exports, "lacks_disks", fo.Excluded)
 	return res, nil
+}
+
+// notBusy refuses a VM in the middle of a transition.
+func (d *Daemon) notBusy(name string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if v, ok := d.vms[name]; ok && v.busy {
+		return errBusy(v)
+	}
+	return nil
 }
 
 // registerFailedOver makes a failed-over replica VM a VM of this daemon.
@@ -329,11 +323,13 @@ func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
 // promotedFrom is the old primary of a planned failover: recorded from the
 // start, so that a crash anywhere in the promotion leaves a VM that a
 // repeated handover from that peer recognises.
-func (d *Daemon) registerFailedOver(name string, fo apply.FailedOverVM, fresh bool, promotedFrom string) error {
+func (d *Daemon) registerFailedOver(name string, fo failover.Target, fresh bool, promotedFrom string) error {
 	spec := failedOverSpec(name, fo)
 	spec.PromotedFrom = promotedFrom
 	if fresh {
-		os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name))
+		if err := vfs.RemoveAll(d.fs, filepath.Join(d.cfg.StateDir, "vms", name)); err != nil {
+			return fmt.Errorf("failed-over VM %s: remove the journal of an earlier failover: %w", name, err)
+		}
 	}
 	v, err := d.openVM(spec, false)
 	if err != nil {
@@ -377,13 +373,15 @@ func (d *Daemon) stopExtendForFailover(name string) string {
 	if err := d.saveExtensions(); err != nil {
 		d.log.Error("record extensions", "err", err)
 	}
-	os.RemoveAll(d.extendDir(name))
+	if err := vfs.RemoveAll(d.fs, d.extendDir(name)); err != nil {
+		d.log.Error("remove the relay journal of a stopped extension", "vm", name, "err", err)
+	}
 	d.log.Warn("extended replication stopped by the failover", "vm", name, "to", x.spec.Replica)
 	return x.spec.Replica
 }
 
 // failedOverSpec is the registry entry of a replica VM failed over here.
-func failedOverSpec(name string, fo apply.FailedOverVM) VMSpec {
+func failedOverSpec(name string, fo failover.Target) VMSpec {
 	spec := VMSpec{Name: name, Created: time.Now().UTC().Truncate(time.Second), FailedOver: true, Lacks: fo.Excluded}
 	for i, disk := range fo.Disks {
 		spec.Disks = append(spec.Disks, DiskSpec{Name: disk.Name, Path: fo.Images[i], Size: disk.Size})
@@ -411,41 +409,10 @@ func (d *Daemon) failedOverVM(name string) (*vm, error) {
 func (d *Daemon) CompleteFailover(name string) error {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	v, err := d.failedOverVM(name)
-	if err != nil {
+	if _, err := d.failedOverVM(name); err != nil {
 		return err
 	}
-	return d.completeLocked(name, v, nil)
-}
-
-// completeLocked is CompleteFailover with opMu held; edit, if not nil,
-// changes the VM's spec in the same registry write. A test failover of the
-// VM ends with it: its point is discarded.
-func (d *Daemon) completeLocked(name string, v *vm, edit func(*VMSpec)) error {
-	d.mu.Lock()
-	_, testing := d.tests[name]
-	d.mu.Unlock()
-	if testing {
-		d.log.Warn("test failover stopped: the failover it ran beside was completed", "vm", name)
-		d.stopTestLocked(name)
-		if err := d.saveTests(); err != nil {
-			return err
-		}
-	}
-	if err := d.replica.CompleteFailover(name); err != nil && !errors.Is(err, apply.ErrUnknownVM) {
-		return d.pointErr(err)
-	}
-	crashpoint.Hit("complete-before-registry")
-	if err := d.setSpec(v, func(s *VMSpec) {
-		s.FailedOver = false
-		if edit != nil {
-			edit(s)
-		}
-	}); err != nil {
-		return err
-	}
-	d.log.Info("failover completed: the VM is this host's; recovery points discarded", "vm", name)
-	return nil
+	return d.failoverErr(d.fo.Complete(name, ""))
 }
 
 // CancelFailover ends a failover that is not completed: the VM's disks
@@ -474,23 +441,15 @@ func (d *Daemon) CancelFailover(name string) error {
 	if testing {
 		return fmt.Errorf("%w: a test failover of VM %s is running; `vdrepl failover stop-test %s` first", ErrInUse, name, name)
 	}
-	// Stop serving and write everything back (through the guard), so the
-	// rollback sees final images.
-	err = d.transition(v, "failover being cancelled", func() error {
-		crashpoint.Hit("cancel-journal-closed")
-		return d.pointErr(d.replica.CancelFailover(name))
-	})
-	if err != nil {
-		return err
+	if err := d.fo.Cancel(name); err != nil {
+		return d.failoverErr(err)
 	}
-	crashpoint.Hit("cancel-before-forget")
-	d.forget(name)
 	d.log.Info("failover cancelled: a replica again, at the latest state before the failover", "vm", name)
 	return nil
 }
 
 // forget drops a VM from the registry and its journal from the state
-// directory (after a cancelled failover).
+// directory (after a cancelled failover or an adoption).
 func (d *Daemon) forget(name string) {
 	d.mu.Lock()
 	delete(d.vms, name)
@@ -500,59 +459,7 @@ func (d *Daemon) forget(name string) {
 		// Run finds the cancel done in apply and forgets it then.
 		d.log.Error("save registry after a cancelled failover", "vm", name, "err", err)
 	}
-	os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name))
-}
-
-// reconcileFailovers brings the registry in line with apply's record of
-// failovers after a crash (see the table at the top of this file). It
-// returns the specs to open.
-func (d *Daemon) reconcileFailovers(specs []VMSpec) []VMSpec {
-	fos := d.replica.FailedOver()
-	var out []VMSpec
-	seen := map[string]bool{}
-	changed := false
-	for _, s := range specs {
-		seen[s.Name] = true
-		if !s.FailedOver {
-			out = append(out, s)
-			continue
-		}
-		if _, ok := fos[s.Name]; ok {
-			out = append(out, s)
-			continue
-		}
-		r, ok := d.replica.Replica(s.Name)
-		switch {
-		case ok && r.FailedOver != nil:
-			out = append(out, s) // openVM says the failover is unfinished
-		case ok:
-			d.log.Warn("failover was cancelled before a crash; the VM is a replica again", "vm", s.Name)
-			os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", s.Name))
-			changed = true
-		default:
-			d.log.Warn("failover was completed before a crash", "vm", s.Name)
-			s.FailedOver = false
-			out = append(out, s)
-			changed = true
-		}
-	}
-	// d.vms is still empty here: the new entries join the list loaded, and
-	// the registry is written from that list, once.
-	for name, fo := range fos {
-		if seen[name] {
-			continue
-		}
-		d.log.Warn("failover was interrupted before the VM was registered; registering it", "vm", name)
-		os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name)) // a cancelled failover's leftover
-		out = append(out, failedOverSpec(name, fo))
-		changed = true
-	}
-	if changed {
-		if err := d.reg.save(out); err != nil {
-			d.log.Error("save registry", "err", err)
-		}
-	}
-	return out
+	d.removeJournalDir(name)
 }
 
 // guardFS is the filesystem a VM's journal uses for its images: for a

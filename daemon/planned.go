@@ -8,14 +8,13 @@ import (
 	"io"
 	"math"
 	"net"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/wire"
@@ -330,8 +329,8 @@ func (d *Daemon) Reverse(name string, r ReplicationSpec) (ReplicationSpec, error
 	}
 	r.Initial = "existing"
 	if v.spec.FailedOver {
-		if err := d.completeLocked(name, v, nil); err != nil {
-			return r, err
+		if err := d.fo.Complete(name, ""); err != nil {
+			return r, d.failoverErr(err)
 		}
 	}
 	return d.enableLocked(name, r)
@@ -443,33 +442,16 @@ func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	d := (*Daemon)(h)
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	d.mu.Lock()
-	v, exists := d.vms[name]
-	d.mu.Unlock()
-	if exists && !v.spec.FailedOver {
-		if peer == "" || v.spec.PromotedFrom != peer {
-			return fmt.Errorf("%w: VM %s already runs on this host", apply.ErrExists, name)
-		}
-		return d.replicateBack(name, ho) // a repeated handover
-	}
-	d.stopExtendForFailover(name)
-	fo, err := d.replica.FailOver(name, "planned", "")
-	if err != nil {
+	if err := d.notBusy(name); err != nil {
 		return err
 	}
-	if !exists || v.j == nil {
-		if err := d.registerFailedOver(name, fo, !exists, peer); err != nil {
-			return err
+	if _, err := d.fo.Promote(name, peer); err != nil {
+		var fe *failover.Error
+		if errors.As(err, &fe) && fe.Kind == failover.ErrExists {
+			return fmt.Errorf("%w: %s", apply.ErrExists, fe.Reason)
 		}
-	}
-	d.mu.Lock()
-	v = d.vms[name]
-	d.mu.Unlock()
-	crashpoint.Hit("promote-failed-over")
-	if err := d.completeLocked(name, v, func(s *VMSpec) { s.PromotedFrom = peer }); err != nil {
 		return err
 	}
-	crashpoint.Hit("promote-completed")
 	return d.replicateBack(name, ho)
 }
 
@@ -489,27 +471,4 @@ func (d *Daemon) replicateBack(name string, ho wire.Handover) error {
 		RecoveryPoints: ho.RecoveryPoints, PointInterval: Duration(ho.PointInterval),
 	})
 	return err
-}
-
-// reconcileAdopted drops from the registry a VM that apply adopted as a
-// replica (a crash came between the two). It returns the specs to open.
-func (d *Daemon) reconcileAdopted(specs []VMSpec) []VMSpec {
-	var out []VMSpec
-	changed := false
-	for _, s := range specs {
-		r, ok := d.replica.Replica(s.Name)
-		if ok && !s.FailedOver && d.replica.Adopted(s.Name) {
-			d.log.Warn("VM became a replica before a crash; forgetting it as a primary", "vm", s.Name, "primary", r.Primary)
-			os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", s.Name))
-			changed = true
-			continue
-		}
-		out = append(out, s)
-	}
-	if changed {
-		if err := d.reg.save(out); err != nil {
-			d.log.Error("save registry", "err", err)
-		}
-	}
-	return out
 }
