@@ -30,6 +30,7 @@ import (
 	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/journal"
+	"github.com/vdrepl/vdrepl/relay"
 	"github.com/vdrepl/vdrepl/ship"
 )
 
@@ -98,7 +99,6 @@ type Daemon struct {
 	fuseOpen     map[string]int // export -> files open through FUSE
 	tests        map[string]*testFailover
 	adopted      map[string]chan struct{} // closed when a VM becomes a replica here
-	extensions   map[string]*extension    // extended replication from this replica host
 	lastShutdown string
 	listeners    []string
 	closed       bool
@@ -111,6 +111,7 @@ type Daemon struct {
 	identity    *pki.Identity   // nil without --tls-cert
 	identityErr error           // why the configured identity could not be loaded
 	replica     *apply.Server
+	relays      *relay.Relays     // extended replication from this replica host; set by Run
 	fo          *failover.Machine // set by Run with the replica role
 	replicaAddr string
 	metricsAddr string
@@ -151,16 +152,15 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	configureMemoryLimit(cfg.MemoryLimit)
 	d := &Daemon{
-		cfg:        cfg,
-		log:        cfg.Logger,
-		fs:         vfs.Default,
-		reg:        registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
-		vms:        make(map[string]*vm),
-		mounts:     make(map[string]*blockdev.FUSEMount),
-		fuseOpen:   make(map[string]int),
-		tests:      make(map[string]*testFailover),
-		adopted:    make(map[string]chan struct{}),
-		extensions: make(map[string]*extension),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		fs:       vfs.Default,
+		reg:      registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
+		vms:      make(map[string]*vm),
+		mounts:   make(map[string]*blockdev.FUSEMount),
+		fuseOpen: make(map[string]int),
+		tests:    make(map[string]*testFailover),
+		adopted:  make(map[string]chan struct{}),
 	}
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
@@ -216,7 +216,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	// Relays first: an apply a crash interrupted is redone by Recover and
 	// must reach the third host too.
-	d.restartExtensions()
+	d.relays = d.newRelays()
+	d.relays.Restart(ctx)
 	d.replica.Recover()
 
 	specs, err := d.reg.load()
@@ -350,14 +351,8 @@ func (d *Daemon) shutdown() error {
 	for _, v := range vms {
 		d.stopShipper(v)
 	}
-	d.mu.Lock()
-	var extended []string
-	for name := range d.extensions {
-		extended = append(extended, name)
-	}
-	d.mu.Unlock()
-	for _, name := range extended {
-		d.stopExtension(name)
+	if d.relays != nil {
+		d.relays.Close()
 	}
 	for _, t := range tests {
 		t.overlay.Close()

@@ -363,21 +363,18 @@ func (d *Daemon) registerFailedOver(name string, fo failover.Target, fresh bool,
 // failed-over VM writes is not a state of its primary, so it must not
 // reach the third host as one.
 func (d *Daemon) stopExtendForFailover(name string) string {
-	d.mu.Lock()
-	x, ok := d.extensions[name]
-	d.mu.Unlock()
-	if !ok {
+	x, ok := d.relays.Running(name)
+	if !ok || !d.relays.Stop(name) {
 		return ""
 	}
-	d.stopExtension(name)
-	if err := d.saveExtensions(); err != nil {
+	if err := d.relays.Save(); err != nil {
 		d.log.Error("record extensions", "err", err)
 	}
-	if err := vfs.RemoveAll(d.fs, d.extendDir(name)); err != nil {
+	if err := d.relays.Remove(name); err != nil {
 		d.log.Error("remove the relay journal of a stopped extension", "vm", name, "err", err)
 	}
-	d.log.Warn("extended replication stopped by the failover", "vm", name, "to", x.spec.Replica)
-	return x.spec.Replica
+	d.log.Warn("extended replication stopped by the failover", "vm", name, "to", x.Replica)
+	return x.Replica
 }
 
 // failedOverSpec is the registry entry of a replica VM failed over here.

@@ -398,7 +398,7 @@ func (d *Daemon) shipper(name string) (*ship.Shipper, error) {
 // application-consistent point) and waits until the replica applied it.
 func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (uint64, error) {
 	s, err := d.shipper(name)
-	if x, ok := d.extensionShipper(name); ok && errors.Is(err, ErrUnknownVM) {
+	if x, ok := d.relays.Shipper(name); ok && errors.Is(err, ErrUnknownVM) {
 		s, err = x, nil // a replica VM whose replication is extended from here
 	}
 	if err != nil {
@@ -414,7 +414,7 @@ func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (ui
 // ReplicationControl pauses, resumes or resyncs a VM's replication.
 func (d *Daemon) ReplicationControl(name, op string) error {
 	s, err := d.shipper(name)
-	if x, ok := d.extensionShipper(name); ok && errors.Is(err, ErrUnknownVM) {
+	if x, ok := d.relays.Shipper(name); ok && errors.Is(err, ErrUnknownVM) {
 		s, err = x, nil
 	}
 	if err != nil {
