@@ -88,6 +88,10 @@ func DefaultNBD(stateDir string) []string {
 type Daemon struct {
 	cfg Config
 	log *slog.Logger
+	// fs takes every persistent write of the daemon (state files, images
+	// it creates, journal directories it removes). The os calls left in
+	// the package need a descriptor or the OS itself: the state lock and
+	// the images' OFD locks, unix sockets, /proc, file identity.
 	fs  vfs.FS
 	reg registry
 
@@ -192,7 +196,7 @@ func New(cfg Config) (*Daemon, error) {
 // Run opens every registered VM, serves NBD and the control API, and returns
 // when ctx is done (after a clean shutdown) or a listener fails.
 func (d *Daemon) Run(ctx context.Context) error {
-	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
+	if err := d.fs.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
 	if err := d.lockState(); err != nil {
@@ -295,7 +299,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.shutdown()
 		return fmt.Errorf("control socket: %w", err)
 	}
-	os.Chmod(d.cfg.Control, 0o600)
+	if err := os.Chmod(d.cfg.Control, 0o600); err != nil {
+		cl.Close()
+		d.shutdown()
+		return fmt.Errorf("control socket: %w", err)
+	}
 	d.control = &http.Server{Handler: d.handler(), BaseContext: func(net.Listener) context.Context { return ctx }}
 	wg.Add(1)
 	go func() {
@@ -373,7 +381,14 @@ func (d *Daemon) shutdown() error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	os.Remove(filepath.Join(d.cfg.StateDir, runningFile))
+	err := d.fs.Remove(filepath.Join(d.cfg.StateDir, runningFile))
+	if err == nil {
+		err = d.fs.SyncDir(d.cfg.StateDir)
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		// The next start takes this stop for a crash; say why.
+		d.log.Warn("clean-shutdown marker not recorded", "err", err)
+	}
 	if d.lock != nil {
 		d.lock.Close()
 	}
@@ -451,11 +466,11 @@ const runningFile = "running"
 func (d *Daemon) detectShutdown() string {
 	p := filepath.Join(d.cfg.StateDir, runningFile)
 	boot := bootID()
-	prev, err := os.ReadFile(p)
+	prev, err := vfs.ReadFile(d.fs, p)
 	result := "clean"
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		if _, err := os.Stat(d.reg.path); errors.Is(err, fs.ErrNotExist) {
+		if _, err := d.fs.Stat(d.reg.path); errors.Is(err, fs.ErrNotExist) {
 			result = "first start"
 		}
 	case err != nil:
@@ -488,16 +503,18 @@ func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
 		if err != nil {
 			v.close()
 			for _, p := range created {
-				os.Remove(p)
+				if rerr := d.fs.Remove(p); rerr != nil {
+					d.log.Warn("image created for a VM not added, not removed", "path", p, "err", rerr)
+				}
 			}
 		}
 	}()
 	for i := range v.spec.Disks {
 		ds := &v.spec.Disks[i]
-		st, serr := os.Stat(ds.Path)
+		st, serr := d.fs.Stat(ds.Path)
 		switch {
 		case errors.Is(serr, fs.ErrNotExist) && create && ds.Create:
-			f, err := os.OpenFile(ds.Path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+			f, err := d.fs.OpenFile(ds.Path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: create %s: %w", ds.Name, ds.Path, err)
 			}
@@ -506,7 +523,9 @@ func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
 			if err == nil {
 				err = f.Sync()
 			}
-			f.Close()
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: create %s: %w", ds.Name, ds.Path, err)
 			}
@@ -736,7 +755,7 @@ func (d *Daemon) RemoveVM(name string) error {
 	}
 	// The catalogue no longer has the VM; end any connection that raced in.
 	err := d.stopServing(v)
-	if rerr := os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name)); err == nil {
+	if rerr := vfs.RemoveAll(d.fs, filepath.Join(d.cfg.StateDir, "vms", name)); err == nil {
 		err = rerr
 	}
 	d.log.Info("VM removed", "vm", name)

@@ -3,7 +3,7 @@ package daemon
 import (
 	"errors"
 	"fmt"
-	"os"
+	"io/fs"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -160,7 +160,10 @@ func (d *Daemon) startTest(name, id string) (*testFailover, error) {
 		return nil, d.pointErr(err)
 	}
 	scratch := filepath.Join(d.cfg.StateDir, "test", name)
-	os.RemoveAll(scratch)
+	if err := vfs.RemoveAll(d.fs, scratch); err != nil {
+		view.Close()
+		return nil, fmt.Errorf("test failover of %s: remove an old overlay: %w", name, err)
+	}
 	ov, err := view.Writable(scratch)
 	if err != nil {
 		view.Close()
@@ -220,10 +223,7 @@ func (d *Daemon) stopTestLocked(name string) error {
 	for _, disk := range t.disks {
 		d.nbd.CloseExport(name + testSuffix + "/" + disk)
 	}
-	err := t.overlay.Close()
-	t.view.Close()
-	os.RemoveAll(t.scratch)
-	return err
+	return errors.Join(t.overlay.Close(), t.view.Close(), vfs.RemoveAll(d.fs, t.scratch))
 }
 
 // TestFailovers lists the running test failovers.
@@ -255,9 +255,15 @@ func (d *Daemon) saveTests() error {
 
 // restartTests starts again the test failovers a restart ended.
 func (d *Daemon) restartTests() {
-	os.RemoveAll(filepath.Join(d.cfg.StateDir, "test"))
-	b, err := os.ReadFile(filepath.Join(d.cfg.StateDir, testsFile))
+	if err := vfs.RemoveAll(d.fs, filepath.Join(d.cfg.StateDir, "test")); err != nil {
+		d.log.Error("overlays of test failovers ended by the restart not removed", "err", err)
+	}
+	b, err := vfs.ReadFile(d.fs, filepath.Join(d.cfg.StateDir, testsFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return
+	}
 	if err != nil {
+		d.log.Error("test failovers not restarted", "file", testsFile, "err", err)
 		return
 	}
 	var m map[string]string

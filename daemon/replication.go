@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -242,7 +243,9 @@ func (d *Daemon) DisableReplication(name string) error {
 	if err := d.setSpec(v, func(s *VMSpec) { s.Replication = nil }); err != nil {
 		return err
 	}
-	os.Remove(d.shipState(name))
+	if err := d.fs.Remove(d.shipState(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		d.log.Error("shipper state of a disabled replication not removed", "vm", name, "file", d.shipState(name), "err", err)
+	}
 	d.log.Info("replication disabled", "vm", name)
 	return v.j.SetRetain(false)
 }
