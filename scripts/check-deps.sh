@@ -28,6 +28,11 @@ forbid internal/wire journal blockdev ship apply snapshot daemon cmd internal/vf
 forbid internal/statefile journal blockdev ship apply snapshot daemon cmd internal/vfs internal/wire internal/pki
 forbid internal/pki journal blockdev ship apply snapshot daemon cmd internal/wire
 forbid daemon cmd doctor
+# The failover state machine and the relay of extended replication are
+# used by the daemon; they know nothing of it, the control API or cmd.
+# failover imports no replication package at all: the daemon adapts apply.
+forbid failover cmd daemon control apply ship journal snapshot blockdev relay doctor
+forbid relay cmd daemon control failover doctor blockdev
 # doctor reads the daemon and probes replicas; nothing below cmd uses it.
 forbid doctor cmd
 exit $fail
