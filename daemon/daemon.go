@@ -100,8 +100,7 @@ type Daemon struct {
 	mu           sync.Mutex
 	vms          map[string]*vm
 	mounts       map[string]*blockdev.FUSEMount
-	fuseOpen     map[string]int // export -> files open through FUSE
-	tests        map[string]*testFailover
+	fuseOpen     map[string]int           // export -> files open through FUSE
 	adopted      map[string]chan struct{} // closed when a VM becomes a replica here
 	lastShutdown string
 	listeners    []string
@@ -115,6 +114,7 @@ type Daemon struct {
 	identity    *pki.Identity   // nil without --tls-cert
 	identityErr error           // why the configured identity could not be loaded
 	replica     *apply.Server
+	tests       *failover.Tests[*testFailover]
 	relays      *relay.Relays     // extended replication from this replica host; set by Run
 	fo          *failover.Machine // set by Run with the replica role
 	replicaAddr string
@@ -163,9 +163,9 @@ func New(cfg Config) (*Daemon, error) {
 		vms:      make(map[string]*vm),
 		mounts:   make(map[string]*blockdev.FUSEMount),
 		fuseOpen: make(map[string]int),
-		tests:    make(map[string]*testFailover),
 		adopted:  make(map[string]chan struct{}),
 	}
+	d.tests = d.newTests()
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
 		if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
@@ -257,7 +257,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 	}
 
-	d.restartTests()
+	d.tests.Restart()
 
 	errc := make(chan error, len(d.cfg.NBD)+4)
 	if d.cfg.ReplicaListen != "" && d.identityErr == nil {
@@ -353,8 +353,6 @@ func (d *Daemon) shutdown() error {
 	d.mu.Lock()
 	vms := d.vms
 	d.vms = map[string]*vm{}
-	tests := d.tests
-	d.tests = map[string]*testFailover{}
 	d.mu.Unlock()
 	for _, v := range vms {
 		d.stopShipper(v)
@@ -362,9 +360,9 @@ func (d *Daemon) shutdown() error {
 	if d.relays != nil {
 		d.relays.Close()
 	}
-	for _, t := range tests {
-		t.overlay.Close()
-		t.view.Close()
+	// The test failovers stay recorded: the next start starts them again.
+	if err := d.tests.CloseAll(); err != nil {
+		d.log.Warn("close test failovers", "err", err)
 	}
 	// Journals first: a failed-over VM writes back through the replica's
 	// recovery points, which close with the replica role.
@@ -834,7 +832,7 @@ func (e *exports) Lookup(name string) (blockdev.Export, bool) {
 	defer d.mu.Unlock()
 	v, ok := d.vms[vmName]
 	if !ok {
-		return d.testExportLocked(vmName, diskName)
+		return d.testExport(vmName, diskName)
 	}
 	if v.j == nil {
 		return blockdev.Export{}, false
@@ -864,9 +862,9 @@ func (e *exports) List() []blockdev.Export {
 				Description: "vdrepl VM " + s.Name + " disk " + ds.Name})
 		}
 	}
-	for name, t := range d.tests {
-		for _, disk := range t.disks {
-			if x, ok := d.testExportLocked(name+testSuffix, disk); ok {
+	for _, run := range d.tests.List() {
+		for _, disk := range run.Copy.disks {
+			if x, ok := d.testExport(run.VM+testSuffix, disk); ok {
 				out = append(out, x)
 			}
 		}

@@ -3,7 +3,6 @@ package daemon
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -12,7 +11,6 @@ import (
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
 	"github.com/vdrepl/vdrepl/failover"
-	"github.com/vdrepl/vdrepl/internal/statefile"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/snapshot"
 )
@@ -44,15 +42,25 @@ import (
 // testSuffix names the exports of a test failover: VM-test/DISK.
 const testSuffix = "-test"
 
-// testFailover is one running test failover.
+// testFailover is the copy a running test failover serves
+// (failover.TestCopy): a view of the point and an overlay on it.
 type testFailover struct {
+	d       *Daemon
 	vm      string
 	point   snapshot.Point
 	disks   []string
 	view    *snapshot.View
 	overlay *snapshot.Overlay
-	scratch string
-	started time.Time
+}
+
+func (t *testFailover) PointID() string { return t.point.ID }
+
+// Close ends the copy's exports and closes it.
+func (t *testFailover) Close() error {
+	for _, disk := range t.disks {
+		t.d.nbd.CloseExport(t.vm + testSuffix + "/" + disk)
+	}
+	return errors.Join(t.overlay.Close(), t.view.Close())
 }
 
 // TestFailoverInfo is a test failover as status shows it.
@@ -65,8 +73,9 @@ type TestFailoverInfo struct {
 	Started time.Time `json:"started"`
 }
 
-func (t *testFailover) info() TestFailoverInfo {
-	out := TestFailoverInfo{VM: t.vm, Point: t.point.ID, Cycle: t.point.Cycle, Time: t.point.Time, Started: t.started}
+func testInfo(run failover.TestRun[*testFailover]) TestFailoverInfo {
+	t := run.Copy
+	out := TestFailoverInfo{VM: t.vm, Point: t.point.ID, Cycle: t.point.Cycle, Time: t.point.Time, Started: run.Started}
 	for _, d := range t.disks {
 		out.Exports = append(out.Exports, t.vm+testSuffix+"/"+d)
 	}
@@ -87,8 +96,6 @@ type FailoverResult struct {
 	// the primary). Extend again once the VM replicates here again.
 	ExtendStopped string `json:"extend_stopped,omitempty"`
 }
-
-const testsFile = "tests.json"
 
 // PointsInfo lists a replica VM's recovery points.
 type PointsInfo struct {
@@ -127,30 +134,36 @@ func (d *Daemon) Points(name string) (PointsInfo, error) {
 func (d *Daemon) FailoverTest(name, id string) (FailoverResult, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	t, err := d.startTest(name, id)
+	run, err := d.tests.Start(name, id)
 	if err != nil {
-		return FailoverResult{}, err
+		return FailoverResult{}, d.failoverErr(err)
 	}
-	if err := d.saveTests(); err != nil {
-		d.stopTestLocked(name)
-		return FailoverResult{}, err
-	}
-	info := t.info()
+	info := testInfo(run)
 	d.log.Info("test failover started", "vm", name, "point", info.Point, "exports", info.Exports)
 	return FailoverResult{VM: name, Point: info.Point, Cycle: info.Cycle, Exports: info.Exports, Lacks: d.lacks(name)}, nil
 }
 
-func (d *Daemon) startTest(name, id string) (*testFailover, error) {
+// newTests builds the test failovers of this host over its replica role.
+func (d *Daemon) newTests() *failover.Tests[*testFailover] {
+	return failover.NewTests(failover.TestsConfig[*testFailover]{
+		FS: d.fs, StateDir: d.cfg.StateDir, Open: d.openTest, Taken: d.testTaken, Logger: d.log,
+	})
+}
+
+// testTaken refuses a test failover whose exports would clash with a VM.
+func (d *Daemon) testTaken(name string) error {
 	d.mu.Lock()
-	_, running := d.tests[name]
 	_, clash := d.vms[name+testSuffix]
 	d.mu.Unlock()
-	switch {
-	case running:
-		return nil, fmt.Errorf("%w: a test failover of VM %s is running; stop it first (`vdrepl failover stop-test %s`)", ErrExists, name, name)
-	case clash:
-		return nil, fmt.Errorf("%w: a VM named %s%s is registered here; its exports would clash with the test failover's", ErrExists, name, testSuffix)
+	if clash {
+		return fmt.Errorf("%w: a VM named %s%s is registered here; its exports would clash with the test failover's", ErrExists, name, testSuffix)
 	}
+	return nil
+}
+
+// openTest opens the copy of point id of replica VM name a test failover
+// serves, its writes going to scratch.
+func (d *Daemon) openTest(name, id, scratch string) (*testFailover, error) {
 	r, ok := d.replica.Replica(name)
 	if !ok {
 		return nil, fmt.Errorf("%w: %s is not a replica VM on this host", ErrUnknownVM, name)
@@ -159,23 +172,15 @@ func (d *Daemon) startTest(name, id string) (*testFailover, error) {
 	if err != nil {
 		return nil, d.pointErr(err)
 	}
-	scratch := filepath.Join(d.cfg.StateDir, "test", name)
-	if err := vfs.RemoveAll(d.fs, scratch); err != nil {
-		view.Close()
-		return nil, fmt.Errorf("test failover of %s: remove an old overlay: %w", name, err)
-	}
 	ov, err := view.Writable(scratch)
 	if err != nil {
 		view.Close()
 		return nil, fmt.Errorf("test failover of %s: %w", name, err)
 	}
-	t := &testFailover{vm: name, point: view.Point(), view: view, overlay: ov, scratch: scratch, started: time.Now().UTC().Truncate(time.Second)}
+	t := &testFailover{d: d, vm: name, point: view.Point(), view: view, overlay: ov}
 	for _, disk := range r.Disks {
 		t.disks = append(t.disks, disk.Name)
 	}
-	d.mu.Lock()
-	d.tests[name] = t
-	d.mu.Unlock()
 	return t, nil
 }
 
@@ -199,11 +204,8 @@ func (d *Daemon) pointErr(err error) error {
 func (d *Daemon) StopTest(name string) error {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	if err := d.stopTestLocked(name); err != nil {
-		return err
-	}
-	if err := d.saveTests(); err != nil {
-		return err
+	if err := d.tests.Stop(name); err != nil {
+		return d.failoverErr(err)
 	}
 	if err := d.replica.Prune(name); err != nil {
 		d.log.Warn("prune recovery points after a test failover", "vm", name, "err", err)
@@ -212,75 +214,13 @@ func (d *Daemon) StopTest(name string) error {
 	return nil
 }
 
-func (d *Daemon) stopTestLocked(name string) error {
-	d.mu.Lock()
-	t, ok := d.tests[name]
-	delete(d.tests, name)
-	d.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("%w: no test failover of VM %s is running", ErrInvalid, name)
-	}
-	for _, disk := range t.disks {
-		d.nbd.CloseExport(name + testSuffix + "/" + disk)
-	}
-	return errors.Join(t.overlay.Close(), t.view.Close(), vfs.RemoveAll(d.fs, t.scratch))
-}
-
 // TestFailovers lists the running test failovers.
 func (d *Daemon) TestFailovers() []TestFailoverInfo {
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	out := []TestFailoverInfo{}
-	for _, t := range d.tests {
-		out = append(out, t.info())
+	for _, run := range d.tests.List() {
+		out = append(out, testInfo(run))
 	}
-	slices.SortFunc(out, func(a, b TestFailoverInfo) int { return strings.Compare(a.VM, b.VM) })
 	return out
-}
-
-// saveTests records the running test failovers (VM -> point).
-func (d *Daemon) saveTests() error {
-	d.mu.Lock()
-	m := map[string]string{}
-	for name, t := range d.tests {
-		m[name] = t.point.ID
-	}
-	d.mu.Unlock()
-	b, err := statefile.Encode("vdrepl-tests", 1, m)
-	if err != nil {
-		return err
-	}
-	return vfs.WriteFileAtomic(d.fs, filepath.Join(d.cfg.StateDir, testsFile), b, 0o600)
-}
-
-// restartTests starts again the test failovers a restart ended.
-func (d *Daemon) restartTests() {
-	if err := vfs.RemoveAll(d.fs, filepath.Join(d.cfg.StateDir, "test")); err != nil {
-		d.log.Error("overlays of test failovers ended by the restart not removed", "err", err)
-	}
-	b, err := vfs.ReadFile(d.fs, filepath.Join(d.cfg.StateDir, testsFile))
-	if errors.Is(err, fs.ErrNotExist) {
-		return
-	}
-	if err != nil {
-		d.log.Error("test failovers not restarted", "file", testsFile, "err", err)
-		return
-	}
-	var m map[string]string
-	if err := statefile.Decode("vdrepl-tests", 1, b, &m); err != nil {
-		d.log.Error("test failovers not restarted", "file", testsFile, "err", err)
-		return
-	}
-	for name, id := range m {
-		if _, err := d.startTest(name, id); err != nil {
-			d.log.Error("test failover ended by the restart and not started again", "vm", name, "point", id, "err", err)
-			continue
-		}
-		d.log.Warn("test failover started again after a restart: writes made to it before were discarded", "vm", name, "point", id)
-	}
-	if err := d.saveTests(); err != nil {
-		d.log.Warn("record test failovers", "err", err)
-	}
 }
 
 // lacks names the primary's disks a replica VM does not have.
@@ -438,10 +378,7 @@ func (d *Daemon) CancelFailover(name string) error {
 	if v.spec.Replication != nil {
 		return fmt.Errorf("%w: VM %s replicates to %s; disable that replication first", ErrInUse, name, v.spec.Replication.Replica)
 	}
-	d.mu.Lock()
-	_, testing := d.tests[name]
-	d.mu.Unlock()
-	if testing {
+	if _, testing := d.tests.Running(name); testing {
 		return fmt.Errorf("%w: a test failover of VM %s is running; `vdrepl failover stop-test %s` first", ErrInUse, name, name)
 	}
 	if err := d.fo.Cancel(name); err != nil {
@@ -479,15 +416,16 @@ func (d *Daemon) guardFS(s VMSpec) (vfs.FS, error) {
 }
 
 // testExport finds an export of a test failover.
-func (d *Daemon) testExportLocked(vmName, diskName string) (blockdev.Export, bool) {
+func (d *Daemon) testExport(vmName, diskName string) (blockdev.Export, bool) {
 	name, ok := strings.CutSuffix(vmName, testSuffix)
 	if !ok {
 		return blockdev.Export{}, false
 	}
-	t, ok := d.tests[name]
+	run, ok := d.tests.Running(name)
 	if !ok {
 		return blockdev.Export{}, false
 	}
+	t := run.Copy
 	i := slices.Index(t.disks, diskName)
 	if i < 0 {
 		return blockdev.Export{}, false

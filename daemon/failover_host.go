@@ -109,15 +109,11 @@ func (h *failoverHost) StopExtension(name string) string {
 
 func (h *failoverHost) EndTest(name string) error {
 	d := (*Daemon)(h)
-	d.mu.Lock()
-	_, testing := d.tests[name]
-	d.mu.Unlock()
-	if !testing {
-		return nil
+	ended, err := d.tests.End(name)
+	if ended {
+		d.log.Warn("test failover stopped: the failover it ran beside was completed", "vm", name)
 	}
-	d.log.Warn("test failover stopped: the failover it ran beside was completed", "vm", name)
-	d.stopTestLocked(name)
-	return d.saveTests()
+	return err
 }
 
 // failoverErr turns the state machine's refusals into the daemon's errors
