@@ -5,22 +5,15 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"runtime/debug"
 	"strings"
 	"testing"
 )
 
 // newTestDaemon is a Daemon that is not running (no listener, no replica
-// role) over a temporary state directory, for tests of VM handling.
+// role) over a temporary state directory, for tests of VM handling. It
+// sets no memory limit (TestMemoryLimit configures its own).
 func newTestDaemon(t *testing.T) *Daemon {
 	t.Helper()
-	before := debug.SetMemoryLimit(-1)
-	t.Cleanup(func() {
-		memLimit.Lock()
-		memLimit.configured = false
-		memLimit.Unlock()
-		debug.SetMemoryLimit(before)
-	})
 	d, err := New(Config{StateDir: t.TempDir(), MemoryLimit: -1})
 	if err != nil {
 		t.Fatal(err)

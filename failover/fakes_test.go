@@ -125,18 +125,24 @@ type fakeHost struct {
 	failRel error // Release's close of the journal fails with it
 }
 
-func (h *fakeHost) load() map[string]hostEntry {
-	m := map[string]hostEntry{}
-	b, err := vfs.ReadFile(h.w.efs, regFile)
+// loadRecord reads the record in file of format into v; no file leaves v
+// as it is.
+func (w *world) loadRecord(fsys vfs.FS, file, format string, v any) {
+	b, err := vfs.ReadFile(fsys, file)
 	if errors.Is(err, fs.ErrNotExist) {
-		return m
+		return
 	}
 	if err == nil {
-		err = statefile.Decode("test-registry", 1, b, &m)
+		err = statefile.Decode(format, 1, b, v)
 	}
 	if err != nil {
-		h.w.t.Fatalf("registry: %v", err)
+		w.t.Fatalf("%s: %v", file, err)
 	}
+}
+
+func (h *fakeHost) load() map[string]hostEntry {
+	m := map[string]hostEntry{}
+	h.w.loadRecord(h.w.efs, regFile, "test-registry", &m)
 	return m
 }
 
@@ -225,16 +231,7 @@ type fakeReplica struct{ w *world }
 
 func (r *fakeReplica) load() map[string]*repRecord {
 	m := map[string]*repRecord{}
-	b, err := vfs.ReadFile(r.w.mem, repFile)
-	if errors.Is(err, fs.ErrNotExist) {
-		return m
-	}
-	if err == nil {
-		err = statefile.Decode("test-replica", 1, b, &m)
-	}
-	if err != nil {
-		r.w.t.Fatalf("replica record: %v", err)
-	}
+	r.w.loadRecord(r.w.mem, repFile, "test-replica", &m)
 	return m
 }
 
