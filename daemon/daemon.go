@@ -114,6 +114,8 @@ type Daemon struct {
 	identity    *pki.Identity   // nil without --tls-cert
 	identityErr error           // why the configured identity could not be loaded
 	replica     *apply.Server
+	// tests and relays lock on their own, inside mu when both are held
+	// (the export catalogue looks up test failovers under mu).
 	tests       *failover.Tests[*testFailover]
 	relays      *relay.Relays     // extended replication from this replica host; set by Run
 	fo          *failover.Machine // set by Run with the replica role
@@ -231,30 +233,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	d.fo = failover.New(failover.Config{Host: (*failoverHost)(d), Replica: replicaRole{d.replica}, Logger: d.log})
 	for _, s := range d.applyFixes(specs, d.fo.Reconcile(entries(specs))) {
-		v, err := d.openVM(s, false)
-		if err != nil {
-			d.log.Error("VM not served", "vm", s.Name, "err", err)
-			v = &vm{spec: s, err: err}
-		}
-		d.mu.Lock()
-		d.vms[s.Name] = v
-		d.mu.Unlock()
-		if s.HandedOver != nil {
-			v.gate.set(true)
-			d.log.Warn("VM handed over in a planned failover: served read-only until its new primary replicates back", "vm", s.Name, "to", s.HandedOver.To)
-		}
-		if v.j != nil && s.Replication != nil && s.HandedOver == nil {
-			if d.identity == nil {
-				why := d.identityErr
-				if why == nil {
-					why = errNoIdentity
-				}
-				v.err = fmt.Errorf("replication not running: %w", why)
-				d.log.Error("replication not running", "vm", s.Name, "err", why)
-			} else if err := d.startShipper(v); err != nil {
-				d.log.Error("replication not running", "vm", s.Name, "err", err)
-			}
-		}
+		d.serveRegistered(s)
 	}
 
 	d.tests.Restart()
@@ -392,6 +371,36 @@ func (d *Daemon) shutdown() error {
 	}
 	d.log.Info("stopped cleanly")
 	return nil
+}
+
+// serveRegistered opens a VM of the registry at start-up and starts its
+// replication; a VM that cannot open is listed with the reason.
+func (d *Daemon) serveRegistered(s VMSpec) {
+	v, err := d.openVM(s, false)
+	if err != nil {
+		d.log.Error("VM not served", "vm", s.Name, "err", err)
+		v = &vm{spec: s, err: err}
+	}
+	d.mu.Lock()
+	d.vms[s.Name] = v
+	d.mu.Unlock()
+	if s.HandedOver != nil {
+		v.gate.set(true)
+		d.log.Warn("VM handed over in a planned failover: served read-only until its new primary replicates back", "vm", s.Name, "to", s.HandedOver.To)
+	}
+	if v.j == nil || s.Replication == nil || s.HandedOver != nil {
+		return
+	}
+	if d.identity == nil {
+		why := d.identityErr
+		if why == nil {
+			why = errNoIdentity
+		}
+		v.err = fmt.Errorf("replication not running: %w", why)
+		d.log.Error("replication not running", "vm", s.Name, "err", why)
+	} else if err := d.startShipper(v); err != nil {
+		d.log.Error("replication not running", "vm", s.Name, "err", err)
+	}
 }
 
 func (v *vm) close() error {
