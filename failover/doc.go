@@ -9,7 +9,16 @@
 // Host (its registry of VMs, vms.json, and the VM transition that stops
 // serving a VM) and ReplicaRole (the replica role, apply.Server, through an
 // adapter), calls the commands with its operation lock held, and calls
-// Reconcile once at start-up with the registry it loaded.
+// Reconcile once at start-up with the registry it loaded. It builds one
+// Tests over the copies it serves and calls Restart at start-up.
+//
+// The old primary's side of a planned failover (make the disks read-only,
+// ship the last cycle, record handed_over, send the handover, undo it when
+// refused) stays in the daemon (daemon/planned.go): it is the daemon's
+// gate, shipper and network peer, and its one durable step is the
+// registry's handed_over, which this table reads as Primary. Adoption is
+// the daemon's VM transition with apply registering the replica VM in
+// between; a crash between the two is the Adopted row.
 //
 // # The two records
 //
