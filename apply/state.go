@@ -344,27 +344,4 @@ func (s *Server) saveRegistry() error {
 }
 
 // removeAll removes name and, if it is a directory, everything in it.
-func removeAll(fsys vfs.FS, name string) error {
-	fi, err := fsys.Stat(name)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if fi.IsDir() {
-		names, err := fsys.ReadDir(name)
-		if err != nil {
-			return err
-		}
-		for _, n := range names {
-			if err := removeAll(fsys, join(name, n)); err != nil {
-				return err
-			}
-		}
-	}
-	if err := fsys.Remove(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return err
-	}
-	return nil
-}
+func removeAll(fsys vfs.FS, name string) error { return vfs.RemoveAll(fsys, name) }

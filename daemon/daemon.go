@@ -26,9 +26,11 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/journal"
+	"github.com/vdrepl/vdrepl/relay"
 	"github.com/vdrepl/vdrepl/ship"
 )
 
@@ -75,6 +77,10 @@ type Config struct {
 type Daemon struct {
 	cfg Config
 	log *slog.Logger
+	// fs takes every persistent write of the daemon (state files, images
+	// it creates, journal directories it removes). The os calls left in
+	// the package need a descriptor or the OS itself: the state lock and
+	// the images' OFD locks, unix sockets, /proc, file identity.
 	fs  vfs.FS
 	reg registry
 
@@ -83,10 +89,8 @@ type Daemon struct {
 	mu           sync.Mutex
 	vms          map[string]*vm
 	mounts       map[string]*blockdev.FUSEMount
-	fuseOpen     map[string]int // export -> files open through FUSE
-	tests        map[string]*testFailover
+	fuseOpen     map[string]int           // export -> files open through FUSE
 	adopted      map[string]chan struct{} // closed when a VM becomes a replica here
-	extensions   map[string]*extension    // extended replication from this replica host
 	lastShutdown string
 	listeners    []string
 	closed       bool
@@ -99,6 +103,11 @@ type Daemon struct {
 	identity    *pki.Identity   // nil without --tls-cert
 	identityErr error           // why the configured identity could not be loaded
 	replica     *apply.Server
+	// tests and relays lock on their own, inside mu when both are held
+	// (the export catalogue looks up test failovers under mu).
+	tests       *failover.Tests[*testFailover]
+	relays      *relay.Relays     // extended replication from this replica host; set by Run
+	fo          *failover.Machine // set by Run with the replica role
 	replicaAddr string
 	metricsAddr string
 	hostLimit   *ship.Limiter
@@ -110,6 +119,7 @@ type vm struct {
 	j     *journal.Journal
 	locks []*os.File // OFD locks on the images
 	err   error      // why the VM is not served, if it is not
+	busy  bool       // a stand-in while the VM is in a transition (transition.go)
 
 	ship     *ship.Shipper // non-nil while replication runs
 	shipStop context.CancelFunc
@@ -137,17 +147,16 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	configureMemoryLimit(cfg.MemoryLimit)
 	d := &Daemon{
-		cfg:        cfg,
-		log:        cfg.Logger,
-		fs:         vfs.Default,
-		reg:        registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
-		vms:        make(map[string]*vm),
-		mounts:     make(map[string]*blockdev.FUSEMount),
-		fuseOpen:   make(map[string]int),
-		tests:      make(map[string]*testFailover),
-		adopted:    make(map[string]chan struct{}),
-		extensions: make(map[string]*extension),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		fs:       vfs.Default,
+		reg:      registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
+		vms:      make(map[string]*vm),
+		mounts:   make(map[string]*blockdev.FUSEMount),
+		fuseOpen: make(map[string]int),
+		adopted:  make(map[string]chan struct{}),
 	}
+	d.tests = d.newTests()
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
 		if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
@@ -178,7 +187,7 @@ func New(cfg Config) (*Daemon, error) {
 // Run opens every registered VM, serves NBD and the control API, and returns
 // when ctx is done (after a clean shutdown) or a listener fails.
 func (d *Daemon) Run(ctx context.Context) error {
-	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
+	if err := d.fs.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
 	if err := d.lockState(); err != nil {
@@ -202,7 +211,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	// Relays first: an apply a crash interrupted is redone by Recover and
 	// must reach the third host too.
-	d.restartExtensions()
+	d.relays = d.newRelays()
+	d.relays.Restart(ctx)
 	d.replica.Recover()
 
 	specs, err := d.reg.load()
@@ -210,34 +220,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.shutdown()
 		return fmt.Errorf("registry: %w", err)
 	}
-	for _, s := range d.reconcileAdopted(d.reconcileFailovers(specs)) {
-		v, err := d.openVM(s, false)
-		if err != nil {
-			d.log.Error("VM not served", "vm", s.Name, "err", err)
-			v = &vm{spec: s, err: err}
-		}
-		d.mu.Lock()
-		d.vms[s.Name] = v
-		d.mu.Unlock()
-		if s.HandedOver != nil {
-			v.gate.set(true)
-			d.log.Warn("VM handed over in a planned failover: served read-only until its new primary replicates back", "vm", s.Name, "to", s.HandedOver.To)
-		}
-		if v.j != nil && s.Replication != nil && s.HandedOver == nil {
-			if d.identity == nil {
-				why := d.identityErr
-				if why == nil {
-					why = errNoIdentity
-				}
-				v.err = fmt.Errorf("replication not running: %w", why)
-				d.log.Error("replication not running", "vm", s.Name, "err", why)
-			} else if err := d.startShipper(v); err != nil {
-				d.log.Error("replication not running", "vm", s.Name, "err", err)
-			}
-		}
+	d.fo = failover.New(failover.Config{Host: (*failoverHost)(d), Replica: replicaRole{d.replica}, Logger: d.log})
+	for _, s := range d.applyFixes(specs, d.fo.Reconcile(entries(specs))) {
+		d.serveRegistered(s)
 	}
 
-	d.restartTests()
+	d.tests.Restart()
 
 	errc := make(chan error, len(d.cfg.NBD)+4)
 	if d.cfg.ReplicaListen != "" && d.identityErr == nil {
@@ -279,7 +267,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.shutdown()
 		return fmt.Errorf("control socket: %w", err)
 	}
-	os.Chmod(d.cfg.Control, 0o600)
+	if err := os.Chmod(d.cfg.Control, 0o600); err != nil {
+		cl.Close()
+		d.shutdown()
+		return fmt.Errorf("control socket: %w", err)
+	}
 	d.control = &http.Server{Handler: d.handler(), BaseContext: func(net.Listener) context.Context { return ctx }}
 	wg.Add(1)
 	go func() {
@@ -329,24 +321,16 @@ func (d *Daemon) shutdown() error {
 	d.mu.Lock()
 	vms := d.vms
 	d.vms = map[string]*vm{}
-	tests := d.tests
-	d.tests = map[string]*testFailover{}
 	d.mu.Unlock()
 	for _, v := range vms {
 		d.stopShipper(v)
 	}
-	d.mu.Lock()
-	var extended []string
-	for name := range d.extensions {
-		extended = append(extended, name)
+	if d.relays != nil {
+		d.relays.Close()
 	}
-	d.mu.Unlock()
-	for _, name := range extended {
-		d.stopExtension(name)
-	}
-	for _, t := range tests {
-		t.overlay.Close()
-		t.view.Close()
+	// The test failovers stay recorded: the next start starts them again.
+	if err := d.tests.CloseAll(); err != nil {
+		d.log.Warn("close test failovers", "err", err)
 	}
 	// Journals first: a failed-over VM writes back through the replica's
 	// recovery points, which close with the replica role.
@@ -363,12 +347,49 @@ func (d *Daemon) shutdown() error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	os.Remove(filepath.Join(d.cfg.StateDir, runningFile))
+	err := d.fs.Remove(filepath.Join(d.cfg.StateDir, runningFile))
+	if err == nil {
+		err = d.fs.SyncDir(d.cfg.StateDir)
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		// The next start takes this stop for a crash; say why.
+		d.log.Warn("clean-shutdown marker not recorded", "err", err)
+	}
 	if d.lock != nil {
 		d.lock.Close()
 	}
 	d.log.Info("stopped cleanly")
 	return nil
+}
+
+// serveRegistered opens a VM of the registry at start-up and starts its
+// replication; a VM that cannot open is listed with the reason.
+func (d *Daemon) serveRegistered(s VMSpec) {
+	v, err := d.openVM(s, false)
+	if err != nil {
+		d.log.Error("VM not served", "vm", s.Name, "err", err)
+		v = &vm{spec: s, err: err}
+	}
+	d.mu.Lock()
+	d.vms[s.Name] = v
+	d.mu.Unlock()
+	if s.HandedOver != nil {
+		v.gate.set(true)
+		d.log.Warn("VM handed over in a planned failover: served read-only until its new primary replicates back", "vm", s.Name, "to", s.HandedOver.To)
+	}
+	if v.j == nil || s.Replication == nil || s.HandedOver != nil {
+		return
+	}
+	if d.identity == nil {
+		why := d.identityErr
+		if why == nil {
+			why = errNoIdentity
+		}
+		v.err = fmt.Errorf("replication not running: %w", why)
+		d.log.Error("replication not running", "vm", s.Name, "err", why)
+	} else if err := d.startShipper(v); err != nil {
+		d.log.Error("replication not running", "vm", s.Name, "err", err)
+	}
 }
 
 func (v *vm) close() error {
@@ -441,11 +462,11 @@ const runningFile = "running"
 func (d *Daemon) detectShutdown() string {
 	p := filepath.Join(d.cfg.StateDir, runningFile)
 	boot := bootID()
-	prev, err := os.ReadFile(p)
+	prev, err := vfs.ReadFile(d.fs, p)
 	result := "clean"
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		if _, err := os.Stat(d.reg.path); errors.Is(err, fs.ErrNotExist) {
+		if _, err := d.fs.Stat(d.reg.path); errors.Is(err, fs.ErrNotExist) {
 			result = "first start"
 		}
 	case err != nil:
@@ -478,16 +499,18 @@ func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
 		if err != nil {
 			v.close()
 			for _, p := range created {
-				os.Remove(p)
+				if rerr := d.fs.Remove(p); rerr != nil {
+					d.log.Warn("image created for a VM not added, not removed", "path", p, "err", rerr)
+				}
 			}
 		}
 	}()
 	for i := range v.spec.Disks {
 		ds := &v.spec.Disks[i]
-		st, serr := os.Stat(ds.Path)
+		st, serr := d.fs.Stat(ds.Path)
 		switch {
 		case errors.Is(serr, fs.ErrNotExist) && create && ds.Create:
-			f, err := os.OpenFile(ds.Path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+			f, err := d.fs.OpenFile(ds.Path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: create %s: %w", ds.Name, ds.Path, err)
 			}
@@ -496,7 +519,9 @@ func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
 			if err == nil {
 				err = f.Sync()
 			}
-			f.Close()
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: create %s: %w", ds.Name, ds.Path, err)
 			}
@@ -699,6 +724,10 @@ func (d *Daemon) RemoveVM(name string) error {
 		d.mu.Unlock()
 		return fmt.Errorf("%w: %s", ErrUnknownVM, name)
 	}
+	if v.busy {
+		d.mu.Unlock()
+		return errBusy(v)
+	}
 	if users := d.usersLocked(name); users != "" {
 		d.mu.Unlock()
 		return fmt.Errorf("%w: VM %s is open (%s); disconnect its clients first", ErrInUse, name, users)
@@ -721,11 +750,8 @@ func (d *Daemon) RemoveVM(name string) error {
 		return fmt.Errorf("save registry: %w", err)
 	}
 	// The catalogue no longer has the VM; end any connection that raced in.
-	for _, ds := range v.spec.Disks {
-		d.nbd.CloseExport(name + "/" + ds.Name)
-	}
-	err := v.close()
-	if rerr := os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name)); err == nil {
+	err := d.stopServing(v)
+	if rerr := vfs.RemoveAll(d.fs, filepath.Join(d.cfg.StateDir, "vms", name)); err == nil {
 		err = rerr
 	}
 	d.log.Info("VM removed", "vm", name)
@@ -796,7 +822,7 @@ func (e *exports) Lookup(name string) (blockdev.Export, bool) {
 	defer d.mu.Unlock()
 	v, ok := d.vms[vmName]
 	if !ok {
-		return d.testExportLocked(vmName, diskName)
+		return d.testExport(vmName, diskName)
 	}
 	if v.j == nil {
 		return blockdev.Export{}, false
@@ -826,9 +852,9 @@ func (e *exports) List() []blockdev.Export {
 				Description: "vdrepl VM " + s.Name + " disk " + ds.Name})
 		}
 	}
-	for name, t := range d.tests {
-		for _, disk := range t.disks {
-			if x, ok := d.testExportLocked(name+testSuffix, disk); ok {
+	for _, run := range d.tests.List() {
+		for _, disk := range run.Copy.disks {
+			if x, ok := d.testExport(run.VM+testSuffix, disk); ok {
 				out = append(out, x)
 			}
 		}

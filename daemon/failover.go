@@ -3,7 +3,6 @@ package daemon
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -11,8 +10,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
-	"github.com/vdrepl/vdrepl/internal/crashpoint"
-	"github.com/vdrepl/vdrepl/internal/statefile"
+	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/snapshot"
 )
@@ -44,26 +42,35 @@ import (
 // testSuffix names the exports of a test failover: VM-test/DISK.
 const testSuffix = "-test"
 
-// testFailover is one running test failover.
+// testFailover is the copy a running test failover serves
+// (failover.TestCopy): a view of the point and an overlay on it.
 type testFailover struct {
+	d       *Daemon
 	vm      string
 	point   snapshot.Point
 	disks   []string
 	view    *snapshot.View
 	overlay *snapshot.Overlay
-	scratch string
-	started time.Time
 }
 
-func (t *testFailover) info() TestFailoverInfo {
-	out := TestFailoverInfo{VM: t.vm, Point: t.point.ID, Cycle: t.point.Cycle, Time: t.point.Time, Started: t.started}
+func (t *testFailover) PointID() string { return t.point.ID }
+
+// Close ends the copy's exports and closes it.
+func (t *testFailover) Close() error {
+	for _, disk := range t.disks {
+		t.d.nbd.CloseExport(t.vm + testSuffix + "/" + disk)
+	}
+	return errors.Join(t.overlay.Close(), t.view.Close())
+}
+
+func testInfo(run failover.TestRun[*testFailover]) TestFailoverInfo {
+	t := run.Copy
+	out := TestFailoverInfo{VM: t.vm, Point: t.point.ID, Cycle: t.point.Cycle, Time: t.point.Time, Started: run.Started}
 	for _, d := range t.disks {
 		out.Exports = append(out.Exports, t.vm+testSuffix+"/"+d)
 	}
 	return out
 }
-
-const testsFile = "tests.json"
 
 // Points lists the recovery points of a replica VM kept on this host.
 func (d *Daemon) Points(name string) (PointsInfo, error) {
@@ -93,30 +100,36 @@ func (d *Daemon) Points(name string) (PointsInfo, error) {
 func (d *Daemon) FailoverTest(name, id string) (FailoverResult, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	t, err := d.startTest(name, id)
+	run, err := d.tests.Start(name, id)
 	if err != nil {
-		return FailoverResult{}, err
+		return FailoverResult{}, d.failoverErr(err)
 	}
-	if err := d.saveTests(); err != nil {
-		d.stopTestLocked(name)
-		return FailoverResult{}, err
-	}
-	info := t.info()
+	info := testInfo(run)
 	d.log.Info("test failover started", "vm", name, "point", info.Point, "exports", info.Exports)
 	return FailoverResult{VM: name, Point: info.Point, Cycle: info.Cycle, Exports: info.Exports, Lacks: d.lacks(name)}, nil
 }
 
-func (d *Daemon) startTest(name, id string) (*testFailover, error) {
+// newTests builds the test failovers of this host over its replica role.
+func (d *Daemon) newTests() *failover.Tests[*testFailover] {
+	return failover.NewTests(failover.TestsConfig[*testFailover]{
+		FS: d.fs, StateDir: d.cfg.StateDir, Open: d.openTest, Taken: d.testTaken, Logger: d.log,
+	})
+}
+
+// testTaken refuses a test failover whose exports would clash with a VM.
+func (d *Daemon) testTaken(name string) error {
 	d.mu.Lock()
-	_, running := d.tests[name]
 	_, clash := d.vms[name+testSuffix]
 	d.mu.Unlock()
-	switch {
-	case running:
-		return nil, fmt.Errorf("%w: a test failover of VM %s is running; stop it first (`vdrepl failover stop-test %s`)", ErrExists, name, name)
-	case clash:
-		return nil, fmt.Errorf("%w: a VM named %s%s is registered here; its exports would clash with the test failover's", ErrExists, name, testSuffix)
+	if clash {
+		return fmt.Errorf("%w: a VM named %s%s is registered here; its exports would clash with the test failover's", ErrExists, name, testSuffix)
 	}
+	return nil
+}
+
+// openTest opens the copy of point id of replica VM name a test failover
+// serves, its writes going to scratch.
+func (d *Daemon) openTest(name, id, scratch string) (*testFailover, error) {
 	r, ok := d.replica.Replica(name)
 	if !ok {
 		return nil, fmt.Errorf("%w: %s is not a replica VM on this host", ErrUnknownVM, name)
@@ -125,20 +138,15 @@ func (d *Daemon) startTest(name, id string) (*testFailover, error) {
 	if err != nil {
 		return nil, d.pointErr(err)
 	}
-	scratch := filepath.Join(d.cfg.StateDir, "test", name)
-	os.RemoveAll(scratch)
 	ov, err := view.Writable(scratch)
 	if err != nil {
 		view.Close()
 		return nil, fmt.Errorf("test failover of %s: %w", name, err)
 	}
-	t := &testFailover{vm: name, point: view.Point(), view: view, overlay: ov, scratch: scratch, started: time.Now().UTC().Truncate(time.Second)}
+	t := &testFailover{d: d, vm: name, point: view.Point(), view: view, overlay: ov}
 	for _, disk := range r.Disks {
 		t.disks = append(t.disks, disk.Name)
 	}
-	d.mu.Lock()
-	d.tests[name] = t
-	d.mu.Unlock()
 	return t, nil
 }
 
@@ -162,11 +170,8 @@ func (d *Daemon) pointErr(err error) error {
 func (d *Daemon) StopTest(name string) error {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	if err := d.stopTestLocked(name); err != nil {
-		return err
-	}
-	if err := d.saveTests(); err != nil {
-		return err
+	if err := d.tests.Stop(name); err != nil {
+		return d.failoverErr(err)
 	}
 	if err := d.replica.Prune(name); err != nil {
 		d.log.Warn("prune recovery points after a test failover", "vm", name, "err", err)
@@ -175,72 +180,13 @@ func (d *Daemon) StopTest(name string) error {
 	return nil
 }
 
-func (d *Daemon) stopTestLocked(name string) error {
-	d.mu.Lock()
-	t, ok := d.tests[name]
-	delete(d.tests, name)
-	d.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("%w: no test failover of VM %s is running", ErrInvalid, name)
-	}
-	for _, disk := range t.disks {
-		d.nbd.CloseExport(name + testSuffix + "/" + disk)
-	}
-	err := t.overlay.Close()
-	t.view.Close()
-	os.RemoveAll(t.scratch)
-	return err
-}
-
 // TestFailovers lists the running test failovers.
 func (d *Daemon) TestFailovers() []TestFailoverInfo {
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	out := []TestFailoverInfo{}
-	for _, t := range d.tests {
-		out = append(out, t.info())
+	for _, run := range d.tests.List() {
+		out = append(out, testInfo(run))
 	}
-	slices.SortFunc(out, func(a, b TestFailoverInfo) int { return strings.Compare(a.VM, b.VM) })
 	return out
-}
-
-// saveTests records the running test failovers (VM -> point).
-func (d *Daemon) saveTests() error {
-	d.mu.Lock()
-	m := map[string]string{}
-	for name, t := range d.tests {
-		m[name] = t.point.ID
-	}
-	d.mu.Unlock()
-	b, err := statefile.Encode("vdrepl-tests", 1, m)
-	if err != nil {
-		return err
-	}
-	return vfs.WriteFileAtomic(d.fs, filepath.Join(d.cfg.StateDir, testsFile), b, 0o600)
-}
-
-// restartTests starts again the test failovers a restart ended.
-func (d *Daemon) restartTests() {
-	os.RemoveAll(filepath.Join(d.cfg.StateDir, "test"))
-	b, err := os.ReadFile(filepath.Join(d.cfg.StateDir, testsFile))
-	if err != nil {
-		return
-	}
-	var m map[string]string
-	if err := statefile.Decode("vdrepl-tests", 1, b, &m); err != nil {
-		d.log.Error("test failovers not restarted", "file", testsFile, "err", err)
-		return
-	}
-	for name, id := range m {
-		if _, err := d.startTest(name, id); err != nil {
-			d.log.Error("test failover ended by the restart and not started again", "vm", name, "point", id, "err", err)
-			continue
-		}
-		d.log.Warn("test failover started again after a restart: writes made to it before were discarded", "vm", name, "point", id)
-	}
-	if err := d.saveTests(); err != nil {
-		d.log.Warn("record test failovers", "err", err)
-	}
 }
 
 // lacks names the primary's disks a replica VM does not have.
@@ -256,35 +202,29 @@ func (d *Daemon) lacks(name string) []string {
 func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	d.mu.Lock()
-	v, exists := d.vms[name]
-	d.mu.Unlock()
-	if exists && !v.spec.FailedOver {
-		return FailoverResult{}, fmt.Errorf("%w: VM %s is already a VM of this host (a primary); a replica VM of the same name cannot fail over here", ErrExists, name)
+	if err := d.notBusy(name); err != nil {
+		return FailoverResult{}, err
 	}
-	if exists && v.j != nil {
-		r, _ := d.replica.Replica(name)
-		if r.FailedOver != nil && r.FailedOver.Point != id {
-			return FailoverResult{}, fmt.Errorf("%w: VM %s is already failed over to %s; cancel first to choose another point", ErrExists, name, apply.PointName(r.FailedOver.Point))
-		}
-	}
-	stopped := d.stopExtendForFailover(name)
-	fo, err := d.replica.FailOver(name, "unplanned", id)
+	fo, stopped, err := d.fo.Unplanned(name, id)
 	if err != nil {
-		return FailoverResult{}, d.pointErr(err)
-	}
-	crashpoint.Hit("failover-before-register")
-	if !exists || v.j == nil {
-		if err := d.registerFailedOver(name, fo, !exists, ""); err != nil {
-			return FailoverResult{}, err
-		}
+		return FailoverResult{}, d.failoverErr(err)
 	}
 	res := FailoverResult{VM: name, Point: fo.Point, Cycle: fo.Latest, Lacks: fo.Excluded, ExtendStopped: stopped}
 	for _, disk := range fo.Disks {
 		res.Exports = append(res.Exports, name+"/"+disk.Name)
 	}
-	d.log.Info("unplanned failover: VM served from its replica", "vm", name, "point", apply.PointName(fo.Point), "exports", res.Exports, "lacks_disks", fo.Excluded)
+	d.log.Info("unplanned failover: VM served from its replica", "vm", name, "point", failover.PointName(fo.Point), "exports", res.Exports, "lacks_disks", fo.Excluded)
 	return res, nil
+}
+
+// notBusy refuses a VM in the middle of a transition.
+func (d *Daemon) notBusy(name string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if v, ok := d.vms[name]; ok && v.busy {
+		return errBusy(v)
+	}
+	return nil
 }
 
 // registerFailedOver makes a failed-over replica VM a VM of this daemon.
@@ -295,11 +235,13 @@ func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
 // promotedFrom is the old primary of a planned failover: recorded from the
 // start, so that a crash anywhere in the promotion leaves a VM that a
 // repeated handover from that peer recognises.
-func (d *Daemon) registerFailedOver(name string, fo apply.FailedOverVM, fresh bool, promotedFrom string) error {
+func (d *Daemon) registerFailedOver(name string, fo failover.Target, fresh bool, promotedFrom string) error {
 	spec := failedOverSpec(name, fo)
 	spec.PromotedFrom = promotedFrom
 	if fresh {
-		os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name))
+		if err := vfs.RemoveAll(d.fs, filepath.Join(d.cfg.StateDir, "vms", name)); err != nil {
+			return fmt.Errorf("failed-over VM %s: remove the journal of an earlier failover: %w", name, err)
+		}
 	}
 	v, err := d.openVM(spec, false)
 	if err != nil {
@@ -333,23 +275,22 @@ func (d *Daemon) registerFailedOver(name string, fo apply.FailedOverVM, fresh bo
 // failed-over VM writes is not a state of its primary, so it must not
 // reach the third host as one.
 func (d *Daemon) stopExtendForFailover(name string) string {
-	d.mu.Lock()
-	x, ok := d.extensions[name]
-	d.mu.Unlock()
-	if !ok {
+	x, ok := d.relays.Running(name)
+	if !ok || !d.relays.Stop(name) {
 		return ""
 	}
-	d.stopExtension(name)
-	if err := d.saveExtensions(); err != nil {
+	if err := d.relays.Save(); err != nil {
 		d.log.Error("record extensions", "err", err)
 	}
-	os.RemoveAll(d.extendDir(name))
-	d.log.Warn("extended replication stopped by the failover", "vm", name, "to", x.spec.Replica)
-	return x.spec.Replica
+	if err := d.relays.Remove(name); err != nil {
+		d.log.Error("remove the relay journal of a stopped extension", "vm", name, "err", err)
+	}
+	d.log.Warn("extended replication stopped by the failover", "vm", name, "to", x.Replica)
+	return x.Replica
 }
 
 // failedOverSpec is the registry entry of a replica VM failed over here.
-func failedOverSpec(name string, fo apply.FailedOverVM) VMSpec {
+func failedOverSpec(name string, fo failover.Target) VMSpec {
 	spec := VMSpec{Name: name, Created: time.Now().UTC().Truncate(time.Second), FailedOver: true, Lacks: fo.Excluded}
 	for i, disk := range fo.Disks {
 		spec.Disks = append(spec.Disks, DiskSpec{Name: disk.Name, Path: fo.Images[i], Size: disk.Size})
@@ -366,6 +307,9 @@ func (d *Daemon) failedOverVM(name string) (*vm, error) {
 	if !ok || !v.spec.FailedOver {
 		return nil, fmt.Errorf("%w: VM %s is not failed over on this host", ErrInvalid, name)
 	}
+	if v.busy {
+		return nil, errBusy(v)
+	}
 	return v, nil
 }
 
@@ -374,41 +318,10 @@ func (d *Daemon) failedOverVM(name string) (*vm, error) {
 func (d *Daemon) CompleteFailover(name string) error {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	v, err := d.failedOverVM(name)
-	if err != nil {
+	if _, err := d.failedOverVM(name); err != nil {
 		return err
 	}
-	return d.completeLocked(name, v, nil)
-}
-
-// completeLocked is CompleteFailover with opMu held; edit, if not nil,
-// changes the VM's spec in the same registry write. A test failover of the
-// VM ends with it: its point is discarded.
-func (d *Daemon) completeLocked(name string, v *vm, edit func(*VMSpec)) error {
-	d.mu.Lock()
-	_, testing := d.tests[name]
-	d.mu.Unlock()
-	if testing {
-		d.log.Warn("test failover stopped: the failover it ran beside was completed", "vm", name)
-		d.stopTestLocked(name)
-		if err := d.saveTests(); err != nil {
-			return err
-		}
-	}
-	if err := d.replica.CompleteFailover(name); err != nil && !errors.Is(err, apply.ErrUnknownVM) {
-		return d.pointErr(err)
-	}
-	crashpoint.Hit("complete-before-registry")
-	if err := d.setSpec(v, func(s *VMSpec) {
-		s.FailedOver = false
-		if edit != nil {
-			edit(s)
-		}
-	}); err != nil {
-		return err
-	}
-	d.log.Info("failover completed: the VM is this host's; recovery points discarded", "vm", name)
-	return nil
+	return d.failoverErr(d.fo.Complete(name, ""))
 }
 
 // CancelFailover ends a failover that is not completed: the VM's disks
@@ -431,49 +344,18 @@ func (d *Daemon) CancelFailover(name string) error {
 	if v.spec.Replication != nil {
 		return fmt.Errorf("%w: VM %s replicates to %s; disable that replication first", ErrInUse, name, v.spec.Replication.Replica)
 	}
-	d.mu.Lock()
-	_, testing := d.tests[name]
-	d.mu.Unlock()
-	if testing {
+	if _, testing := d.tests.Running(name); testing {
 		return fmt.Errorf("%w: a test failover of VM %s is running; `vdrepl failover stop-test %s` first", ErrInUse, name, name)
 	}
-	// Stop serving and write everything back (through the guard), so the
-	// rollback sees final images.
-	for _, ds := range v.spec.Disks {
-		d.nbd.CloseExport(name + "/" + ds.Name)
+	if err := d.fo.Cancel(name); err != nil {
+		return d.failoverErr(err)
 	}
-	d.mu.Lock()
-	d.vms[name] = &vm{spec: v.spec, err: errors.New("failover being cancelled")}
-	d.mu.Unlock()
-	if err := v.close(); err != nil {
-		d.reopen(v.spec)
-		return fmt.Errorf("cancel failover of %s: close its journal: %w", name, err)
-	}
-	crashpoint.Hit("cancel-journal-closed")
-	if err := d.replica.CancelFailover(name); err != nil {
-		d.reopen(v.spec)
-		return d.pointErr(err)
-	}
-	crashpoint.Hit("cancel-before-forget")
-	d.forget(name)
 	d.log.Info("failover cancelled: a replica again, at the latest state before the failover", "vm", name)
 	return nil
 }
 
-// reopen serves a failed-over VM again after a failed cancel.
-func (d *Daemon) reopen(s VMSpec) {
-	nv, err := d.openVM(s, false)
-	if err != nil {
-		nv = &vm{spec: s, err: err}
-		d.log.Error("failed-over VM not served", "vm", s.Name, "err", err)
-	}
-	d.mu.Lock()
-	d.vms[s.Name] = nv
-	d.mu.Unlock()
-}
-
 // forget drops a VM from the registry and its journal from the state
-// directory (after a cancelled failover).
+// directory (after a cancelled failover or an adoption).
 func (d *Daemon) forget(name string) {
 	d.mu.Lock()
 	delete(d.vms, name)
@@ -483,59 +365,7 @@ func (d *Daemon) forget(name string) {
 		// Run finds the cancel done in apply and forgets it then.
 		d.log.Error("save registry after a cancelled failover", "vm", name, "err", err)
 	}
-	os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name))
-}
-
-// reconcileFailovers brings the registry in line with apply's record of
-// failovers after a crash (see the table at the top of this file). It
-// returns the specs to open.
-func (d *Daemon) reconcileFailovers(specs []VMSpec) []VMSpec {
-	fos := d.replica.FailedOver()
-	var out []VMSpec
-	seen := map[string]bool{}
-	changed := false
-	for _, s := range specs {
-		seen[s.Name] = true
-		if !s.FailedOver {
-			out = append(out, s)
-			continue
-		}
-		if _, ok := fos[s.Name]; ok {
-			out = append(out, s)
-			continue
-		}
-		r, ok := d.replica.Replica(s.Name)
-		switch {
-		case ok && r.FailedOver != nil:
-			out = append(out, s) // openVM says the failover is unfinished
-		case ok:
-			d.log.Warn("failover was cancelled before a crash; the VM is a replica again", "vm", s.Name)
-			os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", s.Name))
-			changed = true
-		default:
-			d.log.Warn("failover was completed before a crash", "vm", s.Name)
-			s.FailedOver = false
-			out = append(out, s)
-			changed = true
-		}
-	}
-	// d.vms is still empty here: the new entries join the list loaded, and
-	// the registry is written from that list, once.
-	for name, fo := range fos {
-		if seen[name] {
-			continue
-		}
-		d.log.Warn("failover was interrupted before the VM was registered; registering it", "vm", name)
-		os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", name)) // a cancelled failover's leftover
-		out = append(out, failedOverSpec(name, fo))
-		changed = true
-	}
-	if changed {
-		if err := d.reg.save(out); err != nil {
-			d.log.Error("save registry", "err", err)
-		}
-	}
-	return out
+	d.removeJournalDir(name)
 }
 
 // guardFS is the filesystem a VM's journal uses for its images: for a
@@ -552,15 +382,16 @@ func (d *Daemon) guardFS(s VMSpec) (vfs.FS, error) {
 }
 
 // testExport finds an export of a test failover.
-func (d *Daemon) testExportLocked(vmName, diskName string) (blockdev.Export, bool) {
+func (d *Daemon) testExport(vmName, diskName string) (blockdev.Export, bool) {
 	name, ok := strings.CutSuffix(vmName, testSuffix)
 	if !ok {
 		return blockdev.Export{}, false
 	}
-	t, ok := d.tests[name]
+	run, ok := d.tests.Running(name)
 	if !ok {
 		return blockdev.Export{}, false
 	}
+	t := run.Copy
 	i := slices.Index(t.disks, diskName)
 	if i < 0 {
 		return blockdev.Export{}, false

@@ -8,14 +8,13 @@ import (
 	"io"
 	"math"
 	"net"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/wire"
@@ -233,9 +232,7 @@ func (d *Daemon) prepareHandover(ctx context.Context, v *vm, force bool, reverse
 	}
 	v.gate.set(true)
 	if force {
-		for _, ds := range v.spec.Disks {
-			d.nbd.CloseExport(name + "/" + ds.Name)
-		}
+		d.closeExports(v.spec)
 	}
 	sh, err := d.shipper(name)
 	if err == nil {
@@ -314,13 +311,16 @@ func (d *Daemon) Reverse(name string, r ReplicationSpec) (ReplicationSpec, error
 	if !ok {
 		return r, fmt.Errorf("%w: %s", ErrUnknownVM, name)
 	}
+	if v.busy {
+		return r, errBusy(v)
+	}
 	if r.Initial != "" && r.Initial != "existing" {
 		return r, fmt.Errorf("%w: reverse replication compares with the images the old primary has; --initial does not apply", ErrInvalid)
 	}
 	r.Initial = "existing"
 	if v.spec.FailedOver {
-		if err := d.completeLocked(name, v, nil); err != nil {
-			return r, err
+		if err := d.fo.Complete(name, ""); err != nil {
+			return r, d.failoverErr(err)
 		}
 	}
 	return d.enableLocked(name, r)
@@ -341,41 +341,19 @@ func (h *hostHooks) Local(name string) bool {
 var errAdoptBusy = errors.New("daemon: VM in use")
 
 // Adopt hands a VM of this host to the replica role (see apply.Host).
+//
+// No lock of the daemon is held while apply registers the replica VM:
+// Adopt takes opMu for the checks and the transition that stops serving
+// the VM, and returns with a busy stand-in in the VM's place; every
+// operation that finds the stand-in refuses the VM (errBusy) until finish
+// takes opMu again and forgets the VM or serves it again.
 func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Enable) ([]string, func(bool), error) {
 	d := (*Daemon)(h)
 	d.opMu.Lock()
-	v, err := d.servedVM(name)
+	defer d.opMu.Unlock()
+	v, images, err := d.adoptable(name, peer, cert, en)
 	if err != nil {
-		d.opMu.Unlock()
-		return nil, nil, fmt.Errorf("%w: VM %s cannot become a replica here: %v", apply.ErrForbidden, name, err)
-	}
-	target := ""
-	switch {
-	case v.spec.HandedOver != nil:
-		target = v.spec.HandedOver.To
-	case v.spec.Replication != nil:
-		target = v.spec.Replication.Replica
-	}
-	host, _, _ := net.SplitHostPort(target)
-	if target == "" || cert == nil || cert.VerifyHostname(host) != nil {
-		d.opMu.Unlock()
-		return nil, nil, fmt.Errorf("%w: VM %s runs on this host and %q is not the host it replicates to", apply.ErrForbidden, name, peer)
-	}
-	d.mu.Lock()
-	users := d.usersLocked(name)
-	d.mu.Unlock()
-	if users != "" {
-		d.opMu.Unlock()
-		return nil, nil, fmt.Errorf("%w: VM %s still runs on this host (%s): shut it down here to let %s replicate it back (%w)", apply.ErrBusy, name, users, peer, errAdoptBusy)
-	}
-	var images []string
-	for _, wd := range en.Disks {
-		i := slices.IndexFunc(v.spec.Disks, func(ds DiskSpec) bool { return ds.Name == wd.Name })
-		if i < 0 || v.spec.Disks[i].Size != wd.Size {
-			d.opMu.Unlock()
-			return nil, nil, fmt.Errorf("%w: VM %s here has no disk %s of %d bytes", apply.ErrMismatch, name, wd.Name, wd.Size)
-		}
-		images = append(images, v.spec.Disks[i].Path)
+		return nil, nil, err
 	}
 	// What this host wrote after the replica's last cycle is overwritten
 	// by the resync that follows (the VM runs there now): say how much.
@@ -388,21 +366,17 @@ func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Ena
 	// Stop serving it and write everything back; the images are the
 	// replica's from here.
 	d.stopShipper(v)
-	for _, ds := range v.spec.Disks {
-		d.nbd.CloseExport(name + "/" + ds.Name)
+	if err := d.transition(v, "becoming a replica", nil); err != nil {
+		return nil, nil, err
 	}
-	d.mu.Lock()
-	d.vms[name] = &vm{spec: v.spec, err: errors.New("becoming a replica")}
-	d.mu.Unlock()
-	if err := v.close(); err != nil {
-		d.reopen(v.spec)
-		d.opMu.Unlock()
-		return nil, nil, fmt.Errorf("VM %s: close its journal: %w", name, err)
-	}
+	spec := v.spec
 	finish := func(ok bool) {
+		d.opMu.Lock()
 		defer d.opMu.Unlock()
 		if !ok {
-			d.reopen(v.spec)
+			if err := d.restore(spec, nil); err != nil {
+				d.log.Error("VM not adopted and not served again", "vm", name, "err", err)
+			}
 			return
 		}
 		d.forget(name)
@@ -417,39 +391,57 @@ func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Ena
 	return images, finish, nil
 }
 
+// adoptable checks that VM name may become the replica of peer and
+// returns it with the images of the disks en enables. Caller holds opMu.
+func (d *Daemon) adoptable(name, peer string, cert *x509.Certificate, en wire.Enable) (*vm, []string, error) {
+	v, err := d.servedVM(name)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: VM %s cannot become a replica here: %v", apply.ErrForbidden, name, err)
+	}
+	target := ""
+	switch {
+	case v.spec.HandedOver != nil:
+		target = v.spec.HandedOver.To
+	case v.spec.Replication != nil:
+		target = v.spec.Replication.Replica
+	}
+	host, _, _ := net.SplitHostPort(target)
+	if target == "" || cert == nil || cert.VerifyHostname(host) != nil {
+		return nil, nil, fmt.Errorf("%w: VM %s runs on this host and %q is not the host it replicates to", apply.ErrForbidden, name, peer)
+	}
+	d.mu.Lock()
+	users := d.usersLocked(name)
+	d.mu.Unlock()
+	if users != "" {
+		return nil, nil, fmt.Errorf("%w: VM %s still runs on this host (%s): shut it down here to let %s replicate it back (%w)", apply.ErrBusy, name, users, peer, errAdoptBusy)
+	}
+	var images []string
+	for _, wd := range en.Disks {
+		i := slices.IndexFunc(v.spec.Disks, func(ds DiskSpec) bool { return ds.Name == wd.Name })
+		if i < 0 || v.spec.Disks[i].Size != wd.Size {
+			return nil, nil, fmt.Errorf("%w: VM %s here has no disk %s of %d bytes", apply.ErrMismatch, name, wd.Name, wd.Size)
+		}
+		images = append(images, v.spec.Disks[i].Path)
+	}
+	return v, images, nil
+}
+
 // Promote makes a replica VM this host's in a planned failover (see
 // apply.Host).
 func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	d := (*Daemon)(h)
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	d.mu.Lock()
-	v, exists := d.vms[name]
-	d.mu.Unlock()
-	if exists && !v.spec.FailedOver {
-		if peer == "" || v.spec.PromotedFrom != peer {
-			return fmt.Errorf("%w: VM %s already runs on this host", apply.ErrExists, name)
-		}
-		return d.replicateBack(name, ho) // a repeated handover
-	}
-	d.stopExtendForFailover(name)
-	fo, err := d.replica.FailOver(name, "planned", "")
-	if err != nil {
+	if err := d.notBusy(name); err != nil {
 		return err
 	}
-	if !exists || v.j == nil {
-		if err := d.registerFailedOver(name, fo, !exists, peer); err != nil {
-			return err
+	if _, err := d.fo.Promote(name, peer); err != nil {
+		var fe *failover.Error
+		if errors.As(err, &fe) && fe.Kind == failover.ErrExists {
+			return fmt.Errorf("%w: %s", apply.ErrExists, fe.Reason)
 		}
-	}
-	d.mu.Lock()
-	v = d.vms[name]
-	d.mu.Unlock()
-	crashpoint.Hit("promote-failed-over")
-	if err := d.completeLocked(name, v, func(s *VMSpec) { s.PromotedFrom = peer }); err != nil {
 		return err
 	}
-	crashpoint.Hit("promote-completed")
 	return d.replicateBack(name, ho)
 }
 
@@ -469,27 +461,4 @@ func (d *Daemon) replicateBack(name string, ho wire.Handover) error {
 		RecoveryPoints: ho.RecoveryPoints, PointInterval: Duration(ho.PointInterval),
 	})
 	return err
-}
-
-// reconcileAdopted drops from the registry a VM that apply adopted as a
-// replica (a crash came between the two). It returns the specs to open.
-func (d *Daemon) reconcileAdopted(specs []VMSpec) []VMSpec {
-	var out []VMSpec
-	changed := false
-	for _, s := range specs {
-		r, ok := d.replica.Replica(s.Name)
-		if ok && !s.FailedOver && d.replica.Adopted(s.Name) {
-			d.log.Warn("VM became a replica before a crash; forgetting it as a primary", "vm", s.Name, "primary", r.Primary)
-			os.RemoveAll(filepath.Join(d.cfg.StateDir, "vms", s.Name))
-			changed = true
-			continue
-		}
-		out = append(out, s)
-	}
-	if changed {
-		if err := d.reg.save(out); err != nil {
-			d.log.Error("save registry", "err", err)
-		}
-	}
-	return out
 }

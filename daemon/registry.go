@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/vdrepl/vdrepl/internal/statefile"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
@@ -75,18 +76,35 @@ func ParseSize(s string) (int64, error) {
 	return v * mult, nil
 }
 
-// registry is the persisted list of VMs: state/vms.json, replaced atomically.
+// registry is the persisted list of VMs: state/vms.json, replaced
+// atomically (vfs.WriteFileAtomic), in the internal/statefile envelope:
+//
+//	{"format":"vdrepl-vms","version":2,"crc32c":"...","body":{"vms":[VMSpec...]}}
+//
+// Version 1 was the same list without the envelope, {"version":1,"vms":[...]};
+// load reads it and rewrites it as version 2 (migrate).
 type registry struct {
 	fs   vfs.FS
 	path string
 }
 
 type registryFile struct {
+	VMs []VMSpec `json:"vms"`
+}
+
+// plainRegistry is version 1: no envelope, no checksum.
+type plainRegistry struct {
 	Version int      `json:"version"`
 	VMs     []VMSpec `json:"vms"`
 }
 
-const registryVersion = 1
+const (
+	registryFormat  = "vdrepl-vms"
+	registryVersion = 2
+)
+
+// errRegistry: vms.json is neither the enveloped registry nor version 1.
+var errRegistry = errors.New("daemon: registry file unreadable")
 
 func (r registry) load() ([]VMSpec, error) {
 	b, err := vfs.ReadFile(r.fs, r.path)
@@ -96,20 +114,41 @@ func (r registry) load() ([]VMSpec, error) {
 	if err != nil {
 		return nil, err
 	}
+	var probe struct {
+		Format *string `json:"format"`
+	}
+	if err := json.Unmarshal(b, &probe); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", errRegistry, r.path, err)
+	}
+	if probe.Format == nil {
+		return r.migrate(b)
+	}
 	var f registryFile
-	if err := json.Unmarshal(b, &f); err != nil {
+	if err := statefile.Decode(registryFormat, registryVersion, b, &f); err != nil {
 		return nil, fmt.Errorf("%s: %w", r.path, err)
 	}
-	if f.Version != registryVersion {
-		return nil, fmt.Errorf("%s: version %d not supported (want %d)", r.path, f.Version, registryVersion)
+	return f.VMs, nil
+}
+
+// migrate reads a version 1 registry and writes it again as version 2.
+func (r registry) migrate(b []byte) ([]VMSpec, error) {
+	var f plainRegistry
+	if err := json.Unmarshal(b, &f); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", errRegistry, r.path, err)
+	}
+	if f.Version != 1 {
+		return nil, fmt.Errorf("%w: %s: version %d not supported (want %d, or 1 to migrate)", errRegistry, r.path, f.Version, registryVersion)
+	}
+	if err := r.save(f.VMs); err != nil {
+		return nil, fmt.Errorf("%s: rewrite the version 1 registry with a checksum: %w", r.path, err)
 	}
 	return f.VMs, nil
 }
 
 func (r registry) save(vms []VMSpec) error {
-	b, err := json.MarshalIndent(registryFile{Version: registryVersion, VMs: vms}, "", "  ")
+	b, err := statefile.Encode(registryFormat, registryVersion, registryFile{VMs: vms})
 	if err != nil {
 		return err
 	}
-	return vfs.WriteFileAtomic(r.fs, r.path, append(b, '\n'), 0o600)
+	return vfs.WriteFileAtomic(r.fs, r.path, b, 0o600)
 }

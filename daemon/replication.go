@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -176,7 +177,9 @@ func (d *Daemon) DisableReplication(name string) error {
 	if err := d.setSpec(v, func(s *VMSpec) { s.Replication = nil }); err != nil {
 		return err
 	}
-	os.Remove(d.shipState(name))
+	if err := d.fs.Remove(d.shipState(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		d.log.Error("shipper state of a disabled replication not removed", "vm", name, "file", d.shipState(name), "err", err)
+	}
 	d.log.Info("replication disabled", "vm", name)
 	return v.j.SetRetain(false)
 }
@@ -332,7 +335,7 @@ func (d *Daemon) shipper(name string) (*ship.Shipper, error) {
 // application-consistent point) and waits until the replica applied it.
 func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (uint64, error) {
 	s, err := d.shipper(name)
-	if x, ok := d.extensionShipper(name); ok && errors.Is(err, ErrUnknownVM) {
+	if x, ok := d.relays.Shipper(name); ok && errors.Is(err, ErrUnknownVM) {
 		s, err = x, nil // a replica VM whose replication is extended from here
 	}
 	if err != nil {
@@ -348,7 +351,7 @@ func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (ui
 // ReplicationControl pauses, resumes or resyncs a VM's replication.
 func (d *Daemon) ReplicationControl(name, op string) error {
 	s, err := d.shipper(name)
-	if x, ok := d.extensionShipper(name); ok && errors.Is(err, ErrUnknownVM) {
+	if x, ok := d.relays.Shipper(name); ok && errors.Is(err, ErrUnknownVM) {
 		s, err = x, nil
 	}
 	if err != nil {

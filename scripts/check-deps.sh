@@ -37,6 +37,11 @@ forbid internal/pki journal blockdev ship apply snapshot daemon cmd internal/wir
 forbid control daemon cmd doctor blockdev internal/vfs internal/pki internal/statefile
 # The daemon serves the control API.
 forbid daemon cmd doctor
+# The failover state machine and the relay of extended replication are
+# used by the daemon; they know nothing of it, the control API or cmd.
+# failover imports no replication package at all: the daemon adapts apply.
+forbid failover cmd daemon control apply ship journal snapshot blockdev relay doctor
+forbid relay cmd daemon control failover doctor blockdev
 # doctor reads the daemon through the control API and probes replicas;
 # nothing below cmd uses it.
 forbid doctor cmd daemon
