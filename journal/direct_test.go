@@ -252,13 +252,24 @@ func TestWriteBackRun(t *testing.T) {
 			if tc.retain && kept == 0 || !tc.retain && kept != 0 {
 				t.Fatalf("%d bytes of append buffers retained", kept)
 			}
+			if fail {
+				// Before the flush: the flush kicks the background
+				// write-back, which may run before the call below, and
+				// whichever runs first must meet the fault.
+				efs.InjectAfterPath(vfs.OpWrite, "disk0", 0, vfs.ErrInjected)
+			}
 			if err := j.Flush(); err != nil {
 				t.Fatal(err)
 			}
 			if fail {
-				efs.InjectAfterPath(vfs.OpWrite, "disk0", 0, vfs.ErrInjected)
-				if err := j.writeBack(); !errors.Is(err, vfs.ErrInjected) {
-					t.Fatalf("writeBack with a failing image write: %v", err)
+				// The fault reaches this call, or the background
+				// write-back met it first and failed the journal.
+				err := j.writeBack()
+				j.mu.Lock()
+				failed := j.mu.failed
+				j.mu.Unlock()
+				if !errors.Is(err, vfs.ErrInjected) && !errors.Is(failed, vfs.ErrInjected) {
+					t.Fatalf("writeBack with a failing image write: %v (journal failure: %v)", err, failed)
 				}
 				efs.Reset()
 				crashReopenCheck(t, j, mem, cfg, m)
