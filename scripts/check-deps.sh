@@ -25,6 +25,8 @@ forbid internal/vfs journal blockdev ship apply snapshot daemon cmd
 # The wire format is a leaf: both sides of replication import it, it imports
 # nothing of ours.
 forbid internal/wire journal blockdev ship apply snapshot daemon cmd internal/vfs internal/pki
+# The record framing every log shares (journal, snapshot) is a leaf too.
+forbid internal/recordlog journal blockdev ship apply snapshot daemon cmd doctor internal/vfs internal/wire internal/statefile internal/pki internal/crashpoint internal/fakedisk
 forbid internal/statefile journal blockdev ship apply snapshot daemon cmd internal/vfs internal/wire internal/pki
 forbid internal/pki journal blockdev ship apply snapshot daemon cmd internal/wire
 forbid daemon cmd doctor
