@@ -92,7 +92,10 @@
 // segment is cut back to its last valid record and later segments removed.
 // Below that watermark a sync had covered it: Open fails with ErrCorrupt and
 // changes nothing. Then every record past the checkpoint is replayed into the
-// images (idempotent) and a new checkpoint written.
+// images (idempotent) and a new checkpoint written. The header framing, the
+// scan, the search past damage and the cut are internal/recordlog's
+// (recordlog.CutTornTail); the journal adds LSNs and the watermark across
+// segments.
 //
 // The checkpoint file (48 bytes): magic "VDJC", version, applied LSN, head
 // LSN, released cycle, open cycle, CRC32C. The dirty map file: see state.go.

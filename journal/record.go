@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+
+	"github.com/vdrepl/vdrepl/internal/recordlog"
 )
 
 // Record kinds.
@@ -32,21 +34,30 @@ const (
 	MaxPayload = 32 << 20
 )
 
+// recordFormat frames a record header: magic, version and the CRC32C of
+// bytes 0..51 at 52 (see doc.go and internal/recordlog).
+var recordFormat = recordlog.Format{Name: "record", Magic: recordMagic, Version: recordVersion, Size: HeaderSize, ZeroedEnd: true}
+
+// castagnoli is the CRC32C table, for the checksums direct.go computes piece
+// by piece; crc is recordlog's, the checksum of every record.
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+func crc(b []byte) uint32 { return recordlog.Checksum(b) }
 
-// Errors of the record decoder. A zeroed header is what the end of a segment
-// looks like after a crash; anything else is damage (or a torn write).
+// Errors of the record decoder, recordlog's under the journal's names. A
+// zeroed header is what the end of a segment looks like after a crash;
+// anything else is damage (or a torn write).
 var (
-	ErrZeroed  = errors.New("journal: zeroed record")
-	ErrInvalid = errors.New("journal: invalid record")
-	// ErrCorrupt is damage inside the part of the journal that was synced:
-	// data loss the journal cannot repair on its own.
-	ErrCorrupt = errors.New("journal: corrupt record in synced region")
+	ErrZeroed  = recordlog.ErrZeroed
+	ErrInvalid = recordlog.ErrInvalid
 	// ErrVersion is a record or file written by an unsupported format version.
-	ErrVersion = errors.New("journal: unsupported format version")
+	ErrVersion = recordlog.ErrVersion
 )
+
+// ErrCorrupt is damage inside the part of the journal that was synced: data
+// loss the journal cannot repair on its own. Where the record framing finds
+// it, it wraps recordlog.ErrCorrupt too.
+var ErrCorrupt = errors.New("journal: corrupt record in synced region")
 
 // Header is a decoded record header. See doc.go for the byte layout.
 type Header struct {
@@ -77,8 +88,6 @@ func (h *Header) Size() int64 { return HeaderSize + h.PayloadLen() }
 // encodeHeader writes h into b[:HeaderSize].
 func encodeHeader(b []byte, h *Header) {
 	_ = b[HeaderSize-1]
-	binary.LittleEndian.PutUint32(b[0:], recordMagic)
-	b[4] = recordVersion
 	b[5] = h.Kind
 	binary.LittleEndian.PutUint16(b[6:], h.Disk)
 	binary.LittleEndian.PutUint64(b[8:], h.LSN)
@@ -87,27 +96,15 @@ func encodeHeader(b []byte, h *Header) {
 	binary.LittleEndian.PutUint64(b[32:], h.Length)
 	binary.LittleEndian.PutUint64(b[40:], h.Synced)
 	binary.LittleEndian.PutUint32(b[48:], h.DCRC)
-	binary.LittleEndian.PutUint32(b[52:], crc(b[:52]))
+	recordFormat.Put(b)
 }
 
 // decodeHeader parses and checks a record header. It does not check the
 // payload; verify that with checkPayload.
 func decodeHeader(b []byte) (Header, error) {
 	var h Header
-	if len(b) < HeaderSize {
-		return h, fmt.Errorf("%w: short header (%d bytes)", ErrInvalid, len(b))
-	}
-	if allZero(b[:HeaderSize]) {
-		return h, ErrZeroed
-	}
-	if m := binary.LittleEndian.Uint32(b[0:]); m != recordMagic {
-		return h, fmt.Errorf("%w: bad magic %#x", ErrInvalid, m)
-	}
-	if got, want := binary.LittleEndian.Uint32(b[52:]), crc(b[:52]); got != want {
-		return h, fmt.Errorf("%w: header checksum %#x, want %#x", ErrInvalid, got, want)
-	}
-	if v := b[4]; v != recordVersion {
-		return h, fmt.Errorf("%w: record version %d (supported: %d)", ErrVersion, v, recordVersion)
+	if err := recordFormat.Check(b); err != nil {
+		return h, err
 	}
 	h.Kind = b[5]
 	h.Disk = binary.LittleEndian.Uint16(b[6:])
@@ -142,22 +139,7 @@ func decodeHeader(b []byte) (Header, error) {
 
 // checkPayload verifies a payload against its header.
 func checkPayload(h *Header, payload []byte) error {
-	if int64(len(payload)) != h.PayloadLen() {
-		return fmt.Errorf("%w: payload %d bytes, want %d", ErrInvalid, len(payload), h.PayloadLen())
-	}
-	if got := crc(payload); got != h.DCRC {
-		return fmt.Errorf("%w: payload checksum %#x, want %#x", ErrInvalid, got, h.DCRC)
-	}
-	return nil
-}
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
+	return recordlog.CheckPayload(payload, h.PayloadLen(), h.DCRC)
 }
 
 // Seal payload: | unix nanos u64 | flags u64 |

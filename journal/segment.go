@@ -1,16 +1,15 @@
 package journal
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path"
 	"strconv"
 	"strings"
 
+	"github.com/vdrepl/vdrepl/internal/recordlog"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
@@ -51,28 +50,21 @@ func parseSegmentName(name string) (uint64, bool) {
 	return v, err == nil
 }
 
+// segmentFormat frames a segment header: magic, version and the CRC32C of
+// bytes 0..27 at 28 (see doc.go).
+var segmentFormat = recordlog.Format{Name: "segment header", Magic: segmentMagic, Version: segmentVersion, Size: segmentHeaderSize}
+
 func encodeSegmentHeader(base uint64, created int64) []byte {
 	b := make([]byte, segmentHeaderSize)
-	binary.LittleEndian.PutUint32(b[0:], segmentMagic)
-	b[4] = segmentVersion
 	binary.LittleEndian.PutUint64(b[8:], base)
 	binary.LittleEndian.PutUint64(b[16:], uint64(created))
-	binary.LittleEndian.PutUint32(b[28:], crc(b[:28]))
+	segmentFormat.Put(b)
 	return b
 }
 
 func decodeSegmentHeader(b []byte) (base uint64, err error) {
-	if len(b) < segmentHeaderSize {
-		return 0, fmt.Errorf("%w: short segment header", ErrInvalid)
-	}
-	if binary.LittleEndian.Uint32(b[0:]) != segmentMagic {
-		return 0, fmt.Errorf("%w: bad segment magic", ErrInvalid)
-	}
-	if binary.LittleEndian.Uint32(b[28:]) != crc(b[:28]) {
-		return 0, fmt.Errorf("%w: segment header checksum", ErrInvalid)
-	}
-	if b[4] != segmentVersion {
-		return 0, fmt.Errorf("%w: segment version %d (supported: %d)", ErrVersion, b[4], segmentVersion)
+	if err := segmentFormat.Check(b); err != nil {
+		return 0, err
 	}
 	return binary.LittleEndian.Uint64(b[8:]), nil
 }
@@ -201,112 +193,92 @@ type scanResult struct {
 // payload checksum is verified either way when read). It stops at the end of
 // the file or at the first record that does not verify; that is not an error
 // here, the caller decides with recoverTail whether it was a torn tail or
-// corruption. An error from fn or from reading the file is returned.
+// corruption. An error from fn or from reading the file is returned, and so
+// is a record of an unsupported version.
 func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn func(Header, []byte) error) (scanResult, error) {
-	res := scanResult{end: seg.base + segmentHeaderSize}
-	pos := int64(segmentHeaderSize)
-	hdr := make([]byte, HeaderSize)
-	var payload []byte
-	for pos < size {
-		if size-pos < HeaderSize {
-			res.torn = fmt.Errorf("%w: %d stray bytes at end", ErrInvalid, size-pos)
-			return res, nil
-		}
-		if _, err := seg.f.ReadAt(hdr, pos); err != nil {
-			return res, fmt.Errorf("journal: read %s: %w", seg.name, err)
-		}
-		h, err := decodeHeader(hdr)
-		if err == nil && h.LSN != seg.base+uint64(pos) {
-			err = fmt.Errorf("%w: record says LSN %#x at %#x", ErrInvalid, h.LSN, seg.base+uint64(pos))
-		}
-		if err == nil && pos+h.Size() > size {
-			err = fmt.Errorf("%w: record runs past end of file", ErrInvalid)
-		}
-		if err != nil {
-			if errors.Is(err, ErrVersion) {
-				return res, err
+	var (
+		res   scanResult
+		fnErr error
+	)
+	sc := recordlog.Scanner[Header]{
+		HeaderSize: HeaderSize,
+		Header: func(b []byte, at int64) (Header, int64, bool, error) {
+			h, err := decodeHeader(b)
+			if err == nil && h.LSN != seg.base+uint64(at) {
+				err = fmt.Errorf("%w: record says LSN %#x at %#x", ErrInvalid, h.LSN, seg.base+uint64(at))
 			}
-			res.torn = err
-			return res, syncedBeyond(seg, pos+1, size, &res)
-		}
-		var p []byte
-		if n := h.PayloadLen(); n > 0 && (h.Kind == KindSeal || h.Kind == KindPad || withPayload(&h)) {
-			if int64(cap(payload)) < n {
-				payload = make([]byte, n)
+			if err != nil {
+				return h, 0, false, err
 			}
-			p = payload[:n]
-			if _, err := seg.f.ReadAt(p, pos+HeaderSize); err != nil && !errors.Is(err, io.EOF) {
-				return res, fmt.Errorf("journal: read %s: %w", seg.name, err)
+			n := h.PayloadLen()
+			return h, n, n > 0 && (h.Kind == KindSeal || h.Kind == KindPad || withPayload(&h)), nil
+		},
+		Record: func(h *Header, _ int64, p []byte) error {
+			if p != nil {
+				if err := checkPayload(h, p); err != nil {
+					res.maxSynced = max(res.maxSynced, h.Synced)
+					return err
+				}
 			}
-			if err := checkPayload(&h, p); err != nil {
-				res.torn = err
-				res.maxSynced = max(res.maxSynced, h.Synced)
-				return res, syncedBeyond(seg, pos+1, size, &res)
+			if h.Kind != KindPad {
+				if fnErr = fn(*h, p); fnErr != nil {
+					return fnErr
+				}
 			}
-		}
-		if h.Kind != KindPad {
-			if err := fn(h, p); err != nil {
-				return res, err
-			}
-		}
-		res.maxSynced = max(res.maxSynced, h.Synced)
-		pos += h.Size()
-		res.end = seg.base + uint64(pos)
+			res.maxSynced = max(res.maxSynced, h.Synced)
+			return nil
+		},
+	}
+	r, err := sc.Scan(seg.f, segmentHeaderSize, size)
+	res.end = seg.base + uint64(r.End)
+	switch {
+	case fnErr != nil:
+		return res, fnErr
+	case err != nil:
+		return res, fmt.Errorf("journal: read %s: %w", seg.name, err)
+	case errors.Is(r.Torn, ErrVersion):
+		return res, r.Torn
+	case r.Torn != nil:
+		res.torn = r.Torn
+		return res, syncedBeyond(seg, r.End, size, &res)
 	}
 	return res, nil
 }
 
-var recordMagicBytes = []byte("VDJR")
-
-// syncedBeyond looks past a record that does not verify for any valid record
-// header further on and raises res.maxSynced to the largest Synced it finds:
-// if a later record says a sync covered the damaged spot, the damage is in
-// durable data. Only damaged journals pay for this byte-by-byte search.
-func syncedBeyond(seg *segment, from, size int64, res *scanResult) error {
-	const chunk = 1 << 20
-	buf := make([]byte, chunk+HeaderSize)
-	for off := from; off < size; off += chunk {
-		n, err := seg.f.ReadAt(buf[:min(int64(len(buf)), size-off)], off)
-		if err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("journal: read %s: %w", seg.name, err)
+// syncedBeyond looks past the record at bad, which does not verify, for any
+// valid record header further on and raises res.maxSynced to the largest
+// Synced it finds: if a later record says a sync covered the damaged spot,
+// the damage is in durable data. Only damaged journals pay for this search.
+func syncedBeyond(seg *segment, bad, size int64, res *scanResult) error {
+	err := recordFormat.Search(seg.f, bad, size, func(at int64, b []byte) bool {
+		h, err := decodeHeader(b)
+		if err == nil && h.LSN == seg.base+uint64(at) {
+			res.maxSynced = max(res.maxSynced, h.Synced)
 		}
-		b := buf[:n]
-		for i := 0; i+HeaderSize <= len(b) && i < chunk; i++ {
-			k := bytes.Index(b[i:], recordMagicBytes)
-			if k < 0 {
-				break
-			}
-			if i += k; i+HeaderSize > len(b) || i >= chunk {
-				break
-			}
-			h, err := decodeHeader(b[i : i+HeaderSize])
-			if err == nil && h.LSN == seg.base+uint64(off)+uint64(i) {
-				res.maxSynced = max(res.maxSynced, h.Synced)
-			}
-		}
+		return true
+	})
+	if err != nil {
+		return fmt.Errorf("journal: read %s: %w", seg.name, err)
 	}
 	return nil
 }
 
-// recoverTail decides what a scan that stopped early means. A record that does
-// not verify at or beyond the durable watermark (the largest Synced any valid
-// record carried) is the torn tail of a crash: nothing there was ever promised
-// durable, so the segment is cut back to its last valid record. One below the
-// watermark sits in data a sync had covered: that is corruption, and the
-// journal refuses to guess.
+// recoverTail decides what a scan that stopped early means, with
+// recordlog.CutTornTail. A record that does not verify at or beyond the
+// durable watermark (the largest Synced any valid record carried) is the
+// torn tail of a crash: nothing there was ever promised durable, so the
+// segment is cut back to its last valid record. One below the watermark sits
+// in data a sync had covered: that is corruption, and the journal refuses to
+// guess.
 func recoverTail(seg *segment, res scanResult, durable uint64) error {
-	if res.torn == nil {
-		return nil
+	good := int64(res.end - seg.base)
+	synced := int64(max(durable, seg.base) - seg.base)
+	err := recordlog.CutTornTail(seg.f, good, synced, res.torn)
+	if errors.Is(err, recordlog.ErrCorrupt) {
+		return fmt.Errorf("%w: segment %s at LSN %#x (durable through %#x): %w", ErrCorrupt, seg.name, res.end, durable, err)
 	}
-	if res.end < durable {
-		return fmt.Errorf("%w: segment %s at LSN %#x (durable through %#x): %v",
-			ErrCorrupt, seg.name, res.end, durable, res.torn)
-	}
-	if err := seg.f.Truncate(int64(res.end - seg.base)); err != nil {
-		return fmt.Errorf("journal: truncate torn tail of %s: %w", seg.name, err)
-	}
-	if err := seg.f.Sync(); err != nil {
-		return fmt.Errorf("journal: sync %s: %w", seg.name, err)
+	if err != nil {
+		return fmt.Errorf("journal: %s: %w", seg.name, err)
 	}
 	return nil
 }

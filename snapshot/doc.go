@@ -140,7 +140,9 @@
 // it (found by its magic and salt) whose synced field is beyond it. Then it
 // is ErrCorrupt and Open changes nothing; otherwise the segment is
 // truncated there (cutTornTail). Segment files the manifest does not name
-// and *.tmp files are removed; a rollback intent is finished.
+// and *.tmp files are removed; a rollback intent is finished. The header
+// framing, the scan and the cut are internal/recordlog's; snapshot adds
+// the salt, the two record sizes and what synced means here.
 //
 // # Revert and the guard (unplanned failover)
 //

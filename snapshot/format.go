@@ -2,10 +2,10 @@ package snapshot
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"hash/crc32"
 	"time"
+
+	"github.com/vdrepl/vdrepl/internal/recordlog"
 )
 
 // BlockSize is the unit of undo data: a recovery point saves whole 4 KiB
@@ -38,19 +38,27 @@ const (
 	kindZero uint8 = 2 // the block read as zeroes at the point; no payload
 )
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
-
-// Errors of the decoders. A zeroed record header is what the unsynced end of
-// a segment looks like after a crash; anything else that fails to decode is
-// ErrInvalid. Whether either is a torn tail or damage is decided by where it
-// lies (see cutTornTail), and damage is reported as ErrCorrupt.
+// The frames of the segment header, the record header and the rollback
+// intent: magic, version and, in the last 4 bytes, the CRC32C of the bytes
+// before (see doc.go and internal/recordlog).
 var (
-	ErrZeroed  = errors.New("snapshot: zeroed record")
-	ErrInvalid = errors.New("snapshot: invalid record")
+	segFormat    = recordlog.Format{Name: "segment header", Magic: segMagic, Version: formatVersion, Size: segHeaderSize}
+	recFormat    = recordlog.Format{Name: "record header", Magic: recMagic, Version: formatVersion, Size: recHeaderSize, ZeroedEnd: true}
+	intentFormat = recordlog.Format{Name: "rollback intent", Magic: intentMagic, Version: formatVersion, Size: intentSize}
+)
+
+func crc(b []byte) uint32 { return recordlog.Checksum(b) }
+
+// Errors of the decoders, recordlog's under snapshot's names. A zeroed
+// record header is what the unsynced end of a segment looks like after a
+// crash; anything else that fails to decode is ErrInvalid. Whether either
+// is a torn tail or damage is decided by where it lies (see cutTornTail),
+// and damage is reported as ErrCorrupt.
+var (
+	ErrZeroed  = recordlog.ErrZeroed
+	ErrInvalid = recordlog.ErrInvalid
 	// ErrVersion is a file or record of an unsupported format version.
-	ErrVersion = errors.New("snapshot: unsupported format version")
+	ErrVersion = recordlog.ErrVersion
 )
 
 // segHeader is the header of a segment file. See doc.go.
@@ -63,29 +71,18 @@ type segHeader struct {
 
 func encodeSegHeader(b []byte, h segHeader) {
 	_ = b[segHeaderSize-1]
-	binary.LittleEndian.PutUint32(b[0:], segMagic)
-	b[4] = formatVersion
 	b[5] = 0
 	binary.LittleEndian.PutUint16(b[6:], h.Disks)
 	binary.LittleEndian.PutUint64(b[8:], h.No)
 	binary.LittleEndian.PutUint64(b[16:], h.Cycle)
 	binary.LittleEndian.PutUint32(b[24:], h.Salt)
-	binary.LittleEndian.PutUint32(b[28:], crc(b[:28]))
+	segFormat.Put(b)
 }
 
 func decodeSegHeader(b []byte) (segHeader, error) {
 	var h segHeader
-	if len(b) < segHeaderSize {
-		return h, fmt.Errorf("%w: short segment header (%d bytes)", ErrInvalid, len(b))
-	}
-	if m := binary.LittleEndian.Uint32(b[0:]); m != segMagic {
-		return h, fmt.Errorf("%w: segment magic %#x", ErrInvalid, m)
-	}
-	if got, want := binary.LittleEndian.Uint32(b[28:]), crc(b[:28]); got != want {
-		return h, fmt.Errorf("%w: segment header checksum %#x, want %#x", ErrInvalid, got, want)
-	}
-	if v := b[4]; v != formatVersion {
-		return h, fmt.Errorf("%w: segment version %d (supported: %d)", ErrVersion, v, formatVersion)
+	if err := segFormat.Check(b); err != nil {
+		return h, err
 	}
 	if b[5] != 0 {
 		return h, fmt.Errorf("%w: segment header reserved byte %#x", ErrInvalid, b[5])
@@ -117,8 +114,6 @@ func (h *recHeader) size() int64 {
 
 func encodeRecHeader(b []byte, h *recHeader) {
 	_ = b[recHeaderSize-1]
-	binary.LittleEndian.PutUint32(b[0:], recMagic)
-	b[4] = formatVersion
 	b[5] = h.Kind
 	binary.LittleEndian.PutUint16(b[6:], h.Disk)
 	binary.LittleEndian.PutUint64(b[8:], h.Block)
@@ -126,27 +121,15 @@ func encodeRecHeader(b []byte, h *recHeader) {
 	binary.LittleEndian.PutUint32(b[24:], h.Salt)
 	binary.LittleEndian.PutUint32(b[28:], h.DCRC)
 	binary.LittleEndian.PutUint32(b[32:], 0)
-	binary.LittleEndian.PutUint32(b[36:], crc(b[:36]))
+	recFormat.Put(b)
 }
 
 // decodeRecHeader parses and checks a record header of the segment with the
 // given salt. It does not check the payload: see checkRecPayload.
 func decodeRecHeader(b []byte, salt uint32) (recHeader, error) {
 	var h recHeader
-	if len(b) < recHeaderSize {
-		return h, fmt.Errorf("%w: short record header (%d bytes)", ErrInvalid, len(b))
-	}
-	if allZero(b[:recHeaderSize]) {
-		return h, ErrZeroed
-	}
-	if m := binary.LittleEndian.Uint32(b[0:]); m != recMagic {
-		return h, fmt.Errorf("%w: record magic %#x", ErrInvalid, m)
-	}
-	if got, want := binary.LittleEndian.Uint32(b[36:]), crc(b[:36]); got != want {
-		return h, fmt.Errorf("%w: record header checksum %#x, want %#x", ErrInvalid, got, want)
-	}
-	if v := b[4]; v != formatVersion {
-		return h, fmt.Errorf("%w: record version %d (supported: %d)", ErrVersion, v, formatVersion)
+	if err := recFormat.Check(b); err != nil {
+		return h, err
 	}
 	h.Kind = b[5]
 	h.Disk = binary.LittleEndian.Uint16(b[6:])
@@ -174,13 +157,7 @@ func decodeRecHeader(b []byte, salt uint32) (recHeader, error) {
 
 // checkRecPayload verifies the payload of a data record.
 func checkRecPayload(h *recHeader, payload []byte) error {
-	if len(payload) != BlockSize {
-		return fmt.Errorf("%w: payload %d bytes", ErrInvalid, len(payload))
-	}
-	if got := crc(payload); got != h.DCRC {
-		return fmt.Errorf("%w: payload checksum %#x, want %#x", ErrInvalid, got, h.DCRC)
-	}
-	return nil
+	return recordlog.CheckPayload(payload, BlockSize, h.DCRC)
 }
 
 // manPoint is one point in the manifest.
@@ -307,12 +284,10 @@ type intent struct {
 
 func encodeIntent(in intent) []byte {
 	b := make([]byte, intentSize)
-	binary.LittleEndian.PutUint32(b[0:], intentMagic)
-	b[4] = formatVersion
 	binary.LittleEndian.PutUint64(b[8:], in.Seq)
 	binary.LittleEndian.PutUint64(b[16:], in.Seg)
 	binary.LittleEndian.PutUint64(b[24:], in.Cycle)
-	binary.LittleEndian.PutUint32(b[36:], crc(b[:36]))
+	intentFormat.Put(b)
 	return b
 }
 
@@ -321,14 +296,8 @@ func decodeIntent(b []byte) (intent, error) {
 	if len(b) != intentSize {
 		return in, fmt.Errorf("%w: rollback intent of %d bytes", ErrInvalid, len(b))
 	}
-	if m := binary.LittleEndian.Uint32(b[0:]); m != intentMagic {
-		return in, fmt.Errorf("%w: rollback intent magic %#x", ErrInvalid, m)
-	}
-	if got, want := binary.LittleEndian.Uint32(b[36:]), crc(b[:36]); got != want {
-		return in, fmt.Errorf("%w: rollback intent checksum %#x, want %#x", ErrInvalid, got, want)
-	}
-	if v := b[4]; v != formatVersion {
-		return in, fmt.Errorf("%w: rollback intent version %d (supported: %d)", ErrVersion, v, formatVersion)
+	if err := intentFormat.Check(b); err != nil {
+		return in, err
 	}
 	if !allZero(b[5:8]) || !allZero(b[32:36]) {
 		return in, fmt.Errorf("%w: rollback intent reserved bytes set", ErrInvalid)
@@ -339,14 +308,7 @@ func decodeIntent(b []byte) (intent, error) {
 	return in, nil
 }
 
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
+func allZero(b []byte) bool { return recordlog.AllZero(b) }
 
 // unixNano is t in Unix nanoseconds, with the zero Time as 0.
 func unixNano(t time.Time) int64 {

@@ -1,16 +1,14 @@
 package snapshot
 
 import (
-	"bufio"
-	"bytes"
 	"cmp"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"slices"
 
+	"github.com/vdrepl/vdrepl/internal/recordlog"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
@@ -227,47 +225,40 @@ func (s *Store) scanSegment(f vfs.File, path string, no, cycle uint64, closed in
 // why (bad). err is an I/O error or damage no crash explains (a record that
 // claims to be synced past its own start, or outside the disks).
 func (s *Store) scanRecords(f vfs.File, salt uint32, end int64) (es []entry, good, maxSynced int64, bad, err error) {
-	r := bufio.NewReaderSize(io.NewSectionReader(f, segHeaderSize, end-segHeaderSize), 1<<20)
-	good, maxSynced = segHeaderSize, segHeaderSize
-	hb := make([]byte, recHeaderSize)
-	payload := make([]byte, BlockSize)
-	for good < end {
-		if _, rerr := io.ReadFull(r, hb); rerr != nil {
-			if errors.Is(rerr, io.ErrUnexpectedEOF) || errors.Is(rerr, io.EOF) {
-				return es, good, maxSynced, fmt.Errorf("%w: short record header", ErrInvalid), nil
-			}
-			return nil, 0, 0, nil, rerr
-		}
-		h, derr := decodeRecHeader(hb, salt)
-		if derr != nil {
-			return es, good, maxSynced, derr, nil
-		}
-		if h.Kind == kindData {
-			if _, rerr := io.ReadFull(r, payload); rerr != nil {
-				if errors.Is(rerr, io.ErrUnexpectedEOF) || errors.Is(rerr, io.EOF) {
-					return es, good, maxSynced, fmt.Errorf("%w: short payload", ErrInvalid), nil
+	maxSynced = segHeaderSize
+	sc := recordlog.Scanner[recHeader]{
+		HeaderSize: recHeaderSize,
+		ReadAhead:  1 << 20,
+		Header: func(b []byte, _ int64) (recHeader, int64, bool, error) {
+			h, err := decodeRecHeader(b, salt)
+			return h, h.size() - recHeaderSize, true, err
+		},
+		Record: func(h *recHeader, at int64, payload []byte) error {
+			if h.Kind == kindData {
+				if err := checkRecPayload(h, payload); err != nil {
+					return err
 				}
-				return nil, 0, 0, nil, rerr
 			}
-			if perr := checkRecPayload(&h, payload); perr != nil {
-				return es, good, maxSynced, perr, nil
+			switch {
+			case h.Synced > at:
+				return fmt.Errorf("%w: record at %d claims %d bytes synced", ErrCorrupt, at, h.Synced)
+			case int(h.Disk) >= len(s.disks) || int64(h.Block) >= blocks(s.disks[h.Disk].Size):
+				return fmt.Errorf("%w: record at %d for disk %d block %d", ErrCorrupt, at, h.Disk, h.Block)
 			}
-		}
-		switch {
-		case h.Synced > good:
-			return nil, 0, 0, nil, fmt.Errorf("%w: record at %d claims %d bytes synced", ErrCorrupt, good, h.Synced)
-		case int(h.Disk) >= len(s.disks) || int64(h.Block) >= blocks(s.disks[h.Disk].Size):
-			return nil, 0, 0, nil, fmt.Errorf("%w: record at %d for disk %d block %d", ErrCorrupt, good, h.Disk, h.Block)
-		}
-		l := dataLoc(good)
-		if h.Kind == kindZero {
-			l = zeroLoc(good)
-		}
-		es = append(es, entry{blockKey(int(h.Disk), int64(h.Block)), l})
-		maxSynced = max(maxSynced, h.Synced)
-		good += h.size()
+			l := dataLoc(at)
+			if h.Kind == kindZero {
+				l = zeroLoc(at)
+			}
+			es = append(es, entry{blockKey(int(h.Disk), int64(h.Block)), l})
+			maxSynced = max(maxSynced, h.Synced)
+			return nil
+		},
 	}
-	return es, good, maxSynced, nil, nil
+	res, err := sc.Scan(f, segHeaderSize, end)
+	if err != nil {
+		return nil, 0, 0, nil, err
+	}
+	return es, res.End, maxSynced, res.Torn, nil
 }
 
 // cutTornTail ends the open segment at good, the end of its last record that
@@ -276,51 +267,29 @@ func (s *Store) scanRecords(f vfs.File, salt uint32, end int64) (es []entry, goo
 // nothing shows that a Sync covered it. Every record carries the segment
 // size known durable when it was written (synced), so damage at good is in
 // the synced part, and ErrCorrupt, when a good record before it claims more
-// (maxSynced > good) or any record after it that verifies does. Otherwise
-// the file is truncated at good and synced.
+// (maxSynced > good) or any record after it that verifies does (found by
+// its magic and salt). Otherwise recordlog.CutTornTail truncates the file at
+// good and syncs it.
 func cutTornTail(f vfs.File, salt uint32, good, size, maxSynced int64, bad error) error {
-	if maxSynced > good {
-		return fmt.Errorf("%w: record at %d, below the synced size %d: %w", ErrCorrupt, good, maxSynced, bad)
-	}
-	if at, synced, found, err := laterSyncedRecord(f, salt, good, size); err != nil {
-		return err
-	} else if found {
-		return fmt.Errorf("%w: record at %d: a later record at %d says %d bytes were synced: %w", ErrCorrupt, good, at, synced, bad)
-	}
-	if err := f.Truncate(good); err != nil {
-		return err
-	}
-	return f.Sync()
-}
-
-// laterSyncedRecord looks in (from, size) for a record header of the segment
-// that verifies and says more than from bytes were synced. Records are of
-// two sizes, so after damage the next record boundary is unknown: every
-// offset where the magic appears is tried.
-func laterSyncedRecord(f vfs.File, salt uint32, from, size int64) (at, synced int64, found bool, err error) {
-	const chunk = 1 << 20
-	var magic [4]byte
-	binary.LittleEndian.PutUint32(magic[:], recMagic)
-	buf := make([]byte, chunk+recHeaderSize)
-	for pos := from + 1; pos < size; pos += chunk {
-		n, rerr := f.ReadAt(buf[:min(int64(len(buf)), size-pos)], pos)
-		if rerr != nil && !errors.Is(rerr, io.EOF) {
-			return 0, 0, false, rerr
-		}
-		b := buf[:n]
-		for i := 0; i < min(n, chunk); {
-			j := bytes.Index(b[i:], magic[:])
-			if j < 0 || i+j >= chunk {
-				break
+	durable := maxSynced
+	if durable <= good {
+		err := recFormat.Search(f, good, size, func(_ int64, b []byte) bool {
+			h, err := decodeRecHeader(b, salt)
+			if err == nil && h.Synced > good {
+				durable = h.Synced
+				return false
 			}
-			i += j
-			if h, derr := decodeRecHeader(b[i:], salt); derr == nil && h.Synced > from {
-				return pos + int64(i), h.Synced, true, nil
-			}
-			i++
+			return true
+		})
+		if err != nil {
+			return err
 		}
 	}
-	return 0, 0, false, nil
+	err := recordlog.CutTornTail(f, good, durable, bad)
+	if errors.Is(err, recordlog.ErrCorrupt) {
+		return fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return err
 }
 
 // blocks is the number of blocks of a disk of size bytes (the last may be
