@@ -5,13 +5,14 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
 
 // adoptableVM registers a served VM that replicates to replica.example.
 func adoptableVM(t *testing.T, d *Daemon) *vm {
 	v := addTestVM(t, d, "a")
-	if err := d.setSpec(v, func(s *VMSpec) { s.Replication = &ReplicationSpec{Replica: "replica.example:8443"} }); err != nil {
+	if err := d.setSpec(v, func(s *control.VMSpec) { s.Replication = &control.ReplicationSpec{Replica: "replica.example:8443"} }); err != nil {
 		t.Fatal(err)
 	}
 	return v
@@ -41,10 +42,10 @@ func TestAdoptHoldsNoLock(t *testing.T) {
 		t.Fatal("Adopt returned holding opMu")
 	}
 	d.opMu.Unlock()
-	if err := d.RemoveVM("a"); !errors.Is(err, ErrInUse) {
+	if err := d.RemoveVM("a"); !errors.Is(err, control.ErrInUse) {
 		t.Fatalf("RemoveVM while adopted: %v", err)
 	}
-	if _, err := d.Reverse("a", ReplicationSpec{}); !errors.Is(err, ErrInUse) {
+	if _, err := d.Reverse("a", control.ReplicationSpec{}); !errors.Is(err, control.ErrInUse) {
 		t.Fatalf("Reverse while adopted: %v", err)
 	}
 	if _, err := d.servedVM("a"); err == nil {

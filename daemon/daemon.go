@@ -22,6 +22,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vdrepl/vdrepl/control"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/vdrepl/vdrepl/apply"
@@ -115,7 +117,7 @@ type Daemon struct {
 
 type vm struct {
 	gate  gate // read-only during a planned failover (planned.go)
-	spec  VMSpec
+	spec  control.VMSpec
 	j     *journal.Journal
 	locks []*os.File // OFD locks on the images
 	err   error      // why the VM is not served, if it is not
@@ -129,7 +131,7 @@ type vm struct {
 // New prepares a daemon; Run starts it.
 func New(cfg Config) (*Daemon, error) {
 	if cfg.StateDir == "" {
-		cfg.StateDir = DefaultStateDir
+		cfg.StateDir = control.DefaultStateDir
 	}
 	abs, err := filepath.Abs(cfg.StateDir)
 	if err != nil {
@@ -137,10 +139,10 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	cfg.StateDir = abs
 	if cfg.Control == "" {
-		cfg.Control = DefaultControl(cfg.StateDir)
+		cfg.Control = control.DefaultControl(cfg.StateDir)
 	}
 	if cfg.NBD == nil {
-		cfg.NBD = DefaultNBD(cfg.StateDir)
+		cfg.NBD = control.DefaultNBD(cfg.StateDir)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -160,7 +162,7 @@ func New(cfg Config) (*Daemon, error) {
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
 		if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
-			return nil, fmt.Errorf("%w: give all of --tls-cert, --tls-key and --tls-ca", ErrInvalid)
+			return nil, fmt.Errorf("%w: give all of --tls-cert, --tls-key and --tls-ca", control.ErrInvalid)
 		}
 		// An unusable certificate (expired, say) stops replication, not the
 		// disks: the daemon still serves every VM and says why in status.
@@ -169,16 +171,16 @@ func New(cfg Config) (*Daemon, error) {
 		}
 	}
 	if cfg.ReplicaListen != "" && d.identity == nil && d.identityErr == nil {
-		return nil, fmt.Errorf("%w: --replica-listen needs --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`)", ErrInvalid)
+		return nil, fmt.Errorf("%w: --replica-listen needs --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`)", control.ErrInvalid)
 	}
 	if cfg.BandwidthLimit != "" {
 		if d.hostLimit, err = ship.ParseBandwidth(cfg.BandwidthLimit); err != nil {
-			return nil, fmt.Errorf("%w: --bandwidth-limit %q: %v", ErrInvalid, cfg.BandwidthLimit, err)
+			return nil, fmt.Errorf("%w: --bandwidth-limit %q: %v", control.ErrInvalid, cfg.BandwidthLimit, err)
 		}
 	}
 	if cfg.ResyncWindow != "" {
 		if _, err := ship.ParseWindow(cfg.ResyncWindow); err != nil {
-			return nil, fmt.Errorf("%w: --resync-window %q: %v", ErrInvalid, cfg.ResyncWindow, err)
+			return nil, fmt.Errorf("%w: --resync-window %q: %v", control.ErrInvalid, cfg.ResyncWindow, err)
 		}
 	}
 	return d, nil
@@ -364,7 +366,7 @@ func (d *Daemon) shutdown() error {
 
 // serveRegistered opens a VM of the registry at start-up and starts its
 // replication; a VM that cannot open is listed with the reason.
-func (d *Daemon) serveRegistered(s VMSpec) {
+func (d *Daemon) serveRegistered(s control.VMSpec) {
 	v, err := d.openVM(s, false)
 	if err != nil {
 		d.log.Error("VM not served", "vm", s.Name, "err", err)
@@ -409,7 +411,7 @@ func (v *vm) close() error {
 func listen(addr string) (net.Listener, error) {
 	network, a, ok := strings.Cut(addr, ":")
 	if !ok || (network != "unix" && network != "tcp") || a == "" {
-		return nil, fmt.Errorf("%w: listen address %q: want unix:PATH or tcp:HOST:PORT", ErrInvalid, addr)
+		return nil, fmt.Errorf("%w: listen address %q: want unix:PATH or tcp:HOST:PORT", control.ErrInvalid, addr)
 	}
 	if network == "unix" {
 		if err := removeStaleSocket(a); err != nil {
@@ -492,7 +494,7 @@ func bootID() string {
 
 // openVM locks and opens a VM's images and journal. With create, missing
 // images that have a size are created sparse, and removed again on failure.
-func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
+func (d *Daemon) openVM(s control.VMSpec, create bool) (_ *vm, err error) {
 	v := &vm{spec: s}
 	var created []string
 	defer func() {
@@ -533,23 +535,23 @@ func (d *Daemon) openVM(s VMSpec, create bool) (_ *vm, err error) {
 			if create {
 				hint = " (give a size to create it: --disk PATH:SIZE)"
 			}
-			return nil, fmt.Errorf("%w: disk %s: %s does not exist%s", ErrInvalid, ds.Name, ds.Path, hint)
+			return nil, fmt.Errorf("%w: disk %s: %s does not exist%s", control.ErrInvalid, ds.Name, ds.Path, hint)
 		case serr != nil:
 			return nil, fmt.Errorf("disk %s: %w", ds.Name, serr)
 		case !st.Mode().IsRegular():
-			return nil, fmt.Errorf("%w: disk %s: %s is not a regular file", ErrInvalid, ds.Name, ds.Path)
+			return nil, fmt.Errorf("%w: disk %s: %s is not a regular file", control.ErrInvalid, ds.Name, ds.Path)
 		case ds.Size == 0 && create:
 			ds.Size = st.Size()
 		case st.Size() != ds.Size:
-			return nil, fmt.Errorf("%w: disk %s: %s is %d bytes, but %d were given", ErrInvalid, ds.Name, ds.Path, st.Size(), ds.Size)
+			return nil, fmt.Errorf("%w: disk %s: %s is %d bytes, but %d were given", control.ErrInvalid, ds.Name, ds.Path, st.Size(), ds.Size)
 		}
 		if ds.Size <= 0 || ds.Size%journal.BlockSize != 0 {
-			return nil, fmt.Errorf("%w: disk %s: size %d is not a positive multiple of %d bytes", ErrInvalid, ds.Name, ds.Size, journal.BlockSize)
+			return nil, fmt.Errorf("%w: disk %s: size %d is not a positive multiple of %d bytes", control.ErrInvalid, ds.Name, ds.Size, journal.BlockSize)
 		}
 		ds.Create = false
 		lf, err := lockImage(ds.Path)
 		if err != nil {
-			return nil, fmt.Errorf("%w: disk %s: %v", ErrInUse, ds.Name, err)
+			return nil, fmt.Errorf("%w: disk %s: %v", control.ErrInUse, ds.Name, err)
 		}
 		v.locks = append(v.locks, lf)
 	}
@@ -591,14 +593,14 @@ func lockImage(p string) (*os.File, error) {
 
 // AddVM registers a VM, creating sparse images where sizes are given and the
 // files are missing. On any error nothing is changed.
-func (d *Daemon) AddVM(s VMSpec) (VMSpec, error) {
+func (d *Daemon) AddVM(s control.VMSpec) (control.VMSpec, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	if err := checkName("VM", s.Name); err != nil {
 		return s, err
 	}
 	if len(s.Disks) == 0 {
-		return s, fmt.Errorf("%w: VM %s needs at least one --disk", ErrInvalid, s.Name)
+		return s, fmt.Errorf("%w: VM %s needs at least one --disk", control.ErrInvalid, s.Name)
 	}
 	seen := map[string]bool{}
 	for i := range s.Disks {
@@ -607,23 +609,23 @@ func (d *Daemon) AddVM(s VMSpec) (VMSpec, error) {
 			return s, err
 		}
 		if seen[ds.Name] {
-			return s, fmt.Errorf("%w: VM %s has two disks named %s (name them with --disk NAME=PATH)", ErrInvalid, s.Name, ds.Name)
+			return s, fmt.Errorf("%w: VM %s has two disks named %s (name them with --disk NAME=PATH)", control.ErrInvalid, s.Name, ds.Name)
 		}
 		seen[ds.Name] = true
 		if !filepath.IsAbs(ds.Path) {
-			return s, fmt.Errorf("%w: disk path %q must be absolute", ErrInvalid, ds.Path)
+			return s, fmt.Errorf("%w: disk path %q must be absolute", control.ErrInvalid, ds.Path)
 		}
 		ds.Path = filepath.Clean(ds.Path)
 	}
 	if d.replica != nil {
 		if _, ok := d.replica.Replica(s.Name); ok {
-			return s, fmt.Errorf("%w: this host keeps a replica VM named %s; a VM here and a replica may not share a name", ErrExists, s.Name)
+			return s, fmt.Errorf("%w: this host keeps a replica VM named %s; a VM here and a replica may not share a name", control.ErrExists, s.Name)
 		}
 		for _, r := range d.replica.Replicas() {
 			for _, img := range d.replica.Images(r.VM) {
 				for _, ds := range s.Disks {
 					if sameFile(img, ds.Path) {
-						return s, fmt.Errorf("%w: %s is an image of replica VM %s", ErrInUse, ds.Path, r.VM)
+						return s, fmt.Errorf("%w: %s is an image of replica VM %s", control.ErrInUse, ds.Path, r.VM)
 					}
 				}
 			}
@@ -632,14 +634,14 @@ func (d *Daemon) AddVM(s VMSpec) (VMSpec, error) {
 	d.mu.Lock()
 	if _, ok := d.vms[s.Name]; ok {
 		d.mu.Unlock()
-		return s, fmt.Errorf("%w: VM %s is already registered", ErrExists, s.Name)
+		return s, fmt.Errorf("%w: VM %s is already registered", control.ErrExists, s.Name)
 	}
 	for _, other := range d.vms {
 		for _, od := range other.spec.Disks {
 			for _, ds := range s.Disks {
 				if sameFile(od.Path, ds.Path) {
 					d.mu.Unlock()
-					return s, fmt.Errorf("%w: %s is already disk %s of VM %s", ErrInUse, ds.Path, od.Name, other.spec.Name)
+					return s, fmt.Errorf("%w: %s is already disk %s of VM %s", control.ErrInUse, ds.Path, od.Name, other.spec.Name)
 				}
 			}
 		}
@@ -648,7 +650,7 @@ func (d *Daemon) AddVM(s VMSpec) (VMSpec, error) {
 		for _, b := range s.Disks[i+1:] {
 			if sameFile(a.Path, b.Path) {
 				d.mu.Unlock()
-				return s, fmt.Errorf("%w: %s is given twice", ErrInvalid, a.Path)
+				return s, fmt.Errorf("%w: %s is given twice", control.ErrInvalid, a.Path)
 			}
 		}
 	}
@@ -704,12 +706,12 @@ func sameFile(a, b string) bool {
 	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
 }
 
-func (d *Daemon) specsLocked() []VMSpec {
-	out := make([]VMSpec, 0, len(d.vms))
+func (d *Daemon) specsLocked() []control.VMSpec {
+	out := make([]control.VMSpec, 0, len(d.vms))
 	for _, v := range d.vms {
 		out = append(out, v.spec)
 	}
-	slices.SortFunc(out, func(a, b VMSpec) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(out, func(a, b control.VMSpec) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 
@@ -722,7 +724,7 @@ func (d *Daemon) RemoveVM(name string) error {
 	v, ok := d.vms[name]
 	if !ok {
 		d.mu.Unlock()
-		return fmt.Errorf("%w: %s", ErrUnknownVM, name)
+		return fmt.Errorf("%w: %s", control.ErrUnknownVM, name)
 	}
 	if v.busy {
 		d.mu.Unlock()
@@ -730,15 +732,15 @@ func (d *Daemon) RemoveVM(name string) error {
 	}
 	if users := d.usersLocked(name); users != "" {
 		d.mu.Unlock()
-		return fmt.Errorf("%w: VM %s is open (%s); disconnect its clients first", ErrInUse, name, users)
+		return fmt.Errorf("%w: VM %s is open (%s); disconnect its clients first", control.ErrInUse, name, users)
 	}
 	if v.spec.Replication != nil {
 		d.mu.Unlock()
-		return fmt.Errorf("%w: VM %s is replicated to %s; run `vdrepl replication disable %s` first", ErrInUse, name, v.spec.Replication.Replica, name)
+		return fmt.Errorf("%w: VM %s is replicated to %s; run `vdrepl replication disable %s` first", control.ErrInUse, name, v.spec.Replication.Replica, name)
 	}
 	if v.spec.FailedOver {
 		d.mu.Unlock()
-		return fmt.Errorf("%w: VM %s is failed over here; `vdrepl failover complete %s` or `vdrepl failover cancel %s` first", ErrInUse, name, name, name)
+		return fmt.Errorf("%w: VM %s is failed over here; `vdrepl failover complete %s` or `vdrepl failover cancel %s` first", control.ErrInUse, name, name, name)
 	}
 	delete(d.vms, name)
 	next := d.specsLocked()
@@ -759,13 +761,13 @@ func (d *Daemon) RemoveVM(name string) error {
 }
 
 // VMs lists the registered VMs.
-func (d *Daemon) VMs() []VMInfo {
+func (d *Daemon) VMs() []control.VMInfo {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var out []VMInfo
+	var out []control.VMInfo
 	for _, s := range d.specsLocked() {
 		v := d.vms[s.Name]
-		info := VMInfo{VMSpec: s}
+		info := control.VMInfo{VMSpec: s}
 		for _, ds := range s.Disks {
 			info.Exports = append(info.Exports, s.Name+"/"+ds.Name)
 		}
@@ -783,7 +785,7 @@ func (d *Daemon) VMs() []VMInfo {
 
 // setSpec changes a VM's spec: edit changes a copy, which is saved in the
 // registry and only then becomes the VM's.
-func (d *Daemon) setSpec(v *vm, edit func(*VMSpec)) error {
+func (d *Daemon) setSpec(v *vm, edit func(*control.VMSpec)) error {
 	next := v.spec
 	edit(&next)
 	if err := d.saveSpec(next); err != nil {
@@ -801,7 +803,7 @@ func (d *Daemon) Seal(name string, flags uint64) (journal.CycleInfo, error) {
 	v, ok := d.vms[name]
 	d.mu.Unlock()
 	if !ok {
-		return journal.CycleInfo{}, fmt.Errorf("%w: %s", ErrUnknownVM, name)
+		return journal.CycleInfo{}, fmt.Errorf("%w: %s", control.ErrUnknownVM, name)
 	}
 	if v.j == nil {
 		return journal.CycleInfo{}, fmt.Errorf("VM %s is not served: %v", name, v.err)

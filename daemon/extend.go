@@ -5,6 +5,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/relay"
 )
 
@@ -12,7 +13,7 @@ import (
 // a VM on to a third host. Package relay runs it; here are the commands
 // and the daemon's wiring.
 
-func relaySpec(s ExtendSpec) relay.Spec {
+func relaySpec(s control.ExtendSpec) relay.Spec {
 	return relay.Spec{Replica: s.Replica, Frequency: time.Duration(s.Frequency), Compression: s.Compression, BypassProxy: s.BypassProxy, Enabled: s.Enabled}
 }
 
@@ -30,30 +31,30 @@ func (d *Daemon) newRelays() *relay.Relays {
 }
 
 // ExtendReplication starts passing a replica VM on to a third host.
-func (d *Daemon) ExtendReplication(name string, s ExtendSpec) (ExtendSpec, error) {
+func (d *Daemon) ExtendReplication(name string, s control.ExtendSpec) (control.ExtendSpec, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	rep, ok := d.replica.Replica(name)
 	if !ok {
-		return s, fmt.Errorf("%w: %s is not a replica VM on this host; extend replication on the replica host", ErrUnknownVM, name)
+		return s, fmt.Errorf("%w: %s is not a replica VM on this host; extend replication on the replica host", control.ErrUnknownVM, name)
 	}
 	if _, running := d.relays.Running(name); running {
-		return s, fmt.Errorf("%w: replication of %s is already extended; stop it first (`vdrepl replication extend %s --stop`)", ErrExists, name, name)
+		return s, fmt.Errorf("%w: replication of %s is already extended; stop it first (`vdrepl replication extend %s --stop`)", control.ErrExists, name, name)
 	}
 	if rep.FailedOver != nil {
-		return s, fmt.Errorf("%w: replica VM %s is failed over here", ErrInUse, name)
+		return s, fmt.Errorf("%w: replica VM %s is failed over here", control.ErrInUse, name)
 	}
 	if d.identity == nil {
-		return s, fmt.Errorf("%w: %v", ErrInvalid, errNoIdentity)
+		return s, fmt.Errorf("%w: %v", control.ErrInvalid, errNoIdentity)
 	}
 	if _, _, err := net.SplitHostPort(s.Replica); err != nil {
-		return s, fmt.Errorf("%w: --replica %q: want HOST:PORT", ErrInvalid, s.Replica)
+		return s, fmt.Errorf("%w: --replica %q: want HOST:PORT", control.ErrInvalid, s.Replica)
 	}
 	if s.Frequency == 0 {
-		s.Frequency = Duration(5 * time.Minute)
+		s.Frequency = control.Duration(5 * time.Minute)
 	}
 	if time.Duration(s.Frequency) < time.Second {
-		return s, fmt.Errorf("%w: --frequency %v: the shortest is 1s (extended replication: 5m or 15m)", ErrInvalid, time.Duration(s.Frequency))
+		return s, fmt.Errorf("%w: --frequency %v: the shortest is 1s (extended replication: 5m or 15m)", control.ErrInvalid, time.Duration(s.Frequency))
 	}
 	s.Enabled = time.Now().UTC().Truncate(time.Second)
 	if err := d.relays.Start(d.ctx, name, relaySpec(s), true); err != nil {
@@ -72,7 +73,7 @@ func (d *Daemon) StopExtend(name string) error {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	if !d.relays.Stop(name) {
-		return fmt.Errorf("%w: replication of %s is not extended from this host", ErrInvalid, name)
+		return fmt.Errorf("%w: replication of %s is not extended from this host", control.ErrInvalid, name)
 	}
 	if err := d.relays.Save(); err != nil {
 		return err
@@ -85,14 +86,14 @@ func (d *Daemon) StopExtend(name string) error {
 }
 
 // extensionStatus lists the extensions as primaries of role "extended".
-func (d *Daemon) extensionStatus(name string) []ReplicationStatus {
+func (d *Daemon) extensionStatus(name string) []control.ReplicationStatus {
 	if d.relays == nil {
 		return nil
 	}
-	var out []ReplicationStatus
+	var out []control.ReplicationStatus
 	for _, x := range d.relays.List(name) {
-		out = append(out, ReplicationStatus{VM: x.VM, Role: "extended",
-			Spec:   ReplicationSpec{Replica: x.Spec.Replica, Frequency: Duration(x.Spec.Frequency), Compression: x.Spec.Compression, Enabled: x.Spec.Enabled},
+		out = append(out, control.ReplicationStatus{VM: x.VM, Role: "extended",
+			Spec:   control.ReplicationSpec{Replica: x.Spec.Replica, Frequency: control.Duration(x.Spec.Frequency), Compression: x.Spec.Compression, Enabled: x.Spec.Enabled},
 			Status: x.Status})
 	}
 	return out

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/snapshot"
@@ -63,9 +64,9 @@ func (t *testFailover) Close() error {
 	return errors.Join(t.overlay.Close(), t.view.Close())
 }
 
-func testInfo(run failover.TestRun[*testFailover]) TestFailoverInfo {
+func testInfo(run failover.TestRun[*testFailover]) control.TestFailoverInfo {
 	t := run.Copy
-	out := TestFailoverInfo{VM: t.vm, Point: t.point.ID, Cycle: t.point.Cycle, Time: t.point.Time, Started: run.Started}
+	out := control.TestFailoverInfo{VM: t.vm, Point: t.point.ID, Cycle: t.point.Cycle, Time: t.point.Time, Started: run.Started}
 	for _, d := range t.disks {
 		out.Exports = append(out.Exports, t.vm+testSuffix+"/"+d)
 	}
@@ -73,15 +74,15 @@ func testInfo(run failover.TestRun[*testFailover]) TestFailoverInfo {
 }
 
 // Points lists the recovery points of a replica VM kept on this host.
-func (d *Daemon) Points(name string) (PointsInfo, error) {
+func (d *Daemon) Points(name string) (control.PointsInfo, error) {
 	ps, err := d.replica.Points(name)
 	if errors.Is(err, apply.ErrUnknownVM) {
-		return PointsInfo{}, fmt.Errorf("%w: %s is not a replica VM on this host", ErrUnknownVM, name)
+		return control.PointsInfo{}, fmt.Errorf("%w: %s is not a replica VM on this host", control.ErrUnknownVM, name)
 	}
 	if err != nil {
-		return PointsInfo{}, err
+		return control.PointsInfo{}, err
 	}
-	out := PointsInfo{VM: name, Points: ps}
+	out := control.PointsInfo{VM: name, Points: ps}
 	if out.Points == nil {
 		out.Points = []snapshot.Point{}
 	}
@@ -97,16 +98,16 @@ func (d *Daemon) Points(name string) (PointsInfo, error) {
 // FailoverTest starts a test failover of a replica VM: a writable,
 // throw-away copy of point id ("" = the latest state) exported as
 // VM-test/DISK. Replication goes on underneath.
-func (d *Daemon) FailoverTest(name, id string) (FailoverResult, error) {
+func (d *Daemon) FailoverTest(name, id string) (control.FailoverResult, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	run, err := d.tests.Start(name, id)
 	if err != nil {
-		return FailoverResult{}, d.failoverErr(err)
+		return control.FailoverResult{}, d.failoverErr(err)
 	}
 	info := testInfo(run)
 	d.log.Info("test failover started", "vm", name, "point", info.Point, "exports", info.Exports)
-	return FailoverResult{VM: name, Point: info.Point, Cycle: info.Cycle, Exports: info.Exports, Lacks: d.lacks(name)}, nil
+	return control.FailoverResult{VM: name, Point: info.Point, Cycle: info.Cycle, Exports: info.Exports, Lacks: d.lacks(name)}, nil
 }
 
 // newTests builds the test failovers of this host over its replica role.
@@ -122,7 +123,7 @@ func (d *Daemon) testTaken(name string) error {
 	_, clash := d.vms[name+testSuffix]
 	d.mu.Unlock()
 	if clash {
-		return fmt.Errorf("%w: a VM named %s%s is registered here; its exports would clash with the test failover's", ErrExists, name, testSuffix)
+		return fmt.Errorf("%w: a VM named %s%s is registered here; its exports would clash with the test failover's", control.ErrExists, name, testSuffix)
 	}
 	return nil
 }
@@ -132,7 +133,7 @@ func (d *Daemon) testTaken(name string) error {
 func (d *Daemon) openTest(name, id, scratch string) (*testFailover, error) {
 	r, ok := d.replica.Replica(name)
 	if !ok {
-		return nil, fmt.Errorf("%w: %s is not a replica VM on this host", ErrUnknownVM, name)
+		return nil, fmt.Errorf("%w: %s is not a replica VM on this host", control.ErrUnknownVM, name)
 	}
 	view, err := d.replica.View(name, id)
 	if err != nil {
@@ -154,13 +155,13 @@ func (d *Daemon) openTest(name, id, scratch string) (*testFailover, error) {
 func (d *Daemon) pointErr(err error) error {
 	switch {
 	case errors.Is(err, apply.ErrUnknownVM):
-		return fmt.Errorf("%w: %v", ErrUnknownVM, err)
+		return fmt.Errorf("%w: %v", control.ErrUnknownVM, err)
 	case errors.Is(err, apply.ErrNotFound), errors.Is(err, apply.ErrInvalid):
-		return fmt.Errorf("%w: %v", ErrInvalid, err)
+		return fmt.Errorf("%w: %v", control.ErrInvalid, err)
 	case errors.Is(err, apply.ErrExists):
-		return fmt.Errorf("%w: %v", ErrExists, err)
+		return fmt.Errorf("%w: %v", control.ErrExists, err)
 	case errors.Is(err, snapshot.ErrBusy):
-		return fmt.Errorf("%w: %v (stop the VM's test failover first)", ErrInUse, err)
+		return fmt.Errorf("%w: %v (stop the VM's test failover first)", control.ErrInUse, err)
 	}
 	return err
 }
@@ -181,8 +182,8 @@ func (d *Daemon) StopTest(name string) error {
 }
 
 // TestFailovers lists the running test failovers.
-func (d *Daemon) TestFailovers() []TestFailoverInfo {
-	out := []TestFailoverInfo{}
+func (d *Daemon) TestFailovers() []control.TestFailoverInfo {
+	out := []control.TestFailoverInfo{}
 	for _, run := range d.tests.List() {
 		out = append(out, testInfo(run))
 	}
@@ -199,17 +200,17 @@ func (d *Daemon) lacks(name string) []string {
 // lost: its disks are rolled to point id ("" = the latest state) and
 // served read-write as VM/DISK. Running it again after an interruption
 // finishes it.
-func (d *Daemon) FailoverUnplanned(name, id string) (FailoverResult, error) {
+func (d *Daemon) FailoverUnplanned(name, id string) (control.FailoverResult, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	if err := d.notBusy(name); err != nil {
-		return FailoverResult{}, err
+		return control.FailoverResult{}, err
 	}
 	fo, stopped, err := d.fo.Unplanned(name, id)
 	if err != nil {
-		return FailoverResult{}, d.failoverErr(err)
+		return control.FailoverResult{}, d.failoverErr(err)
 	}
-	res := FailoverResult{VM: name, Point: fo.Point, Cycle: fo.Latest, Lacks: fo.Excluded, ExtendStopped: stopped}
+	res := control.FailoverResult{VM: name, Point: fo.Point, Cycle: fo.Latest, Lacks: fo.Excluded, ExtendStopped: stopped}
 	for _, disk := range fo.Disks {
 		res.Exports = append(res.Exports, name+"/"+disk.Name)
 	}
@@ -290,10 +291,10 @@ func (d *Daemon) stopExtendForFailover(name string) string {
 }
 
 // failedOverSpec is the registry entry of a replica VM failed over here.
-func failedOverSpec(name string, fo failover.Target) VMSpec {
-	spec := VMSpec{Name: name, Created: time.Now().UTC().Truncate(time.Second), FailedOver: true, Lacks: fo.Excluded}
+func failedOverSpec(name string, fo failover.Target) control.VMSpec {
+	spec := control.VMSpec{Name: name, Created: time.Now().UTC().Truncate(time.Second), FailedOver: true, Lacks: fo.Excluded}
 	for i, disk := range fo.Disks {
-		spec.Disks = append(spec.Disks, DiskSpec{Name: disk.Name, Path: fo.Images[i], Size: disk.Size})
+		spec.Disks = append(spec.Disks, control.DiskSpec{Name: disk.Name, Path: fo.Images[i], Size: disk.Size})
 	}
 	return spec
 }
@@ -305,7 +306,7 @@ func (d *Daemon) failedOverVM(name string) (*vm, error) {
 	defer d.mu.Unlock()
 	v, ok := d.vms[name]
 	if !ok || !v.spec.FailedOver {
-		return nil, fmt.Errorf("%w: VM %s is not failed over on this host", ErrInvalid, name)
+		return nil, fmt.Errorf("%w: VM %s is not failed over on this host", control.ErrInvalid, name)
 	}
 	if v.busy {
 		return nil, errBusy(v)
@@ -339,13 +340,13 @@ func (d *Daemon) CancelFailover(name string) error {
 	users := d.usersLocked(name)
 	d.mu.Unlock()
 	if users != "" {
-		return fmt.Errorf("%w: VM %s is open (%s); shut the VM down first", ErrInUse, name, users)
+		return fmt.Errorf("%w: VM %s is open (%s); shut the VM down first", control.ErrInUse, name, users)
 	}
 	if v.spec.Replication != nil {
-		return fmt.Errorf("%w: VM %s replicates to %s; disable that replication first", ErrInUse, name, v.spec.Replication.Replica)
+		return fmt.Errorf("%w: VM %s replicates to %s; disable that replication first", control.ErrInUse, name, v.spec.Replication.Replica)
 	}
 	if _, testing := d.tests.Running(name); testing {
-		return fmt.Errorf("%w: a test failover of VM %s is running; `vdrepl failover stop-test %s` first", ErrInUse, name, name)
+		return fmt.Errorf("%w: a test failover of VM %s is running; `vdrepl failover stop-test %s` first", control.ErrInUse, name, name)
 	}
 	if err := d.fo.Cancel(name); err != nil {
 		return d.failoverErr(err)
@@ -370,7 +371,7 @@ func (d *Daemon) forget(name string) {
 
 // guardFS is the filesystem a VM's journal uses for its images: for a
 // failed-over VM, the replica's recovery point guard.
-func (d *Daemon) guardFS(s VMSpec) (vfs.FS, error) {
+func (d *Daemon) guardFS(s control.VMSpec) (vfs.FS, error) {
 	if !s.FailedOver {
 		return nil, nil
 	}

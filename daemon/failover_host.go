@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 
 	"github.com/vdrepl/vdrepl/apply"
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
@@ -88,9 +89,9 @@ func (h *failoverHost) MarkCompleted(name, promotedFrom string) error {
 	v, ok := d.vms[name]
 	d.mu.Unlock()
 	if !ok {
-		return ErrUnknownVM
+		return control.ErrUnknownVM
 	}
-	err := d.setSpec(v, func(s *VMSpec) {
+	err := d.setSpec(v, func(s *control.VMSpec) {
 		s.FailedOver = false
 		if promotedFrom != "" {
 			s.PromotedFrom = promotedFrom
@@ -124,15 +125,15 @@ func (d *Daemon) failoverErr(err error) error {
 		return d.pointErr(err)
 	}
 	if fe.Kind == failover.ErrExists {
-		return fmt.Errorf("%w: %s", ErrExists, fe.Reason)
+		return fmt.Errorf("%w: %s", control.ErrExists, fe.Reason)
 	}
-	return fmt.Errorf("%w: %s", ErrInvalid, fe.Reason)
+	return fmt.Errorf("%w: %s", control.ErrInvalid, fe.Reason)
 }
 
 // applyFixes applies the fixes of failover.Reconcile to the registry list
 // loaded at start-up and writes it once if anything changed. It returns
 // the specs to open.
-func (d *Daemon) applyFixes(specs []VMSpec, fixes []failover.Fix) []VMSpec {
+func (d *Daemon) applyFixes(specs []control.VMSpec, fixes []failover.Fix) []control.VMSpec {
 	if len(fixes) == 0 {
 		return specs
 	}
@@ -140,7 +141,7 @@ func (d *Daemon) applyFixes(specs []VMSpec, fixes []failover.Fix) []VMSpec {
 	for _, f := range fixes {
 		byName[f.VM] = f
 	}
-	var out []VMSpec
+	var out []control.VMSpec
 	for _, s := range specs {
 		switch byName[s.Name].Action {
 		case failover.Forget:
@@ -173,7 +174,7 @@ func (d *Daemon) removeJournalDir(name string) {
 }
 
 // entries are the registry's VMs as the state machine reads them.
-func entries(specs []VMSpec) []failover.Entry {
+func entries(specs []control.VMSpec) []failover.Entry {
 	out := make([]failover.Entry, len(specs))
 	for i, s := range specs {
 		out[i] = failover.Entry{Name: s.Name, FailedOver: s.FailedOver, PromotedFrom: s.PromotedFrom}

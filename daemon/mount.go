@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/vdrepl/vdrepl/control"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/vdrepl/vdrepl/blockdev"
@@ -42,7 +44,7 @@ func (d *Daemon) Unmount(mp string) error {
 	m, ok := d.mounts[filepath.Clean(mp)]
 	d.mu.Unlock()
 	if !ok {
-		return fmt.Errorf("%w: %s is not a vdrepl mount", ErrInvalid, mp)
+		return fmt.Errorf("%w: %s is not a vdrepl mount", control.ErrInvalid, mp)
 	}
 	return d.unmount(m)
 }
@@ -66,25 +68,25 @@ func (d *Daemon) mount(mp string) (*blockdev.FUSEMount, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	if !filepath.IsAbs(mp) {
-		return nil, fmt.Errorf("%w: mount point %q must be absolute", ErrInvalid, mp)
+		return nil, fmt.Errorf("%w: mount point %q must be absolute", control.ErrInvalid, mp)
 	}
 	mp = filepath.Clean(mp)
 	st, err := os.Stat(mp)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("%w: mount point %s does not exist", ErrInvalid, mp)
+		return nil, fmt.Errorf("%w: mount point %s does not exist", control.ErrInvalid, mp)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%w: mount point %s: %v", ErrInvalid, mp, err)
+		return nil, fmt.Errorf("%w: mount point %s: %v", control.ErrInvalid, mp, err)
 	}
 	if !st.IsDir() {
-		return nil, fmt.Errorf("%w: mount point %s is not a directory", ErrInvalid, mp)
+		return nil, fmt.Errorf("%w: mount point %s is not a directory", control.ErrInvalid, mp)
 	}
 	d.mu.Lock()
 	_, busy := d.mounts[mp]
 	closed := d.closed
 	d.mu.Unlock()
 	if busy {
-		return nil, fmt.Errorf("%w: %s is already a vdrepl mount", ErrInUse, mp)
+		return nil, fmt.Errorf("%w: %s is already a vdrepl mount", control.ErrInUse, mp)
 	}
 	if closed {
 		return nil, errors.New("daemon is stopping")

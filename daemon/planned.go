@@ -14,6 +14,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/blockdev"
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/failover"
 	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/pki"
@@ -146,28 +147,28 @@ const adoptWait = 2 * time.Minute
 // file). reverseTo is where the replica should replicate back to ("" =
 // this host's replica listener, by its certificate name when it listens
 // on every address).
-func (d *Daemon) FailoverPlanned(ctx context.Context, name string, force bool, reverseTo string) (PlannedResult, error) {
+func (d *Daemon) FailoverPlanned(ctx context.Context, name string, force bool, reverseTo string) (control.PlannedResult, error) {
 	d.opMu.Lock()
 	v, err := d.servedVM(name)
 	if r, ok := d.replica.Replica(name); err != nil && ok {
-		err = fmt.Errorf("%w: VM %s is a replica on this host; run the planned failover on its primary (%s), or `vdrepl failover unplanned %s` here if the primary is lost", ErrInvalid, name, r.Primary, name)
+		err = fmt.Errorf("%w: VM %s is a replica on this host; run the planned failover on its primary (%s), or `vdrepl failover unplanned %s` here if the primary is lost", control.ErrInvalid, name, r.Primary, name)
 	}
 	if err == nil && d.identity == nil {
-		err = fmt.Errorf("%w: %v", ErrInvalid, errNoIdentity)
+		err = fmt.Errorf("%w: %v", control.ErrInvalid, errNoIdentity)
 	}
 	if err != nil {
 		d.opMu.Unlock()
-		return PlannedResult{}, err
+		return control.PlannedResult{}, err
 	}
 	if v.spec.HandedOver == nil {
 		if err := d.prepareHandover(ctx, v, force, reverseTo); err != nil {
 			d.opMu.Unlock()
-			return PlannedResult{}, err
+			return control.PlannedResult{}, err
 		}
 	}
 	h := v.spec.HandedOver
 	rs := v.spec.Replication
-	res := PlannedResult{VM: name, To: h.To, Cycle: h.Cycle}
+	res := control.PlannedResult{VM: name, To: h.To, Cycle: h.Cycle}
 	wait := d.adoptWaiter(name)
 	d.opMu.Unlock()
 
@@ -180,9 +181,9 @@ func (d *Daemon) FailoverPlanned(ctx context.Context, name string, force bool, r
 	if err != nil {
 		if !ship.Retryable(err) {
 			d.undoHandover(name)
-			return PlannedResult{}, fmt.Errorf("planned failover of %s refused by %s, the VM is served here again: %w", name, h.To, err)
+			return control.PlannedResult{}, fmt.Errorf("planned failover of %s refused by %s, the VM is served here again: %w", name, h.To, err)
 		}
-		return PlannedResult{}, fmt.Errorf("planned failover of %s: the handover to %s is not confirmed (the VM stays read-only here); run the command again: %w", name, h.To, err)
+		return control.PlannedResult{}, fmt.Errorf("planned failover of %s: the handover to %s is not confirmed (the VM stays read-only here); run the command again: %w", name, h.To, err)
 	}
 	d.log.Info("planned failover: handed over", "vm", name, "to", h.To, "cycle", h.Cycle)
 	select {
@@ -201,17 +202,17 @@ func (d *Daemon) prepareHandover(ctx context.Context, v *vm, force bool, reverse
 	rs := v.spec.Replication
 	switch {
 	case rs == nil:
-		return fmt.Errorf("%w: VM %s is not replicated; a planned failover hands it to its replica", ErrInvalid, name)
+		return fmt.Errorf("%w: VM %s is not replicated; a planned failover hands it to its replica", control.ErrInvalid, name)
 	case v.spec.FailedOver:
-		return fmt.Errorf("%w: VM %s is failed over here and not completed; complete the failover first", ErrInvalid, name)
+		return fmt.Errorf("%w: VM %s is failed over here and not completed; complete the failover first", control.ErrInvalid, name)
 	case d.replica == nil || d.replicaAddr == "":
-		return fmt.Errorf("%w: this host must take replication of %s back after the failover: start `vdrepl serve` with --replica-listen", ErrInvalid, name)
+		return fmt.Errorf("%w: this host must take replication of %s back after the failover: start `vdrepl serve` with --replica-listen", control.ErrInvalid, name)
 	}
 	d.mu.Lock()
 	users := d.usersLocked(name)
 	d.mu.Unlock()
 	if users != "" && !force {
-		return fmt.Errorf("%w: VM %s is open (%s); shut the VM down first, or --force makes its disks read-only under it", ErrInUse, name, users)
+		return fmt.Errorf("%w: VM %s is open (%s); shut the VM down first, or --force makes its disks read-only under it", control.ErrInUse, name, users)
 	}
 	host, _, _ := net.SplitHostPort(rs.Replica)
 	cert, _, err := ship.Replica(ctx, rs.Replica, d.identity.ClientConfig(host), rs.BypassProxy, name)
@@ -223,7 +224,7 @@ func (d *Daemon) prepareHandover(ctx context.Context, v *vm, force bool, reverse
 		if cert != nil {
 			peer = pki.CertName(cert)
 		}
-		return fmt.Errorf("%w: this host would refuse replication of %s back from %s: `vdrepl replica allow add --primary %s --storage DIR` first", ErrInvalid, name, peer, peer)
+		return fmt.Errorf("%w: this host would refuse replication of %s back from %s: `vdrepl replica allow add --primary %s --storage DIR` first", control.ErrInvalid, name, peer, peer)
 	}
 	if reverseTo == "" {
 		if reverseTo, err = d.replicaAddress(); err != nil {
@@ -243,8 +244,8 @@ func (d *Daemon) prepareHandover(ctx context.Context, v *vm, force bool, reverse
 		return fmt.Errorf("planned failover of %s: ship the last cycle: %w", name, err)
 	}
 	st := sh.Status()
-	ho := &HandedOver{To: rs.Replica, ToName: pki.CertName(cert), Cycle: st.LastApplied, ReplicateTo: reverseTo, At: time.Now().UTC().Truncate(time.Second)}
-	if err := d.setSpec(v, func(s *VMSpec) { s.HandedOver = ho }); err != nil {
+	ho := &control.HandedOver{To: rs.Replica, ToName: pki.CertName(cert), Cycle: st.LastApplied, ReplicateTo: reverseTo, At: time.Now().UTC().Truncate(time.Second)}
+	if err := d.setSpec(v, func(s *control.VMSpec) { s.HandedOver = ho }); err != nil {
 		v.gate.set(false)
 		return err
 	}
@@ -261,7 +262,7 @@ func (d *Daemon) replicaAddress() (string, error) {
 	}
 	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
 		if d.identity == nil {
-			return "", fmt.Errorf("%w: the replica role listens on every address; give --reverse-to HOST:PORT", ErrInvalid)
+			return "", fmt.Errorf("%w: the replica role listens on every address; give --reverse-to HOST:PORT", control.ErrInvalid)
 		}
 		host = d.identity.Name()
 	}
@@ -276,7 +277,7 @@ func (d *Daemon) undoHandover(name string) {
 	if err != nil || v.spec.HandedOver == nil {
 		return
 	}
-	if err := d.setSpec(v, func(s *VMSpec) { s.HandedOver = nil }); err != nil {
+	if err := d.setSpec(v, func(s *control.VMSpec) { s.HandedOver = nil }); err != nil {
 		d.log.Error("undo a refused handover", "vm", name, "err", err)
 		return
 	}
@@ -302,20 +303,20 @@ func (d *Daemon) adoptWaiter(name string) <-chan struct{} {
 // primary, sending only what differs: the failover is completed (its
 // recovery points discarded) and replication enabled with the old
 // primary's images as existing images.
-func (d *Daemon) Reverse(name string, r ReplicationSpec) (ReplicationSpec, error) {
+func (d *Daemon) Reverse(name string, r control.ReplicationSpec) (control.ReplicationSpec, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	d.mu.Lock()
 	v, ok := d.vms[name]
 	d.mu.Unlock()
 	if !ok {
-		return r, fmt.Errorf("%w: %s", ErrUnknownVM, name)
+		return r, fmt.Errorf("%w: %s", control.ErrUnknownVM, name)
 	}
 	if v.busy {
 		return r, errBusy(v)
 	}
 	if r.Initial != "" && r.Initial != "existing" {
-		return r, fmt.Errorf("%w: reverse replication compares with the images the old primary has; --initial does not apply", ErrInvalid)
+		return r, fmt.Errorf("%w: reverse replication compares with the images the old primary has; --initial does not apply", control.ErrInvalid)
 	}
 	r.Initial = "existing"
 	if v.spec.FailedOver {
@@ -417,7 +418,7 @@ func (d *Daemon) adoptable(name, peer string, cert *x509.Certificate, en wire.En
 	}
 	var images []string
 	for _, wd := range en.Disks {
-		i := slices.IndexFunc(v.spec.Disks, func(ds DiskSpec) bool { return ds.Name == wd.Name })
+		i := slices.IndexFunc(v.spec.Disks, func(ds control.DiskSpec) bool { return ds.Name == wd.Name })
 		if i < 0 || v.spec.Disks[i].Size != wd.Size {
 			return nil, nil, fmt.Errorf("%w: VM %s here has no disk %s of %d bytes", apply.ErrMismatch, name, wd.Name, wd.Size)
 		}
@@ -455,10 +456,10 @@ func (d *Daemon) replicateBack(name string, ho wire.Handover) error {
 	if v.spec.Replication != nil {
 		return nil
 	}
-	_, err = d.enableLocked(name, ReplicationSpec{
-		Replica: ho.ReplicateTo, Frequency: Duration(ho.Frequency), Compression: ho.Compression,
+	_, err = d.enableLocked(name, control.ReplicationSpec{
+		Replica: ho.ReplicateTo, Frequency: control.Duration(ho.Frequency), Compression: ho.Compression,
 		BypassProxy: ho.BypassProxy, Initial: "existing",
-		RecoveryPoints: ho.RecoveryPoints, PointInterval: Duration(ho.PointInterval),
+		RecoveryPoints: ho.RecoveryPoints, PointInterval: control.Duration(ho.PointInterval),
 	})
 	return err
 }

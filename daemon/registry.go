@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/internal/statefile"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
@@ -18,7 +19,7 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 func checkName(kind, name string) error {
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("%w: %s name %q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, kind, name)
+		return fmt.Errorf("%w: %s name %q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", control.ErrInvalid, kind, name)
 	}
 	return nil
 }
@@ -26,20 +27,20 @@ func checkName(kind, name string) error {
 // ParseDiskSpec parses the CLI form [NAME=]PATH[:SIZE]. SIZE takes K, M, G, T
 // suffixes (powers of 1024). Without NAME the disk is named after the file
 // without its extension.
-func ParseDiskSpec(s string) (DiskSpec, error) {
-	var d DiskSpec
+func ParseDiskSpec(s string) (control.DiskSpec, error) {
+	var d control.DiskSpec
 	if name, rest, ok := strings.Cut(s, "="); ok {
 		d.Name, s = name, rest
 	}
 	if i := strings.LastIndexByte(s, ':'); i >= 0 {
 		size, err := ParseSize(s[i+1:])
 		if err != nil {
-			return d, fmt.Errorf("%w: disk %q: %v", ErrInvalid, s, err)
+			return d, fmt.Errorf("%w: disk %q: %v", control.ErrInvalid, s, err)
 		}
 		d.Size, d.Create, s = size, true, s[:i]
 	}
 	if s == "" {
-		return d, fmt.Errorf("%w: disk needs a path: [NAME=]PATH[:SIZE]", ErrInvalid)
+		return d, fmt.Errorf("%w: disk needs a path: [NAME=]PATH[:SIZE]", control.ErrInvalid)
 	}
 	d.Path = s
 	if d.Name == "" {
@@ -89,13 +90,13 @@ type registry struct {
 }
 
 type registryFile struct {
-	VMs []VMSpec `json:"vms"`
+	VMs []control.VMSpec `json:"vms"`
 }
 
 // plainRegistry is version 1: no envelope, no checksum.
 type plainRegistry struct {
-	Version int      `json:"version"`
-	VMs     []VMSpec `json:"vms"`
+	Version int              `json:"version"`
+	VMs     []control.VMSpec `json:"vms"`
 }
 
 const (
@@ -106,7 +107,7 @@ const (
 // errRegistry: vms.json is neither the enveloped registry nor version 1.
 var errRegistry = errors.New("daemon: registry file unreadable")
 
-func (r registry) load() ([]VMSpec, error) {
+func (r registry) load() ([]control.VMSpec, error) {
 	b, err := vfs.ReadFile(r.fs, r.path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -131,7 +132,7 @@ func (r registry) load() ([]VMSpec, error) {
 }
 
 // migrate reads a version 1 registry and writes it again as version 2.
-func (r registry) migrate(b []byte) ([]VMSpec, error) {
+func (r registry) migrate(b []byte) ([]control.VMSpec, error) {
 	var f plainRegistry
 	if err := json.Unmarshal(b, &f); err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", errRegistry, r.path, err)
@@ -145,7 +146,7 @@ func (r registry) migrate(b []byte) ([]VMSpec, error) {
 	return f.VMs, nil
 }
 
-func (r registry) save(vms []VMSpec) error {
+func (r registry) save(vms []control.VMSpec) error {
 	b, err := statefile.Encode(registryFormat, registryVersion, registryFile{VMs: vms})
 	if err != nil {
 		return err

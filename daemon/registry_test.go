@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/internal/statefile"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
@@ -65,7 +66,7 @@ func TestRegistryMigrate(t *testing.T) {
 func TestRegistryRejects(t *testing.T) {
 	m := vfs.NewMemFS()
 	r := registry{fs: m, path: "/vms.json"}
-	if err := r.save([]VMSpec{{Name: "a", Disks: []DiskSpec{{Name: "d", Path: "/a.img", Size: 4096}}}}); err != nil {
+	if err := r.save([]control.VMSpec{{Name: "a", Disks: []control.DiskSpec{{Name: "d", Path: "/a.img", Size: 4096}}}}); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := vfs.ReadFile(m, "/vms.json")

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vdrepl/vdrepl/apply"
+	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/journal"
 	"github.com/vdrepl/vdrepl/quiesce"
@@ -30,24 +31,24 @@ const DefaultQuiesceTimeout = 30 * time.Second
 var errNoIdentity = errors.New("this daemon has no TLS certificate: start it with --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`)")
 
 // checkSpec validates a replication spec against a VM and fills defaults.
-func (d *Daemon) checkSpec(s VMSpec, r *ReplicationSpec) error {
+func (d *Daemon) checkSpec(s control.VMSpec, r *control.ReplicationSpec) error {
 	host, port, err := net.SplitHostPort(r.Replica)
 	if err != nil || host == "" || port == "" {
-		return fmt.Errorf("%w: --replica %q: want HOST:PORT (the replica's --replica-listen address)", ErrInvalid, r.Replica)
+		return fmt.Errorf("%w: --replica %q: want HOST:PORT (the replica's --replica-listen address)", control.ErrInvalid, r.Replica)
 	}
 	if r.Frequency == 0 {
-		r.Frequency = Duration(5 * time.Minute)
+		r.Frequency = control.Duration(5 * time.Minute)
 	}
 	if time.Duration(r.Frequency) < time.Second {
-		return fmt.Errorf("%w: --frequency %v: the shortest is 1s (presets 30s, 5m, 15m)", ErrInvalid, time.Duration(r.Frequency))
+		return fmt.Errorf("%w: --frequency %v: the shortest is 1s (presets 30s, 5m, 15m)", control.ErrInvalid, time.Duration(r.Frequency))
 	}
 	for _, x := range r.ExcludeDisks {
-		if !slices.ContainsFunc(s.Disks, func(ds DiskSpec) bool { return ds.Name == x }) {
-			return fmt.Errorf("%w: --exclude-disk %s: VM %s has no such disk", ErrInvalid, x, s.Name)
+		if !slices.ContainsFunc(s.Disks, func(ds control.DiskSpec) bool { return ds.Name == x }) {
+			return fmt.Errorf("%w: --exclude-disk %s: VM %s has no such disk", control.ErrInvalid, x, s.Name)
 		}
 	}
 	if len(r.ExcludeDisks) >= len(s.Disks) {
-		return fmt.Errorf("%w: every disk of VM %s is excluded; nothing to replicate", ErrInvalid, s.Name)
+		return fmt.Errorf("%w: every disk of VM %s is excluded; nothing to replicate", control.ErrInvalid, s.Name)
 	}
 	if r.Initial == "" {
 		r.Initial = "network"
@@ -55,89 +56,89 @@ func (d *Daemon) checkSpec(s VMSpec, r *ReplicationSpec) error {
 	switch mode, arg, _ := strings.Cut(r.Initial, ":"); mode {
 	case "network", "existing":
 		if arg != "" {
-			return fmt.Errorf("%w: --initial %s takes no argument", ErrInvalid, mode)
+			return fmt.Errorf("%w: --initial %s takes no argument", control.ErrInvalid, mode)
 		}
 	case "at":
 		if _, err := time.Parse(time.RFC3339, arg); err != nil {
-			return fmt.Errorf("%w: --initial at:%s: want an RFC 3339 time like 2026-11-24T01:00:00Z", ErrInvalid, arg)
+			return fmt.Errorf("%w: --initial at:%s: want an RFC 3339 time like 2026-11-24T01:00:00Z", control.ErrInvalid, arg)
 		}
 	case "offline":
 		if !filepath.IsAbs(arg) {
-			return fmt.Errorf("%w: --initial offline:%s: want an absolute directory", ErrInvalid, arg)
+			return fmt.Errorf("%w: --initial offline:%s: want an absolute directory", control.ErrInvalid, arg)
 		}
 	default:
-		return fmt.Errorf("%w: --initial %q: want network, at:TIME, offline:DIR or existing", ErrInvalid, r.Initial)
+		return fmt.Errorf("%w: --initial %q: want network, at:TIME, offline:DIR or existing", control.ErrInvalid, r.Initial)
 	}
 	if r.RecoveryPoints < 0 || r.RecoveryPoints > wire.MaxRecoveryPoints {
-		return fmt.Errorf("%w: --recovery-points %d: keep 0 to %d points besides the latest", ErrInvalid, r.RecoveryPoints, wire.MaxRecoveryPoints)
+		return fmt.Errorf("%w: --recovery-points %d: keep 0 to %d points besides the latest", control.ErrInvalid, r.RecoveryPoints, wire.MaxRecoveryPoints)
 	}
 	if r.PointInterval == 0 {
-		r.PointInterval = Duration(time.Hour)
+		r.PointInterval = control.Duration(time.Hour)
 	}
 	if time.Duration(r.PointInterval) < time.Second {
-		return fmt.Errorf("%w: --recovery-point-interval %v: the shortest is 1s", ErrInvalid, time.Duration(r.PointInterval))
+		return fmt.Errorf("%w: --recovery-point-interval %v: the shortest is 1s", control.ErrInvalid, time.Duration(r.PointInterval))
 	}
 	if r.QuiesceCmd != "" && r.QGASocket != "" {
-		return fmt.Errorf("%w: give --quiesce-cmd or --qga-socket, not both", ErrInvalid)
+		return fmt.Errorf("%w: give --quiesce-cmd or --qga-socket, not both", control.ErrInvalid)
 	}
 	if r.QuiesceCmd != "" {
 		if !filepath.IsAbs(r.QuiesceCmd) {
-			return fmt.Errorf("%w: --quiesce-cmd %s: want an absolute path to an executable", ErrInvalid, r.QuiesceCmd)
+			return fmt.Errorf("%w: --quiesce-cmd %s: want an absolute path to an executable", control.ErrInvalid, r.QuiesceCmd)
 		}
 		if st, err := os.Stat(r.QuiesceCmd); err != nil || !st.Mode().IsRegular() || st.Mode().Perm()&0o111 == 0 {
-			return fmt.Errorf("%w: --quiesce-cmd %s is not an executable file", ErrInvalid, r.QuiesceCmd)
+			return fmt.Errorf("%w: --quiesce-cmd %s is not an executable file", control.ErrInvalid, r.QuiesceCmd)
 		}
 	}
 	if r.QGASocket != "" && !filepath.IsAbs(r.QGASocket) {
-		return fmt.Errorf("%w: --qga-socket %s: want an absolute path", ErrInvalid, r.QGASocket)
+		return fmt.Errorf("%w: --qga-socket %s: want an absolute path", control.ErrInvalid, r.QGASocket)
 	}
 	if r.AppConsistentEvery < 0 {
-		return fmt.Errorf("%w: --app-consistent-every %v", ErrInvalid, time.Duration(r.AppConsistentEvery))
+		return fmt.Errorf("%w: --app-consistent-every %v", control.ErrInvalid, time.Duration(r.AppConsistentEvery))
 	}
 	if r.AppConsistentEvery > 0 && r.QuiesceCmd == "" && r.QGASocket == "" {
-		return fmt.Errorf("%w: --app-consistent-every needs a way to quiesce the guest: --quiesce-cmd CMD or --qga-socket PATH", ErrInvalid)
+		return fmt.Errorf("%w: --app-consistent-every needs a way to quiesce the guest: --quiesce-cmd CMD or --qga-socket PATH", control.ErrInvalid)
 	}
 	if r.AppConsistentEvery > 0 && r.RecoveryPoints == 0 {
-		return fmt.Errorf("%w: --app-consistent-every needs --recovery-points of at least 1 to keep the application-consistent points", ErrInvalid)
+		return fmt.Errorf("%w: --app-consistent-every needs --recovery-points of at least 1 to keep the application-consistent points", control.ErrInvalid)
 	}
 	for _, l := range []string{r.BandwidthLimit, r.SyncBandwidthLimit} {
 		if l == "" {
 			continue
 		}
 		if _, err := ship.ParseBandwidth(l); err != nil {
-			return fmt.Errorf("%w: bandwidth limit %q: %v", ErrInvalid, l, err)
+			return fmt.Errorf("%w: bandwidth limit %q: %v", control.ErrInvalid, l, err)
 		}
 	}
 	return nil
 }
 
 // EnableReplication starts replicating a VM to a replica host.
-func (d *Daemon) EnableReplication(name string, r ReplicationSpec) (ReplicationSpec, error) {
+func (d *Daemon) EnableReplication(name string, r control.ReplicationSpec) (control.ReplicationSpec, error) {
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	return d.enableLocked(name, r)
 }
 
 // enableLocked is EnableReplication with opMu held.
-func (d *Daemon) enableLocked(name string, r ReplicationSpec) (ReplicationSpec, error) {
+func (d *Daemon) enableLocked(name string, r control.ReplicationSpec) (control.ReplicationSpec, error) {
 	v, err := d.servedVM(name)
 	if err != nil {
 		return r, err
 	}
 	if v.spec.Replication != nil {
-		return r, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); disable it first", ErrExists, name, v.spec.Replication.Replica)
+		return r, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); disable it first", control.ErrExists, name, v.spec.Replication.Replica)
 	}
 	if v.spec.HandedOver != nil {
-		return r, fmt.Errorf("%w: VM %s was handed over to %s in a planned failover", ErrInUse, name, v.spec.HandedOver.To)
+		return r, fmt.Errorf("%w: VM %s was handed over to %s in a planned failover", control.ErrInUse, name, v.spec.HandedOver.To)
 	}
 	if v.spec.FailedOver {
-		return r, fmt.Errorf("%w: VM %s is failed over here and not completed; `vdrepl replication reverse %s --replica OLD_PRIMARY` completes the failover and replicates back", ErrInUse, name, name)
+		return r, fmt.Errorf("%w: VM %s is failed over here and not completed; `vdrepl replication reverse %s --replica OLD_PRIMARY` completes the failover and replicates back", control.ErrInUse, name, name)
 	}
 	if d.identityErr != nil {
 		return r, d.identityErr
 	}
 	if d.identity == nil {
-		return r, fmt.Errorf("%w: %v", ErrInvalid, errNoIdentity)
+		return r, fmt.Errorf("%w: %v", control.ErrInvalid, errNoIdentity)
 	}
 	if err := d.checkSpec(v.spec, &r); err != nil {
 		return r, err
@@ -171,10 +172,10 @@ func (d *Daemon) DisableReplication(name string) error {
 		return err
 	}
 	if v.spec.Replication == nil {
-		return fmt.Errorf("%w: replication of VM %s is not enabled", ErrInvalid, name)
+		return fmt.Errorf("%w: replication of VM %s is not enabled", control.ErrInvalid, name)
 	}
 	d.stopShipper(v)
-	if err := d.setSpec(v, func(s *VMSpec) { s.Replication = nil }); err != nil {
+	if err := d.setSpec(v, func(s *control.VMSpec) { s.Replication = nil }); err != nil {
 		return err
 	}
 	if err := d.fs.Remove(d.shipState(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -190,7 +191,7 @@ func (d *Daemon) servedVM(name string) (*vm, error) {
 	defer d.mu.Unlock()
 	v, ok := d.vms[name]
 	if !ok {
-		return nil, fmt.Errorf("%w: %s", ErrUnknownVM, name)
+		return nil, fmt.Errorf("%w: %s", control.ErrUnknownVM, name)
 	}
 	if v.j == nil {
 		return nil, fmt.Errorf("VM %s is not served: %v", name, v.err)
@@ -198,7 +199,7 @@ func (d *Daemon) servedVM(name string) (*vm, error) {
 	return v, nil
 }
 
-func (d *Daemon) saveSpec(s VMSpec) error {
+func (d *Daemon) saveSpec(s control.VMSpec) error {
 	d.mu.Lock()
 	specs := d.specsLocked()
 	d.mu.Unlock()
@@ -281,7 +282,7 @@ func (d *Daemon) startShipper(v *vm) error {
 
 // quiesceFunc binds a VM's quiescer to quiesce.QuiescedBarrier; nil
 // without one.
-func quiesceFunc(vm string, r *ReplicationSpec, timeout time.Duration) ship.QuiesceFunc {
+func quiesceFunc(vm string, r *control.ReplicationSpec, timeout time.Duration) ship.QuiesceFunc {
 	if timeout <= 0 {
 		timeout = DefaultQuiesceTimeout
 	}
@@ -326,7 +327,7 @@ func (d *Daemon) shipper(name string) (*ship.Shipper, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if v.ship == nil {
-		return nil, fmt.Errorf("%w: replication of VM %s is not enabled", ErrInvalid, name)
+		return nil, fmt.Errorf("%w: replication of VM %s is not enabled", control.ErrInvalid, name)
 	}
 	return v.ship, nil
 }
@@ -335,7 +336,7 @@ func (d *Daemon) shipper(name string) (*ship.Shipper, error) {
 // application-consistent point) and waits until the replica applied it.
 func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (uint64, error) {
 	s, err := d.shipper(name)
-	if x, ok := d.relays.Shipper(name); ok && errors.Is(err, ErrUnknownVM) {
+	if x, ok := d.relays.Shipper(name); ok && errors.Is(err, control.ErrUnknownVM) {
 		s, err = x, nil // a replica VM whose replication is extended from here
 	}
 	if err != nil {
@@ -343,7 +344,7 @@ func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (ui
 	}
 	c, err := s.Sync(ctx, app)
 	if errors.Is(err, ship.ErrBadConfig) {
-		err = fmt.Errorf("%w: %v", ErrInvalid, err)
+		err = fmt.Errorf("%w: %v", control.ErrInvalid, err)
 	}
 	return c, err
 }
@@ -351,7 +352,7 @@ func (d *Daemon) SyncReplication(ctx context.Context, name string, app bool) (ui
 // ReplicationControl pauses, resumes or resyncs a VM's replication.
 func (d *Daemon) ReplicationControl(name, op string) error {
 	s, err := d.shipper(name)
-	if x, ok := d.relays.Shipper(name); ok && errors.Is(err, ErrUnknownVM) {
+	if x, ok := d.relays.Shipper(name); ok && errors.Is(err, control.ErrUnknownVM) {
 		s, err = x, nil
 	}
 	if err != nil {
@@ -365,12 +366,12 @@ func (d *Daemon) ReplicationControl(name, op string) error {
 	case "resync":
 		return s.Resync()
 	}
-	return fmt.Errorf("%w: unknown operation %q", ErrInvalid, op)
+	return fmt.Errorf("%w: unknown operation %q", control.ErrInvalid, op)
 }
 
 // ReplicationStatus reports replication of every VM, or of one.
-func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
-	var out Replication
+func (d *Daemon) ReplicationStatus(name string) (control.Replication, error) {
+	var out control.Replication
 	d.mu.Lock()
 	specs := d.specsLocked()
 	vms := make(map[string]*vm, len(d.vms))
@@ -378,7 +379,7 @@ func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
 		vms[k] = v
 	}
 	d.mu.Unlock()
-	out.Primaries, out.Replicas = []ReplicationStatus{}, []ReplicaStatus{}
+	out.Primaries, out.Replicas = []control.ReplicationStatus{}, []control.ReplicaStatus{}
 	found := name == ""
 	for _, s := range specs {
 		if name != "" && s.Name != name {
@@ -389,7 +390,7 @@ func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
 			continue
 		}
 		found = true
-		rs := ReplicationStatus{VM: s.Name, Role: "primary", Spec: *s.Replication, Excluded: s.Replication.ExcludeDisks}
+		rs := control.ReplicationStatus{VM: s.Name, Role: "primary", Spec: *s.Replication, Excluded: s.Replication.ExcludeDisks}
 		d.mu.Lock()
 		sh := v.ship
 		d.mu.Unlock()
@@ -420,11 +421,11 @@ func (d *Daemon) ReplicationStatus(name string) (Replication, error) {
 				continue
 			}
 			found = true
-			out.Replicas = append(out.Replicas, ReplicaStatus{Role: "replica", Replica: r})
+			out.Replicas = append(out.Replicas, control.ReplicaStatus{Role: "replica", Replica: r})
 		}
 	}
 	if !found {
-		return out, fmt.Errorf("%w: %s (neither replicated from nor to this host)", ErrUnknownVM, name)
+		return out, fmt.Errorf("%w: %s (neither replicated from nor to this host)", control.ErrUnknownVM, name)
 	}
 	if d.identity != nil {
 		out.Warnings = d.identity.Warnings(time.Now())

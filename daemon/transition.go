@@ -3,6 +3,8 @@ package daemon
 import (
 	"errors"
 	"fmt"
+
+	"github.com/vdrepl/vdrepl/control"
 )
 
 // The VM transition: how a served VM stops being served so its images can
@@ -25,7 +27,7 @@ import (
 // which apply finishes after Adopt returns).
 
 // closeExports disconnects every NBD client of the disks of s.
-func (d *Daemon) closeExports(s VMSpec) {
+func (d *Daemon) closeExports(s control.VMSpec) {
 	for _, ds := range s.Disks {
 		d.nbd.CloseExport(s.Name + "/" + ds.Name)
 	}
@@ -65,7 +67,7 @@ func (d *Daemon) transition(v *vm, why string, change func() error) error {
 // cause. It returns cause, joined with the reason the VM could not be
 // opened again if it could not (the VM is then listed, not served, with
 // that reason).
-func (d *Daemon) restore(s VMSpec, cause error) error {
+func (d *Daemon) restore(s control.VMSpec, cause error) error {
 	nv, err := d.openVM(s, false)
 	if err != nil {
 		nv = &vm{spec: s, err: err}
@@ -82,5 +84,5 @@ func (d *Daemon) restore(s VMSpec, cause error) error {
 
 // errBusy answers an operation on a VM in the middle of a transition.
 func errBusy(v *vm) error {
-	return fmt.Errorf("%w: VM %s is changing (%v); try again", ErrInUse, v.spec.Name, v.err)
+	return fmt.Errorf("%w: VM %s is changing (%v); try again", control.ErrInUse, v.spec.Name, v.err)
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vdrepl/vdrepl/control"
 )
 
 // newTestDaemon is a Daemon that is not running (no listener, no replica
@@ -26,7 +28,7 @@ func newTestDaemon(t *testing.T) *Daemon {
 func addTestVM(t *testing.T, d *Daemon, name string) *vm {
 	t.Helper()
 	img := filepath.Join(t.TempDir(), name+".img")
-	if _, err := d.AddVM(VMSpec{Name: name, Disks: []DiskSpec{{Name: "d0", Path: img, Size: 1 << 20, Create: true}}}); err != nil {
+	if _, err := d.AddVM(control.VMSpec{Name: name, Disks: []control.DiskSpec{{Name: "d0", Path: img, Size: 1 << 20, Create: true}}}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -78,7 +80,7 @@ func TestTransitionSuccess(t *testing.T) {
 	if v.j != nil || v.locks != nil {
 		t.Fatal("journal or image locks still open after the transition")
 	}
-	if err := d.RemoveVM("a"); !errors.Is(err, ErrInUse) {
+	if err := d.RemoveVM("a"); !errors.Is(err, control.ErrInUse) {
 		t.Fatalf("RemoveVM of a VM in a transition: %v, want ErrInUse", err)
 	}
 }
@@ -114,11 +116,11 @@ func TestTransitionReopenFails(t *testing.T) {
 		}
 		return boom
 	})
-	if !errors.Is(err, boom) || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "could not be served again") {
+	if !errors.Is(err, boom) || !errors.Is(err, control.ErrInvalid) || !strings.Contains(err.Error(), "could not be served again") {
 		t.Fatalf("transition: %v, want the change's error and the reopen's", err)
 	}
 	s := servedNow(d, "a")
-	if s.j != nil || s.busy || !errors.Is(s.err, ErrInvalid) {
+	if s.j != nil || s.busy || !errors.Is(s.err, control.ErrInvalid) {
 		t.Fatalf("after a failed reopen the VM is %+v, want it listed unserved with the reason", s)
 	}
 	infos := d.VMs()
