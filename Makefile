@@ -25,7 +25,7 @@ test: deps lint
 	$(GO) test -race -timeout 20m -count=1 $(PKGS)
 
 unit:
-	$(GO) test -race -count=1 ./journal/... ./internal/... ./blockdev/... ./daemon/...
+	$(GO) test -race -count=1 ./journal/... ./internal/... ./blockdev/... ./daemon/... ./control/... ./failover/... ./relay/... ./quiesce/...
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
