@@ -1,6 +1,7 @@
 // The NBD export: NBDServer speaks the NBD protocol (fixed newstyle
 // handshake, simple replies) over any net.Listener and turns each request into
-// one call on the export's Disk. The wire format is drawn in nbdproto.go.
+// one call on the export's Disk. The wire format is drawn in nbdproto.go;
+// the negotiation, one method per option, is in nbd_handshake.go.
 //
 // Concurrency: NBDServer's methods are safe for concurrent use; Serve may run
 // on several listeners at once (a unix socket and a TCP port). Each accepted
@@ -38,7 +39,6 @@ package blockdev
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -460,169 +460,6 @@ func (c *nbdConn) serve() {
 	if f := s.cfg.OnDisconnect; f != nil {
 		f(exp.Name, !exp.ReadOnly)
 	}
-}
-
-// errNBDAbort ends the handshake after NBD_OPT_ABORT.
-var errNBDAbort = errors.New("blockdev: NBD client aborted the handshake")
-
-// Handshake errors that close the connection.
-var (
-	errNBDBadOptionMagic = errors.New("blockdev: bad NBD option magic")
-	errNBDClientFlags    = errors.New("blockdev: unknown NBD client flags")
-	errNBDUnknownExport  = errors.New("blockdev: unknown NBD export")
-)
-
-// handshake runs the fixed newstyle negotiation and returns the export the
-// client chose with NBD_OPT_GO or NBD_OPT_EXPORT_NAME.
-func (c *nbdConn) handshake() (Export, error) {
-	c.setDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
-	hello := binary.BigEndian.AppendUint64(nil, nbdMagic)
-	hello = binary.BigEndian.AppendUint64(hello, nbdOptMagic)
-	hello = binary.BigEndian.AppendUint16(hello, nbdFlagFixedNewstyle|nbdFlagNoZeroes)
-	if _, err := c.nc.Write(hello); err != nil {
-		return Export{}, err
-	}
-	var b [nbdOptHeaderSize]byte
-	if _, err := io.ReadFull(c.br, b[:4]); err != nil {
-		return Export{}, err
-	}
-	cflags := binary.BigEndian.Uint32(b[:4])
-	if cflags&^(nbdFlagCFixedNewstyle|nbdFlagCNoZeroes) != 0 {
-		return Export{}, fmt.Errorf("%w %#x", errNBDClientFlags, cflags)
-	}
-	noZeroes := cflags&nbdFlagCNoZeroes != 0
-
-	var out []byte
-	for {
-		if _, err := io.ReadFull(c.br, b[:]); err != nil {
-			return Export{}, err
-		}
-		if m := binary.BigEndian.Uint64(b[:]); m != nbdOptMagic {
-			return Export{}, fmt.Errorf("%w %#x", errNBDBadOptionMagic, m)
-		}
-		opt := binary.BigEndian.Uint32(b[8:])
-		n := binary.BigEndian.Uint32(b[12:])
-		if n > nbdMaxOptionData {
-			// Too long for any option we know: skip it rather than
-			// buffer it.
-			if _, err := io.CopyN(io.Discard, c.br, int64(n)); err != nil {
-				return Export{}, err
-			}
-			typ := nbdRepErrUnsup
-			if opt == nbdOptInfo || opt == nbdOptGo || opt == nbdOptList || opt == nbdOptExportName || opt == nbdOptAbort {
-				typ = nbdRepErrInvalid
-			}
-			if err := c.writeOpt(appendOptReply(out[:0], opt, typ, []byte("option data too long"))); err != nil {
-				return Export{}, err
-			}
-			continue
-		}
-		data := make([]byte, n)
-		if _, err := io.ReadFull(c.br, data); err != nil {
-			return Export{}, err
-		}
-		out = out[:0]
-		switch opt {
-		case nbdOptExportName:
-			exp, ok := c.attach(string(data))
-			if !ok {
-				return Export{}, fmt.Errorf("%w %q (NBD_OPT_EXPORT_NAME)", errNBDUnknownExport, data)
-			}
-			out = binary.BigEndian.AppendUint64(out, uint64(exp.Disk.Size()))
-			out = binary.BigEndian.AppendUint16(out, transmissionFlags(exp.ReadOnly))
-			if !noZeroes {
-				out = append(out, make([]byte, 124)...)
-			}
-			return exp, c.writeOpt(out)
-
-		case nbdOptAbort:
-			// The client may already have hung up; the reply is a courtesy.
-			c.writeOpt(appendOptReply(out, opt, nbdRepAck, nil))
-			return Export{}, errNBDAbort
-
-		case nbdOptList:
-			if n != 0 {
-				out = appendOptReply(out, opt, nbdRepErrInvalid, []byte("NBD_OPT_LIST takes no data"))
-				break
-			}
-			for _, e := range c.s.list() {
-				d := binary.BigEndian.AppendUint32(nil, uint32(len(e.Name)))
-				d = append(d, e.Name...)
-				d = append(d, e.Description...)
-				out = appendOptReply(out, opt, nbdRepServer, d)
-			}
-			out = appendOptReply(out, opt, nbdRepAck, nil)
-
-		case nbdOptInfo, nbdOptGo:
-			req, err := decodeInfoRequest(data)
-			if err != nil {
-				out = appendOptReply(out, opt, nbdRepErrInvalid, []byte(err.Error()))
-				break
-			}
-			var exp Export
-			var ok bool
-			if opt == nbdOptGo {
-				exp, ok = c.attach(req.name)
-			} else {
-				exp, ok = c.s.lookup(req.name)
-			}
-			if !ok {
-				out = appendOptReply(out, opt, nbdRepErrUnknown, fmt.Appendf(nil, "no export named %q", req.name))
-				break
-			}
-			out = appendInfo(out, opt, exp, req.infos, c.s.cfg.MaxRequest)
-			if opt == nbdOptGo {
-				return exp, c.writeOpt(out)
-			}
-
-		case nbdOptStartTLS:
-			out = appendOptReply(out, opt, nbdRepErrPolicy, []byte("TLS is not offered on this socket"))
-
-		case nbdOptStructuredReply:
-			out = appendOptReply(out, opt, nbdRepErrUnsup, []byte("structured replies are not supported"))
-
-		default:
-			out = appendOptReply(out, opt, nbdRepErrUnsup, nil)
-		}
-		if err := c.writeOpt(out); err != nil {
-			return Export{}, err
-		}
-	}
-}
-
-// appendInfo appends the NBD_REP_INFO replies and the final ACK for an export.
-func appendInfo(out []byte, opt uint32, exp Export, infos []uint16, maxRequest uint32) []byte {
-	size := exp.Disk.Size()
-	d := binary.BigEndian.AppendUint16(nil, nbdInfoExport)
-	d = binary.BigEndian.AppendUint64(d, uint64(size))
-	d = binary.BigEndian.AppendUint16(d, transmissionFlags(exp.ReadOnly))
-	out = appendOptReply(out, opt, nbdRepInfo, d)
-	var name, desc bool
-	for _, t := range infos {
-		name = name || t == nbdInfoName
-		desc = desc || t == nbdInfoDescription
-	}
-	if name {
-		d = binary.BigEndian.AppendUint16(d[:0], nbdInfoName)
-		out = appendOptReply(out, opt, nbdRepInfo, append(d, exp.Name...))
-	}
-	if desc && exp.Description != "" {
-		d = binary.BigEndian.AppendUint16(d[:0], nbdInfoDescription)
-		out = appendOptReply(out, opt, nbdRepInfo, append(d, exp.Description...))
-	}
-	// Block sizes are sent whether asked for or not (the spec allows it);
-	// they are hints, since requests need not be aligned.
-	d = binary.BigEndian.AppendUint16(d[:0], nbdInfoBlockSize)
-	d = binary.BigEndian.AppendUint32(d, minBlockSize(size))
-	d = binary.BigEndian.AppendUint32(d, nbdPreferredBlock)
-	d = binary.BigEndian.AppendUint32(d, maxRequest)
-	out = appendOptReply(out, opt, nbdRepInfo, d)
-	return appendOptReply(out, opt, nbdRepAck, nil)
-}
-
-func (c *nbdConn) writeOpt(b []byte) error {
-	_, err := c.nc.Write(b)
-	return err
 }
 
 // list returns the catalogue (empty if there is none).

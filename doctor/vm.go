@@ -23,83 +23,108 @@ const (
 // served, its replication state and health, lag against its frequency,
 // journal fill and last error; or, on a replica host, its replica.
 func VMReplication(name string, vms []control.VMInfo, repl control.Replication, now time.Time) []Finding {
+	out := replicaFindings(name, repl.Replicas)
+	info := findVM(name, vms)
+	if info == nil {
+		if len(out) == 0 {
+			out = append(out, vmFinding(name, CheckVM, Problem, "this host has no VM and no replica of that name", "`vdrepl vm list` and `vdrepl replication status` list them"))
+		}
+		return out
+	}
+	out = append(out, servedFindings(name, info)...)
+	prim := findPrimary(name, repl.Primaries)
+	if prim == nil {
+		if info.Error == "" {
+			out = append(out, vmFinding(name, CheckVM, Warning, "the VM is not replicated", fmt.Sprintf("`vdrepl replication enable %s --replica HOST:PORT` starts it", name)))
+		}
+		return out
+	}
+	st := prim.Status
+	out = append(out, stateFinding(name, st))
+	out = append(out, lagFindings(name, st)...)
+	out = append(out, journalFindings(name, st)...)
+	return append(out, lastErrorFindings(name, st)...)
+}
+
+func vmFinding(name, check string, sev Severity, cause, fix string) Finding {
+	return Finding{Check: check, Subject: name, Severity: sev, Cause: cause, Fix: fix}
+}
+
+// findVM is the VM of that name (the last, were there several), or nil.
+func findVM(name string, vms []control.VMInfo) *control.VMInfo {
 	var info *control.VMInfo
 	for i := range vms {
 		if vms[i].Name == name {
 			info = &vms[i]
 		}
 	}
+	return info
+}
+
+// findPrimary is the VM's replication from this host (the last, were there
+// several), or nil.
+func findPrimary(name string, prims []control.ReplicationStatus) *control.ReplicationStatus {
 	var prim *control.ReplicationStatus
-	for i := range repl.Primaries {
-		if repl.Primaries[i].VM == name {
-			prim = &repl.Primaries[i]
+	for i := range prims {
+		if prims[i].VM == name {
+			prim = &prims[i]
 		}
 	}
+	return prim
+}
+
+// replicaFindings checks the replicas this host keeps of the VM.
+func replicaFindings(name string, replicas []control.ReplicaStatus) []Finding {
 	var out []Finding
-	add := func(check string, sev Severity, cause, fix string) {
-		out = append(out, Finding{Check: check, Subject: name, Severity: sev, Cause: cause, Fix: fix})
-	}
-	for _, r := range repl.Replicas {
+	for _, r := range replicas {
 		if r.VM != name {
 			continue
 		}
 		if r.Consistent {
-			add(CheckVM, OK, fmt.Sprintf("this host keeps the VM's replica from %q: state %s, cycle %d applied, consistent", r.Primary, r.State, r.Applied), "")
+			out = append(out, vmFinding(name, CheckVM, OK, fmt.Sprintf("this host keeps the VM's replica from %q: state %s, cycle %d applied, consistent", r.Primary, r.State, r.Applied), ""))
 		} else {
-			add(CheckVM, Warning, fmt.Sprintf("this host keeps the VM's replica from %q, but it is not consistent yet (state %s): a failover now would find no complete image", r.Primary, r.State),
-				"let the initial copy or resync finish (`vdrepl replication status` on the primary shows its progress)")
+			out = append(out, vmFinding(name, CheckVM, Warning, fmt.Sprintf("this host keeps the VM's replica from %q, but it is not consistent yet (state %s): a failover now would find no complete image", r.Primary, r.State),
+				"let the initial copy or resync finish (`vdrepl replication status` on the primary shows its progress)"))
 		}
 	}
-	if info == nil {
-		if len(out) == 0 {
-			add(CheckVM, Problem, "this host has no VM and no replica of that name", "`vdrepl vm list` and `vdrepl replication status` list them")
-		}
-		return out
-	}
+	return out
+}
+
+// servedFindings checks that the VM is served and its journal works.
+func servedFindings(name string, info *control.VMInfo) []Finding {
+	var out []Finding
 	if info.Error != "" {
-		add(CheckVM, Problem, "the VM is not served: "+info.Error, "fix that, then restart `vdrepl serve`")
+		out = append(out, vmFinding(name, CheckVM, Problem, "the VM is not served: "+info.Error, "fix that, then restart `vdrepl serve`"))
 	}
 	if j := info.Journal; j != nil && j.Failed != "" {
-		add(CheckVMJournal, Problem, "the VM's journal failed: "+j.Failed,
-			"check the state directory's filesystem (free space, I/O errors in dmesg), then restart `vdrepl serve`")
+		out = append(out, vmFinding(name, CheckVMJournal, Problem, "the VM's journal failed: "+j.Failed,
+			"check the state directory's filesystem (free space, I/O errors in dmesg), then restart `vdrepl serve`"))
 	}
-	if prim == nil {
-		if info.Error == "" {
-			add(CheckVM, Warning, "the VM is not replicated", fmt.Sprintf("`vdrepl replication enable %s --replica HOST:PORT` starts it", name))
-		}
-		return out
-	}
-	st := prim.Status
-	stopped := st.State == ship.StateError || st.Health == ship.HealthCritical
+	return out
+}
+
+// stopped says replication has stopped until the admin acts.
+func stopped(st ship.Status) bool {
+	return st.State == ship.StateError || st.Health == ship.HealthCritical
+}
+
+// stateFinding checks the replication's state and health.
+func stateFinding(name string, st ship.Status) Finding {
 	switch {
-	case stopped:
-		add(CheckVM, Problem, fmt.Sprintf("replication to %s stopped: %s", st.Replica, orText(st.Reason, st.LastError)),
+	case stopped(st):
+		return vmFinding(name, CheckVM, Problem, fmt.Sprintf("replication to %s stopped: %s", st.Replica, orText(st.Reason, st.LastError)),
 			fmt.Sprintf("fix that, then `vdrepl replication resume %s`", name))
 	case st.State == ship.StatePaused:
-		add(CheckVM, Warning, fmt.Sprintf("replication to %s is %s", st.Replica, orText(st.Reason, "paused")),
+		return vmFinding(name, CheckVM, Warning, fmt.Sprintf("replication to %s is %s", st.Replica, orText(st.Reason, "paused")),
 			fmt.Sprintf("`vdrepl replication resume %s`", name))
 	case st.State == ship.StateResyncRequired:
 		fix := fmt.Sprintf("`vdrepl replication resync %s` starts it now", name)
 		if !st.NextResync.IsZero() {
 			fix = fmt.Sprintf("it starts when the resync window opens (%s), or now with `vdrepl replication resync %s`", st.NextResync.Local().Format(time.DateTime), name)
 		}
-		add(CheckVM, Warning, fmt.Sprintf("the VM needs a resync: %s", st.Reason), fix)
+		return vmFinding(name, CheckVM, Warning, fmt.Sprintf("the VM needs a resync: %s", st.Reason), fix)
 	case st.State == ship.StateInitialCopy || st.State == ship.StateResyncing:
-		what := "initial copy"
-		if st.State == ship.StateResyncing {
-			what = "resync"
-		}
-		cause := fmt.Sprintf("%s to %s under way", what, st.Replica)
-		if m := st.Metrics; m.SyncTotalBytes > 0 {
-			cause += fmt.Sprintf(": %s of %s", bytesText(m.SyncDoneBytes), bytesText(m.SyncTotalBytes))
-		}
-		if st.Reason != "" {
-			cause += " (" + st.Reason + ")"
-		}
-		if st.Forecast != "" {
-			cause += "; " + st.Forecast
-		}
-		add(CheckVM, OK, cause, "")
+		return vmFinding(name, CheckVM, OK, syncCause(st), "")
 	case st.Health == ship.HealthWarning:
 		cause := fmt.Sprintf("replication to %s is behind", st.Replica)
 		if st.Reason != "" {
@@ -108,46 +133,79 @@ func VMReplication(name string, vms []control.VMInfo, repl control.Replication, 
 		if !st.NextRetry.IsZero() {
 			cause += fmt.Sprintf(" (next try at %s)", st.NextRetry.Local().Format(time.TimeOnly))
 		}
-		add(CheckVM, Warning, cause, "the checks of the replica above name what is wrong on the way; replication catches up by itself once it is fixed")
+		return vmFinding(name, CheckVM, Warning, cause, "the checks of the replica above name what is wrong on the way; replication catches up by itself once it is fixed")
 	default:
-		add(CheckVM, OK, fmt.Sprintf("replicating to %s: cycle %d applied", st.Replica, st.LastApplied), "")
+		return vmFinding(name, CheckVM, OK, fmt.Sprintf("replicating to %s: cycle %d applied", st.Replica, st.LastApplied), "")
 	}
+}
 
+// syncCause says how far an initial copy or resync has come.
+func syncCause(st ship.Status) string {
+	what := "initial copy"
+	if st.State == ship.StateResyncing {
+		what = "resync"
+	}
+	cause := fmt.Sprintf("%s to %s under way", what, st.Replica)
+	if m := st.Metrics; m.SyncTotalBytes > 0 {
+		cause += fmt.Sprintf(": %s of %s", bytesText(m.SyncDoneBytes), bytesText(m.SyncTotalBytes))
+	}
+	if st.Reason != "" {
+		cause += " (" + st.Reason + ")"
+	}
+	if st.Forecast != "" {
+		cause += "; " + st.Forecast
+	}
+	return cause
+}
+
+// lagFindings checks the lag against the frequency, once a cycle has been
+// applied.
+func lagFindings(name string, st ship.Status) []Finding {
 	m := st.Metrics
-	if !st.LastAppliedSealed.IsZero() && m.FrequencySeconds > 0 {
-		lag := time.Duration(m.LagSeconds * float64(time.Second))
-		freq := time.Duration(m.FrequencySeconds * float64(time.Second))
-		cause := fmt.Sprintf("lag %s against a frequency of %s: the newest recovery point on the replica is from %s",
-			durText(lag), durText(freq), st.LastAppliedSealed.Local().Format(time.DateTime))
-		switch {
-		case lag > lagBad*freq:
-			add(CheckVMLag, Problem, cause+fmt.Sprintf(", over %d cycles ago", lagBad), "the state and last error say why cycles do not get through")
-		case lag > lagWarn*freq:
-			add(CheckVMLag, Warning, cause+fmt.Sprintf(", over %d cycles ago", lagWarn), "the state and last error say why cycles do not get through")
-		default:
-			add(CheckVMLag, OK, cause, "")
-		}
+	if st.LastAppliedSealed.IsZero() || !(m.FrequencySeconds > 0) {
+		return nil
 	}
-	if m.JournalCapBytes > 0 {
-		fill := float64(m.PendingBytes) / float64(m.JournalCapBytes)
-		cause := fmt.Sprintf("journal %.0f%% full: %s of %s kept for %d unshipped cycle(s)", 100*fill, bytesText(m.PendingBytes), bytesText(m.JournalCapBytes), m.PendingCycles)
-		if fill >= journalWarn && st.State != ship.StateResyncRequired {
-			add(CheckVMJournal, Warning, cause+"; past the cap the VM needs a resync",
-				"let replication catch up (see lag and last error), or give the journal more room with `vdrepl serve --journal-cap`")
-		} else {
-			add(CheckVMJournal, OK, cause, "")
-		}
+	lag := time.Duration(m.LagSeconds * float64(time.Second))
+	freq := time.Duration(m.FrequencySeconds * float64(time.Second))
+	cause := fmt.Sprintf("lag %s against a frequency of %s: the newest recovery point on the replica is from %s",
+		durText(lag), durText(freq), st.LastAppliedSealed.Local().Format(time.DateTime))
+	switch {
+	case lag > lagBad*freq:
+		return []Finding{vmFinding(name, CheckVMLag, Problem, cause+fmt.Sprintf(", over %d cycles ago", lagBad), "the state and last error say why cycles do not get through")}
+	case lag > lagWarn*freq:
+		return []Finding{vmFinding(name, CheckVMLag, Warning, cause+fmt.Sprintf(", over %d cycles ago", lagWarn), "the state and last error say why cycles do not get through")}
+	default:
+		return []Finding{vmFinding(name, CheckVMLag, OK, cause, "")}
 	}
-	if st.LastError != "" && !stopped {
-		when := st.LastErrorAt.Local().Format(time.DateTime)
-		if st.LastErrorAt.After(st.LastAppliedAt) {
-			add(CheckVMError, Warning, fmt.Sprintf("last error (%s), not followed by a cycle applied: %s", when, st.LastError),
-				"it is retried; the checks of the replica above name what is wrong on the way")
-		} else {
-			add(CheckVMError, OK, fmt.Sprintf("last error (%s), since recovered: %s", when, st.LastError), "")
-		}
+}
+
+// journalFindings checks how full the journal is against its cap.
+func journalFindings(name string, st ship.Status) []Finding {
+	m := st.Metrics
+	if m.JournalCapBytes <= 0 {
+		return nil
 	}
-	return out
+	fill := float64(m.PendingBytes) / float64(m.JournalCapBytes)
+	cause := fmt.Sprintf("journal %.0f%% full: %s of %s kept for %d unshipped cycle(s)", 100*fill, bytesText(m.PendingBytes), bytesText(m.JournalCapBytes), m.PendingCycles)
+	if fill >= journalWarn && st.State != ship.StateResyncRequired {
+		return []Finding{vmFinding(name, CheckVMJournal, Warning, cause+"; past the cap the VM needs a resync",
+			"let replication catch up (see lag and last error), or give the journal more room with `vdrepl serve --journal-cap`")}
+	}
+	return []Finding{vmFinding(name, CheckVMJournal, OK, cause, "")}
+}
+
+// lastErrorFindings reports the last error, unless the state already
+// said replication stopped on it.
+func lastErrorFindings(name string, st ship.Status) []Finding {
+	if st.LastError == "" || stopped(st) {
+		return nil
+	}
+	when := st.LastErrorAt.Local().Format(time.DateTime)
+	if st.LastErrorAt.After(st.LastAppliedAt) {
+		return []Finding{vmFinding(name, CheckVMError, Warning, fmt.Sprintf("last error (%s), not followed by a cycle applied: %s", when, st.LastError),
+			"it is retried; the checks of the replica above name what is wrong on the way")}
+	}
+	return []Finding{vmFinding(name, CheckVMError, OK, fmt.Sprintf("last error (%s), since recovered: %s", when, st.LastError), "")}
 }
 
 func orText(s, alt string) string {

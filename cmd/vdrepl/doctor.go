@@ -37,45 +37,47 @@ Exits non-zero when a problem (not a warning) is found.`,
 			&cli.DurationFlag{Name: "upload-timeout", Value: 2 * time.Minute, Usage: "how long the upload of a full chunk may take"},
 			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
 		},
-		Action: func(c *cli.Context) error {
-			if c.NArg() > 1 {
-				return fmt.Errorf("doctor takes at most one VM name, got %d arguments", c.NArg())
-			}
-			cfg := doctor.Config{
-				Daemon:        client(c),
-				StateDir:      c.String("state"),
-				NBD:           c.StringSlice("nbd"),
-				Replica:       c.String("replica"),
-				VM:            c.Args().First(),
-				TLSCert:       c.String("tls-cert"),
-				TLSKey:        c.String("tls-key"),
-				TLSCA:         c.String("tls-ca"),
-				BypassProxy:   c.Bool("bypass-proxy"),
-				Timeout:       c.Duration("timeout"),
-				UploadTimeout: c.Duration("upload-timeout"),
-			}
-			if cfg.Replica != "" {
-				cfg.Replica = withDefaultPort(cfg.Replica, "8443")
-			}
-			ctx, stop := signalContext(c)
-			defer stop()
-			rep := doctor.Run(ctx, cfg)
-			if c.Bool("json") {
-				if err := printJSON(c.App.Writer, rep); err != nil {
-					return err
-				}
-			} else {
-				tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
-				for _, f := range rep.Findings {
-					fmt.Fprintf(tw, "%s\t%s\t%s\n", f.Severity, f.Check, f.Sentence())
-				}
-				tw.Flush()
-				fmt.Fprintf(c.App.Writer, "\n%d problem(s), %d warning(s)\n", rep.Problems, rep.Warnings)
-			}
-			if rep.Problems > 0 {
-				return fmt.Errorf("doctor found %d problem(s)", rep.Problems)
-			}
-			return nil
-		},
+		Action: doctorAction,
 	}
+}
+
+func doctorAction(c *cli.Context) error {
+	if c.NArg() > 1 {
+		return fmt.Errorf("doctor takes at most one VM name, got %d arguments", c.NArg())
+	}
+	cfg := doctor.Config{
+		Daemon:        client(c),
+		StateDir:      c.String("state"),
+		NBD:           c.StringSlice("nbd"),
+		Replica:       c.String("replica"),
+		VM:            c.Args().First(),
+		TLSCert:       c.String("tls-cert"),
+		TLSKey:        c.String("tls-key"),
+		TLSCA:         c.String("tls-ca"),
+		BypassProxy:   c.Bool("bypass-proxy"),
+		Timeout:       c.Duration("timeout"),
+		UploadTimeout: c.Duration("upload-timeout"),
+	}
+	if cfg.Replica != "" {
+		cfg.Replica = withDefaultPort(cfg.Replica, "8443")
+	}
+	ctx, stop := signalContext(c)
+	defer stop()
+	rep := doctor.Run(ctx, cfg)
+	if c.Bool("json") {
+		if err := printJSON(c.App.Writer, rep); err != nil {
+			return err
+		}
+	} else {
+		tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+		for _, f := range rep.Findings {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", f.Severity, f.Check, f.Sentence())
+		}
+		tw.Flush()
+		fmt.Fprintf(c.App.Writer, "\n%d problem(s), %d warning(s)\n", rep.Problems, rep.Warnings)
+	}
+	if rep.Problems > 0 {
+		return fmt.Errorf("doctor found %d problem(s)", rep.Problems)
+	}
+	return nil
 }

@@ -1,0 +1,241 @@
+package blockdev
+
+// The NBD handshake (fixed newstyle negotiation): the server's greeting,
+// the client's flags, then option after option until one of them picks an
+// export (NBD_OPT_EXPORT_NAME, NBD_OPT_GO) or ends the connection
+// (NBD_OPT_ABORT, an error). Each option is answered by one method of
+// nbdHandshake, called from nbdHandshake.option; a new option gets its own
+// method and a case there.
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// errNBDAbort ends the handshake after NBD_OPT_ABORT.
+var errNBDAbort = errors.New("blockdev: NBD client aborted the handshake")
+
+// Handshake errors that close the connection.
+var (
+	errNBDBadOptionMagic = errors.New("blockdev: bad NBD option magic")
+	errNBDClientFlags    = errors.New("blockdev: unknown NBD client flags")
+	errNBDUnknownExport  = errors.New("blockdev: unknown NBD export")
+)
+
+// nbdHandshake is the state of one connection's negotiation.
+type nbdHandshake struct {
+	c *nbdConn
+	// noZeroes: the client set NBD_FLAG_C_NO_ZEROES, so the reply to
+	// NBD_OPT_EXPORT_NAME leaves out its 124 zero bytes.
+	noZeroes bool
+	// out is the reply to the current option, built by its method and
+	// written by option; its buffer is reused from option to option.
+	out []byte
+}
+
+// handshake runs the fixed newstyle negotiation and returns the export the
+// client chose with NBD_OPT_GO or NBD_OPT_EXPORT_NAME.
+func (c *nbdConn) handshake() (Export, error) {
+	c.setDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+	h := &nbdHandshake{c: c}
+	if err := h.greet(); err != nil {
+		return Export{}, err
+	}
+	for {
+		opt, data, ok, err := h.readOption()
+		if err != nil {
+			return Export{}, err
+		}
+		if !ok {
+			continue
+		}
+		exp, done, err := h.option(opt, data)
+		if done || err != nil {
+			return exp, err
+		}
+	}
+}
+
+// greet sends the server's greeting and reads the client's flags.
+func (h *nbdHandshake) greet() error {
+	hello := binary.BigEndian.AppendUint64(nil, nbdMagic)
+	hello = binary.BigEndian.AppendUint64(hello, nbdOptMagic)
+	hello = binary.BigEndian.AppendUint16(hello, nbdFlagFixedNewstyle|nbdFlagNoZeroes)
+	if _, err := h.c.nc.Write(hello); err != nil {
+		return err
+	}
+	var b [4]byte
+	if _, err := io.ReadFull(h.c.br, b[:]); err != nil {
+		return err
+	}
+	cflags := binary.BigEndian.Uint32(b[:])
+	if cflags&^(nbdFlagCFixedNewstyle|nbdFlagCNoZeroes) != 0 {
+		return fmt.Errorf("%w %#x", errNBDClientFlags, cflags)
+	}
+	h.noZeroes = cflags&nbdFlagCNoZeroes != 0
+	return nil
+}
+
+// readOption reads the next option. An option whose data is too long for
+// any option we know is skipped rather than buffered, and refused: then ok
+// is false.
+func (h *nbdHandshake) readOption() (opt uint32, data []byte, ok bool, err error) {
+	var b [nbdOptHeaderSize]byte
+	if _, err := io.ReadFull(h.c.br, b[:]); err != nil {
+		return 0, nil, false, err
+	}
+	if m := binary.BigEndian.Uint64(b[:]); m != nbdOptMagic {
+		return 0, nil, false, fmt.Errorf("%w %#x", errNBDBadOptionMagic, m)
+	}
+	opt = binary.BigEndian.Uint32(b[8:])
+	n := binary.BigEndian.Uint32(b[12:])
+	if n > nbdMaxOptionData {
+		if _, err := io.CopyN(io.Discard, h.c.br, int64(n)); err != nil {
+			return opt, nil, false, err
+		}
+		typ := nbdRepErrUnsup
+		if opt == nbdOptInfo || opt == nbdOptGo || opt == nbdOptList || opt == nbdOptExportName || opt == nbdOptAbort {
+			typ = nbdRepErrInvalid
+		}
+		return opt, nil, false, h.c.writeOpt(appendOptReply(h.out[:0], opt, typ, []byte("option data too long")))
+	}
+	data = make([]byte, n)
+	if _, err := io.ReadFull(h.c.br, data); err != nil {
+		return opt, nil, false, err
+	}
+	return opt, data, true, nil
+}
+
+// option answers one option. done says the negotiation is over: the
+// client chose exp, or err ends the connection. An option that does not end
+// the negotiation leaves its reply in h.out, and option writes it.
+func (h *nbdHandshake) option(opt uint32, data []byte) (exp Export, done bool, err error) {
+	h.out = h.out[:0]
+	switch opt {
+	case nbdOptExportName:
+		return h.exportName(data)
+	case nbdOptAbort:
+		return h.abort()
+	case nbdOptList:
+		h.list(data)
+	case nbdOptInfo, nbdOptGo:
+		if exp, ok := h.infoOrGo(opt, data); ok {
+			return exp, true, h.c.writeOpt(h.out)
+		}
+	case nbdOptStartTLS:
+		h.startTLS()
+	case nbdOptStructuredReply:
+		h.structuredReply()
+	default:
+		h.out = appendOptReply(h.out, opt, nbdRepErrUnsup, nil)
+	}
+	return Export{}, false, h.c.writeOpt(h.out)
+}
+
+// exportName answers NBD_OPT_EXPORT_NAME, the old way to pick an export:
+// the export's size and flags, or, for an unknown name, a closed
+// connection (the option has no error reply).
+func (h *nbdHandshake) exportName(data []byte) (Export, bool, error) {
+	exp, ok := h.c.attach(string(data))
+	if !ok {
+		return Export{}, true, fmt.Errorf("%w %q (NBD_OPT_EXPORT_NAME)", errNBDUnknownExport, data)
+	}
+	h.out = binary.BigEndian.AppendUint64(h.out, uint64(exp.Disk.Size()))
+	h.out = binary.BigEndian.AppendUint16(h.out, transmissionFlags(exp.ReadOnly))
+	if !h.noZeroes {
+		h.out = append(h.out, make([]byte, 124)...)
+	}
+	return exp, true, h.c.writeOpt(h.out)
+}
+
+// abort answers NBD_OPT_ABORT.
+func (h *nbdHandshake) abort() (Export, bool, error) {
+	// The client may already have hung up; the reply is a courtesy.
+	h.c.writeOpt(appendOptReply(h.out, nbdOptAbort, nbdRepAck, nil))
+	return Export{}, true, errNBDAbort
+}
+
+// list answers NBD_OPT_LIST with one NBD_REP_SERVER per export.
+func (h *nbdHandshake) list(data []byte) {
+	if len(data) != 0 {
+		h.out = appendOptReply(h.out, nbdOptList, nbdRepErrInvalid, []byte("NBD_OPT_LIST takes no data"))
+		return
+	}
+	for _, e := range h.c.s.list() {
+		d := binary.BigEndian.AppendUint32(nil, uint32(len(e.Name)))
+		d = append(d, e.Name...)
+		d = append(d, e.Description...)
+		h.out = appendOptReply(h.out, nbdOptList, nbdRepServer, d)
+	}
+	h.out = appendOptReply(h.out, nbdOptList, nbdRepAck, nil)
+}
+
+// infoOrGo answers NBD_OPT_INFO and NBD_OPT_GO, which ask the same and
+// differ in that GO picks the export: ok says it did.
+func (h *nbdHandshake) infoOrGo(opt uint32, data []byte) (exp Export, ok bool) {
+	req, err := decodeInfoRequest(data)
+	if err != nil {
+		h.out = appendOptReply(h.out, opt, nbdRepErrInvalid, []byte(err.Error()))
+		return Export{}, false
+	}
+	if opt == nbdOptGo {
+		exp, ok = h.c.attach(req.name)
+	} else {
+		exp, ok = h.c.s.lookup(req.name)
+	}
+	if !ok {
+		h.out = appendOptReply(h.out, opt, nbdRepErrUnknown, fmt.Appendf(nil, "no export named %q", req.name))
+		return Export{}, false
+	}
+	h.out = appendInfo(h.out, opt, exp, req.infos, h.c.s.cfg.MaxRequest)
+	return exp, opt == nbdOptGo
+}
+
+// startTLS answers NBD_OPT_STARTTLS: TLS is not offered.
+func (h *nbdHandshake) startTLS() {
+	h.out = appendOptReply(h.out, nbdOptStartTLS, nbdRepErrPolicy, []byte("TLS is not offered on this socket"))
+}
+
+// structuredReply answers NBD_OPT_STRUCTURED_REPLY: only simple replies
+// are sent.
+func (h *nbdHandshake) structuredReply() {
+	h.out = appendOptReply(h.out, nbdOptStructuredReply, nbdRepErrUnsup, []byte("structured replies are not supported"))
+}
+
+// appendInfo appends the NBD_REP_INFO replies and the final ACK for an export.
+func appendInfo(out []byte, opt uint32, exp Export, infos []uint16, maxRequest uint32) []byte {
+	size := exp.Disk.Size()
+	d := binary.BigEndian.AppendUint16(nil, nbdInfoExport)
+	d = binary.BigEndian.AppendUint64(d, uint64(size))
+	d = binary.BigEndian.AppendUint16(d, transmissionFlags(exp.ReadOnly))
+	out = appendOptReply(out, opt, nbdRepInfo, d)
+	var name, desc bool
+	for _, t := range infos {
+		name = name || t == nbdInfoName
+		desc = desc || t == nbdInfoDescription
+	}
+	if name {
+		d = binary.BigEndian.AppendUint16(d[:0], nbdInfoName)
+		out = appendOptReply(out, opt, nbdRepInfo, append(d, exp.Name...))
+	}
+	if desc && exp.Description != "" {
+		d = binary.BigEndian.AppendUint16(d[:0], nbdInfoDescription)
+		out = appendOptReply(out, opt, nbdRepInfo, append(d, exp.Description...))
+	}
+	// Block sizes are sent whether asked for or not (the spec allows it);
+	// they are hints, since requests need not be aligned.
+	d = binary.BigEndian.AppendUint16(d[:0], nbdInfoBlockSize)
+	d = binary.BigEndian.AppendUint32(d, minBlockSize(size))
+	d = binary.BigEndian.AppendUint32(d, nbdPreferredBlock)
+	d = binary.BigEndian.AppendUint32(d, maxRequest)
+	out = appendOptReply(out, opt, nbdRepInfo, d)
+	return appendOptReply(out, opt, nbdRepAck, nil)
+}
+
+func (c *nbdConn) writeOpt(b []byte) error {
+	_, err := c.nc.Write(b)
+	return err
+}

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"text/tabwriter"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/vdrepl/vdrepl/apply"
+)
+
+func replicaCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "replica",
+		Usage: "configure this host as a replica server (the Set-VMReplicationServer of vdrepl)",
+		Description: `Example (the daemon runs with --replica-listen and its TLS flags):
+   vdrepl replica allow add --primary host1.example.com --storage /srv/replicas/host1`,
+		Subcommands: []*cli.Command{replicaAllowCmd()},
+	}
+}
+
+func replicaAllowCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "allow",
+		Usage: "which primaries may replicate here, and where their replicas are stored",
+		Description: `Example:
+   vdrepl replica allow add --primary host1.example.com --storage /srv/replicas/host1
+   vdrepl replica allow list`,
+		Subcommands: []*cli.Command{replicaAllowAddCmd(), replicaAllowListCmd(), replicaAllowRemoveCmd()},
+	}
+}
+
+func replicaAllowAddCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "add",
+		Usage: "allow a primary (by certificate name) to replicate into a storage directory",
+		Description: `Example:
+   vdrepl replica allow add --primary host1.example.com --storage /srv/replicas/host1
+   vdrepl replica allow add --primary '*.example.com' --storage /srv/replicas --trust-group dc1
+
+--primary is matched against the primary's certificate name (CN or DNS SAN):
+an exact name, *.domain for any name under domain, or * for any primary
+whose certificate chains to --tls-ca. A primary can only ever write under
+its entry's --storage directory. VMs may move between primaries of one
+--trust-group (e.g. after a failover inside a cluster).`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "primary", Required: true, Usage: "certificate name pattern: host, *.domain or *"},
+			&cli.StringFlag{Name: "storage", Required: true, Usage: "directory for this primary's replica images"},
+			&cli.StringFlag{Name: "trust-group", Usage: "VMs may move between primaries of this group"},
+		},
+		Action: replicaAllowAddAction,
+	}
+}
+
+func replicaAllowAddAction(c *cli.Context) error {
+	if c.NArg() != 0 {
+		return errors.New("replica allow add takes only flags")
+	}
+	storage, err := filepath.Abs(c.String("storage"))
+	if err != nil {
+		return err
+	}
+	return client(c).Allow(c.Context, apply.AllowEntry{Primary: c.String("primary"), Storage: storage, TrustGroup: c.String("trust-group")})
+}
+
+func replicaAllowListCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "list",
+		Usage: "list the allow-list",
+		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+		Description: `Example:
+   vdrepl replica allow list --json`,
+		Action: replicaAllowListAction,
+	}
+}
+
+func replicaAllowListAction(c *cli.Context) error {
+	l, err := client(c).AllowList(c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		if l == nil {
+			l = []apply.AllowEntry{}
+		}
+		return printJSON(c.App.Writer, l)
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PRIMARY\tSTORAGE\tTRUST GROUP")
+	for _, e := range l {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", e.Primary, e.Storage, e.TrustGroup)
+	}
+	return tw.Flush()
+}
+
+func replicaAllowRemoveCmd() *cli.Command {
+	return &cli.Command{
+		Name:        "remove",
+		Usage:       "remove a primary from the allow-list",
+		Description: "Example:\n   vdrepl replica allow remove --primary host1.example.com",
+		Flags:       []cli.Flag{&cli.StringFlag{Name: "primary", Required: true, Usage: "the pattern as listed"}},
+		Action:      replicaAllowRemoveAction,
+	}
+}
+
+func replicaAllowRemoveAction(c *cli.Context) error {
+	return client(c).Disallow(c.Context, c.String("primary"))
+}

@@ -1,0 +1,202 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
+
+	"github.com/vdrepl/vdrepl/apply"
+	"github.com/vdrepl/vdrepl/control"
+)
+
+func replicationStatusCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "status",
+		Usage:     "show replication health, lag and progress (the Measure-VMReplication of vdrepl)",
+		ArgsUsage: "[VM]",
+		Description: `Example:
+   vdrepl replication status
+   vdrepl replication status web1 --watch`,
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
+			&cli.BoolFlag{Name: "watch", Usage: "refresh every 2 seconds until interrupted"},
+		},
+		Action: replicationStatusAction,
+	}
+}
+
+func replicationStatusAction(c *cli.Context) error {
+	if c.NArg() > 1 {
+		return errors.New("replication status takes at most one VM name")
+	}
+	vm := c.Args().First()
+	ctx, stop := signalContext(c)
+	defer stop()
+	tty := isTerminal(os.Stdout)
+	for {
+		r, err := client(c).Replication(ctx, vm)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		if c.Bool("json") {
+			if err := printJSON(c.App.Writer, r); err != nil {
+				return err
+			}
+		} else {
+			if c.Bool("watch") && tty {
+				fmt.Fprint(c.App.Writer, "\033[H\033[2J")
+			}
+			printReplication(c, r, tty)
+		}
+		if !c.Bool("watch") {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// progressBar renders done/total as a one-line bar with rate and ETA.
+func progressBar(done, total int64, rate float64, eta time.Duration) string {
+	const width = 30
+	if total <= 0 {
+		return ""
+	}
+	n := int(float64(width) * float64(done) / float64(total))
+	n = min(max(n, 0), width)
+	bar := strings.Repeat("=", n) + strings.Repeat(" ", width-n)
+	if n > 0 && n < width {
+		bar = bar[:n-1] + ">" + bar[n:]
+	}
+	s := fmt.Sprintf("[%s] %3.0f%% %s / %s", bar, 100*float64(done)/float64(total), humanBytes(done), humanBytes(total))
+	if rate > 0 {
+		s += fmt.Sprintf("  %s/s", humanBytes(int64(rate)))
+	}
+	if eta > 0 {
+		s += "  ETA " + eta.Round(time.Second).String()
+	}
+	return s
+}
+
+// printReplication renders replication status for people.
+func printReplication(c *cli.Context, r control.Replication, tty bool) {
+	w := c.App.Writer
+	now := time.Now()
+	for _, p := range r.Primaries {
+		printPrimary(w, p, now, tty)
+	}
+	for _, rep := range r.Replicas {
+		printReplica(w, rep, now)
+	}
+	if len(r.Primaries)+len(r.Replicas) == 0 {
+		fmt.Fprintln(w, "no VM is replicated from or to this host")
+	}
+	for _, warn := range r.Warnings {
+		fmt.Fprintf(w, "warning: %s\n", warn)
+	}
+}
+
+// printPrimary renders one VM this host replicates to a replica.
+func printPrimary(w io.Writer, p control.ReplicationStatus, now time.Time, tty bool) {
+	s, m := p.Status, p.Status.Metrics
+	fmt.Fprintf(w, "VM %s -> %s (%s)\n", p.VM, p.Spec.Replica, p.Role)
+	fmt.Fprintf(w, "  state:        %s", s.State)
+	if s.Reason != "" {
+		fmt.Fprintf(w, " (%s)", s.Reason)
+	}
+	fmt.Fprintf(w, "\n  health:       %s\n", s.Health)
+	fmt.Fprintf(w, "  frequency:    %s\n", time.Duration(p.Spec.Frequency))
+	if s.LastApplied > 0 {
+		fmt.Fprintf(w, "  last applied: cycle %d, sealed %s ago\n", s.LastApplied, now.Sub(s.LastAppliedSealed).Round(time.Second))
+		fmt.Fprintf(w, "  lag:          %s (RPO achieved; frequency %s)\n", time.Duration(m.LagSeconds*float64(time.Second)).Round(time.Second), time.Duration(p.Spec.Frequency))
+	}
+	if s.Committing > 0 {
+		fmt.Fprintf(w, "  applying:     cycle %d (uploaded; the replica is applying it)\n", s.Committing)
+	}
+	fmt.Fprintf(w, "  pending:      %s in %d cycle(s), journal cap %s\n", humanBytes(m.PendingBytes), m.PendingCycles, humanBytes(m.JournalCapBytes))
+	fmt.Fprintf(w, "  cycles:       %d shipped, %d missed; size avg %s, max %s; latency avg %s\n",
+		m.CyclesShippedTotal, m.CyclesMissedTotal, humanBytes(int64(m.AvgCycleWireBytes)), humanBytes(m.MaxCycleWireBytes),
+		time.Duration(m.AvgLatencySeconds*float64(time.Second)).Round(time.Millisecond))
+	if s.Sync != nil {
+		what := "initial copy"
+		if s.Sync.Kind == "resync" {
+			what = "resync"
+		}
+		fmt.Fprintf(w, "  %s: piece %d of %d", what, s.Sync.Done, s.Sync.Pieces)
+		if tty && m.SyncTotalBytes > 0 {
+			fmt.Fprintf(w, "\n    %s", progressBar(m.SyncDoneBytes, m.SyncTotalBytes, m.SyncRate, time.Duration(m.SyncETASeconds*float64(time.Second))))
+		} else if m.SyncTotalBytes > 0 {
+			fmt.Fprintf(w, ", %s of %s", humanBytes(m.SyncDoneBytes), humanBytes(m.SyncTotalBytes))
+		}
+		fmt.Fprintln(w)
+	}
+	if s.Forecast != "" {
+		fmt.Fprintf(w, "  forecast:     %s\n", s.Forecast)
+	}
+	if s.LastError != "" {
+		fmt.Fprintf(w, "  last error:   %s (%s ago)\n", s.LastError, now.Sub(s.LastErrorAt).Round(time.Second))
+	}
+	if !s.NextRetry.IsZero() {
+		fmt.Fprintf(w, "  next retry:   in %s\n", s.NextRetry.Sub(now).Round(time.Second))
+	}
+	if len(p.Excluded) > 0 {
+		fmt.Fprintf(w, "  excluded:     %s\n", strings.Join(p.Excluded, ", "))
+	}
+	if p.Spec.RecoveryPoints > 0 {
+		fmt.Fprintf(w, "  points:       %d kept on the replica, one per %s\n", p.Spec.RecoveryPoints, time.Duration(p.Spec.PointInterval))
+	}
+	if p.Spec.AppConsistentEvery > 0 {
+		last := "none yet"
+		if !s.LastAppConsistent.IsZero() {
+			last = s.LastAppConsistent.Local().Format(time.DateTime)
+		}
+		fmt.Fprintf(w, "  app-consistent: every %s, last %s\n", time.Duration(p.Spec.AppConsistentEvery), last)
+	}
+	if s.QuiesceError != "" {
+		fmt.Fprintf(w, "  quiesce:      %s\n", s.QuiesceError)
+	}
+}
+
+// printReplica renders one VM this host keeps the replica of.
+func printReplica(w io.Writer, rep control.ReplicaStatus, now time.Time) {
+	fmt.Fprintf(w, "VM %s <- %s (replica)\n", rep.VM, rep.Primary)
+	fmt.Fprintf(w, "  state:        %s, consistent: %v\n", rep.State, rep.Consistent)
+	switch {
+	case rep.Applied > 0 && !rep.AppliedAt.IsZero():
+		fmt.Fprintf(w, "  applied:      cycle %d (barrier %s, %s ago)\n", rep.Applied, rep.AppliedAt.Local().Format(time.DateTime), now.Sub(rep.AppliedAt).Round(time.Second))
+	case rep.Applied > 0:
+		fmt.Fprintf(w, "  applied:      cycle %d (the base of an initial copy or resync)\n", rep.Applied)
+	}
+	if !rep.Consistent && rep.ConsistentAt > 0 {
+		fmt.Fprintf(w, "  consistent once cycle %d is applied\n", rep.ConsistentAt)
+	}
+	if rep.Sync != nil {
+		fmt.Fprintf(w, "  sync:         %s, %d of %d pieces\n", rep.Sync.Kind, len(rep.Sync.Done), rep.Sync.Pieces)
+	}
+	if rep.RecoveryPoints > 0 || rep.Points > 0 {
+		fmt.Fprintf(w, "  points:       %d of %d kept, %s of undo data\n", rep.Points, rep.RecoveryPoints, humanBytes(rep.PointBytes))
+	}
+	if f := rep.FailedOver; f != nil {
+		fmt.Fprintf(w, "  FAILED OVER:  %s failover at %s to %s; takes no data from %s\n", f.Kind, f.At.Local().Format(time.DateTime), apply.PointName(f.Point), rep.Primary)
+	}
+	if len(rep.Excluded) > 0 {
+		fmt.Fprintf(w, "  not replicated (excluded on the primary): %s\n", strings.Join(rep.Excluded, ", "))
+	}
+}

@@ -1,0 +1,184 @@
+package main
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/vdrepl/vdrepl/control"
+	"github.com/vdrepl/vdrepl/daemon"
+)
+
+func vmCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "vm",
+		Usage: "register, list and remove VMs",
+		Description: `Example:
+   vdrepl vm add web1 --disk /srv/vm/web1.img:20G
+   vdrepl vm list`,
+		Subcommands: []*cli.Command{vmAddCmd(), vmListCmd(), vmRemoveCmd(), vmSealCmd()},
+	}
+}
+
+func vmAddCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "add",
+		Usage:     "register a VM and export its disks as NBD exports VM/DISK",
+		ArgsUsage: "NAME",
+		Description: `Example:
+   vdrepl vm add web1 --disk /srv/vm/web1-root.img:20G --disk data=/srv/vm/web1-data.img
+
+--disk [NAME=]PATH[:SIZE]: with SIZE (K, M, G, T) a missing image is created
+sparse; an existing image must have that size. DISK is NAME, or the file
+name without extension.`,
+		Flags: []cli.Flag{
+			&cli.StringSliceFlag{Name: "disk", Required: true, Usage: "[NAME=]PATH[:SIZE] (repeatable)"},
+			&cli.BoolFlag{Name: "json", Usage: "print the registered VM as JSON"},
+		},
+		Action: vmAddAction,
+	}
+}
+
+func vmAddAction(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return fmt.Errorf("vm add takes exactly one VM name, got %d arguments", c.NArg())
+	}
+	spec := control.VMSpec{Name: c.Args().First()}
+	for _, s := range c.StringSlice("disk") {
+		ds, err := daemon.ParseDiskSpec(s)
+		if err != nil {
+			return err
+		}
+		if ds.Path, err = filepath.Abs(ds.Path); err != nil {
+			return err
+		}
+		spec.Disks = append(spec.Disks, ds)
+	}
+	out, err := client(c).AddVM(c.Context, spec)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, out)
+	}
+	for _, d := range out.Disks {
+		fmt.Fprintf(c.App.Writer, "%s/%s\t%s\t%d bytes\n", out.Name, d.Name, d.Path, d.Size)
+	}
+	return nil
+}
+
+func vmListCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "list",
+		Usage: "list registered VMs and their disks",
+		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+		Description: `Example:
+   vdrepl vm list
+   vdrepl vm list --json
+
+One line per disk: its NBD export VM/DISK, size, image and state (ok, not
+served, resync required, or the error that stopped it).`,
+		Action: vmListAction,
+	}
+}
+
+func vmListAction(c *cli.Context) error {
+	vms, err := client(c).VMs(c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		if vms == nil {
+			vms = []control.VMInfo{}
+		}
+		return printJSON(c.App.Writer, vms)
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "EXPORT\tSIZE\tIMAGE\tSTATE")
+	for _, v := range vms {
+		for i, d := range v.Disks {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", v.Exports[i], humanBytes(d.Size), d.Path, vmState(v))
+		}
+	}
+	return tw.Flush()
+}
+
+func vmRemoveCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "remove",
+		Usage:     "stop serving a VM and forget it (its images stay)",
+		ArgsUsage: "NAME",
+		Description: `Example:
+   vdrepl vm remove web1
+
+Refused while a client has one of the VM's disks open or while the VM is
+replicated (run vdrepl replication disable web1 first).`,
+		Action: vmRemoveAction,
+	}
+}
+
+func vmRemoveAction(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return fmt.Errorf("vm remove takes exactly one VM name")
+	}
+	return client(c).RemoveVM(c.Context, c.Args().First())
+}
+
+func vmSealCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "seal",
+		Usage:     "close the VM's current cycle now (all its disks at one instant)",
+		ArgsUsage: "NAME",
+		Flags:     []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+		Description: `Example:
+   vdrepl vm seal web1`,
+		Action: vmSealAction,
+	}
+}
+
+func vmSealAction(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return fmt.Errorf("vm seal takes exactly one VM name")
+	}
+	info, err := client(c).Seal(c.Context, c.Args().First())
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, info)
+	}
+	if info.Blocks == 0 && info.Bytes > 0 {
+		fmt.Fprintf(c.App.Writer, "cycle %d sealed: %s written (not kept: replication is not enabled for this VM)\n", info.Cycle, humanBytes(info.Bytes))
+		return nil
+	}
+	fmt.Fprintf(c.App.Writer, "cycle %d sealed: %s written, %d distinct blocks to ship\n", info.Cycle, humanBytes(info.Bytes), info.Blocks)
+	return nil
+}
+
+func vmState(v control.VMInfo) string {
+	switch {
+	case v.Error != "":
+		return "error: " + v.Error
+	case v.Journal == nil:
+		return "not served"
+	case v.Journal.Failed != "":
+		return "journal failed: " + v.Journal.Failed
+	case v.Journal.ResyncRequired:
+		return "resync required"
+	case v.HandedOver != nil:
+		return fmt.Sprintf("read-only: handed over to %s (planned failover)", v.HandedOver.To)
+	case v.FailedOver:
+		s := "failed over here (complete or cancel the failover)"
+		if len(v.Lacks) > 0 {
+			s += "; lacks disk(s) " + strings.Join(v.Lacks, ", ")
+		}
+		return s
+	}
+	if len(v.Lacks) > 0 {
+		return "ok; lacks disk(s) " + strings.Join(v.Lacks, ", ") + " (not replicated)"
+	}
+	return "ok"
+}
