@@ -91,8 +91,7 @@ type Daemon struct {
 	mu           sync.Mutex
 	vms          map[string]*vm
 	mounts       map[string]*blockdev.FUSEMount
-	fuseOpen     map[string]int           // export -> files open through FUSE
-	adopted      map[string]chan struct{} // closed when a VM becomes a replica here
+	fuseOpen     map[string]int // export -> files open through FUSE
 	lastShutdown string
 	listeners    []string
 	closed       bool
@@ -109,7 +108,7 @@ type Daemon struct {
 	// (the export catalogue looks up test failovers under mu).
 	tests       *failover.Tests[*testFailover]
 	relays      *relay.Relays     // extended replication from this replica host; set by Run
-	fo          *failover.Machine // set by Run with the replica role
+	fo          *failover.Machine // over the replica role Run sets
 	replicaAddr string
 	metricsAddr string
 	hostLimit   *ship.Limiter
@@ -156,9 +155,9 @@ func New(cfg Config) (*Daemon, error) {
 		vms:      make(map[string]*vm),
 		mounts:   make(map[string]*blockdev.FUSEMount),
 		fuseOpen: make(map[string]int),
-		adopted:  make(map[string]chan struct{}),
 	}
 	d.tests = d.newTests()
+	d.fo = d.newMachine()
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
 		if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
@@ -222,7 +221,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.shutdown()
 		return fmt.Errorf("registry: %w", err)
 	}
-	d.fo = failover.New(failover.Config{Host: (*failoverHost)(d), Replica: replicaRole{d.replica}, Logger: d.log})
 	for _, s := range d.applyFixes(specs, d.fo.Reconcile(entries(specs))) {
 		d.serveRegistered(s)
 	}
