@@ -1,10 +1,27 @@
-// Package daemon is the vdrepl host daemon: the persisted registry of VMs,
-// one journal per VM, the NBD and FUSE front ends serving the VMs' disks, and
-// the control API the CLI talks to over a unix socket.
+// Package daemon is the vdrepl host: what runs on every host, primary and
+// replica alike. It keeps the registry of VMs (vms.json), one journal per
+// VM, and each VM's life: added, served, stopped and served again through
+// the one VM transition (transition.go), removed. It serves the VMs' disks
+// as exports (NBD, FUSE through mount.go) behind the read-only gate of a
+// planned failover, and it wires the packages that do the rest: the
+// control API (package control serves it; the Daemon is its Host), a
+// shipper per replicated VM (ship), the replica role (apply), the failover
+// state machine (failover: the Daemon is its Host and PrimaryRole, and
+// adapts apply as its ReplicaRole), extended replication (relay) and the
+// metrics.
 //
-// A Daemon is safe for concurrent use. Management operations (add, remove,
-// mount) are serialised by opMu; mu guards the maps and is never held across
-// I/O. Lock order: opMu, then mu.
+// It decides no failover step and defines no control type: those live in
+// failover and control. What it owns is mechanics: which journal, export
+// and shipper a VM has, and how they open and close.
+//
+// Use: New(cfg), then Run(ctx), which opens every registered VM (after
+// failover.Machine.Reconcile), serves, and returns after a clean shutdown
+// when ctx is done.
+//
+// A Daemon is safe for concurrent use. Operations that change a VM are
+// serialised by opMu (the failover machine takes it itself for a planned
+// failover and an adoption, and lets it go while it waits on a peer); mu
+// guards the maps and is never held across I/O. Lock order: opMu, then mu.
 package daemon
 
 import (
