@@ -418,3 +418,19 @@ func TestReverse(t *testing.T) {
 		t.Fatalf("Reverse of a primary: %v", err)
 	}
 }
+
+// TestStateOfHandedOver: the handed-over row of the table, and Reconcile
+// keeps it (a restart serves it read-only).
+func TestStateOfHandedOver(t *testing.T) {
+	ho := &Entry{Name: "v", HandedOver: true}
+	if s := StateOf(ho, ReplicaStatus{}); s != HandedOver {
+		t.Fatalf("handed over: %v", s)
+	}
+	if s := StateOf(ho, ReplicaStatus{Known: true, Adopted: true}); s != Adopted {
+		t.Fatalf("handed over and adopted: %v", s)
+	}
+	w := newWorld(t, vfs.NewMemFS())
+	if fixes := w.m.Reconcile([]Entry{*ho}); len(fixes) != 0 {
+		t.Fatalf("Reconcile of a handed-over VM: %+v", fixes)
+	}
+}

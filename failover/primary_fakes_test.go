@@ -113,16 +113,11 @@ func (pw *pworld) addPrimary(vm string) {
 
 // pstate is the state of vm, handed_over read from the primary's record.
 func (pw *pworld) pstate(vm string) State {
-	r := pw.rep.Status(vm)
-	_, r.Rolled = pw.rep.FailedOver()[vm]
-	e, ok := pw.host.Entry(vm)
-	if !ok {
-		return StateOf(nil, r)
+	s := pw.state(vm)
+	if r := pw.p.load()[vm]; s == Primary && r != nil && r.HandedOver != nil {
+		return HandedOver
 	}
-	if r := pw.p.load()[vm]; r != nil {
-		e.HandedOver = r.HandedOver != nil
-	}
-	return StateOf(&e, r)
+	return s
 }
 
 // adopt is what apply does when the new primary enables vm with existing
