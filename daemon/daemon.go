@@ -1,10 +1,27 @@
-// Package daemon is the vdrepl host daemon: the persisted registry of VMs,
-// one journal per VM, the NBD and FUSE front ends serving the VMs' disks, and
-// the control API the CLI talks to over a unix socket.
+// Package daemon is the vdrepl host: what runs on every host, primary and
+// replica alike. It keeps the registry of VMs (vms.json), one journal per
+// VM, and each VM's life: added, served, stopped and served again through
+// the one VM transition (transition.go), removed. It serves the VMs' disks
+// as exports (NBD, FUSE through mount.go) behind the read-only gate of a
+// planned failover, and it wires the packages that do the rest: the
+// control API (package control serves it; the Daemon is its Host), a
+// shipper per replicated VM (ship), the replica role (apply), the failover
+// state machine (failover: the Daemon is its Host and PrimaryRole, and
+// adapts apply as its ReplicaRole), extended replication (relay) and the
+// metrics.
 //
-// A Daemon is safe for concurrent use. Management operations (add, remove,
-// mount) are serialised by opMu; mu guards the maps and is never held across
-// I/O. Lock order: opMu, then mu.
+// It decides no failover step and defines no control type: those live in
+// failover and control. What it owns is mechanics: which journal, export
+// and shipper a VM has, and how they open and close.
+//
+// Use: New(cfg), then Run(ctx), which opens every registered VM (after
+// failover.Machine.Reconcile), serves, and returns after a clean shutdown
+// when ctx is done.
+//
+// A Daemon is safe for concurrent use. Operations that change a VM are
+// serialised by opMu (the failover machine takes it itself for a planned
+// failover and an adoption, and lets it go while it waits on a peer); mu
+// guards the maps and is never held across I/O. Lock order: opMu, then mu.
 package daemon
 
 import (
@@ -91,8 +108,7 @@ type Daemon struct {
 	mu           sync.Mutex
 	vms          map[string]*vm
 	mounts       map[string]*blockdev.FUSEMount
-	fuseOpen     map[string]int           // export -> files open through FUSE
-	adopted      map[string]chan struct{} // closed when a VM becomes a replica here
+	fuseOpen     map[string]int // export -> files open through FUSE
 	lastShutdown string
 	listeners    []string
 	closed       bool
@@ -109,7 +125,7 @@ type Daemon struct {
 	// (the export catalogue looks up test failovers under mu).
 	tests       *failover.Tests[*testFailover]
 	relays      *relay.Relays     // extended replication from this replica host; set by Run
-	fo          *failover.Machine // set by Run with the replica role
+	fo          *failover.Machine // over the replica role Run sets
 	replicaAddr string
 	metricsAddr string
 	hostLimit   *ship.Limiter
@@ -156,9 +172,9 @@ func New(cfg Config) (*Daemon, error) {
 		vms:      make(map[string]*vm),
 		mounts:   make(map[string]*blockdev.FUSEMount),
 		fuseOpen: make(map[string]int),
-		adopted:  make(map[string]chan struct{}),
 	}
 	d.tests = d.newTests()
+	d.fo = d.newMachine()
 	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
 		if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
@@ -222,7 +238,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.shutdown()
 		return fmt.Errorf("registry: %w", err)
 	}
-	d.fo = failover.New(failover.Config{Host: (*failoverHost)(d), Replica: replicaRole{d.replica}, Logger: d.log})
 	for _, s := range d.applyFixes(specs, d.fo.Reconcile(entries(specs))) {
 		d.serveRegistered(s)
 	}

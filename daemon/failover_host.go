@@ -12,25 +12,38 @@ import (
 )
 
 // The daemon's side of the failover state machine (package failover): the
-// daemon as its Host, apply.Server as its ReplicaRole, and the mapping of
-// its refusals to the daemon's errors. Every method here is called with
-// opMu held.
+// daemon as its Host and its PrimaryRole, apply.Server as its ReplicaRole,
+// and the mapping of its refusals to the daemon's errors. Every method
+// here is called with opMu held, but primaryRole.SendHandover.
 
-// replicaRole is apply.Server as failover.ReplicaRole.
-type replicaRole struct{ s *apply.Server }
+// newMachine builds the failover state machine of d. The replica role is
+// read when the machine calls it: Run sets it.
+func (d *Daemon) newMachine() *failover.Machine {
+	return failover.New(failover.Config{
+		Host: (*failoverHost)(d), Replica: (*replicaRole)(d), Primary: (*primaryRole)(d),
+		Lock: &d.opMu, Logger: d.log,
+	})
+}
 
-func (r replicaRole) Status(name string) failover.ReplicaStatus {
-	rep, ok := r.s.Replica(name)
+// replicaRole is the Daemon's apply.Server as failover.ReplicaRole.
+type replicaRole Daemon
+
+func (rr *replicaRole) Status(name string) failover.ReplicaStatus {
+	r := rr.replica
+	if r == nil {
+		return failover.ReplicaStatus{}
+	}
+	rep, ok := r.Replica(name)
 	if !ok {
 		return failover.ReplicaStatus{}
 	}
-	_, rolled := r.s.FailedOver()[name]
-	return failover.ReplicaStatus{Known: true, Failover: rep.FailedOver, Rolled: rolled, Adopted: r.s.Adopted(name), Primary: rep.Primary}
+	_, rolled := r.FailedOver()[name]
+	return failover.ReplicaStatus{Known: true, Failover: rep.FailedOver, Rolled: rolled, Adopted: r.Adopted(name), Primary: rep.Primary}
 }
 
-func (r replicaRole) FailedOver() map[string]failover.Target {
+func (rr *replicaRole) FailedOver() map[string]failover.Target {
 	out := map[string]failover.Target{}
-	for name, fo := range r.s.FailedOver() {
+	for name, fo := range rr.replica.FailedOver() {
 		out[name] = target(fo)
 	}
 	return out
@@ -40,15 +53,15 @@ func target(fo apply.FailedOverVM) failover.Target {
 	return failover.Target{Disks: fo.Disks, Images: fo.Images, Excluded: fo.Excluded, FailedOver: fo.FailedOver}
 }
 
-func (r replicaRole) FailOver(name, kind, point string) (failover.Target, error) {
-	fo, err := r.s.FailOver(name, kind, point)
+func (rr *replicaRole) FailOver(name, kind, point string) (failover.Target, error) {
+	fo, err := rr.replica.FailOver(name, kind, point)
 	return target(fo), err
 }
 
-func (r replicaRole) CancelFailover(name string) error { return r.s.CancelFailover(name) }
+func (rr *replicaRole) CancelFailover(name string) error { return rr.replica.CancelFailover(name) }
 
-func (r replicaRole) CompleteFailover(name string) error {
-	if err := r.s.CompleteFailover(name); err != nil && !errors.Is(err, apply.ErrUnknownVM) {
+func (rr *replicaRole) CompleteFailover(name string) error {
+	if err := rr.replica.CompleteFailover(name); err != nil && !errors.Is(err, apply.ErrUnknownVM) {
 		return err
 	}
 	return nil
@@ -65,7 +78,7 @@ func (h *failoverHost) Entry(name string) (failover.Entry, bool) {
 	if !ok {
 		return failover.Entry{}, false
 	}
-	return failover.Entry{Name: name, FailedOver: v.spec.FailedOver, Served: v.j != nil, PromotedFrom: v.spec.PromotedFrom}, true
+	return failover.Entry{Name: name, FailedOver: v.spec.FailedOver, Served: v.j != nil, PromotedFrom: v.spec.PromotedFrom, HandedOver: v.spec.HandedOver != nil}, true
 }
 
 func (h *failoverHost) Register(name string, t failover.Target, fresh bool, promotedFrom string) error {
@@ -124,8 +137,21 @@ func (d *Daemon) failoverErr(err error) error {
 	if !errors.As(err, &fe) {
 		return d.pointErr(err)
 	}
-	if fe.Kind == failover.ErrExists {
+	return controlErr(err)
+}
+
+// controlErr turns the state machine's refusals into the daemon's errors
+// and returns every other error as it is.
+func controlErr(err error) error {
+	var fe *failover.Error
+	if !errors.As(err, &fe) {
+		return err
+	}
+	switch fe.Kind {
+	case failover.ErrExists:
 		return fmt.Errorf("%w: %s", control.ErrExists, fe.Reason)
+	case failover.ErrInUse:
+		return fmt.Errorf("%w: %s", control.ErrInUse, fe.Reason)
 	}
 	return fmt.Errorf("%w: %s", control.ErrInvalid, fe.Reason)
 }
@@ -177,7 +203,7 @@ func (d *Daemon) removeJournalDir(name string) {
 func entries(specs []control.VMSpec) []failover.Entry {
 	out := make([]failover.Entry, len(specs))
 	for i, s := range specs {
-		out[i] = failover.Entry{Name: s.Name, FailedOver: s.FailedOver, PromotedFrom: s.PromotedFrom}
+		out[i] = failover.Entry{Name: s.Name, FailedOver: s.FailedOver, PromotedFrom: s.PromotedFrom, HandedOver: s.HandedOver != nil}
 	}
 	return out
 }

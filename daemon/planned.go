@@ -8,7 +8,6 @@ import (
 	"io"
 	"math"
 	"net"
-	"slices"
 	"sync"
 	"time"
 
@@ -16,7 +15,6 @@ import (
 	"github.com/vdrepl/vdrepl/blockdev"
 	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/failover"
-	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/ship"
@@ -49,6 +47,11 @@ import (
 // replication to the old primary, whose replica role adopts the VM once
 // nothing uses it there (until then the enable is answered "busy" and
 // retried).
+//
+// The checks, the order of the steps and the undo are the failover
+// state machine's (failover.Machine: Planned, TakeOver, Reverse, Adopt);
+// here are the mechanics it drives: the gate, and the Daemon as its
+// failover.PrimaryRole (primaryRole) and as apply's Host (hostHooks).
 
 // gate makes a VM's disks read-only for a planned failover. A write holds
 // it shared for its whole journal append, so once set returns, every
@@ -139,119 +142,16 @@ func (d gatedDisk) Zero(off, n int64, punch bool) error {
 	return d.Disk.Zero(off, n, punch)
 }
 
-// adoptWait is how long FailoverPlanned waits for the new primary to
-// replicate back before it returns anyway.
-const adoptWait = 2 * time.Minute
-
 // FailoverPlanned hands a VM over to its replica (see the top of this
 // file). reverseTo is where the replica should replicate back to ("" =
 // this host's replica listener, by its certificate name when it listens
 // on every address).
 func (d *Daemon) FailoverPlanned(ctx context.Context, name string, force bool, reverseTo string) (control.PlannedResult, error) {
-	d.opMu.Lock()
-	v, err := d.servedVM(name)
-	if r, ok := d.replica.Replica(name); err != nil && ok {
-		err = fmt.Errorf("%w: VM %s is a replica on this host; run the planned failover on its primary (%s), or `vdrepl failover unplanned %s` here if the primary is lost", control.ErrInvalid, name, r.Primary, name)
-	}
-	if err == nil && d.identity == nil {
-		err = fmt.Errorf("%w: %v", control.ErrInvalid, errNoIdentity)
-	}
+	r, err := d.fo.Planned(ctx, name, force, reverseTo)
 	if err != nil {
-		d.opMu.Unlock()
-		return control.PlannedResult{}, err
+		return control.PlannedResult{}, controlErr(err)
 	}
-	if v.spec.HandedOver == nil {
-		if err := d.prepareHandover(ctx, v, force, reverseTo); err != nil {
-			d.opMu.Unlock()
-			return control.PlannedResult{}, err
-		}
-	}
-	h := v.spec.HandedOver
-	rs := v.spec.Replication
-	res := control.PlannedResult{VM: name, To: h.To, Cycle: h.Cycle}
-	wait := d.adoptWaiter(name)
-	d.opMu.Unlock()
-
-	host, _, _ := net.SplitHostPort(h.To)
-	_, err = ship.Handover(ctx, h.To, d.identity.ClientConfig(host), rs.BypassProxy, name, wire.Handover{
-		Cycle: h.Cycle, ReplicateTo: h.ReplicateTo, Frequency: time.Duration(rs.Frequency),
-		Compression: rs.Compression, BypassProxy: rs.BypassProxy,
-		RecoveryPoints: rs.RecoveryPoints, PointInterval: time.Duration(rs.PointInterval),
-	})
-	if err != nil {
-		if !ship.Retryable(err) {
-			d.undoHandover(name)
-			return control.PlannedResult{}, fmt.Errorf("planned failover of %s refused by %s, the VM is served here again: %w", name, h.To, err)
-		}
-		return control.PlannedResult{}, fmt.Errorf("planned failover of %s: the handover to %s is not confirmed (the VM stays read-only here); run the command again: %w", name, h.To, err)
-	}
-	d.log.Info("planned failover: handed over", "vm", name, "to", h.To, "cycle", h.Cycle)
-	select {
-	case <-wait:
-		res.Reversed = true
-	case <-time.After(adoptWait):
-	case <-ctx.Done():
-	}
-	return res, nil
-}
-
-// prepareHandover is steps 1 to 4 of a planned failover. Caller holds
-// opMu.
-func (d *Daemon) prepareHandover(ctx context.Context, v *vm, force bool, reverseTo string) error {
-	name := v.spec.Name
-	rs := v.spec.Replication
-	switch {
-	case rs == nil:
-		return fmt.Errorf("%w: VM %s is not replicated; a planned failover hands it to its replica", control.ErrInvalid, name)
-	case v.spec.FailedOver:
-		return fmt.Errorf("%w: VM %s is failed over here and not completed; complete the failover first", control.ErrInvalid, name)
-	case d.replica == nil || d.replicaAddr == "":
-		return fmt.Errorf("%w: this host must take replication of %s back after the failover: start `vdrepl serve` with --replica-listen", control.ErrInvalid, name)
-	}
-	d.mu.Lock()
-	users := d.usersLocked(name)
-	d.mu.Unlock()
-	if users != "" && !force {
-		return fmt.Errorf("%w: VM %s is open (%s); shut the VM down first, or --force makes its disks read-only under it", control.ErrInUse, name, users)
-	}
-	host, _, _ := net.SplitHostPort(rs.Replica)
-	cert, _, err := ship.Replica(ctx, rs.Replica, d.identity.ClientConfig(host), rs.BypassProxy, name)
-	if err != nil {
-		return fmt.Errorf("planned failover of %s: ask the replica %s: %w", name, rs.Replica, err)
-	}
-	if cert == nil || !d.replica.Allows(cert) {
-		peer := "the replica"
-		if cert != nil {
-			peer = pki.CertName(cert)
-		}
-		return fmt.Errorf("%w: this host would refuse replication of %s back from %s: `vdrepl replica allow add --primary %s --storage DIR` first", control.ErrInvalid, name, peer, peer)
-	}
-	if reverseTo == "" {
-		if reverseTo, err = d.replicaAddress(); err != nil {
-			return err
-		}
-	}
-	v.gate.set(true)
-	if force {
-		d.closeExports(v.spec)
-	}
-	sh, err := d.shipper(name)
-	if err == nil {
-		_, err = sh.Sync(ctx, false)
-	}
-	if err != nil {
-		v.gate.set(false)
-		return fmt.Errorf("planned failover of %s: ship the last cycle: %w", name, err)
-	}
-	st := sh.Status()
-	ho := &control.HandedOver{To: rs.Replica, ToName: pki.CertName(cert), Cycle: st.LastApplied, ReplicateTo: reverseTo, At: time.Now().UTC().Truncate(time.Second)}
-	if err := d.setSpec(v, func(s *control.VMSpec) { s.HandedOver = ho }); err != nil {
-		v.gate.set(false)
-		return err
-	}
-	d.stopShipper(v)
-	crashpoint.Hit("handover-recorded")
-	return nil
+	return control.PlannedResult{VM: name, To: r.To, Cycle: r.Cycle, Reversed: r.Reversed}, nil
 }
 
 // replicaAddress is where peers reach this host's replica role.
@@ -269,35 +169,8 @@ func (d *Daemon) replicaAddress() (string, error) {
 	return net.JoinHostPort(host, port), nil
 }
 
-// undoHandover serves a VM again after its replica refused the handover.
-func (d *Daemon) undoHandover(name string) {
-	d.opMu.Lock()
-	defer d.opMu.Unlock()
-	v, err := d.servedVM(name)
-	if err != nil || v.spec.HandedOver == nil {
-		return
-	}
-	if err := d.setSpec(v, func(s *control.VMSpec) { s.HandedOver = nil }); err != nil {
-		d.log.Error("undo a refused handover", "vm", name, "err", err)
-		return
-	}
-	v.gate.set(false)
-	if err := d.startShipper(v); err != nil {
-		d.log.Error("replication not running", "vm", name, "err", err)
-	}
-}
-
 // adoptWaiter returns a channel closed when VM name is adopted.
-func (d *Daemon) adoptWaiter(name string) <-chan struct{} {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	ch, ok := d.adopted[name]
-	if !ok {
-		ch = make(chan struct{})
-		d.adopted[name] = ch
-	}
-	return ch
-}
+func (d *Daemon) adoptWaiter(name string) <-chan struct{} { return d.fo.AdoptWaiter(name) }
 
 // Reverse replicates a VM that failed over to this host back to its old
 // primary, sending only what differs: the failover is completed (its
@@ -315,16 +188,20 @@ func (d *Daemon) Reverse(name string, r control.ReplicationSpec) (control.Replic
 	if v.busy {
 		return r, errBusy(v)
 	}
-	if r.Initial != "" && r.Initial != "existing" {
-		return r, fmt.Errorf("%w: reverse replication compares with the images the old primary has; --initial does not apply", control.ErrInvalid)
+	var out control.ReplicationSpec
+	var enableErr error
+	err := d.fo.Reverse(name, r.Initial, func() error {
+		r.Initial = "existing"
+		out, enableErr = d.enableLocked(name, r)
+		return enableErr
+	})
+	switch {
+	case enableErr != nil:
+		return out, enableErr
+	case err != nil:
+		return r, d.failoverErr(err)
 	}
-	r.Initial = "existing"
-	if v.spec.FailedOver {
-		if err := d.fo.Complete(name, ""); err != nil {
-			return r, d.failoverErr(err)
-		}
-	}
-	return d.enableLocked(name, r)
+	return out, nil
 }
 
 // hostHooks is the Daemon as apply's Host.
@@ -341,7 +218,8 @@ func (h *hostHooks) Local(name string) bool {
 // errAdoptBusy: the VM is still in use here; the new primary retries.
 var errAdoptBusy = errors.New("daemon: VM in use")
 
-// Adopt hands a VM of this host to the replica role (see apply.Host).
+// Adopt hands a VM of this host to the replica role (see apply.Host and
+// failover.Machine.Adopt).
 //
 // No lock of the daemon is held while apply registers the replica VM:
 // Adopt takes opMu for the checks and the transition that stops serving
@@ -349,86 +227,23 @@ var errAdoptBusy = errors.New("daemon: VM in use")
 // operation that finds the stand-in refuses the VM (errBusy) until finish
 // takes opMu again and forgets the VM or serves it again.
 func (h *hostHooks) Adopt(name, peer string, cert *x509.Certificate, en wire.Enable) ([]string, func(bool), error) {
-	d := (*Daemon)(h)
-	d.opMu.Lock()
-	defer d.opMu.Unlock()
-	v, images, err := d.adoptable(name, peer, cert, en)
-	if err != nil {
-		return nil, nil, err
-	}
-	// What this host wrote after the replica's last cycle is overwritten
-	// by the resync that follows (the VM runs there now): say how much.
-	if v.spec.HandedOver == nil {
-		if cs, js := v.j.Cycles(), v.j.Stats(); len(cs) > 0 || js.RetainedBytes > 0 {
-			d.log.Warn("VM becomes a replica: writes made here that never reached the new primary are discarded",
-				"vm", name, "primary", peer, "unshipped_cycles", len(cs), "unshipped_bytes", js.RetainedBytes)
+	images, finish, err := (*Daemon)(h).fo.Adopt(name, peer, cert, en.Disks)
+	var fe *failover.Error
+	if errors.As(err, &fe) {
+		switch fe.Kind {
+		case failover.ErrForbidden:
+			err = fmt.Errorf("%w: %s", apply.ErrForbidden, fe.Reason)
+		case failover.ErrInUse:
+			err = fmt.Errorf("%w: %s (%w)", apply.ErrBusy, fe.Reason, errAdoptBusy)
+		case failover.ErrMismatch:
+			err = fmt.Errorf("%w: %s", apply.ErrMismatch, fe.Reason)
 		}
 	}
-	// Stop serving it and write everything back; the images are the
-	// replica's from here.
-	d.stopShipper(v)
-	if err := d.transition(v, "becoming a replica", nil); err != nil {
-		return nil, nil, err
-	}
-	spec := v.spec
-	finish := func(ok bool) {
-		d.opMu.Lock()
-		defer d.opMu.Unlock()
-		if !ok {
-			if err := d.restore(spec, nil); err != nil {
-				d.log.Error("VM not adopted and not served again", "vm", name, "err", err)
-			}
-			return
-		}
-		d.forget(name)
-		d.mu.Lock()
-		if ch, ok := d.adopted[name]; ok {
-			close(ch)
-			delete(d.adopted, name)
-		}
-		d.mu.Unlock()
-		d.log.Info("replication reversed: this host is now the replica of the VM", "vm", name, "primary", peer)
-	}
-	return images, finish, nil
+	return images, finish, err
 }
 
-// adoptable checks that VM name may become the replica of peer and
-// returns it with the images of the disks en enables. Caller holds opMu.
-func (d *Daemon) adoptable(name, peer string, cert *x509.Certificate, en wire.Enable) (*vm, []string, error) {
-	v, err := d.servedVM(name)
-	if err != nil {
-		return nil, nil, fmt.Errorf("%w: VM %s cannot become a replica here: %v", apply.ErrForbidden, name, err)
-	}
-	target := ""
-	switch {
-	case v.spec.HandedOver != nil:
-		target = v.spec.HandedOver.To
-	case v.spec.Replication != nil:
-		target = v.spec.Replication.Replica
-	}
-	host, _, _ := net.SplitHostPort(target)
-	if target == "" || cert == nil || cert.VerifyHostname(host) != nil {
-		return nil, nil, fmt.Errorf("%w: VM %s runs on this host and %q is not the host it replicates to", apply.ErrForbidden, name, peer)
-	}
-	d.mu.Lock()
-	users := d.usersLocked(name)
-	d.mu.Unlock()
-	if users != "" {
-		return nil, nil, fmt.Errorf("%w: VM %s still runs on this host (%s): shut it down here to let %s replicate it back (%w)", apply.ErrBusy, name, users, peer, errAdoptBusy)
-	}
-	var images []string
-	for _, wd := range en.Disks {
-		i := slices.IndexFunc(v.spec.Disks, func(ds control.DiskSpec) bool { return ds.Name == wd.Name })
-		if i < 0 || v.spec.Disks[i].Size != wd.Size {
-			return nil, nil, fmt.Errorf("%w: VM %s here has no disk %s of %d bytes", apply.ErrMismatch, name, wd.Name, wd.Size)
-		}
-		images = append(images, v.spec.Disks[i].Path)
-	}
-	return v, images, nil
-}
-
-// Promote makes a replica VM this host's in a planned failover (see
-// apply.Host).
+// Promote makes a replica VM this host's in a planned failover and
+// replicates it back (see apply.Host and failover.Machine.TakeOver).
 func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	d := (*Daemon)(h)
 	d.opMu.Lock()
@@ -436,30 +251,159 @@ func (h *hostHooks) Promote(name, peer string, ho wire.Handover) error {
 	if err := d.notBusy(name); err != nil {
 		return err
 	}
-	if _, err := d.fo.Promote(name, peer); err != nil {
-		var fe *failover.Error
-		if errors.As(err, &fe) && fe.Kind == failover.ErrExists {
-			return fmt.Errorf("%w: %s", apply.ErrExists, fe.Reason)
-		}
-		return err
+	err := d.fo.TakeOver(name, peer, ho)
+	var fe *failover.Error
+	if errors.As(err, &fe) && fe.Kind == failover.ErrExists {
+		return fmt.Errorf("%w: %s", apply.ErrExists, fe.Reason)
 	}
-	return d.replicateBack(name, ho)
+	return err
 }
 
-// replicateBack enables replication of a promoted VM to its old primary,
-// unless it is enabled already.
-func (d *Daemon) replicateBack(name string, ho wire.Handover) error {
+// primaryRole is the Daemon as failover.PrimaryRole: the gate, the
+// shipper and the network peer of its VMs.
+type primaryRole Daemon
+
+func (p *primaryRole) vm(name string) (*vm, error) {
+	d := (*Daemon)(p)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v, ok := d.vms[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", control.ErrUnknownVM, name)
+	}
+	return v, nil
+}
+
+func (p *primaryRole) VM(name string) (failover.PrimaryVM, error) {
+	d := (*Daemon)(p)
 	v, err := d.servedVM(name)
+	if err != nil {
+		return failover.PrimaryVM{}, err
+	}
+	d.mu.Lock()
+	spec := v.spec
+	out := failover.PrimaryVM{FailedOver: spec.FailedOver, Users: d.usersLocked(name), Listens: d.replica != nil && d.replicaAddr != ""}
+	d.mu.Unlock()
+	if spec.Replication != nil {
+		out.Replica = spec.Replication.Replica
+	}
+	if h := spec.HandedOver; h != nil {
+		out.HandedOver = &failover.Handover{To: h.To, ToName: h.ToName, Cycle: h.Cycle, ReplicateTo: h.ReplicateTo, At: h.At}
+	}
+	for _, ds := range spec.Disks {
+		out.Disks = append(out.Disks, failover.PrimaryDisk{Name: ds.Name, Size: ds.Size, Image: ds.Path})
+	}
+	out.UnshippedCycles, out.UnshippedBytes = len(v.j.Cycles()), v.j.Stats().RetainedBytes
+	return out, nil
+}
+
+func (p *primaryRole) Identity() error {
+	if p.identity == nil {
+		return fmt.Errorf("%w: %v", control.ErrInvalid, errNoIdentity)
+	}
+	return nil
+}
+
+func (p *primaryRole) AskReplica(ctx context.Context, name string) (failover.Peer, error) {
+	v, err := p.vm(name)
+	if err != nil {
+		return failover.Peer{}, err
+	}
+	rs := v.spec.Replication
+	host, _, _ := net.SplitHostPort(rs.Replica)
+	cert, _, err := ship.Replica(ctx, rs.Replica, p.identity.ClientConfig(host), rs.BypassProxy, name)
+	if err != nil || cert == nil {
+		return failover.Peer{}, err
+	}
+	return failover.Peer{Known: true, Name: pki.CertName(cert), Allowed: p.replica.Allows(cert)}, nil
+}
+
+func (p *primaryRole) ReplicaAddress() (string, error) { return (*Daemon)(p).replicaAddress() }
+
+func (p *primaryRole) Gate(name string, readOnly bool) {
+	if v, err := p.vm(name); err == nil {
+		v.gate.set(readOnly)
+	}
+}
+
+func (p *primaryRole) Disconnect(name string) {
+	if v, err := p.vm(name); err == nil {
+		(*Daemon)(p).closeExports(v.spec)
+	}
+}
+
+func (p *primaryRole) ShipLast(ctx context.Context, name string) (uint64, error) {
+	sh, err := (*Daemon)(p).shipper(name)
+	if err == nil {
+		_, err = sh.Sync(ctx, false)
+	}
+	if err != nil {
+		return 0, err
+	}
+	return sh.Status().LastApplied, nil
+}
+
+func (p *primaryRole) RecordHandedOver(name string, h *failover.Handover) error {
+	v, err := p.vm(name)
 	if err != nil {
 		return err
 	}
-	if v.spec.Replication != nil {
-		return nil
+	var ho *control.HandedOver
+	if h != nil {
+		ho = &control.HandedOver{To: h.To, ToName: h.ToName, Cycle: h.Cycle, ReplicateTo: h.ReplicateTo, At: h.At}
 	}
-	_, err = d.enableLocked(name, control.ReplicationSpec{
+	return (*Daemon)(p).setSpec(v, func(s *control.VMSpec) { s.HandedOver = ho })
+}
+
+func (p *primaryRole) StopShipping(name string) {
+	if v, err := p.vm(name); err == nil {
+		(*Daemon)(p).stopShipper(v)
+	}
+}
+
+func (p *primaryRole) StartShipping(name string) error {
+	v, err := p.vm(name)
+	if err != nil {
+		return err
+	}
+	return (*Daemon)(p).startShipper(v)
+}
+
+// SendHandover is called without opMu: the spec is read under mu.
+func (p *primaryRole) SendHandover(ctx context.Context, name string, h failover.Handover) (bool, error) {
+	d := (*Daemon)(p)
+	d.mu.Lock()
+	var rs *control.ReplicationSpec
+	if v, ok := d.vms[name]; ok {
+		rs = v.spec.Replication
+	}
+	d.mu.Unlock()
+	if rs == nil {
+		return false, fmt.Errorf("%w: replication of VM %s is not enabled", control.ErrInvalid, name)
+	}
+	host, _, _ := net.SplitHostPort(h.To)
+	_, err := ship.Handover(ctx, h.To, d.identity.ClientConfig(host), rs.BypassProxy, name, wire.Handover{
+		Cycle: h.Cycle, ReplicateTo: h.ReplicateTo, Frequency: time.Duration(rs.Frequency),
+		Compression: rs.Compression, BypassProxy: rs.BypassProxy,
+		RecoveryPoints: rs.RecoveryPoints, PointInterval: time.Duration(rs.PointInterval),
+	})
+	return err != nil && !ship.Retryable(err), err
+}
+
+func (p *primaryRole) ReplicateBack(name string, ho wire.Handover) error {
+	_, err := (*Daemon)(p).enableLocked(name, control.ReplicationSpec{
 		Replica: ho.ReplicateTo, Frequency: control.Duration(ho.Frequency), Compression: ho.Compression,
 		BypassProxy: ho.BypassProxy, Initial: "existing",
 		RecoveryPoints: ho.RecoveryPoints, PointInterval: control.Duration(ho.PointInterval),
 	})
 	return err
+}
+
+// ServeAgain serves a VM again from the stand-in a transition left.
+func (p *primaryRole) ServeAgain(name string) error {
+	v, err := p.vm(name)
+	if err != nil {
+		return err
+	}
+	return (*Daemon)(p).restore(v.spec, nil)
 }

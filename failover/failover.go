@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
+	"time"
 
 	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/wire"
@@ -17,10 +19,17 @@ var (
 	ErrExists = errors.New("failover: VM exists")
 	// ErrInvalid: the VM is not in a state the command starts from.
 	ErrInvalid = errors.New("failover: VM not in that state")
+	// ErrInUse: something uses the VM (clients, a transition); the
+	// command may succeed once it stops.
+	ErrInUse = errors.New("failover: VM in use")
+	// ErrForbidden: the peer may not do this to the VM.
+	ErrForbidden = errors.New("failover: not allowed")
+	// ErrMismatch: the peer's view of the VM does not match this host's.
+	ErrMismatch = errors.New("failover: VM does not match")
 )
 
 // Error is a command the state machine refuses: Kind says which way
-// (ErrExists, ErrInvalid), Reason why, in words for the admin.
+// (ErrExists, ErrInvalid, ErrInUse, ErrForbidden, ErrMismatch), Reason why, in words for the admin.
 type Error struct {
 	Kind   error
 	Reason string
@@ -81,6 +90,8 @@ type Entry struct {
 	// Served: its journal is open (it is not only listed).
 	Served       bool
 	PromotedFrom string
+	// HandedOver: a VM of this host handed over in a planned failover.
+	HandedOver bool
 }
 
 // Host is the daemon as the state machine drives it: its registry of VMs
@@ -113,6 +124,16 @@ type Config struct {
 	Host    Host
 	Replica ReplicaRole
 	Logger  *slog.Logger
+	// Primary is this host's primary role, for Planned, TakeOver and
+	// Adopt.
+	Primary PrimaryRole
+	// Lock is the operation lock the caller holds around the other
+	// commands; Planned and Adopt take it themselves, for their steps on
+	// this host only (a new mutex when nil).
+	Lock sync.Locker
+	// AdoptWait bounds how long Planned waits for the adoption
+	// (DefaultAdoptWait when 0).
+	AdoptWait time.Duration
 	// Crash is called at each durable step the machine makes, with the
 	// step's name (crashpoint.Hit when nil).
 	Crash func(step string)
@@ -120,15 +141,28 @@ type Config struct {
 
 // Machine runs the failover commands of one host.
 type Machine struct {
-	host    Host
-	replica ReplicaRole
-	log     *slog.Logger
-	crash   func(string)
+	host      Host
+	replica   ReplicaRole
+	primary   PrimaryRole
+	lock      sync.Locker
+	adoptWait time.Duration
+	log       *slog.Logger
+	crash     func(string)
+
+	mu      sync.Mutex               // guards waiters only; never held across a call
+	waiters map[string]chan struct{} // closed when the VM is adopted (AdoptWaiter)
 }
 
 // New returns a Machine.
 func New(cfg Config) *Machine {
-	m := &Machine{host: cfg.Host, replica: cfg.Replica, log: cfg.Logger, crash: cfg.Crash}
+	m := &Machine{host: cfg.Host, replica: cfg.Replica, primary: cfg.Primary, lock: cfg.Lock,
+		adoptWait: cfg.AdoptWait, log: cfg.Logger, crash: cfg.Crash, waiters: map[string]chan struct{}{}}
+	if m.lock == nil {
+		m.lock = &sync.Mutex{}
+	}
+	if m.adoptWait == 0 {
+		m.adoptWait = DefaultAdoptWait
+	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
 	}

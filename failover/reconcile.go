@@ -28,11 +28,15 @@ const (
 	Adopted
 	// Primary: this host's own VM.
 	Primary
+	// HandedOver: this host's own VM, handed over to its replica in a
+	// planned failover: served read-only, not shipping; Planned again
+	// sends the handover, Adopt ends it.
+	HandedOver
 	// Unknown: neither record names the VM.
 	Unknown
 )
 
-var stateNames = [...]string{"replica", "recorded", "rolled", "served", "unfinished", "cancelled", "completed", "adopted", "primary", "unknown"}
+var stateNames = [...]string{"replica", "recorded", "rolled", "served", "unfinished", "cancelled", "completed", "adopted", "primary", "handed over", "unknown"}
 
 func (s State) String() string { return stateNames[s] }
 
@@ -50,6 +54,8 @@ func StateOf(e *Entry, r ReplicaStatus) State {
 		return Unknown
 	case !e.FailedOver && r.Known && r.Adopted:
 		return Adopted
+	case !e.FailedOver && e.HandedOver:
+		return HandedOver
 	case !e.FailedOver:
 		return Primary
 	case r.Rolled:
