@@ -605,6 +605,76 @@ func TestSyncWaitsForHeldResyncApplied(t *testing.T) {
 	}
 }
 
+// TestHeldCycleCommitIsNotApplied: a cycle sealed while a resync reads its
+// pieces lies before the resync's ConsistentAt. The replica answers its
+// commit once it is staged, with its images still at their last
+// consistent point: the cycle is released, but not recorded as applied.
+func TestHeldCycleCommitIsNotApplied(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	r := e.start(e.cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	pre := e.rep.applied("vm1")
+	r.s.mu.Lock()
+	shipped := r.s.st.Counters.Shipped
+	r.s.mu.Unlock()
+	e.j.write(0, 0, random(64<<10))
+
+	// A cycle slips in before piece 1 is committed (so before the cycle
+	// sealed after the last piece); every other cycle commit is refused.
+	var mu sync.Mutex
+	var slipped uint64
+	e.rep.mu.Lock()
+	e.rep.fail = func(r *http.Request) (int, string) {
+		id, ok := strings.CutSuffix(strings.TrimPrefix(r.URL.Path, "/v1/replicas/vm1/uploads/"), "/commit")
+		if r.Method != http.MethodPost || !ok {
+			return 0, ""
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if _, p, ok := pieceOf(id); ok && p == 1 && slipped == 0 {
+			info, err := e.j.Seal(0)
+			if err != nil {
+				t.Error(err)
+			}
+			e.j.write(0, 128<<10, random(8192))
+			slipped = info.Cycle
+		}
+		if c, ok := cycleOf(id); ok && c != slipped {
+			return http.StatusServiceUnavailable, wire.CodeBusy
+		}
+		return 0, ""
+	}
+	e.rep.mu.Unlock()
+	if err := r.s.Resync(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, r.s, "the commit of the cycle sealed during the resync to be recorded", func() bool {
+		r.s.mu.Lock()
+		defer r.s.mu.Unlock()
+		return r.s.st.Counters.Shipped > shipped
+	})
+	mu.Lock()
+	c := slipped
+	mu.Unlock()
+	if got := r.s.Status().LastApplied; got != pre || e.rep.applied("vm1") != pre {
+		t.Fatalf("cycle %d was staged in the held resync, the replica is at %d; the shipper says %d is applied", c, e.rep.applied("vm1"), got)
+	}
+	e.rep.mu.Lock()
+	e.rep.fail = nil
+	e.rep.mu.Unlock()
+	last, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := e.rep.applied("vm1"); got < last {
+		t.Fatalf("Sync returned cycle %d; the replica applied %d", last, got)
+	}
+	e.checkImages(last)
+}
+
 func TestPauseIsPersisted(t *testing.T) {
 	e := newEnv(t, 1<<20)
 	r := e.start(e.cfg)
