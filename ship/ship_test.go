@@ -497,15 +497,7 @@ func TestJournalOverflowResyncsInWindow(t *testing.T) {
 	r := e.start(e.cfg)
 	waitReplicating(t, r.s)
 	r.s.Pause()
-	e.j.mu.Lock()
-	e.j.cap = 64 << 10
-	e.j.mu.Unlock()
-	for i := range 20 {
-		e.j.write(0, int64(i)*8192, random(8192))
-	}
-	if !e.j.Stats().ResyncRequired {
-		t.Fatal("fake journal did not overflow")
-	}
+	e.j.overflow(t)
 	r.s.Resume()
 	waitState(t, r.s, StateResyncRequired)
 	clock.Set(time.Date(2026, 3, 2, 19, 0, 0, 0, time.Local))
@@ -558,15 +550,7 @@ func TestSyncWaitsForHeldResyncApplied(t *testing.T) {
 		res <- result{c, err}
 	}()
 	waitFor(t, r.s, "Sync to seal its cycle", func() bool { return len(e.j.Cycles()) > 0 })
-	e.j.mu.Lock()
-	e.j.cap = 64 << 10
-	e.j.mu.Unlock()
-	for i := range 20 {
-		e.j.write(0, int64(i)*8192, random(8192))
-	}
-	if !e.j.Stats().ResyncRequired {
-		t.Fatal("fake journal did not overflow")
-	}
+	e.j.overflow(t)
 	refuse(func(r *http.Request) bool {
 		return r.Method == http.MethodPost && strings.Contains(r.URL.Path, "/uploads/c") && strings.HasSuffix(r.URL.Path, "/commit")
 	})
