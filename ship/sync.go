@@ -180,8 +180,8 @@ func (s *Shipper) sealConsistent() (uint64, error) {
 }
 
 // finishSync records a sync the replica finished: it follows cycle Base now.
-// Applied moves only as far as rep, the replica's answer, says: a resync it
-// holds until cycle ConsistentAt is applied only with that cycle's commit.
+// Applied moves only as far as rep, the replica's answer, says: a resync
+// the replica holds is applied only with the commit of cycle ConsistentAt.
 func (s *Shipper) finishSync(rec *syncRecord, rep wire.Replica) error {
 	lost := lostBase(s.j.Stats(), rec)
 	if err := s.j.EndResync(rec.Base); err != nil {

@@ -98,8 +98,9 @@
 // replica holding a resync (a SyncFinish with ConsistentAt past Base)
 // answers the finish, and the commits of the cycles before ConsistentAt,
 // with Applied still at its last consistent point, and the commit of
-// ConsistentAt once the pieces and those cycles are applied. A cycle must follow the last applied one (code "gap" otherwise); a
-// cycle already applied is answered as success without being applied again.
+// ConsistentAt once the pieces and those cycles are applied. A cycle must
+// follow the last applied one (code "gap" otherwise); a cycle already
+// applied is answered as success without being applied again.
 // A corrupt stream is discarded (code "corrupt") and must be sent again.
 // A commit that failed after the stream was staged durably (an I/O error
 // while applying it) leaves the upload whole: its GET offset is the
