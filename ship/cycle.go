@@ -243,9 +243,10 @@ func (s *Shipper) shipped(info journal.CycleInfo, rep wire.Replica, size int64, 
 	}
 	appliedAt := s.now() // when the replica answered; rep.AppliedAt is the barrier
 	s.succeeded()
+	applied, sealed := confirmedApplied(info.Cycle, info.Sealed, rep)
 	err := s.update(func(st *persisted) {
-		if info.Cycle > st.Applied {
-			st.Applied, st.AppliedSealed, st.AppliedAt = info.Cycle, info.Sealed, appliedAt
+		if applied > st.Applied {
+			st.Applied, st.AppliedSealed, st.AppliedAt = applied, sealed, appliedAt
 		}
 		if size > 0 {
 			c := &st.Counters

@@ -33,6 +33,16 @@
 // its answer (cycle.go): upload and apply overlap, commits stay in order,
 // and a cycle whose predecessor's commit failed stays staged and resumes.
 //
+// The last applied cycle (the state file's Applied: what Sync waits for,
+// status's last applied cycle) moves only as far as an answer of the
+// replica names applied (wire.Replica.Applied), never to a cycle because
+// its commit or a sync finish succeeded. The two differ while the replica
+// holds a resync (apply/doc.go): it answers the finish, and the commits of
+// the cycles before ConsistentAt, once they are durable, with its images
+// still at their last consistent point; those cycles are released, and
+// Applied moves when the commit of ConsistentAt answers that all of it is
+// applied.
+//
 // A commit answered "gap" carries the replica's last applied cycle. If that
 // is at or past the cycle, it was applied already (an earlier answer was
 // lost) and the cycle is released. Otherwise the replica lacks cycles the

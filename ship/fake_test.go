@@ -82,6 +82,18 @@ type fakeVM struct {
 	sync      *wire.SyncState
 	staged    map[string][]byte
 	pending   []wire.Frame // frames of committed resync pieces, applied at finish
+	held      *fakeHeld    // a finished resync held until its ConsistentAt
+}
+
+// fakeHeld is a resync whose finish named a ConsistentAt past its base: as
+// apply does, the replica keeps its pieces and the cycles that follow
+// staged, its images at their last consistent point, and applies all of
+// it with the commit of cycle ConsistentAt.
+type fakeHeld struct {
+	consistentAt uint64
+	last         uint64 // the newest cycle staged (the base at first)
+	frames       []wire.Frame
+	headers      []wire.Header
 }
 
 func newFakeReplica(allow ...string) *fakeReplica {
@@ -153,7 +165,7 @@ func (f *fakeReplica) vm(w http.ResponseWriter, r *http.Request) (*fakeVM, bool)
 
 func (vm *fakeVM) view(name string) wire.Replica {
 	return wire.Replica{VM: name, Primary: vm.primary, Disks: vm.disks, State: vm.state,
-		Applied: vm.applied, AppliedAt: vm.appliedAt, Consistent: vm.sync == nil && vm.state == "replicating", Sync: vm.sync}
+		Applied: vm.applied, AppliedAt: vm.appliedAt, Consistent: vm.sync == nil && vm.held == nil && vm.state == "replicating", Sync: vm.sync}
 }
 
 func (f *fakeReplica) getVM(w http.ResponseWriter, r *http.Request) {
@@ -349,6 +361,27 @@ func (f *fakeReplica) commit(w http.ResponseWriter, r *http.Request) {
 		if hdr.Cycle <= vm.applied {
 			break
 		}
+		if h := vm.held; h != nil {
+			if hdr.Cycle <= h.last {
+				break // staged before: a repeated commit
+			}
+			if hdr.Prev != h.last || vm.sync != nil {
+				f.mu.Unlock()
+				writeErr(w, http.StatusConflict, wire.Error{Code: wire.CodeGap, Message: "cycle does not follow", Applied: vm.applied})
+				return
+			}
+			h.frames = append(h.frames, frames...)
+			h.headers = append(h.headers, hdr)
+			h.last = hdr.Cycle
+			if hdr.Cycle >= h.consistentAt {
+				vm.apply(h.frames)
+				vm.applied, vm.appliedAt = hdr.Cycle, time.Now()
+				vm.state = "replicating"
+				f.headers = append(f.headers, h.headers...)
+				vm.held = nil
+			}
+			break
+		}
 		if hdr.Prev != vm.applied || vm.sync != nil {
 			f.mu.Unlock()
 			writeErr(w, http.StatusConflict, wire.Error{Code: wire.CodeGap, Message: "cycle does not follow", Applied: vm.applied})
@@ -412,6 +445,7 @@ func (f *fakeReplica) syncStart(w http.ResponseWriter, r *http.Request) {
 	}
 	vm.sync = &wire.SyncState{SyncStart: s, Done: []int64{}}
 	vm.pending = nil
+	vm.held = nil
 	vm.state = "initial-copy"
 	if s.Kind == wire.KindResync {
 		vm.state = "resyncing"
@@ -458,6 +492,14 @@ func (f *fakeReplica) syncFinish(w http.ResponseWriter, r *http.Request) {
 	}
 	if vm.sync == nil || vm.sync.Gen != s.Gen || vm.sync.Base != s.Base || int64(len(vm.sync.Done)) != vm.sync.Pieces {
 		writeErr(w, http.StatusConflict, wire.Error{Code: wire.CodeMismatch, Message: "sync not complete"})
+		return
+	}
+	if vm.sync.Kind == wire.KindResync && s.ConsistentAt > s.Base {
+		// Held: the answer names the images' cycle, not the base.
+		vm.held = &fakeHeld{consistentAt: s.ConsistentAt, last: s.Base, frames: vm.pending}
+		vm.pending = nil
+		vm.sync = nil
+		writeJSON(w, http.StatusOK, vm.view(r.PathValue("vm")))
 		return
 	}
 	vm.apply(vm.pending)

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"testing"
 	"time"
 
 	"github.com/vdrepl/vdrepl/journal"
@@ -256,6 +257,21 @@ func (j *fakeJournal) ReadAt(disk int, p []byte, off int64) error {
 	}
 	copy(p, j.disks[disk][off:])
 	return nil
+}
+
+// overflow lowers the cap to 64 KiB and writes 160 KiB past it on disk 0:
+// every cycle is dropped and ResyncRequired reported.
+func (j *fakeJournal) overflow(t *testing.T) {
+	t.Helper()
+	j.mu.Lock()
+	j.cap = 64 << 10
+	j.mu.Unlock()
+	for i := range 20 {
+		j.write(0, int64(i)*8192, random(8192))
+	}
+	if !j.Stats().ResyncRequired {
+		t.Fatal("fake journal did not overflow")
+	}
 }
 
 // barrier is disk d as it was at cycle c's barrier.

@@ -381,8 +381,20 @@ func TestResyncSendsOnlyDifferingBlocksAndResumesAfterRestart(t *testing.T) {
 
 	r2 := e.start(e.cfg)
 	waitReplicating(t, r2.s)
+	// The replica holds the pieces until the cycle sealed after the last
+	// one is applied: Sync waits for a cycle after it.
+	c, err := r2.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.checkImages(c)
 	e.rep.mu.Lock()
-	commits := slices.Clone(e.rep.commits)
+	var commits []string
+	for _, id := range e.rep.commits {
+		if _, ok := cycleOf(id); !ok {
+			commits = append(commits, id)
+		}
+	}
 	resent := e.rep.resyncBlocks
 	zeros := e.rep.zeroRanges[wire.KindResync]
 	e.rep.mu.Unlock()
@@ -405,11 +417,6 @@ func TestResyncSendsOnlyDifferingBlocksAndResumesAfterRestart(t *testing.T) {
 	}
 	if zeros != 3 {
 		t.Fatalf("resync sent %d zero ranges, want 3", zeros)
-	}
-	for d := range e.cfg.Disks {
-		if string(e.rep.image("vm1", d)) != string(e.j.live(d)) {
-			t.Fatalf("disk %d differs after the resync", d)
-		}
 	}
 }
 
@@ -490,15 +497,7 @@ func TestJournalOverflowResyncsInWindow(t *testing.T) {
 	r := e.start(e.cfg)
 	waitReplicating(t, r.s)
 	r.s.Pause()
-	e.j.mu.Lock()
-	e.j.cap = 64 << 10
-	e.j.mu.Unlock()
-	for i := range 20 {
-		e.j.write(0, int64(i)*8192, random(8192))
-	}
-	if !e.j.Stats().ResyncRequired {
-		t.Fatal("fake journal did not overflow")
-	}
+	e.j.overflow(t)
 	r.s.Resume()
 	waitState(t, r.s, StateResyncRequired)
 	clock.Set(time.Date(2026, 3, 2, 19, 0, 0, 0, time.Local))
@@ -510,6 +509,154 @@ func TestJournalOverflowResyncsInWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.checkImages(c)
+}
+
+// TestSyncWaitsForHeldResyncApplied: Sync seals a cycle, the journal then
+// passes its cap (the cycle is lost), and a resync replaces it. The replica
+// holds the resync (apply/doc.go) until the cycle sealed after its last
+// piece is applied, and answers the finish with its images still at their
+// last consistent point: Applied must not move to the base on that answer,
+// and Sync must not say its cycle is applied until the replica says so.
+func TestSyncWaitsForHeldResyncApplied(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	r := e.start(e.cfg)
+	waitReplicating(t, r.s)
+	c0, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The replica refuses everything, so the cycle Sync seals stays in
+	// the journal; later only cycle commits.
+	refuse := func(match func(*http.Request) bool) {
+		e.rep.mu.Lock()
+		e.rep.fail = func(r *http.Request) (int, string) {
+			if match(r) {
+				return http.StatusServiceUnavailable, wire.CodeBusy
+			}
+			return 0, ""
+		}
+		e.rep.mu.Unlock()
+	}
+	refuse(func(*http.Request) bool { return true })
+	e.j.write(0, 0, random(8192))
+	type result struct {
+		c   uint64
+		err error
+	}
+	res := make(chan result, 1)
+	ctx := syncCtx(t)
+	go func() {
+		c, err := r.s.Sync(ctx, false)
+		res <- result{c, err}
+	}()
+	waitFor(t, r.s, "Sync to seal its cycle", func() bool { return len(e.j.Cycles()) > 0 })
+	e.j.overflow(t)
+	refuse(func(r *http.Request) bool {
+		return r.Method == http.MethodPost && strings.Contains(r.URL.Path, "/uploads/c") && strings.HasSuffix(r.URL.Path, "/commit")
+	})
+	var held bool
+	waitFor(t, r.s, "the replica to hold the resync and the shipper to record its end", func() bool {
+		e.rep.mu.Lock()
+		held = e.rep.vms["vm1"].held != nil
+		e.rep.mu.Unlock()
+		r.s.mu.Lock()
+		defer r.s.mu.Unlock()
+		return held && r.s.st.Sync == nil // finishSync ran
+	})
+	if st, got := r.s.Status(), e.rep.applied("vm1"); st.LastApplied != got {
+		t.Fatalf("the shipper says cycle %d is applied; the replica, holding the resync, answered %d", st.LastApplied, got)
+	}
+	select {
+	case rs := <-res:
+		t.Fatalf("Sync returned cycle %d (%v) while the replica holds the resync at cycle %d", rs.c, rs.err, e.rep.applied("vm1"))
+	default:
+	}
+	refuse(func(*http.Request) bool { return false })
+	rs := <-res
+	if rs.err != nil {
+		t.Fatal(rs.err)
+	}
+	if rs.c <= c0 {
+		t.Fatalf("Sync returned cycle %d, not one after %d", rs.c, c0)
+	}
+	if got := e.rep.applied("vm1"); got < rs.c {
+		t.Fatalf("Sync returned cycle %d; the replica applied %d", rs.c, got)
+	}
+	for d := range e.cfg.Disks {
+		if got, want := e.rep.image("vm1", d), e.j.live(d); string(got) != string(want) {
+			t.Fatalf("disk %d of the replica differs from the primary after Sync (first difference at %d)", d, firstDiff(got, want))
+		}
+	}
+}
+
+// TestHeldCycleCommitIsNotApplied: a cycle sealed while a resync reads its
+// pieces lies before the resync's ConsistentAt. The replica answers its
+// commit once it is staged, with its images still at their last
+// consistent point: the cycle is released, but not recorded as applied.
+func TestHeldCycleCommitIsNotApplied(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	r := e.start(e.cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	pre := e.rep.applied("vm1")
+	r.s.mu.Lock()
+	shipped := r.s.st.Counters.Shipped
+	r.s.mu.Unlock()
+	e.j.write(0, 0, random(64<<10))
+
+	// A cycle slips in before piece 1 is committed (so before the cycle
+	// sealed after the last piece); every other cycle commit is refused.
+	var mu sync.Mutex
+	var slipped uint64
+	e.rep.mu.Lock()
+	e.rep.fail = func(r *http.Request) (int, string) {
+		id, ok := strings.CutSuffix(strings.TrimPrefix(r.URL.Path, "/v1/replicas/vm1/uploads/"), "/commit")
+		if r.Method != http.MethodPost || !ok {
+			return 0, ""
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if _, p, ok := pieceOf(id); ok && p == 1 && slipped == 0 {
+			info, err := e.j.Seal(0)
+			if err != nil {
+				t.Error(err)
+			}
+			e.j.write(0, 128<<10, random(8192))
+			slipped = info.Cycle
+		}
+		if c, ok := cycleOf(id); ok && c != slipped {
+			return http.StatusServiceUnavailable, wire.CodeBusy
+		}
+		return 0, ""
+	}
+	e.rep.mu.Unlock()
+	if err := r.s.Resync(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, r.s, "the commit of the cycle sealed during the resync to be recorded", func() bool {
+		r.s.mu.Lock()
+		defer r.s.mu.Unlock()
+		return r.s.st.Counters.Shipped > shipped
+	})
+	mu.Lock()
+	c := slipped
+	mu.Unlock()
+	if got := r.s.Status().LastApplied; got != pre || e.rep.applied("vm1") != pre {
+		t.Fatalf("cycle %d was staged in the held resync, the replica is at %d; the shipper says %d is applied", c, e.rep.applied("vm1"), got)
+	}
+	e.rep.mu.Lock()
+	e.rep.fail = nil
+	e.rep.mu.Unlock()
+	last, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := e.rep.applied("vm1"); got < last {
+		t.Fatalf("Sync returned cycle %d; the replica applied %d", last, got)
+	}
+	e.checkImages(last)
 }
 
 func TestPauseIsPersisted(t *testing.T) {

@@ -39,7 +39,10 @@ type persisted struct {
 	Resync *pendingResync `json:"resync,omitempty"`
 	Paused bool           `json:"paused,omitempty"`
 	// Applied is the last cycle the replica confirmed applied, with its
-	// barrier time and when the replica answered.
+	// barrier time and when the replica answered. Only a replica's answer
+	// (wire.Replica.Applied) moves it (confirmedApplied): a commit or a
+	// sync finish that succeeded says what is durable there, not what the
+	// images hold.
 	Applied       uint64    `json:"applied"`
 	AppliedSealed time.Time `json:"applied_sealed,omitzero"`
 	AppliedAt     time.Time `json:"applied_at,omitzero"`
@@ -113,4 +116,17 @@ func loadState(fsys vfs.FS, name string) (persisted, bool, error) {
 
 func encodeState(st *persisted) ([]byte, error) {
 	return statefile.Encode(stateFormat, stateVersion, st)
+}
+
+// confirmedApplied is how far an answer of the replica moves Applied when
+// the primary sent up to cycle c (barrier sealed): to c if the replica
+// names c or a later cycle applied, else only to the cycle it names. A
+// resync the replica holds (apply/doc.go) answers its finish, and the
+// commits of the cycles before its ConsistentAt, with the images still at
+// their last consistent point: success, but nothing applied.
+func confirmedApplied(c uint64, sealed time.Time, rep wire.Replica) (uint64, time.Time) {
+	if rep.Applied >= c {
+		return c, sealed
+	}
+	return rep.Applied, rep.AppliedAt
 }

@@ -180,12 +180,15 @@ func (s *Shipper) sealConsistent() (uint64, error) {
 }
 
 // finishSync records a sync the replica finished: it follows cycle Base now.
+// Applied moves only as far as rep, the replica's answer, says: a resync
+// the replica holds is applied only with the commit of cycle ConsistentAt.
 func (s *Shipper) finishSync(rec *syncRecord, rep wire.Replica) error {
 	lost := lostBase(s.j.Stats(), rec)
 	if err := s.j.EndResync(rec.Base); err != nil {
 		return fmt.Errorf("ship: end %s: %w", syncWhat(rec.Kind), err)
 	}
 	at := s.now()
+	applied, sealed := confirmedApplied(rec.Base, rec.BaseSealed, rep)
 	s.mu.Lock()
 	s.prog = progress{}
 	s.polls = 0
@@ -194,8 +197,8 @@ func (s *Shipper) finishSync(rec *syncRecord, rep wire.Replica) error {
 	err := s.update(func(st *persisted) {
 		st.Sync = nil
 		st.InitialDone = true
-		if rec.Base >= st.Applied {
-			st.Applied, st.AppliedSealed, st.AppliedAt = rec.Base, rec.BaseSealed, at
+		if applied > st.Applied {
+			st.Applied, st.AppliedSealed, st.AppliedAt = applied, sealed, at
 		}
 		if lost {
 			st.Resync = &pendingResync{Reason: "the journal passed its cap during the " + syncWhat(rec.Kind), Manual: true}

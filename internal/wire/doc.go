@@ -93,8 +93,14 @@
 //
 // Commit verifies the whole stream (CRCs, hash, VM, disks, cycle order),
 // makes it durable, and applies it; it answers only after the result is
-// durable. A cycle must follow the last applied one (code "gap" otherwise); a
-// cycle already applied is answered as success without being applied again.
+// durable. Every answer's Replica.Applied is the last cycle the replica's
+// images hold, and only that tells the primary a cycle is applied: a
+// replica holding a resync (a SyncFinish with ConsistentAt past Base)
+// answers the finish, and the commits of the cycles before ConsistentAt,
+// with Applied still at its last consistent point, and the commit of
+// ConsistentAt once the pieces and those cycles are applied. A cycle must
+// follow the last applied one (code "gap" otherwise); a cycle already
+// applied is answered as success without being applied again.
 // A corrupt stream is discarded (code "corrupt") and must be sent again.
 // A commit that failed after the stream was staged durably (an I/O error
 // while applying it) leaves the upload whole: its GET offset is the
