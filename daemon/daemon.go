@@ -121,6 +121,7 @@ type Daemon struct {
 	identity    *pki.Identity   // nil without --tls-cert
 	identityErr error           // why the configured identity could not be loaded
 	replica     *apply.Server
+	replicaEv   *replicaEvents // counts what the replica role reports
 	// tests and relays lock on their own, inside mu when both are held
 	// (the export catalogue looks up test failovers under mu).
 	tests       *failover.Tests[*testFailover]
@@ -165,13 +166,14 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	configureMemoryLimit(cfg.MemoryLimit)
 	d := &Daemon{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		fs:       vfs.Default,
-		reg:      registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
-		vms:      make(map[string]*vm),
-		mounts:   make(map[string]*blockdev.FUSEMount),
-		fuseOpen: make(map[string]int),
+		cfg:       cfg,
+		replicaEv: newReplicaEvents(),
+		log:       cfg.Logger,
+		fs:        vfs.Default,
+		reg:       registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},
+		vms:       make(map[string]*vm),
+		mounts:    make(map[string]*blockdev.FUSEMount),
+		fuseOpen:  make(map[string]int),
 	}
 	d.tests = d.newTests()
 	d.fo = d.newMachine()
@@ -223,7 +225,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Error(d.identityErr.Error())
 	}
 	var err error
-	if d.replica, err = apply.New(apply.Config{StateDir: d.cfg.StateDir, Logger: d.log.With("role", "replica"), Host: (*hostHooks)(d), DeferRecovery: true}); err != nil {
+	if d.replica, err = apply.New(apply.Config{StateDir: d.cfg.StateDir, Logger: d.log.With("role", "replica"), Host: (*hostHooks)(d), DeferRecovery: true, Events: d.replicaEv.events()}); err != nil {
 		d.shutdown()
 		return fmt.Errorf("replica role: %w", err)
 	}

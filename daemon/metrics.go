@@ -141,8 +141,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 // serveMetrics serves /metrics on MetricsListen.
 func (d *Daemon) serveMetrics(errc chan<- error) (func(), error) {
 	reg := prometheus.NewRegistry()
-	if err := reg.Register(newCollector(d)); err != nil {
-		return nil, fmt.Errorf("metrics: %w", err)
+	for _, c := range append(d.replicaEv.collectors(), newCollector(d)) {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("metrics: %w", err)
+		}
 	}
 	l, err := net.Listen("tcp", d.cfg.MetricsListen)
 	if err != nil {

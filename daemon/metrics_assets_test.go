@@ -24,6 +24,11 @@ func exportedMetrics(t *testing.T) map[string]bool {
 	if err := reg.Register(everyDesc{newCollector(nil)}); err != nil {
 		t.Fatal(err)
 	}
+	for _, c := range newReplicaEvents().collectors() {
+		if err := reg.Register(everyDesc{c}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)

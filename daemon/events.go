@@ -1,0 +1,47 @@
+package daemon
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vdrepl/vdrepl/apply"
+)
+
+// replicaEvents counts what the replica role reports as it happens (the
+// collector reads everything else from Status at each scrape). A rejected
+// request carries no vm label: the name comes from a request that was not
+// authorized, and a label per name sent would let anyone grow the series.
+type replicaEvents struct {
+	applied   *prometheus.CounterVec
+	rejected  prometheus.Counter
+	corrupt   *prometheus.CounterVec
+	syncs     *prometheus.CounterVec
+	recovered *prometheus.CounterVec
+}
+
+func newReplicaEvents() *replicaEvents {
+	vec := func(name, help string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, []string{"vm"})
+	}
+	return &replicaEvents{
+		applied:   vec("vdrepl_replica_cycles_applied_total", "replica role: cycles applied to the VM's images"),
+		rejected:  prometheus.NewCounter(prometheus.CounterOpts{Name: "vdrepl_replica_rejected_requests_total", Help: "replica role: requests refused for lack of authorization"}),
+		corrupt:   vec("vdrepl_replica_corrupt_uploads_total", "replica role: uploads or staged streams that failed verification"),
+		syncs:     vec("vdrepl_replica_syncs_finished_total", "replica role: initial copies and resyncs completed"),
+		recovered: vec("vdrepl_replica_applies_recovered_total", "replica role: applies interrupted by a crash or an I/O error, then finished"),
+	}
+}
+
+// events is the apply.Events that feed the counters.
+func (e *replicaEvents) events() apply.Events {
+	return apply.Events{
+		CycleApplied: func(vm string, _ uint64) { e.applied.WithLabelValues(vm).Inc() },
+		Rejected:     func(_, _, _ string) { e.rejected.Inc() },
+		Corrupt:      func(vm, _ string, _ error) { e.corrupt.WithLabelValues(vm).Inc() },
+		SyncFinished: func(vm string, _ uint64) { e.syncs.WithLabelValues(vm).Inc() },
+		Recovered:    func(vm, _ string) { e.recovered.WithLabelValues(vm).Inc() },
+	}
+}
+
+func (e *replicaEvents) collectors() []prometheus.Collector {
+	return []prometheus.Collector{e.applied, e.rejected, e.corrupt, e.syncs, e.recovered}
+}
