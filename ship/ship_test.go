@@ -482,6 +482,60 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 	e.checkImages(c)
 }
 
+// TestDamagedJournalIsNeverShipped: a cycle whose journaled data does not
+// verify is not shipped (nor any cycle after it): the VM is marked resync
+// required with the damage named in the status, and the resync repairs the
+// replica from the image.
+func TestDamagedJournalIsNeverShipped(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	clock := newClock(time.Date(2026, 3, 2, 12, 0, 0, 0, time.Local))
+	e.cfg.Now = clock.Now
+	e.j.now = clock.Now
+	e.cfg.ResyncWindow = "18:30-06:00"
+	r := e.start(e.cfg)
+	waitReplicating(t, r.s)
+	e.j.write(0, 64<<10, random(64<<10))
+	e.j.mu.Lock()
+	e.j.damage = func(x journal.Extent) error {
+		if x.Offset != 64<<10 {
+			return nil
+		}
+		return &journal.DamageError{Disk: 0, DiskName: "disk0", Off: 64 << 10, Len: 64 << 10, LSN: 0x1234,
+			Segment: "/j/0000000000000000.seg", Why: "payload checksum 0x1, want 0x2"}
+	}
+	e.j.mu.Unlock()
+	if _, err := r.s.Sync(syncCtx(t), false); !errors.Is(err, ErrResyncRequired) {
+		t.Fatalf("Sync of a damaged cycle: %v, want ErrResyncRequired (outside the resync window)", err)
+	}
+	st := r.s.Status()
+	if st.State != StateResyncRequired || st.Health != HealthWarning ||
+		!strings.Contains(st.Reason, "LSN 0x1234 in segment /j/0000000000000000.seg damaged: disk disk0 bytes [65536,131072)") {
+		t.Fatalf("status does not name the damage: %+v", st)
+	}
+	e.rep.mu.Lock()
+	commits := slices.Clone(e.rep.commits)
+	e.rep.mu.Unlock()
+	for _, id := range commits {
+		if c, ok := cycleOf(id); ok && c > st.LastApplied {
+			t.Fatalf("cycle %d was committed, past the last applied %d before the damage: %v", c, st.LastApplied, commits)
+		}
+	}
+	if got := e.rep.applied("vm1"); got != st.LastApplied {
+		t.Fatalf("the replica applied cycle %d, the primary says %d", got, st.LastApplied)
+	}
+
+	if err := r.s.Resync(); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicating(t, r.s)
+	e.j.write(0, 4096, random(4096))
+	c, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.checkImages(c)
+}
+
 func TestJournalOverflowResyncsInWindow(t *testing.T) {
 	e := newEnv(t, 1<<20)
 	clock := newClock(time.Date(2026, 3, 2, 12, 0, 0, 0, time.Local))
