@@ -81,16 +81,12 @@ func journalRecords(t *testing.T, h *host, vm string) []journalRecord {
 // flipByte flips one byte of a file, as damage at rest would.
 func flipByte(t *testing.T, name string, at int64) {
 	t.Helper()
+	b := []byte{readByte(t, name, at) ^ 0x5a}
 	f, err := os.OpenFile(name, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	b := []byte{0}
-	if _, err := f.ReadAt(b, at); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= 0x5a
 	if _, err := f.WriteAt(b, at); err != nil {
 		t.Fatal(err)
 	}
@@ -155,6 +151,21 @@ func damageNamed(t *testing.T, p *pair, rec journalRecord) primStatus {
 	return s
 }
 
+// pairReplicaDown is a pair replicating vm1 (one 16 MiB disk, cycles only
+// on sync, a resync window that is not now), its initial copy done, with
+// the replica stopped. It returns the primary's image file.
+func pairReplicaDown(t *testing.T) (*pair, string) {
+	t.Helper()
+	need(t, "qemu-io", "nbdcopy")
+	p := newPairWith(t, pairOpts{primExtra: []string{"--resync-window", closedWindow()}})
+	img := p.prim.addVM("vm1", "16M")
+	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h")
+	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
+	p.checkEqual(t, "vm1", "disk0")
+	p.rep.stop()
+	return p, img
+}
+
 // repair runs the resync the damage asks for and a sync after it, and checks
 // the replica equals the primary's image and replicates normally again.
 func repair(t *testing.T, p *pair, primImg string) {
@@ -177,14 +188,7 @@ func repair(t *testing.T, p *pair, primImg string) {
 // (segment, LSN, disk range) in status and log, and the resync makes the
 // replica equal to the primary's image.
 func TestIntegrityDamagedJournalScenario1(t *testing.T) {
-	need(t, "qemu-io", "nbdcopy")
-	p := newPairWith(t, pairOpts{primExtra: []string{"--resync-window", closedWindow()}})
-	img := p.prim.addVM("vm1", "16M")
-	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h")
-	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
-	p.checkEqual(t, "vm1", "disk0")
-
-	p.rep.stop()
+	p, img := pairReplicaDown(t)
 	sh(t, "qemu-io", "-f", "raw",
 		"-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 1M 1M", "-c", "write -P 0x33 2M 1M", "-c", "write -P 0x44 3M 1M",
 		"-c", "flush", p.prim.uri("vm1/disk0"))
@@ -242,14 +246,7 @@ func TestIntegrityDamagedJournalScenario1(t *testing.T) {
 // reach the replica: the primary marks it resync required naming the range,
 // and the resync makes the replica equal to the primary's image.
 func TestIntegrityCutTailScenario2(t *testing.T) {
-	need(t, "qemu-io", "nbdcopy")
-	p := newPairWith(t, pairOpts{primExtra: []string{"--resync-window", closedWindow()}})
-	img := p.prim.addVM("vm1", "16M")
-	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h")
-	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
-	p.checkEqual(t, "vm1", "disk0")
-
-	p.rep.stop()
+	p, img := pairReplicaDown(t)
 	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5c 4M 1M", "-c", "flush", p.prim.uri("vm1/disk0"))
 	waitFor(t, "the write-back to put the write in the image", func() bool {
 		return readByte(t, img, 4<<20) == 0x5c && readByte(t, img, 5<<20-1) == 0x5c

@@ -442,7 +442,11 @@ func TestOfflineInitialCopy(t *testing.T) {
 	}
 }
 
-func TestGapWaitsForWindowThenManualResync(t *testing.T) {
+// startOutsideWindow starts a shipper, its initial copy done, whose clock
+// stands at noon outside its resync window (18:30-06:00): an automatic
+// resync waits for it.
+func startOutsideWindow(t *testing.T) (*env, *run) {
+	t.Helper()
 	e := newEnv(t, 1<<20)
 	clock := newClock(time.Date(2026, 3, 2, 12, 0, 0, 0, time.Local))
 	e.cfg.Now = clock.Now
@@ -450,6 +454,27 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 	e.cfg.ResyncWindow = "18:30-06:00"
 	r := e.start(e.cfg)
 	waitReplicating(t, r.s)
+	return e, r
+}
+
+// resyncNowThenSync starts the resync at once and checks a cycle synced
+// after it leaves the replica equal to the primary.
+func resyncNowThenSync(t *testing.T, e *env, r *run) {
+	t.Helper()
+	if err := r.s.Resync(); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicating(t, r.s)
+	e.j.write(0, 4096, random(4096))
+	c, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.checkImages(c)
+}
+
+func TestGapWaitsForWindowThenManualResync(t *testing.T) {
+	e, r := startOutsideWindow(t)
 	e.j.write(0, 0, random(8192))
 	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
 		t.Fatal(err)
@@ -470,16 +495,7 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 	if st.State != StateResyncRequired || st.Health != HealthWarning || !st.NextResync.Equal(want) {
 		t.Fatalf("status: %+v", st)
 	}
-	if err := r.s.Resync(); err != nil {
-		t.Fatal(err)
-	}
-	waitReplicating(t, r.s)
-	e.j.write(0, 4096, random(4096))
-	c, err := r.s.Sync(syncCtx(t), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.checkImages(c)
+	resyncNowThenSync(t, e, r)
 }
 
 // TestDamagedJournalIsNeverShipped: a cycle whose journaled data does not
@@ -487,13 +503,7 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 // required with the damage named in the status, and the resync repairs the
 // replica from the image.
 func TestDamagedJournalIsNeverShipped(t *testing.T) {
-	e := newEnv(t, 1<<20)
-	clock := newClock(time.Date(2026, 3, 2, 12, 0, 0, 0, time.Local))
-	e.cfg.Now = clock.Now
-	e.j.now = clock.Now
-	e.cfg.ResyncWindow = "18:30-06:00"
-	r := e.start(e.cfg)
-	waitReplicating(t, r.s)
+	e, r := startOutsideWindow(t)
 	e.j.write(0, 64<<10, random(64<<10))
 	e.j.mu.Lock()
 	e.j.damage = func(x journal.Extent) error {
@@ -523,17 +533,7 @@ func TestDamagedJournalIsNeverShipped(t *testing.T) {
 	if got := e.rep.applied("vm1"); got != st.LastApplied {
 		t.Fatalf("the replica applied cycle %d, the primary says %d", got, st.LastApplied)
 	}
-
-	if err := r.s.Resync(); err != nil {
-		t.Fatal(err)
-	}
-	waitReplicating(t, r.s)
-	e.j.write(0, 4096, random(4096))
-	c, err := r.s.Sync(syncCtx(t), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.checkImages(c)
+	resyncNowThenSync(t, e, r)
 }
 
 func TestJournalOverflowResyncsInWindow(t *testing.T) {
