@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"time"
 
@@ -37,7 +38,20 @@ type Extent struct {
 	Length int64
 	Kind   uint8  // KindWrite, KindTrim, KindZero or KindZeroAlloc
 	lsn    uint64 // where the data of a KindWrite run starts in the journal
+	rec    recRef // the write record holding that data (KindWrite)
 }
+
+// recRef is what a reader of journaled data needs to verify it: the write
+// record's LSN, payload length and payload CRC32C. A run of a cycle's blocks
+// never spans records (a header lies between any two payloads), so one
+// recRef covers an Extent.
+type recRef struct {
+	lsn uint64
+	n   uint32 // payload length (at most MaxPayload)
+	sum uint32
+}
+
+func refOf(h *Header) recRef { return recRef{lsn: h.LSN, n: uint32(h.Length), sum: h.DCRC} }
 
 // cycleIndex is a cycle's content while it is in memory: the newest journal
 // position of every block written, and the trim/zero ranges newer than any
@@ -46,6 +60,26 @@ type cycleIndex struct {
 	info   CycleInfo
 	blocks map[uint64]uint64
 	ranges []Extent
+	recs   []recRef // the cycle's write records, by LSN
+}
+
+// addRecord notes a write record of the cycle. Appends finish out of order,
+// but rarely by more than a few places (see enqueueLocked).
+func (ci *cycleIndex) addRecord(h *Header) {
+	i := len(ci.recs)
+	for i > 0 && ci.recs[i-1].lsn > h.LSN {
+		i--
+	}
+	ci.recs = slices.Insert(ci.recs, i, refOf(h))
+}
+
+// recordOf is the write record holding journal position data.
+func (ci *cycleIndex) recordOf(data uint64) recRef {
+	i := sort.Search(len(ci.recs), func(i int) bool { return ci.recs[i].lsn > data }) - 1
+	if i < 0 {
+		return recRef{}
+	}
+	return ci.recs[i]
 }
 
 // dropRange forgets block writes inside a range that a newer trim/zero covers.
@@ -181,14 +215,53 @@ func (j *Journal) isClosed(c uint64) bool {
 }
 
 // ReadExtent reads the data of a KindWrite extent of a closed cycle into p
-// (len(p) == e.Length).
+// (len(p) == e.Length), verified: the payload of the record holding it must
+// match the CRC32C its header carries. An extent that is its record's whole
+// payload is checked in p itself; one that covers part of it reads the whole
+// payload into a scratch buffer to check it. A mismatch returns a
+// *DamageError (ErrDamaged), and p must not be used.
 func (j *Journal) ReadExtent(e Extent, p []byte) error {
 	if e.Kind != KindWrite || int64(len(p)) != e.Length {
 		return fmt.Errorf("journal: ReadExtent of %s extent into %d bytes", kindName(e.Kind), len(p))
 	}
+	payload := e.rec.lsn + HeaderSize
+	if e.rec.n == 0 || e.lsn < payload || e.lsn-payload+uint64(e.Length) > uint64(e.rec.n) {
+		return fmt.Errorf("%w: extent at LSN %#x outside its record at %#x", errBadIndex, e.lsn, e.rec.lsn)
+	}
+	buf := p
+	if whole := e.lsn == payload && e.Length == int64(e.rec.n); !whole {
+		buf = j.getBuf(int(e.rec.n))
+		defer j.putBuf(buf)
+	}
 	j.segMu.RLock()
-	defer j.segMu.RUnlock()
-	return j.readJournal(p, e.lsn)
+	err := j.readJournal(buf, payload)
+	j.segMu.RUnlock()
+	if err != nil {
+		return err
+	}
+	if got := crc(buf); got != e.rec.sum {
+		off := e.Offset - int64(e.lsn-payload)
+		return j.damage(e.rec, e.Disk, off, fmt.Sprintf("payload checksum %#x, want %#x", got, e.rec.sum))
+	}
+	if len(buf) != len(p) {
+		copy(p, buf[e.lsn-payload:])
+	}
+	return nil
+}
+
+// damage is the DamageError of the write record rec, which covers disk's
+// bytes from off.
+func (j *Journal) damage(rec recRef, disk int, off int64, why string) *DamageError {
+	e := &DamageError{Disk: disk, Off: off, Len: int64(rec.n), LSN: rec.lsn, Why: why}
+	if disk >= 0 && disk < len(j.cfg.Disks) {
+		e.DiskName = j.cfg.Disks[disk].Name
+	}
+	j.mu.Lock()
+	if seg := j.segmentFor(rec.lsn); seg != nil {
+		e.Segment = seg.name
+	}
+	j.mu.Unlock()
+	return e
 }
 
 // Release drops closed cycles up to and including c: they were shipped and
@@ -220,8 +293,15 @@ func (j *Journal) Release(c uint64) error {
 //
 // Keys:  'b' cycle(8, BE) disk(2, BE) block(6, BE) -> run blocks(4) data LSN(8)
 //
+//	                                              record LSN(8) payload length(4)
+//	                                              payload CRC32C(4)
 //	'r' cycle(8, BE) seq(4, BE)                -> disk(2) off(8) len(8) kind(1)
 //	'i' cycle(8, BE)                           -> CycleInfo as JSON
+//
+// A 'b' value carries what ReadExtent needs to verify the run's data without
+// reading the record's header: the record it lies in, its payload length
+// and CRC32C (values are little endian). Nothing outlives an Open, so the
+// layout may change freely between versions.
 type cycleStore struct{ db *badger.DB }
 
 func openCycleStore(dir string) (*cycleStore, error) {
@@ -278,8 +358,12 @@ func (s *cycleStore) put(ci *cycleIndex) error {
 			n++
 		}
 		key := binary.BigEndian.AppendUint64(cycleKey('b', ci.info.Cycle, 8), k0)
+		rec := ci.recordOf(d0)
 		val := binary.LittleEndian.AppendUint32(nil, uint32(n))
 		val = binary.LittleEndian.AppendUint64(val, d0)
+		val = binary.LittleEndian.AppendUint64(val, rec.lsn)
+		val = binary.LittleEndian.AppendUint32(val, rec.n)
+		val = binary.LittleEndian.AppendUint32(val, rec.sum)
 		if err := wb.Set(key, val); err != nil {
 			return fmt.Errorf("journal: index cycle %d: %w", ci.info.Cycle, err)
 		}
@@ -352,7 +436,7 @@ func (s *cycleStore) extents(c uint64, fn func(Extent) error) error {
 				}
 				var e Extent
 				switch {
-				case p == 'b' && len(key) == 17 && len(val) == 12:
+				case p == 'b' && len(key) == 17 && len(val) == 28:
 					k := binary.BigEndian.Uint64(key[9:])
 					e = Extent{
 						Disk:   int(k >> 48),
@@ -360,6 +444,11 @@ func (s *cycleStore) extents(c uint64, fn func(Extent) error) error {
 						Length: int64(binary.LittleEndian.Uint32(val)) * BlockSize,
 						Kind:   KindWrite,
 						lsn:    binary.LittleEndian.Uint64(val[4:]),
+						rec: recRef{
+							lsn: binary.LittleEndian.Uint64(val[12:]),
+							n:   binary.LittleEndian.Uint32(val[20:]),
+							sum: binary.LittleEndian.Uint32(val[24:]),
+						},
 					}
 				case p == 'r' && len(val) == 19:
 					e = Extent{

@@ -392,6 +392,10 @@ func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
 		for i, k := range order {
 			pos := int(q[k].h.LSN + HeaderSize - start)
 			iov[i] = buf[pos : pos+int(q[k].h.Length)]
+			// Read back, so verified before any of the run is written.
+			if err := j.checkWritePayload(&q[k].h, iov[i]); err != nil {
+				return 0, err
+			}
 		}
 	}
 	if _, err := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(q[order[0]].h.Offset)); err != nil {

@@ -37,9 +37,37 @@
 // cycle, every record after to the next. A closed cycle's index (block ->
 // journal position of its newest data, plus its trim/zero ranges) lives in
 // BadgerDB, positions only, and is rebuilt from the segments on every Open.
+// Beside each run of blocks it keeps the record holding the run's data: its
+// LSN, payload length and payload CRC32C (cycleStore).
 // Closed cycles and the segments they need stay until Release. Past Cap bytes
 // of unreleased journal the VM switches to a dirty-block bitmap and is marked
 // resync required; guest writes never fail for lack of journal space.
+//
+// # Damage at rest
+//
+// Every read of journaled data for shipping or write-back verifies the
+// payload CRC32C of the record it comes from. ReadExtent of an extent that
+// is a record's whole payload checks it in the same read; one that covers a
+// part (the rest rewritten later in the cycle) reads the whole payload into
+// a scratch buffer to check it. A mismatch returns a *DamageError (errors.Is
+// ErrDamaged) naming the disk, the record's byte range, its LSN and segment
+// file, and never the data. The shipper then never ships the cycle: it marks
+// the VM resync required with that error as the reason, and the resync
+// repairs the replica from the primary's image. It does not ship the range
+// from the image instead, even where the image's CRC32C over the record's
+// range equals the record's: a 32-bit checksum matching over up to 32 MiB is
+// evidence, not proof, and the resync reaches the same bytes by comparing
+// them.
+//
+// The write-back reads a record from the journal when its append buffer
+// was not kept; it verifies the whole payload first and, on a mismatch,
+// writes none of it to the image: the journal fails (ErrFailed wrapping the
+// *DamageError, logged at ERROR), and so do writes and flushes until it is
+// reopened. The record lies past the checkpoint, so the next Open reads it
+// again and applies Recovery's rules: with a later record saying a sync
+// covered it, that is a corrupt middle and Open refuses with ErrCorrupt,
+// changing nothing; as the journal's last record it is cut, its range
+// marked dirty (below).
 //
 // # Segment file
 //
@@ -91,7 +119,27 @@
 // record, it is a torn tail (ErrZeroed or ErrInvalid from the decoder): the
 // segment is cut back to its last valid record and later segments removed.
 // Below that watermark a sync had covered it: Open fails with ErrCorrupt and
-// changes nothing. Then every record past the checkpoint is replayed into the
+// changes nothing.
+//
+// A torn tail whose first record has a header that verifies (magic, version,
+// its own LSN, header CRC) but a payload that does not, or is cut short,
+// may hide data already in the image: that record was written whole once,
+// and a sync no later record reports may have covered it and let the
+// write-back copy it. So with replication on (Config.Retain) the cut does
+// not drop that knowledge: the range [offset, offset+length) of its disk,
+// and that of every write record whose header verifies after it (in its
+// segment or the segments dropped with it), is marked in the dirty map,
+// the VM becomes resync required (Stats.ResyncRequired, with the record's
+// LSN, segment and range in Stats.ResyncReason) and the resync ships those
+// ranges from the image. Each is logged at WARN. A tail whose first header
+// does not verify (zeroes, stale bytes of a recycled segment) is an
+// ordinary torn tail, logged at INFO: no sync covers what follows a record
+// still in flight, so none of it reached the image. The known limit: damage
+// at rest in the header of the very last record is indistinguishable from a
+// torn tail, so that record is cut without a trace; the block-hash scrub
+// that a later step adds catches the difference it leaves.
+//
+// Then every record past the checkpoint is replayed into the
 // images (idempotent) and a new checkpoint written. The header framing, the
 // scan, the search past damage and the cut are internal/recordlog's
 // (recordlog.CutTornTail); the journal adds LSNs and the watermark across

@@ -151,6 +151,9 @@ type Journal struct {
 		resyncNext bool                   // the next seal is a resync barrier
 		cutting    bool                   // a switch to dirty tracking is under way
 		cutReason  string                 // why, when not the cap
+		// resyncReason says why dirty is set, when known (enterDirty,
+		// keepCutWrite); "" after a restart that found only the map.
+		resyncReason string
 
 		// The write-back.
 		pending       map[uint64]uint64 // block key -> data LSN newer than the image
@@ -733,6 +736,9 @@ func (j *Journal) appendWriteVia(via appendPath, disk int, p []byte, off int64, 
 			if ci != nil {
 				ci.blocks[key] = data
 			}
+		}
+		if ci != nil {
+			ci.addRecord(h)
 		}
 		if j.mu.dirty != nil {
 			j.mu.dirty.setRange(disk, off, int64(len(p)))

@@ -59,6 +59,31 @@ var (
 // it, it wraps recordlog.ErrCorrupt too.
 var ErrCorrupt = errors.New("journal: corrupt record in synced region")
 
+// ErrDamaged is a journaled payload that does not match the CRC32C its
+// record header carries: damage at rest, found when the data is read to be
+// shipped or written back. It is never returned with data; a DamageError
+// names the record and the range of the disk it covers.
+var ErrDamaged = errors.New("journal: damaged record")
+
+// DamageError is ErrDamaged for one write record: the disk range its payload
+// covers, where it lies in the journal, and what the check found.
+type DamageError struct {
+	Disk     int    // the disk's index within the VM
+	DiskName string // and its name
+	Off, Len int64  // the record's range of the disk: [Off, Off+Len)
+	LSN      uint64 // the record's LSN
+	Segment  string // the segment file holding it
+	Why      string // what the check found
+}
+
+func (e *DamageError) Error() string {
+	return fmt.Sprintf("journal record at LSN %#x in segment %s damaged: disk %s bytes [%d,%d): %s",
+		e.LSN, e.Segment, e.DiskName, e.Off, e.Off+e.Len, e.Why)
+}
+
+// Unwrap makes errors.Is(err, ErrDamaged) hold.
+func (e *DamageError) Unwrap() error { return ErrDamaged }
+
 // Header is a decoded record header. See doc.go for the byte layout.
 type Header struct {
 	Kind   uint8

@@ -37,16 +37,20 @@ func (j *Journal) recover() error {
 	if err != nil {
 		return err
 	}
-	keep, err := j.findEnd(scans, durable)
+	keep, cut, err := j.findEnd(scans, durable)
 	if err != nil {
 		return err
 	}
+	cuts := j.cutWrites(scans, keep, cut)
 	if err := j.cutEnd(keep, scans, ck); err != nil {
 		return err
 	}
 	var headers []Header
 	for _, sc := range scans[:keep] {
 		headers = append(headers, sc.headers...)
+	}
+	if err := j.keepCutWrites(cuts, ck, headers); err != nil {
+		return err
 	}
 	if err := j.rebuild(headers, ck); err != nil {
 		return err
@@ -149,21 +153,22 @@ func (j *Journal) scanSegments(bases []uint64, applied uint64) ([]segmentScan, u
 // findEnd finds where the journal ends: the first gap between segments or
 // record that does not verify, cutting a torn tail at or past durable
 // (recoverTail) and failing with ErrCorrupt below it. It returns how many
-// segments, from the first, hold the journal.
-func (j *Journal) findEnd(scans []segmentScan, durable uint64) (int, error) {
+// segments, from the first, hold the journal, and whether the last of them
+// was cut back.
+func (j *Journal) findEnd(scans []segmentScan, durable uint64) (int, bool, error) {
 	for i, seg := range j.mu.segs {
 		res := scans[i].res
 		if i > 0 && seg.base != scans[i-1].res.end {
 			if scans[i-1].res.end < durable {
-				return 0, fmt.Errorf("%w: gap before segment %s (durable through %#x)", ErrCorrupt, seg.name, durable)
+				return 0, false, fmt.Errorf("%w: gap before segment %s (durable through %#x)", ErrCorrupt, seg.name, durable)
 			}
-			return i, nil
+			return i, false, nil
 		}
 		if seg.f == nil {
 			if seg.base < durable {
-				return 0, fmt.Errorf("%w: %v", ErrCorrupt, res.torn)
+				return 0, false, fmt.Errorf("%w: %v", ErrCorrupt, res.torn)
 			}
-			return i, nil
+			return i, false, nil
 		}
 		// A segment is only left for the next one when a record did not
 		// fit: the next starts exactly where its last record ends. Past
@@ -175,13 +180,118 @@ func (j *Journal) findEnd(scans []segmentScan, durable uint64) (int, error) {
 		}
 		if res.torn != nil {
 			if err := recoverTail(seg, res, durable); err != nil {
-				return 0, err
+				return 0, false, err
 			}
 			j.log.Info("journal: cut torn tail", "segment", seg.name, "lsn", res.end, "why", res.torn)
-			return i + 1, nil
+			return i + 1, true, nil
 		}
 	}
-	return len(j.mu.segs), nil
+	return len(j.mu.segs), false, nil
+}
+
+// cutWrite is a write record that recovery cuts although its header
+// verifies at its own LSN: the record that stopped the scan (its payload
+// damaged or cut short), or one past it.
+type cutWrite struct {
+	h       Header
+	segment string
+	why     string
+}
+
+// cutWrites lists the write records that a cut (findEnd cut the last kept
+// segment) takes away although they may be in the image. Only a cut whose
+// first record has a header that verifies can: that record was written
+// whole once, and a sync may have covered it and the records after it.
+// Then it lists that record (if a write) and every write record whose
+// header verifies after it, in its segment and in the segments dropped
+// after it. A cut that starts at a header that does not verify (zeroes,
+// stale bytes of a recycled segment) is an ordinary torn tail: no sync can
+// have covered what follows a record still in flight, so nothing after it
+// was written back. Call it before cutEnd drops those segments.
+func (j *Journal) cutWrites(scans []segmentScan, keep int, cut bool) []cutWrite {
+	if !cut || keep == 0 || scans[keep-1].res.tornHeader == nil {
+		return nil
+	}
+	var cuts []cutWrite
+	add := func(seg *segment, res scanResult) {
+		if h := res.tornHeader; h != nil && h.Kind == KindWrite {
+			cuts = append(cuts, cutWrite{h: *h, segment: seg.name, why: res.torn.Error()})
+		}
+		for _, h := range res.beyond {
+			cuts = append(cuts, cutWrite{h: h, segment: seg.name, why: "past the cut record"})
+		}
+	}
+	add(j.mu.segs[keep-1], scans[keep-1].res)
+	for i := keep; i < len(scans); i++ {
+		for _, h := range scans[i].headers {
+			if h.Kind == KindWrite {
+				cuts = append(cuts, cutWrite{h: h, segment: j.mu.segs[i].name, why: "in a segment past the cut record"})
+			}
+		}
+		add(j.mu.segs[i], scans[i].res)
+	}
+	return cuts
+}
+
+// keepCutWrites keeps what cut write records tell: each was appended, and
+// may have been synced and written back into the image before the crash (a
+// header that verifies at its own LSN is no leftover of a recycled
+// segment), so the replica may lack data the image holds. With replication
+// on, each one's range of its disk is marked dirty, which makes the VM
+// resync required: the resync ships those ranges from the image. A dirty
+// map made here replaces the cycles not yet released (rebuild marks their
+// records, headers, as enterDirty does) and ends a resync under way, as
+// readState's rule has it. Each cut record is logged at WARN.
+func (j *Journal) keepCutWrites(cuts []cutWrite, ck checkpoint, headers []Header) error {
+	var reason string
+	for _, c := range cuts {
+		h := &c.h
+		disk, off, n := int(h.Disk), int64(h.Offset), int64(h.Length)
+		if disk >= len(j.cfg.Disks) || off+n > j.cfg.Disks[disk].Size {
+			j.log.Warn("journal: cut a record whose header verified, for a range outside the disks",
+				"segment", c.segment, "lsn", h.LSN, "disk", disk, "offset", off, "length", n)
+			continue
+		}
+		name := j.cfg.Disks[disk].Name
+		rng := fmt.Sprintf("[%d,%d)", off, off+n)
+		if !j.mu.retain {
+			j.log.Warn("journal: cut a record whose data may be in the image; replication is off, so there is no replica to repair",
+				"segment", c.segment, "lsn", h.LSN, "disk", name, "range", rng, "why", c.why)
+			continue
+		}
+		if j.mu.dirty == nil {
+			dm := newDirtyMap(j.diskSizes())
+			dm.released = max(ck.Released, j.mu.resyncBase)
+			dm.lsn = j.mu.head
+			for _, h := range headers {
+				if h.Cycle > dm.released {
+					dm.lsn = h.LSN
+					break
+				}
+			}
+			j.mu.dirty = dm
+			if j.mu.resyncBase != 0 {
+				j.mu.resyncBase = 0
+				if err := j.removeState(resyncFile); err != nil {
+					return fmt.Errorf("journal: remove resync marker: %w", err)
+				}
+			}
+		}
+		j.mu.dirty.setRange(disk, off, n)
+		if reason == "" {
+			reason = fmt.Sprintf("journal record at LSN %#x in segment %s cut at recovery (header intact, payload damaged or short), its data may be in the image: disk %s bytes %s",
+				h.LSN, c.segment, name, rng)
+		}
+		j.log.Warn("journal: cut a record whose data may be in the image; resync required for its range",
+			"segment", c.segment, "lsn", h.LSN, "disk", name, "range", rng, "why", c.why)
+	}
+	if reason != "" {
+		if len(cuts) > 1 {
+			reason += fmt.Sprintf(", and %d more record(s) past it", len(cuts)-1)
+		}
+		j.mu.resyncReason = reason
+	}
+	return nil
 }
 
 // cutEnd removes the segments past the end findEnd found (keep segments
@@ -275,6 +385,7 @@ func (j *Journal) indexRecovered(ci *cycleIndex, h *Header) {
 		for i := uint64(0); i < h.Length/BlockSize; i++ {
 			ci.blocks[blockKey(int(h.Disk), h.Offset/BlockSize+i)] = h.LSN + HeaderSize + i*BlockSize
 		}
+		ci.addRecord(h)
 		return
 	}
 	ci.dropRange(int(h.Disk), int64(h.Offset), int64(h.Length))

@@ -160,6 +160,7 @@ func (j *Journal) SetRetain(on bool) error {
 		dm.lsn = j.mu.head
 		dm.released = j.mu.cycle - 1
 		j.mu.dirty = dm
+		j.mu.resyncReason = ""
 		j.mu.released = max(j.mu.released, j.mu.cycle-1)
 	} else {
 		for _, c := range j.mu.closedC {

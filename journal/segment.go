@@ -186,6 +186,14 @@ type scanResult struct {
 	end       uint64 // LSN just past the last valid record
 	maxSynced uint64 // largest Synced field among valid records
 	torn      error  // why scanning stopped before the file's end (nil at a clean end)
+	// tornHeader is the header of the record at end when that header
+	// verified (magic, version, LSN, header CRC) but its payload did not, or
+	// was cut short: a record that was written, maybe synced and written
+	// back, and damaged or torn since. Nil for any other stop.
+	tornHeader *Header
+	// beyond are the write records whose headers verify at their own LSN
+	// past the one that stopped the scan (syncedBeyond found them).
+	beyond []Header
 }
 
 // scanSegment reads the records of seg in order, calling fn for each valid one
@@ -197,9 +205,12 @@ type scanResult struct {
 // is a record of an unsupported version.
 func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn func(Header, []byte) error) (scanResult, error) {
 	var (
-		res   scanResult
-		fnErr error
+		res    scanResult
+		fnErr  error
+		last   Header // the last header that verified
+		lastAt int64  // and where, -1 for none
 	)
+	lastAt = -1
 	sc := recordlog.Scanner[Header]{
 		HeaderSize: HeaderSize,
 		Header: func(b []byte, at int64) (Header, int64, bool, error) {
@@ -210,6 +221,7 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 			if err != nil {
 				return h, 0, false, err
 			}
+			last, lastAt = h, at
 			n := h.PayloadLen()
 			return h, n, n > 0 && (h.Kind == KindSeal || h.Kind == KindPad || withPayload(&h)), nil
 		},
@@ -240,6 +252,9 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 		return res, r.Torn
 	case r.Torn != nil:
 		res.torn = r.Torn
+		if lastAt == r.End {
+			res.tornHeader = &last
+		}
 		return res, syncedBeyond(seg, r.End, size, &res)
 	}
 	return res, nil
@@ -248,12 +263,16 @@ func scanSegment(seg *segment, size int64, withPayload func(*Header) bool, fn fu
 // syncedBeyond looks past the record at bad, which does not verify, for any
 // valid record header further on and raises res.maxSynced to the largest
 // Synced it finds: if a later record says a sync covered the damaged spot,
-// the damage is in durable data. Only damaged journals pay for this search.
+// the damage is in durable data. The write records it finds go to
+// res.beyond. Only damaged journals pay for this search.
 func syncedBeyond(seg *segment, bad, size int64, res *scanResult) error {
 	err := recordFormat.Search(seg.f, bad, size, func(at int64, b []byte) bool {
 		h, err := decodeHeader(b)
 		if err == nil && h.LSN == seg.base+uint64(at) {
 			res.maxSynced = max(res.maxSynced, h.Synced)
+			if h.Kind == KindWrite {
+				res.beyond = append(res.beyond, h)
+			}
 		}
 		return true
 	})

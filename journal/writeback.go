@@ -218,40 +218,39 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
 		}
 	}
 	j.mu.Unlock()
+	if len(runs) == 0 {
+		return nil
+	}
+	// Without the append buffer the data is read back from the journal:
+	// the whole payload, so that its checksum is verified before any of it
+	// reaches the image (a damaged payload fails the journal instead).
+	dw, canDirect := j.images[disk].(vfs.DirectWriter)
+	payload := retained
+	if payload != nil {
+		payload = payload[vfs.DirectAlign : vfs.DirectAlign+int(h.Length)]
+	} else {
+		var err error
+		if payload, err = j.readPayload(h, canDirect && h.Length >= directMin); err != nil {
+			return err
+		}
+		if !canDirect || h.Length < directMin {
+			defer j.putBuf(payload)
+		}
+	}
 	for _, r := range runs {
 		n := int((r.to - r.from) * BlockSize)
 		off := int64((first + r.from) * BlockSize)
 		// Large runs go around the page cache: on a sequential stream the
 		// second copy into fresh page-cache pages is what costs most CPU.
 		// Small ones stay buffered, where the kernel batches them.
-		dw, direct := j.images[disk].(vfs.DirectWriter)
-		direct = direct && n >= directMin
-		var buf []byte
+		direct := canDirect && n >= directMin
+		from := int(r.from * BlockSize)
+		buf := payload[from : from+n]
 		var err error
-		switch {
-		case retained != nil:
-			from := vfs.DirectAlign + int(r.from*BlockSize)
-			buf = retained[from : from+n]
-		case direct:
-			buf = j.alignedBuf(n)
-			j.segMu.RLock()
-			err = j.readJournalDirect(buf, data(r.from))
-			j.segMu.RUnlock()
-		default:
-			buf = j.getBuf(n)
-			j.segMu.RLock()
-			err = j.readJournal(buf, data(r.from))
-			j.segMu.RUnlock()
-		}
-		if err == nil {
-			if direct {
-				_, err = dw.WriteDirectAt(buf, off)
-			} else {
-				_, err = j.images[disk].WriteAt(buf, off)
-			}
-		}
-		if !direct && retained == nil {
-			j.putBuf(buf)
+		if direct {
+			_, err = dw.WriteDirectAt(buf, off)
+		} else {
+			_, err = j.images[disk].WriteAt(buf, off)
 		}
 		if err != nil {
 			return err
@@ -271,6 +270,43 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
 
 // directMin is the smallest write-back run written with O_DIRECT.
 const directMin = 256 << 10
+
+// readPayload reads the payload of write record h back from the journal and
+// verifies it against the header's CRC32C: into the write-back's aligned
+// buffer if aligned (the caller holds wb), else into a pooled buffer the
+// caller gives back with putBuf. A mismatch is a *DamageError.
+func (j *Journal) readPayload(h *Header, aligned bool) ([]byte, error) {
+	var buf []byte
+	var err error
+	j.segMu.RLock()
+	if aligned {
+		buf = j.alignedBuf(int(h.Length))
+		err = j.readJournalDirect(buf, h.LSN+HeaderSize)
+	} else {
+		buf = j.getBuf(int(h.Length))
+		err = j.readJournal(buf, h.LSN+HeaderSize)
+	}
+	j.segMu.RUnlock()
+	if err == nil {
+		err = j.checkWritePayload(h, buf)
+	}
+	if err != nil {
+		if !aligned {
+			j.putBuf(buf)
+		}
+		return nil, err
+	}
+	return buf, nil
+}
+
+// checkWritePayload is checkPayload of a write record read back from the
+// journal, failing with a *DamageError.
+func (j *Journal) checkWritePayload(h *Header, p []byte) error {
+	if got := crc(p); got != h.DCRC {
+		return j.damage(refOf(h), int(h.Disk), int64(h.Offset), fmt.Sprintf("payload checksum %#x, want %#x", got, h.DCRC))
+	}
+	return nil
+}
 
 // alignedBuf returns a DirectAlign-aligned buffer of n bytes, reused by the
 // single write-back goroutine.
@@ -413,6 +449,7 @@ func (j *Journal) enterDirty(reason string) error {
 	j.mu.closedC = nil
 	j.mu.released = max(j.mu.released, j.mu.cycle-1)
 	j.mu.cutting, j.mu.cutReason = false, ""
+	j.mu.resyncReason = reason
 	nDirty := dm.count() // writes mark the map under mu from now on
 	j.mu.Unlock()
 	if err := j.writeDirtyMap(); err != nil {
@@ -480,6 +517,9 @@ type Stats struct {
 	// is complete); DirtyBlocks need a resync.
 	ResyncRequired bool  `json:"resync_required"`
 	DirtyBlocks    int64 `json:"dirty_blocks"`
+	// ResyncReason says why, when the journal knows: "" after a restart
+	// that found the dirty map alone.
+	ResyncReason string `json:"resync_reason,omitempty"`
 	// ResyncBase is non-zero while a resync or initial copy that began at
 	// this barrier cycle is under way (BeginResync until EndResync).
 	ResyncBase uint64 `json:"resync_base,omitempty"`
@@ -503,6 +543,7 @@ func (j *Journal) Stats() Stats {
 	s.RetainedBytes = int64(j.mu.head - min(j.mu.head, j.retainFromLocked()))
 	if j.mu.dirty != nil {
 		s.DirtyBlocks = j.mu.dirty.count()
+		s.ResyncReason = j.mu.resyncReason
 	}
 	if j.mu.failed != nil {
 		s.Failed = j.mu.failed.Error()

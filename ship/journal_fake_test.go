@@ -28,6 +28,9 @@ type fakeJournal struct {
 	cap       int64
 	released  []uint64
 	onRelease func(c uint64)
+	// damage, if set, is asked first by ReadExtent: an error it returns
+	// is damage at rest in the journal (a *journal.DamageError).
+	damage func(e journal.Extent) error
 }
 
 type fakeCycle struct {
@@ -189,6 +192,11 @@ func (j *fakeJournal) ReadExtent(e journal.Extent, p []byte) error {
 	defer j.mu.Unlock()
 	if e.Kind != journal.KindWrite || int64(len(p)) != e.Length {
 		return fmt.Errorf("fake: bad ReadExtent")
+	}
+	if j.damage != nil {
+		if err := j.damage(e); err != nil {
+			return err
+		}
 	}
 	for _, fc := range j.closed {
 		if _, ok := fc.blocks[[2]int64{int64(e.Disk), e.Offset / bs}]; !ok {

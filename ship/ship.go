@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -553,6 +554,9 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 	pending := st.Resync
 	if pending == nil && js.ResyncRequired {
 		pending = &pendingResync{Reason: "the journal passed its cap; changed blocks are only tracked"}
+		if js.ResyncReason != "" {
+			pending.Reason = js.ResyncReason
+		}
 		if err := s.update(func(p *persisted) { p.Resync = pending }); err != nil {
 			return false, time.Time{}, err
 		}
@@ -582,9 +586,28 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 		return true, time.Time{}, s.shipped(cycles[0], wire.Replica{Applied: st.Applied}, 0, 0)
 	}
 	if err := s.shipCycles(ctx, cycles[0]); err != nil {
+		var de *journal.DamageError
+		if errors.As(err, &de) {
+			return true, time.Time{}, s.damaged(de)
+		}
 		return false, time.Time{}, err
 	}
 	return true, time.Time{}, nil
+}
+
+// damaged handles a cycle whose journaled data does not verify (damage at
+// rest in a segment): it is never shipped, and no later cycle can follow it
+// onto the replica. The VM is marked resync required with a reason naming
+// the record, the disk range and the segment; the resync ships what differs
+// from the primary's image, which the write-back filled from the record
+// before it was damaged (or the damage was found there and failed the
+// journal). The cycle, half uploaded at most, is released by the resync's
+// barrier. DESIGN invariant 2.
+func (s *Shipper) damaged(de *journal.DamageError) error {
+	reason := de.Error()
+	s.log.Error("journal damaged, resync required", "reason", reason, "segment", de.Segment, "lsn", de.LSN,
+		"disk", de.DiskName, "range", fmt.Sprintf("[%d,%d)", de.Off, de.Off+de.Len))
+	return s.update(func(st *persisted) { st.Resync = &pendingResync{Reason: reason} })
 }
 
 // setWaiting records why the loop idles and until when. Waiters are woken

@@ -449,7 +449,11 @@ func TestOfflineInitialCopy(t *testing.T) {
 	}
 }
 
-func TestGapWaitsForWindowThenManualResync(t *testing.T) {
+// startOutsideWindow starts a shipper, its initial copy done, whose clock
+// stands at noon outside its resync window (18:30-06:00): an automatic
+// resync waits for it.
+func startOutsideWindow(t *testing.T) (*env, *run) {
+	t.Helper()
 	e := newEnv(t, 1<<20)
 	clock := newClock(time.Date(2026, 3, 2, 12, 0, 0, 0, time.Local))
 	e.cfg.Now = clock.Now
@@ -457,6 +461,27 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 	e.cfg.ResyncWindow = "18:30-06:00"
 	r := e.start(e.cfg)
 	waitReplicating(t, r.s)
+	return e, r
+}
+
+// resyncNowThenSync starts the resync at once and checks a cycle synced
+// after it leaves the replica equal to the primary.
+func resyncNowThenSync(t *testing.T, e *env, r *run) {
+	t.Helper()
+	if err := r.s.Resync(); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicating(t, r.s)
+	e.j.write(0, 4096, random(4096))
+	c, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.checkImages(c)
+}
+
+func TestGapWaitsForWindowThenManualResync(t *testing.T) {
+	e, r := startOutsideWindow(t)
 	e.j.write(0, 0, random(8192))
 	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
 		t.Fatal(err)
@@ -477,16 +502,45 @@ func TestGapWaitsForWindowThenManualResync(t *testing.T) {
 	if st.State != StateResyncRequired || st.Health != HealthWarning || !st.NextResync.Equal(want) {
 		t.Fatalf("status: %+v", st)
 	}
-	if err := r.s.Resync(); err != nil {
-		t.Fatal(err)
+	resyncNowThenSync(t, e, r)
+}
+
+// TestDamagedJournalIsNeverShipped: a cycle whose journaled data does not
+// verify is not shipped (nor any cycle after it): the VM is marked resync
+// required with the damage named in the status, and the resync repairs the
+// replica from the image.
+func TestDamagedJournalIsNeverShipped(t *testing.T) {
+	e, r := startOutsideWindow(t)
+	e.j.write(0, 64<<10, random(64<<10))
+	e.j.mu.Lock()
+	e.j.damage = func(x journal.Extent) error {
+		if x.Offset != 64<<10 {
+			return nil
+		}
+		return &journal.DamageError{Disk: 0, DiskName: "disk0", Off: 64 << 10, Len: 64 << 10, LSN: 0x1234,
+			Segment: "/j/0000000000000000.seg", Why: "payload checksum 0x1, want 0x2"}
 	}
-	waitReplicating(t, r.s)
-	e.j.write(0, 4096, random(4096))
-	c, err := r.s.Sync(syncCtx(t), false)
-	if err != nil {
-		t.Fatal(err)
+	e.j.mu.Unlock()
+	if _, err := r.s.Sync(syncCtx(t), false); !errors.Is(err, ErrResyncRequired) {
+		t.Fatalf("Sync of a damaged cycle: %v, want ErrResyncRequired (outside the resync window)", err)
 	}
-	e.checkImages(c)
+	st := r.s.Status()
+	if st.State != StateResyncRequired || st.Health != HealthWarning ||
+		!strings.Contains(st.Reason, "LSN 0x1234 in segment /j/0000000000000000.seg damaged: disk disk0 bytes [65536,131072)") {
+		t.Fatalf("status does not name the damage: %+v", st)
+	}
+	e.rep.mu.Lock()
+	commits := slices.Clone(e.rep.commits)
+	e.rep.mu.Unlock()
+	for _, id := range commits {
+		if c, ok := cycleOf(id); ok && c > st.LastApplied {
+			t.Fatalf("cycle %d was committed, past the last applied %d before the damage: %v", c, st.LastApplied, commits)
+		}
+	}
+	if got := e.rep.applied("vm1"); got != st.LastApplied {
+		t.Fatalf("the replica applied cycle %d, the primary says %d", got, st.LastApplied)
+	}
+	resyncNowThenSync(t, e, r)
 }
 
 func TestJournalOverflowResyncsInWindow(t *testing.T) {

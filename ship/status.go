@@ -175,7 +175,12 @@ func (s *Shipper) stateLocked(js journal.Stats) (string, string) {
 	rec := s.st.Sync
 	switch {
 	case s.st.Paused:
-		if s.st.Resync != nil || js.ResyncRequired {
+		switch {
+		case s.st.Resync != nil:
+			return StatePaused, "paused by the admin; a resync will follow: " + s.st.Resync.Reason
+		case js.ResyncReason != "":
+			return StatePaused, "paused by the admin; a resync will follow: " + js.ResyncReason
+		case js.ResyncRequired:
 			return StatePaused, "paused by the admin; the journal passed its cap, so a resync will follow"
 		}
 		return StatePaused, "paused by the admin"
@@ -195,8 +200,11 @@ func (s *Shipper) stateLocked(js journal.Stats) (string, string) {
 		return StateInitialCopy, "initial copy not begun"
 	case s.st.Resync != nil || js.ResyncRequired:
 		why := "the journal passed its cap"
-		if s.st.Resync != nil {
+		switch {
+		case s.st.Resync != nil:
 			why = s.st.Resync.Reason
+		case js.ResyncReason != "":
+			why = js.ResyncReason
 		}
 		if s.waiting == "window" {
 			why += "; waiting for the resync window " + s.window.String()
