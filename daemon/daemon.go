@@ -122,6 +122,7 @@ type Daemon struct {
 	identityErr error           // why the configured identity could not be loaded
 	replica     *apply.Server
 	replicaEv   *replicaEvents // counts what the replica role reports
+	shipEv      *shipEvents    // counts what the shippers report
 	// tests and relays lock on their own, inside mu when both are held
 	// (the export catalogue looks up test failovers under mu).
 	tests       *failover.Tests[*testFailover]
@@ -168,6 +169,7 @@ func New(cfg Config) (*Daemon, error) {
 	d := &Daemon{
 		cfg:       cfg,
 		replicaEv: newReplicaEvents(),
+		shipEv:    newShipEvents(),
 		log:       cfg.Logger,
 		fs:        vfs.Default,
 		reg:       registry{fs: vfs.Default, path: filepath.Join(cfg.StateDir, "vms.json")},

@@ -1,9 +1,13 @@
 package daemon
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vdrepl/vdrepl/apply"
+	"github.com/vdrepl/vdrepl/journal"
+	"github.com/vdrepl/vdrepl/ship"
 )
 
 // replicaEvents counts what the replica role reports as it happens (the
@@ -44,4 +48,41 @@ func (e *replicaEvents) events() apply.Events {
 
 func (e *replicaEvents) collectors() []prometheus.Collector {
 	return []prometheus.Collector{e.applied, e.rejected, e.corrupt, e.syncs, e.recovered}
+}
+
+// shipEvents counts what each VM's shipper reports as it happens: the
+// spread of seal-to-applied latency (status keeps only its average and
+// maximum) and the changes of replication state (a VM that flaps between
+// states shows here, not in a gauge read at scrape time).
+type shipEvents struct {
+	latency *prometheus.HistogramVec
+	changes *prometheus.CounterVec
+}
+
+func newShipEvents() *shipEvents {
+	return &shipEvents{
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "vdrepl_replication_cycle_latency_seconds",
+			Help:    "time from a cycle's seal to the replica's answer that it is applied",
+			Buckets: []float64{0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800, 3600},
+		}, []string{"vm"}),
+		changes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vdrepl_replication_state_changes_total",
+			Help: "changes of the VM's replication state, by the state entered",
+		}, []string{"vm", "state"}),
+	}
+}
+
+// events is the ship.Events of one VM's shipper.
+func (e *shipEvents) events(vm string) ship.Events {
+	return ship.Events{
+		CycleShipped: func(_ journal.CycleInfo, _ int64, latency time.Duration) {
+			e.latency.WithLabelValues(vm).Observe(latency.Seconds())
+		},
+		StateChanged: func(state, _ string) { e.changes.WithLabelValues(vm, state).Inc() },
+	}
+}
+
+func (e *shipEvents) collectors() []prometheus.Collector {
+	return []prometheus.Collector{e.latency, e.changes}
 }

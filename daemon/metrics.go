@@ -141,7 +141,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 // serveMetrics serves /metrics on MetricsListen.
 func (d *Daemon) serveMetrics(errc chan<- error) (func(), error) {
 	reg := prometheus.NewRegistry()
-	for _, c := range append(d.replicaEv.collectors(), newCollector(d)) {
+	for _, c := range append(append(d.replicaEv.collectors(), d.shipEv.collectors()...), newCollector(d)) {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("metrics: %w", err)
 		}

@@ -24,7 +24,7 @@ func exportedMetrics(t *testing.T) map[string]bool {
 	if err := reg.Register(everyDesc{newCollector(nil)}); err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range newReplicaEvents().collectors() {
+	for _, c := range append(newReplicaEvents().collectors(), newShipEvents().collectors()...) {
 		if err := reg.Register(everyDesc{c}); err != nil {
 			t.Fatal(err)
 		}

@@ -243,6 +243,7 @@ func (d *Daemon) startShipper(v *vm) error {
 		Excluded:           r.ExcludeDisks,
 		AppConsistentEvery: time.Duration(r.AppConsistentEvery),
 		Quiesce:            quiesceFunc(v.spec.Name, r, d.cfg.QuiesceTimeout),
+		Events:             d.shipEv.events(v.spec.Name),
 	}
 	for i, ds := range v.spec.Disks {
 		if slices.Contains(r.ExcludeDisks, ds.Name) {

@@ -48,9 +48,11 @@ func (j journalDisks) ReadAt(disk int, p []byte, off int64) error {
 // Events are optional callbacks; each may be nil. They run on the
 // shipper's goroutines and must not call back into the Shipper.
 type Events struct {
+	// CycleShipped: the replica applied a cycle that sent bytesOnWire,
+	// latency after its seal.
 	CycleShipped func(info journal.CycleInfo, bytesOnWire int64, latency time.Duration)
+	// StateChanged: Status would now report state, for reason.
 	StateChanged func(state, reason string)
-	Error        func(err error, retry bool)
 }
 
 // Config of a Shipper.
@@ -484,11 +486,6 @@ func (s *Shipper) fail(err error) {
 	} else {
 		s.log.Error("replication stopped", "err", err)
 	}
-	// The event comes before waiters wake, so whoever sees the new state
-	// has been told why.
-	if f := s.cfg.Events.Error; f != nil {
-		f(err, retry)
-	}
 	s.signal()
 	s.notifyState()
 }
@@ -658,9 +655,6 @@ func (s *Shipper) tick(ctx context.Context) {
 	info, err := s.seal(ctx, app)
 	if err != nil {
 		s.log.Warn("seal cycle", "err", err)
-		if f := s.cfg.Events.Error; f != nil {
-			f(err, true)
-		}
 		return
 	}
 	missed := false

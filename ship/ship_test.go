@@ -196,11 +196,13 @@ func TestForbiddenStopsUntilResume(t *testing.T) {
 	e := newEnv(t, 1<<20)
 	e.rep.allow = map[string]bool{}
 	var mu sync.Mutex
-	var errs []bool
-	e.cfg.Events.Error = func(err error, retry bool) {
-		mu.Lock()
-		errs = append(errs, retry)
-		mu.Unlock()
+	var errs []string // reasons of each change into the error state
+	e.cfg.Events.StateChanged = func(state, reason string) {
+		if state == StateError {
+			mu.Lock()
+			errs = append(errs, reason)
+			mu.Unlock()
+		}
 	}
 	r := e.start(e.cfg)
 	waitFor(t, r.s, "critical", func() bool { return r.s.Status().Health == HealthCritical })
@@ -221,8 +223,8 @@ func TestForbiddenStopsUntilResume(t *testing.T) {
 	mu.Lock()
 	got := slices.Clone(errs)
 	mu.Unlock()
-	if !slices.Equal(got, []bool{false}) {
-		t.Fatalf("error events %v, want one non-retryable", got)
+	if len(got) != 1 || !strings.Contains(got[0], "forbidden") {
+		t.Fatalf("changes into the error state %q, want one, for the 403", got)
 	}
 
 	e.rep.mu.Lock()
