@@ -31,7 +31,7 @@ Example, a drill while replication goes on:
 }
 
 func failoverPointFlag() cli.Flag {
-	return &cli.StringFlag{Name: "point", Usage: "recovery point ID from `vdrepl replication points` (default: the latest state)"}
+	return &cli.StringFlag{Name: "point", Usage: "recovery point ID, as \"vdrepl replication points VM\" lists them (default: the latest state)"}
 }
 
 func failoverJSONFlag() cli.Flag { return &cli.BoolFlag{Name: "json", Usage: "print JSON"} }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -33,6 +34,7 @@ func newApp() *cli.App {
 	return &cli.App{
 		Name:                 "vdrepl",
 		Usage:                "replicate VM disks block by block to a replica host",
+		Version:              buildVersion(),
 		EnableBashCompletion: true,
 		Before:               loadAppConfig,
 		Flags: []cli.Flag{
@@ -45,6 +47,23 @@ func newApp() *cli.App {
 		},
 		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), replicationCmd(), replicaCmd(), pkiCmd(), doctorCmd(), failoverCmd()},
 	}
+}
+
+// version is set at link time (go build -ldflags "-X main.version=v1.2.3");
+// without it buildVersion asks the build info.
+var version string
+
+// buildVersion is what `vdrepl --version` prints: the link-time version,
+// else the module version the go command recorded (a tag, or a
+// pseudo-version when it could read the repository), else "devel".
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "devel"
 }
 
 // interspersed lets flags follow positional arguments (`vm add NAME --disk
