@@ -31,7 +31,7 @@ Example, a drill while replication goes on:
 }
 
 func failoverPointFlag() cli.Flag {
-	return &cli.StringFlag{Name: "point", Usage: "recovery point ID from `vdrepl replication points` (default: the latest state)"}
+	return &cli.StringFlag{Name: "point", Usage: "recovery point ID, as \"vdrepl replication points VM\" lists them (default: the latest state)"}
 }
 
 func failoverJSONFlag() cli.Flag { return &cli.BoolFlag{Name: "json", Usage: "print JSON"} }
@@ -39,7 +39,7 @@ func failoverJSONFlag() cli.Flag { return &cli.BoolFlag{Name: "json", Usage: "pr
 // failoverAction runs the failover operation op on the replica host and
 // says what it did (what: its name in the output).
 func failoverAction(op, what string) cli.ActionFunc {
-	return func(c *cli.Context) error {
+	return vmAction("failover "+op, replicaHost, func(c *cli.Context) error {
 		vm, err := oneVM(c, "failover "+op)
 		if err != nil {
 			return err
@@ -61,7 +61,7 @@ func failoverAction(op, what string) cli.ActionFunc {
 			fmt.Fprintf(c.App.Writer, "%s: %s\n", vm, what)
 		}
 		return nil
-	}
+	})
 }
 
 func failoverTestCmd() *cli.Command {
@@ -120,7 +120,8 @@ command on the new primary to fail back.`,
 			&cli.StringFlag{Name: "reverse-to", Usage: "HOST:PORT where the new primary reaches this host's replica role (default: its --replica-listen address)"},
 			failoverJSONFlag(),
 		},
-		Action: failoverPlannedAction,
+		// On a replica host the daemon's error already names the primary.
+		Action: vmAction("failover planned", eitherHost, failoverPlannedAction),
 	}
 }
 

@@ -223,3 +223,89 @@ printf '%s\n' "${COMPREPLY[@]}"`
 		}
 	}
 }
+
+// allFlags calls visit with every flag of the app: the global ones and
+// those of every command, hidden ones included.
+func allFlags(app *cli.App, visit func(where string, f cli.Flag)) {
+	for _, f := range app.Flags {
+		visit("vdrepl", f)
+	}
+	var walk func(cmds []*cli.Command, parent string)
+	walk = func(cmds []*cli.Command, parent string) {
+		for _, c := range cmds {
+			name := parent + " " + c.Name
+			for _, f := range c.Flags {
+				visit(name, f)
+			}
+			walk(c.Subcommands, name)
+		}
+	}
+	walk(app.Commands, "vdrepl")
+}
+
+// TestFlagUsageHasNoBackquote: urfave/cli takes the first backquoted word
+// of a flag's Usage as its value placeholder, so `--tls-cert vdrepl pki
+// issue` is what help showed for a Usage naming `vdrepl pki issue`.
+func TestFlagUsageHasNoBackquote(t *testing.T) {
+	n := 0
+	allFlags(newApp(), func(where string, f cli.Flag) {
+		n++
+		df, ok := f.(cli.DocGenerationFlag)
+		if !ok {
+			t.Errorf("%s --%s: flag type %T has no Usage to check", where, f.Names()[0], f)
+			return
+		}
+		if u := df.GetUsage(); strings.Contains(u, "`") {
+			t.Errorf("%s --%s: Usage has a backquote, which help turns into the value's placeholder: %q", where, f.Names()[0], u)
+		}
+	})
+	if n < 50 {
+		t.Fatalf("checked %d flags; the app has more", n)
+	}
+}
+
+// helpOf runs `vdrepl PATH... --help` and returns what it prints.
+func helpOf(t *testing.T, path ...string) string {
+	t.Helper()
+	app := newApp()
+	var out bytes.Buffer
+	app.Writer, app.ErrWriter = &out, &out
+	if err := app.Run(append(append([]string{"vdrepl"}, path...), "--help")); err != nil {
+		t.Fatalf("vdrepl %s --help: %v", strings.Join(path, " "), err)
+	}
+	return out.String()
+}
+
+// TestFlagHelpShowsOneDefault: a Usage that states its default, on a flag
+// whose Value urfave/cli prints as well, read "(default 1s) (default: 0s)".
+func TestFlagHelpShowsOneDefault(t *testing.T) {
+	check := func(path []string) {
+		for _, line := range strings.Split(helpOf(t, path...), "\n") {
+			if strings.Count(line, "(default") > 1 {
+				t.Errorf("vdrepl %s --help: two defaults in %q", strings.Join(path, " "), strings.TrimSpace(line))
+			}
+		}
+	}
+	check(nil)
+	commandPaths(newApp().Commands, nil, func(path []string, _ *cli.Command) { check(path) })
+}
+
+// TestVersion runs the built binary: `vdrepl --version` prints the version
+// given at link time, or the build's own.
+func TestVersion(t *testing.T) {
+	out, err := exec.Command(vdreplBinary(t), "--version").CombinedOutput()
+	if err != nil {
+		t.Fatalf("vdrepl --version: %v\n%s", err, out)
+	}
+	if got, want := strings.TrimSpace(string(out)), "vdrepl version "+buildVersion(); got != want {
+		t.Errorf("vdrepl --version printed %q, want %q", got, want)
+	}
+	bin := filepath.Join(t.TempDir(), "vdrepl")
+	if out, err := exec.Command("go", "build", "-ldflags", "-X main.version=v1.2.3-test", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	out, err = exec.Command(bin, "--version").CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "vdrepl version v1.2.3-test" {
+		t.Errorf("vdrepl --version built with -X main.version=v1.2.3-test: %v, printed %q", err, out)
+	}
+}

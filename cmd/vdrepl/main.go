@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -30,9 +32,10 @@ func main() {
 }
 
 func newApp() *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:                 "vdrepl",
 		Usage:                "replicate VM disks block by block to a replica host",
+		Version:              buildVersion(),
 		EnableBashCompletion: true,
 		Before:               loadAppConfig,
 		Flags: []cli.Flag{
@@ -45,36 +48,94 @@ func newApp() *cli.App {
 		},
 		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), replicationCmd(), replicaCmd(), pkiCmd(), doctorCmd(), failoverCmd()},
 	}
+	var globals []string
+	for _, f := range app.Flags {
+		globals = append(globals, "--"+f.Names()[0])
+	}
+	app.OnUsageError = usageError("", globals)
+	var walk func(cmds []*cli.Command, parent string)
+	walk = func(cmds []*cli.Command, parent string) {
+		for _, c := range cmds {
+			path := strings.TrimSpace(parent + " " + c.Name)
+			c.OnUsageError = usageError(path, globals)
+			walk(c.Subcommands, path)
+		}
+	}
+	walk(app.Commands, "")
+	return app
+}
+
+// usageError makes a wrong flag one line that says where to look, instead
+// of urfave/cli's "Incorrect Usage" and a page of help. path is the
+// command's ("vm list"; "" for the app itself).
+func usageError(path string, globals []string) cli.OnUsageErrorFunc {
+	prefix, help := "", "vdrepl --help"
+	if path != "" {
+		prefix, help = path+": ", "vdrepl "+path+" --help"
+	}
+	return func(_ *cli.Context, err error, _ bool) error {
+		return fmt.Errorf("%s%w (`%s` lists the flags; the global flags %s may come anywhere)", prefix, err, help, strings.Join(globals, ", "))
+	}
+}
+
+// version is set at link time (go build -ldflags "-X main.version=v1.2.3");
+// without it buildVersion asks the build info.
+var version string
+
+// buildVersion is what `vdrepl --version` prints: the link-time version,
+// else the module version the go command recorded (a tag, or a
+// pseudo-version when it could read the repository), else "devel".
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "devel"
 }
 
 // interspersed lets flags follow positional arguments (`vm add NAME --disk
 // X`, as the docs write it): urfave/cli v2 stops parsing flags at the first
 // positional one, so the leaf command's flags are moved in front of its
-// positional arguments. "--" ends the reordering.
+// positional arguments. A global flag (--state, --control, --config) given
+// anywhere after the command is moved in front of the command, where
+// urfave/cli v2 wants it, unless the command has a flag of that name.
+// "--" ends the reordering.
 func interspersed(app *cli.App, args []string) []string {
 	// Shell completion: urfave/cli only sees its flag in last place.
 	const complete = "--generate-bash-completion"
 	if n := len(args); n > 1 && args[n-1] == complete {
 		return append(interspersed(app, args[:n-1]), complete)
 	}
-	out := []string{args[0]}
+	var global, path []string
 	cmds := app.Commands
 	i := 1
+	// take moves the flag at args[i], and its value if it takes one, to
+	// *to; to global when it comes before any command (cmd nil) or is a
+	// global flag cmd lacks.
+	take := func(to *[]string, cmd *cli.Command) {
+		a := args[i]
+		if cmd == nil || (!hasFlag(cmd.Flags, a) && hasFlag(app.Flags, a)) {
+			to = &global
+		}
+		flags := app.Flags
+		if to != &global {
+			flags = cmd.Flags
+		}
+		*to = append(*to, a)
+		if !strings.Contains(a, "=") && takesValue(flags, a) && i+1 < len(args) {
+			i++
+			*to = append(*to, args[i])
+		}
+		i++
+	}
 	// Global flags and the command path.
 	var leaf *cli.Command
 	for i < len(args) {
 		a := args[i]
 		if strings.HasPrefix(a, "-") {
-			out = append(out, a)
-			flags := app.Flags
-			if leaf != nil {
-				flags = leaf.Flags
-			}
-			if !strings.Contains(a, "=") && takesValue(flags, a) && i+1 < len(args) {
-				out = append(out, args[i+1])
-				i++
-			}
-			i++
+			take(&path, leaf)
 			continue
 		}
 		var next *cli.Command
@@ -86,31 +147,49 @@ func interspersed(app *cli.App, args []string) []string {
 		if next == nil {
 			break
 		}
-		out = append(out, a)
+		path = append(path, a)
 		leaf, cmds = next, next.Subcommands
 		i++
 	}
 	if leaf == nil {
-		return append(out, args[i:]...)
+		return slices.Concat(args[:1], global, path, args[i:])
 	}
 	var flags, pos []string
-	for ; i < len(args); i++ {
+	for i < len(args) {
 		a := args[i]
 		if a == "--" {
 			pos = append(pos, args[i:]...)
 			break
 		}
 		if strings.HasPrefix(a, "-") && a != "-" {
-			flags = append(flags, a)
-			if !strings.Contains(a, "=") && takesValue(leaf.Flags, a) && i+1 < len(args) {
-				flags = append(flags, args[i+1])
-				i++
-			}
+			take(&flags, leaf)
 			continue
 		}
 		pos = append(pos, a)
+		i++
 	}
-	return append(append(out, flags...), pos...)
+	if slices.Contains(flags, "--help") || slices.Contains(flags, "-h") {
+		// urfave/cli would take a positional argument for a help topic:
+		// `vm remove web1 --help` said "No help topic for 'web1'".
+		pos = nil
+	}
+	return slices.Concat(args[:1], global, path, flags, pos)
+}
+
+// flagName is the name in a flag argument: "state" of "--state=/x".
+func flagName(arg string) string {
+	name, _, _ := strings.Cut(strings.TrimLeft(arg, "-"), "=")
+	return name
+}
+
+func hasFlag(flags []cli.Flag, arg string) bool {
+	name := flagName(arg)
+	for _, f := range flags {
+		if slices.Contains(f.Names(), name) {
+			return true
+		}
+	}
+	return false
 }
 
 func takesValue(flags []cli.Flag, arg string) bool {

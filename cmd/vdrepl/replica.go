@@ -62,7 +62,16 @@ func replicaAllowAddAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return client(c).Allow(c.Context, apply.AllowEntry{Primary: c.String("primary"), Storage: storage, TrustGroup: c.String("trust-group")})
+	e := apply.AllowEntry{Primary: c.String("primary"), Storage: storage, TrustGroup: c.String("trust-group")}
+	if err := client(c).Allow(c.Context, e); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "primary %s may replicate to this host, into %s", e.Primary, e.Storage)
+	if e.TrustGroup != "" {
+		fmt.Fprintf(c.App.Writer, " (trust group %s)", e.TrustGroup)
+	}
+	fmt.Fprintln(c.App.Writer)
+	return nil
 }
 
 func replicaAllowListCmd() *cli.Command {
@@ -106,5 +115,9 @@ func replicaAllowRemoveCmd() *cli.Command {
 }
 
 func replicaAllowRemoveAction(c *cli.Context) error {
-	return client(c).Disallow(c.Context, c.String("primary"))
+	if err := client(c).Disallow(c.Context, c.String("primary")); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "primary %s removed from the allow-list\n", c.String("primary"))
+	return nil
 }

@@ -71,11 +71,11 @@ hours (the guest frozen while the cycle is closed).`,
 			&cli.IntFlag{Name: "recovery-points", Usage: "recovery points the replica keeps besides the latest state, 0 to 24"},
 			&cli.DurationFlag{Name: "recovery-point-interval", Value: time.Hour, Usage: "one recovery point per this much time"},
 			&cli.StringFlag{Name: "app-consistent-every", Usage: "take an application-consistent point every H hours (or a duration like 30m); needs --quiesce-cmd or --qga-socket"},
-			&cli.StringFlag{Name: "quiesce-cmd", Usage: "executable run as `CMD VM freeze` and `CMD VM thaw` around an application-consistent barrier (e.g. a wrapper of fsfreeze)"},
+			&cli.StringFlag{Name: "quiesce-cmd", Usage: "executable run as \"CMD VM freeze\" and \"CMD VM thaw\" around an application-consistent barrier (e.g. a wrapper of fsfreeze)"},
 			&cli.StringFlag{Name: "qga-socket", Usage: "the guest's qemu-guest-agent socket, for guest-fsfreeze-freeze/thaw"},
 			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
 		},
-		Action: replicationEnableAction,
+		Action: vmAction("replication enable", eitherHost, replicationEnableAction),
 	}
 }
 
@@ -165,7 +165,7 @@ func replicationDisableCmd() *cli.Command {
 		Usage:       "stop replicating a VM (the replica keeps what it has)",
 		ArgsUsage:   "VM",
 		Description: "Example:\n   vdrepl replication disable web1",
-		Action:      replicationDisableAction,
+		Action:      vmAction("replication disable", eitherHost, replicationDisableAction),
 	}
 }
 
@@ -174,7 +174,11 @@ func replicationDisableAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return client(c).DisableReplication(c.Context, vm)
+	if err := client(c).DisableReplication(c.Context, vm); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "replication of %s disabled; the replica host keeps what it has\n", vm)
+	return nil
 }
 
 func replicationSyncCmd() *cli.Command {
@@ -187,7 +191,7 @@ func replicationSyncCmd() *cli.Command {
 			&cli.DurationFlag{Name: "timeout", Value: 0, Usage: "give up after this long (0 = wait as long as it takes)"},
 			&cli.BoolFlag{Name: "app-consistent", Usage: "quiesce the guest for this cycle: an application-consistent recovery point"},
 		},
-		Action: replicationSyncAction,
+		Action: vmAction("replication sync", primaryHost, replicationSyncAction),
 	}
 }
 
@@ -221,7 +225,7 @@ func replicationControlCmd(op, usage string) *cli.Command {
 	return &cli.Command{
 		Name: op, Usage: usage, ArgsUsage: "VM",
 		Description: "Example:\n   vdrepl replication " + op + " web1",
-		Action:      replicationControlAction(op),
+		Action:      vmAction("replication "+op, primaryHost, replicationControlAction(op)),
 	}
 }
 
@@ -231,7 +235,15 @@ func replicationControlAction(op string) cli.ActionFunc {
 		if err != nil {
 			return err
 		}
-		return client(c).ReplicationControl(c.Context, vm, op)
+		if err := client(c).ReplicationControl(c.Context, vm, op); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.App.Writer, "%s\n", map[string]string{
+			"pause":  "replication of " + vm + " paused; its journal keeps the cycles",
+			"resume": "replication of " + vm + " resumed",
+			"resync": "resync of " + vm + " requested; follow it with: vdrepl replication status " + vm,
+		}[op])
+		return nil
 	}
 }
 
@@ -245,7 +257,7 @@ func pointsCmd() *cli.Command {
    vdrepl replication points web1
    vdrepl failover test web1 --point 1234     # then boot from export web1-test/DISK`,
 		Flags:  []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
-		Action: pointsAction,
+		Action: vmAction("replication points", replicaHost, pointsAction),
 	}
 }
 
@@ -297,7 +309,7 @@ what differs.`,
 			&cli.DurationFlag{Name: "recovery-point-interval", Value: time.Hour, Usage: "one recovery point per this much time"},
 			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
 		},
-		Action: reverseAction,
+		Action: vmAction("replication reverse", eitherHost, reverseAction),
 	}
 }
 
@@ -344,7 +356,7 @@ lost, ` + "`vdrepl failover unplanned web1`" + ` on the third host brings it bac
 			&cli.BoolFlag{Name: "stop", Usage: "stop extending replication of the VM"},
 			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
 		},
-		Action: extendAction,
+		Action: vmAction("replication extend", replicaHost, extendAction),
 	}
 }
 
@@ -354,7 +366,11 @@ func extendAction(c *cli.Context) error {
 		return err
 	}
 	if c.Bool("stop") {
-		return client(c).StopExtend(c.Context, vm)
+		if err := client(c).StopExtend(c.Context, vm); err != nil {
+			return err
+		}
+		fmt.Fprintf(c.App.Writer, "extended replication of %s stopped\n", vm)
+		return nil
 	}
 	if c.String("replica") == "" {
 		return fmt.Errorf("replication extend needs --replica HOST:PORT (or --stop)")
@@ -382,7 +398,7 @@ func replicationImportInitialCmd() *cli.Command {
 		ArgsUsage: "VM DIR",
 		Description: `Example (on the replica, with the media mounted at /media/usb):
    vdrepl replication import-initial web1 /media/usb/web1`,
-		Action: replicationImportInitialAction,
+		Action: vmAction("replication import-initial", eitherHost, replicationImportInitialAction),
 	}
 }
 

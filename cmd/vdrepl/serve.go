@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -23,8 +24,8 @@ A guest attaches a disk with
 		Flags: []cli.Flag{
 			&cli.StringSliceFlag{Name: "nbd", Usage: "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable)"},
 			&cli.StringFlag{Name: "journal-cap", Usage: "journal cap per VM, e.g. 20G (default: half the VM's disk size)"},
-			&cli.DurationFlag{Name: "sync-interval", Usage: "how often journals sync when clients never flush (default 1s)"},
-			&cli.StringFlag{Name: "tls-cert", EnvVars: []string{"VDREPL_TLS_CERT"}, Usage: "this host's certificate (from `vdrepl pki issue`), used to ship and to serve as a replica"},
+			&cli.DurationFlag{Name: "sync-interval", Value: time.Second, Usage: "how often journals sync when clients never flush"},
+			&cli.StringFlag{Name: "tls-cert", EnvVars: []string{"VDREPL_TLS_CERT"}, Usage: "this host's certificate (made by \"vdrepl pki issue\"), used to ship and to serve as a replica"},
 			&cli.StringFlag{Name: "tls-key", EnvVars: []string{"VDREPL_TLS_KEY"}, Usage: "the certificate's private key"},
 			&cli.StringFlag{Name: "tls-ca", EnvVars: []string{"VDREPL_TLS_CA"}, Usage: "the CA certificate peers must chain to"},
 			&cli.StringFlag{Name: "replica-listen", Usage: "enable the replica role on HOST:PORT (HTTPS, mutual TLS; port 8443 if omitted)"},

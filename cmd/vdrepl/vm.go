@@ -116,7 +116,7 @@ func vmRemoveCmd() *cli.Command {
 
 Refused while a client has one of the VM's disks open or while the VM is
 replicated (run vdrepl replication disable web1 first).`,
-		Action: vmRemoveAction,
+		Action: vmAction("vm remove", eitherHost, vmRemoveAction),
 	}
 }
 
@@ -124,7 +124,12 @@ func vmRemoveAction(c *cli.Context) error {
 	if c.NArg() != 1 {
 		return fmt.Errorf("vm remove takes exactly one VM name")
 	}
-	return client(c).RemoveVM(c.Context, c.Args().First())
+	vm := c.Args().First()
+	if err := client(c).RemoveVM(c.Context, vm); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "%s removed; its images stay\n", vm)
+	return nil
 }
 
 func vmSealCmd() *cli.Command {
@@ -135,7 +140,7 @@ func vmSealCmd() *cli.Command {
 		Flags:     []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
 		Description: `Example:
    vdrepl vm seal web1`,
-		Action: vmSealAction,
+		Action: vmAction("vm seal", eitherHost, vmSealAction),
 	}
 }
 
