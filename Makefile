@@ -15,8 +15,11 @@ PKGS    := ./...
 
 all: build
 
+# The version `vdrepl --version` prints: the git description of the tree.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+
 build:
-	$(GO) build -o $(BIN) ./cmd/vdrepl
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/vdrepl
 
 deps:
 	@scripts/install-deps.sh
