@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -88,7 +89,8 @@ type Config struct {
 	// Limit paces this VM, HostLimit every VM of the host, SyncLimit initial
 	// copies and resyncs on top of both. nil is unlimited.
 	Limit, HostLimit, SyncLimit *Limiter
-	// RetryScale multiplies the back-off (1, 2, 4, 8, 10 min, then 30 min).
+	// RetryScale multiplies the back-off (2 s, doubling per failure, at
+	// most 30 min; retry.go).
 	RetryScale float64
 	// PieceSize is a sync piece (default 64 MiB); BlockSize the resync
 	// checksum block (default DefaultBlockSize). PieceSize must be a
@@ -472,7 +474,7 @@ func (s *Shipper) fail(err error) {
 	var next time.Duration
 	if retry {
 		s.attempt++
-		next = backoff(s.attempt, s.cfg.RetryScale)
+		next = jitter(backoff(s.attempt, s.cfg.RetryScale), rand.Float64())
 		s.retryAt = now.Add(next)
 		s.st.Counters.Retries++
 	} else {
