@@ -78,6 +78,11 @@
 // certificate the other side rejects, a failed journal) stop replication
 // with health critical until Resume.
 //
+// A Sync whose deadline passes returns a SyncTimeoutError (timeout.go)
+// that names the cycle and says why it is not applied: the replica has
+// not answered since a time, or answers with an error, the last error,
+// and when it is tried next.
+//
 // # State file
 //
 // JSON in an envelope with a format name, a version and a CRC32C of the

@@ -610,6 +610,17 @@ func newProxy(t *testing.T, target string) *proxy {
 
 func (p *proxy) addr() string { return p.ln.Addr().String() }
 
+// down takes the replica off the network: the connections through the
+// proxy are closed, and new ones refused.
+func (p *proxy) down() {
+	p.ln.Close()
+	p.mu.Lock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
+}
+
 // arm cuts (or with flip, damages) the traffic after n more client bytes,
 // once.
 func (p *proxy) arm(n int64, flip bool) {
