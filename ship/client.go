@@ -67,6 +67,19 @@ type client struct {
 	tr   *http.Transport
 	// peer is the replica's certificate in the last answer.
 	peer atomic.Pointer[x509.Certificate]
+	// now is the clock of answered; answered is when the replica last
+	// answered (a success or its JSON error, not a proxy's page), in
+	// Unix nanoseconds, 0 if never.
+	now      func() time.Time
+	answered atomic.Int64
+}
+
+// lastAnswer is when the replica last answered; zero if it never did.
+func (c *client) lastAnswer() time.Time {
+	if n := c.answered.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
 }
 
 // newClient builds the client's own transport: HTTP/1.1 (no
@@ -92,7 +105,7 @@ func newClient(replica, vm string, tlsConf *tls.Config, bypassProxy bool) *clien
 		tr.Proxy = http.ProxyFromEnvironment
 	}
 	u := url.URL{Scheme: "https", Host: replica, Path: wire.ReplicasPath + vm}
-	return &client{base: u.String(), hc: &http.Client{Transport: tr}, tr: tr}
+	return &client{base: u.String(), hc: &http.Client{Transport: tr}, tr: tr, now: time.Now}
 }
 
 // plainHTTP makes c speak http:// instead of https:// (Config.PlainHTTP,
@@ -139,8 +152,12 @@ func (c *client) do(ctx context.Context, op, method, path string, body io.Reader
 		if json.Unmarshal(b, &re.Wire) != nil {
 			re.Wire = wire.Error{}
 		}
+		if re.Wire.Code != "" {
+			c.answered.Store(c.now().UnixNano())
+		}
 		return re
 	}
+	c.answered.Store(c.now().UnixNano())
 	if out == nil {
 		return nil
 	}

@@ -69,11 +69,19 @@
 // # Errors
 //
 // Network errors, timeouts, 5xx answers and the codes busy, full, internal
-// and corrupt are retried after 1, 2, 4, 8 and 10 minutes, then every 30
-// minutes (times RetryScale); a shipped cycle resets the back-off. Refusals
+// and corrupt are retried after a back-off that starts at 2 seconds and
+// doubles with every failure (2, 4, 8 ... 1024 s), up to 30 minutes, then
+// every 30 minutes; each wait is up to a fifth shorter at random, and all
+// of it is times RetryScale (retry.go). A shipped cycle or sync piece
+// resets the back-off to 2 seconds. Refusals
 // that need an admin (401/403, forbidden, unknown_vm, mismatch, a TLS
 // certificate the other side rejects, a failed journal) stop replication
 // with health critical until Resume.
+//
+// A Sync whose deadline passes returns a SyncTimeoutError (timeout.go)
+// that names the cycle and says why it is not applied: the replica has
+// not answered since a time, or answers with an error, the last error,
+// and when it is tried next.
 //
 // # State file
 //

@@ -257,11 +257,14 @@ func (f *fakeReplica) putChunk(w http.ResponseWriter, r *http.Request) {
 		f.syncBytes += int64(len(body))
 	}
 	f.chunkMax = max(f.chunkMax, len(body))
-	if err != nil || int64(len(body)) != r.ContentLength {
-		return // cut: nothing is staged
-	}
 	vm, ok := f.vm(w, r)
 	if !ok {
+		return
+	}
+	if err != nil || int64(len(body)) != r.ContentLength {
+		// Cut: nothing is staged, and the answer (if it gets through)
+		// says where to resume, as apply's does.
+		writeErr(w, http.StatusConflict, wire.Error{Code: wire.CodeOffset, Message: "chunk cut short", Offset: int64(len(vm.staged[id]))})
 		return
 	}
 	if len(body) > wire.MaxChunk {
@@ -606,6 +609,17 @@ func newProxy(t *testing.T, target string) *proxy {
 }
 
 func (p *proxy) addr() string { return p.ln.Addr().String() }
+
+// down takes the replica off the network: the connections through the
+// proxy are closed, and new ones refused.
+func (p *proxy) down() {
+	p.ln.Close()
+	p.mu.Lock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
+}
 
 // arm cuts (or with flip, damages) the traffic after n more client bytes,
 // once.

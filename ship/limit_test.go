@@ -113,29 +113,6 @@ func TestLimiterWaitN(t *testing.T) {
 	}
 }
 
-func TestBackoffSchedule(t *testing.T) {
-	for _, tc := range []struct {
-		n     int
-		scale float64
-		want  time.Duration
-	}{
-		{1, 1, time.Minute},
-		{2, 1, 2 * time.Minute},
-		{3, 1, 4 * time.Minute},
-		{4, 1, 8 * time.Minute},
-		{5, 1, 10 * time.Minute},
-		{6, 1, 30 * time.Minute},
-		{100, 1, 30 * time.Minute},
-		{0, 0, time.Minute},
-		{1, 0.001, 60 * time.Millisecond},
-		{6, 0.001, 1800 * time.Millisecond},
-	} {
-		if got := backoff(tc.n, tc.scale); got != tc.want {
-			t.Errorf("backoff(%d, %v) = %v, want %v", tc.n, tc.scale, got, tc.want)
-		}
-	}
-}
-
 func TestWindow(t *testing.T) {
 	at := func(d, h, m int) time.Time { return time.Date(2026, 1, d, h, m, 0, 0, time.Local) }
 	for _, tc := range []struct {

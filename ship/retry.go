@@ -30,27 +30,36 @@ var (
 	ErrState = errors.New("ship: bad state file")
 )
 
-// retrySchedule is the back-off between attempts: 1, 2, 4, 8 and 10
-// minutes, then every 30 minutes, as Hyper-V Replica does.
-var retrySchedule = []time.Duration{
-	1 * time.Minute, 2 * time.Minute, 4 * time.Minute, 8 * time.Minute, 10 * time.Minute,
-}
+// The back-off between attempts: retryFirst after the first failure,
+// doubling with each failure after it, at most retryMax (Hyper-V Replica's
+// ceiling). A replica that restarts is back within seconds, and a busy VM
+// must not fill its journal while the primary waits a minute for it; one
+// that stays away is asked at most twice an hour. Each wait is shortened
+// at random by up to retryJitter of itself, so that the primaries of a
+// replica host that comes back do not all call it in the same second.
+const (
+	retryFirst  = 2 * time.Second
+	retryMax    = 30 * time.Minute
+	retryJitter = 0.2
+)
 
-const retryEvery = 30 * time.Minute
-
-// backoff is the wait before retry n (1 is the first retry), times scale
-// (0 means 1).
+// backoff is the wait before retry n (1 is the first retry) before
+// jitter: 2 s, 4 s, 8 s ... 1024 s, then 30 min, times scale (0 means 1).
 func backoff(n int, scale float64) time.Duration {
 	if scale <= 0 {
 		scale = 1
 	}
-	d := retryEvery
-	if n >= 1 && n <= len(retrySchedule) {
-		d = retrySchedule[n-1]
-	} else if n < 1 {
-		d = retrySchedule[0]
+	d := retryFirst
+	for i := 1; i < n && d < retryMax; i++ {
+		d *= 2
 	}
-	return time.Duration(float64(d) * scale)
+	return time.Duration(float64(min(d, retryMax)) * scale)
+}
+
+// jitter shortens back-off d by r (in [0, 1)) times retryJitter of it: the
+// wait stays within (0.8 d, d], so never past the ceiling.
+func jitter(d time.Duration, r float64) time.Duration {
+	return d - time.Duration(float64(d)*retryJitter*r)
 }
 
 // retryable says whether err may go away by itself (network trouble, a busy

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -90,7 +91,8 @@ type Config struct {
 	// Limit paces this VM, HostLimit every VM of the host, SyncLimit initial
 	// copies and resyncs on top of both. nil is unlimited.
 	Limit, HostLimit, SyncLimit *Limiter
-	// RetryScale multiplies the back-off (1, 2, 4, 8, 10 min, then 30 min).
+	// RetryScale multiplies the back-off (2 s, doubling per failure, at
+	// most 30 min; retry.go).
 	RetryScale float64
 	// PieceSize is a sync piece (default 64 MiB); BlockSize the resync
 	// checksum block (default DefaultBlockSize). PieceSize must be a
@@ -179,7 +181,10 @@ type Shipper struct {
 	retryAt   time.Time
 	lastErr   string
 	lastErrAt time.Time
-	waiting   string // why the loop idles: "", "at", "window", "import"
+	failingAt time.Time // the first failure since the last success
+	lastFail  error     // the error of lastErr
+	runAt     time.Time // when Run began
+	waiting   string    // why the loop idles: "", "at", "window", "import"
 	waitUntil time.Time
 	enabled   bool // PUT /v1/replicas/{vm} answered since the last (re)start
 	polls     int  // GETs while waiting for an offline import
@@ -300,6 +305,7 @@ func New(cfg Config) (*Shipper, error) {
 	s.st = st
 	s.st.VM = cfg.VM
 	s.c = newClient(cfg.Replica, cfg.VM, cfg.TLS, cfg.BypassProxy)
+	s.c.now = s.now
 	if cfg.PlainHTTP {
 		s.c.plainHTTP()
 	}
@@ -334,6 +340,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 		gen = s.st.Sync.Gen
 	}
 	s.enabled = false
+	s.runAt = s.now()
 	s.mu.Unlock()
 	s.cleanSpools(gen)
 
@@ -470,11 +477,14 @@ func (s *Shipper) fail(err error) {
 	retry := retryable(err)
 	now := s.now()
 	s.mu.Lock()
-	s.lastErr, s.lastErrAt = err.Error(), now
+	s.lastErr, s.lastErrAt, s.lastFail = err.Error(), now, err
 	var next time.Duration
+	if s.attempt == 0 {
+		s.failingAt = now
+	}
 	if retry {
 		s.attempt++
-		next = backoff(s.attempt, s.cfg.RetryScale)
+		next = jitter(backoff(s.attempt, s.cfg.RetryScale), rand.Float64())
 		s.retryAt = now.Add(next)
 		s.st.Counters.Retries++
 	} else {
@@ -495,6 +505,7 @@ func (s *Shipper) succeeded() {
 	s.mu.Lock()
 	s.attempt = 0
 	s.retryAt = time.Time{}
+	s.failingAt = time.Time{}
 	s.mu.Unlock()
 }
 
@@ -686,13 +697,16 @@ func (s *Shipper) addSample(retained int64) {
 // Sync seals a cycle now and waits until the replica applied it. It
 // returns the cycle, or why it cannot be applied (paused, stopped by a
 // non-recoverable error, a resync that waits for its window, ctx). During an
-// initial copy or resync it waits for the end of it before sealing. With
+// initial copy or resync it waits for the end of it before sealing. When
+// ctx's deadline comes first, the error is a *SyncTimeoutError, which says
+// what it waited for and why that did not come (timeout.go). With
 // app, the cycle is sealed with the guest quiesced (appseal.go); without a
 // quiescer that is an error.
 func (s *Shipper) Sync(ctx context.Context, app bool) (uint64, error) {
 	if app && s.cfg.Quiesce == nil {
 		return 0, fmt.Errorf("%w: VM %s has no quiescer (enable replication with --quiesce-cmd or --qga-socket)", ErrBadConfig, s.cfg.VM)
 	}
+	start := time.Now() // ctx's clock, not Config.Now
 	s.mu.Lock()
 	err := s.haltedLocked()
 	s.mu.Unlock()
@@ -715,7 +729,7 @@ func (s *Shipper) Sync(ctx context.Context, app bool) (uint64, error) {
 		return false, nil
 	})
 	if err != nil {
-		return 0, err
+		return 0, s.timedOut(ctx, err, 0, start)
 	}
 	info, err := s.seal(ctx, app)
 	if err != nil {
@@ -737,7 +751,7 @@ func (s *Shipper) Sync(ctx context.Context, app bool) (uint64, error) {
 		return false, nil
 	})
 	if err != nil {
-		return 0, err
+		return 0, s.timedOut(ctx, err, info.Cycle, start)
 	}
 	return info.Cycle, nil
 }
@@ -806,6 +820,7 @@ func (s *Shipper) clearStopLocked() {
 	s.stopped = nil
 	s.attempt = 0
 	s.retryAt = time.Time{}
+	s.failingAt = time.Time{}
 	s.waiting, s.waitUntil = "", time.Time{}
 }
 

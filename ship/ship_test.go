@@ -241,7 +241,7 @@ func TestForbiddenStopsUntilResume(t *testing.T) {
 
 func TestFullReplicaBacksOffThenRecovers(t *testing.T) {
 	e := newEnv(t, 1<<20)
-	e.cfg.RetryScale = 0.001 // 60ms, 120ms, ...
+	e.cfg.RetryScale = 0.01 // 20ms, 40ms, ... less up to a fifth of jitter
 	var mu sync.Mutex
 	var failedAt []time.Time
 	var events []string
@@ -281,7 +281,7 @@ func TestFullReplicaBacksOffThenRecovers(t *testing.T) {
 		t.Fatalf("%d failed commits", len(failed))
 	}
 	for i := 1; i < len(failed); i++ {
-		if d, min := failed[i].Sub(failed[i-1]), backoff(i, e.cfg.RetryScale); d < min {
+		if d, min := failed[i].Sub(failed[i-1]), jitter(backoff(i, e.cfg.RetryScale), 1); d < min {
 			t.Fatalf("retry %d after %v, back-off is %v", i, d, min)
 		}
 	}

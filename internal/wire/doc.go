@@ -81,7 +81,11 @@
 // PUT with its offset in the stream and the CRC32C of the chunk in the
 // ChunkCRCHeader header. The replica appends a chunk only at the offset it
 // has staged so far; any other offset gets 409 with code "offset" and the
-// staged offset, from which the primary resumes. A primary may have two
+// staged offset, from which the primary resumes. So does a chunk whose body
+// stops before its Content-Length (the connection was closed, reset or
+// timed out mid-body): nothing of it is stored, and it is a cut
+// connection, not corruption; "corrupt" is a whole chunk that fails its
+// CRC32C. A primary may have two
 // chunk requests of an upload in flight (on two connections), sent with
 // "Expect: 100-continue": the replica reads the body of a chunk beyond its
 // staged offset only once the chunks before it were received, then holds

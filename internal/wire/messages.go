@@ -207,7 +207,7 @@ type SyncFinish struct {
 // again), "busy", "full" and "internal" (with back-off); the others need an
 // admin and stop replication of the VM.
 const (
-	CodeOffset    = "offset"     // chunk at the wrong offset; Offset says where to resume
+	CodeOffset    = "offset"     // chunk at the wrong offset, or cut short; Offset says where to resume
 	CodeCorrupt   = "corrupt"    // checksum or framing failed; the upload was discarded
 	CodeGap       = "gap"        // cycle does not follow the last applied; Applied says which
 	CodeFull      = "full"       // replica storage is full
