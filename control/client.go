@@ -187,16 +187,32 @@ func (c *Client) DisableReplication(ctx context.Context, vm string) error {
 }
 
 // SyncReplication closes a cycle now (app: with the guest quiesced) and
-// waits until the replica applied it.
-func (c *Client) SyncReplication(ctx context.Context, vm string, app bool) (uint64, error) {
+// waits until the replica applied it. A timeout > 0 bounds the wait in the
+// daemon, whose answer then says what it was waiting for; the request
+// itself is given syncGrace more, so that answer arrives.
+func (c *Client) SyncReplication(ctx context.Context, vm string, app bool, timeout time.Duration) (uint64, error) {
 	var out SyncResult
-	p := "/v1/vms/" + url.PathEscape(vm) + "/replication/sync"
+	q := url.Values{}
 	if app {
-		p += "?app=1"
+		q.Set("app", "1")
+	}
+	if timeout > 0 {
+		q.Set("timeout", timeout.String())
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout+syncGrace)
+		defer cancel()
+	}
+	p := "/v1/vms/" + url.PathEscape(vm) + "/replication/sync"
+	if len(q) > 0 {
+		p += "?" + q.Encode()
 	}
 	err := c.do(ctx, http.MethodPost, p, nil, &out)
 	return out.Cycle, err
 }
+
+// syncGrace is how much longer than its timeout a sync request may take:
+// the daemon's answer after its own deadline.
+const syncGrace = 5 * time.Second
 
 // ReplicationControl pauses, resumes or resyncs.
 func (c *Client) ReplicationControl(ctx context.Context, vm, op string) error {

@@ -241,7 +241,7 @@ func TestClient(t *testing.T) {
 	if err := c.RemoveVM(ctx, "nope"); err == nil || err.Error() != "unknown VM: nope" {
 		t.Errorf("RemoveVM of an unknown VM: %v", err)
 	}
-	if n, err := c.SyncReplication(ctx, "web1", false); err != nil || n != 42 || f.lastCall() != "SyncReplication web1 false" {
+	if n, err := c.SyncReplication(ctx, "web1", false, 0); err != nil || n != 42 || f.lastCall() != "SyncReplication web1 false" {
 		t.Errorf("SyncReplication = %d, %v (host call %q)", n, err, f.lastCall())
 	}
 	res, err := c.Failover(ctx, "web1", "test", "h3")

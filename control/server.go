@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"path/filepath"
+	"time"
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/journal"
@@ -146,7 +147,18 @@ func replicationRoutes(mux *http.ServeMux, h ReplicationHost) {
 		reply(w, struct{}{}, h.DisableReplication(r.PathValue("name")))
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/replication/sync", func(w http.ResponseWriter, r *http.Request) {
-		c, err := h.SyncReplication(r.Context(), r.PathValue("name"), r.URL.Query().Get("app") == "1")
+		ctx := r.Context()
+		if t := r.URL.Query().Get("timeout"); t != "" {
+			d, err := time.ParseDuration(t)
+			if err != nil || d <= 0 {
+				reply(w, nil, fmt.Errorf("%w: timeout %q: want a positive duration such as 30s", ErrInvalid, t))
+				return
+			}
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, d)
+			defer cancel()
+		}
+		c, err := h.SyncReplication(ctx, r.PathValue("name"), r.URL.Query().Get("app") == "1")
 		reply(w, SyncResult{Cycle: c}, err)
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/replication/{op}", func(w http.ResponseWriter, r *http.Request) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -70,4 +71,32 @@ func TestSyncAfterCapResyncIsApplied(t *testing.T) {
 		t.Fatalf("the primary says cycle %d is applied; the replica: %+v", s.LastApplied, r.Replicas)
 	}
 	t.Logf("after the sync: primary %s, last applied cycle %d, %d bytes of resync sent", s.State, s.LastApplied, s.Metrics.SyncWireBytesTotal)
+}
+
+// TestSyncTimeoutSaysWhy: `replication sync --timeout` with the replica down
+// fails after about the timeout and says which cycle it waited for, which
+// replica it could not reach and why (issue 15, item 11), not only
+// "context deadline exceeded". The deadline reaches the daemon, whose
+// shipper explains it.
+func TestSyncTimeoutSaysWhy(t *testing.T) {
+	p := newPairWith(t, pairOpts{})
+	px := newFaultProxy(t, p.replicaAddr)
+	p.prim.addVM("vm1", "16M")
+	p.prim.run("replication", "enable", "vm1", "--replica", px.addr(), "--frequency", "1h", "--compression=false")
+	p.prim.run("replication", "sync", "vm1", "--timeout", "30s")
+
+	px.block()
+	writeRandom(t, p.prim, "vm1/disk0", 1<<20)
+	_, stderr, err := p.prim.try("replication", "sync", "vm1", "--timeout", "2s")
+	if err == nil {
+		t.Fatal("replication sync succeeded with the replica cut off")
+	}
+	for _, want := range []string{"not applied within 2s", px.addr()} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("sync error %q does not say %q", stderr, want)
+		}
+	}
+	if strings.Contains(stderr, "context deadline exceeded") && !strings.Contains(stderr, "replica at") {
+		t.Errorf("sync error is only the deadline: %q", stderr)
+	}
 }

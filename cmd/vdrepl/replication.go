@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"math"
@@ -202,21 +201,12 @@ func replicationSyncAction(c *cli.Context) error {
 	}
 	ctx, stop := signalContext(c)
 	defer stop()
-	if t := c.Duration("timeout"); t > 0 {
-		var cancel func()
-		ctx, cancel = contextWithTimeout(ctx, t)
-		defer cancel()
-	}
-	cycle, err := client(c).SyncReplication(ctx, vm, c.Bool("app-consistent"))
+	cycle, err := client(c).SyncReplication(ctx, vm, c.Bool("app-consistent"), c.Duration("timeout"))
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "cycle %d of %s is applied on the replica\n", cycle, vm)
 	return nil
-}
-
-func contextWithTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, d)
 }
 
 // replicationControlCmd is `vdrepl replication OP VM` for the operations
