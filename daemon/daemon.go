@@ -77,8 +77,8 @@ type Config struct {
 	BandwidthLimit string
 	// ResyncWindow is when automatic resyncs may run ("" = 18:30-06:00).
 	ResyncWindow string
-	// RetryScale multiplies the retry back-off (1 = 1, 2, 4, 8, 10 minutes,
-	// then every 30); tests make it small.
+	// RetryScale multiplies the retry back-off (1 = 2 s, doubling to a
+	// ceiling of 30 minutes; see ship.Config.RetryScale); tests make it small.
 	RetryScale float64
 	// ResyncBlockSize is the checksum block of resyncs (0 = ship's default).
 	ResyncBlockSize int64
