@@ -69,6 +69,18 @@ func (c *testClock) advance(d time.Duration) {
 	c.mu.Unlock()
 }
 
+// clockedHarness is a replica whose clock the test moves, and a primary
+// allowed to it.
+func clockedHarness(t *testing.T) (*harness, *testClock, *client) {
+	t.Helper()
+	clock := &testClock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
+	h := newHarness(t, nil)
+	h.clock = clock.now
+	h.restart(nil)
+	h.allow("*.example.com", h.storage, "")
+	return h, clock, h.client("a.example.com")
+}
+
 func healthOf(t *testing.T, s *Server, vm string) Status {
 	t.Helper()
 	for _, st := range s.Statuses() {
@@ -84,12 +96,7 @@ func healthOf(t *testing.T, s *Server, vm string) Status {
 // at the frequency the primary sent, survives a restart, and a failed-over
 // VM reads "failed-over" and expects no cycles.
 func TestReplicaHealth(t *testing.T) {
-	clock := &testClock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
-	h := newHarness(t, nil)
-	h.clock = clock.now
-	h.restart(nil)
-	h.allow("*.example.com", h.storage, "")
-	a := h.client("a.example.com")
+	h, clock, a := clockedHarness(t)
 	en := wire.Enable{Disks: testDisks, RecoveryPoints: 2, PointInterval: time.Minute, Frequency: 30 * time.Second}
 	if status, e := a.call("PUT", vmPath("vm1"), en, nil); status != 200 {
 		t.Fatalf("enable: %d %+v", status, e)
@@ -144,12 +151,7 @@ func TestReplicaHealth(t *testing.T) {
 // frequency; the replica goes by the spacing of the barriers (cycle c is
 // sealed c minutes after `sealed`).
 func TestReplicaHealthInfersFrequency(t *testing.T) {
-	clock := &testClock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
-	h := newHarness(t, nil)
-	h.clock = clock.now
-	h.restart(nil)
-	h.allow("*.example.com", h.storage, "")
-	a := h.client("a.example.com")
+	h, clock, a := clockedHarness(t)
 	a.enable("vm1", testDisks)
 	r := rand.New(rand.NewPCG(3, 4))
 	for c := uint64(1); c <= 6; c++ {
