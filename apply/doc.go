@@ -213,7 +213,9 @@
 // (its pieces come at the pace of the link; the primary's status shows
 // their progress), and so is a VM failed over on this host, which takes no
 // cycles: `replication status` gives it the state "failed-over". A
-// cancelled failover, like a finished sync, starts the count again.
+// cancelled failover, like a finished sync, starts the count again. A
+// replica.json kept before last_cycle_at existed goes by the barrier time
+// of the last cycle applied until the next cycle arrives.
 //
 // # Concurrency
 //

@@ -103,15 +103,20 @@ func judge(st replicaState, now time.Time) Health {
 	case st.State != stateReplicating:
 		h.Reason = fmt.Sprintf("%s from %s: cycles follow it", st.State, st.Primary)
 		return h
-	case st.LastCycleAt.IsZero():
+	case h.LastCycleAt.IsZero() && st.AppliedAt.IsZero():
 		return h
+	case h.LastCycleAt.IsZero():
+		// A replica.json written before last_cycle_at was kept: the
+		// barrier of the last cycle is the best guess (the primary's
+		// clock), until the next cycle arrives.
+		h.LastCycleAt = st.AppliedAt
 	}
-	since := now.Sub(st.LastCycleAt)
+	since := now.Sub(h.LastCycleAt)
 	crit := critAfter
 	if f := h.Frequency; f > 0 {
 		crit = min(critCycles*f, critAfter)
 	}
-	when := fmt.Sprintf("no cycle from %s since %s (%s ago", st.Primary, st.LastCycleAt.UTC().Format(time.RFC3339), since.Round(time.Second))
+	when := fmt.Sprintf("no cycle from %s since %s (%s ago", st.Primary, h.LastCycleAt.UTC().Format(time.RFC3339), since.Round(time.Second))
 	switch {
 	case since > crit:
 		h.Level = HealthCritical

@@ -18,6 +18,8 @@ func TestJudge(t *testing.T) {
 	}
 	failedOver := replicating(30 * time.Second)
 	failedOver.Failover = &failoverRecord{FailedOver: wire.FailedOver{Kind: "unplanned", At: last}}
+	upgraded := replicating(30 * time.Second)
+	upgraded.LastCycleAt, upgraded.AppliedAt = time.Time{}, last
 	copying := replicating(30 * time.Second)
 	copying.State = stateInitialCopy
 	for _, tc := range []struct {
@@ -36,6 +38,7 @@ func TestJudge(t *testing.T) {
 		{"frequency from the barrier gaps", replicating(0, time.Minute, 20*time.Second, time.Minute), 121 * time.Second, HealthWarning, time.Minute},
 		{"unknown frequency: 1h", replicating(0), 59 * time.Minute, HealthNormal, 0},
 		{"unknown frequency: past 1h", replicating(0), 61 * time.Minute, HealthCritical, 0},
+		{"kept before last_cycle_at: by the barrier", upgraded, 61 * time.Second, HealthWarning, 30 * time.Second},
 		{"failed over takes no cycles", failedOver, 5 * time.Hour, HealthNormal, 30 * time.Second},
 		{"initial copy", copying, 5 * time.Hour, HealthNormal, 30 * time.Second},
 	} {
