@@ -77,6 +77,12 @@
 //	                           (the last cycle applied before it), at,
 //	                           reverted, cancelling (points.go)
 //	images                     image paths of an adopted VM (host.go)
+//	frequency                  the primary's cycle frequency (wire.Enable;
+//	                           absent when the primary does not send it)
+//	cycle_gaps                 barrier spacing of the last cycles applied one
+//	                           after the other (at most 4), for health
+//	last_cycle_at              this host's clock when a cycle was last
+//	                           applied, or the VM last became replicating
 //
 // # Apply and intent
 //
@@ -183,6 +189,33 @@
 // applied, then handed to the daemon (Host.Promote). A Relay set on a VM
 // gets every applied frame, a whole apply between Begin and End (relay.go,
 // extended replication).
+//
+// # Health
+//
+// The replica judges each VM by whether its primary's cycles keep
+// arriving (Server.Statuses; health.go), as Hyper-V's replica does. The
+// frequency is the one the primary sent with its enable, else the largest
+// barrier spacing of the last four cycles applied one after the other (a
+// `replication sync` seals early, so that spacing is not above the
+// frequency; a pause makes it larger for four cycles, which only delays a
+// warning). A replicating VM whose last cycle was applied (last_cycle_at)
+//
+//	at most 2 x frequency ago                   is normal,
+//	more than 2 x frequency ago                 warning,
+//	more than 6 x frequency or 1 hour ago,
+//	whichever is less                           critical.
+//
+// One hour is the longest a replica stays below critical without cycles:
+// past it the newest recovery point is older than any frequency an admin
+// would choose, so with a frequency of 30 minutes or more there is no
+// warning stage, and with an unknown frequency (no cycle pair yet) the
+// hour is the only threshold. A VM in an initial copy or resync is normal
+// (its pieces come at the pace of the link; the primary's status shows
+// their progress), and so is a VM failed over on this host, which takes no
+// cycles: `replication status` gives it the state "failed-over". A
+// cancelled failover, like a finished sync, starts the count again. A
+// replica.json kept before last_cycle_at existed goes by the barrier time
+// of the last cycle applied until the next cycle arrives.
 //
 // # Concurrency
 //

@@ -112,6 +112,9 @@ type harness struct {
 
 	mu  sync.Mutex
 	srv *Server
+	// clock, when set before a restart, is the Server's clock from then
+	// on; else it is fixed.
+	clock func() time.Time
 }
 
 func newHarness(t *testing.T, fsys vfs.FS) *harness {
@@ -140,8 +143,11 @@ func newHarness(t *testing.T, fsys vfs.FS) *harness {
 
 func (h *harness) newServer(fsys vfs.FS) *Server {
 	h.t.Helper()
-	s, err := New(Config{StateDir: h.stateDir, FS: fsys, Logger: testLogger(h.t), Events: h.ev.hooks(),
-		Now: func() time.Time { return time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC) }})
+	now := h.clock
+	if now == nil {
+		now = func() time.Time { return time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC) }
+	}
+	s, err := New(Config{StateDir: h.stateDir, FS: fsys, Logger: testLogger(h.t), Events: h.ev.hooks(), Now: now})
 	if err != nil {
 		h.t.Fatalf("New: %v", err)
 	}

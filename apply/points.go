@@ -145,7 +145,7 @@ func (v *vm) prune(st *replicaState) error {
 // setPolicy records a new recovery point policy (an enable).
 func (v *vm) setPolicy(en wire.Enable) error {
 	cur := v.snapshot()
-	if cur.Points == en.RecoveryPoints && cur.PointInterval == en.PointInterval && slices.Equal(cur.Excluded, en.Excluded) {
+	if cur.Points == en.RecoveryPoints && cur.PointInterval == en.PointInterval && slices.Equal(cur.Excluded, en.Excluded) && cur.Frequency == en.Frequency {
 		return nil
 	}
 	v.apply.Lock()
@@ -153,6 +153,7 @@ func (v *vm) setPolicy(en wire.Enable) error {
 	return v.update(func(st *replicaState) error {
 		st.Points, st.PointInterval = en.RecoveryPoints, en.PointInterval
 		st.Excluded = slices.Clone(en.Excluded)
+		st.Frequency = en.Frequency
 		return nil
 	})
 }
@@ -164,6 +165,9 @@ func checkPolicy(en wire.Enable) error {
 	}
 	if en.PointInterval < 0 {
 		return fmt.Errorf("%w: recovery point interval %v", ErrInvalid, en.PointInterval)
+	}
+	if en.Frequency < 0 {
+		return fmt.Errorf("%w: frequency %v", ErrInvalid, en.Frequency)
 	}
 	return nil
 }

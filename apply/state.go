@@ -108,6 +108,16 @@ type replicaState struct {
 	// Images: where the images are when they are not <disk>.img in the
 	// VM directory: a VM of this host adopted as a replica (host.go).
 	Images []string `json:"images,omitempty"`
+	// Frequency is the primary's cycle frequency (wire.Enable; 0 when it
+	// does not send it), Gaps the barrier spacing of the last cycles
+	// applied one after the other, newest last (at most maxGaps): health
+	// goes by Frequency, else by the largest gap (health.go).
+	Frequency time.Duration   `json:"frequency,omitempty"`
+	Gaps      []time.Duration `json:"cycle_gaps,omitempty"`
+	// LastCycleAt is this host's clock when a cycle was last applied, or
+	// when the VM last became replicating (a sync finished, a failover was
+	// cancelled): the "since" of its health.
+	LastCycleAt time.Time `json:"last_cycle_at,omitzero"`
 }
 
 // failoverRecord is a failover of the VM on this host (see points.go).
@@ -267,6 +277,7 @@ func (st *replicaState) clone() replicaState {
 	c.Disks = append([]wire.Disk(nil), st.Disks...)
 	c.Excluded = append([]string(nil), st.Excluded...)
 	c.Images = append([]string(nil), st.Images...)
+	c.Gaps = append([]time.Duration(nil), st.Gaps...)
 	if st.Sync != nil {
 		sc := *st.Sync
 		sc.Done = append([][2]int64(nil), st.Sync.Done...)

@@ -129,6 +129,10 @@ func (v *vm) update(fn func(st *replicaState) error) error {
 	if err := fn(&next); err != nil {
 		return err
 	}
+	v.mu.Lock()
+	prev := v.st
+	v.mu.Unlock()
+	noteCycle(&prev, &next, v.s.now())
 	if err := writeState(v.s.fs, join(v.dir, stateFile), formatReplica, &next); err != nil {
 		return err
 	}
@@ -389,6 +393,7 @@ func (s *Server) createVM(name string, entry AllowEntry, peer string, en wire.En
 		Points:        en.RecoveryPoints,
 		PointInterval: en.PointInterval,
 		Excluded:      slices.Clone(en.Excluded),
+		Frequency:     en.Frequency,
 	}
 	madeImages := false
 	for _, d := range en.Disks {

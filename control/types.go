@@ -4,6 +4,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/journal"
 	"github.com/vdrepl/vdrepl/ship"
@@ -40,6 +41,9 @@ type Status struct {
 	Warnings      []string `json:"warnings,omitempty"`
 	// Tests are the test failovers running on this host.
 	Tests []TestFailoverInfo `json:"test_failovers,omitempty"`
+	// Replicas are the VMs this host keeps replicas of, with their
+	// health; one that is not normal is among Warnings too.
+	Replicas []ReplicaStatus `json:"replicas,omitempty"`
 }
 
 // DiskSpec is one disk of a VM as the user registered it.
@@ -143,10 +147,31 @@ type ReplicationStatus struct {
 	ship.Status
 }
 
-// ReplicaStatus is a VM this host keeps a replica of.
+// ReplicaStatus is a VM this host keeps a replica of. Its state is
+// "failed-over" while the VM is failed over on this host (FailedOver says
+// how); otherwise the replica's ("new", "initial-copy", "resyncing",
+// "replicating").
 type ReplicaStatus struct {
 	Role string `json:"role"` // "replica"
 	wire.Replica
+	// Health is "normal", "warning" (no cycle applied for more than 2 x
+	// frequency) or "critical" (more than 6 x frequency or 1 hour,
+	// whichever is less); HealthReason says since when (apply.Health).
+	Health       string `json:"health"`
+	HealthReason string `json:"health_reason,omitempty"`
+	// LastCycleAt is when this host last applied a cycle (or the VM last
+	// became replicating); FrequencySeconds the primary's frequency as
+	// this host knows it (absent: not known yet).
+	LastCycleAt      time.Time `json:"last_cycle_at,omitzero"`
+	FrequencySeconds float64   `json:"frequency_seconds,omitempty"`
+}
+
+// NewReplicaStatus is the status of a replica VM as apply reports it.
+func NewReplicaStatus(s apply.Status) ReplicaStatus {
+	r := ReplicaStatus{Role: "replica", Replica: s.Replica, Health: s.Health.Level, HealthReason: s.Health.Reason,
+		LastCycleAt: s.Health.LastCycleAt, FrequencySeconds: s.Health.Frequency.Seconds()}
+	r.State = s.State
+	return r
 }
 
 // Replication lists the replication state of every VM this host is primary or

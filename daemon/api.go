@@ -1,12 +1,14 @@
 package daemon
 
 import (
+	"fmt"
 	"net/http"
 	"net/url"
 	"path/filepath"
 	"slices"
 	"time"
 
+	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/control"
 )
 
@@ -22,10 +24,16 @@ func (d *Daemon) handler() http.Handler { return control.NewHandler(d) }
 func (d *Daemon) Status() control.Status {
 	vms := d.VMs()
 	tests := d.TestFailovers()
+	var replicas []control.ReplicaStatus
+	if d.replica != nil {
+		for _, r := range d.replica.Statuses() {
+			replicas = append(replicas, control.NewReplicaStatus(r))
+		}
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	s := control.Status{StateDir: d.cfg.StateDir, LastShutdown: d.lastShutdown, NBD: append([]string(nil), d.listeners...), VMs: vms,
-		ReplicaListen: d.replicaAddr, MetricsListen: d.metricsAddr, Tests: tests}
+		ReplicaListen: d.replicaAddr, MetricsListen: d.metricsAddr, Tests: tests, Replicas: replicas}
 	if d.identity != nil {
 		s.Identity = d.identity.Name()
 		s.Warnings = d.identity.Warnings(time.Now())
@@ -33,6 +41,7 @@ func (d *Daemon) Status() control.Status {
 	if d.identityErr != nil {
 		s.Warnings = append(s.Warnings, d.identityErr.Error())
 	}
+	s.Warnings = append(s.Warnings, replicaWarnings(replicas)...)
 	for p := range d.mounts {
 		s.Mounts = append(s.Mounts, p)
 	}
@@ -81,4 +90,17 @@ func absPath(p string) string {
 		return a
 	}
 	return p
+}
+
+// replicaWarnings are the lines `vdrepl status` shows for replica VMs
+// whose health is not normal.
+func replicaWarnings(replicas []control.ReplicaStatus) []string {
+	var out []string
+	for _, r := range replicas {
+		if r.Health == apply.HealthNormal || r.Health == "" {
+			continue
+		}
+		out = append(out, fmt.Sprintf("replica VM %s: health %s: %s; check the primary host and `vdrepl doctor` there", r.VM, r.Health, r.HealthReason))
+	}
+	return out
 }

@@ -9,6 +9,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/vdrepl/vdrepl/apply"
 )
 
 // collector exports the daemon's replication and journal figures to
@@ -53,6 +55,7 @@ var metricHelp = map[string]string{
 	"vdrepl_replica_recovery_points":                "replica role: recovery points kept besides the latest state",
 	"vdrepl_replica_recovery_point_bytes":           "replica role: undo data the recovery points take",
 	"vdrepl_replica_failed_over":                    "replica role: 1 while the VM is failed over on this host",
+	"vdrepl_replica_health":                         "replica role: 0 normal, 1 warning (no cycle applied for more than 2 x frequency), 2 critical (more than 6 x frequency or 1 hour)",
 }
 
 func newCollector(d *Daemon) *collector {
@@ -129,6 +132,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge("vdrepl_replica_recovery_points", float64(rep.Points), rep.VM)
 		gauge("vdrepl_replica_recovery_point_bytes", float64(rep.PointBytes), rep.VM)
 		gauge("vdrepl_replica_failed_over", b2f(rep.FailedOver != nil), rep.VM)
+		gauge("vdrepl_replica_health", replicaHealthValue(rep.Health), rep.VM)
 		if !rep.AppliedAt.IsZero() {
 			gauge("vdrepl_replica_applied_barrier_age_seconds", now.Sub(rep.AppliedAt).Seconds(), rep.VM)
 		}
@@ -136,6 +140,17 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if id := c.d.identity; id != nil {
 		gauge("vdrepl_certificate_expiry_seconds", id.Leaf().NotAfter.Sub(now).Seconds())
 	}
+}
+
+// replicaHealthValue is a replica health as vdrepl_replica_health has it.
+func replicaHealthValue(h string) float64 {
+	switch h {
+	case apply.HealthWarning:
+		return 1
+	case apply.HealthCritical:
+		return 2
+	}
+	return 0
 }
 
 // serveMetrics serves /metrics on MetricsListen.

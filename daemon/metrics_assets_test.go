@@ -11,6 +11,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.yaml.in/yaml/v2"
+
+	"github.com/vdrepl/vdrepl/control"
+	"github.com/vdrepl/vdrepl/internal/wire"
 )
 
 // exportedMetrics registers the daemon's collector on a registry and returns
@@ -135,6 +138,7 @@ func TestGrafanaDashboardMetrics(t *testing.T) {
 		"vdrepl_replication_pending_bytes",                                                   // pending bytes
 		"vdrepl_replication_cycle_wire_bytes_avg", "vdrepl_replication_cycle_wire_bytes_max", // cycle sizes
 		"vdrepl_replication_retries_total", "vdrepl_replication_cycles_missed_total", "vdrepl_replication_health", // errors
+		"vdrepl_replica_health", // the replica's side: are cycles arriving
 	} {
 		if !used[name] {
 			t.Errorf("grafana-dashboard.json never queries %s", name)
@@ -206,5 +210,26 @@ func TestAlertRulesMetrics(t *testing.T) {
 	}
 	if crit := alerts["VdreplVMCritical"]; !strings.Contains(crit, "vdrepl_replication_health == 2") {
 		t.Errorf("VdreplVMCritical: expr %q, want health critical (2)", crit)
+	}
+	if rep := alerts["VdreplReplicaNoCycles"]; !strings.Contains(rep, "vdrepl_replica_health") {
+		t.Errorf("VdreplReplicaNoCycles: expr %q, want the replica's health", rep)
+	}
+}
+
+// The replica's health as a gauge, and as the warnings of `vdrepl status`.
+func TestReplicaHealthReported(t *testing.T) {
+	for h, want := range map[string]float64{"normal": 0, "warning": 1, "critical": 2, "": 0} {
+		if got := replicaHealthValue(h); got != want {
+			t.Errorf("vdrepl_replica_health of %q: %v, want %v", h, got, want)
+		}
+	}
+	reps := []control.ReplicaStatus{
+		{Replica: wire.Replica{VM: "web1"}, Health: "normal"},
+		{Replica: wire.Replica{VM: "db1"}, Health: "warning", HealthReason: "no cycle from p1 since 2026-03-01T12:00:00Z (1m14s ago, frequency 30s)"},
+	}
+	got := replicaWarnings(reps)
+	want := "replica VM db1: health warning: no cycle from p1 since 2026-03-01T12:00:00Z (1m14s ago, frequency 30s); check the primary host and `vdrepl doctor` there"
+	if len(got) != 1 || got[0] != want {
+		t.Errorf("warnings %q, want %q", got, want)
 	}
 }

@@ -417,12 +417,12 @@ func (d *Daemon) ReplicationStatus(name string) (control.Replication, error) {
 		out.Primaries = append(out.Primaries, xs...)
 	}
 	if d.replica != nil {
-		for _, r := range d.replica.Replicas() {
+		for _, r := range d.replica.Statuses() {
 			if name != "" && r.VM != name {
 				continue
 			}
 			found = true
-			out.Replicas = append(out.Replicas, control.ReplicaStatus{Role: "replica", Replica: r})
+			out.Replicas = append(out.Replicas, control.NewReplicaStatus(r))
 		}
 	}
 	if !found {

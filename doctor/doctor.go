@@ -17,7 +17,9 @@
 //     both ways (the replica's certificate as we check it; ours as the
 //     replica takes it), the allow-list, and the clocks;
 //   - a VM: its replication state, lag against its frequency, journal fill
-//     and last error, as the daemon's control API reports them.
+//     and last error, as the daemon's control API reports them;
+//   - on a replica host, each VM it keeps a replica of: whether its cycles
+//     keep arriving (the replica's health; a failed-over VM expects none).
 //
 // The network checks never change anything on the replica: they use the
 // replica's probe (wire.PeerPath), which reads and discards what it is
@@ -70,6 +72,9 @@ const (
 	CheckVMJournal   = "vm-journal"
 	CheckVMError     = "vm-error"
 	CheckVMReplica   = "vm-replica"
+	// CheckReplicaHealth: on a replica host, whether a VM's cycles keep
+	// arriving from its primary.
+	CheckReplicaHealth = "replica-health"
 )
 
 // Finding is one result of a check.
@@ -237,6 +242,8 @@ func Run(ctx context.Context, cfg Config) Report {
 	}
 	if cfg.VM != "" && dv != nil {
 		r.add(VMReplication(cfg.VM, dv.vms, dv.repl, cfg.Now())...)
+	} else if dv != nil {
+		r.add(ReplicaHealth(dv.repl.Replicas)...)
 	}
 	return r
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/ship"
 )
@@ -80,6 +81,13 @@ func replicaFindings(name string, replicas []control.ReplicaStatus) []Finding {
 		if r.VM != name {
 			continue
 		}
+		if r.FailedOver != nil {
+			out = append(out, replicaHealthFinding(r))
+			continue
+		}
+		if f := replicaHealthFinding(r); f.Severity != OK {
+			out = append(out, f)
+		}
 		if r.Consistent {
 			out = append(out, vmFinding(name, CheckVM, OK, fmt.Sprintf("this host keeps the VM's replica from %q: state %s, cycle %d applied, consistent", r.Primary, r.State, r.Applied), ""))
 		} else {
@@ -88,6 +96,38 @@ func replicaFindings(name string, replicas []control.ReplicaStatus) []Finding {
 		}
 	}
 	return out
+}
+
+// ReplicaHealth checks whether the cycles of each VM this host keeps a
+// replica of keep arriving, by the replica's own health: a warning past
+// 2 x frequency without a cycle, a problem past 6 x frequency or 1 hour
+// (apply.Health).
+func ReplicaHealth(replicas []control.ReplicaStatus) []Finding {
+	out := make([]Finding, 0, len(replicas))
+	for _, r := range replicas {
+		out = append(out, replicaHealthFinding(r))
+	}
+	return out
+}
+
+// replicaHealthFinding is the health of one replica VM.
+func replicaHealthFinding(r control.ReplicaStatus) Finding {
+	if f := r.FailedOver; f != nil {
+		return vmFinding(r.VM, CheckReplicaHealth, OK, fmt.Sprintf("failed over on this host (%s) to %s at %s: takes no cycles from %q",
+			f.Kind, apply.PointName(f.Point), f.At.Local().Format(time.DateTime), r.Primary), "")
+	}
+	fix := fmt.Sprintf("check the primary host %s and `vdrepl doctor` there (`vdrepl replication status %s` there says why cycles do not arrive)", r.Primary, r.VM)
+	switch r.Health {
+	case apply.HealthCritical:
+		return vmFinding(r.VM, CheckReplicaHealth, Problem, "replica health critical: "+r.HealthReason, fix)
+	case apply.HealthWarning:
+		return vmFinding(r.VM, CheckReplicaHealth, Warning, "replica health warning: "+r.HealthReason, fix)
+	}
+	cause := fmt.Sprintf("replica from %q: %s", r.Primary, r.State)
+	if !r.LastCycleAt.IsZero() {
+		cause += ", last cycle applied " + r.LastCycleAt.Local().Format(time.DateTime)
+	}
+	return vmFinding(r.VM, CheckReplicaHealth, OK, cause, "")
 }
 
 // servedFindings checks that the VM is served and its journal works.

@@ -84,6 +84,14 @@ func TestVMReplication(t *testing.T) {
 		{"replica not consistent", nil, control.Replication{Replicas: []control.ReplicaStatus{{Replica: wire.Replica{VM: "web1", Primary: "p1", State: "initial-copy"}}}}, []expect{
 			{CheckVM, Warning, []string{"not consistent yet", "failover"}},
 		}},
+		{"replica without cycles", nil, control.Replication{Replicas: []control.ReplicaStatus{{Replica: wire.Replica{VM: "web1", Primary: "p1", State: "replicating", Applied: 9, Consistent: true},
+			Health: "warning", HealthReason: "no cycle from p1 since 2026-03-01T11:58:46Z (1m14s ago, frequency 30s)"}}}, []expect{
+			{CheckReplicaHealth, Warning, []string{"no cycle from p1 since 2026-03-01T11:58:46Z", "check the primary host p1 and `vdrepl doctor` there"}},
+		}},
+		{"replica failed over", nil, control.Replication{Replicas: []control.ReplicaStatus{{Replica: wire.Replica{VM: "web1", Primary: "p1", State: "failed-over", Applied: 9, Consistent: true,
+			FailedOver: &wire.FailedOver{Kind: "unplanned", Point: "7", Latest: 9, At: now}}, Health: "normal"}}}, []expect{
+			{CheckReplicaHealth, OK, []string{"failed over on this host (unplanned) to recovery point 7", `takes no cycles from "p1"`}},
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fs := VMReplication("web1", tc.vms, tc.repl, now)
@@ -91,5 +99,26 @@ func TestVMReplication(t *testing.T) {
 				want(t, fs, w.check, w.sev, w.words...)
 			}
 		})
+	}
+}
+
+// TestReplicaHealth: `vdrepl doctor` on a replica host reports each
+// replica VM's health, with its cause and fix.
+func TestReplicaHealth(t *testing.T) {
+	reps := []control.ReplicaStatus{
+		{Replica: wire.Replica{VM: "web1", Primary: "p1", State: "replicating", Consistent: true}, Health: "normal", LastCycleAt: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)},
+		{Replica: wire.Replica{VM: "db1", Primary: "p2", State: "replicating", Consistent: true}, Health: "critical",
+			HealthReason: "no cycle from p2 since 2026-03-01T11:00:00Z (1h0m0s ago, frequency 5m0s)"},
+	}
+	fs := ReplicaHealth(reps)
+	if len(fs) != 2 {
+		t.Fatalf("findings: %s", dump(fs))
+	}
+	if fs[0].Subject != "web1" || fs[0].Severity != OK || fs[0].Check != CheckReplicaHealth {
+		t.Errorf("web1: %+v", fs[0])
+	}
+	if f := fs[1]; f.Subject != "db1" || f.Severity != Problem || f.Cause != "replica health critical: no cycle from p2 since 2026-03-01T11:00:00Z (1h0m0s ago, frequency 5m0s)" ||
+		f.Fix != "check the primary host p2 and `vdrepl doctor` there (`vdrepl replication status db1` there says why cycles do not arrive)" {
+		t.Errorf("db1: %+v", f)
 	}
 }

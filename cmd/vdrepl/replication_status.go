@@ -125,7 +125,7 @@ func printPrimary(w io.Writer, p control.ReplicationStatus, now time.Time, tty b
 	fmt.Fprintf(w, "  frequency:    %s\n", time.Duration(p.Spec.Frequency))
 	if s.LastApplied > 0 {
 		fmt.Fprintf(w, "  last applied: cycle %d, sealed %s ago\n", s.LastApplied, now.Sub(s.LastAppliedSealed).Round(time.Second))
-		fmt.Fprintf(w, "  lag:          %s (RPO achieved; frequency %s)\n", time.Duration(m.LagSeconds*float64(time.Second)).Round(time.Second), time.Duration(p.Spec.Frequency))
+		fmt.Fprintf(w, "  lag:          current RPO %s, target %s\n", time.Duration(m.LagSeconds*float64(time.Second)).Round(time.Second), time.Duration(p.Spec.Frequency))
 	}
 	if s.Committing > 0 {
 		fmt.Fprintf(w, "  applying:     cycle %d (uploaded; the replica is applying it)\n", s.Committing)
@@ -177,7 +177,14 @@ func printPrimary(w io.Writer, p control.ReplicationStatus, now time.Time, tty b
 // printReplica renders one VM this host keeps the replica of.
 func printReplica(w io.Writer, rep control.ReplicaStatus, now time.Time) {
 	fmt.Fprintf(w, "VM %s <- %s (replica)\n", rep.VM, rep.Primary)
-	fmt.Fprintf(w, "  state:        %s, consistent: %v\n", rep.State, rep.Consistent)
+	if f := rep.FailedOver; f != nil {
+		fmt.Fprintf(w, "  state:        failed over (%s) to %s at %s; takes no data from %s\n", f.Kind, apply.PointName(f.Point), f.At.Local().Format(timeZone), rep.Primary)
+	} else {
+		fmt.Fprintf(w, "  state:        %s, consistent: %v\n", rep.State, rep.Consistent)
+	}
+	if line := replicaHealthLine(rep, now); line != "" {
+		fmt.Fprintf(w, "  health:       %s\n", line)
+	}
 	switch {
 	case rep.Applied > 0 && !rep.AppliedAt.IsZero():
 		fmt.Fprintf(w, "  applied:      cycle %d (barrier %s, %s ago)\n", rep.Applied, rep.AppliedAt.Local().Format(time.DateTime), now.Sub(rep.AppliedAt).Round(time.Second))
@@ -193,10 +200,28 @@ func printReplica(w io.Writer, rep control.ReplicaStatus, now time.Time) {
 	if rep.RecoveryPoints > 0 || rep.Points > 0 {
 		fmt.Fprintf(w, "  points:       %d of %d kept, %s of undo data\n", rep.Points, rep.RecoveryPoints, humanBytes(rep.PointBytes))
 	}
-	if f := rep.FailedOver; f != nil {
-		fmt.Fprintf(w, "  FAILED OVER:  %s failover at %s to %s; takes no data from %s\n", f.Kind, f.At.Local().Format(time.DateTime), apply.PointName(f.Point), rep.Primary)
-	}
 	if len(rep.Excluded) > 0 {
 		fmt.Fprintf(w, "  not replicated (excluded on the primary): %s\n", strings.Join(rep.Excluded, ", "))
 	}
+}
+
+// timeZone is how the replica's lines show a time: with its zone.
+const timeZone = "2006-01-02 15:04:05 MST"
+
+// replicaHealthLine says whether the replica VM's cycles keep arriving;
+// "" from a daemon that does not judge it.
+func replicaHealthLine(rep control.ReplicaStatus, now time.Time) string {
+	switch {
+	case rep.Health == "":
+		return ""
+	case rep.Health != apply.HealthNormal:
+		return rep.Health + ": " + rep.HealthReason
+	case rep.FailedOver != nil || rep.LastCycleAt.IsZero():
+		return rep.Health
+	}
+	line := fmt.Sprintf("%s (last cycle applied %s ago", rep.Health, now.Sub(rep.LastCycleAt).Round(time.Second))
+	if rep.FrequencySeconds > 0 {
+		line += fmt.Sprintf(", frequency %s", time.Duration(rep.FrequencySeconds*float64(time.Second)))
+	}
+	return line + ")"
 }

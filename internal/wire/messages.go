@@ -98,6 +98,11 @@ type Enable struct {
 	// Excluded names the primary's disks that are not replicated, so a
 	// failover on the replica can say which disks the VM lacks.
 	Excluded []string `json:"excluded,omitempty"`
+	// Frequency is the primary's cycle frequency (nanoseconds), so that
+	// the replica can tell when cycles stop arriving (its health). 0 from
+	// a primary that does not send it: the replica then goes by the
+	// spacing of the barriers it applies.
+	Frequency time.Duration `json:"frequency,omitempty"`
 }
 
 // MaxRecoveryPoints bounds Enable.RecoveryPoints.
