@@ -69,8 +69,8 @@ func TestAppConsistentSeals(t *testing.T) {
 	}
 	// The replica learns the policy and the flags.
 	en := e.rep.lastEnable()
-	if en.RecoveryPoints != 3 || en.PointInterval != time.Minute {
-		t.Fatalf("enable sent %+v", en)
+	if en.RecoveryPoints != 3 || en.PointInterval != time.Minute || en.Frequency != e.cfg.Frequency || en.Frequency == 0 {
+		t.Fatalf("enable sent %+v (frequency %v)", en, e.cfg.Frequency)
 	}
 	hs := e.rep.cycleHeaders() // the cycle sealed by the initial copy first
 	if len(hs) != 5 {

@@ -524,7 +524,8 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 	if !enabled {
 		existing := !st.InitialDone && s.initial.kind == "existing"
 		rep, err := s.c.enable(ctx, wire.Enable{Disks: s.cfg.Disks, Existing: existing,
-			RecoveryPoints: s.cfg.RecoveryPoints, PointInterval: s.cfg.PointInterval, Excluded: s.cfg.Excluded})
+			RecoveryPoints: s.cfg.RecoveryPoints, PointInterval: s.cfg.PointInterval, Excluded: s.cfg.Excluded,
+			Frequency: s.cfg.Frequency})
 		if err != nil {
 			return false, time.Time{}, err
 		}
