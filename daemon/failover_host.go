@@ -85,11 +85,20 @@ func (h *failoverHost) Register(name string, t failover.Target, fresh bool, prom
 	return (*Daemon)(h).registerFailedOver(name, t, fresh, promotedFrom)
 }
 
+// Release takes the VM out of service for change. The VM need not be
+// served: a cancel interrupted after apply recorded it leaves the VM
+// registered with its images guarded, and running the cancel again must
+// get through (closing what is not open does nothing).
 func (h *failoverHost) Release(name, why string, change func() error) error {
 	d := (*Daemon)(h)
-	v, err := d.servedVM(name)
-	if err != nil {
-		return err
+	d.mu.Lock()
+	v, ok := d.vms[name]
+	d.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: %s", control.ErrUnknownVM, name)
+	}
+	if v.busy {
+		return errBusy(v)
 	}
 	return d.transition(v, why, change)
 }

@@ -128,3 +128,31 @@ func TestTransitionReopenFails(t *testing.T) {
 		t.Fatalf("VMs: %+v, want the VM listed with why it is not served", infos)
 	}
 }
+
+// TestReleaseUnservedVM: the failover state machine releases a VM that is
+// registered but not served (a cancel interrupted after apply recorded it:
+// the guarded images refuse to open), so the cancel can be run again and
+// finish. A busy VM is refused; an unknown one is named.
+func TestReleaseUnservedVM(t *testing.T) {
+	d := newTestDaemon(t)
+	v := addTestVM(t, d, "a")
+	if err := v.close(); err != nil {
+		t.Fatal(err)
+	}
+	d.mu.Lock()
+	d.vms["a"] = &vm{spec: v.spec, err: errors.New("failover being cancelled: images guarded")}
+	d.mu.Unlock()
+	ran := false
+	if err := (*failoverHost)(d).Release("a", "failover being cancelled", func() error { ran = true; return nil }); err != nil || !ran {
+		t.Fatalf("Release of a VM that is not served: %v (change ran: %v)", err, ran)
+	}
+	if nv := servedNow(d, "a"); !nv.busy {
+		t.Fatalf("after Release the VM is %+v, want the busy stand-in", nv)
+	}
+	if err := (*failoverHost)(d).Release("a", "again", nil); !errors.Is(err, control.ErrInUse) {
+		t.Fatalf("Release of a busy VM: %v, want ErrInUse", err)
+	}
+	if err := (*failoverHost)(d).Release("nope", "x", nil); !errors.Is(err, control.ErrUnknownVM) {
+		t.Fatalf("Release of an unknown VM: %v", err)
+	}
+}
