@@ -128,11 +128,13 @@ func (ts *Tests[C]) open(vm, point string) (*TestRun[C], error) {
 
 // Stop ends the test failover of vm, discarding what was written to it,
 // and records that.
+// The record is saved even when the copy does not close cleanly: the run is
+// gone either way, and a stale record would start it again after a restart.
 func (ts *Tests[C]) Stop(vm string) error {
-	if err := ts.stop(vm); err != nil {
-		return err
+	if _, ok := ts.Running(vm); !ok {
+		return refuse(ErrInvalid, "no test failover of VM %s is running", vm)
 	}
-	return ts.save()
+	return errors.Join(ts.stop(vm), ts.save())
 }
 
 // End ends the test failover of vm if one runs (a failover it ran beside

@@ -12,12 +12,13 @@ import (
 // fakeCopy is a test failover's copy that writes to its scratch
 // directory, as the overlay does.
 type fakeCopy struct {
-	point  string
-	closed bool
+	point    string
+	closed   bool
+	closeErr error // what Close returns
 }
 
 func (c *fakeCopy) PointID() string { return c.point }
-func (c *fakeCopy) Close() error    { c.closed = true; return nil }
+func (c *fakeCopy) Close() error    { c.closed = true; return c.closeErr }
 
 type testsWorld struct {
 	mem    *vfs.MemFS
@@ -161,5 +162,26 @@ func TestTestsRecordFails(t *testing.T) {
 	w.efs.InjectAlways(vfs.OpRename, boom)
 	if ended, err := w.ts.End("v"); !ended || !errors.Is(err, boom) {
 		t.Fatalf("End with a failing record: %v %v", ended, err)
+	}
+}
+
+// TestTestsStopRecordsDespiteCloseError: a copy that does not close cleanly
+// is still gone, and so is its record: the error is returned, and after a
+// restart the stopped test failover does not start again.
+func TestTestsStopRecordsDespiteCloseError(t *testing.T) {
+	w := newTestsWorld(t, vfs.NewMemFS())
+	run, err := w.ts.Start("v", "p1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("overlay close failed")
+	run.Copy.closeErr = boom
+	if err := w.ts.Stop("v"); !errors.Is(err, boom) {
+		t.Fatalf("Stop with a failing close: %v, want the close error", err)
+	}
+	n := newTestsWorld(t, w.mem.CrashClone())
+	n.ts.Restart()
+	if len(n.opened) != 0 || len(n.ts.List()) != 0 {
+		t.Fatalf("a stopped test failover started again after a restart: %v", n.opened)
 	}
 }
