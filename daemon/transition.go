@@ -77,7 +77,7 @@ func (d *Daemon) restore(s control.VMSpec, cause error) error {
 	d.vms[s.Name] = nv
 	d.mu.Unlock()
 	if err != nil {
-		return errors.Join(cause, fmt.Errorf("VM %s could not be served again: %w", s.Name, err))
+		return fmt.Errorf("%w; VM %s could not be served again: %w", cause, s.Name, err)
 	}
 	return cause
 }
