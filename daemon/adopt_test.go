@@ -62,7 +62,7 @@ func TestAdoptHoldsNoLock(t *testing.T) {
 func TestAdoptFinish(t *testing.T) {
 	d := newTestDaemon(t)
 	v := adoptableVM(t, d)
-	wait := d.adoptWaiter("a")
+	wait := d.fo.AdoptWaiter("a")
 	_, finish, err := (*hostHooks)(d).Adopt("a", "replica.example", replicaCert, enableOf(v))
 	if err != nil {
 		t.Fatal(err)

@@ -775,6 +775,7 @@ func (d *Daemon) RemoveVM(name string) error {
 	if rerr := vfs.RemoveAll(d.fs, filepath.Join(d.cfg.StateDir, "vms", name)); err == nil {
 		err = rerr
 	}
+	d.shipEv.forget(name)
 	d.log.Info("VM removed", "vm", name)
 	return err
 }

@@ -86,3 +86,10 @@ func (e *shipEvents) events(vm string) ship.Events {
 func (e *shipEvents) collectors() []prometheus.Collector {
 	return []prometheus.Collector{e.latency, e.changes}
 }
+
+// forget drops the series of vm, whose replication ended: a removed or
+// disabled VM leaves no stale histogram behind until the next restart.
+func (e *shipEvents) forget(vm string) {
+	e.latency.DeletePartialMatch(prometheus.Labels{"vm": vm})
+	e.changes.DeletePartialMatch(prometheus.Labels{"vm": vm})
+}

@@ -101,4 +101,19 @@ func TestShipEvents(t *testing.T) {
 	if changes["error"] != 2 || changes["replicating"] != 1 {
 		t.Errorf("state changes %v, want error 2, replicating 1", changes)
 	}
+	e.events("vm2").StateChanged("replicating", "")
+	e.forget("vm1")
+	mfs, err = reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "vm" && l.GetValue() != "vm2" {
+					t.Errorf("after forget(vm1): %s has a series of %s", mf.GetName(), l.GetValue())
+				}
+			}
+		}
+	}
 }

@@ -169,9 +169,6 @@ func (d *Daemon) replicaAddress() (string, error) {
 	return net.JoinHostPort(host, port), nil
 }
 
-// adoptWaiter returns a channel closed when VM name is adopted.
-func (d *Daemon) adoptWaiter(name string) <-chan struct{} { return d.fo.AdoptWaiter(name) }
-
 // Reverse replicates a VM that failed over to this host back to its old
 // primary, sending only what differs: the failover is completed (its
 // recovery points discarded) and replication enabled with the old

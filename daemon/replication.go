@@ -181,6 +181,7 @@ func (d *Daemon) DisableReplication(name string) error {
 	if err := d.fs.Remove(d.shipState(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		d.log.Error("shipper state of a disabled replication not removed", "vm", name, "file", d.shipState(name), "err", err)
 	}
+	d.shipEv.forget(name)
 	d.log.Info("replication disabled", "vm", name)
 	return v.j.SetRetain(false)
 }
