@@ -220,6 +220,12 @@ func TestForbiddenStopsUntilResume(t *testing.T) {
 	if !errors.As(stopped, &re) || re.Code != wire.CodeForbidden {
 		t.Fatalf("stopped by %v", stopped)
 	}
+	// The change is reported just after waiters wake: wait for it.
+	waitFor(t, r.s, "the change into the error state", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(errs) > 0
+	})
 	mu.Lock()
 	got := slices.Clone(errs)
 	mu.Unlock()
