@@ -148,10 +148,20 @@ func (c *client) do(ctx context.Context, op, method, path string, body io.Reader
 		*raw = b
 		return nil
 	}
+	if raw, ok := out.(*rawAnswer); ok {
+		raw.body, raw.header = b, resp.Header
+		return nil
+	}
 	if err := json.Unmarshal(b, out); err != nil {
 		return fmt.Errorf("%w: %s: answer: %v", ErrProtocol, op, err)
 	}
 	return nil
+}
+
+// rawAnswer is an answer that is not JSON, with its headers.
+type rawAnswer struct {
+	body   []byte
+	header http.Header
 }
 
 func (c *client) jsonBody(v any) (io.Reader, int64, http.Header) {
