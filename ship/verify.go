@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -34,8 +35,26 @@ import (
 // DefaultVerifyRate bounds how fast Verify reads the primary's images.
 const DefaultVerifyRate = "100MB/s"
 
-// verifyRange is the disk range one step of Verify compares.
-const verifyRange = 8 << 20
+// verifyRange bounds the disk range one step of Verify compares. A step
+// reads about a tenth of a second at the rate (at least minVerifyRange):
+// cycles the replica applies during a step are released by the journal,
+// and one released after the replica named its cycle makes the step
+// unanswerable (it is tried again, up to verifyTries times).
+const (
+	verifyRange    = 8 << 20
+	minVerifyRange = 1 << 20
+	verifyTries    = 3
+)
+
+// verifyStep is the range of one step at rate bytes per second, a multiple
+// of bs.
+func verifyStep(rate float64, bs int64) int64 {
+	n := int64(verifyRange)
+	if !math.IsInf(rate, 1) {
+		n = int64(min(max(rate/10, minVerifyRange), verifyRange))
+	}
+	return max(n/bs*bs, bs)
+}
 
 // ErrVerifyRunning is returned by Verify while another verify of the VM
 // runs.
@@ -173,9 +192,10 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 	v := &verifier{s: s, cs: cs, o: o, res: VerifyResult{VM: s.cfg.VM, Started: started, TotalBytes: total, DryRun: o.DryRun, Truth: verifyTruth},
 		buf: make([]byte, verifyRange), byDisk: map[int]*VerifyMismatch{}}
 	var done int64
+	step := verifyStep(o.Rate.Rate(time.Now()), s.cfg.BlockSize)
 	for wd, d := range s.cfg.Disks {
-		for off := int64(0); off < d.Size; off += verifyRange {
-			n := min(verifyRange, d.Size-off)
+		for off := int64(0); off < d.Size; off += step {
+			n := min(step, d.Size-off)
 			if err := v.compare(ctx, wd, off, n); err != nil {
 				return v.res, fmt.Errorf("ship: verify disk %s at %d: %w", d.Name, off, err)
 			}
@@ -245,33 +265,51 @@ type verifier struct {
 	order  []int // disks with mismatches, in the order found
 }
 
-// compare compares disk range [off, off+n) (wire disk index wd).
+// compare compares disk range [off, off+n) (wire disk index wd). A range
+// the journal cannot answer for is tried again while the replica's cycle
+// moves (cycles were released during the step), else skipped.
 func (v *verifier) compare(ctx context.Context, wd int, off, n int64) error {
 	s, bs := v.s, v.s.cfg.BlockSize
 	jd := s.cfg.DiskIndex[wd]
-	sums, at, err := s.c.sumsAt(ctx, wire.SumsRequest{Disk: wd, Offset: off, Length: n, BlockSize: bs})
-	if err != nil {
-		return err
-	}
-	if at == 0 {
-		v.skip(wd, off, n, SkipNotAtCycle)
-		return nil
-	}
-	buf := v.buf[:n]
-	if err := v.o.Rate.WaitN(ctx, int(n)); err != nil {
-		return err
-	}
-	if err := s.j.ReadAt(jd, buf, off); err != nil {
-		return fmt.Errorf("read disk %d: %w", jd, err)
-	}
-	// Only now: a write that raced the read is in the index by now.
-	changed, err := v.cs.ChangedSince(at, jd, off, n)
-	if errors.Is(err, journal.ErrTooOld) {
-		v.skip(wd, off, n, SkipTooOld)
-		return nil
-	}
-	if err != nil {
-		return err
+	var (
+		sums    []byte
+		at      uint64
+		changed []bool
+		buf     = v.buf[:n]
+	)
+	for try := 0; ; try++ {
+		prev := at
+		var err error
+		sums, at, err = s.c.sumsAt(ctx, wire.SumsRequest{Disk: wd, Offset: off, Length: n, BlockSize: bs})
+		if err != nil {
+			return err
+		}
+		if at == 0 {
+			v.skip(wd, off, n, SkipNotAtCycle)
+			return nil
+		}
+		if try > 0 && at == prev {
+			v.skip(wd, off, n, SkipTooOld)
+			return nil
+		}
+		if err := v.o.Rate.WaitN(ctx, int(n)); err != nil {
+			return err
+		}
+		if err := s.j.ReadAt(jd, buf, off); err != nil {
+			return fmt.Errorf("read disk %d: %w", jd, err)
+		}
+		// Only now: a write that raced the read is in the index by now.
+		changed, err = v.cs.ChangedSince(at, jd, off, n)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, journal.ErrTooOld) {
+			return err
+		}
+		if try+1 == verifyTries {
+			v.skip(wd, off, n, SkipTooOld)
+			return nil
+		}
 	}
 	for b := int64(0); b < n; b += bs {
 		e := min(b+bs, n)
