@@ -170,3 +170,51 @@ func TestVerifySkipsWhatTheJournalCannotAnswer(t *testing.T) {
 		t.Fatalf("verify against a replica behind the journal: %+v", res)
 	}
 }
+
+// racingJournal runs once before its first ReadAt: as if, while the
+// primary read a step, a cycle was written, shipped, applied and released.
+type racingJournal struct {
+	*fakeJournal
+	once   atomic.Bool
+	before func()
+}
+
+func (j *racingJournal) ReadAt(disk int, p []byte, off int64) error {
+	if j.before != nil && j.once.CompareAndSwap(false, true) {
+		j.before()
+	}
+	return j.fakeJournal.ReadAt(disk, p, off)
+}
+
+// A step whose replica cycle the journal released while the primary read
+// it is tried again at the replica's new cycle, not skipped.
+func TestVerifyTriesAgainWhenACycleWasReleased(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	e.j.write(0, 0, random(1<<20))
+	rj := &racingJournal{fakeJournal: e.j}
+	cfg := e.cfg
+	cfg.Journal = rj
+	r := e.start(cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	rj.before = func() {
+		data := random(bs)
+		e.j.write(0, 7*bs, data)
+		info, _ := e.j.Seal(0)
+		e.rep.mu.Lock()
+		vm := e.rep.vms["vm1"]
+		copy(vm.images[0][7*bs:], data)
+		vm.applied = info.Cycle
+		e.rep.mu.Unlock()
+		e.j.Release(info.Cycle)
+	}
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.SkippedBytes != 0 || res.CheckedBytes != 1<<20 || res.MismatchBlocks != 0 || !rj.once.Load() {
+		t.Fatalf("verify across a release: %+v", res)
+	}
+}
