@@ -191,20 +191,8 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 
 	v := &verifier{s: s, cs: cs, o: o, res: VerifyResult{VM: s.cfg.VM, Started: started, TotalBytes: total, DryRun: o.DryRun, Truth: verifyTruth},
 		buf: make([]byte, verifyRange), byDisk: map[int]*VerifyMismatch{}}
-	var done int64
-	step := verifyStep(o.Rate.Rate(time.Now()), s.cfg.BlockSize)
-	for wd, d := range s.cfg.Disks {
-		for off := int64(0); off < d.Size; off += step {
-			n := min(step, d.Size-off)
-			if err := v.compare(ctx, wd, off, n); err != nil {
-				return v.res, fmt.Errorf("ship: verify disk %s at %d: %w", d.Name, off, err)
-			}
-			done += n
-			p := s.verifyProgress(done)
-			if o.Progress != nil {
-				o.Progress(p)
-			}
-		}
+	if err := v.run(ctx); err != nil {
+		return v.res, err
 	}
 	res := v.finish()
 	last := LastVerify{At: res.Finished, CheckedBytes: res.CheckedBytes, MismatchBlocks: res.MismatchBlocks, DryRun: o.DryRun}
@@ -265,11 +253,68 @@ type verifier struct {
 	order  []int // disks with mismatches, in the order found
 }
 
-// compare compares disk range [off, off+n) (wire disk index wd). A range
-// the journal cannot answer for is tried again while the replica's cycle
-// moves (cycles were released during the step), else skipped.
-func (v *verifier) compare(ctx context.Context, wd int, off, n int64) error {
+// verifyStepOf is one step of a verify: disk range [off, off+n) of wire
+// disk wd, and the replica's answer for it.
+type verifyStepOf struct {
+	wd      int
+	off, n  int64
+	sums    []byte
+	at      uint64
+	err     error
+	fetched chan struct{} // closed once sums, at and err are set
+}
+
+// run compares every step. The replica hashes the next step while the
+// primary reads and hashes this one; a step's own read still starts only
+// after the replica's answer for it, as compare requires.
+func (v *verifier) run(ctx context.Context) error {
+	s := v.s
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	size := verifyStep(v.o.Rate.Rate(time.Now()), s.cfg.BlockSize)
+	var steps []*verifyStepOf
+	for wd, d := range s.cfg.Disks {
+		for off := int64(0); off < d.Size; off += size {
+			steps = append(steps, &verifyStepOf{wd: wd, off: off, n: min(size, d.Size-off), fetched: make(chan struct{})})
+		}
+	}
+	fetch := func(st *verifyStepOf) {
+		go func() {
+			defer close(st.fetched)
+			st.sums, st.at, st.err = s.c.sumsAt(ctx, wire.SumsRequest{Disk: st.wd, Offset: st.off, Length: st.n, BlockSize: s.cfg.BlockSize})
+		}()
+	}
+	if len(steps) > 0 {
+		fetch(steps[0])
+	}
+	var done int64
+	for i, st := range steps {
+		<-st.fetched
+		if i+1 < len(steps) {
+			fetch(steps[i+1])
+		}
+		if err := v.compare(ctx, st); err != nil {
+			cancel()
+			if i+1 < len(steps) {
+				<-steps[i+1].fetched
+			}
+			return fmt.Errorf("ship: verify disk %s at %d: %w", s.cfg.Disks[st.wd].Name, st.off, err)
+		}
+		done += st.n
+		p := s.verifyProgress(done)
+		if v.o.Progress != nil {
+			v.o.Progress(p)
+		}
+	}
+	return nil
+}
+
+// compare compares a step whose replica answer is in. A range the journal
+// cannot answer for is tried again while the replica's cycle moves (cycles
+// were released during the step), else skipped.
+func (v *verifier) compare(ctx context.Context, st *verifyStepOf) error {
 	s, bs := v.s, v.s.cfg.BlockSize
+	wd, off, n := st.wd, st.off, st.n
 	jd := s.cfg.DiskIndex[wd]
 	var (
 		sums    []byte
@@ -280,7 +325,11 @@ func (v *verifier) compare(ctx context.Context, wd int, off, n int64) error {
 	for try := 0; ; try++ {
 		prev := at
 		var err error
-		sums, at, err = s.c.sumsAt(ctx, wire.SumsRequest{Disk: wd, Offset: off, Length: n, BlockSize: bs})
+		if try == 0 {
+			sums, at, err = st.sums, st.at, st.err
+		} else {
+			sums, at, err = s.c.sumsAt(ctx, wire.SumsRequest{Disk: wd, Offset: off, Length: n, BlockSize: bs})
+		}
 		if err != nil {
 			return err
 		}
