@@ -246,10 +246,13 @@ func (s *Server) serveSums(q *request, v *vm) {
 		s.fail(q.w, q.r, q.vm, q.peer, err)
 		return
 	}
-	b, err := v.sums(req)
+	b, at, err := v.sums(req)
 	if err != nil {
 		s.fail(q.w, q.r, q.vm, q.peer, err)
 		return
+	}
+	if at != 0 {
+		q.w.Header().Set(wire.SumsCycleHeader, strconv.FormatUint(at, 10))
 	}
 	q.w.Header().Set("Content-Type", "application/octet-stream")
 	q.w.Header().Set("Content-Length", strconv.Itoa(len(b)))

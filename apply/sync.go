@@ -210,26 +210,29 @@ func (r *syncRecord) unmark(p int64) {
 
 // sums answers a SumsRequest: the BLAKE3-256 of each block of the range of
 // the replica image. A block is cut at the end of the range and at the end
-// of the disk (past it, it is empty).
-func (v *vm) sums(req wire.SumsRequest) ([]byte, error) {
+// of the disk (past it, it is empty). at is the applied cycle the images
+// were at while they were hashed, 0 when they are not at one (imagesAt).
+func (v *vm) sums(req wire.SumsRequest) (sums []byte, at uint64, err error) {
 	if req.Disk < 0 || req.Disk >= len(v.disks) {
-		return nil, fmt.Errorf("%w: disk %d: the VM has %d", ErrInvalid, req.Disk, len(v.disks))
+		return nil, 0, fmt.Errorf("%w: disk %d: the VM has %d", ErrInvalid, req.Disk, len(v.disks))
 	}
 	bs := req.BlockSize
 	if bs < minSumsBlock || bs > maxSumsBlock || bs&(bs-1) != 0 {
-		return nil, fmt.Errorf("%w: block size %d: want a power of two from %d to %d", ErrInvalid, bs, minSumsBlock, maxSumsBlock)
+		return nil, 0, fmt.Errorf("%w: block size %d: want a power of two from %d to %d", ErrInvalid, bs, minSumsBlock, maxSumsBlock)
 	}
 	if req.Offset < 0 || req.Length <= 0 || req.Length > maxSumsLength || req.Offset > 1<<62 {
-		return nil, fmt.Errorf("%w: range [%d, +%d): want a length from 1 to %d bytes", ErrInvalid, req.Offset, req.Length, maxSumsLength)
+		return nil, 0, fmt.Errorf("%w: range [%d, +%d): want a length from 1 to %d bytes", ErrInvalid, req.Offset, req.Length, maxSumsLength)
 	}
 	v.apply.Lock()
 	defer v.apply.Unlock()
 	if err := v.finishIntent(true); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
+	// Images change only under v.apply, held until every block is hashed.
+	at = imagesAt(v.snapshot())
 	f, err := v.s.fs.OpenFile(v.image(req.Disk), os.O_RDONLY, 0)
 	if err != nil {
-		return nil, fmt.Errorf("apply: open image: %w", err)
+		return nil, 0, fmt.Errorf("apply: open image: %w", err)
 	}
 	defer f.Close()
 	size := v.disks[req.Disk].Size
@@ -240,11 +243,11 @@ func (v *vm) sums(req wire.SumsRequest) ([]byte, error) {
 		n := max(0, min(off+bs, end, size)-off)
 		if n > 0 {
 			if m, err := f.ReadAt(buf[:n], off); err != nil && !(err == io.EOF && int64(m) == n) {
-				return nil, fmt.Errorf("apply: read image %s at %d: %w", f.Name(), off, err)
+				return nil, 0, fmt.Errorf("apply: read image %s at %d: %w", f.Name(), off, err)
 			}
 		}
 		sum := blake3.Sum256(buf[:n])
 		out = append(out, sum[:]...)
 	}
-	return out, nil
+	return out, at, nil
 }

@@ -28,6 +28,11 @@
 //	DELETE /v1/vms/{name}/replication
 //	POST   /v1/vms/{name}/replication/sync[?app=1]  -> SyncResult once applied
 //	POST   /v1/vms/{name}/replication/{op}        op: pause, resume, resync
+//	POST   /v1/vms/{name}/verify                  VerifyRequest -> a stream of
+//	                                              VerifyEvent lines (NDJSON):
+//	                                              progress, then the result or
+//	                                              the error; an error before the
+//	                                              first line is a plain error.
 //	POST   /v1/vms/{vm}/replication/reverse       ReplicationSpec -> ReplicationSpec
 //	POST   /v1/vms/{vm}/replication/extend        ExtendSpec -> ExtendSpec
 //	DELETE /v1/vms/{vm}/replication/extend

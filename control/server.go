@@ -21,6 +21,7 @@ type Host interface {
 	MountHost
 	ReplicationHost
 	FailoverHost
+	VerifyHost
 	// DoctorInfo reports the configuration and, for the replica
 	// addresses given and those of replicated VMs, the proxy it would use.
 	DoctorInfo(replicas []string) DoctorInfo
@@ -81,6 +82,7 @@ func NewHandler(h Host) *http.ServeMux {
 	mountRoutes(mux, h)
 	replicationRoutes(mux, h)
 	failoverRoutes(mux, h)
+	verifyRoutes(mux, h)
 	mux.HandleFunc("GET /v1/doctor", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, h.DoctorInfo(r.URL.Query()["replica"]), nil)
 	})

@@ -56,6 +56,8 @@ var metricHelp = map[string]string{
 	"vdrepl_replica_recovery_point_bytes":           "replica role: undo data the recovery points take",
 	"vdrepl_replica_failed_over":                    "replica role: 1 while the VM is failed over on this host",
 	"vdrepl_replica_health":                         "replica role: 0 normal, 1 warning (no cycle applied for more than 2 x frequency), 2 critical (more than 6 x frequency or 1 hour)",
+	"vdrepl_verify_last_timestamp_seconds":          "when the last vdrepl verify of the VM finished (unix time)",
+	"vdrepl_verify_last_mismatch_blocks":            "4 KiB blocks the last vdrepl verify found different on the replica",
 }
 
 func newCollector(d *Daemon) *collector {
@@ -124,6 +126,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge("vdrepl_replication_sync_total_bytes", float64(m.SyncTotalBytes), p.VM)
 		gauge("vdrepl_replication_sync_rate_bytes_per_second", m.SyncRate, p.VM)
 		gauge("vdrepl_replication_state", 1, p.VM, p.Status.State)
+		verifyMetrics(gauge, p)
 	}
 	now := time.Now()
 	for _, rep := range r.Replicas {

@@ -42,6 +42,9 @@
 // Closed cycles and the segments they need stay until Release. Past Cap bytes
 // of unreleased journal the VM switches to a dirty-block bitmap and is marked
 // resync required; guest writes never fail for lack of journal space.
+// ChangedSince answers from the same indexes which blocks changed after a
+// barrier (for `vdrepl verify`), and ErrTooOld once a cycle after it was
+// released or writes were only tracked as dirty blocks.
 //
 // # Damage at rest
 //

@@ -161,14 +161,20 @@ func (c *client) do(ctx context.Context, op, method, path string, body io.Reader
 	if out == nil {
 		return nil
 	}
-	if raw, ok := out.(*[]byte); ok {
-		*raw = b
+	if raw, ok := out.(*rawAnswer); ok {
+		raw.body, raw.header = b, resp.Header
 		return nil
 	}
 	if err := json.Unmarshal(b, out); err != nil {
 		return fmt.Errorf("%w: %s: answer: %v", ErrProtocol, op, err)
 	}
 	return nil
+}
+
+// rawAnswer is an answer that is not JSON, with its headers.
+type rawAnswer struct {
+	body   []byte
+	header http.Header
 }
 
 func (c *client) jsonBody(v any) (io.Reader, int64, http.Header) {
@@ -240,13 +246,6 @@ func (c *client) syncStart(ctx context.Context, s wire.SyncStart) (wire.SyncStat
 	body, n, h := c.jsonBody(s)
 	err := c.do(ctx, "sync start", http.MethodPost, "/sync", body, n, h, smallTimeout, &st)
 	return st, err
-}
-
-func (c *client) sums(ctx context.Context, q wire.SumsRequest) ([]byte, error) {
-	var b []byte
-	body, n, h := c.jsonBody(q)
-	err := c.do(ctx, "sums", http.MethodPost, "/sums", body, n, h, commitTimeout, &b)
-	return b, err
 }
 
 func (c *client) syncFinish(ctx context.Context, f wire.SyncFinish) (wire.Replica, error) {

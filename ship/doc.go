@@ -7,7 +7,7 @@
 //
 // The daemon makes one Shipper per replicated VM with New, runs it with Run
 // until it is stopped, and closes it with Close; Sync, Pause, Resume,
-// Resync and Status serve the admin's commands, WriteOffline an initial
+// Resync, Verify and Status serve the admin's commands, WriteOffline an initial
 // copy on external media.
 //
 // # Cycles
@@ -82,6 +82,17 @@
 // that names the cycle and says why it is not applied: the replica has
 // not answered since a time, or answers with an error, the last error,
 // and when it is tried next.
+//
+// # Verify
+//
+// Verify (verify.go) is an online scrub: step by step the replica hashes its
+// blocks at an applied cycle A (wire.SumsCycleHeader), the primary reads its
+// own at a bounded rate and then asks the journal which changed after A
+// (journal.ChangedSince); those are skipped, the rest compared, a differing
+// block refined to 4 KiB. With no recorded block hashes yet, the primary's
+// image is taken as the truth: differences mark the VM resync required
+// (unless a dry run), and the resync sends the primary's blocks. The last
+// result is kept in the state file (LastVerify) and shown in Status.
 //
 // # State file
 //

@@ -472,6 +472,9 @@ func (f *fakeReplica) sums(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, wire.Error{Code: wire.CodeBadReq, Message: "bad range"})
 		return
 	}
+	if vm.sync == nil && vm.held == nil && vm.state == "replicating" {
+		w.Header().Set(wire.SumsCycleHeader, strconv.FormatUint(vm.applied, 10))
+	}
 	img := vm.images[q.Disk]
 	var out []byte
 	for off := q.Offset; off < q.Offset+q.Length; off += q.BlockSize {

@@ -198,6 +198,7 @@ type Shipper struct {
 	// committing is the cycle whose commit is in flight: uploaded whole,
 	// being applied by the replica (cycle.go); 0 if none.
 	committing uint64
+	verify     *VerifyProgress // the verify under way (verify.go)
 
 	done chan struct{} // closed by Close
 	wg   sync.WaitGroup

@@ -53,6 +53,8 @@ type persisted struct {
 	LastAppSeal       time.Time `json:"last_app_seal,omitzero"`
 	LastAppConsistent time.Time `json:"last_app_consistent,omitzero"`
 	QuiesceError      string    `json:"quiesce_error,omitempty"`
+	// LastVerify is the last verify that finished (verify.go).
+	LastVerify *LastVerify `json:"last_verify,omitempty"`
 }
 
 type syncRecord struct {

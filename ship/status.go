@@ -53,7 +53,11 @@ type Status struct {
 	// cycle; QuiesceError why the last quiesce failed, if it did.
 	LastAppConsistent time.Time `json:"last_app_consistent,omitzero"`
 	QuiesceError      string    `json:"quiesce_error,omitempty"`
-	Metrics           Metrics   `json:"metrics"`
+	// Verify is the verify under way; LastVerify the last one that
+	// finished (verify.go).
+	Verify     *VerifyProgress `json:"verify,omitempty"`
+	LastVerify *LastVerify     `json:"last_verify,omitempty"`
+	Metrics    Metrics         `json:"metrics"`
 }
 
 // SyncStatus is an initial copy or resync under way.
@@ -106,6 +110,7 @@ func (s *Shipper) Status() Status {
 		LastAppConsistent: s.st.LastAppConsistent, QuiesceError: s.st.QuiesceError,
 	}
 	st.State, st.Reason = s.stateLocked(js)
+	s.verifyStatusLocked(&st)
 	if s.stopped == nil && now.Before(s.retryAt) {
 		st.NextRetry = s.retryAt
 	}

@@ -172,6 +172,7 @@ func printPrimary(w io.Writer, p control.ReplicationStatus, now time.Time, tty b
 	if s.QuiesceError != "" {
 		fmt.Fprintf(w, "  quiesce:      %s\n", s.QuiesceError)
 	}
+	printLastVerify(w, s, now)
 }
 
 // printReplica renders one VM this host keeps the replica of.

@@ -77,6 +77,14 @@
 //	GET    /v1/peer                              -> PeerInfo  the probe of vdrepl doctor (PeerPath)
 //	POST   /v1/peer   up to MaxChunk bytes       -> PeerInfo  the same; Received: bytes read
 //
+// The answer to /sums carries the SumsCycleHeader header: the applied
+// cycle the images were at while the replica hashed the range, which it does
+// under the lock its apply holds, so the whole range is at that one cycle.
+// It is missing when the images are not at one applied cycle (an initial
+// copy, an interrupted apply, a failover); a primary's resync does not
+// look at it, and `vdrepl verify` compares a range only when it is there
+// (ship/verify.go).
+//
 // An upload is one stream sent as chunks of at most MaxChunk bytes, each a
 // PUT with its offset in the stream and the CRC32C of the chunk in the
 // ChunkCRCHeader header. The replica appends a chunk only at the offset it

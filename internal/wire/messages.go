@@ -19,6 +19,11 @@ const (
 	HashSize = 32
 	// ChunkCRCHeader carries the CRC32C of an upload chunk, 8 hex digits.
 	ChunkCRCHeader = "Vdrepl-Chunk-Crc32c"
+	// SumsCycleHeader, in the answer to a SumsRequest, is the applied cycle
+	// the replica's images were at while it hashed the range (decimal). It
+	// is absent when the images are not at one applied cycle (an initial
+	// copy or a failover under way), and from replicas older than verify.
+	SumsCycleHeader = "Vdrepl-Sums-Cycle"
 )
 
 // Paths of the HTTP protocol (doc.go).

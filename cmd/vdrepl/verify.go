@@ -1,0 +1,143 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/vdrepl/vdrepl/control"
+	"github.com/vdrepl/vdrepl/ship"
+)
+
+// Exit statuses of `vdrepl verify`.
+const (
+	verifyClean    = 0
+	verifyMismatch = 1
+	verifyFailed   = 2
+)
+
+func verifyCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "verify",
+		Usage:     "compare a replicated VM's disks with its replica, block by block, and repair what differs",
+		ArgsUsage: "VM",
+		Description: `Example:
+   vdrepl verify web1 --dry-run
+   vdrepl verify web1 --rate 50MB/s --json
+
+Run on the primary host while the VM runs and replicates: an online scrub.
+For each disk, range by range, the replica hashes its blocks (BLAKE3) at the
+cycle it has applied and this host hashes the same blocks of the live image
+at --rate. Blocks the guest wrote after that cycle are skipped, not reported;
+so is a range whose cycle the journal no longer holds ("replica behind by
+more than the journal holds"). Progress goes to stderr unless --json, and to
+` + "`vdrepl replication status VM`" + ` while it runs.
+
+Which side is right: vdrepl records no block hashes yet, so verify takes the
+primary's image as the truth. Without --dry-run, blocks that differ mark the
+VM resync required, naming the disk and byte ranges; the resync (at the
+resync window, or now with ` + "`vdrepl replication resync VM`" + `) sends the
+primary's blocks that differ. With --dry-run it only reports.
+
+The last result shows in ` + "`vdrepl replication status VM`" + ` and in the
+metrics vdrepl_verify_last_timestamp_seconds and
+vdrepl_verify_last_mismatch_blocks.
+
+Exit status: 0 when the replica matched, 1 when blocks differ (repair marked
+or not), 2 on an error.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "rate", Value: ship.DefaultVerifyRate, Usage: "bound on how fast this host reads its images (e.g. 50MB/s, 1GB/s, unlimited)"},
+			&cli.BoolFlag{Name: "dry-run", Usage: "only report; do not mark the VM resync required"},
+			&cli.BoolFlag{Name: "json", Usage: "print the result as JSON, without progress lines"},
+		},
+		Action: verifyAction,
+	}
+}
+
+func verifyAction(c *cli.Context) error {
+	vm, err := oneVM(c, "verify")
+	if err != nil {
+		return cli.Exit("vdrepl: "+err.Error(), verifyFailed)
+	}
+	jsonOut := c.Bool("json")
+	errw := c.App.ErrWriter
+	var progress func(ship.VerifyProgress)
+	if !jsonOut {
+		progress = func(p ship.VerifyProgress) { printVerifyProgress(errw, vm, p) }
+	}
+	res, err := client(c).Verify(c.Context, vm, control.VerifyRequest{Rate: c.String("rate"), DryRun: c.Bool("dry-run")}, progress)
+	if err != nil {
+		return cli.Exit("vdrepl: verify "+vm+": "+err.Error(), verifyFailed)
+	}
+	if jsonOut {
+		err = printJSON(c.App.Writer, res)
+	} else {
+		printVerifyResult(c.App.Writer, res)
+	}
+	if err != nil {
+		return cli.Exit("vdrepl: "+err.Error(), verifyFailed)
+	}
+	if res.MismatchBlocks > 0 {
+		return cli.Exit("", verifyMismatch)
+	}
+	return nil
+}
+
+func printVerifyProgress(w io.Writer, vm string, p ship.VerifyProgress) {
+	if w == nil || p.Total <= 0 {
+		return
+	}
+	fmt.Fprintf(w, "verify %s: %3.0f%% (%s of %s), %s/s, ETA %s\n", vm, 100*float64(p.Done)/float64(p.Total),
+		humanBytes(p.Done), humanBytes(p.Total), humanBytes(int64(p.Rate)), time.Duration(p.ETASeconds*float64(time.Second)).Round(time.Second))
+}
+
+func printVerifyResult(w io.Writer, r ship.VerifyResult) {
+	fmt.Fprintf(w, "verify of %s: %s compared in %s (%s/s over %s)\n", r.VM, humanBytes(r.CheckedBytes),
+		time.Duration(r.DurationSeconds*float64(time.Second)).Round(time.Millisecond), humanBytes(int64(r.Rate)), humanBytes(r.TotalBytes))
+	if r.ChangedBlocks > 0 {
+		fmt.Fprintf(w, "  skipped:    %d blocks (4 KiB) written on the primary after the replica's cycle\n", r.ChangedBlocks)
+	}
+	for _, s := range r.Skipped {
+		fmt.Fprintf(w, "  skipped:    disk %s [%d,%d): %s\n", s.Disk, s.From, s.To, s.Why)
+	}
+	for _, m := range r.Mismatches {
+		var rs []string
+		for _, x := range m.Ranges {
+			rs = append(rs, fmt.Sprintf("[%d,%d)", x.From, x.To))
+		}
+		fmt.Fprintf(w, "  MISMATCH:   disk %s differs from the replica in %d blocks (4 KiB): %s\n", m.Disk, m.Blocks, strings.Join(rs, " "))
+	}
+	switch {
+	case r.MismatchBlocks == 0:
+		fmt.Fprintln(w, "  result:     the replica matches the primary")
+	case r.ResyncMarked:
+		fmt.Fprintf(w, "  repair:     resync required marked; it runs in the resync window, or now with `vdrepl replication resync %s`\n", r.VM)
+	default:
+		fmt.Fprintln(w, "  repair:     none (--dry-run)")
+	}
+	if r.MismatchBlocks > 0 {
+		fmt.Fprintf(w, "  truth:      %s\n", r.Truth)
+	}
+}
+
+// printLastVerify is the verify lines of `vdrepl replication status VM`.
+func printLastVerify(w io.Writer, s ship.Status, now time.Time) {
+	if p := s.Verify; p != nil && p.Total > 0 {
+		fmt.Fprintf(w, "  verifying:    %.0f%% (%s of %s), ETA %s\n", 100*float64(p.Done)/float64(p.Total), humanBytes(p.Done), humanBytes(p.Total),
+			time.Duration(p.ETASeconds*float64(time.Second)).Round(time.Second))
+	}
+	if l := s.LastVerify; l != nil {
+		what := ""
+		switch {
+		case l.MismatchBlocks > 0 && l.ResyncMarked:
+			what = ", resync marked"
+		case l.MismatchBlocks > 0:
+			what = ", not repaired (dry run)"
+		}
+		fmt.Fprintf(w, "  last verified: %s (%s ago), %d bytes, %d mismatches%s\n", l.At.Local().Format(time.DateTime),
+			now.Sub(l.At).Round(time.Second), l.CheckedBytes, l.MismatchBlocks, what)
+	}
+}

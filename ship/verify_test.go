@@ -1,0 +1,220 @@
+package ship
+
+import (
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/vdrepl/vdrepl/journal"
+)
+
+// ChangedSince is the fake journal's answer from its cycles: the blocks and
+// ranges of the closed cycles after a and of the open one; a cycle after a
+// that is no longer kept makes it journal.ErrTooOld.
+func (j *fakeJournal) ChangedSince(a uint64, disk int, off, n int64) ([]bool, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	oldest := j.cycle
+	if len(j.closed) > 0 {
+		oldest = j.closed[0].info.Cycle
+	}
+	if j.dirty || a+1 < oldest {
+		return nil, journal.ErrTooOld
+	}
+	first := off / bs
+	out := make([]bool, (off+n+bs-1)/bs-first)
+	for _, c := range append(j.closed, j.open) {
+		if c.info.Cycle <= a {
+			continue
+		}
+		for k := range c.blocks {
+			if k[0] == int64(disk) && k[1] >= first && k[1] < first+int64(len(out)) {
+				out[k[1]-first] = true
+			}
+		}
+		for _, r := range c.ranges {
+			for b := r.Offset / bs; r.Disk == disk && b < (r.Offset+r.Length+bs-1)/bs; b++ {
+				if b >= first && b < first+int64(len(out)) {
+					out[b-first] = true
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+var _ ChangedSincer = (*fakeJournal)(nil)
+
+// replicating starts a shipper on a 1 MiB and a 512 KiB disk full of data
+// and waits until the replica holds them.
+func replicating(t *testing.T) (*env, *run) {
+	t.Helper()
+	e := newEnv(t, 1<<20, 512<<10)
+	e.j.write(0, 0, random(1<<20))
+	e.j.write(1, 0, random(512<<10))
+	r := e.start(e.cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	return e, r
+}
+
+// A block that differs on the replica is reported by disk and 4 KiB
+// range; a dry run only reports, a verify marks the VM resync required
+// with a reason naming them, the resync repairs it, and the verify after
+// it is clean. The last result is in the state file.
+func TestVerifyFindsAndRepairsADifferentBlock(t *testing.T) {
+	e, r := replicating(t)
+	e.rep.mu.Lock()
+	e.rep.vms["vm1"].images[1][300000] ^= 0xff
+	e.rep.mu.Unlock()
+
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.MismatchBlocks != 1 || len(res.Mismatches) != 1 || res.Mismatches[0].Disk != "disk1" ||
+		len(res.Mismatches[0].Ranges) != 1 || res.Mismatches[0].Ranges[0].From != 299008 || res.Mismatches[0].Ranges[0].To != 303104 {
+		t.Fatalf("dry run: %+v", res)
+	}
+	if res.ResyncMarked || r.s.Status().State != StateReplicating {
+		t.Fatalf("a dry run marked a resync: %+v, status %+v", res, r.s.Status())
+	}
+	if res.CheckedBytes != (1<<20)+(512<<10) || res.ChangedBlocks != 0 || res.SkippedBytes != 0 {
+		t.Fatalf("an idle VM was not checked whole: %+v", res)
+	}
+
+	// Hold the resync back until the status was seen.
+	var hold atomic.Bool
+	hold.Store(true)
+	e.rep.mu.Lock()
+	e.rep.fail = func(r *http.Request) (int, string) {
+		if hold.Load() && strings.HasSuffix(r.URL.Path, "/sync") {
+			return http.StatusServiceUnavailable, "busy"
+		}
+		return 0, ""
+	}
+	e.rep.mu.Unlock()
+	res, err = r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.ResyncMarked || res.MismatchBlocks != 1 {
+		t.Fatalf("verify: %+v", res)
+	}
+	want := "verify: disk disk1 differs from the replica in 1 blocks: [299008,303104)"
+	waitFor(t, r.s, "the reason in the status", func() bool { return strings.Contains(r.s.Status().Reason, want) })
+	if l := r.s.Status().LastVerify; l == nil || l.MismatchBlocks != 1 || !l.ResyncMarked || l.CheckedBytes != res.CheckedBytes {
+		t.Fatalf("last verify in status: %+v", l)
+	}
+	st, _, err := loadState(r.s.fs, e.cfg.StateFile)
+	if err != nil || st.LastVerify == nil || st.LastVerify.MismatchBlocks != 1 {
+		t.Fatalf("last verify in the state file: %+v, %v", st.LastVerify, err)
+	}
+	hold.Store(false)
+	c, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.checkImages(c)
+	res, err = r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil || res.MismatchBlocks != 0 || res.ResyncMarked {
+		t.Fatalf("verify after the resync: %+v, %v", res, err)
+	}
+}
+
+// A block the guest writes while the scrub runs differs from the replica's
+// (the cycle holding it is not shipped) and is skipped, never reported.
+func TestVerifySkipsBlocksWrittenDuringTheScrub(t *testing.T) {
+	e, r := replicating(t)
+	var once atomic.Bool
+	e.rep.mu.Lock()
+	e.rep.fail = func(req *http.Request) (int, string) {
+		// The replica hashes its image at its cycle; the guest then
+		// writes before the primary reads.
+		if strings.HasSuffix(req.URL.Path, "/sums") && once.CompareAndSwap(false, true) {
+			e.j.write(0, 100*bs, random(2*bs))
+			e.j.zero(0, 200*bs, bs, journal.KindZero)
+		}
+		return 0, ""
+	}
+	e.rep.mu.Unlock()
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.MismatchBlocks != 0 || res.ResyncMarked {
+		t.Fatalf("a write during the scrub was reported: %+v", res)
+	}
+	// The resync block is 16 KiB: the written blocks 100 and 101 share one,
+	// and block 200 is another.
+	if want := 2 * DefaultBlockSize / bs; res.ChangedBlocks != int64(want) {
+		t.Fatalf("skipped %d blocks as changed, want %d: %+v", res.ChangedBlocks, want, res)
+	}
+}
+
+// A replica behind by more than the journal holds is skipped with that
+// reason, never compared.
+func TestVerifySkipsWhatTheJournalCannotAnswer(t *testing.T) {
+	e, r := replicating(t)
+	e.rep.mu.Lock()
+	e.rep.vms["vm1"].applied-- // as if the replica were a cycle behind a released one
+	e.rep.mu.Unlock()
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.SkippedBytes != (1<<20)+(512<<10) || len(res.Skipped) != 2 || res.Skipped[0].Why != SkipTooOld || res.CheckedBytes != 0 {
+		t.Fatalf("verify against a replica behind the journal: %+v", res)
+	}
+}
+
+// racingJournal runs once before its first ReadAt: as if, while the
+// primary read a step, a cycle was written, shipped, applied and released.
+type racingJournal struct {
+	*fakeJournal
+	once   atomic.Bool
+	before func()
+}
+
+func (j *racingJournal) ReadAt(disk int, p []byte, off int64) error {
+	if j.before != nil && j.once.CompareAndSwap(false, true) {
+		j.before()
+	}
+	return j.fakeJournal.ReadAt(disk, p, off)
+}
+
+// A step whose replica cycle the journal released while the primary read
+// it is tried again at the replica's new cycle, not skipped.
+func TestVerifyTriesAgainWhenACycleWasReleased(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	e.j.write(0, 0, random(1<<20))
+	rj := &racingJournal{fakeJournal: e.j}
+	cfg := e.cfg
+	cfg.Journal = rj
+	r := e.start(cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	rj.before = func() {
+		data := random(bs)
+		e.j.write(0, 7*bs, data)
+		info, _ := e.j.Seal(0)
+		e.rep.mu.Lock()
+		vm := e.rep.vms["vm1"]
+		copy(vm.images[0][7*bs:], data)
+		vm.applied = info.Cycle
+		e.rep.mu.Unlock()
+		e.j.Release(info.Cycle)
+	}
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.SkippedBytes != 0 || res.CheckedBytes != 1<<20 || res.MismatchBlocks != 0 || !rj.once.Load() {
+		t.Fatalf("verify across a release: %+v", res)
+	}
+}
