@@ -203,13 +203,15 @@
 //	at most 2 x frequency ago                   is normal,
 //	more than 2 x frequency ago                 warning,
 //	more than 6 x frequency or 1 hour ago,
-//	whichever is less                           critical.
+//	whichever is less, but never less than
+//	3 x frequency                               critical.
 //
-// One hour is the longest a replica stays below critical without cycles:
-// past it the newest recovery point is older than any frequency an admin
-// would choose, so with a frequency of 30 minutes or more there is no
-// warning stage, and with an unknown frequency (no cycle pair yet) the
-// hour is the only threshold. A VM in an initial copy or resync is normal
+// One hour caps the wait for the frequencies an admin usually chooses:
+// past it the newest recovery point is old. But critical never comes
+// before 3 x frequency, so that a frequency over 20 minutes (--frequency
+// has no upper bound) keeps a warning stage and a frequency over 1 hour
+// does not go critical between two cycles on time. With an unknown
+// frequency (no cycle pair yet) the hour is the only threshold. A VM in an initial copy or resync is normal
 // (its pieces come at the pace of the link; the primary's status shows
 // their progress), and so is a VM failed over on this host, which takes no
 // cycles: `replication status` gives it the state "failed-over". A

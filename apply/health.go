@@ -23,12 +23,14 @@ const StateFailedOver = "failed-over"
 
 // Health thresholds (see the package documentation): no cycle applied for
 // more than warnCycles frequencies is a warning, for more than critCycles
-// frequencies or critAfter, whichever is less, critical.
+// frequencies or critAfter, whichever is less, but never less than
+// minCritCycles frequencies, critical.
 const (
-	warnCycles = 2
-	critCycles = 6
-	critAfter  = time.Hour
-	maxGaps    = 4
+	warnCycles    = 2
+	critCycles    = 6
+	minCritCycles = warnCycles + 1 // a warning stage at any frequency
+	critAfter     = time.Hour
+	maxGaps       = 4
 )
 
 // Health is the replica's own judgement of a replica VM: whether the
@@ -114,7 +116,7 @@ func judge(st replicaState, now time.Time) Health {
 	since := now.Sub(h.LastCycleAt)
 	crit := critAfter
 	if f := h.Frequency; f > 0 {
-		crit = min(critCycles*f, critAfter)
+		crit = max(min(critCycles*f, critAfter), minCritCycles*f)
 	}
 	when := fmt.Sprintf("no cycle from %s since %s (%s ago", st.Primary, h.LastCycleAt.UTC().Format(time.RFC3339), since.Round(time.Second))
 	switch {

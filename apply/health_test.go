@@ -54,6 +54,41 @@ func TestJudge(t *testing.T) {
 	}
 }
 
+// TestJudgeStages: at every frequency the warning stage comes before
+// critical, and critical never comes before 3 x frequency, so a normal
+// gap between cycles of a frequency over 1 hour is not critical.
+func TestJudgeStages(t *testing.T) {
+	last := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		freq, warn, crit time.Duration
+	}{
+		{30 * time.Second, time.Minute, 3 * time.Minute},
+		{5 * time.Minute, 10 * time.Minute, 30 * time.Minute},
+		{15 * time.Minute, 30 * time.Minute, time.Hour},
+		{time.Hour, 2 * time.Hour, 3 * time.Hour},
+		{2 * time.Hour, 4 * time.Hour, 6 * time.Hour},
+		{24 * time.Hour, 48 * time.Hour, 72 * time.Hour},
+	} {
+		t.Run(tc.freq.String(), func(t *testing.T) {
+			st := replicaState{Primary: "p1", State: stateReplicating, Consistent: true, Frequency: tc.freq, LastCycleAt: last}
+			for _, c := range []struct {
+				after time.Duration
+				level string
+			}{
+				{tc.freq, HealthNormal},
+				{tc.warn, HealthNormal},
+				{tc.warn + time.Second, HealthWarning},
+				{tc.crit, HealthWarning},
+				{tc.crit + time.Second, HealthCritical},
+			} {
+				if h := judge(st, last.Add(c.after)); h.Level != c.level {
+					t.Errorf("%s after the last cycle: %s (%s); want %s", c.after, h.Level, h.Reason, c.level)
+				}
+			}
+		})
+	}
+}
+
 // testClock is a clock a test moves.
 type testClock struct {
 	mu sync.Mutex
