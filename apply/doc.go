@@ -83,6 +83,9 @@
 //	                           after the other (at most 4), for health
 //	last_cycle_at              this host's clock when a cycle was last
 //	                           applied, or the VM last became replicating
+//	last_piece_at              this host's clock when the running sync began,
+//	                           last committed a piece, or (held) staged a
+//	                           cycle; absent when no sync runs
 //
 // # Apply and intent
 //
@@ -208,16 +211,37 @@
 //
 // One hour caps the wait for the frequencies an admin usually chooses:
 // past it the newest recovery point is old. But critical never comes
-// before 3 x frequency, so that a frequency over 20 minutes (--frequency
-// has no upper bound) keeps a warning stage and a frequency over 1 hour
-// does not go critical between two cycles on time. With an unknown
-// frequency (no cycle pair yet) the hour is the only threshold. A VM in an initial copy or resync is normal
-// (its pieces come at the pace of the link; the primary's status shows
-// their progress), and so is a VM failed over on this host, which takes no
-// cycles: `replication status` gives it the state "failed-over". A
-// cancelled failover, like a finished sync, starts the count again. A
-// replica.json kept before last_cycle_at existed goes by the barrier time
-// of the last cycle applied until the next cycle arrives.
+// before 3 x frequency, so that a frequency of 30 minutes or more
+// (--frequency has no upper bound) keeps a warning stage, and one over 1
+// hour does not go critical between two cycles on time. With an unknown
+// frequency (no cycle pair yet) the hour is the only threshold.
+//
+// A VM in an initial copy or resync is judged by the time since its sync
+// last made progress (last_piece_at: the sync began, committed a piece,
+// or, its pieces held for the cycle that makes them exact, staged a
+// cycle):
+//
+//	at most 10 minutes or 2 x frequency ago,
+//	whichever is more                           normal,
+//	more than that                              warning,
+//	more than 1 hour or 3 x frequency ago,
+//	whichever is more                           critical.
+//
+// Pieces go one after the other at the pace of the link, not of the
+// frequency, and one piece (64 MiB by default) takes about 9 minutes at
+// 1 Mbit/s: 10 minutes without one is the first sign of a primary that
+// stopped, not of a slow link, and a sync is never held to a tighter count
+// than the cycles that follow it. An hour without progress is critical,
+// as for cycles: the copy is stalled and no newer point is coming. So a
+// primary that dies mid-copy shows on the replica (doctor, the alerts)
+// instead of leaving it normal. A replica.json kept before last_piece_at
+// existed goes by the sync's start until the next piece.
+//
+// A VM failed over on this host is normal: it takes no cycles, and
+// `replication status` gives it the state "failed-over". A cancelled
+// failover, like a finished sync, starts the count again. A replica.json
+// kept before last_cycle_at existed goes by the barrier time of the last
+// cycle applied until the next cycle arrives.
 //
 // # Concurrency
 //

@@ -33,6 +33,12 @@ const (
 	maxGaps       = 4
 )
 
+// Health thresholds of a VM in a sync (see the package documentation): no
+// sync progress for more than syncWarnAfter or warnCycles frequencies,
+// whichever is more, is a warning; for more than critAfter or
+// minCritCycles frequencies, whichever is more, critical.
+const syncWarnAfter = 10 * time.Minute
+
 // Health is the replica's own judgement of a replica VM: whether the
 // cycles of its primary keep arriving.
 type Health struct {
@@ -93,15 +99,17 @@ func (st *replicaState) frequency() time.Duration {
 }
 
 // judge says whether cycles keep arriving for a VM in state st at now.
-// Only a replicating VM expects cycles: during an initial copy or resync
-// pieces come at the pace of the link, and a VM failed over here takes
-// none.
+// A replicating VM expects cycles; a VM in an initial copy or resync
+// expects pieces, at the pace of the link (judgeSync); a VM failed over
+// here takes none.
 func judge(st replicaState, now time.Time) Health {
 	h := Health{Level: HealthNormal, LastCycleAt: st.LastCycleAt, Frequency: st.frequency()}
 	switch {
 	case st.Failover != nil:
 		h.Reason = fmt.Sprintf("failed over on this host: takes no cycles from %s", st.Primary)
 		return h
+	case st.Sync != nil && (st.State == stateInitialCopy || st.State == stateResyncing):
+		return judgeSync(st, h, now)
 	case st.State != stateReplicating:
 		h.Reason = fmt.Sprintf("%s from %s: cycles follow it", st.State, st.Primary)
 		return h
@@ -133,6 +141,52 @@ func judge(st replicaState, now time.Time) Health {
 		h.Reason = fmt.Sprintf("%s; frequency not known yet)", when)
 	}
 	return h
+}
+
+// judgeSync says whether a sync keeps making progress: h is the VM's
+// health so far (normal, its frequency).
+func judgeSync(st replicaState, h Health, now time.Time) Health {
+	last := st.LastPieceAt
+	if last.IsZero() {
+		// A replica.json written before last_piece_at was kept: the
+		// sync's start is the best guess until its next piece.
+		last = st.Sync.Started
+	}
+	what := "the initial copy"
+	if st.State == stateResyncing {
+		what = "the resync"
+	}
+	since := now.Sub(last)
+	f := h.Frequency
+	switch {
+	case since > max(critAfter, minCritCycles*f):
+		h.Level = HealthCritical
+	case since > max(syncWarnAfter, warnCycles*f):
+		h.Level = HealthWarning
+	default:
+		h.Reason = fmt.Sprintf("%s from %s: cycles follow it", st.State, st.Primary)
+		return h
+	}
+	h.Reason = fmt.Sprintf("no piece of %s from %s since %s (%s ago)", what, st.Primary, last.UTC().Format(time.RFC3339), since.Round(time.Second))
+	if st.Held != nil {
+		h.Reason = fmt.Sprintf("no cycle for %s from %s since %s (%s ago; its pieces are here, held for cycle %d)",
+			what, st.Primary, last.UTC().Format(time.RFC3339), since.Round(time.Second), st.Held.ConsistentAt)
+	}
+	return h
+}
+
+// noteSync keeps the health bookkeeping of a sync in an update from prev
+// to next at now: when it last made progress (began, committed a piece,
+// or staged a cycle its held pieces wait for).
+func noteSync(prev, next *replicaState, now time.Time) {
+	switch {
+	case next.Sync == nil:
+		next.LastPieceAt = time.Time{}
+	case prev.Sync == nil || prev.Sync.Gen != next.Sync.Gen,
+		next.Sync.doneCount() > prev.Sync.doneCount(),
+		next.Held != nil && (prev.Held == nil || len(next.Held.Cycles) > len(prev.Held.Cycles)):
+		next.LastPieceAt = now.UTC()
+	}
 }
 
 // noteCycle keeps the health bookkeeping of an update from prev to next

@@ -40,7 +40,7 @@ func TestJudge(t *testing.T) {
 		{"unknown frequency: past 1h", replicating(0), 61 * time.Minute, HealthCritical, 0},
 		{"kept before last_cycle_at: by the barrier", upgraded, 61 * time.Second, HealthWarning, 30 * time.Second},
 		{"failed over takes no cycles", failedOver, 5 * time.Hour, HealthNormal, 30 * time.Second},
-		{"initial copy", copying, 5 * time.Hour, HealthNormal, 30 * time.Second},
+		{"initial copy without a sync record", copying, 5 * time.Hour, HealthNormal, 30 * time.Second},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := judge(tc.st, last.Add(tc.after))
@@ -202,5 +202,129 @@ func TestReplicaHealthInfersFrequency(t *testing.T) {
 	clock.advance(2 * time.Second)
 	if st := healthOf(t, h.server(), "vm1"); st.Health.Level != HealthWarning {
 		t.Fatalf("121s later: %+v", st.Health)
+	}
+}
+
+// TestSyncHealth: a VM in an initial copy is judged by the time since its
+// last piece was committed (or the copy began), across a restart, so a
+// primary that dies mid-copy does not leave the replica normal.
+func TestSyncHealth(t *testing.T) {
+	h, clock, a := clockedHarness(t)
+	en := wire.Enable{Disks: testDisks, RecoveryPoints: 2, PointInterval: time.Minute, Frequency: 30 * time.Second}
+	if status, e := a.call("PUT", vmPath("vm1"), en, nil); status != 200 {
+		t.Fatalf("enable: %d %+v", status, e)
+	}
+	const pieceSize = 256 << 10
+	pieces := wire.PieceCount(testDisks, pieceSize)
+	start := wire.SyncStart{Gen: 1, Kind: wire.KindFull, Base: 0, PieceSize: pieceSize, Pieces: pieces}
+	if status, e := a.call("POST", vmPath("vm1")+"/sync", start, nil); status != 200 {
+		t.Fatalf("sync start: %d %+v", status, e)
+	}
+	clock.advance(10 * time.Minute)
+	if st := healthOf(t, h.server(), "vm1"); st.State != stateInitialCopy || st.Health.Level != HealthNormal {
+		t.Fatalf("10m after the copy began: state %q, health %+v", st.State, st.Health)
+	}
+	clock.advance(time.Second)
+	st := healthOf(t, h.server(), "vm1")
+	if st.Health.Level != HealthWarning || !strings.Contains(st.Health.Reason, "no piece of the initial copy from a.example.com since 2026-03-01T12:00:00Z (10m1s ago") {
+		t.Fatalf("10m1s after the copy began: %+v", st.Health)
+	}
+
+	primary := newModel(testDisks)
+	sendPieces(t, a, "vm1", testDisks, wire.KindFull, 1, pieceSize, primary, []int64{0})
+	if st := healthOf(t, h.server(), "vm1"); st.Health.Level != HealthNormal {
+		t.Fatalf("after a piece: %+v", st.Health)
+	}
+	h.restart(nil)
+	clock.advance(59 * time.Minute)
+	if st := healthOf(t, h.server(), "vm1"); st.Health.Level != HealthWarning || !strings.Contains(st.Health.Reason, "since 2026-03-01T12:10:01Z") {
+		t.Fatalf("59m after the piece, after a restart: %+v", st.Health)
+	}
+	clock.advance(time.Minute + time.Second)
+	if st := healthOf(t, h.server(), "vm1"); st.Health.Level != HealthCritical {
+		t.Fatalf("1h1s after the piece: %+v", st.Health)
+	}
+
+	var rest []int64
+	for p := int64(1); p < pieces; p++ {
+		rest = append(rest, p)
+	}
+	sendPieces(t, a, "vm1", testDisks, wire.KindFull, 1, pieceSize, primary, rest)
+	if status, e := a.call("POST", vmPath("vm1")+"/sync/finish", wire.SyncFinish{Gen: 1, Base: 0, ConsistentAt: 1}, nil); status != 200 {
+		t.Fatalf("sync finish: %d %+v", status, e)
+	}
+	clock.advance(time.Minute)
+	if st := healthOf(t, h.server(), "vm1"); st.State != stateReplicating || st.Health.Level != HealthNormal {
+		t.Fatalf("a minute after the copy finished: state %q, health %+v", st.State, st.Health)
+	}
+}
+
+// TestJudgeSync: the thresholds of a VM in a sync, by the time since its
+// last piece (or its start, in a replica.json kept before last_piece_at).
+func TestJudgeSync(t *testing.T) {
+	began := time.Date(2026, 3, 1, 11, 0, 0, 0, time.UTC)
+	last := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	syncing := func(state string, freq time.Duration) replicaState {
+		return replicaState{Primary: "p1", State: state, Frequency: freq, LastPieceAt: last,
+			Sync: &syncRecord{SyncStart: wire.SyncStart{Gen: 1, Kind: wire.KindFull}, Started: began}}
+	}
+	kept := syncing(stateInitialCopy, 30*time.Second)
+	kept.LastPieceAt = time.Time{}
+	held := syncing(stateResyncing, 30*time.Second)
+	held.Held = &heldResync{Gen: 1, Base: 4, ConsistentAt: 6}
+	for _, tc := range []struct {
+		name   string
+		st     replicaState
+		after  time.Duration
+		level  string
+		reason string
+	}{
+		{"30s: a slow piece", syncing(stateInitialCopy, 30*time.Second), 10 * time.Minute, HealthNormal, ""},
+		{"30s: warning past 10m", syncing(stateInitialCopy, 30*time.Second), 10*time.Minute + time.Second, HealthWarning, "no piece of the initial copy from p1 since 2026-03-01T12:00:00Z (10m1s ago)"},
+		{"30s: critical past 1h", syncing(stateInitialCopy, 30*time.Second), time.Hour + time.Second, HealthCritical, "no piece of the initial copy"},
+		{"unknown frequency: warning past 10m", syncing(stateResyncing, 0), 11 * time.Minute, HealthWarning, "no piece of the resync from p1 since"},
+		{"15m: 30m", syncing(stateResyncing, 15*time.Minute), 30 * time.Minute, HealthNormal, ""},
+		{"15m: warning past 30m", syncing(stateResyncing, 15*time.Minute), 31 * time.Minute, HealthWarning, "no piece of the resync"},
+		{"2h: warning past 4h", syncing(stateResyncing, 2*time.Hour), 4 * time.Hour, HealthNormal, ""},
+		{"2h: 6h", syncing(stateResyncing, 2*time.Hour), 6 * time.Hour, HealthWarning, "no piece of the resync"},
+		{"2h: critical past 6h", syncing(stateResyncing, 2*time.Hour), 6*time.Hour + time.Second, HealthCritical, "no piece of the resync"},
+		{"kept before last_piece_at: by the start", kept, 11 * time.Minute, HealthCritical, "since 2026-03-01T11:00:00Z (1h11m0s ago)"},
+		{"held resync waits for cycles", held, 11 * time.Minute, HealthWarning, "no cycle for the resync from p1 since 2026-03-01T12:00:00Z (11m0s ago; its pieces are here, held for cycle 6)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := judge(tc.st, last.Add(tc.after))
+			if h.Level != tc.level || !strings.Contains(h.Reason, tc.reason) {
+				t.Fatalf("health %s (%s); want %s (%s)", h.Level, h.Reason, tc.level, tc.reason)
+			}
+		})
+	}
+}
+
+// TestNoteSync: what moves last_piece_at.
+func TestNoteSync(t *testing.T) {
+	t0 := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	now := t0.Add(time.Minute)
+	sync := func(gen uint64, done ...[2]int64) *syncRecord {
+		return &syncRecord{SyncStart: wire.SyncStart{Gen: gen}, Done: done}
+	}
+	for _, tc := range []struct {
+		name       string
+		prev, next replicaState
+		want       time.Time
+	}{
+		{"sync begins", replicaState{}, replicaState{Sync: sync(1)}, now},
+		{"a new generation", replicaState{Sync: sync(1, [2]int64{0, 3}), LastPieceAt: t0}, replicaState{Sync: sync(2), LastPieceAt: t0}, now},
+		{"a piece", replicaState{Sync: sync(1, [2]int64{0, 3}), LastPieceAt: t0}, replicaState{Sync: sync(1, [2]int64{0, 4}), LastPieceAt: t0}, now},
+		{"no piece", replicaState{Sync: sync(1, [2]int64{0, 3}), LastPieceAt: t0}, replicaState{Sync: sync(1, [2]int64{0, 3}), LastPieceAt: t0}, t0},
+		{"a lost piece unmarked", replicaState{Sync: sync(1, [2]int64{0, 3}), LastPieceAt: t0}, replicaState{Sync: sync(1, [2]int64{0, 2}), LastPieceAt: t0}, t0},
+		{"a held cycle", replicaState{Sync: sync(1), Held: &heldResync{}, LastPieceAt: t0}, replicaState{Sync: sync(1), Held: &heldResync{Cycles: []heldCycle{{Cycle: 5}}}, LastPieceAt: t0}, now},
+		{"sync finished", replicaState{Sync: sync(1), LastPieceAt: t0}, replicaState{LastPieceAt: t0}, time.Time{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			noteSync(&tc.prev, &tc.next, now)
+			if !tc.next.LastPieceAt.Equal(tc.want) {
+				t.Fatalf("last_piece_at %v, want %v", tc.next.LastPieceAt, tc.want)
+			}
+		})
 	}
 }

@@ -118,6 +118,11 @@ type replicaState struct {
 	// when the VM last became replicating (a sync finished, a failover was
 	// cancelled): the "since" of its health.
 	LastCycleAt time.Time `json:"last_cycle_at,omitzero"`
+	// LastPieceAt is this host's clock when the running sync last made
+	// progress: it began, a piece was committed, or (its pieces held) a
+	// cycle it waits for was staged. The "since" of the health of a VM in
+	// a sync; zero when no sync runs.
+	LastPieceAt time.Time `json:"last_piece_at,omitzero"`
 }
 
 // failoverRecord is a failover of the VM on this host (see points.go).

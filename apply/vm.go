@@ -132,7 +132,9 @@ func (v *vm) update(fn func(st *replicaState) error) error {
 	v.mu.Lock()
 	prev := v.st
 	v.mu.Unlock()
-	noteCycle(&prev, &next, v.s.now())
+	now := v.s.now()
+	noteCycle(&prev, &next, now)
+	noteSync(&prev, &next, now)
 	if err := writeState(v.s.fs, join(v.dir, stateFile), formatReplica, &next); err != nil {
 		return err
 	}

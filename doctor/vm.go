@@ -101,7 +101,8 @@ func replicaFindings(name string, replicas []control.ReplicaStatus) []Finding {
 // ReplicaHealth checks whether the cycles of each VM this host keeps a
 // replica of keep arriving, by the replica's own health: a warning past
 // 2 x frequency without a cycle, a problem past 6 x frequency or 1 hour
-// but not before 3 x frequency (apply.Health).
+// but not before 3 x frequency; in an initial copy or resync, by the time
+// since its last piece (apply.Health).
 func ReplicaHealth(replicas []control.ReplicaStatus) []Finding {
 	out := make([]Finding, 0, len(replicas))
 	for _, r := range replicas {
