@@ -55,7 +55,7 @@ var metricHelp = map[string]string{
 	"vdrepl_replica_recovery_points":                "replica role: recovery points kept besides the latest state",
 	"vdrepl_replica_recovery_point_bytes":           "replica role: undo data the recovery points take",
 	"vdrepl_replica_failed_over":                    "replica role: 1 while the VM is failed over on this host",
-	"vdrepl_replica_health":                         "replica role: 0 normal, 1 warning (no cycle applied for more than 2 x frequency), 2 critical (more than 6 x frequency or 1 hour, but not before 3 x frequency)",
+	"vdrepl_replica_health":                         "replica role: 0 normal, 1 warning (no cycle applied for more than 2 x frequency), 2 critical (more than 6 x frequency or 1 hour, but not before 3 x frequency); in an initial copy or resync, by the time since its last piece",
 	"vdrepl_verify_last_timestamp_seconds":          "when the last vdrepl verify of the VM finished (unix time)",
 	"vdrepl_verify_last_mismatch_blocks":            "4 KiB blocks the last vdrepl verify found different on the replica",
 }
