@@ -180,18 +180,39 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 		return VerifyResult{}, fmt.Errorf("%w: the initial copy has not finished", ErrSyncRunning)
 	}
 	s.verify = &VerifyProgress{Total: total, Started: started, DryRun: o.DryRun}
+	// Close waits for the verify and cuts it short: it must not write the
+	// state file after Close (replication disable or vm remove deletes it
+	// then).
+	s.wg.Add(1)
 	s.mu.Unlock()
+	defer s.wg.Done()
 	defer func() {
 		s.mu.Lock()
 		s.verify = nil
 		s.signalLocked()
 		s.mu.Unlock()
 	}()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-s.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	s.log.Info("verify started", "bytes", total, "rate", o.Rate.String(), "dry_run", o.DryRun)
 
 	v := &verifier{s: s, cs: cs, o: o, res: VerifyResult{VM: s.cfg.VM, Started: started, TotalBytes: total, DryRun: o.DryRun, Truth: verifyTruth},
 		buf: make([]byte, verifyRange), byDisk: map[int]*VerifyMismatch{}}
-	if err := v.run(ctx); err != nil {
+	err := v.run(ctx)
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return v.res, fmt.Errorf("%w: verify of VM %s stopped: the replication was closed", ErrClosed, s.cfg.VM)
+	}
+	if err != nil {
 		return v.res, err
 	}
 	res := v.finish()
@@ -200,7 +221,7 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 		res.ResyncMarked, last.ResyncMarked = true, true
 	}
 	reason := res.reason()
-	err := s.update(func(st *persisted) {
+	err = s.update(func(st *persisted) {
 		st.LastVerify = &last
 		if res.ResyncMarked && st.Resync == nil {
 			st.Resync = &pendingResync{Reason: reason}

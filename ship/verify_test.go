@@ -1,6 +1,8 @@
 package ship
 
 import (
+	"errors"
+	"io/fs"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -216,5 +218,39 @@ func TestVerifyTriesAgainWhenACycleWasReleased(t *testing.T) {
 	}
 	if res.SkippedBytes != 0 || res.CheckedBytes != 1<<20 || res.MismatchBlocks != 0 || !rj.once.Load() {
 		t.Fatalf("verify across a release: %+v", res)
+	}
+}
+
+// A verify still running when its shipper is closed (replication disable,
+// vm remove) is cut short and writes no state: the state file, removed
+// after Close, stays removed.
+func TestVerifyClosedMidwayWritesNoState(t *testing.T) {
+	e, r := replicating(t)
+	var sums atomic.Int32
+	closing := make(chan struct{})
+	e.rep.mu.Lock()
+	e.rep.fail = func(req *http.Request) (int, string) {
+		// The last step's sums: close the shipper and remove its state
+		// as replication disable does, then let the answer go.
+		if strings.HasSuffix(req.URL.Path, "/sums") && sums.Add(1) == 2 {
+			go func() {
+				r.s.Close()
+				close(closing)
+			}()
+			<-r.s.done
+			if err := r.s.fs.Remove(e.cfg.StateFile); err != nil {
+				t.Error(err)
+			}
+		}
+		return 0, ""
+	}
+	e.rep.mu.Unlock()
+	_, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if !errors.Is(err, ErrClosed) || !strings.Contains(err.Error(), "replication was closed") {
+		t.Fatalf("verify across Close: %v", err)
+	}
+	<-closing
+	if _, err := r.s.fs.Stat(e.cfg.StateFile); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the state file is back after Close: %v", err)
 	}
 }
