@@ -78,8 +78,7 @@ type VerifyOptions struct {
 	// Rate paces the reads of the primary's images; nil is unlimited. The
 	// replica hashes one range per request, so it follows the same pace.
 	Rate *Limiter
-	// DryRun only reports; otherwise differences mark the VM resync
-	// required.
+	// DryRun only reports; otherwise differences start a resync now.
 	DryRun bool
 	// Progress, if set, is called after every range.
 	Progress func(VerifyProgress)
@@ -130,8 +129,8 @@ type VerifyResult struct {
 	MismatchBlocks int64            `json:"mismatch_blocks"`
 	Mismatches     []VerifyMismatch `json:"mismatches,omitempty"`
 	DryRun         bool             `json:"dry_run"`
-	// ResyncMarked: the VM was marked resync required to repair the
-	// mismatches (not with DryRun).
+	// ResyncMarked: a resync was started to repair the mismatches (not
+	// with DryRun). It starts at once, not at the resync window.
 	ResyncMarked bool `json:"resync_marked"`
 	// Truth says which side a mismatch is repaired from, and why.
 	Truth string `json:"truth"`
@@ -150,8 +149,9 @@ type LastVerify struct {
 }
 
 // Verify compares the replicated disks with the replica (see above) and
-// returns what it found. Without DryRun, mismatches mark the VM resync
-// required with a reason naming the disks and ranges. The result is kept
+// returns what it found. Without DryRun, mismatches start a resync at once
+// (outside the resync window too) with a reason naming the disks and
+// ranges. The result is kept
 // in the state file (Status.LastVerify). It refuses while a sync runs.
 func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, error) {
 	cs, ok := s.j.(ChangedSincer)
@@ -223,8 +223,14 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 	reason := res.reason()
 	err = s.update(func(st *persisted) {
 		st.LastVerify = &last
-		if res.ResyncMarked && st.Resync == nil {
-			st.Resync = &pendingResync{Reason: reason}
+		// The admin ran verify to repair: the resync starts now, as
+		// `replication resync` does, not at the resync window (an
+		// automatic one holds all shipping until then).
+		if res.ResyncMarked {
+			if st.Resync == nil {
+				st.Resync = &pendingResync{Reason: reason}
+			}
+			st.Resync.Manual = true
 		}
 	})
 	if res.MismatchBlocks > 0 {

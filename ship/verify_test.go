@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/vdrepl/vdrepl/journal"
 )
@@ -253,4 +254,32 @@ func TestVerifyClosedMidwayWritesNoState(t *testing.T) {
 	if _, err := r.s.fs.Stat(e.cfg.StateFile); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("the state file is back after Close: %v", err)
 	}
+}
+
+// A verify that finds a block that differs starts the resync at once, as
+// `replication resync` does: outside the resync window, shipping is not
+// held until the window opens.
+func TestVerifyStartsTheResyncAtOnce(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	e.j.write(0, 0, random(1<<20))
+	cfg := e.cfg
+	now := time.Now()
+	cfg.ResyncWindow = now.Add(2*time.Hour).Format("15:04") + "-" + now.Add(3*time.Hour).Format("15:04")
+	r := e.start(cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	e.rep.mu.Lock()
+	e.rep.vms["vm1"].images[0][5000] ^= 0xff
+	e.rep.mu.Unlock()
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil || !res.ResyncMarked || res.MismatchBlocks != 1 {
+		t.Fatalf("verify: %+v, %v", res, err)
+	}
+	c, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatalf("the resync waits for the window: %v", err)
+	}
+	e.checkImages(c)
 }

@@ -37,10 +37,10 @@ more than the journal holds"). Progress goes to stderr unless --json, and to
 ` + "`vdrepl replication status VM`" + ` while it runs.
 
 Which side is right: vdrepl records no block hashes yet, so verify takes the
-primary's image as the truth. Without --dry-run, blocks that differ mark the
-VM resync required, naming the disk and byte ranges; the resync (at the
-resync window, or now with ` + "`vdrepl replication resync VM`" + `) sends the
-primary's blocks that differ. With --dry-run it only reports.
+primary's image as the truth. Without --dry-run, blocks that differ start a
+resync at once (as ` + "`vdrepl replication resync VM`" + ` does, not at the resync
+window), naming the disk and byte ranges; it sends the primary's blocks that
+differ. With --dry-run it only reports.
 
 The last result shows in ` + "`vdrepl replication status VM`" + ` and in the
 metrics vdrepl_verify_last_timestamp_seconds and
@@ -50,7 +50,7 @@ Exit status: 0 when the replica matched, 1 when blocks differ (repair marked
 or not), 2 on an error.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "rate", Value: ship.DefaultVerifyRate, Usage: "bound on how fast this host reads its images (e.g. 50MB/s, 1GB/s, unlimited)"},
-			&cli.BoolFlag{Name: "dry-run", Usage: "only report; do not mark the VM resync required"},
+			&cli.BoolFlag{Name: "dry-run", Usage: "only report; do not start a resync"},
 			&cli.BoolFlag{Name: "json", Usage: "print the result as JSON, without progress lines"},
 		},
 		Action: verifyAction,
@@ -114,7 +114,7 @@ func printVerifyResult(w io.Writer, r ship.VerifyResult) {
 	case r.MismatchBlocks == 0:
 		fmt.Fprintln(w, "  result:     the replica matches the primary")
 	case r.ResyncMarked:
-		fmt.Fprintf(w, "  repair:     resync required marked; it runs in the resync window, or now with `vdrepl replication resync %s`\n", r.VM)
+		fmt.Fprintf(w, "  repair:     resync started to repair it; follow it with `vdrepl replication status %s`\n", r.VM)
 	default:
 		fmt.Fprintln(w, "  repair:     none (--dry-run)")
 	}
@@ -133,7 +133,7 @@ func printLastVerify(w io.Writer, s ship.Status, now time.Time) {
 		what := ""
 		switch {
 		case l.MismatchBlocks > 0 && l.ResyncMarked:
-			what = ", resync marked"
+			what = ", resync started"
 		case l.MismatchBlocks > 0:
 			what = ", not repaired (dry run)"
 		}
