@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -123,12 +124,19 @@ type VerifyResult struct {
 	// ChangedBlocks were skipped: written on the primary after the cycle
 	// the replica's image was at.
 	ChangedBlocks int64 `json:"skipped_changed_blocks"`
-	// Skipped are ranges not compared at all, with why.
-	SkippedBytes   int64            `json:"skipped_bytes"`
-	Skipped        []VerifyRange    `json:"skipped,omitempty"`
-	MismatchBlocks int64            `json:"mismatch_blocks"`
-	Mismatches     []VerifyMismatch `json:"mismatches,omitempty"`
-	DryRun         bool             `json:"dry_run"`
+	// Skipped are ranges not compared at all, with why; SkipReason is
+	// their distinct whys, joined by "; ".
+	SkippedBytes int64         `json:"skipped_bytes"`
+	Skipped      []VerifyRange `json:"skipped,omitempty"`
+	SkipReason   string        `json:"skip_reason,omitempty"`
+	// NothingCompared: not one byte was compared (every range skipped or
+	// changed), so the verify says nothing of the replica; NotCompared
+	// says why. A caller treats it as a failed verify, not a clean one.
+	NothingCompared bool             `json:"nothing_compared,omitempty"`
+	NotCompared     string           `json:"not_compared,omitempty"`
+	MismatchBlocks  int64            `json:"mismatch_blocks"`
+	Mismatches      []VerifyMismatch `json:"mismatches,omitempty"`
+	DryRun          bool             `json:"dry_run"`
 	// ResyncMarked: a resync was started to repair the mismatches (not
 	// with DryRun). It starts at once, not at the resync window.
 	ResyncMarked bool `json:"resync_marked"`
@@ -488,6 +496,23 @@ func (v *verifier) finish() VerifyResult {
 	r := v.res
 	for _, wd := range v.order {
 		r.Mismatches = append(r.Mismatches, *v.byDisk[wd])
+	}
+	var whys []string
+	for _, x := range r.Skipped {
+		if !slices.Contains(whys, x.Why) {
+			whys = append(whys, x.Why)
+		}
+	}
+	r.SkipReason = strings.Join(whys, "; ")
+	if r.CheckedBytes == 0 && r.TotalBytes > 0 {
+		r.NothingCompared = true
+		r.NotCompared = r.SkipReason
+		if r.ChangedBlocks > 0 {
+			if r.NotCompared != "" {
+				r.NotCompared += "; "
+			}
+			r.NotCompared += fmt.Sprintf("%d blocks written on the primary after the replica's cycle", r.ChangedBlocks)
+		}
 	}
 	r.Finished = v.s.now()
 	r.DurationSeconds = r.Finished.Sub(r.Started).Seconds()

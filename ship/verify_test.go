@@ -172,6 +172,10 @@ func TestVerifySkipsWhatTheJournalCannotAnswer(t *testing.T) {
 	if res.SkippedBytes != (1<<20)+(512<<10) || len(res.Skipped) != 2 || res.Skipped[0].Why != SkipTooOld || res.CheckedBytes != 0 {
 		t.Fatalf("verify against a replica behind the journal: %+v", res)
 	}
+	// Nothing was compared: the result says so and why, never clean.
+	if !res.NothingCompared || res.NotCompared != SkipTooOld || res.SkipReason != SkipTooOld {
+		t.Fatalf("a verify that compared nothing: %+v", res)
+	}
 }
 
 // racingJournal runs once before its first ReadAt: as if, while the

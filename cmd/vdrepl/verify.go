@@ -46,8 +46,16 @@ The last result shows in ` + "`vdrepl replication status VM`" + ` and in the
 metrics vdrepl_verify_last_timestamp_seconds and
 vdrepl_verify_last_mismatch_blocks.
 
-Exit status: 0 when the replica matched, 1 when blocks differ (repair marked
-or not), 2 on an error.`,
+Ranges not compared are listed with why, and "N bytes not compared: REASON"
+follows them. A verify that compared nothing at all (every range skipped:
+the journal only tracks dirty blocks, the replica holds a resync or is not
+at one cycle) is a failure, not a clean result.
+
+Exit status:
+   0  the replica matched the primary where compared
+   1  blocks differ (a resync was started, or --dry-run)
+   2  an error: bad usage or config, the daemon refused or failed, or
+      nothing was compared`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "rate", Value: ship.DefaultVerifyRate, Usage: "bound on how fast this host reads its images (e.g. 50MB/s, 1GB/s, unlimited)"},
 			&cli.BoolFlag{Name: "dry-run", Usage: "only report; do not start a resync"},
@@ -80,6 +88,14 @@ func verifyAction(c *cli.Context) error {
 	if err != nil {
 		return cli.Exit("vdrepl: "+err.Error(), verifyFailed)
 	}
+	return verifyOutcome(vm, res)
+}
+
+// verifyOutcome is the exit status of a verify that returned res.
+func verifyOutcome(vm string, res ship.VerifyResult) error {
+	if res.NothingCompared {
+		return cli.Exit("vdrepl: verify "+vm+": nothing compared: "+res.NotCompared, verifyFailed)
+	}
 	if res.MismatchBlocks > 0 {
 		return cli.Exit("", verifyMismatch)
 	}
@@ -103,6 +119,9 @@ func printVerifyResult(w io.Writer, r ship.VerifyResult) {
 	for _, s := range r.Skipped {
 		fmt.Fprintf(w, "  skipped:    disk %s [%d,%d): %s\n", s.Disk, s.From, s.To, s.Why)
 	}
+	if r.SkippedBytes > 0 {
+		fmt.Fprintf(w, "  skipped:    %d bytes not compared: %s\n", r.SkippedBytes, r.SkipReason)
+	}
 	for _, m := range r.Mismatches {
 		var rs []string
 		for _, x := range m.Ranges {
@@ -111,6 +130,10 @@ func printVerifyResult(w io.Writer, r ship.VerifyResult) {
 		fmt.Fprintf(w, "  MISMATCH:   disk %s differs from the replica in %d blocks (4 KiB): %s\n", m.Disk, m.Blocks, strings.Join(rs, " "))
 	}
 	switch {
+	case r.NothingCompared:
+		fmt.Fprintf(w, "  result:     nothing compared: %s\n", r.NotCompared)
+	case r.MismatchBlocks == 0 && r.SkippedBytes > 0:
+		fmt.Fprintf(w, "  result:     the replica matches the primary in the %d bytes compared\n", r.CheckedBytes)
 	case r.MismatchBlocks == 0:
 		fmt.Fprintln(w, "  result:     the replica matches the primary")
 	case r.ResyncMarked:
