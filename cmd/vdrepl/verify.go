@@ -91,6 +91,14 @@ func verifyAction(c *cli.Context) error {
 	return verifyOutcome(vm, res)
 }
 
+// verifyUsageError makes a usage error of verify exit status 2: 1 is its
+// "blocks differ", which a script must not read from a mistyped flag.
+func verifyUsageError(f cli.OnUsageErrorFunc) cli.OnUsageErrorFunc {
+	return func(c *cli.Context, err error, sub bool) error {
+		return cli.Exit("vdrepl: "+f(c, err, sub).Error(), verifyFailed)
+	}
+}
+
 // verifyOutcome is the exit status of a verify that returned res.
 func verifyOutcome(vm string, res ship.VerifyResult) error {
 	if res.NothingCompared {

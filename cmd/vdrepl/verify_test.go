@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -61,5 +64,25 @@ func TestVerifyOutcome(t *testing.T) {
 				t.Errorf("exit status %d, want %d", code, tc.code)
 			}
 		})
+	}
+}
+
+// A mistyped flag or a bad config is exit status 2 for verify: 1 means
+// "blocks differ" to a script.
+func TestVerifyUsageErrorsExit2(t *testing.T) {
+	bad := filepath.Join(t.TempDir(), "bad.toml")
+	if err := os.WriteFile(bad, []byte("bogus = = 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"verify", "web1", "--rat", "5"},
+		{"--config", bad, "verify", "web1"},
+		{"verify", "web1", "--config", bad},
+	} {
+		_, errOut, err := runCLI(t, args...)
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(errOut, "vdrepl: ") {
+			t.Errorf("vdrepl %s: %v, want exit status 2\n%s", strings.Join(args, " "), err, errOut)
+		}
 	}
 }
