@@ -110,7 +110,16 @@ type VerifyMismatch struct {
 	Disk   string        `json:"disk"`
 	Blocks int64         `json:"blocks"` // of journal.BlockSize (4 KiB)
 	Ranges []VerifyRange `json:"ranges"` // merged, ascending
+	// MoreRanges counts the merged ranges left out of Ranges: a result
+	// lists at most maxResultRanges over all disks.
+	MoreRanges int64 `json:"more_ranges,omitempty"`
+	moreTo     int64 // the end of the last range left out
 }
+
+// maxResultRanges bounds the mismatch ranges a VerifyResult lists over all
+// disks, so that a replica that differs everywhere still makes an answer
+// of bounded size (the control client reads lines of at most 64 MiB).
+const maxResultRanges = 1000
 
 // VerifyResult is what a Verify found. Block counts are of 4 KiB.
 type VerifyResult struct {
@@ -286,6 +295,7 @@ type verifier struct {
 	buf    []byte
 	byDisk map[int]*VerifyMismatch
 	order  []int // disks with mismatches, in the order found
+	ranges int   // mismatch ranges listed, over all disks
 }
 
 // verifyStepOf is one step of a verify: disk range [off, off+n) of wire
@@ -485,11 +495,18 @@ func (v *verifier) mismatch(wd int, from, to int64) {
 	}
 	m.Blocks += blocksIn(to - from)
 	v.res.MismatchBlocks += blocksIn(to - from)
-	if k := len(m.Ranges) - 1; k >= 0 && m.Ranges[k].To == from {
+	switch k := len(m.Ranges) - 1; {
+	case m.MoreRanges > 0 && m.moreTo == from:
+		m.moreTo = to
+	case m.MoreRanges == 0 && k >= 0 && m.Ranges[k].To == from:
 		m.Ranges[k].To = to
-		return
+	case v.ranges >= maxResultRanges:
+		m.MoreRanges++
+		m.moreTo = to
+	default:
+		v.ranges++
+		m.Ranges = append(m.Ranges, VerifyRange{Disk: m.Disk, From: from, To: to})
 	}
-	m.Ranges = append(m.Ranges, VerifyRange{Disk: m.Disk, From: from, To: to})
 }
 
 func (v *verifier) finish() VerifyResult {
@@ -533,10 +550,12 @@ func (r *VerifyResult) reason() string {
 		var rs []string
 		for i, x := range m.Ranges {
 			if i == maxReasonRanges {
-				rs = append(rs, fmt.Sprintf("and %d more", len(m.Ranges)-i))
 				break
 			}
 			rs = append(rs, fmt.Sprintf("[%d,%d)", x.From, x.To))
+		}
+		if more := int64(len(m.Ranges)-len(rs)) + m.MoreRanges; more > 0 {
+			rs = append(rs, fmt.Sprintf("and %d more", more))
 		}
 		parts = append(parts, fmt.Sprintf("disk %s differs from the replica in %d blocks: %s", m.Disk, m.Blocks, strings.Join(rs, " ")))
 	}

@@ -1,6 +1,7 @@
 package ship
 
 import (
+	"encoding/json"
 	"errors"
 	"io/fs"
 	"net/http"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/journal"
 )
 
@@ -286,4 +288,38 @@ func TestVerifyStartsTheResyncAtOnce(t *testing.T) {
 		t.Fatalf("the resync waits for the window: %v", err)
 	}
 	e.checkImages(c)
+}
+
+// A replica that differs everywhere still makes a result of bounded size:
+// at most maxResultRanges merged ranges over all disks are listed, the rest
+// counted, and the resync reason counts them too.
+func TestVerifyResultRangesAreBounded(t *testing.T) {
+	s := &Shipper{cfg: Config{Disks: []wire.Disk{{Name: "d0"}, {Name: "d1"}}}, now: time.Now}
+	v := &verifier{s: s, byDisk: map[int]*VerifyMismatch{}}
+	const n = maxResultRanges + 500
+	for i := int64(0); i < n; i++ { // every other block: n ranges
+		v.mismatch(0, 2*i*bs, (2*i+1)*bs)
+	}
+	v.mismatch(0, (2*n-1)*bs, 2*n*bs) // joins the last range left out
+	for i := int64(0); i < 10; i++ {
+		v.mismatch(1, 2*i*bs, (2*i+1)*bs)
+	}
+	r := v.finish()
+	if len(r.Mismatches) != 2 {
+		t.Fatalf("mismatches: %d disks", len(r.Mismatches))
+	}
+	m0, m1 := r.Mismatches[0], r.Mismatches[1]
+	if len(m0.Ranges) != maxResultRanges || m0.MoreRanges != 500 || m0.Blocks != n+1 {
+		t.Fatalf("disk d0: %d ranges listed, %d more, %d blocks", len(m0.Ranges), m0.MoreRanges, m0.Blocks)
+	}
+	if len(m1.Ranges) != 0 || m1.MoreRanges != 10 || m1.Blocks != 10 || r.MismatchBlocks != n+11 {
+		t.Fatalf("disk d1: %d ranges listed, %d more, %d blocks; %d in all", len(m1.Ranges), m1.MoreRanges, m1.Blocks, r.MismatchBlocks)
+	}
+	if b, _ := json.Marshal(r); len(b) > 200<<10 {
+		t.Fatalf("a result of %d bytes", len(b))
+	}
+	want := "disk d0 differs from the replica in 1501 blocks: [0,4096)"
+	if reason := r.reason(); !strings.Contains(reason, want) || !strings.Contains(reason, "and 1492 more") || !strings.Contains(reason, "disk d1 differs from the replica in 10 blocks: and 10 more") {
+		t.Fatalf("reason: %s", reason)
+	}
 }

@@ -135,6 +135,9 @@ func printVerifyResult(w io.Writer, r ship.VerifyResult) {
 		for _, x := range m.Ranges {
 			rs = append(rs, fmt.Sprintf("[%d,%d)", x.From, x.To))
 		}
+		if m.MoreRanges > 0 {
+			rs = append(rs, fmt.Sprintf("and %d more ranges", m.MoreRanges))
+		}
 		fmt.Fprintf(w, "  MISMATCH:   disk %s differs from the replica in %d blocks (4 KiB): %s\n", m.Disk, m.Blocks, strings.Join(rs, " "))
 	}
 	switch {
