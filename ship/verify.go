@@ -423,8 +423,12 @@ func (v *verifier) compare(ctx context.Context, st *verifyStepOf) error {
 	return nil
 }
 
-// refine compares a block that differs in 4 KiB blocks: p is the primary's
-// data at off, read before the replica's image at at was found to differ.
+// refine compares a block that differs in 4 KiB blocks: p holds the
+// primary's data at off, read before the replica's image at at was found
+// to differ. It is read again after the replica's fine sums, and the
+// journal asked after that read, in the order compare uses: what the
+// first read saw may since have changed in the image without a cycle after
+// at (a trim applied late), and the second read sees it.
 func (v *verifier) refine(ctx context.Context, wd int, off int64, p []byte, at uint64) error {
 	s := v.s
 	n := int64(len(p))
@@ -436,9 +440,13 @@ func (v *verifier) refine(ctx context.Context, wd int, off int64, p []byte, at u
 		v.skip(wd, off, n, SkipNotAtCycle)
 		return nil
 	}
+	jd := s.cfg.DiskIndex[wd]
+	if err := s.j.ReadAt(jd, p, off); err != nil {
+		return fmt.Errorf("read disk %d: %w", jd, err)
+	}
 	// The replica may have applied more cycles meanwhile: what changed
 	// after the older of the two cycles is skipped.
-	changed, err := v.cs.ChangedSince(min(at, at2), s.cfg.DiskIndex[wd], off, n)
+	changed, err := v.cs.ChangedSince(min(at, at2), jd, off, n)
 	if errors.Is(err, journal.ErrTooOld) {
 		v.skip(wd, off, n, SkipTooOld)
 		return nil

@@ -323,3 +323,47 @@ func TestVerifyResultRangesAreBounded(t *testing.T) {
 		t.Fatalf("reason: %s", reason)
 	}
 }
+
+// staleJournal's first ReadAt returns stale data at staleOff: as if a trim
+// of a cycle the replica had applied was punched in the image only after
+// the primary read it.
+type staleJournal struct {
+	*fakeJournal
+	once     atomic.Bool
+	staleOff int64
+}
+
+func (j *staleJournal) ReadAt(disk int, p []byte, off int64) error {
+	if err := j.fakeJournal.ReadAt(disk, p, off); err != nil {
+		return err
+	}
+	if disk == 0 && off <= j.staleOff && j.staleOff < off+int64(len(p)) && j.once.CompareAndSwap(false, true) {
+		p[j.staleOff-off] ^= 0xff
+	}
+	return nil
+}
+
+// A block whose first read differs from the replica is read again after
+// the replica's fine sums, before it is reported: data that reached the
+// image late is not a mismatch.
+func TestVerifyRefineReadsAgain(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	e.j.write(0, 0, random(1<<20))
+	sj := &staleJournal{fakeJournal: e.j, staleOff: 300000}
+	sj.once.Store(true) // fresh reads until the verify
+	cfg := e.cfg
+	cfg.Journal = sj
+	r := e.start(cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	sj.once.Store(false)
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !sj.once.Load() || res.MismatchBlocks != 0 || res.CheckedBytes != 1<<20 {
+		t.Fatalf("a stale first read was reported: %+v", res)
+	}
+}
