@@ -101,6 +101,17 @@ func (j *Journal) ChangedSince(a uint64, disk int, off, n int64) ([]bool, error)
 			return nil, err
 		}
 	}
+	if j.scanned != nil {
+		j.scanned()
+	}
+	// Release drops closed cycles from the store without sealMu: one
+	// released during the scan may have been missed.
+	j.mu.Lock()
+	released := j.mu.released
+	j.mu.Unlock()
+	if a < released {
+		return nil, fmt.Errorf("%w: cycle %d (released up to %d during the look)", ErrTooOld, a, released)
+	}
 	return out, nil
 }
 

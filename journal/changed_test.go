@@ -198,3 +198,31 @@ func TestChangedSinceTrimNotYetInTheImage(t *testing.T) {
 		t.Fatalf("changed since cycle %d after the trim was applied: %v", info.Cycle, got)
 	}
 }
+
+// A cycle released while ChangedSince scans the cycle store may have been
+// dropped before the scan reached it: the answer is ErrTooOld, not one
+// that misses its blocks.
+func TestChangedSinceReleaseDuringTheScan(t *testing.T) {
+	j := mustOpen(t, testConfig(t, vfs.Default, t.TempDir(), 1<<20, 1<<20))
+	defer j.Close()
+	a := j.OpenCycle() - 1
+	if _, err := j.Disk(0).WriteAt(bytes.Repeat([]byte{1}, BlockSize), 3*BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	info, err := j.Seal(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := changedBlocks(t, j, a, 0); !slices.Equal(got, []int{3}) {
+		t.Fatalf("changed since cycle %d: %v, want [3]", a, got)
+	}
+	j.scanned = func() {
+		j.scanned = nil
+		if err := j.Release(info.Cycle); err != nil {
+			t.Error(err)
+		}
+	}
+	if _, err := j.ChangedSince(a, 0, 0, 64*BlockSize); !errors.Is(err, ErrTooOld) {
+		t.Fatalf("changed since cycle %d, released during the scan: %v, want ErrTooOld", a, err)
+	}
+}
