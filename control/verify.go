@@ -19,7 +19,7 @@ type VerifyRequest struct {
 	// Rate bounds the reads of the primary's images (ship.ParseBandwidth);
 	// "" is ship.DefaultVerifyRate.
 	Rate string `json:"rate,omitempty"`
-	// DryRun only reports; otherwise mismatches mark the VM resync required.
+	// DryRun only reports; otherwise mismatches start a resync now.
 	DryRun bool `json:"dry_run,omitempty"`
 }
 

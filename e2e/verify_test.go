@@ -56,8 +56,8 @@ func verify(t *testing.T, h *host, args ...string) (verifyResult, int) {
 
 // A byte flipped in the replica's image at rest is found by a verify: a
 // dry run names the disk and the 4 KiB range and exits 1 without marking
-// anything; a verify marks the VM resync required naming them; the resync
-// makes the images byte-equal, and a verify after it is clean (exit 0).
+// anything; a verify starts a resync at once (outside the resync window),
+// which makes the images byte-equal, and a verify after it is clean (exit 0).
 func TestVerifyFindsReplicaDamage(t *testing.T) {
 	need(t, "qemu-io", "nbdcopy")
 	p := newPairWith(t, pairOpts{primExtra: []string{"--resync-window", closedWindow()}})
@@ -92,17 +92,18 @@ func TestVerifyFindsReplicaDamage(t *testing.T) {
 	if r, code := verify(t, p.prim); code != 1 || !r.ResyncMarked || r.MismatchBlocks != 1 {
 		t.Fatalf("verify: exit %d, %+v", code, r)
 	}
-	want := fmt.Sprintf("verify: disk disk0 differs from the replica in 1 blocks: [%d,%d)", from, to)
-	s := waitStatus(t, p.prim, "vm1", "resync required naming the range", func(s primStatus) bool {
-		return s.State == "resync-required" && strings.Contains(s.Reason, want)
-	})
+	// The resync starts at once, not at the (closed) resync window: the
+	// next cycle is applied after it without an admin's resync.
+	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
+	s := waitStatus(t, p.prim, "vm1", "replicating after the resync", func(s primStatus) bool { return s.State == "replicating" })
 	t.Logf("status: %s (%s)", s.State, s.Reason)
 	text := p.prim.run("replication", "status", "vm1")
-	if !strings.Contains(text, "last verified:") || !strings.Contains(text, "1 mismatches, resync marked") {
+	if !strings.Contains(text, "last verified:") || !strings.Contains(text, "1 mismatches, resync started") {
 		t.Fatalf("replication status lacks the last verify:\n%s", text)
 	}
+	p.checkEqual(t, "vm1", "disk0")
+	cmpImages(t, p, img, "vm1")
 
-	repair(t, p, img)
 	if r, code := verify(t, p.prim); code != 0 || r.MismatchBlocks != 0 || r.CheckedBytes != 16<<20 {
 		t.Fatalf("verify after the resync: exit %d, %+v", code, r)
 	}

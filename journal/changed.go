@@ -21,10 +21,15 @@ var ErrTooOld = errors.New("journal: the journal no longer holds every cycle aft
 //
 // Writes that the write-back has not yet put in the image (the pending
 // map) need no look of their own: every write is indexed in its cycle in
-// the same step that makes it pending (appendWriteVia), so a pending write
-// after a is in a cycle after a, and one of a cycle up to a is part of the
-// image at a. Trims and zeroes are the cycles' ranges, indexed when they
-// are appended, before the image is punched.
+// the same step that makes it pending (appendWriteVia), and a reader sees
+// it at once through the pending map, so a pending write after a is in a
+// cycle after a, and one of a cycle up to a is part of what a reader sees
+// of the image at a. Trims and zeroes are the cycles' ranges, indexed when
+// they are appended, but a reader sees them only once the image is punched
+// (rangeOp does it after the record is durable): every trim or zero still
+// in the write-back queue counts as changed, whatever its cycle. It may
+// then report a block changed that is not (it is never compared), never
+// one unchanged that a reader sees differently from the image at a.
 //
 // A write the journal has not indexed yet when ChangedSince runs is not
 // visible to a reader of the disk either (the index and the pending map
@@ -74,6 +79,16 @@ func (j *Journal) ChangedSince(a uint64, disk int, off, n int64) ([]bool, error)
 			}
 		}
 	}
+	// A trim or zero is in the image only once the record is applied
+	// (rangeOp punches it after the sync; the write-back applies one
+	// replayed or received): before that a reader sees the old data, in
+	// the image or pending, whatever the record's cycle. Until the
+	// write-back drops it from the queue it counts as changed.
+	for _, q := range j.mu.queue {
+		if h := q.h; int(h.Disk) == disk && h.Length > 0 && (h.Kind == KindTrim || h.Kind == KindZero || h.Kind == KindZeroAlloc) {
+			mark(h.Offset/BlockSize, (h.Offset+h.Length-1)/BlockSize)
+		}
+	}
 	var closed []uint64
 	for _, ci := range j.mu.closedC {
 		if ci.Cycle > a {
@@ -85,6 +100,17 @@ func (j *Journal) ChangedSince(a uint64, disk int, off, n int64) ([]bool, error)
 		if err := j.cycles.touched(c, disk, first, last, mark); err != nil {
 			return nil, err
 		}
+	}
+	if j.scanned != nil {
+		j.scanned()
+	}
+	// Release drops closed cycles from the store without sealMu: one
+	// released during the scan may have been missed.
+	j.mu.Lock()
+	released := j.mu.released
+	j.mu.Unlock()
+	if a < released {
+		return nil, fmt.Errorf("%w: cycle %d (released up to %d during the look)", ErrTooOld, a, released)
 	}
 	return out, nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
@@ -131,5 +132,97 @@ func TestChangedSince(t *testing.T) {
 	}
 	if _, err := j.ChangedSince(c2, 0, 1<<20, BlockSize); !errors.Is(err, ErrOutOfRange) {
 		t.Errorf("a range past the disk: %v, want ErrOutOfRange", err)
+	}
+}
+
+// A trim or zero is in the image only once applied (rangeOp punches it
+// after the record is durable, under the write-back's lock): until then a
+// reader sees the old data, so it counts as changed even when its cycle is
+// at or before the barrier asked about.
+func TestChangedSinceTrimNotYetInTheImage(t *testing.T) {
+	j := mustOpen(t, testConfig(t, vfs.Default, t.TempDir(), 1<<20, 1<<20))
+	defer j.Close()
+	d0 := j.Disk(0)
+	if _, err := d0.WriteAt(bytes.Repeat([]byte{7}, 8*BlockSize), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.writeBack(); err != nil {
+		t.Fatal(err)
+	}
+	// Hold the write-back's lock: the trim is journaled and indexed, not
+	// punched.
+	j.wb.Lock()
+	trimmed := make(chan error, 1)
+	go func() { trimmed <- d0.Trim(2*BlockSize, 2*BlockSize) }()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		j.mu.Lock()
+		queued := slices.ContainsFunc(j.mu.queue, func(q queued) bool { return q.h.Kind == KindTrim })
+		j.mu.Unlock()
+		if queued {
+			break
+		}
+		if time.Now().After(deadline) {
+			j.wb.Unlock()
+			t.Fatal("the trim never reached the write-back queue")
+		}
+	}
+	info, err := j.Seal(0)
+	if err != nil {
+		j.wb.Unlock()
+		t.Fatal(err)
+	}
+	got := changedBlocks(t, j, info.Cycle, 0)
+	buf := make([]byte, BlockSize)
+	rerr := j.readAt(0, buf, 2*BlockSize)
+	j.wb.Unlock()
+	if err := <-trimmed; err != nil {
+		t.Fatal(err)
+	}
+	if rerr != nil || buf[0] != 7 {
+		t.Fatalf("the trim was in the image while held: %v, %d", rerr, buf[0])
+	}
+	if want := []int{2, 3}; !slices.Equal(got, want) {
+		t.Fatalf("changed since cycle %d holding a trim not yet applied: %v, want %v", info.Cycle, got, want)
+	}
+	// Once applied, the trim of a cycle up to the barrier is not a change.
+	if err := j.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.writeBack(); err != nil {
+		t.Fatal(err)
+	}
+	if got := changedBlocks(t, j, info.Cycle, 0); len(got) != 0 {
+		t.Fatalf("changed since cycle %d after the trim was applied: %v", info.Cycle, got)
+	}
+}
+
+// A cycle released while ChangedSince scans the cycle store may have been
+// dropped before the scan reached it: the answer is ErrTooOld, not one
+// that misses its blocks.
+func TestChangedSinceReleaseDuringTheScan(t *testing.T) {
+	j := mustOpen(t, testConfig(t, vfs.Default, t.TempDir(), 1<<20, 1<<20))
+	defer j.Close()
+	a := j.OpenCycle() - 1
+	if _, err := j.Disk(0).WriteAt(bytes.Repeat([]byte{1}, BlockSize), 3*BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	info, err := j.Seal(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := changedBlocks(t, j, a, 0); !slices.Equal(got, []int{3}) {
+		t.Fatalf("changed since cycle %d: %v, want [3]", a, got)
+	}
+	j.scanned = func() {
+		j.scanned = nil
+		if err := j.Release(info.Cycle); err != nil {
+			t.Error(err)
+		}
+	}
+	if _, err := j.ChangedSince(a, 0, 0, 64*BlockSize); !errors.Is(err, ErrTooOld) {
+		t.Fatalf("changed since cycle %d, released during the scan: %v, want ErrTooOld", a, err)
 	}
 }

@@ -97,6 +97,9 @@ type Journal struct {
 	// directMin is the smallest write payload appended with O_DIRECT
 	// (directAppendMin; tests lower it to drive small writes that way).
 	directMin int
+	// scanned, if set (tests), runs in ChangedSince after the cycle store
+	// was scanned, where a Release may come.
+	scanned func()
 
 	// Safe for concurrent use by themselves.
 	npending atomic.Int64 // len(mu.pending): changed under mu, read without it

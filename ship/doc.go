@@ -90,8 +90,9 @@
 // own at a bounded rate and then asks the journal which changed after A
 // (journal.ChangedSince); those are skipped, the rest compared, a differing
 // block refined to 4 KiB. With no recorded block hashes yet, the primary's
-// image is taken as the truth: differences mark the VM resync required
-// (unless a dry run), and the resync sends the primary's blocks. The last
+// image is taken as the truth: differences start a resync at once, outside
+// the resync window too (unless a dry run), and the resync sends the
+// primary's blocks. The last
 // result is kept in the state file (LastVerify) and shown in Status.
 //
 // # State file

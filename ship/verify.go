@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -78,8 +79,7 @@ type VerifyOptions struct {
 	// Rate paces the reads of the primary's images; nil is unlimited. The
 	// replica hashes one range per request, so it follows the same pace.
 	Rate *Limiter
-	// DryRun only reports; otherwise differences mark the VM resync
-	// required.
+	// DryRun only reports; otherwise differences start a resync now.
 	DryRun bool
 	// Progress, if set, is called after every range.
 	Progress func(VerifyProgress)
@@ -110,7 +110,16 @@ type VerifyMismatch struct {
 	Disk   string        `json:"disk"`
 	Blocks int64         `json:"blocks"` // of journal.BlockSize (4 KiB)
 	Ranges []VerifyRange `json:"ranges"` // merged, ascending
+	// MoreRanges counts the merged ranges left out of Ranges: a result
+	// lists at most maxResultRanges over all disks.
+	MoreRanges int64 `json:"more_ranges,omitempty"`
+	moreTo     int64 // the end of the last range left out
 }
+
+// maxResultRanges bounds the mismatch ranges a VerifyResult lists over all
+// disks, so that a replica that differs everywhere still makes an answer
+// of bounded size (the control client reads lines of at most 64 MiB).
+const maxResultRanges = 1000
 
 // VerifyResult is what a Verify found. Block counts are of 4 KiB.
 type VerifyResult struct {
@@ -124,14 +133,21 @@ type VerifyResult struct {
 	// ChangedBlocks were skipped: written on the primary after the cycle
 	// the replica's image was at.
 	ChangedBlocks int64 `json:"skipped_changed_blocks"`
-	// Skipped are ranges not compared at all, with why.
-	SkippedBytes   int64            `json:"skipped_bytes"`
-	Skipped        []VerifyRange    `json:"skipped,omitempty"`
-	MismatchBlocks int64            `json:"mismatch_blocks"`
-	Mismatches     []VerifyMismatch `json:"mismatches,omitempty"`
-	DryRun         bool             `json:"dry_run"`
-	// ResyncMarked: the VM was marked resync required to repair the
-	// mismatches (not with DryRun).
+	// Skipped are ranges not compared at all, with why; SkipReason is
+	// their distinct whys, joined by "; ".
+	SkippedBytes int64         `json:"skipped_bytes"`
+	Skipped      []VerifyRange `json:"skipped,omitempty"`
+	SkipReason   string        `json:"skip_reason,omitempty"`
+	// NothingCompared: not one byte was compared (every range skipped or
+	// changed), so the verify says nothing of the replica; NotCompared
+	// says why. A caller treats it as a failed verify, not a clean one.
+	NothingCompared bool             `json:"nothing_compared,omitempty"`
+	NotCompared     string           `json:"not_compared,omitempty"`
+	MismatchBlocks  int64            `json:"mismatch_blocks"`
+	Mismatches      []VerifyMismatch `json:"mismatches,omitempty"`
+	DryRun          bool             `json:"dry_run"`
+	// ResyncMarked: a resync was started to repair the mismatches (not
+	// with DryRun). It starts at once, not at the resync window.
 	ResyncMarked bool `json:"resync_marked"`
 	// Truth says which side a mismatch is repaired from, and why.
 	Truth string `json:"truth"`
@@ -150,8 +166,9 @@ type LastVerify struct {
 }
 
 // Verify compares the replicated disks with the replica (see above) and
-// returns what it found. Without DryRun, mismatches mark the VM resync
-// required with a reason naming the disks and ranges. The result is kept
+// returns what it found. Without DryRun, mismatches start a resync at once
+// (outside the resync window too) with a reason naming the disks and
+// ranges. The result is kept
 // in the state file (Status.LastVerify). It refuses while a sync runs.
 func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, error) {
 	cs, ok := s.j.(ChangedSincer)
@@ -180,18 +197,39 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 		return VerifyResult{}, fmt.Errorf("%w: the initial copy has not finished", ErrSyncRunning)
 	}
 	s.verify = &VerifyProgress{Total: total, Started: started, DryRun: o.DryRun}
+	// Close waits for the verify and cuts it short: it must not write the
+	// state file after Close (replication disable or vm remove deletes it
+	// then).
+	s.wg.Add(1)
 	s.mu.Unlock()
+	defer s.wg.Done()
 	defer func() {
 		s.mu.Lock()
 		s.verify = nil
 		s.signalLocked()
 		s.mu.Unlock()
 	}()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-s.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	s.log.Info("verify started", "bytes", total, "rate", o.Rate.String(), "dry_run", o.DryRun)
 
 	v := &verifier{s: s, cs: cs, o: o, res: VerifyResult{VM: s.cfg.VM, Started: started, TotalBytes: total, DryRun: o.DryRun, Truth: verifyTruth},
 		buf: make([]byte, verifyRange), byDisk: map[int]*VerifyMismatch{}}
-	if err := v.run(ctx); err != nil {
+	err := v.run(ctx)
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return v.res, fmt.Errorf("%w: verify of VM %s stopped: the replication was closed", ErrClosed, s.cfg.VM)
+	}
+	if err != nil {
 		return v.res, err
 	}
 	res := v.finish()
@@ -200,10 +238,16 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 		res.ResyncMarked, last.ResyncMarked = true, true
 	}
 	reason := res.reason()
-	err := s.update(func(st *persisted) {
+	err = s.update(func(st *persisted) {
 		st.LastVerify = &last
-		if res.ResyncMarked && st.Resync == nil {
-			st.Resync = &pendingResync{Reason: reason}
+		// The admin ran verify to repair: the resync starts now, as
+		// `replication resync` does, not at the resync window (an
+		// automatic one holds all shipping until then).
+		if res.ResyncMarked {
+			if st.Resync == nil {
+				st.Resync = &pendingResync{Reason: reason}
+			}
+			st.Resync.Manual = true
 		}
 	})
 	if res.MismatchBlocks > 0 {
@@ -251,6 +295,7 @@ type verifier struct {
 	buf    []byte
 	byDisk map[int]*VerifyMismatch
 	order  []int // disks with mismatches, in the order found
+	ranges int   // mismatch ranges listed, over all disks
 }
 
 // verifyStepOf is one step of a verify: disk range [off, off+n) of wire
@@ -378,8 +423,12 @@ func (v *verifier) compare(ctx context.Context, st *verifyStepOf) error {
 	return nil
 }
 
-// refine compares a block that differs in 4 KiB blocks: p is the primary's
-// data at off, read before the replica's image at at was found to differ.
+// refine compares a block that differs in 4 KiB blocks: p holds the
+// primary's data at off, read before the replica's image at at was found
+// to differ. It is read again after the replica's fine sums, and the
+// journal asked after that read, in the order compare uses: what the
+// first read saw may since have changed in the image without a cycle after
+// at (a trim applied late), and the second read sees it.
 func (v *verifier) refine(ctx context.Context, wd int, off int64, p []byte, at uint64) error {
 	s := v.s
 	n := int64(len(p))
@@ -391,9 +440,13 @@ func (v *verifier) refine(ctx context.Context, wd int, off int64, p []byte, at u
 		v.skip(wd, off, n, SkipNotAtCycle)
 		return nil
 	}
+	jd := s.cfg.DiskIndex[wd]
+	if err := s.j.ReadAt(jd, p, off); err != nil {
+		return fmt.Errorf("read disk %d: %w", jd, err)
+	}
 	// The replica may have applied more cycles meanwhile: what changed
 	// after the older of the two cycles is skipped.
-	changed, err := v.cs.ChangedSince(min(at, at2), s.cfg.DiskIndex[wd], off, n)
+	changed, err := v.cs.ChangedSince(min(at, at2), jd, off, n)
 	if errors.Is(err, journal.ErrTooOld) {
 		v.skip(wd, off, n, SkipTooOld)
 		return nil
@@ -450,17 +503,41 @@ func (v *verifier) mismatch(wd int, from, to int64) {
 	}
 	m.Blocks += blocksIn(to - from)
 	v.res.MismatchBlocks += blocksIn(to - from)
-	if k := len(m.Ranges) - 1; k >= 0 && m.Ranges[k].To == from {
+	switch k := len(m.Ranges) - 1; {
+	case m.MoreRanges > 0 && m.moreTo == from:
+		m.moreTo = to
+	case m.MoreRanges == 0 && k >= 0 && m.Ranges[k].To == from:
 		m.Ranges[k].To = to
-		return
+	case v.ranges >= maxResultRanges:
+		m.MoreRanges++
+		m.moreTo = to
+	default:
+		v.ranges++
+		m.Ranges = append(m.Ranges, VerifyRange{Disk: m.Disk, From: from, To: to})
 	}
-	m.Ranges = append(m.Ranges, VerifyRange{Disk: m.Disk, From: from, To: to})
 }
 
 func (v *verifier) finish() VerifyResult {
 	r := v.res
 	for _, wd := range v.order {
 		r.Mismatches = append(r.Mismatches, *v.byDisk[wd])
+	}
+	var whys []string
+	for _, x := range r.Skipped {
+		if !slices.Contains(whys, x.Why) {
+			whys = append(whys, x.Why)
+		}
+	}
+	r.SkipReason = strings.Join(whys, "; ")
+	if r.CheckedBytes == 0 && r.TotalBytes > 0 {
+		r.NothingCompared = true
+		r.NotCompared = r.SkipReason
+		if r.ChangedBlocks > 0 {
+			if r.NotCompared != "" {
+				r.NotCompared += "; "
+			}
+			r.NotCompared += fmt.Sprintf("%d blocks written on the primary after the replica's cycle", r.ChangedBlocks)
+		}
 	}
 	r.Finished = v.s.now()
 	r.DurationSeconds = r.Finished.Sub(r.Started).Seconds()
@@ -481,10 +558,12 @@ func (r *VerifyResult) reason() string {
 		var rs []string
 		for i, x := range m.Ranges {
 			if i == maxReasonRanges {
-				rs = append(rs, fmt.Sprintf("and %d more", len(m.Ranges)-i))
 				break
 			}
 			rs = append(rs, fmt.Sprintf("[%d,%d)", x.From, x.To))
+		}
+		if more := int64(len(m.Ranges)-len(rs)) + m.MoreRanges; more > 0 {
+			rs = append(rs, fmt.Sprintf("and %d more", more))
 		}
 		parts = append(parts, fmt.Sprintf("disk %s differs from the replica in %d blocks: %s", m.Disk, m.Blocks, strings.Join(rs, " ")))
 	}

@@ -1,11 +1,16 @@
 package ship
 
 import (
+	"encoding/json"
+	"errors"
+	"io/fs"
 	"net/http"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/journal"
 )
 
@@ -169,6 +174,10 @@ func TestVerifySkipsWhatTheJournalCannotAnswer(t *testing.T) {
 	if res.SkippedBytes != (1<<20)+(512<<10) || len(res.Skipped) != 2 || res.Skipped[0].Why != SkipTooOld || res.CheckedBytes != 0 {
 		t.Fatalf("verify against a replica behind the journal: %+v", res)
 	}
+	// Nothing was compared: the result says so and why, never clean.
+	if !res.NothingCompared || res.NotCompared != SkipTooOld || res.SkipReason != SkipTooOld {
+		t.Fatalf("a verify that compared nothing: %+v", res)
+	}
 }
 
 // racingJournal runs once before its first ReadAt: as if, while the
@@ -216,5 +225,145 @@ func TestVerifyTriesAgainWhenACycleWasReleased(t *testing.T) {
 	}
 	if res.SkippedBytes != 0 || res.CheckedBytes != 1<<20 || res.MismatchBlocks != 0 || !rj.once.Load() {
 		t.Fatalf("verify across a release: %+v", res)
+	}
+}
+
+// A verify still running when its shipper is closed (replication disable,
+// vm remove) is cut short and writes no state: the state file, removed
+// after Close, stays removed.
+func TestVerifyClosedMidwayWritesNoState(t *testing.T) {
+	e, r := replicating(t)
+	var sums atomic.Int32
+	closing := make(chan struct{})
+	e.rep.mu.Lock()
+	e.rep.fail = func(req *http.Request) (int, string) {
+		// The last step's sums: close the shipper and remove its state
+		// as replication disable does, then let the answer go.
+		if strings.HasSuffix(req.URL.Path, "/sums") && sums.Add(1) == 2 {
+			go func() {
+				r.s.Close()
+				close(closing)
+			}()
+			<-r.s.done
+			if err := r.s.fs.Remove(e.cfg.StateFile); err != nil {
+				t.Error(err)
+			}
+		}
+		return 0, ""
+	}
+	e.rep.mu.Unlock()
+	_, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if !errors.Is(err, ErrClosed) || !strings.Contains(err.Error(), "replication was closed") {
+		t.Fatalf("verify across Close: %v", err)
+	}
+	<-closing
+	if _, err := r.s.fs.Stat(e.cfg.StateFile); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the state file is back after Close: %v", err)
+	}
+}
+
+// A verify that finds a block that differs starts the resync at once, as
+// `replication resync` does: outside the resync window, shipping is not
+// held until the window opens.
+func TestVerifyStartsTheResyncAtOnce(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	e.j.write(0, 0, random(1<<20))
+	cfg := e.cfg
+	now := time.Now()
+	cfg.ResyncWindow = now.Add(2*time.Hour).Format("15:04") + "-" + now.Add(3*time.Hour).Format("15:04")
+	r := e.start(cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	e.rep.mu.Lock()
+	e.rep.vms["vm1"].images[0][5000] ^= 0xff
+	e.rep.mu.Unlock()
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil || !res.ResyncMarked || res.MismatchBlocks != 1 {
+		t.Fatalf("verify: %+v, %v", res, err)
+	}
+	c, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatalf("the resync waits for the window: %v", err)
+	}
+	e.checkImages(c)
+}
+
+// A replica that differs everywhere still makes a result of bounded size:
+// at most maxResultRanges merged ranges over all disks are listed, the rest
+// counted, and the resync reason counts them too.
+func TestVerifyResultRangesAreBounded(t *testing.T) {
+	s := &Shipper{cfg: Config{Disks: []wire.Disk{{Name: "d0"}, {Name: "d1"}}}, now: time.Now}
+	v := &verifier{s: s, byDisk: map[int]*VerifyMismatch{}}
+	const n = maxResultRanges + 500
+	for i := int64(0); i < n; i++ { // every other block: n ranges
+		v.mismatch(0, 2*i*bs, (2*i+1)*bs)
+	}
+	v.mismatch(0, (2*n-1)*bs, 2*n*bs) // joins the last range left out
+	for i := int64(0); i < 10; i++ {
+		v.mismatch(1, 2*i*bs, (2*i+1)*bs)
+	}
+	r := v.finish()
+	if len(r.Mismatches) != 2 {
+		t.Fatalf("mismatches: %d disks", len(r.Mismatches))
+	}
+	m0, m1 := r.Mismatches[0], r.Mismatches[1]
+	if len(m0.Ranges) != maxResultRanges || m0.MoreRanges != 500 || m0.Blocks != n+1 {
+		t.Fatalf("disk d0: %d ranges listed, %d more, %d blocks", len(m0.Ranges), m0.MoreRanges, m0.Blocks)
+	}
+	if len(m1.Ranges) != 0 || m1.MoreRanges != 10 || m1.Blocks != 10 || r.MismatchBlocks != n+11 {
+		t.Fatalf("disk d1: %d ranges listed, %d more, %d blocks; %d in all", len(m1.Ranges), m1.MoreRanges, m1.Blocks, r.MismatchBlocks)
+	}
+	if b, _ := json.Marshal(r); len(b) > 200<<10 {
+		t.Fatalf("a result of %d bytes", len(b))
+	}
+	want := "disk d0 differs from the replica in 1501 blocks: [0,4096)"
+	if reason := r.reason(); !strings.Contains(reason, want) || !strings.Contains(reason, "and 1492 more") || !strings.Contains(reason, "disk d1 differs from the replica in 10 blocks: and 10 more") {
+		t.Fatalf("reason: %s", reason)
+	}
+}
+
+// staleJournal's first ReadAt returns stale data at staleOff: as if a trim
+// of a cycle the replica had applied was punched in the image only after
+// the primary read it.
+type staleJournal struct {
+	*fakeJournal
+	once     atomic.Bool
+	staleOff int64
+}
+
+func (j *staleJournal) ReadAt(disk int, p []byte, off int64) error {
+	if err := j.fakeJournal.ReadAt(disk, p, off); err != nil {
+		return err
+	}
+	if disk == 0 && off <= j.staleOff && j.staleOff < off+int64(len(p)) && j.once.CompareAndSwap(false, true) {
+		p[j.staleOff-off] ^= 0xff
+	}
+	return nil
+}
+
+// A block whose first read differs from the replica is read again after
+// the replica's fine sums, before it is reported: data that reached the
+// image late is not a mismatch.
+func TestVerifyRefineReadsAgain(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	e.j.write(0, 0, random(1<<20))
+	sj := &staleJournal{fakeJournal: e.j, staleOff: 300000}
+	sj.once.Store(true) // fresh reads until the verify
+	cfg := e.cfg
+	cfg.Journal = sj
+	r := e.start(cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	sj.once.Store(false)
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !sj.once.Load() || res.MismatchBlocks != 0 || res.CheckedBytes != 1<<20 {
+		t.Fatalf("a stale first read was reported: %+v", res)
 	}
 }

@@ -224,6 +224,10 @@ const configKey = "vdrepl.config"
 func loadAppConfig(c *cli.Context) error {
 	cfg, err := loadConfig(c.String("config"), c.IsSet("config"), configFlags(c.App))
 	if err != nil {
+		if c.Args().First() == "verify" {
+			// Exit status 1 is verify's "blocks differ".
+			return cli.Exit("vdrepl: "+err.Error(), verifyFailed)
+		}
 		return err
 	}
 	if c.App.Metadata == nil {

@@ -58,6 +58,9 @@ func newApp() *cli.App {
 		for _, c := range cmds {
 			path := strings.TrimSpace(parent + " " + c.Name)
 			c.OnUsageError = usageError(path, globals)
+			if path == "verify" {
+				c.OnUsageError = verifyUsageError(c.OnUsageError)
+			}
 			walk(c.Subcommands, path)
 		}
 	}

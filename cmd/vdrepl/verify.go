@@ -37,20 +37,28 @@ more than the journal holds"). Progress goes to stderr unless --json, and to
 ` + "`vdrepl replication status VM`" + ` while it runs.
 
 Which side is right: vdrepl records no block hashes yet, so verify takes the
-primary's image as the truth. Without --dry-run, blocks that differ mark the
-VM resync required, naming the disk and byte ranges; the resync (at the
-resync window, or now with ` + "`vdrepl replication resync VM`" + `) sends the
-primary's blocks that differ. With --dry-run it only reports.
+primary's image as the truth. Without --dry-run, blocks that differ start a
+resync at once (as ` + "`vdrepl replication resync VM`" + ` does, not at the resync
+window), naming the disk and byte ranges; it sends the primary's blocks that
+differ. With --dry-run it only reports.
 
 The last result shows in ` + "`vdrepl replication status VM`" + ` and in the
 metrics vdrepl_verify_last_timestamp_seconds and
 vdrepl_verify_last_mismatch_blocks.
 
-Exit status: 0 when the replica matched, 1 when blocks differ (repair marked
-or not), 2 on an error.`,
+Ranges not compared are listed with why, and "N bytes not compared: REASON"
+follows them. A verify that compared nothing at all (every range skipped:
+the journal only tracks dirty blocks, the replica holds a resync or is not
+at one cycle) is a failure, not a clean result.
+
+Exit status:
+   0  the replica matched the primary where compared
+   1  blocks differ (a resync was started, or --dry-run)
+   2  an error: bad usage or config, the daemon refused or failed, or
+      nothing was compared`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "rate", Value: ship.DefaultVerifyRate, Usage: "bound on how fast this host reads its images (e.g. 50MB/s, 1GB/s, unlimited)"},
-			&cli.BoolFlag{Name: "dry-run", Usage: "only report; do not mark the VM resync required"},
+			&cli.BoolFlag{Name: "dry-run", Usage: "only report; do not start a resync"},
 			&cli.BoolFlag{Name: "json", Usage: "print the result as JSON, without progress lines"},
 		},
 		Action: verifyAction,
@@ -80,6 +88,22 @@ func verifyAction(c *cli.Context) error {
 	if err != nil {
 		return cli.Exit("vdrepl: "+err.Error(), verifyFailed)
 	}
+	return verifyOutcome(vm, res)
+}
+
+// verifyUsageError makes a usage error of verify exit status 2: 1 is its
+// "blocks differ", which a script must not read from a mistyped flag.
+func verifyUsageError(f cli.OnUsageErrorFunc) cli.OnUsageErrorFunc {
+	return func(c *cli.Context, err error, sub bool) error {
+		return cli.Exit("vdrepl: "+f(c, err, sub).Error(), verifyFailed)
+	}
+}
+
+// verifyOutcome is the exit status of a verify that returned res.
+func verifyOutcome(vm string, res ship.VerifyResult) error {
+	if res.NothingCompared {
+		return cli.Exit("vdrepl: verify "+vm+": nothing compared: "+res.NotCompared, verifyFailed)
+	}
 	if res.MismatchBlocks > 0 {
 		return cli.Exit("", verifyMismatch)
 	}
@@ -103,18 +127,28 @@ func printVerifyResult(w io.Writer, r ship.VerifyResult) {
 	for _, s := range r.Skipped {
 		fmt.Fprintf(w, "  skipped:    disk %s [%d,%d): %s\n", s.Disk, s.From, s.To, s.Why)
 	}
+	if r.SkippedBytes > 0 {
+		fmt.Fprintf(w, "  skipped:    %d bytes not compared: %s\n", r.SkippedBytes, r.SkipReason)
+	}
 	for _, m := range r.Mismatches {
 		var rs []string
 		for _, x := range m.Ranges {
 			rs = append(rs, fmt.Sprintf("[%d,%d)", x.From, x.To))
 		}
+		if m.MoreRanges > 0 {
+			rs = append(rs, fmt.Sprintf("and %d more ranges", m.MoreRanges))
+		}
 		fmt.Fprintf(w, "  MISMATCH:   disk %s differs from the replica in %d blocks (4 KiB): %s\n", m.Disk, m.Blocks, strings.Join(rs, " "))
 	}
 	switch {
+	case r.NothingCompared:
+		fmt.Fprintf(w, "  result:     nothing compared: %s\n", r.NotCompared)
+	case r.MismatchBlocks == 0 && r.SkippedBytes > 0:
+		fmt.Fprintf(w, "  result:     the replica matches the primary in the %d bytes compared\n", r.CheckedBytes)
 	case r.MismatchBlocks == 0:
 		fmt.Fprintln(w, "  result:     the replica matches the primary")
 	case r.ResyncMarked:
-		fmt.Fprintf(w, "  repair:     resync required marked; it runs in the resync window, or now with `vdrepl replication resync %s`\n", r.VM)
+		fmt.Fprintf(w, "  repair:     resync started to repair it; follow it with `vdrepl replication status %s`\n", r.VM)
 	default:
 		fmt.Fprintln(w, "  repair:     none (--dry-run)")
 	}
@@ -133,7 +167,7 @@ func printLastVerify(w io.Writer, s ship.Status, now time.Time) {
 		what := ""
 		switch {
 		case l.MismatchBlocks > 0 && l.ResyncMarked:
-			what = ", resync marked"
+			what = ", resync started"
 		case l.MismatchBlocks > 0:
 			what = ", not repaired (dry run)"
 		}
