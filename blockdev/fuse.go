@@ -116,7 +116,9 @@ type FUSEMount struct {
 
 // MountFUSE mounts cfg.Exports at mountpoint, which must be an existing
 // directory, and serves it until Unmount or an external unmount
-// (`fusermount3 -u MOUNTPOINT`, `umount`).
+// (`fusermount3 -u MOUNTPOINT`, `umount`). A stale vdrepl mount left there
+// by a process that died is detached first (and logged); a stale mount of
+// another file system is an ErrStaleMount.
 func MountFUSE(mountpoint string, cfg FUSEConfig) (*FUSEMount, error) {
 	if cfg.Exports == nil {
 		return nil, errors.New("blockdev: FUSEConfig.Exports is nil")
@@ -125,16 +127,24 @@ func MountFUSE(mountpoint string, cfg FUSEConfig) (*FUSEMount, error) {
 	if err != nil {
 		return nil, fmt.Errorf("blockdev: mount point %q: %w", mountpoint, err)
 	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	stale, detached, err := clearStaleMount(mp)
+	if err != nil {
+		return nil, err
+	}
+	if detached {
+		log.Warn("fuse: detached a stale vdrepl mount (its server died) to mount afresh",
+			"mountpoint", mp, "fstype", stale.FSType, "source", stale.Source)
+	}
 	st, err := os.Stat(mp)
 	if err != nil {
 		return nil, fmt.Errorf("blockdev: mount point: %w", err)
 	}
 	if !st.IsDir() {
 		return nil, fmt.Errorf("blockdev: mount point %s: %w", mp, syscall.ENOTDIR)
-	}
-	log := cfg.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
 	}
 	fsys := &fuseFS{
 		exports:   cfg.Exports,
@@ -151,8 +161,8 @@ func MountFUSE(mountpoint string, cfg FUSEConfig) (*FUSEMount, error) {
 		// Entry and attribute timeouts are set per node (see Lookup
 		// and Getattr); nil here means go-fuse leaves them alone.
 		MountOptions: fuse.MountOptions{
-			FsName:        "vdrepl",
-			Name:          "vdrepl",
+			FsName:        fuseFsName,
+			Name:          fuseSubtype,
 			MaxWrite:      fuseMaxWrite,
 			MaxBackground: fuseMaxBackground,
 			// No xattrs, ACLs or locks: a disk image has none of

@@ -1,6 +1,7 @@
 package blockdev_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -19,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	gofuse "github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 
 	"github.com/vdrepl/vdrepl/blockdev"
@@ -904,4 +907,124 @@ func fuseWaitFor(t *testing.T, timeout time.Duration, what string, cond func() b
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// fuseStaleChild runs in a child process of TestFUSEStaleMount: it mounts
+// VDREPL_TEST_STALE_MOUNT (as vdrepl, or as another file system when
+// VDREPL_TEST_STALE_OTHER is set), says "mounted" and serves until it is
+// killed.
+func fuseStaleChild(t *testing.T, mp string) {
+	if os.Getenv("VDREPL_TEST_STALE_OTHER") != "" {
+		opts := &gofs.Options{MountOptions: gofuse.MountOptions{FsName: "otherfs", Name: "other", DirectMount: true}}
+		server, err := gofuse.NewServer(gofs.NewNodeFS(&gofs.Inode{}, opts), mp, &opts.MountOptions)
+		if err != nil {
+			t.Fatalf("mount other: %v", err)
+		}
+		go server.Serve()
+		if err := server.WaitMount(); err != nil {
+			t.Fatalf("mount other: %v", err)
+		}
+	} else {
+		cat := newFUSECatalogue()
+		cat.add(t, "vm1/disk0", 1<<20, false)
+		if _, err := blockdev.MountFUSE(mp, blockdev.FUSEConfig{Exports: cat}); err != nil {
+			t.Fatalf("MountFUSE: %v", err)
+		}
+	}
+	fmt.Println("mounted")
+	select {}
+}
+
+// fuseStaleMount leaves a stale FUSE mount at a new directory: a child
+// process mounts it and is killed with SIGKILL. other mounts another file
+// system than vdrepl's.
+func fuseStaleMount(t *testing.T, other bool) string {
+	t.Helper()
+	fuseNeedDevice(t)
+	fuseNeedRoot(t)
+	mp := t.TempDir()
+	child := exec.Command(os.Args[0], "-test.run=^TestFUSEStaleMount$", "-test.count=1")
+	child.Env = append(os.Environ(), "VDREPL_TEST_STALE_MOUNT="+mp)
+	if other {
+		child.Env = append(child.Env, "VDREPL_TEST_STALE_OTHER=1")
+	}
+	child.Stderr = fuseLogWriter{t}
+	out, err := child.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// Whatever the test did, leave no mount behind.
+		for unix.Unmount(mp, unix.MNT_DETACH) == nil {
+		}
+	})
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if line != "mounted\n" {
+		child.Process.Kill()
+		child.Wait()
+		t.Fatalf("child did not mount: %q, %v", line, err)
+	}
+	if err := child.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	child.Wait()
+	_, err = os.Stat(mp)
+	if !errors.Is(err, syscall.ENOTCONN) {
+		t.Fatalf("after the child was killed, stat %s: %v, want ENOTCONN (a stale mount)", mp, err)
+	}
+	return mp
+}
+
+// TestFUSEStaleMount: after the process serving a mount died (a daemon
+// crash), mounting again on the same point detaches our stale mount and
+// works; a stale mount of another file system is left alone.
+func TestFUSEStaleMount(t *testing.T) {
+	if mp := os.Getenv("VDREPL_TEST_STALE_MOUNT"); mp != "" {
+		fuseStaleChild(t, mp)
+		return
+	}
+	t.Run("ours", func(t *testing.T) {
+		mp := fuseStaleMount(t, false)
+		cat := newFUSECatalogue()
+		d := cat.add(t, "vm2/disk0", 1<<20, false)
+		m, err := blockdev.MountFUSE(mp, blockdev.FUSEConfig{Exports: cat, Logger: fuseTestLogger(t)})
+		if err != nil {
+			t.Fatalf("MountFUSE on a stale vdrepl mount: %v", err)
+		}
+		defer m.Unmount()
+		if got := fuseReadDirNames(t, mp); !slices.Equal(got, []string{"vm2"}) {
+			t.Errorf("new mount lists %v, want [vm2]", got)
+		}
+		f, err := os.OpenFile(filepath.Join(mp, "vm2", "disk0.img"), os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt([]byte("fresh"), 0); err != nil {
+			t.Fatalf("write through the new mount: %v", err)
+		}
+		f.Close()
+		if got := d.backing(t)[:5]; string(got) != "fresh" {
+			t.Errorf("disk holds %q after a write through the new mount", got)
+		}
+		if err := m.Unmount(); err != nil {
+			t.Fatalf("Unmount: %v", err)
+		}
+		// Only the new mount was on top of the directory: it is empty now.
+		if got := fuseReadDirNames(t, mp); len(got) != 0 {
+			t.Errorf("after Unmount the mount point lists %v", got)
+		}
+	})
+	t.Run("other", func(t *testing.T) {
+		mp := fuseStaleMount(t, true)
+		_, err := blockdev.MountFUSE(mp, blockdev.FUSEConfig{Exports: newFUSECatalogue()})
+		if !errors.Is(err, blockdev.ErrStaleMount) || !strings.Contains(err.Error(), mp) || !strings.Contains(err.Error(), "fuse.other") {
+			t.Errorf("MountFUSE on another file system's stale mount: %v, want ErrStaleMount naming %s and fuse.other", err, mp)
+		}
+		if _, err := os.Stat(mp); !errors.Is(err, syscall.ENOTCONN) {
+			t.Errorf("another file system's stale mount was touched: stat %v, want ENOTCONN", err)
+		}
+	})
 }

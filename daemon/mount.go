@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/vdrepl/vdrepl/control"
 
@@ -71,14 +72,16 @@ func (d *Daemon) mount(mp string) (*blockdev.FUSEMount, error) {
 		return nil, fmt.Errorf("%w: mount point %q must be absolute", control.ErrInvalid, mp)
 	}
 	mp = filepath.Clean(mp)
+	// ENOTCONN: a stale FUSE mount (a crashed daemon's, say);
+	// MountFUSE detaches it when it is ours and refuses otherwise.
 	st, err := os.Stat(mp)
-	if errors.Is(err, fs.ErrNotExist) {
+	switch {
+	case errors.Is(err, syscall.ENOTCONN):
+	case errors.Is(err, fs.ErrNotExist):
 		return nil, fmt.Errorf("%w: mount point %s does not exist", control.ErrInvalid, mp)
-	}
-	if err != nil {
+	case err != nil:
 		return nil, fmt.Errorf("%w: mount point %s: %v", control.ErrInvalid, mp, err)
-	}
-	if !st.IsDir() {
+	case !st.IsDir():
 		return nil, fmt.Errorf("%w: mount point %s is not a directory", control.ErrInvalid, mp)
 	}
 	d.mu.Lock()
@@ -107,6 +110,9 @@ func (d *Daemon) mount(mp string) (*blockdev.FUSEMount, error) {
 			d.mu.Unlock()
 		},
 	})
+	if errors.Is(err, blockdev.ErrStaleMount) {
+		return nil, fmt.Errorf("%w: %v", control.ErrInUse, err)
+	}
 	if err != nil {
 		return nil, err
 	}
