@@ -93,6 +93,15 @@ type VMInfo struct {
 	Exports []string       `json:"exports"`
 	Journal *journal.Stats `json:"journal,omitempty"`
 	Error   string         `json:"error,omitempty"`
+	// TestExports are the exports (VM-test/DISK) of a test failover of
+	// the VM running on this host; [] when none. TestFailover is that
+	// test failover, absent when none.
+	TestExports  []string          `json:"test_exports"`
+	TestFailover *TestFailoverInfo `json:"test_failover,omitempty"`
+	// ReplicaOnly: the VM is not registered on this host, which keeps its
+	// replica; it is listed for its test failover, and has no disks or
+	// exports of its own here.
+	ReplicaOnly bool `json:"replica_only,omitempty"`
 }
 
 // ReplicationSpec is how a VM replicates, as the admin enabled it.
@@ -164,6 +173,9 @@ type ReplicaStatus struct {
 	// this host knows it (absent: not known yet).
 	LastCycleAt      time.Time `json:"last_cycle_at,omitzero"`
 	FrequencySeconds float64   `json:"frequency_seconds,omitempty"`
+	// TestFailover is the test failover of the VM running on this host;
+	// absent when none.
+	TestFailover *TestFailoverInfo `json:"test_failover,omitempty"`
 }
 
 // NewReplicaStatus is the status of a replica VM as apply reports it.

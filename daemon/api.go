@@ -22,12 +22,15 @@ func (d *Daemon) handler() http.Handler { return control.NewHandler(d) }
 
 // Status reports the daemon's state.
 func (d *Daemon) Status() control.Status {
-	vms := d.VMs()
+	// Test failovers have their own lines in status (Tests).
+	vms := d.registeredVMs()
 	tests := d.TestFailovers()
 	var replicas []control.ReplicaStatus
 	if d.replica != nil {
 		for _, r := range d.replica.Statuses() {
-			replicas = append(replicas, control.NewReplicaStatus(r))
+			rs := control.NewReplicaStatus(r)
+			rs.TestFailover = d.testFailoverOf(r.VM)
+			replicas = append(replicas, rs)
 		}
 	}
 	d.mu.Lock()

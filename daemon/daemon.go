@@ -780,14 +780,32 @@ func (d *Daemon) RemoveVM(name string) error {
 	return err
 }
 
-// VMs lists the registered VMs.
+// VMs lists the registered VMs, each with the exports of its test
+// failover, and after them the replica VMs that are not registered here
+// but have a test failover running (ReplicaOnly), so that every export
+// this host serves is listed.
 func (d *Daemon) VMs() []control.VMInfo {
+	out := d.registeredVMs()
+	for _, run := range d.tests.List() {
+		info := testInfo(run)
+		i := slices.IndexFunc(out, func(v control.VMInfo) bool { return v.Name == info.VM })
+		if i < 0 {
+			out = append(out, control.VMInfo{VMSpec: control.VMSpec{Name: info.VM, Disks: []control.DiskSpec{}}, Exports: []string{}, ReplicaOnly: true})
+			i = len(out) - 1
+		}
+		out[i].TestExports, out[i].TestFailover = info.Exports, &info
+	}
+	return out
+}
+
+// registeredVMs lists the registered VMs, without test failovers.
+func (d *Daemon) registeredVMs() []control.VMInfo {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var out []control.VMInfo
 	for _, s := range d.specsLocked() {
 		v := d.vms[s.Name]
-		info := control.VMInfo{VMSpec: s}
+		info := control.VMInfo{VMSpec: s, TestExports: []string{}}
 		for _, ds := range s.Disks {
 			info.Exports = append(info.Exports, s.Name+"/"+ds.Name)
 		}

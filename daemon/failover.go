@@ -190,6 +190,16 @@ func (d *Daemon) TestFailovers() []control.TestFailoverInfo {
 	return out
 }
 
+// testFailoverOf is the running test failover of VM name; nil when none.
+func (d *Daemon) testFailoverOf(name string) *control.TestFailoverInfo {
+	run, ok := d.tests.Running(name)
+	if !ok {
+		return nil
+	}
+	info := testInfo(run)
+	return &info
+}
+
 // lacks names the primary's disks a replica VM does not have.
 func (d *Daemon) lacks(name string) []string {
 	r, _ := d.replica.Replica(name)

@@ -423,7 +423,9 @@ func (d *Daemon) ReplicationStatus(name string) (control.Replication, error) {
 				continue
 			}
 			found = true
-			out.Replicas = append(out.Replicas, control.NewReplicaStatus(r))
+			rs := control.NewReplicaStatus(r)
+			rs.TestFailover = d.testFailoverOf(r.VM)
+			out.Replicas = append(out.Replicas, rs)
 		}
 	}
 	if !found {

@@ -204,6 +204,9 @@ func printReplica(w io.Writer, rep control.ReplicaStatus, now time.Time) {
 	if len(rep.Excluded) > 0 {
 		fmt.Fprintf(w, "  not replicated (excluded on the primary): %s\n", strings.Join(rep.Excluded, ", "))
 	}
+	if tf := rep.TestFailover; tf != nil {
+		fmt.Fprintf(w, "  test failover: %s since %s, exports %s\n", testPointName(*tf), tf.Started.Local().Format(timeZone), strings.Join(tf.Exports, ", "))
+	}
 }
 
 // timeZone is how the replica's lines show a time: with its zone.

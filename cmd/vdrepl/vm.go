@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
@@ -80,7 +81,8 @@ func vmListCmd() *cli.Command {
    vdrepl vm list --json
 
 One line per disk: its NBD export VM/DISK, size, image and state (ok, not
-served, resync required, or the error that stopped it).`,
+served, resync required, or the error that stopped it). A test failover
+running on this host adds one line per export VM-test/DISK.`,
 		Action: vmListAction,
 	}
 }
@@ -96,14 +98,33 @@ func vmListAction(c *cli.Context) error {
 		}
 		return printJSON(c.App.Writer, vms)
 	}
-	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	return printVMs(c.App.Writer, vms)
+}
+
+// printVMs renders vm list for people: a line per disk, and one per
+// export of a test failover.
+func printVMs(w io.Writer, vms []control.VMInfo) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "EXPORT\tSIZE\tIMAGE\tSTATE")
 	for _, v := range vms {
 		for i, d := range v.Disks {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", v.Exports[i], humanBytes(d.Size), d.Path, vmState(v))
 		}
+		if tf := v.TestFailover; tf != nil {
+			for _, e := range tf.Exports {
+				fmt.Fprintf(tw, "%s\t-\t(throw-away overlay)\ttest failover of %s from %s\n", e, tf.VM, testPointName(*tf))
+			}
+		}
 	}
 	return tw.Flush()
+}
+
+// testPointName names the point a test failover runs from, with its cycle.
+func testPointName(tf control.TestFailoverInfo) string {
+	if tf.Point == "" {
+		return fmt.Sprintf("the latest state (cycle %d)", tf.Cycle)
+	}
+	return fmt.Sprintf("point %s (cycle %d)", tf.Point, tf.Cycle)
 }
 
 func vmRemoveCmd() *cli.Command {
