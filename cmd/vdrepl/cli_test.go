@@ -20,6 +20,7 @@ type daemonHost struct {
 	t     *testing.T
 	state string
 	log   bytes.Buffer
+	proc  *os.Process // the daemon, for tests that crash it
 }
 
 func startDaemon(t *testing.T, extra ...string) *daemonHost {
@@ -32,6 +33,7 @@ func startDaemon(t *testing.T, extra ...string) *daemonHost {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	h.proc = cmd.Process
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
