@@ -247,7 +247,10 @@ func mountCmd() *cli.Command {
    losetup --find --show /mnt/vdrepl/web1/root.img
 
 Writes through the mount are journaled like NBD writes; fsync makes them
-durable. The mount ends on Ctrl-C, SIGTERM or fusermount3 -u MOUNTPOINT.`,
+durable. The mount ends on Ctrl-C, SIGTERM or fusermount3 -u MOUNTPOINT.
+A stale vdrepl mount left on MOUNTPOINT by a daemon that died ("transport
+endpoint is not connected") is detached first; a stale mount of another
+file system there is left alone and the mount refused.`,
 		Action: mountAction,
 	}
 }
