@@ -32,6 +32,7 @@ only() { # package, the only packages of ours it may import...
 only internal/wire
 only internal/recordlog   # the record framing every log shares (journal, snapshot)
 only internal/statefile
+only internal/units       # sizes rendered for people (doctor and the CLI)
 only internal/pki internal/vfs
 only internal/vfs
 only internal/crashpoint
