@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks that package dependencies point the way DESIGN.md says:
+# Checks that package dependencies point the way docs/design.md says:
 #   cmd -> (daemon, control, doctor) -> (blockdev, ship, apply, snapshot,
 #   failover, relay, quiesce) -> journal -> internal/*
 # Front ends know nothing of replication; apply never imports ship; no
