@@ -13,6 +13,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vdrepl/vdrepl/internal/units"
 )
 
 // FUSE checks what `vdrepl mount` needs: the FUSE device devFuse,
@@ -104,13 +106,13 @@ func StateDir(dir string, need int64, what string) []Finding {
 	}
 	free := int64(sfs.Bavail) * int64(sfs.Bsize)
 	room := Finding{Check: CheckJournalRoom, Subject: dir, Severity: OK,
-		Cause: fmt.Sprintf("%s free on the state directory's filesystem", bytesText(free))}
+		Cause: fmt.Sprintf("%s free on the state directory's filesystem", units.FormatBytes(free))}
 	if need > 0 {
-		room.Cause += fmt.Sprintf(", enough for %s to grow %s to their caps", what, bytesText(need))
+		room.Cause += fmt.Sprintf(", enough for %s to grow %s to their caps", what, units.FormatBytes(need))
 		if free < need {
 			room.Severity = Problem
 			room.Cause = fmt.Sprintf("the state directory's filesystem has %s free, but %s may grow %s more before their caps: when it fills, journal writes fail",
-				bytesText(free), what, bytesText(need))
+				units.FormatBytes(free), what, units.FormatBytes(need))
 			room.Fix = "free space there, move the state directory (--state) to a larger filesystem, or lower --journal-cap"
 		}
 	}
@@ -207,18 +209,4 @@ func tcpFree(hostport string) (Severity, string, string) {
 		return Problem, "ports below 1024 need root", "run the daemon as root or use a port from 1024 up (NBD's own is 10809)"
 	}
 	return Problem, fmt.Sprintf("cannot listen: %v", err), "give `vdrepl serve --nbd` another address"
-}
-
-// bytesText renders a byte count for people: "512 B", "3.2 GiB".
-func bytesText(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/units"
 	"github.com/vdrepl/vdrepl/internal/wire"
 )
 
@@ -347,9 +348,9 @@ func upload(ctx context.Context, rc ReplicaCheck, s *session, direct bool) Findi
 	took, err := s.upload(ctx)
 	if err == nil {
 		if rc.Proxy != nil {
-			f.Cause = fmt.Sprintf("a full upload chunk (%s) went through the proxy %s in %s", bytesText(wire.MaxChunk), rc.Proxy.Redacted(), took.Round(time.Millisecond))
+			f.Cause = fmt.Sprintf("a full upload chunk (%s) went through the proxy %s in %s", units.FormatBytes(wire.MaxChunk), rc.Proxy.Redacted(), took.Round(time.Millisecond))
 		} else {
-			f.Cause = fmt.Sprintf("a full upload chunk (%s) went through in %s", bytesText(wire.MaxChunk), took.Round(time.Millisecond))
+			f.Cause = fmt.Sprintf("a full upload chunk (%s) went through in %s", units.FormatBytes(wire.MaxChunk), took.Round(time.Millisecond))
 		}
 		return f
 	}
@@ -389,11 +390,11 @@ type uploadError struct {
 func (e *uploadError) Error() string {
 	switch {
 	case e.timeout > 0:
-		return fmt.Sprintf("did not get through within %s (about %s sent)", e.timeout, bytesText(e.sent))
+		return fmt.Sprintf("did not get through within %s (about %s sent)", e.timeout, units.FormatBytes(e.sent))
 	case e.status != "":
 		return fmt.Sprintf("was answered with %s", e.status)
 	}
-	return fmt.Sprintf("broke off after about %s (%v)", bytesText(e.sent), e.err)
+	return fmt.Sprintf("broke off after about %s (%v)", units.FormatBytes(e.sent), e.err)
 }
 
 func (s *session) upload(ctx context.Context) (time.Duration, error) {

@@ -6,6 +6,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/control"
+	"github.com/vdrepl/vdrepl/internal/units"
 	"github.com/vdrepl/vdrepl/ship"
 )
 
@@ -188,7 +189,7 @@ func syncCause(st ship.Status) string {
 	}
 	cause := fmt.Sprintf("%s to %s under way", what, st.Replica)
 	if m := st.Metrics; m.SyncTotalBytes > 0 {
-		cause += fmt.Sprintf(": %s of %s", bytesText(m.SyncDoneBytes), bytesText(m.SyncTotalBytes))
+		cause += fmt.Sprintf(": %s of %s", units.FormatBytes(m.SyncDoneBytes), units.FormatBytes(m.SyncTotalBytes))
 	}
 	if st.Reason != "" {
 		cause += " (" + st.Reason + ")"
@@ -227,7 +228,7 @@ func journalFindings(name string, st ship.Status) []Finding {
 		return nil
 	}
 	fill := float64(m.PendingBytes) / float64(m.JournalCapBytes)
-	cause := fmt.Sprintf("journal %.0f%% full: %s of %s kept for %d unshipped cycle(s)", 100*fill, bytesText(m.PendingBytes), bytesText(m.JournalCapBytes), m.PendingCycles)
+	cause := fmt.Sprintf("journal %.0f%% full: %s of %s kept for %d unshipped cycle(s)", 100*fill, units.FormatBytes(m.PendingBytes), units.FormatBytes(m.JournalCapBytes), m.PendingCycles)
 	if fill >= journalWarn && st.State != ship.StateResyncRequired {
 		return []Finding{vmFinding(name, CheckVMJournal, Warning, cause+"; past the cap the VM needs a resync",
 			"let replication catch up (see lag and last error), or give the journal more room with `vdrepl serve --journal-cap`")}

@@ -50,6 +50,11 @@ func TestVMReplication(t *testing.T) {
 			s.State, s.LastAppliedSealed = ship.StateInitialCopy, time.Time{}
 			s.Metrics.SyncDoneBytes, s.Metrics.SyncTotalBytes, s.Forecast = 1<<30, 4<<30, "initial copy done in 3m"
 		}), []expect{{CheckVM, OK, []string{"initial copy to r:8443 under way: 1.0 GiB of 4.0 GiB", "done in 3m"}}}},
+		{"initial copy just below a GiB", []control.VMInfo{vm}, with(func(s *ship.Status) {
+			// Sizes read as vdrepl status prints them: "1.0 GiB", not "1024.0 MiB".
+			s.State, s.LastAppliedSealed = ship.StateInitialCopy, time.Time{}
+			s.Metrics.SyncDoneBytes, s.Metrics.SyncTotalBytes = 1<<30-1, 4<<30-1
+		}), []expect{{CheckVM, OK, []string{"under way: 1.0 GiB of 4.0 GiB"}}}},
 		{"behind", []control.VMInfo{vm}, with(func(s *ship.Status) {
 			s.Health, s.Reason, s.NextRetry = ship.HealthWarning, "retrying after: connection refused", now.Add(time.Minute)
 			s.LastError, s.LastErrorAt = "connection refused", now.Add(-time.Second)

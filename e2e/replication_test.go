@@ -134,7 +134,9 @@ type primStatus struct {
 	LastApplied uint64    `json:"last_applied_cycle"`
 	LastError   string    `json:"last_error"`
 	NextRetry   time.Time `json:"next_retry"`
-	Metrics     struct {
+	// OldestUnshipped is set once a closed cycle waits for the replica.
+	OldestUnshipped time.Time `json:"oldest_unshipped"`
+	Metrics         struct {
 		Health              int     `json:"health"`
 		LagSeconds          float64 `json:"lag_seconds"`
 		PendingBytes        int64   `json:"pending_bytes"`

@@ -34,7 +34,7 @@ func TestSyncAfterCapResyncIsApplied(t *testing.T) {
 	px.block()
 	writeRandom(t, p.prim, "vm1/disk0", 1<<20)
 	wait := syncInBackground(t, p.prim, "vm1")
-	waitStatus(t, p.prim, "vm1", "the sync to seal its cycle", func(s primStatus) bool { return s.Metrics.PendingCycles > 0 })
+	waitStatus(t, p.prim, "vm1", "the sync to seal its cycle", func(s primStatus) bool { return !s.OldestUnshipped.IsZero() })
 	// 48 MiB through an 8 MiB journal: the cap passes, the cycle of the
 	// sync is lost, and the resync begins (its window is always open).
 	fioWrite(t, p.prim.uri("vm1/disk0"), "16m", "48m", "48m", false)

@@ -472,3 +472,42 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// Stats tells what the open cycle holds, so status can count it as pending
+// before any seal: writes by their bytes, a trim or zero as a change.
+func TestStatsOpenCycle(t *testing.T) {
+	cfg := testConfig(t, vfs.Default, t.TempDir(), 1<<20)
+	j := mustOpen(t, cfg)
+	defer j.Close()
+	open := func(bytes int64, changed bool) {
+		t.Helper()
+		if st := j.Stats(); st.OpenBytes != bytes || st.OpenChanged != changed {
+			t.Fatalf("open cycle %d: %d bytes, changed %v; want %d, %v", st.OpenCycle, st.OpenBytes, st.OpenChanged, bytes, changed)
+		}
+	}
+	open(0, false)
+	if _, err := j.Disk(0).WriteAt(make([]byte, 3*BlockSize), 0); err != nil {
+		t.Fatal(err)
+	}
+	open(3*BlockSize, true)
+	if _, err := j.Seal(0); err != nil {
+		t.Fatal(err)
+	}
+	open(0, false)
+	if err := j.Disk(0).Trim(0, BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	open(0, true)
+
+	// Not kept for shipping: nothing in it will ship.
+	if err := j.SetRetain(false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := j.Seal(0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := j.Disk(0).WriteAt(make([]byte, BlockSize), 0); err != nil {
+		t.Fatal(err)
+	}
+	open(BlockSize, false)
+}

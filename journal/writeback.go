@@ -510,9 +510,15 @@ type Stats struct {
 	Released      uint64 `json:"released_cycle"`
 	Segments      int    `json:"segments"`
 	JournalBytes  int64  `json:"journal_bytes"`  // on disk
-	RetainedBytes int64  `json:"retained_bytes"` // needed by unshipped cycles
-	Cap           int64  `json:"cap_bytes"`
-	PendingBlocks int64  `json:"pending_blocks"` // newer in journal than image
+	RetainedBytes int64  `json:"retained_bytes"` // needed by unshipped cycles, the open one included
+	// OpenBytes is what guests wrote into the open cycle so far (as a
+	// seal's CycleInfo.Bytes counts it, trims and zeroes not included);
+	// OpenChanged is true when the open cycle will ship something: it is
+	// kept for shipping and holds a write, a trim or a zero.
+	OpenBytes     int64 `json:"open_cycle_bytes"`
+	OpenChanged   bool  `json:"open_cycle_changed"`
+	Cap           int64 `json:"cap_bytes"`
+	PendingBlocks int64 `json:"pending_blocks"` // newer in journal than image
 	// ResyncRequired: the journal passed its cap (or cannot prove the replica
 	// is complete); DirtyBlocks need a resync.
 	ResyncRequired bool  `json:"resync_required"`
@@ -541,6 +547,10 @@ func (j *Journal) Stats() Stats {
 		s.JournalBytes = int64(j.mu.head - j.mu.segs[0].base)
 	}
 	s.RetainedBytes = int64(j.mu.head - min(j.mu.head, j.retainFromLocked()))
+	s.OpenBytes = j.mu.written[j.mu.cycle]
+	if ci := j.mu.open[j.mu.cycle]; ci != nil {
+		s.OpenChanged = len(ci.recs) > 0 || len(ci.ranges) > 0
+	}
 	if j.mu.dirty != nil {
 		s.DirtyBlocks = j.mu.dirty.count()
 		s.ResyncReason = j.mu.resyncReason

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks that package dependencies point the way DESIGN.md says:
+# Checks that package dependencies point the way docs/design.md says:
 #   cmd -> (daemon, control, doctor) -> (blockdev, ship, apply, snapshot,
 #   failover, relay, quiesce) -> journal -> internal/*
 # Front ends know nothing of replication; apply never imports ship; no
@@ -32,6 +32,7 @@ only() { # package, the only packages of ours it may import...
 only internal/wire
 only internal/recordlog   # the record framing every log shares (journal, snapshot)
 only internal/statefile
+only internal/units       # sizes rendered for people (doctor and the CLI)
 only internal/pki internal/vfs
 only internal/vfs
 only internal/crashpoint

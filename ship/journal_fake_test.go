@@ -232,6 +232,7 @@ func (j *fakeJournal) Stats() journal.Stats {
 	defer j.mu.Unlock()
 	return journal.Stats{
 		OpenCycle: j.cycle, ClosedCycles: len(j.closed), RetainedBytes: j.retainedLocked(),
+		OpenBytes: j.open.info.Bytes, OpenChanged: !j.dirty && (len(j.open.blocks) > 0 || len(j.open.ranges) > 0),
 		Cap: j.cap, ResyncRequired: j.dirty, ResyncBase: j.base,
 	}
 }

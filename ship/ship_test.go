@@ -1025,3 +1025,38 @@ func TestStatusSyncProgress(t *testing.T) {
 		t.Fatalf("eta %vs, forecast %q", st.Metrics.SyncETASeconds, st.Forecast)
 	}
 }
+
+// Pending counts the open cycle: a write is pending from the moment it is
+// made, not from the next seal (issue 15: status said nothing was pending
+// until the cycle closed).
+func TestStatusPendingCountsOpenCycle(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	s, err := New(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.st.InitialDone = true
+	pending := func(bytes int64, cycles int) {
+		t.Helper()
+		m := s.Status().Metrics
+		if m.PendingBytes != bytes || m.PendingCycles != cycles {
+			t.Fatalf("pending %d bytes in %d cycle(s), want %d in %d", m.PendingBytes, m.PendingCycles, bytes, cycles)
+		}
+	}
+	pending(0, 0)
+	e.j.write(0, 0, random(64<<10))
+	pending(64<<10, 1) // before any seal
+	if _, err := e.j.Seal(0); err != nil {
+		t.Fatal(err)
+	}
+	pending(64<<10, 1) // sealed, not shipped: the same cycle
+	e.j.write(0, 128<<10, random(8<<10))
+	pending(72<<10, 2)
+	e.j.zero(0, 512<<10, 4<<10, journal.KindTrim)
+	pending(72<<10+64, 2) // a trim is a change of the open cycle, no new one
+	if err := e.j.Release(1); err != nil {
+		t.Fatal(err)
+	}
+	pending(8<<10+64, 1) // the replica has cycle 1: only the open cycle is left
+}

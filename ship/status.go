@@ -74,10 +74,14 @@ type SyncStatus struct {
 // Metrics are Status's figures as numbers, for Prometheus: every field is
 // a gauge or (Total) a counter.
 type Metrics struct {
-	Health              int     `json:"health"` // 0 normal, 1 warning, 2 critical
-	LagSeconds          float64 `json:"lag_seconds"`
-	FrequencySeconds    float64 `json:"frequency_seconds"`
-	PendingBytes        int64   `json:"pending_bytes"` // journal kept for unshipped cycles
+	Health           int     `json:"health"` // 0 normal, 1 warning, 2 critical
+	LagSeconds       float64 `json:"lag_seconds"`
+	FrequencySeconds float64 `json:"frequency_seconds"`
+	// PendingBytes and PendingCycles are what is written but not yet on
+	// the replica: the journal bytes kept for it (record headers included),
+	// and the closed cycles not yet applied plus the open cycle once it
+	// holds a write, a trim or a zero.
+	PendingBytes        int64   `json:"pending_bytes"`
 	PendingCycles       int     `json:"pending_cycles"`
 	JournalCapBytes     int64   `json:"journal_cap_bytes"`
 	CyclesShippedTotal  int64   `json:"cycles_shipped_total"`
@@ -127,6 +131,9 @@ func (s *Shipper) Status() Status {
 		m.LagSeconds = max(now.Sub(s.st.AppliedSealed), 0).Seconds()
 	}
 	m.PendingBytes, m.PendingCycles, m.JournalCapBytes = js.RetainedBytes, len(cycles), js.Cap
+	if js.OpenChanged {
+		m.PendingCycles++ // written, not yet sealed: pending as much as a closed one
+	}
 	m.CyclesShippedTotal, m.CyclesMissedTotal = c.Shipped, c.Missed
 	m.CycleWireBytesTotal, m.MaxCycleWireBytes = c.WireBytes, c.MaxCycleWire
 	m.MaxLatencySeconds = c.MaxLatency.Seconds()

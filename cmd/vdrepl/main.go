@@ -21,6 +21,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/vdrepl/vdrepl/control"
+	"github.com/vdrepl/vdrepl/internal/units"
 )
 
 func main() {
@@ -325,15 +326,6 @@ func printJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
+// humanBytes renders a size for people: the formatter doctor uses too, so
+// every command and check rounds alike.
+func humanBytes(n int64) string { return units.FormatBytes(n) }
