@@ -317,6 +317,20 @@ func New(cfg Config) (*Shipper, error) {
 // the initial copy and resyncs as they are due, until ctx ends or Close. It
 // returns nil then; errors on the way are retried or stop replication (see
 // Status), never returned.
+// untilClosed is ctx, also cancelled when the shipper closes: the work of
+// Run and Verify ends with the shipper. cancel releases it.
+func (s *Shipper) untilClosed(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-s.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
+}
+
 func (s *Shipper) Run(ctx context.Context) error {
 	s.mu.Lock()
 	if s.closed {
@@ -326,15 +340,8 @@ func (s *Shipper) Run(ctx context.Context) error {
 	s.wg.Add(1)
 	s.mu.Unlock()
 	defer s.wg.Done()
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := s.untilClosed(ctx)
 	defer cancel()
-	go func() {
-		select {
-		case <-s.done:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	s.mu.Lock()
 	var gen uint64
 	if s.st.Sync != nil {

@@ -209,15 +209,8 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 		s.signalLocked()
 		s.mu.Unlock()
 	}()
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := s.untilClosed(ctx)
 	defer cancel()
-	go func() {
-		select {
-		case <-s.done:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	s.log.Info("verify started", "bytes", total, "rate", o.Rate.String(), "dry_run", o.DryRun)
 
 	v := &verifier{s: s, cs: cs, o: o, res: VerifyResult{VM: s.cfg.VM, Started: started, TotalBytes: total, DryRun: o.DryRun, Truth: verifyTruth},
