@@ -302,8 +302,8 @@ func statusAction(c *cli.Context) error {
 		cycle, used, capb := "-", "-", "-"
 		if j := v.Journal; j != nil {
 			cycle = fmt.Sprint(j.OpenCycle)
-			used = humanBytes(j.JournalBytes)
-			capb = humanBytes(j.Cap)
+			used = units.FormatBytes(j.JournalBytes)
+			capb = units.FormatBytes(j.Cap)
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", v.Name, len(v.Disks), vmState(v), cycle, used, capb)
 	}
@@ -325,7 +325,3 @@ func printJSON(w io.Writer, v any) error {
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }
-
-// humanBytes renders a size for people: the formatter doctor uses too, so
-// every command and check rounds alike.
-func humanBytes(n int64) string { return units.FormatBytes(n) }

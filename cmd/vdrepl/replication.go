@@ -13,6 +13,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/vdrepl/vdrepl/control"
+	"github.com/vdrepl/vdrepl/internal/units"
 )
 
 func replicationCmd() *cli.Command {
@@ -271,10 +272,10 @@ func pointsAction(c *cli.Context) error {
 		if pt.AppConsistent {
 			kind = "application-consistent"
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", pt.ID, pt.Time.Local().Format(time.DateTime), kind, humanBytes(pt.OwnBytes))
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", pt.ID, pt.Time.Local().Format(time.DateTime), kind, units.FormatBytes(pt.OwnBytes))
 	}
 	w.Flush()
-	fmt.Fprintf(c.App.Writer, "%d point(s) besides the latest state (policy keeps %d), %s of undo data\n", len(p.Points), p.Keep, humanBytes(p.Bytes))
+	fmt.Fprintf(c.App.Writer, "%d point(s) besides the latest state (policy keeps %d), %s of undo data\n", len(p.Points), p.Keep, units.FormatBytes(p.Bytes))
 	return nil
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/apply"
 	"github.com/vdrepl/vdrepl/control"
+	"github.com/vdrepl/vdrepl/internal/units"
 )
 
 func replicationStatusCmd() *cli.Command {
@@ -85,9 +86,9 @@ func progressBar(done, total int64, rate float64, eta time.Duration) string {
 	if n > 0 && n < width {
 		bar = bar[:n-1] + ">" + bar[n:]
 	}
-	s := fmt.Sprintf("[%s] %3.0f%% %s / %s", bar, 100*float64(done)/float64(total), humanBytes(done), humanBytes(total))
+	s := fmt.Sprintf("[%s] %3.0f%% %s / %s", bar, 100*float64(done)/float64(total), units.FormatBytes(done), units.FormatBytes(total))
 	if rate > 0 {
-		s += fmt.Sprintf("  %s/s", humanBytes(int64(rate)))
+		s += fmt.Sprintf("  %s/s", units.FormatBytes(int64(rate)))
 	}
 	if eta > 0 {
 		s += "  ETA " + eta.Round(time.Second).String()
@@ -130,9 +131,9 @@ func printPrimary(w io.Writer, p control.ReplicationStatus, now time.Time, tty b
 	if s.Committing > 0 {
 		fmt.Fprintf(w, "  applying:     cycle %d (uploaded; the replica is applying it)\n", s.Committing)
 	}
-	fmt.Fprintf(w, "  pending:      %s in %d cycle(s), journal cap %s\n", humanBytes(m.PendingBytes), m.PendingCycles, humanBytes(m.JournalCapBytes))
+	fmt.Fprintf(w, "  pending:      %s in %d cycle(s), journal cap %s\n", units.FormatBytes(m.PendingBytes), m.PendingCycles, units.FormatBytes(m.JournalCapBytes))
 	fmt.Fprintf(w, "  cycles:       %d shipped, %d missed; size avg %s, max %s; latency avg %s\n",
-		m.CyclesShippedTotal, m.CyclesMissedTotal, humanBytes(int64(m.AvgCycleWireBytes)), humanBytes(m.MaxCycleWireBytes),
+		m.CyclesShippedTotal, m.CyclesMissedTotal, units.FormatBytes(int64(m.AvgCycleWireBytes)), units.FormatBytes(m.MaxCycleWireBytes),
 		time.Duration(m.AvgLatencySeconds*float64(time.Second)).Round(time.Millisecond))
 	if s.Sync != nil {
 		what := "initial copy"
@@ -143,7 +144,7 @@ func printPrimary(w io.Writer, p control.ReplicationStatus, now time.Time, tty b
 		if tty && m.SyncTotalBytes > 0 {
 			fmt.Fprintf(w, "\n    %s", progressBar(m.SyncDoneBytes, m.SyncTotalBytes, m.SyncRate, time.Duration(m.SyncETASeconds*float64(time.Second))))
 		} else if m.SyncTotalBytes > 0 {
-			fmt.Fprintf(w, ", %s of %s", humanBytes(m.SyncDoneBytes), humanBytes(m.SyncTotalBytes))
+			fmt.Fprintf(w, ", %s of %s", units.FormatBytes(m.SyncDoneBytes), units.FormatBytes(m.SyncTotalBytes))
 		}
 		fmt.Fprintln(w)
 	}
@@ -199,7 +200,7 @@ func printReplica(w io.Writer, rep control.ReplicaStatus, now time.Time) {
 		fmt.Fprintf(w, "  sync:         %s, %d of %d pieces\n", rep.Sync.Kind, len(rep.Sync.Done), rep.Sync.Pieces)
 	}
 	if rep.RecoveryPoints > 0 || rep.Points > 0 {
-		fmt.Fprintf(w, "  points:       %d of %d kept, %s of undo data\n", rep.Points, rep.RecoveryPoints, humanBytes(rep.PointBytes))
+		fmt.Fprintf(w, "  points:       %d of %d kept, %s of undo data\n", rep.Points, rep.RecoveryPoints, units.FormatBytes(rep.PointBytes))
 	}
 	if len(rep.Excluded) > 0 {
 		fmt.Fprintf(w, "  not replicated (excluded on the primary): %s\n", strings.Join(rep.Excluded, ", "))

@@ -9,6 +9,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/vdrepl/vdrepl/control"
+	"github.com/vdrepl/vdrepl/internal/units"
 	"github.com/vdrepl/vdrepl/ship"
 )
 
@@ -115,12 +116,12 @@ func printVerifyProgress(w io.Writer, vm string, p ship.VerifyProgress) {
 		return
 	}
 	fmt.Fprintf(w, "verify %s: %3.0f%% (%s of %s), %s/s, ETA %s\n", vm, 100*float64(p.Done)/float64(p.Total),
-		humanBytes(p.Done), humanBytes(p.Total), humanBytes(int64(p.Rate)), time.Duration(p.ETASeconds*float64(time.Second)).Round(time.Second))
+		units.FormatBytes(p.Done), units.FormatBytes(p.Total), units.FormatBytes(int64(p.Rate)), time.Duration(p.ETASeconds*float64(time.Second)).Round(time.Second))
 }
 
 func printVerifyResult(w io.Writer, r ship.VerifyResult) {
-	fmt.Fprintf(w, "verify of %s: %s compared in %s (%s/s over %s)\n", r.VM, humanBytes(r.CheckedBytes),
-		time.Duration(r.DurationSeconds*float64(time.Second)).Round(time.Millisecond), humanBytes(int64(r.Rate)), humanBytes(r.TotalBytes))
+	fmt.Fprintf(w, "verify of %s: %s compared in %s (%s/s over %s)\n", r.VM, units.FormatBytes(r.CheckedBytes),
+		time.Duration(r.DurationSeconds*float64(time.Second)).Round(time.Millisecond), units.FormatBytes(int64(r.Rate)), units.FormatBytes(r.TotalBytes))
 	if r.ChangedBlocks > 0 {
 		fmt.Fprintf(w, "  skipped:    %d blocks (4 KiB) written on the primary after the replica's cycle\n", r.ChangedBlocks)
 	}
@@ -160,7 +161,7 @@ func printVerifyResult(w io.Writer, r ship.VerifyResult) {
 // printLastVerify is the verify lines of `vdrepl replication status VM`.
 func printLastVerify(w io.Writer, s ship.Status, now time.Time) {
 	if p := s.Verify; p != nil && p.Total > 0 {
-		fmt.Fprintf(w, "  verifying:    %.0f%% (%s of %s), ETA %s\n", 100*float64(p.Done)/float64(p.Total), humanBytes(p.Done), humanBytes(p.Total),
+		fmt.Fprintf(w, "  verifying:    %.0f%% (%s of %s), ETA %s\n", 100*float64(p.Done)/float64(p.Total), units.FormatBytes(p.Done), units.FormatBytes(p.Total),
 			time.Duration(p.ETASeconds*float64(time.Second)).Round(time.Second))
 	}
 	if l := s.LastVerify; l != nil {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/vdrepl/vdrepl/control"
 	"github.com/vdrepl/vdrepl/daemon"
+	"github.com/vdrepl/vdrepl/internal/units"
 )
 
 func vmCmd() *cli.Command {
@@ -108,7 +109,7 @@ func printVMs(w io.Writer, vms []control.VMInfo) error {
 	fmt.Fprintln(tw, "EXPORT\tSIZE\tIMAGE\tSTATE")
 	for _, v := range vms {
 		for i, d := range v.Disks {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", v.Exports[i], humanBytes(d.Size), d.Path, vmState(v))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", v.Exports[i], units.FormatBytes(d.Size), d.Path, vmState(v))
 		}
 		if tf := v.TestFailover; tf != nil {
 			for _, e := range tf.Exports {
@@ -177,10 +178,10 @@ func vmSealAction(c *cli.Context) error {
 		return printJSON(c.App.Writer, info)
 	}
 	if info.Blocks == 0 && info.Bytes > 0 {
-		fmt.Fprintf(c.App.Writer, "cycle %d sealed: %s written (not kept: replication is not enabled for this VM)\n", info.Cycle, humanBytes(info.Bytes))
+		fmt.Fprintf(c.App.Writer, "cycle %d sealed: %s written (not kept: replication is not enabled for this VM)\n", info.Cycle, units.FormatBytes(info.Bytes))
 		return nil
 	}
-	fmt.Fprintf(c.App.Writer, "cycle %d sealed: %s written, %d distinct blocks to ship\n", info.Cycle, humanBytes(info.Bytes), info.Blocks)
+	fmt.Fprintf(c.App.Writer, "cycle %d sealed: %s written, %d distinct blocks to ship\n", info.Cycle, units.FormatBytes(info.Bytes), info.Blocks)
 	return nil
 }
 
