@@ -1,6 +1,7 @@
 package ship
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"sort"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/journal"
 )
 
@@ -297,3 +299,10 @@ func (j *fakeJournal) live(d int) []byte {
 }
 
 var _ Journal = (*fakeJournal)(nil)
+
+// The fake keeps no block tree: the shipper compares sums with it.
+func (j *fakeJournal) BlockTree() *blocktree.Tree                          { return nil }
+func (j *fakeJournal) WaitWrittenBack(ctx context.Context, c uint64) error { return ctx.Err() }
+func (j *fakeJournal) RootsAt(ctx context.Context, c uint64) ([]blocktree.Root, error) {
+	return nil, ctx.Err()
+}

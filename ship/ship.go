@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
+
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/journal"
@@ -34,6 +36,13 @@ type Journal interface {
 	EndResync(base uint64) error
 	// ReadAt reads the live disk, the newest data.
 	ReadAt(disk int, p []byte, off int64) error
+	// BlockTree is the images' block-hash tree, nil if none is kept.
+	BlockTree() *blocktree.Tree
+	// WaitWrittenBack returns once the images and the tree hold every
+	// record of the cycles up to c.
+	WaitWrittenBack(ctx context.Context, c uint64) error
+	// RootsAt returns the tree's roots at cycle c's barrier (nil: unknown).
+	RootsAt(ctx context.Context, c uint64) ([]blocktree.Root, error)
 }
 
 // FromJournal adapts a *journal.Journal to Journal.

@@ -71,7 +71,7 @@
 //	POST   /v1/replicas/{vm}/uploads/{id}/commit -> Replica   verify, stage durably, apply
 //	DELETE /v1/replicas/{vm}/uploads/{id}        -> 204       discard
 //	POST   /v1/replicas/{vm}/sync     SyncStart  -> SyncState begin or resume an initial copy/resync
-//	POST   /v1/replicas/{vm}/sums     SumsRequest -> binary: HashSize bytes per block
+//	POST   /v1/replicas/{vm}/sums     SumsRequest -> binary: HashSize bytes per block (8 per leaf or block with a Kind)
 //	POST   /v1/replicas/{vm}/sync/finish SyncFinish -> Replica
 //	POST   /v1/replicas/{vm}/failover Handover   -> Replica   planned failover: become primary
 //	GET    /v1/peer                              -> PeerInfo  the probe of vdrepl doctor (PeerPath)

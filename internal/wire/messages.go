@@ -24,6 +24,9 @@ const (
 	// is absent when the images are not at one applied cycle (an initial
 	// copy or a failover under way), and from replicas older than verify.
 	SumsCycleHeader = "Vdrepl-Sums-Cycle"
+	// SumsKindHeader, in the answer to a SumsRequest with a Kind, is the
+	// kind the answer holds.
+	SumsKindHeader = "Vdrepl-Sums-Kind"
 )
 
 // Paths of the HTTP protocol (doc.go).
@@ -84,6 +87,12 @@ type Header struct {
 	// Gen and Piece identify a sync piece (KindFull, KindResync).
 	Gen   uint64 `json:"gen,omitempty"`
 	Piece int64  `json:"piece,omitempty"`
+	// Roots of a KindCycle stream are the primary's block-tree roots of
+	// its images at the cycle's barrier, one per disk (blocktree.Root in
+	// hex), for the replica to check its own against once it applied the
+	// cycle. Missing when the primary's tree did not know them (it was
+	// still being built).
+	Roots []string `json:"roots,omitempty"`
 }
 
 // Enable is the body of PUT /v1/replicas/{vm}: the VM's disks as the primary
@@ -141,6 +150,22 @@ type Replica struct {
 	// FailedOver is set once the VM was failed over on the replica host:
 	// it takes no more data from its primary.
 	FailedOver *FailedOver `json:"failed_over,omitempty"`
+	// Diverged is set when the replica's block-tree roots after applying
+	// a cycle differed from the primary's at its barrier: the replica is
+	// not what the primary had, and a resync must repair it. A resync's
+	// finish clears it.
+	Diverged *Divergence `json:"diverged,omitempty"`
+	// Verified is the last cycle whose roots the replica checked against
+	// the primary's and found equal (0: none since it started).
+	Verified uint64 `json:"verified,omitempty"`
+}
+
+// Divergence says where the replica found itself different from the
+// primary.
+type Divergence struct {
+	Cycle uint64    `json:"cycle"`
+	Disks []string  `json:"disks"`
+	At    time.Time `json:"at"`
 }
 
 // Handover is the body of POST /v1/replicas/{vm}/failover: a planned
@@ -193,12 +218,28 @@ type SyncState struct {
 // SumsRequest asks for the hashes of the replica's blocks of one disk range.
 // The answer is HashSize bytes (BLAKE3-256) per block; a block past the end of
 // the disk is hashed as far as the disk goes.
+//
+// With Kind set, the replica answers from its block tree instead of reading
+// its images: SumsLeaves, 8 bytes (little endian) per 64 KiB leaf digest of
+// the range (Offset leaf-aligned); SumsBlocks, 8 bytes per 4 KiB block
+// hash (Offset block-aligned). BlockSize is ignored. A digest or hash of 0
+// is unknown. The answer's SumsKindHeader names the kind it holds: a
+// replica that does not know kinds leaves it out (and answers BLAKE3 sums),
+// and one whose tree cannot answer (still being built) fails with code
+// "unavailable"; the primary then compares sums.
 type SumsRequest struct {
-	Disk      int   `json:"disk"`
-	Offset    int64 `json:"offset"`
-	Length    int64 `json:"length"`
-	BlockSize int64 `json:"block_size"`
+	Disk      int    `json:"disk"`
+	Offset    int64  `json:"offset"`
+	Length    int64  `json:"length"`
+	BlockSize int64  `json:"block_size"`
+	Kind      string `json:"kind,omitempty"`
 }
+
+// SumsRequest kinds.
+const (
+	SumsLeaves = "leaves"
+	SumsBlocks = "blocks"
+)
 
 // SyncFinish is the body of POST /v1/replicas/{vm}/sync/finish: every piece
 // is committed; the replica applies a resync's staged pieces atomically and
@@ -217,15 +258,16 @@ type SyncFinish struct {
 // again), "busy", "full" and "internal" (with back-off); the others need an
 // admin and stop replication of the VM.
 const (
-	CodeOffset    = "offset"     // chunk at the wrong offset, or cut short; Offset says where to resume
-	CodeCorrupt   = "corrupt"    // checksum or framing failed; the upload was discarded
-	CodeGap       = "gap"        // cycle does not follow the last applied; Applied says which
-	CodeFull      = "full"       // replica storage is full
-	CodeBusy      = "busy"       // replica is busy (e.g. applying); retry
-	CodeInternal  = "internal"   // replica I/O error
-	CodeForbidden = "forbidden"  // the primary may not write this VM
-	CodeUnknownVM = "unknown_vm" // the replica has no such VM
-	CodeMismatch  = "mismatch"   // disks, sizes or sync generation do not match
+	CodeOffset      = "offset"      // chunk at the wrong offset, or cut short; Offset says where to resume
+	CodeCorrupt     = "corrupt"     // checksum or framing failed; the upload was discarded
+	CodeGap         = "gap"         // cycle does not follow the last applied; Applied says which
+	CodeFull        = "full"        // replica storage is full
+	CodeBusy        = "busy"        // replica is busy (e.g. applying); retry
+	CodeInternal    = "internal"    // replica I/O error
+	CodeForbidden   = "forbidden"   // the primary may not write this VM
+	CodeUnknownVM   = "unknown_vm"  // the replica has no such VM
+	CodeMismatch    = "mismatch"    // disks, sizes or sync generation do not match
+	CodeUnavailable = "unavailable" // what was asked cannot be answered now (a block tree being built); ask another way
 	// CodeFailedOver: the replica VM was failed over on the replica host
 	// and takes no more data from this primary.
 	CodeFailedOver = "failed_over"
