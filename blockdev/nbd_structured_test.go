@@ -52,16 +52,6 @@ type mapDisk struct {
 	mapCalls  atomic.Int64
 }
 
-func newMapDisk(t *testing.T, d blockdev.Disk, path string) *mapDisk {
-	t.Helper()
-	f, err := vfs.Default.OpenFile(path, os.O_RDONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	return &mapDisk{Disk: d, f: f}
-}
-
 func (m *mapDisk) ReadAt(p []byte, off int64) (int, error) {
 	m.readBytes.Add(int64(len(p)))
 	return m.Disk.ReadAt(p, off)
