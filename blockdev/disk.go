@@ -1,6 +1,9 @@
 // Package blockdev holds vdrepl's front ends: the NBD export and the FUSE file
 // view. Both translate client requests into calls on a Disk and know nothing of
-// journals or replication.
+// journals or replication. A Disk may offer more through optional
+// interfaces, which front ends look for and wrappers must forward: Receiver
+// (writes received straight into the Disk's buffers) and Mapper (where the
+// holes are: NBD block status and sparse reads, SEEK_HOLE on the FUSE file).
 package blockdev
 
 import (

@@ -1,7 +1,16 @@
 // The NBD export: NBDServer speaks the NBD protocol (fixed newstyle
-// handshake, simple replies) over any net.Listener and turns each request into
-// one call on the export's Disk. The wire format is drawn in nbdproto.go;
-// the negotiation, one method per option, is in nbd_handshake.go.
+// handshake, simple replies, and structured replies for clients that ask)
+// over any net.Listener and turns each request into one call on the export's
+// Disk. The wire format is drawn in nbdproto.go; the negotiation, one method
+// per option, is in nbd_handshake.go.
+//
+// Holes. A client that negotiates structured replies gets sparse reads:
+// the parts of a READ that the Disk's map (Mapper) says read as zeroes are
+// sent as OFFSET_HOLE chunks, without reading them from the Disk. With the
+// base:allocation context selected as well, BLOCK_STATUS answers that map
+// (NBD_STATE_HOLE, NBD_STATE_ZERO), so nbdinfo --map, nbdcopy and qemu-img
+// skip holes. A Disk without a map is all data; block status then reports
+// one data extent, which is true if not useful.
 //
 // Concurrency: NBDServer's methods are safe for concurrent use; Serve may run
 // on several listeners at once (a unix socket and a TCP port). Each accepted
@@ -32,8 +41,10 @@
 // first). A Disk that panics takes the process down: a storage fault is not
 // papered over.
 //
-// Not offered: TLS (the socket is local or on a trusted network), structured
-// replies and block status, NBD_CMD_CACHE, FAST_ZERO, resize.
+// Not offered: TLS (the socket is local or on a trusted network),
+// NBD_CMD_CACHE, resize, and FAST_ZERO (a journaled zero syncs the journal,
+// so a small one is no faster than a write, and the front end cannot tell
+// which kind a request is).
 package blockdev
 
 import (
