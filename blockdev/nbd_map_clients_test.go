@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vdrepl/vdrepl/blockdev"
 )
 
@@ -88,7 +90,8 @@ func TestNBDClientMap(t *testing.T) {
 	const size = 8 << 20
 	j, d := newJournalDisk(t, size)
 	want := mapLayout(t, j, d)
-	uri, sock := serveDisk(t, d)
+	cd := &countDisk{Disk: d}
+	uri, sock := serveDisk(t, cd)
 
 	t.Run("nbdinfo --map", func(t *testing.T) {
 		out := runClient(t, "nbdinfo", "--map", "--json", uri)
@@ -141,6 +144,36 @@ func TestNBDClientMap(t *testing.T) {
 		}
 		if g, w := dataRuns(ext), dataRuns(want); g != w {
 			t.Errorf("qemu-img map data:\n got %s\nwant %s\n%s", g, w, out)
+		}
+	})
+
+	t.Run("qemu-img convert", func(t *testing.T) {
+		dst := filepath.Join(t.TempDir(), "copy.img")
+		before := cd.read.Load()
+		runClient(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", uri, dst)
+		// qemu-img reads only what block status calls data.
+		if n := cd.read.Load() - before; n > 1<<20 {
+			t.Errorf("qemu-img convert read %d bytes of an 8 MiB disk holding 388 KiB", n)
+		}
+		got, err := os.ReadFile(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		src := make([]byte, size)
+		if _, err := d.ReadAt(src, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, src) {
+			t.Fatal("qemu-img convert changed the data")
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(dst, &st); err != nil {
+			t.Fatal(err)
+		}
+		// The holes are not written (qemu-img also skips zeroes it reads,
+		// so this holds the copy to sparseness, not the map).
+		if alloc := st.Blocks * 512; alloc > 1<<20 {
+			t.Errorf("qemu-img convert wrote %d bytes of an 8 MiB disk holding 388 KiB", alloc)
 		}
 	})
 
