@@ -662,12 +662,14 @@ func (c *nbdConn) handle(r request, bp *[]byte, write func(off int64) error) {
 }
 
 // failed logs a request the Disk failed and answers it with the matching
-// error, at off if that is not negative (see replyError).
+// error, at off if that is not negative (see replyError). The client's
+// message names the command only: the Disk's error may name files of the
+// host, which are none of the client's business.
 func (c *nbdConn) failed(r request, err error, off int64) {
 	errno := nbdErrno(err)
 	c.log.Error("NBD request failed", "cmd", nbdCmdName(r.Type), "offset", r.Offset,
 		"length", r.Length, "error", nbdErrName(errno), "err", err)
-	c.replyError(r, errno, err.Error(), off)
+	c.replyError(r, errno, nbdCmdName(r.Type)+" failed", off)
 }
 
 // structuredRead answers a READ with structured replies: holes (as the
