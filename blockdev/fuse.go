@@ -10,6 +10,8 @@ package blockdev
 //	fallocate PUNCH_HOLE   Disk.Trim
 //	fallocate ZERO_RANGE   Disk.Zero(punch=false)
 //	fallocate mode 0       nothing to do: every byte of a disk is addressable
+//	lseek SEEK_DATA/HOLE   the Disk's map (Mapper): extents that read as zeroes
+//	                       are holes; a Disk without a map is all data
 //	truncate, chmod, chown EPERM, unless they change nothing (a disk's size is fixed)
 //	create, mkdir, unlink,
 //	rmdir, rename, link,
@@ -524,6 +526,7 @@ var (
 	_ fs.NodeWriter    = (*fuseDisk)(nil)
 	_ fs.NodeFsyncer   = (*fuseDisk)(nil)
 	_ fs.NodeAllocater = (*fuseDisk)(nil)
+	_ fs.NodeLseeker   = (*fuseDisk)(nil)
 )
 
 // fuseHandle is an open disk file. It keeps the Export it was opened on so
@@ -700,4 +703,49 @@ func (f *fuseDisk) Allocate(ctx context.Context, fh fs.FileHandle, off, length u
 		return f.fsys.errno("fallocate", h.exp.Name, err)
 	}
 	return 0
+}
+
+// fuseSeekWindow is how much of the disk's map one step of Lseek asks for
+// at first; it doubles up to fuseSeekWindowMax while the search goes on, so
+// that a seek near data stays cheap and one across a huge hole takes few
+// steps.
+const (
+	fuseSeekWindow    = 1 << 20
+	fuseSeekWindowMax = 1 << 30
+)
+
+// Lseek serves lseek(2) with SEEK_DATA and SEEK_HOLE (the kernel handles the
+// other whences itself), so that cp --sparse, qemu-img and backup tools skip
+// holes. Extents of the Disk's map that read as zeroes count as holes; the
+// end of the disk is one. As with a regular file, ENXIO for an offset at or
+// past the end, and for SEEK_DATA with only holes after it.
+func (f *fuseDisk) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	e, errno := f.export(fh)
+	if errno != 0 {
+		return 0, errno
+	}
+	if whence != unix.SEEK_DATA && whence != unix.SEEK_HOLE {
+		return 0, syscall.EINVAL
+	}
+	size := e.Disk.Size()
+	if off >= uint64(size) {
+		return 0, syscall.ENXIO
+	}
+	wantHole := whence == unix.SEEK_HOLE
+	for pos, window := int64(off), int64(fuseSeekWindow); pos < size; window = min(2*window, fuseSeekWindowMax) {
+		ext, err := diskMap(e.Disk, pos, min(window, size-pos))
+		if err != nil {
+			return 0, f.fsys.errno("lseek", e.Name, err)
+		}
+		for _, x := range ext {
+			if x.Zero == wantHole {
+				return uint64(x.Offset), 0
+			}
+			pos = x.Offset + x.Length
+		}
+	}
+	if wantHole {
+		return uint64(size), 0
+	}
+	return 0, syscall.ENXIO
 }

@@ -1,7 +1,16 @@
 // The NBD export: NBDServer speaks the NBD protocol (fixed newstyle
-// handshake, simple replies) over any net.Listener and turns each request into
-// one call on the export's Disk. The wire format is drawn in nbdproto.go;
-// the negotiation, one method per option, is in nbd_handshake.go.
+// handshake, simple replies, and structured replies for clients that ask)
+// over any net.Listener and turns each request into one call on the export's
+// Disk. The wire format is drawn in nbdproto.go; the negotiation, one method
+// per option, is in nbd_handshake.go.
+//
+// Holes. A client that negotiates structured replies gets sparse reads:
+// the parts of a READ that the Disk's map (Mapper) says read as zeroes are
+// sent as OFFSET_HOLE chunks, without reading them from the Disk. With the
+// base:allocation context selected as well, BLOCK_STATUS answers that map
+// (NBD_STATE_HOLE, NBD_STATE_ZERO), so nbdinfo --map, nbdcopy and qemu-img
+// skip holes. A Disk without a map is all data; block status then reports
+// one data extent, which is true if not useful.
 //
 // Concurrency: NBDServer's methods are safe for concurrent use; Serve may run
 // on several listeners at once (a unix socket and a TCP port). Each accepted
@@ -32,13 +41,16 @@
 // first). A Disk that panics takes the process down: a storage fault is not
 // papered over.
 //
-// Not offered: TLS (the socket is local or on a trusted network), structured
-// replies and block status, NBD_CMD_CACHE, FAST_ZERO, resize.
+// Not offered: TLS (the socket is local or on a trusted network),
+// NBD_CMD_CACHE, resize, and FAST_ZERO (a journaled zero syncs the journal,
+// so a small one is no faster than a write, and the front end cannot tell
+// which kind a request is).
 package blockdev
 
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -71,8 +83,10 @@ const (
 	nbdInlinePayload = 16 << 10
 	nbdReadBuffer    = 128 << 10
 	// nbdMaxOptionData bounds the option data the server reads into memory;
-	// longer options are skipped and refused.
-	nbdMaxOptionData = 4 + nbdMaxStringLength + 2 + 2*1024
+	// longer options are skipped and refused. It takes an INFO/GO naming
+	// the longest export with a thousand info types, or a meta context
+	// option with the longest name and two of the longest queries.
+	nbdMaxOptionData = 4 + nbdMaxStringLength + 4 + 2*(4+nbdMaxStringLength)
 )
 
 // NBDConfig configures an NBDServer.
@@ -327,6 +341,9 @@ type nbdConn struct {
 
 	exp    Export // set before transmission, then read-only
 	limits exportLimits
+	// What the handshake negotiated (set by it, then read-only): see
+	// exportLimits.
+	structured, blockStatus bool
 
 	mu      sync.Mutex // guards closing and the deadlines
 	closing bool
@@ -436,13 +453,15 @@ func (c *nbdConn) serve() {
 		return
 	}
 	c.exp = exp
-	c.limits = exportLimits{size: exp.Disk.Size(), readOnly: exp.ReadOnly, maxRequest: s.cfg.MaxRequest}
+	c.limits = exportLimits{size: exp.Disk.Size(), readOnly: exp.ReadOnly, maxRequest: s.cfg.MaxRequest,
+		structured: c.structured, blockStatus: c.blockStatus}
 	c.log = c.log.With("export", exp.Name)
 	c.setDeadline(time.Time{})
 	s.mu.Lock()
 	c.transmitting = true
 	s.mu.Unlock()
-	c.log.Info("NBD client attached", "read_only", exp.ReadOnly, "size", c.limits.size)
+	c.log.Info("NBD client attached", "read_only", exp.ReadOnly, "size", c.limits.size,
+		"structured", c.structured, "block_status", c.blockStatus)
 	if f := s.cfg.OnConnect; f != nil {
 		f(exp.Name, !exp.ReadOnly)
 	}
@@ -540,14 +559,14 @@ func (c *nbdConn) transmit() {
 					// reading gigabytes; the stream cannot be
 					// trusted either. Reply, then hang up.
 					c.log.Warn("NBD write payload too large; closing", "length", r.Length, "max", c.limits.maxRequest)
-					c.reply(r.Handle, errno, nil)
+					c.replyError(r, errno, "request too large", -1)
 					return
 				}
 				if _, err := c.br.Discard(int(r.Length)); err != nil {
 					return
 				}
 			}
-			c.reply(r.Handle, errno, nil)
+			c.replyError(r, errno, "bad request", -1)
 			continue
 		}
 		var n int
@@ -587,6 +606,20 @@ func (c *nbdConn) handle(r request, bp *[]byte, write func(off int64) error) {
 	if bp != nil {
 		buf = *bp
 	}
+	var n int64 // what transmit acquired
+	if r.Type == nbdCmdRead || r.Type == nbdCmdWrite {
+		n = int64(r.Length)
+	}
+	defer c.inflight.release(n)
+	defer putNBDBuf(bp)
+	switch {
+	case r.Type == nbdCmdRead && c.structured:
+		c.structuredRead(r, buf)
+		return
+	case r.Type == nbdCmdBlockStatus:
+		c.blockStatusReply(r)
+		return
+	}
 	d := c.exp.Disk
 	off := int64(r.Offset)
 	var err error
@@ -617,23 +650,123 @@ func (c *nbdConn) handle(r request, bp *[]byte, write func(off int64) error) {
 	if err == nil && r.CommandFlags&nbdCmdFlagFUA != 0 && r.Type != nbdCmdRead && r.Type != nbdCmdFlush {
 		err = d.Flush()
 	}
-	var errno uint32
 	if err != nil {
-		errno = nbdErrno(err)
-		c.log.Error("NBD request failed", "cmd", nbdCmdName(r.Type), "offset", r.Offset,
-			"length", r.Length, "error", nbdErrName(errno), "err", err)
+		c.failed(r, err, -1)
+		return
 	}
 	var payload []byte
-	if r.Type == nbdCmdRead && errno == 0 {
+	if r.Type == nbdCmdRead {
 		payload = buf
 	}
-	c.reply(r.Handle, errno, payload)
-	putNBDBuf(bp)
-	var n int64 // what transmit acquired
-	if r.Type == nbdCmdRead || r.Type == nbdCmdWrite {
-		n = int64(r.Length)
+	c.reply(r.Handle, 0, payload)
+}
+
+// failed logs a request the Disk failed and answers it with the matching
+// error, at off if that is not negative (see replyError). The client's
+// message names the command only: the Disk's error may name files of the
+// host, which are none of the client's business.
+func (c *nbdConn) failed(r request, err error, off int64) {
+	errno := nbdErrno(err)
+	c.log.Error("NBD request failed", "cmd", nbdCmdName(r.Type), "offset", r.Offset,
+		"length", r.Length, "error", nbdErrName(errno), "err", err)
+	c.replyError(r, errno, nbdCmdName(r.Type)+" failed", off)
+}
+
+// structuredRead answers a READ with structured replies: holes (as the
+// Disk's map has them) as OFFSET_HOLE chunks, which cost neither a read nor
+// their bytes on the wire, and the rest as OFFSET_DATA chunks, read into buf
+// at their place. With DF the whole range is one data chunk. Everything is
+// read before anything is sent, so the last chunk can carry DONE and a
+// failure is one ERROR_OFFSET chunk at the extent that failed.
+func (c *nbdConn) structuredRead(r request, buf []byte) {
+	off := int64(r.Offset)
+	ext := []Extent{{Offset: off, Length: int64(len(buf))}}
+	if r.CommandFlags&nbdCmdFlagDF == 0 {
+		m, err := diskMap(c.exp.Disk, off, int64(len(buf)))
+		if err != nil {
+			// The map only saves work: read it all instead.
+			c.log.Warn("NBD disk map failed; reading the range as data", "offset", off, "length", len(buf), "err", err)
+		} else {
+			ext = m
+		}
 	}
-	c.inflight.release(n)
+	if e := ext[len(ext)-1]; e.Offset+e.Length < off+int64(len(buf)) {
+		// A map may stop short; the rest is read as data.
+		ext = append(ext, Extent{Offset: e.Offset + e.Length, Length: off + int64(len(buf)) - e.Offset - e.Length})
+	}
+	for _, e := range ext {
+		if e.Zero {
+			continue
+		}
+		p := buf[e.Offset-off : e.Offset-off+e.Length]
+		n, err := c.exp.Disk.ReadAt(p, e.Offset)
+		if n == len(p) && err == io.EOF {
+			err = nil
+		} else if err == nil && n < len(p) {
+			err = io.ErrUnexpectedEOF
+		}
+		if err != nil {
+			c.failed(r, err, e.Offset)
+			return
+		}
+	}
+	chunks := make([]nbdChunk, 0, len(ext))
+	for i, e := range ext {
+		var flags uint16
+		if i == len(ext)-1 {
+			flags = nbdReplyFlagDone
+		}
+		if e.Zero {
+			h := appendChunk(nil, flags, nbdReplyTypeOffsetHole, r.Handle, 12)
+			h = binary.BigEndian.AppendUint64(h, uint64(e.Offset))
+			chunks = append(chunks, nbdChunk{hdr: binary.BigEndian.AppendUint32(h, uint32(e.Length))})
+			continue
+		}
+		h := appendChunk(nil, flags, nbdReplyTypeOffsetData, r.Handle, 8+int(e.Length))
+		chunks = append(chunks, nbdChunk{hdr: binary.BigEndian.AppendUint64(h, uint64(e.Offset)),
+			payload: buf[e.Offset-off : e.Offset-off+e.Length]})
+	}
+	c.send(chunks...)
+}
+
+// blockStatusReply answers BLOCK_STATUS for base:allocation, the one
+// context there is (checkRequest refused it without one): one chunk with
+// the Disk's map of the range, or its first extent alone for REQ_ONE.
+func (c *nbdConn) blockStatusReply(r request) {
+	off := int64(r.Offset)
+	ext, err := diskMap(c.exp.Disk, off, int64(r.Length))
+	if err != nil {
+		c.failed(r, err, off)
+		return
+	}
+	if r.CommandFlags&nbdCmdFlagReqOne != 0 {
+		ext = ext[:1]
+	}
+	ext = ext[:min(len(ext), nbdMaxExtents)]
+	p := binary.BigEndian.AppendUint32(make([]byte, 0, 4+8*len(ext)), nbdContextAllocationID)
+	for _, e := range ext {
+		var flags uint32
+		if e.Hole {
+			flags |= nbdStateHole
+		}
+		if e.Zero {
+			flags |= nbdStateZero
+		}
+		p = binary.BigEndian.AppendUint32(p, uint32(e.Length))
+		p = binary.BigEndian.AppendUint32(p, flags)
+	}
+	c.send(nbdChunk{hdr: appendChunk(nil, nbdReplyFlagDone, nbdReplyTypeBlockStat, r.Handle, len(p)), payload: p})
+}
+
+// replyError answers r with an error: without structured replies a simple
+// reply, with them one final ERROR chunk carrying msg, or ERROR_OFFSET if
+// off is not negative.
+func (c *nbdConn) replyError(r request, errno uint32, msg string, off int64) {
+	if !c.structured {
+		c.reply(r.Handle, errno, nil)
+		return
+	}
+	c.send(nbdChunk{hdr: appendErrorChunk(nil, r.Handle, errno, msg, off)})
 }
 
 // nbdErrno maps a Disk error to an NBD error value.
@@ -649,24 +782,44 @@ func nbdErrno(err error) uint32 {
 	return nbdEIO
 }
 
-// reply sends a simple reply. Replies from concurrent workers are batched:
-// the buffer is flushed by whichever writer finds no other reply waiting.
+// nbdChunk is one piece of a reply: a header (a simple reply's, a chunk's
+// with any fixed fields) and the data that follows it.
+type nbdChunk struct {
+	hdr, payload []byte
+}
+
+// reply sends a simple reply.
 func (c *nbdConn) reply(handle uint64, errno uint32, payload []byte) {
+	var hdr [nbdReplySize]byte
+	c.send(nbdChunk{hdr: appendReply(hdr[:0], errno, handle), payload: payload})
+}
+
+// send writes the pieces of one reply, back to back. Replies from
+// concurrent workers are batched: the buffer is flushed by whichever writer
+// finds no other reply waiting. Small payloads are copied into the buffer,
+// large ones go out with writev behind it.
+func (c *nbdConn) send(chunks ...nbdChunk) {
 	c.queued.Add(1)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.werr == nil {
-		c.wbuf = appendReply(c.wbuf, errno, handle)
-		if len(payload) <= nbdInlinePayload {
-			c.wbuf = append(c.wbuf, payload...)
+	for _, ch := range chunks {
+		if c.werr != nil {
+			break
+		}
+		c.wbuf = append(c.wbuf, ch.hdr...)
+		if len(ch.payload) <= nbdInlinePayload {
+			c.wbuf = append(c.wbuf, ch.payload...)
 		} else {
-			bufs := net.Buffers{c.wbuf, payload}
+			bufs := net.Buffers{c.wbuf, ch.payload}
 			_, err := bufs.WriteTo(c.nc)
 			c.wbuf = c.wbuf[:0]
 			c.writeFailed(err)
 		}
+		if len(c.wbuf) >= nbdFlushAt {
+			c.flushLocked()
+		}
 	}
-	if c.queued.Add(-1) == 0 || len(c.wbuf) >= nbdFlushAt {
+	if c.queued.Add(-1) == 0 {
 		c.flushLocked()
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -134,6 +135,35 @@ func infoData(name string, infos ...uint16) []byte {
 	return b
 }
 
+func metaData(name string, queries ...string) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	b = append(b, name...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(queries)))
+	for _, q := range queries {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(q)))
+		b = append(b, q...)
+	}
+	return b
+}
+
+// mapMem is a memDisk that calls every all-zero 4 KiB block a hole, so
+// that the fuzzer drives sparse reads and block status.
+type mapMem struct{ *memDisk }
+
+func (m mapMem) Extents(off, length int64) ([]Extent, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []Extent
+	for pos := off; pos < off+length; {
+		n := min(4096-pos%4096, off+length-pos)
+		blk := pos &^ 4095
+		hole := !slices.ContainsFunc(m.data[blk:min(blk+4096, int64(len(m.data)))], func(b byte) bool { return b != 0 })
+		out = append(out, Extent{Offset: pos, Length: n, Hole: hole, Zero: hole})
+		pos += n
+	}
+	return out, nil
+}
+
 // FuzzNegotiation feeds arbitrary client bytes to a whole connection
 // (handshake and, if the bytes get that far, transmission). The connection
 // must end by itself, without panicking, once the client has sent everything
@@ -147,6 +177,18 @@ func FuzzNegotiation(f *testing.F) {
 		req(nbdCmdWrite, nbdCmdFlagFUA, 0, 8, []byte("abcdefgh")).req(nbdCmdRead, 0, 0, 8, nil).
 		req(nbdCmdWriteZeroes, nbdCmdFlagNoHole, 0, 4096, nil).req(nbdCmdTrim, 0, 4096, 4096, nil).
 		req(nbdCmdFlush, 0, 0, 0, nil).req(nbdCmdRead, 0, 1<<20, 1, nil).req(nbdCmdDisc, 0, 0, 0, nil).b)
+	f.Add((&clientBytes{}).u32(flags).opt(nbdOptSetMetaContext, metaData("vm1/disk0", nbdContextAllocation)).
+		opt(nbdOptStructuredReply, nil).opt(nbdOptListMetaContext, metaData("vm1/disk0")).
+		opt(nbdOptListMetaContext, metaData("vm1/disk0", "base:", "x-foo:bar", "nocolon")).
+		opt(nbdOptSetMetaContext, metaData("vm1/disk0", "qemu:dirty-bitmap:a", nbdContextAllocation)).
+		opt(nbdOptGo, infoData("vm1/disk0")).
+		req(nbdCmdWrite, 0, 4096, 8, []byte("abcdefgh")).req(nbdCmdRead, 0, 0, 16384, nil).
+		req(nbdCmdRead, nbdCmdFlagDF, 0, 8192, nil).req(nbdCmdBlockStatus, 0, 0, 1<<20, nil).
+		req(nbdCmdBlockStatus, nbdCmdFlagReqOne, 4096, 1, nil).req(nbdCmdBlockStatus, 0, 1<<20, 1, nil).
+		req(nbdCmdRead, 0, 1<<20, 1, nil).b)
+	f.Add((&clientBytes{}).u32(flags).opt(nbdOptStructuredReply, nil).
+		opt(nbdOptSetMetaContext, []byte{0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff}).
+		opt(nbdOptExportName, []byte("ro")).req(nbdCmdBlockStatus, 0, 0, 4096, nil).req(nbdCmdRead, 4, 0, 1, nil).b)
 	f.Add((&clientBytes{}).u32(0).opt(nbdOptExportName, []byte("ro")).
 		req(nbdCmdWrite, 0, 0, 4, []byte("abcd")).req(nbdCmdRead, 0, 0, 4, nil).b)
 	f.Add((&clientBytes{}).u32(flags).opt(nbdOptGo, infoData("")).req(nbdCmdWrite, 0, 0, 1<<30, nil).b)
@@ -155,7 +197,7 @@ func FuzzNegotiation(f *testing.F) {
 	f.Add((&clientBytes{}).u32(1 << 7).b)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		exports := mapExports{
-			"vm1/disk0": {Name: "vm1/disk0", Disk: &memDisk{data: make([]byte, 1<<20)}, Description: "fuzz"},
+			"vm1/disk0": {Name: "vm1/disk0", Disk: mapMem{&memDisk{data: make([]byte, 1<<20)}}, Description: "fuzz"},
 			"ro":        {Name: "ro", Disk: &memDisk{data: make([]byte, 64<<10)}, ReadOnly: true},
 		}
 		s := NewNBDServer(NBDConfig{Exports: exports, HandshakeTimeout: 2 * time.Second, MaxRequest: 64 << 10})

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 )
 
@@ -31,6 +32,11 @@ type nbdHandshake struct {
 	// noZeroes: the client set NBD_FLAG_C_NO_ZEROES, so the reply to
 	// NBD_OPT_EXPORT_NAME leaves out its 124 zero bytes.
 	noZeroes bool
+	// structured: NBD_OPT_STRUCTURED_REPLY was acknowledged.
+	structured bool
+	// metaExport is the export the last NBD_OPT_SET_META_CONTEXT selected
+	// base:allocation for; "" if it selected nothing.
+	metaExport string
 	// out is the reply to the current option, built by its method and
 	// written by option; its buffer is reused from option to option.
 	out []byte
@@ -97,8 +103,14 @@ func (h *nbdHandshake) readOption() (opt uint32, data []byte, ok bool, err error
 			return opt, nil, false, err
 		}
 		typ := nbdRepErrUnsup
-		if opt == nbdOptInfo || opt == nbdOptGo || opt == nbdOptList || opt == nbdOptExportName || opt == nbdOptAbort {
+		switch opt {
+		case nbdOptInfo, nbdOptGo, nbdOptList, nbdOptExportName, nbdOptAbort, nbdOptStructuredReply:
 			typ = nbdRepErrInvalid
+		case nbdOptListMetaContext, nbdOptSetMetaContext:
+			typ = nbdRepErrTooBig
+			if opt == nbdOptSetMetaContext {
+				h.metaExport = "" // a failed SET still replaces the selection
+			}
 		}
 		return opt, nil, false, h.c.writeOpt(appendOptReply(h.out[:0], opt, typ, []byte("option data too long")))
 	}
@@ -128,7 +140,9 @@ func (h *nbdHandshake) option(opt uint32, data []byte) (exp Export, done bool, e
 	case nbdOptStartTLS:
 		h.startTLS()
 	case nbdOptStructuredReply:
-		h.structuredReply()
+		h.structuredReply(data)
+	case nbdOptListMetaContext, nbdOptSetMetaContext:
+		h.metaContext(opt, data)
 	default:
 		h.out = appendOptReply(h.out, opt, nbdRepErrUnsup, nil)
 	}
@@ -144,10 +158,11 @@ func (h *nbdHandshake) exportName(data []byte) (Export, bool, error) {
 		return Export{}, true, fmt.Errorf("%w %q (NBD_OPT_EXPORT_NAME)", errNBDUnknownExport, data)
 	}
 	h.out = binary.BigEndian.AppendUint64(h.out, uint64(exp.Disk.Size()))
-	h.out = binary.BigEndian.AppendUint16(h.out, transmissionFlags(exp.ReadOnly))
+	h.out = binary.BigEndian.AppendUint16(h.out, transmissionFlags(exp.ReadOnly, h.structured))
 	if !h.noZeroes {
 		h.out = append(h.out, make([]byte, 124)...)
 	}
+	h.enter(exp)
 	return exp, true, h.c.writeOpt(h.out)
 }
 
@@ -190,8 +205,18 @@ func (h *nbdHandshake) infoOrGo(opt uint32, data []byte) (exp Export, ok bool) {
 		h.out = appendOptReply(h.out, opt, nbdRepErrUnknown, fmt.Appendf(nil, "no export named %q", req.name))
 		return Export{}, false
 	}
-	h.out = appendInfo(h.out, opt, exp, req.infos, h.c.s.cfg.MaxRequest)
+	h.out = appendInfo(h.out, opt, exp, req.infos, h.c.s.cfg.MaxRequest, h.structured)
+	if opt == nbdOptGo {
+		h.enter(exp)
+	}
 	return exp, opt == nbdOptGo
+}
+
+// enter hands what was negotiated to the connection entering transmission
+// on exp: block status only if the last SET_META_CONTEXT named this export.
+func (h *nbdHandshake) enter(exp Export) {
+	h.c.structured = h.structured
+	h.c.blockStatus = h.structured && h.metaExport != "" && h.metaExport == exp.Name
 }
 
 // startTLS answers NBD_OPT_STARTTLS: TLS is not offered.
@@ -199,18 +224,74 @@ func (h *nbdHandshake) startTLS() {
 	h.out = appendOptReply(h.out, nbdOptStartTLS, nbdRepErrPolicy, []byte("TLS is not offered on this socket"))
 }
 
-// structuredReply answers NBD_OPT_STRUCTURED_REPLY: only simple replies
-// are sent.
-func (h *nbdHandshake) structuredReply() {
-	h.out = appendOptReply(h.out, nbdOptStructuredReply, nbdRepErrUnsup, []byte("structured replies are not supported"))
+// structuredReply answers NBD_OPT_STRUCTURED_REPLY: from now on READ,
+// BLOCK_STATUS and errors are answered in chunks. Asking again is harmless.
+func (h *nbdHandshake) structuredReply(data []byte) {
+	if len(data) != 0 {
+		h.out = appendOptReply(h.out, nbdOptStructuredReply, nbdRepErrInvalid, []byte("NBD_OPT_STRUCTURED_REPLY takes no data"))
+		return
+	}
+	h.structured = true
+	h.out = appendOptReply(h.out, nbdOptStructuredReply, nbdRepAck, nil)
+}
+
+// metaContext answers NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT.
+// The only context is base:allocation. Both need structured replies first
+// (block status is a structured reply). LIST with no query, or with the
+// wildcard "base:", names it; SET selects it when asked for by its full
+// name. Queries of other namespaces, and unknown leaves of base, are
+// ignored; a query without a namespace is refused. SET replaces the
+// selection even when it fails.
+func (h *nbdHandshake) metaContext(opt uint32, data []byte) {
+	set := opt == nbdOptSetMetaContext
+	if set {
+		h.metaExport = ""
+	}
+	if !h.structured {
+		h.out = appendOptReply(h.out, opt, nbdRepErrInvalid, []byte("negotiate structured replies first"))
+		return
+	}
+	req, err := decodeMetaRequest(data)
+	if err != nil {
+		h.out = appendOptReply(h.out, opt, nbdRepErrInvalid, []byte(err.Error()))
+		return
+	}
+	exp, ok := h.c.s.lookup(req.name)
+	if !ok {
+		h.out = appendOptReply(h.out, opt, nbdRepErrUnknown, fmt.Appendf(nil, "no export named %q", req.name))
+		return
+	}
+	match := !set && len(req.queries) == 0
+	for _, q := range req.queries {
+		ns, leaf, ok := strings.Cut(q, ":")
+		if !ok || ns == "" {
+			h.out = appendOptReply(h.out, opt, nbdRepErrInvalid, fmt.Appendf(nil, "query %q has no namespace", q))
+			return
+		}
+		if ns == "base" && (leaf == "allocation" || (!set && leaf == "")) {
+			match = true
+		}
+	}
+	if !match {
+		h.out = appendOptReply(h.out, opt, nbdRepAck, nil)
+		return
+	}
+	var id uint32 // LIST reports no ids
+	if set {
+		id = nbdContextAllocationID
+		h.metaExport = exp.Name
+	}
+	d := binary.BigEndian.AppendUint32(nil, id)
+	h.out = appendOptReply(h.out, opt, nbdRepMetaContext, append(d, nbdContextAllocation...))
+	h.out = appendOptReply(h.out, opt, nbdRepAck, nil)
 }
 
 // appendInfo appends the NBD_REP_INFO replies and the final ACK for an export.
-func appendInfo(out []byte, opt uint32, exp Export, infos []uint16, maxRequest uint32) []byte {
+func appendInfo(out []byte, opt uint32, exp Export, infos []uint16, maxRequest uint32, structured bool) []byte {
 	size := exp.Disk.Size()
 	d := binary.BigEndian.AppendUint16(nil, nbdInfoExport)
 	d = binary.BigEndian.AppendUint64(d, uint64(size))
-	d = binary.BigEndian.AppendUint16(d, transmissionFlags(exp.ReadOnly))
+	d = binary.BigEndian.AppendUint16(d, transmissionFlags(exp.ReadOnly, structured))
 	out = appendOptReply(out, opt, nbdRepInfo, d)
 	var name, desc bool
 	for _, t := range infos {

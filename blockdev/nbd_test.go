@@ -231,6 +231,8 @@ type rawClient struct {
 	t  *testing.T
 	c  net.Conn
 	br *bufio.Reader
+	// ctxID is the base:allocation id SET_META_CONTEXT gave.
+	ctxID uint32
 }
 
 func dial(t *testing.T, sock string) *rawClient {
@@ -538,7 +540,7 @@ func TestNBDNegotiation(t *testing.T) {
 			data []byte
 			want uint32
 		}{
-			{"structured reply", optStructured, nil, repErrUnsup},
+			{"structured reply with data", optStructured, []byte{0}, repErrInvalid},
 			{"unknown option", 4242, []byte("some data"), repErrUnsup},
 			{"huge unknown option", 4243, make([]byte, 1<<20), repErrUnsup},
 			{"starttls", optStartTLS, nil, repErrPolicy},

@@ -31,10 +31,31 @@ package blockdev
 //
 //	| size u64 | transmission flags u16 | 124 zero bytes unless NO_ZEROES |
 //
-// Transmission (simple replies only; structured replies are refused):
+// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT carry
+//
+//	| name length u32 | name | n u32 | n x (query length u32 | query) |
+//
+// and are answered with one NBD_REP_META_CONTEXT per context, then ACK:
+//
+//	| context id u32 | context name |
+//
+// Transmission:
 //
 //	C: | 0x25609513 u32 | command flags u16 | type u16 | handle u64 | offset u64 | length u32 | payload (WRITE only) |
 //	S: | 0x67446698 u32 | error u32 | handle u64 | payload (successful READ only) |
+//
+// or, once NBD_OPT_STRUCTURED_REPLY was acknowledged, for READ, BLOCK_STATUS
+// and errors, one or more chunks, the last with flag DONE:
+//
+//	S: | 0x668e33ef u32 | flags u16 | type u16 | handle u64 | length u32 | payload |
+//
+// whose payload by type is
+//
+//	OFFSET_DATA  (1)      | offset u64 | data |
+//	OFFSET_HOLE  (2)      | offset u64 | hole length u32 |
+//	BLOCK_STATUS (5)      | context id u32 | n x (extent length u32 | status flags u32) |
+//	ERROR        (0x8001) | error u32 | message length u16 | message |
+//	ERROR_OFFSET (0x8002) | error u32 | message length u16 | message | offset u64 |
 
 import (
 	"encoding/binary"
@@ -64,17 +85,21 @@ const (
 	nbdOptInfo            = protocol.NEGOTIATION_ID_OPTION_INFO
 	nbdOptGo              = protocol.NEGOTIATION_ID_OPTION_GO
 	nbdOptStructuredReply = uint32(8)
+	nbdOptListMetaContext = uint32(9)
+	nbdOptSetMetaContext  = uint32(10)
 
 	// Option reply types.
 	nbdRepAck         = protocol.NEGOTIATION_TYPE_REPLY_ACK
 	nbdRepServer      = protocol.NEGOTIATION_TYPE_REPLY_SERVER
 	nbdRepInfo        = protocol.NEGOTIATION_TYPE_REPLY_INFO
+	nbdRepMetaContext = uint32(4)
 	nbdRepFlagError   = uint32(1 << 31)
 	nbdRepErrUnsup    = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNSUPPORTED
 	nbdRepErrPolicy   = nbdRepFlagError | 2
 	nbdRepErrInvalid  = nbdRepFlagError | 3
 	nbdRepErrUnknown  = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
 	nbdRepErrShutdown = nbdRepFlagError | 7
+	nbdRepErrTooBig   = nbdRepFlagError | 9
 
 	// NBD_REP_INFO types.
 	nbdInfoExport      = protocol.NEGOTIATION_TYPE_INFO_EXPORT
@@ -91,13 +116,28 @@ const (
 	nbdFlagSendFUA         = uint16(1 << 3)
 	nbdFlagSendTrim        = uint16(1 << 5)
 	nbdFlagSendWriteZeroes = uint16(1 << 6)
+	nbdFlagSendDF          = uint16(1 << 7)
 	nbdFlagCanMultiConn    = protocol.NEGOTIATION_REPLY_FLAGS_CAN_MULTI_CONN
+)
+
+// Metadata contexts. base:allocation is the only one offered; its id is the
+// one this server hands out for it (ids are per connection and opaque).
+const (
+	nbdContextAllocation   = "base:allocation"
+	nbdContextAllocationID = uint32(1)
+	// Status flags of base:allocation.
+	nbdStateHole = uint32(1 << 0)
+	nbdStateZero = uint32(1 << 1)
+	// nbdMaxExtents bounds the descriptors of one BLOCK_STATUS reply (the
+	// spec's advice: 2^20).
+	nbdMaxExtents = 1 << 20
 )
 
 // Transmission phase.
 const (
 	nbdRequestMagic = protocol.TRANSMISSION_MAGIC_REQUEST
 	nbdSimpleMagic  = protocol.TRANSMISSION_MAGIC_REPLY
+	nbdChunkMagic   = uint32(0x668e33ef)
 
 	nbdCmdRead        = protocol.TRANSMISSION_TYPE_REQUEST_READ
 	nbdCmdWrite       = protocol.TRANSMISSION_TYPE_REQUEST_WRITE
@@ -105,10 +145,21 @@ const (
 	nbdCmdFlush       = uint16(3)
 	nbdCmdTrim        = uint16(4)
 	nbdCmdWriteZeroes = uint16(6)
+	nbdCmdBlockStatus = uint16(7)
 
 	// Command flags.
 	nbdCmdFlagFUA    = uint16(1 << 0)
 	nbdCmdFlagNoHole = uint16(1 << 1)
+	nbdCmdFlagDF     = uint16(1 << 2)
+	nbdCmdFlagReqOne = uint16(1 << 3)
+
+	// Structured reply chunks: the flag and the types.
+	nbdReplyFlagDone       = uint16(1 << 0)
+	nbdReplyTypeOffsetData = uint16(1)
+	nbdReplyTypeOffsetHole = uint16(2)
+	nbdReplyTypeBlockStat  = uint16(5)
+	nbdReplyTypeError      = uint16(1<<15 | 1)
+	nbdReplyTypeErrorOff   = uint16(1<<15 | 2)
 
 	// Error values of the simple reply (errno numbers on Linux, fixed by the
 	// protocol rather than by the platform).
@@ -126,6 +177,7 @@ const (
 const (
 	nbdRequestSize     = 28 // magic, flags, type, handle, offset, length
 	nbdReplySize       = 16 // magic, error, handle
+	nbdChunkSize       = 20 // magic, flags, type, handle, length
 	nbdOptHeaderSize   = 16 // magic, option, length
 	nbdMaxStringLength = 4096
 )
@@ -185,24 +237,62 @@ func appendReply(b []byte, errno uint32, handle uint64) []byte {
 	return binary.BigEndian.AppendUint64(b, handle)
 }
 
-// exportLimits is what checkRequest needs to know about the export and server.
+// appendChunk appends a structured reply chunk header for a payload of n
+// bytes.
+func appendChunk(b []byte, flags, typ uint16, handle uint64, n int) []byte {
+	b = binary.BigEndian.AppendUint32(b, nbdChunkMagic)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, handle)
+	return binary.BigEndian.AppendUint32(b, uint32(n))
+}
+
+// appendErrorChunk appends a final ERROR chunk, or an ERROR_OFFSET one if
+// off is not negative. The message is cut to the spec's string limit.
+func appendErrorChunk(b []byte, handle uint64, errno uint32, msg string, off int64) []byte {
+	if len(msg) > nbdMaxStringLength {
+		msg = msg[:nbdMaxStringLength]
+	}
+	typ, n := nbdReplyTypeError, 6+len(msg)
+	if off >= 0 {
+		typ, n = nbdReplyTypeErrorOff, n+8
+	}
+	b = appendChunk(b, nbdReplyFlagDone, typ, handle, n)
+	b = binary.BigEndian.AppendUint32(b, errno)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(msg)))
+	b = append(b, msg...)
+	if off >= 0 {
+		b = binary.BigEndian.AppendUint64(b, uint64(off))
+	}
+	return b
+}
+
+// exportLimits is what checkRequest needs to know about the export and
+// server, and what the connection negotiated.
 type exportLimits struct {
 	size       int64
 	readOnly   bool
 	maxRequest uint32
+	// structured: NBD_OPT_STRUCTURED_REPLY was acknowledged (READ takes DF).
+	structured bool
+	// blockStatus: base:allocation was selected for this export.
+	blockStatus bool
 }
 
 // checkRequest validates a decoded request against the export and returns 0
 // or the NBD error to reply with. The choices, following the spec's SHOULDs:
 //
-//   - unknown command, a flag not valid for the command, zero length on a data
-//     command, nonzero offset or length on FLUSH: EINVAL;
+//   - unknown command, a flag not valid for the command (DF without
+//     structured replies), zero length on a data command, nonzero offset or
+//     length on FLUSH, BLOCK_STATUS without a selected context: EINVAL;
 //   - WRITE, TRIM or WRITE_ZEROES on a read-only export: EPERM (FUA is accepted
 //     on every command, as qemu-nbd does, since clients are known to set it);
 //   - READ or WRITE longer than maxRequest: EOVERFLOW;
 //   - range past the end of the disk (or wrapping): ENOSPC for WRITE and
 //     WRITE_ZEROES ("a write request including sectors beyond the size of the
-//     device"), EINVAL for READ and TRIM.
+//     device"), EINVAL for READ, TRIM and BLOCK_STATUS.
+//
+// BLOCK_STATUS's length is a hint, not a payload: maxRequest does not bound it.
 //
 // Requests need not be aligned to the advertised minimum block size: the Disk
 // works at byte granularity.
@@ -211,6 +301,14 @@ func checkRequest(r request, e exportLimits) uint32 {
 	write := false
 	switch r.Type {
 	case nbdCmdRead:
+		if e.structured {
+			valid |= nbdCmdFlagDF
+		}
+	case nbdCmdBlockStatus:
+		if !e.blockStatus {
+			return nbdEINVAL
+		}
+		valid |= nbdCmdFlagReqOne
 	case nbdCmdWrite, nbdCmdTrim:
 		write = true
 	case nbdCmdWriteZeroes:
@@ -247,9 +345,13 @@ func checkRequest(r request, e exportLimits) uint32 {
 	return 0
 }
 
-// transmissionFlags are the flags advertised for an export.
-func transmissionFlags(readOnly bool) uint16 {
+// transmissionFlags are the flags advertised for an export; structured says
+// the client negotiated structured replies, which DF needs.
+func transmissionFlags(readOnly, structured bool) uint16 {
 	f := nbdFlagHasFlags | nbdFlagCanMultiConn
+	if structured {
+		f |= nbdFlagSendDF
+	}
 	if readOnly {
 		return f | nbdFlagReadOnly
 	}
@@ -307,6 +409,51 @@ func decodeInfoRequest(b []byte) (infoRequest, error) {
 	return r, nil
 }
 
+// metaRequest is the decoded data of NBD_OPT_LIST_META_CONTEXT and
+// NBD_OPT_SET_META_CONTEXT.
+type metaRequest struct {
+	name    string
+	queries []string
+}
+
+// decodeMetaRequest decodes meta context option data:
+// | name length u32 | name | n u32 | n x (length u32 | query) |.
+func decodeMetaRequest(b []byte) (metaRequest, error) {
+	str := func() (string, bool) {
+		if len(b) < 4 {
+			return "", false
+		}
+		n := binary.BigEndian.Uint32(b)
+		if n > nbdMaxStringLength || uint64(n) > uint64(len(b)-4) {
+			return "", false
+		}
+		s := string(b[4 : 4+n])
+		b = b[4+n:]
+		return s, true
+	}
+	var r metaRequest
+	var ok bool
+	if r.name, ok = str(); !ok || len(b) < 4 {
+		return metaRequest{}, errBadOption
+	}
+	count := binary.BigEndian.Uint32(b)
+	b = b[4:]
+	if uint64(count)*4 > uint64(len(b)) {
+		return metaRequest{}, errBadOption
+	}
+	for range count {
+		q, ok := str()
+		if !ok {
+			return metaRequest{}, errBadOption
+		}
+		r.queries = append(r.queries, q)
+	}
+	if len(b) != 0 {
+		return metaRequest{}, errBadOption
+	}
+	return r, nil
+}
+
 // nbdErrName names an NBD error value for logs.
 func nbdErrName(errno uint32) string {
 	switch errno {
@@ -347,6 +494,8 @@ func nbdCmdName(t uint16) string {
 		return "TRIM"
 	case nbdCmdWriteZeroes:
 		return "WRITE_ZEROES"
+	case nbdCmdBlockStatus:
+		return "BLOCK_STATUS"
 	}
 	return fmt.Sprintf("cmd %d", t)
 }

@@ -179,16 +179,22 @@ func TestNBDBufPool(t *testing.T) {
 }
 
 func TestTransmissionFlags(t *testing.T) {
-	rw := transmissionFlags(false)
+	rw := transmissionFlags(false, false)
 	for _, f := range []uint16{nbdFlagHasFlags, nbdFlagSendFlush, nbdFlagSendFUA, nbdFlagSendTrim, nbdFlagSendWriteZeroes, nbdFlagCanMultiConn} {
 		if rw&f == 0 {
 			t.Errorf("read-write flags %#x lack %#x", rw, f)
 		}
 	}
+	if rw&nbdFlagSendDF != 0 {
+		t.Errorf("flags %#x offer DF without structured replies", rw)
+	}
+	if f := transmissionFlags(false, true); f != rw|nbdFlagSendDF {
+		t.Errorf("flags with structured replies %#x, want %#x", f, rw|nbdFlagSendDF)
+	}
 	if rw&nbdFlagReadOnly != 0 {
 		t.Errorf("read-write flags %#x say read-only", rw)
 	}
-	ro := transmissionFlags(true)
+	ro := transmissionFlags(true, false)
 	if ro&(nbdFlagSendFUA|nbdFlagSendTrim|nbdFlagSendWriteZeroes|nbdFlagSendFlush) != 0 || ro&nbdFlagReadOnly == 0 || ro&nbdFlagHasFlags == 0 {
 		t.Errorf("read-only flags %#x", ro)
 	}

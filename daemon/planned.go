@@ -126,6 +126,19 @@ func (d gatedDisk) ReceiveWrite(r io.Reader, n int) (func(off int64) error, erro
 	}, nil
 }
 
+// Extents forwards the disk's map (blockdev.Mapper), so that NBD block
+// status and SEEK_HOLE on the FUSE file see the journal's holes through the
+// gate. A map changes nothing: the gate does not apply. A disk without one
+// is all data.
+func (d gatedDisk) Extents(off, length int64) ([]blockdev.Extent, error) {
+	if m, ok := d.Disk.(blockdev.Mapper); ok {
+		return m.Extents(off, length)
+	}
+	return []blockdev.Extent{{Offset: off, Length: length}}, nil
+}
+
+var _ blockdev.Mapper = gatedDisk{}
+
 func (d gatedDisk) Trim(off, n int64) error {
 	if !d.g.enter() {
 		return blockdev.ErrReadOnly

@@ -387,3 +387,28 @@ func (f *errorFile) ZeroRange(off, length int64) error {
 	}
 	return f.inner.ZeroRange(off, length)
 }
+
+// SeekData fails with ErrUnsupported if the inner file has no Seeker,
+// else like ReadAt, and goes to the inner file's SeekData.
+func (f *errorFile) SeekData(off int64) (int64, error) {
+	s, ok := f.inner.(Seeker)
+	if !ok {
+		return 0, ErrUnsupported
+	}
+	if err := f.fs.check(OpRead, f.Name()); err != nil {
+		return 0, err
+	}
+	return s.SeekData(off)
+}
+
+// SeekHole is SeekData's twin.
+func (f *errorFile) SeekHole(off int64) (int64, error) {
+	s, ok := f.inner.(Seeker)
+	if !ok {
+		return 0, ErrUnsupported
+	}
+	if err := f.fs.check(OpRead, f.Name()); err != nil {
+		return 0, err
+	}
+	return s.SeekHole(off)
+}

@@ -737,3 +737,58 @@ func (s *sparse) clearBytes(from, to int64) {
 		from += n
 	}
 }
+
+// SeekData finds the next chunk that holds data: MemFS's holes are the
+// chunks never written or dropped by PunchHole, ZeroRange or Truncate.
+func (f *memFile) SeekData(off int64) (int64, error) {
+	if err := f.check("lseek", false); err != nil {
+		return 0, err
+	}
+	f.ino.mu.RLock()
+	defer f.ino.mu.RUnlock()
+	s := f.ino.data
+	if off < 0 {
+		return 0, &fs.PathError{Op: "lseek", Path: f.name, Err: unix.EINVAL}
+	}
+	if off >= s.size {
+		return off, nil
+	}
+	i := off / chunkSize
+	if _, ok := s.chunks[i]; ok {
+		return off, nil
+	}
+	next := int64(-1) // the first chunk after i that holds data
+	for k := range s.chunks {
+		if k > i && (next < 0 || k < next) {
+			next = k
+		}
+	}
+	if next < 0 {
+		return s.size, nil
+	}
+	return min(next*chunkSize, s.size), nil
+}
+
+// SeekHole finds the next chunk without data, or the end of the file.
+func (f *memFile) SeekHole(off int64) (int64, error) {
+	if err := f.check("lseek", false); err != nil {
+		return 0, err
+	}
+	f.ino.mu.RLock()
+	defer f.ino.mu.RUnlock()
+	s := f.ino.data
+	if off < 0 {
+		return 0, &fs.PathError{Op: "lseek", Path: f.name, Err: unix.EINVAL}
+	}
+	if off >= s.size {
+		return off, nil
+	}
+	i := off / chunkSize
+	for {
+		if _, ok := s.chunks[i]; !ok {
+			break
+		}
+		i++
+	}
+	return min(max(i*chunkSize, off), s.size), nil
+}

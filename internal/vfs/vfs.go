@@ -336,3 +336,108 @@ func ReadFile(fsys FS, name string) ([]byte, error) {
 	}
 	return buf, nil
 }
+
+// Seeker is an optional File capability: where the file's data and holes
+// lie (lseek with SEEK_DATA and SEEK_HOLE). A hole reads as zeroes. An
+// implementation may call a hole data (a filesystem that keeps no map
+// reports the whole file as data), never data a hole. For off at or past
+// the end of the file both methods return off.
+type Seeker interface {
+	// SeekData returns where the first data at or after off starts, or the
+	// file size when only holes follow.
+	SeekData(off int64) (int64, error)
+	// SeekHole returns where the first hole at or after off starts; the
+	// end of the file counts as one.
+	SeekHole(off int64) (int64, error)
+}
+
+// Extent is a run of bytes of a file or disk in one allocation state.
+type Extent struct {
+	Offset, Length int64
+	// Hole: no storage is allocated for the run.
+	Hole bool
+	// Zero: the run reads as zeroes. A hole always does; allocated bytes
+	// may be known to as well (a zeroed range).
+	Zero bool
+}
+
+// Map describes [off, off+length) of f as consecutive extents, from its
+// Seeker (holes are Hole and Zero, the rest data); a file without one, or
+// whose Seeker says ErrUnsupported, is one data extent. The range must lie
+// within the file.
+func Map(f File, off, length int64) ([]Extent, error) {
+	if length <= 0 {
+		return nil, nil
+	}
+	all := []Extent{{Offset: off, Length: length}}
+	s, ok := f.(Seeker)
+	if !ok {
+		return all, nil
+	}
+	var out []Extent
+	add := func(from, to int64, hole bool) {
+		if k := len(out) - 1; k >= 0 && out[k].Hole == hole {
+			out[k].Length = to - out[k].Offset
+			return
+		}
+		out = append(out, Extent{Offset: from, Length: to - from, Hole: hole, Zero: hole})
+	}
+	end := off + length
+	for pos := off; pos < end; {
+		d, err := s.SeekData(pos)
+		if errors.Is(err, ErrUnsupported) {
+			return all, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		if d > pos {
+			d = min(d, end)
+			add(pos, d, true)
+			pos = d
+			continue
+		}
+		h, err := s.SeekHole(pos)
+		if errors.Is(err, ErrUnsupported) {
+			return all, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		if h <= pos { // a seeker out of step: take the rest as data
+			h = end
+		}
+		h = min(h, end)
+		add(pos, h, false)
+		pos = h
+	}
+	return out, nil
+}
+
+// SeekData and SeekHole use lseek(2), which moves the descriptor's offset;
+// osFile reads and writes with pread/pwrite, which ignore it.
+func (f osFile) SeekData(off int64) (int64, error) {
+	n, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) { // no data at or after off
+		size, serr := f.Size()
+		if serr != nil {
+			return 0, serr
+		}
+		return max(off, size), nil
+	}
+	if err != nil {
+		return 0, &fs.PathError{Op: "lseek", Path: f.Name(), Err: err}
+	}
+	return n, nil
+}
+
+func (f osFile) SeekHole(off int64) (int64, error) {
+	n, err := unix.Seek(int(f.Fd()), off, unix.SEEK_HOLE)
+	if errors.Is(err, unix.ENXIO) { // off is at or past the end
+		return off, nil
+	}
+	if err != nil {
+		return 0, &fs.PathError{Op: "lseek", Path: f.Name(), Err: err}
+	}
+	return n, nil
+}
