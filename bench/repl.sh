@@ -227,6 +227,7 @@ waiting() {
 
 # status VM FILE: the primary's `replication status VM --json`.
 status() { p replication status "$1" --json >"$2"; }
+read_bytes() { awk '/^read_bytes:/ {print $2}' "/proc/$1/io"; } # PID: bytes it read from storage
 # get FILE KEY...: fields of a status file (see repl_report.py --get).
 get() { python3 "$BENCH/repl_report.py" --get "$@"; }
 
@@ -473,11 +474,18 @@ part_resync() {
 	drop_caches
 	status "$vm" "$RUN/resync-before.json"
 	log "  resync of $nios changed 4k blocks"
+	local pr0 rr0
+	pr0=$(read_bytes "$PRIM_PID") rr0=$(read_bytes "$REPL_PID")
 	t2=$(now)
 	p replication resync "$vm" >>"$RUN/cli.log" 2>&1 || return 1
 	p replication resume "$vm" >>"$RUN/cli.log" 2>&1 || return 1
 	sync_vm "$vm" || return 1
 	t3=$(now)
+	# What each daemon read from storage during the resync (page cache
+	# dropped before): the block trees should keep it near the changed
+	# bytes, not the disk.
+	kv resync primary_read_bytes $(($(read_bytes "$PRIM_PID") - pr0))
+	kv resync replica_read_bytes $(($(read_bytes "$REPL_PID") - rr0))
 	status "$vm" "$RUN/resync-after.json"
 	kv resync resync_s "$(secs "$t2" "$t3")"
 	log "  resync: $(secs "$t2" "$t3") s"

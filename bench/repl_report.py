@@ -387,7 +387,13 @@ class Report:
                  f"{mib(rs_bytes)} in {rs_s:.1f} s",
                  f"{rs_bytes / init_bytes:.1%} of the initial copy's bytes, {rs_s / init_s:.0%} of its time; "
                  f"{rs_bytes / changed:.2f}× the changed bytes; replica identical: {kv.get('resync.identical', '?')}",
-                 "")
+                 f"{ok(rs_s / init_s <= 0.15)} ≤ 15% of the initial copy's time")
+        if "primary_read_bytes" in kv:
+            pr, rr = int(kv["primary_read_bytes"]), int(kv["replica_read_bytes"])
+            self.row(sec, "… read from storage during the resync (/proc/PID/io read_bytes, page cache dropped before)",
+                     f"primary {mib(pr)}, replica {mib(rr)}",
+                     f"{pr / size:.1%} and {rr / size:.1%} of the disk",
+                     f"{ok(max(pr, rr) <= 0.10 * size)} ≤ 10% of the disk on each side")
 
     # 5 -----------------------------------------------------------------
     def lag(self):

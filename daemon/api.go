@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/vdrepl/vdrepl/apply"
@@ -100,6 +101,10 @@ func absPath(p string) string {
 func replicaWarnings(replicas []control.ReplicaStatus) []string {
 	var out []string
 	for _, r := range replicas {
+		if d := r.Diverged; d != nil {
+			out = append(out, fmt.Sprintf("replica VM %s: DIVERGED after cycle %d: disks %s differ from the primary's; the primary resyncs them",
+				r.VM, d.Cycle, strings.Join(d.Disks, ", ")))
+		}
 		if r.Health == apply.HealthNormal || r.Health == "" {
 			continue
 		}

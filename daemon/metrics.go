@@ -55,6 +55,8 @@ var metricHelp = map[string]string{
 	"vdrepl_replica_recovery_points":                "replica role: recovery points kept besides the latest state",
 	"vdrepl_replica_recovery_point_bytes":           "replica role: undo data the recovery points take",
 	"vdrepl_replica_failed_over":                    "replica role: 1 while the VM is failed over on this host",
+	"vdrepl_replica_diverged":                       "replica role: 1 when the replica's block-tree roots after a cycle differed from the primary's at its barrier, until a resync repairs it",
+	"vdrepl_replica_verified_cycle":                 "replica role: the last cycle whose block-tree roots equalled the primary's at its barrier",
 	"vdrepl_replica_health":                         "replica role: 0 normal, 1 warning (no cycle applied for more than 2 x frequency), 2 critical (more than 6 x frequency or 1 hour, but not before 3 x frequency); in an initial copy or resync, by the time since its last piece",
 	"vdrepl_verify_last_timestamp_seconds":          "when the last vdrepl verify of the VM finished (unix time)",
 	"vdrepl_verify_last_mismatch_blocks":            "4 KiB blocks the last vdrepl verify found different on the replica",
@@ -136,6 +138,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge("vdrepl_replica_recovery_point_bytes", float64(rep.PointBytes), rep.VM)
 		gauge("vdrepl_replica_failed_over", b2f(rep.FailedOver != nil), rep.VM)
 		gauge("vdrepl_replica_health", replicaHealthValue(rep.Health), rep.VM)
+		gauge("vdrepl_replica_diverged", b2f(rep.Diverged != nil), rep.VM)
+		gauge("vdrepl_replica_verified_cycle", float64(rep.Verified), rep.VM)
 		if !rep.AppliedAt.IsZero() {
 			gauge("vdrepl_replica_applied_barrier_age_seconds", now.Sub(rep.AppliedAt).Seconds(), rep.VM)
 		}

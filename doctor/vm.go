@@ -2,6 +2,7 @@ package doctor
 
 import (
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/vdrepl/vdrepl/apply"
@@ -117,6 +118,11 @@ func replicaHealthFinding(r control.ReplicaStatus) Finding {
 	if f := r.FailedOver; f != nil {
 		return vmFinding(r.VM, CheckReplicaHealth, OK, fmt.Sprintf("failed over on this host (%s) to %s at %s: takes no cycles from %q",
 			f.Kind, apply.PointName(f.Point), f.At.Local().Format(time.DateTime), r.Primary), "")
+	}
+	if d := r.Diverged; d != nil {
+		return vmFinding(r.VM, CheckReplicaHealth, Problem,
+			fmt.Sprintf("the replica diverged: after cycle %d its disks %s differ from the primary's (block-tree roots)", d.Cycle, strings.Join(d.Disks, ", ")),
+			fmt.Sprintf("the primary %s resyncs the VM on its own; `vdrepl replication status %s` there shows the resync, and the ranges it repaired are in its log", r.Primary, r.VM))
 	}
 	fix := fmt.Sprintf("check the primary host %s and `vdrepl doctor` there (`vdrepl replication status %s` there says why cycles do not arrive)", r.Primary, r.VM)
 	switch r.Health {

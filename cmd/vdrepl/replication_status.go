@@ -187,6 +187,13 @@ func printReplica(w io.Writer, rep control.ReplicaStatus, now time.Time) {
 	if line := replicaHealthLine(rep, now); line != "" {
 		fmt.Fprintf(w, "  health:       %s\n", line)
 	}
+	if d := rep.Diverged; d != nil {
+		fmt.Fprintf(w, "  DIVERGED:     after cycle %d (%s) disks %s differ from the primary's (block-tree roots); the primary resyncs them\n",
+			d.Cycle, d.At.Local().Format(timeZone), strings.Join(d.Disks, ", "))
+	}
+	if rep.Verified > 0 {
+		fmt.Fprintf(w, "  verified:     cycle %d: the replica's block-tree roots equal the primary's at its barrier\n", rep.Verified)
+	}
 	switch {
 	case rep.Applied > 0 && !rep.AppliedAt.IsZero():
 		fmt.Fprintf(w, "  applied:      cycle %d (barrier %s, %s ago)\n", rep.Applied, rep.AppliedAt.Local().Format(time.DateTime), now.Sub(rep.AppliedAt).Round(time.Second))
