@@ -19,14 +19,17 @@ const rootsWait = 10 * time.Second
 // journal does not know them in time: the cycle then ships unverified and
 // is counted so. The answer is kept until a later cycle is asked for, so
 // that a cycle sent again (a resumed upload, a resend after "corrupt")
-// has the same header. A cycle that folds several journal cycles carries
+// has the same header: a different header would make the replica find
+// the resumed stream corrupt. A cycle that folds several journal cycles carries
 // the roots of the last one, which is c. Call with opMu held.
 func (s *Shipper) cycleRoots(ctx context.Context, c uint64) ([]string, error) {
 	if r, ok := s.roots[c]; ok {
 		return r, nil
 	}
+	// The cycle before c may still be sent again (its commit is in flight
+	// while c uploads, and answered "corrupt" it is resent): keep it.
 	for k := range s.roots {
-		if k < c {
+		if k+1 < c {
 			delete(s.roots, k)
 		}
 	}
