@@ -316,3 +316,45 @@ func TestDivergenceStartsATreeResync(t *testing.T) {
 		t.Fatalf("the repaired ranges were not logged:\n%s", logs)
 	}
 }
+
+// What an answer's Diverged and Verified do to the state: a new
+// divergence makes a resync due at once, unless a sync is under way or the
+// last resync was started for it; an answer without one clears the
+// status; Verified never goes back.
+func TestNoteReplica(t *testing.T) {
+	at := time.Date(2026, 3, 2, 12, 0, 0, 0, time.UTC)
+	d := &wire.Divergence{Cycle: 7, Disks: []string{"disk0"}, At: at}
+	for _, tc := range []struct {
+		name   string
+		before persisted
+		rep    wire.Replica
+		resync bool // a resync for d is due after
+		div    bool // Status.Diverged set after
+		verif  uint64
+	}{
+		{"new divergence", persisted{Verified: 5}, wire.Replica{Diverged: d, Verified: 6}, true, true, 6},
+		{"sync under way", persisted{Sync: &syncRecord{Gen: 1}}, wire.Replica{Diverged: d}, false, true, 0},
+		{"repaired already", persisted{Repaired: d}, wire.Replica{Diverged: d}, false, true, 0},
+		{"another after a repair", persisted{Repaired: &wire.Divergence{Cycle: 3, At: at}}, wire.Replica{Diverged: d}, true, true, 0},
+		{"cleared", persisted{Diverged: d, Verified: 9}, wire.Replica{Verified: 2}, false, false, 9},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, 1<<20)
+			s, err := New(e.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			s.st = tc.before
+			if err := s.noteReplica(tc.rep); err != nil {
+				t.Fatal(err)
+			}
+			st := s.Status()
+			due := s.st.Resync != nil && sameDivergence(s.st.Resync.Divergence, d) && s.st.Resync.Manual &&
+				s.st.Resync.Reason == "the replica's disks disk0 differ from the primary's at cycle 7 (block-tree roots)"
+			if due != tc.resync || (st.Diverged != nil) != tc.div || st.Verified != tc.verif {
+				t.Fatalf("resync %+v, diverged %+v, verified %d", s.st.Resync, st.Diverged, st.Verified)
+			}
+		})
+	}
+}
