@@ -152,6 +152,9 @@ func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo) (*cycle
 		if err != nil {
 			return nil, err
 		}
+		if err := s.noteReplica(rep); err != nil {
+			return nil, err
+		}
 		s.unanswered = 0
 		if rep.Applied >= info.Cycle {
 			u.rep, u.answered = rep, true
@@ -159,17 +162,21 @@ func (s *Shipper) sendCycle(ctx context.Context, info journal.CycleInfo) (*cycle
 			return u, nil
 		}
 	}
+	roots, err := s.cycleRoots(ctx, info.Cycle)
+	if err != nil {
+		return nil, err
+	}
 	h := wire.Header{
 		VM: s.cfg.VM, Kind: wire.KindCycle, Disks: s.cfg.Disks,
 		Cycle: info.Cycle, Prev: info.Cycle - 1,
 		Sealed: info.Sealed, AppConsistent: info.AppConsistent, Point: info.Point,
+		Roots: roots,
 	}
 	newSrc := func() *streamSource {
 		return newStreamSource(ctx, h, s.cfg.Compress, s.chunk, func(ctx context.Context, w *wire.Writer) error {
 			return s.fillCycle(ctx, w, info)
 		})
 	}
-	var err error
 	if u.size, err = s.uploadStream(ctx, id, newSrc, lims); err != nil {
 		return nil, err
 	}
@@ -193,6 +200,9 @@ func (s *Shipper) startCommit(ctx context.Context, u *cycleUpload) {
 			// next cycle: Sync, the lag and the journal's space wait for
 			// it.
 			u.err, u.recorded = s.shipped(u.info, u.rep, u.size, s.now().Sub(u.start)), true
+			if u.err == nil {
+				u.err = s.noteReplica(u.rep)
+			}
 		}
 		s.mu.Lock()
 		s.committing = 0

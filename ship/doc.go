@@ -54,8 +54,11 @@
 // Both begin with Journal.BeginResync: a barrier cycle B, every cycle up to
 // B released, every later one kept. The disks are then sent in pieces
 // (wire.PieceRange) read from the live disks: an initial copy sends non-zero
-// 4 KiB blocks as data and zero runs as zero ranges; a resync first asks the
-// replica for BLAKE3-256 sums of its blocks (BlockSize) and sends only the
+// 4 KiB blocks as data and zero runs as zero ranges; a resync compares the
+// block trees of both sides top-down (leaves, then the blocks of the leaves
+// that differ: treesync.go) and reads and sends only the blocks that
+// differ, or, where a tree cannot answer, asks the replica for BLAKE3-256
+// sums of its blocks (BlockSize), reads the whole piece and sends the
 // blocks that differ. Blocks read after B may be newer than B; the cycles
 // after B, shipped after the sync finished, make the replica exact. The
 // generation, kind and base are in the state file and the replica's
@@ -64,7 +67,17 @@
 // sync (the cycles after B are lost), the sync starts again as a resync.
 //
 // Automatic resyncs (journal overflow, an incomplete replica) start only in
-// ResyncWindow; Resync starts one at once.
+// ResyncWindow; Resync starts one at once, and so does a divergence.
+//
+// # Verified replication
+//
+// Each cycle's header carries the primary's block-tree roots at its
+// barrier (roots.go); the replica checks its own against them once it
+// applied the cycle, and every answer says the last cycle it verified and
+// whether it diverged (wire.Replica). A divergence starts a resync at once
+// whose reason names the cycle and disks, and whose log names the ranges
+// it repaired (divergence.go). A cycle whose roots the journal did not
+// know in time ships unverified and is counted (UnverifiedCycles).
 //
 // # Errors
 //

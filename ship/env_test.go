@@ -3,6 +3,7 @@ package ship
 import (
 	"context"
 	"crypto/rand"
+	"io"
 	"log"
 	"log/slog"
 	"net/http/httptest"
@@ -30,18 +31,41 @@ type env struct {
 	primary *pki.Identity
 	cfg     Config
 	chunk   int64
+	// rootsWait, if set, replaces the shipper's wait for a cycle's roots.
+	rootsWait time.Duration
+	// log holds what the shipper logged.
+	log *logBuffer
+}
+
+// logBuffer keeps log lines for a test to look at.
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func newEnv(t *testing.T, sizes ...int64) *env {
 	t.Helper()
 	dir := t.TempDir()
-	e := &env{t: t, dir: dir, pkiDir: filepath.Join(dir, "pki"), chunk: 64 << 10}
+	e := &env{t: t, dir: dir, pkiDir: filepath.Join(dir, "pki"), chunk: 64 << 10, log: &logBuffer{}}
 	if _, err := pki.Init(e.pkiDir, pki.InitOptions{Name: "test"}); err != nil {
 		t.Fatal(err)
 	}
 	rid := e.identity("replica", "127.0.0.1")
 	e.primary = e.identity("primary")
 	e.rep = newFakeReplica("primary")
+	e.rep.t = t
 	e.srv = httptest.NewUnstartedServer(e.rep.handler())
 	e.srv.TLS = rid.ServerConfig()
 	e.srv.Config.ErrorLog = log.New(tWriter{t}, "replica: ", 0)
@@ -58,7 +82,7 @@ func newEnv(t *testing.T, sizes ...int64) *env {
 		Replica: e.px.addr(), TLS: e.primary.ClientConfig("127.0.0.1"), BypassProxy: true,
 		Compress: true, Frequency: time.Hour, StateFile: filepath.Join(dir, "state", "vm1.json"),
 		RetryScale: 0.0005, PieceSize: 256 << 10, ResyncWindow: "00:00-00:00",
-		Logger: slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger: slog.New(slog.NewTextHandler(io.MultiWriter(tWriter{t}, e.log), &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	return e
 }
@@ -108,6 +132,9 @@ func (e *env) start(cfg Config) *run {
 		e.t.Fatal(err)
 	}
 	s.chunk = e.chunk
+	if e.rootsWait != 0 {
+		s.rootsWait = e.rootsWait
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &run{s: s, cancel: cancel, done: make(chan struct{})}
 	go func() {

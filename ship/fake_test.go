@@ -2,6 +2,7 @@ package ship
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/pki"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"lukechampine.com/blake3"
@@ -55,6 +57,18 @@ type fakeReplica struct {
 	resyncBlocks int64 // data bytes applied by resync pieces
 	enables      []wire.Enable
 	headers      []wire.Header // of the cycles applied, in order
+
+	// t closes the replica's block trees when the test ends.
+	t *testing.T
+	// treeSums is how /sums answers a request with a Kind: "" from a
+	// real block tree of the images (built at the first such request,
+	// then kept by every apply), "old" as a replica that predates kinds
+	// (BLAKE3 sums, no kind header), "unavailable" with that code.
+	// treeUnknown, if set, makes the hash of a leaf or block (kind, wire
+	// disk, offset) unknown in answers.
+	treeSums    string
+	treeUnknown func(kind string, disk int, off int64) bool
+	sumsKinds   map[string]int // /sums requests per kind ("" BLAKE3)
 }
 
 func (f *fakeReplica) lastEnable() wire.Enable {
@@ -83,6 +97,11 @@ type fakeVM struct {
 	staged    map[string][]byte
 	pending   []wire.Frame // frames of committed resync pieces, applied at finish
 	held      *fakeHeld    // a finished resync held until its ConsistentAt
+	tree      *blocktree.Tree
+	// diverged and verified are the answers' Diverged and Verified; a
+	// resync's finish clears diverged.
+	diverged *wire.Divergence
+	verified uint64
 }
 
 // fakeHeld is a resync whose finish named a ConsistentAt past its base: as
@@ -101,6 +120,7 @@ func newFakeReplica(allow ...string) *fakeReplica {
 		allow: map[string]bool{}, vms: map[string]*fakeVM{},
 		uploadBytes: map[string]int64{}, streamSize: map[string]int64{},
 		dataBytes: map[string]int64{}, zeroRanges: map[string]int64{},
+		sumsKinds: map[string]int{},
 	}
 	for _, a := range allow {
 		f.allow[a] = true
@@ -165,7 +185,8 @@ func (f *fakeReplica) vm(w http.ResponseWriter, r *http.Request) (*fakeVM, bool)
 
 func (vm *fakeVM) view(name string) wire.Replica {
 	return wire.Replica{VM: name, Primary: vm.primary, Disks: vm.disks, State: vm.state,
-		Applied: vm.applied, AppliedAt: vm.appliedAt, Consistent: vm.sync == nil && vm.held == nil && vm.state == "replicating", Sync: vm.sync}
+		Applied: vm.applied, AppliedAt: vm.appliedAt, Consistent: vm.sync == nil && vm.held == nil && vm.state == "replicating", Sync: vm.sync,
+		Diverged: vm.diverged, Verified: vm.verified}
 }
 
 func (f *fakeReplica) getVM(w http.ResponseWriter, r *http.Request) {
@@ -322,14 +343,107 @@ func readStream(b []byte) (wire.Header, []wire.Frame, error) {
 }
 
 func (vm *fakeVM) apply(frames []wire.Frame) {
+	var b *blocktree.Batch
+	if vm.tree != nil {
+		b = vm.tree.Batch()
+	}
 	for _, fr := range frames {
 		img := vm.images[fr.Disk][fr.Offset : fr.Offset+fr.Length]
 		if fr.Type == wire.FrameData {
 			copy(img, fr.Data)
+			if b != nil {
+				b.Data(fr.Disk, fr.Offset, fr.Data)
+			}
 		} else {
 			clear(img)
+			if b != nil {
+				b.Zero(fr.Disk, fr.Offset, fr.Length)
+			}
 		}
 	}
+	if b != nil {
+		if err := b.Commit(); err != nil {
+			panic(err)
+		}
+	}
+}
+
+// checkRoots compares the VM's tree roots after applying the cycle of hdr
+// with the primary's in hdr, as apply does: equal, the cycle is verified;
+// different, the VM diverged, naming the disks.
+func (f *fakeReplica) checkRoots(vm *fakeVM, hdr wire.Header) {
+	if len(hdr.Roots) == 0 {
+		return
+	}
+	if vm.tree == nil {
+		t, err := memTree(f.t, vm.images)
+		if err != nil {
+			panic(err)
+		}
+		vm.tree = t
+	}
+	var bad []string
+	for d, r := range vm.tree.Roots() {
+		if r.String() != hdr.Roots[d] {
+			bad = append(bad, vm.disks[d].Name)
+		}
+	}
+	if bad == nil {
+		vm.verified = hdr.Cycle
+	} else if vm.diverged == nil {
+		vm.diverged = &wire.Divergence{Cycle: hdr.Cycle, Disks: bad, At: time.Now()}
+	}
+}
+
+// treeAnswer answers a sums request with a Kind from the VM's block tree.
+func (f *fakeReplica) treeAnswer(w http.ResponseWriter, vm *fakeVM, q wire.SumsRequest) {
+	if vm.tree == nil {
+		t, err := memTree(f.t, vm.images)
+		if err != nil {
+			writeErr(w, http.StatusInternalServerError, wire.Error{Code: wire.CodeInternal, Message: err.Error()})
+			return
+		}
+		vm.tree = t
+	}
+	var hs []uint64
+	unit := int64(blocktree.BlockSize)
+	switch q.Kind {
+	case wire.SumsLeaves:
+		if q.Offset%blocktree.LeafSize != 0 {
+			writeErr(w, http.StatusBadRequest, wire.Error{Code: wire.CodeBadReq, Message: "unaligned leaves"})
+			return
+		}
+		unit = blocktree.LeafSize
+		var err error
+		hs, err = vm.tree.Leaves(q.Disk, q.Offset/unit, (q.Length+unit-1)/unit)
+		if err != nil {
+			panic(err)
+		}
+	case wire.SumsBlocks:
+		if q.Offset%blocktree.BlockSize != 0 {
+			writeErr(w, http.StatusBadRequest, wire.Error{Code: wire.CodeBadReq, Message: "unaligned blocks"})
+			return
+		}
+		b, err := vm.tree.Blocks(q.Disk, q.Offset, q.Length)
+		if err != nil {
+			panic(err)
+		}
+		for _, h := range b {
+			hs = append(hs, uint64(h))
+		}
+	default:
+		writeErr(w, http.StatusBadRequest, wire.Error{Code: wire.CodeBadReq, Message: "unknown kind"})
+		return
+	}
+	out := make([]byte, 0, 8*len(hs))
+	for i, h := range hs {
+		if f.treeUnknown != nil && f.treeUnknown(q.Kind, q.Disk, q.Offset+int64(i)*unit) {
+			h = 0
+		}
+		out = binary.LittleEndian.AppendUint64(out, h)
+	}
+	w.Header().Set(wire.SumsKindHeader, q.Kind)
+	w.Write(out)
 }
 
 func (f *fakeReplica) commit(w http.ResponseWriter, r *http.Request) {
@@ -382,6 +496,7 @@ func (f *fakeReplica) commit(w http.ResponseWriter, r *http.Request) {
 				vm.state = "replicating"
 				f.headers = append(f.headers, h.headers...)
 				vm.held = nil
+				f.checkRoots(vm, hdr)
 			}
 			break
 		}
@@ -393,6 +508,7 @@ func (f *fakeReplica) commit(w http.ResponseWriter, r *http.Request) {
 		vm.apply(frames)
 		vm.applied, vm.appliedAt = hdr.Cycle, time.Now()
 		f.headers = append(f.headers, hdr)
+		f.checkRoots(vm, hdr)
 	default:
 		s := vm.sync
 		if s == nil || s.Gen != hdr.Gen || s.Kind != hdr.Kind || hdr.Piece < 0 || hdr.Piece >= s.Pieces {
@@ -468,8 +584,20 @@ func (f *fakeReplica) sums(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	f.sumsKinds[q.Kind]++
+	if f.treeSums == "old" {
+		q.Kind = ""
+	}
 	if q.Disk < 0 || q.Disk >= len(vm.images) || q.BlockSize <= 0 || q.Offset < 0 || q.Offset+q.Length > vm.disks[q.Disk].Size {
 		writeErr(w, http.StatusBadRequest, wire.Error{Code: wire.CodeBadReq, Message: "bad range"})
+		return
+	}
+	if q.Kind != "" {
+		if f.treeSums == "unavailable" {
+			writeErr(w, http.StatusServiceUnavailable, wire.Error{Code: wire.CodeUnavailable, Message: "block tree being built"})
+			return
+		}
+		f.treeAnswer(w, vm, q)
 		return
 	}
 	if vm.sync == nil && vm.held == nil && vm.state == "replicating" {
@@ -500,6 +628,7 @@ func (f *fakeReplica) syncFinish(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, wire.Error{Code: wire.CodeMismatch, Message: "sync not complete"})
 		return
 	}
+	vm.diverged = nil
 	if vm.sync.Kind == wire.KindResync && s.ConsistentAt > s.Base {
 		// Held: the answer names the images' cycle, not the base.
 		vm.held = &fakeHeld{consistentAt: s.ConsistentAt, last: s.Base, frames: vm.pending}

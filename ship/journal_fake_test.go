@@ -1,6 +1,7 @@
 package ship
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"slices"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	badger "github.com/dgraph-io/badger/v4"
 	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/journal"
 )
@@ -33,6 +35,17 @@ type fakeJournal struct {
 	// damage, if set, is asked first by ReadExtent: an error it returns
 	// is damage at rest in the journal (a *journal.DamageError).
 	damage func(e journal.Extent) error
+
+	// tree, if set (withTree), is a real block tree of the disks, updated
+	// with every write as the journal's write-back does (the fake writes
+	// back at once); roots are its roots at each barrier.
+	tree  *blocktree.Tree
+	roots map[uint64][]blocktree.Root
+	// holdWriteBack makes WaitWrittenBack and RootsAt wait for their
+	// context, as a write-back that does not reach the barrier;
+	// onWrittenBack runs when WaitWrittenBack returns.
+	holdWriteBack bool
+	onWrittenBack func()
 }
 
 type fakeCycle struct {
@@ -64,6 +77,13 @@ func (j *fakeJournal) write(disk int, off int64, p []byte) {
 		panic("unaligned fake write")
 	}
 	copy(j.disks[disk][off:], p)
+	if j.tree != nil {
+		b := j.tree.Batch()
+		b.Data(disk, off, p)
+		if err := b.Commit(); err != nil {
+			panic(err)
+		}
+	}
 	if !j.dirty {
 		for b := off; b < off+int64(len(p)); b += bs {
 			blk := make([]byte, bs)
@@ -80,6 +100,13 @@ func (j *fakeJournal) zero(disk int, off, n int64, kind uint8) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	clear(j.disks[disk][off : off+n])
+	if j.tree != nil {
+		b := j.tree.Batch()
+		b.Zero(disk, off, n)
+		if err := b.Commit(); err != nil {
+			panic(err)
+		}
+	}
 	if j.dirty {
 		return
 	}
@@ -118,6 +145,9 @@ func (j *fakeJournal) sealLocked() journal.CycleInfo {
 		snap[i] = slices.Clone(d)
 	}
 	j.barriers[c.info.Cycle] = snap
+	if j.tree != nil {
+		j.roots[c.info.Cycle] = j.tree.Roots()
+	}
 	if !j.dirty {
 		j.closed = append(j.closed, c)
 	}
@@ -300,9 +330,80 @@ func (j *fakeJournal) live(d int) []byte {
 
 var _ Journal = (*fakeJournal)(nil)
 
-// The fake keeps no block tree: the shipper compares sums with it.
-func (j *fakeJournal) BlockTree() *blocktree.Tree                          { return nil }
-func (j *fakeJournal) WaitWrittenBack(ctx context.Context, c uint64) error { return ctx.Err() }
+// withTree gives the journal a block tree over an in-memory BadgerDB,
+// built from the disks as they are now (call it before the shipper runs).
+func (j *fakeJournal) withTree(t *testing.T) *fakeJournal {
+	t.Helper()
+	tree, err := memTree(t, j.disks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.mu.Lock()
+	j.tree, j.roots = tree, map[uint64][]blocktree.Root{}
+	j.mu.Unlock()
+	return j
+}
+
+// memTree builds a block tree of images over an in-memory BadgerDB,
+// closed when the test ends.
+func memTree(t *testing.T, images [][]byte) (*blocktree.Tree, error) {
+	db, err := badger.Open(blocktree.Options("").WithInMemory(true))
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { db.Close() })
+	var sizes []int64
+	for _, img := range images {
+		sizes = append(sizes, int64(len(img)))
+	}
+	tree, _, err := blocktree.Open(db, nil, sizes)
+	if err != nil {
+		return nil, err
+	}
+	for d, img := range images {
+		for done := false; !done; {
+			if done, err = tree.BuildStep(d, bytes.NewReader(img), 4<<20, nil); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return tree, nil
+}
+
+// BlockTree is nil unless withTree gave the journal one: the shipper then
+// compares BLAKE3 sums.
+func (j *fakeJournal) BlockTree() *blocktree.Tree {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.tree
+}
+
+func (j *fakeJournal) held() bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.holdWriteBack
+}
+
+func (j *fakeJournal) WaitWrittenBack(ctx context.Context, c uint64) error {
+	if j.held() {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	j.mu.Lock()
+	f := j.onWrittenBack
+	j.mu.Unlock()
+	if f != nil {
+		f()
+	}
+	return ctx.Err()
+}
+
 func (j *fakeJournal) RootsAt(ctx context.Context, c uint64) ([]blocktree.Root, error) {
-	return nil, ctx.Err()
+	if j.held() {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return slices.Clone(j.roots[c]), ctx.Err()
 }

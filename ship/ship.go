@@ -181,6 +181,14 @@ type Shipper struct {
 	// unanswered is the cycle whose last commit got no answer, under opMu
 	// (cycle.go).
 	unanswered uint64
+	// tsync is how the sync under way compares pieces (treesync.go);
+	// roots the block-tree roots of the cycles being shipped, kept so that
+	// a cycle sent again has the same header (roots.go); rootsWait bounds
+	// the wait for them. Under opMu.
+	tsync      *treeResync
+	roots      map[uint64][]string
+	rootsWait  time.Duration
+	unverified bool // the last cycle shipped without roots
 
 	mu        sync.Mutex
 	st        persisted
@@ -277,6 +285,7 @@ func New(cfg Config) (*Shipper, error) {
 	s := &Shipper{
 		cfg: cfg, j: cfg.Journal, log: cfg.Logger, fs: cfg.FS, now: cfg.Now,
 		window: win, initial: init, chunk: wire.MaxChunk,
+		roots: map[uint64][]string{}, rootsWait: rootsWait,
 		wireOf:  make(map[int]int),
 		changed: make(chan struct{}),
 		done:    make(chan struct{}),
@@ -546,6 +555,9 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 		if err != nil {
 			return false, time.Time{}, err
 		}
+		if err := s.noteReplica(rep); err != nil {
+			return false, time.Time{}, err
+		}
 		if !st.InitialDone && st.Sync == nil && (s.initial.kind == "network" || s.initial.kind == "at") && rep.Applied > 0 {
 			// The replica already holds this VM (replication was disabled
 			// and enabled again): a full copy would overwrite its last
@@ -600,7 +612,7 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 			s.setWaiting("window", next)
 			return false, next, nil
 		}
-		return true, time.Time{}, s.startSync(wire.KindResync, pending.Reason, "")
+		return true, time.Time{}, s.startSyncFor(wire.KindResync, pending.Reason, "", pending.Divergence)
 	}
 	cycles := s.j.Cycles()
 	if len(cycles) == 0 {

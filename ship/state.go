@@ -55,6 +55,15 @@ type persisted struct {
 	QuiesceError      string    `json:"quiesce_error,omitempty"`
 	// LastVerify is the last verify that finished (verify.go).
 	LastVerify *LastVerify `json:"last_verify,omitempty"`
+	// Verified is the last cycle the replica found its block-tree roots
+	// equal to ours at (wire.Replica.Verified, the highest it named).
+	// Diverged is the divergence the replica reports now (nil once it
+	// reports none); Repaired the divergence the last resync started for
+	// one repaired, so that a replica that still names it after the
+	// resync does not start another (divergence.go).
+	Verified uint64           `json:"verified,omitempty"`
+	Diverged *wire.Divergence `json:"diverged,omitempty"`
+	Repaired *wire.Divergence `json:"repaired,omitempty"`
 }
 
 type syncRecord struct {
@@ -78,6 +87,9 @@ type syncRecord struct {
 	// ConsistentAt is the cycle sealed after the last piece was read: the
 	// replica equals the primary once it applied it (wire.SyncFinish).
 	ConsistentAt uint64 `json:"consistent_at,omitempty"`
+	// Divergence is the replica's divergence this resync repairs, if it
+	// was started for one.
+	Divergence *wire.Divergence `json:"divergence,omitempty"`
 }
 
 func (r *syncRecord) start() wire.SyncStart {
@@ -85,8 +97,9 @@ func (r *syncRecord) start() wire.SyncStart {
 }
 
 type pendingResync struct {
-	Reason string `json:"reason"`
-	Manual bool   `json:"manual,omitempty"`
+	Reason     string           `json:"reason"`
+	Manual     bool             `json:"manual,omitempty"`
+	Divergence *wire.Divergence `json:"divergence,omitempty"`
 }
 
 // counters are cumulative figures for Status.
@@ -99,6 +112,14 @@ type counters struct {
 	MaxLatency   time.Duration `json:"max_latency"`
 	SyncBytes    int64         `json:"sync_bytes"` // sync piece streams
 	Retries      int64         `json:"retries"`
+	// SyncReadBytes are the disk bytes initial copies and resyncs read
+	// from the primary's images: a resync that compares block trees reads
+	// only the blocks that differ.
+	SyncReadBytes int64 `json:"sync_read_bytes,omitempty"`
+	// UnverifiedCycles were shipped without the primary's block-tree roots
+	// (the tree did not know them in time): the replica could not check
+	// its images after applying them.
+	UnverifiedCycles int64 `json:"unverified_cycles,omitempty"`
 }
 
 func loadState(fsys vfs.FS, name string) (persisted, bool, error) {

@@ -57,7 +57,13 @@ type Status struct {
 	// finished (verify.go).
 	Verify     *VerifyProgress `json:"verify,omitempty"`
 	LastVerify *LastVerify     `json:"last_verify,omitempty"`
-	Metrics    Metrics         `json:"metrics"`
+	// Verified is the last cycle at whose barrier the replica found its
+	// block-tree roots equal to the primary's ("verified at cycle N"); 0
+	// when none was. Diverged is set while the replica reports that its
+	// roots differed (divergence.go): a resync repairs it.
+	Verified uint64           `json:"verified_cycle,omitempty"`
+	Diverged *wire.Divergence `json:"diverged,omitempty"`
+	Metrics  Metrics          `json:"metrics"`
 }
 
 // SyncStatus is an initial copy or resync under way.
@@ -97,6 +103,11 @@ type Metrics struct {
 	SyncTotalBytes      int64   `json:"sync_total_bytes"`
 	SyncRate            float64 `json:"sync_rate_bytes_per_second"`
 	SyncETASeconds      float64 `json:"sync_eta_seconds"`
+	// SyncReadBytesTotal are the disk bytes syncs read from the primary's
+	// images; UnverifiedCyclesTotal the cycles shipped without block-tree
+	// roots.
+	SyncReadBytesTotal    int64 `json:"sync_read_bytes_total"`
+	UnverifiedCyclesTotal int64 `json:"unverified_cycles_total"`
 }
 
 // Status reports the replication state and figures.
@@ -115,6 +126,11 @@ func (s *Shipper) Status() Status {
 	}
 	st.State, st.Reason = s.stateLocked(js)
 	s.verifyStatusLocked(&st)
+	st.Verified = s.st.Verified
+	if d := s.st.Diverged; d != nil {
+		c := *d
+		st.Diverged = &c
+	}
 	if s.stopped == nil && now.Before(s.retryAt) {
 		st.NextRetry = s.retryAt
 	}
@@ -142,6 +158,7 @@ func (s *Shipper) Status() Status {
 		m.AvgLatencySeconds = c.Latency.Seconds() / float64(c.Shipped)
 	}
 	m.SyncWireBytesTotal, m.RetriesTotal = c.SyncBytes, c.Retries
+	m.SyncReadBytesTotal, m.UnverifiedCyclesTotal = c.SyncReadBytes, c.UnverifiedCycles
 
 	if rec := s.st.Sync; rec != nil {
 		st.Sync = &SyncStatus{Kind: rec.Kind, Gen: rec.Gen, Base: rec.Base, Reason: rec.Reason,
@@ -155,14 +172,15 @@ func (s *Shipper) Status() Status {
 	}
 
 	// Warning when replication falls behind or is paused (as Hyper-V
-	// shows it): a retry is pending or running, a resync is due, or the oldest closed cycle not yet on the replica was sealed
+	// shows it): a retry is pending or running, a resync is due, the
+	// replica diverged, or the oldest closed cycle not yet on the replica was sealed
 	// more than two cycles ago (the newest unshipped one is at most one
 	// cycle old while seals go on, so it would never tell).
 	switch {
 	case s.stopped != nil:
 		st.Health = HealthCritical
 	case st.State == StateResyncRequired || st.State == StatePaused ||
-		s.st.Resync != nil || js.ResyncRequired ||
+		s.st.Resync != nil || js.ResyncRequired || s.st.Diverged != nil ||
 		!s.retryAt.IsZero() || // a retry is scheduled or under way
 		(len(cycles) > 0 && now.Sub(cycles[0].Sealed) > 2*s.cfg.Frequency):
 		st.Health = HealthWarning

@@ -58,6 +58,11 @@ func syncWhat(kind string) string {
 // B released, cycles after B kept), then a new generation in the state file.
 // The replica hears of it in runSync.
 func (s *Shipper) startSync(kind, reason, offline string) error {
+	return s.startSyncFor(kind, reason, offline, nil)
+}
+
+// startSyncFor is startSync of a resync that repairs div (nil: none).
+func (s *Shipper) startSyncFor(kind, reason, offline string, div *wire.Divergence) error {
 	info, err := s.j.BeginResync()
 	if err != nil {
 		return fmt.Errorf("ship: begin %s: %w", syncWhat(kind), err)
@@ -71,7 +76,7 @@ func (s *Shipper) startSync(kind, reason, offline string) error {
 		rec = syncRecord{
 			Gen: st.Gen, Kind: kind, Base: info.Cycle, BaseSealed: info.Sealed,
 			PieceSize: s.cfg.PieceSize, Pieces: wire.PieceCount(s.cfg.Disks, s.cfg.PieceSize),
-			Offline: offline, Reason: reason, Started: s.now(),
+			Offline: offline, Reason: reason, Started: s.now(), Divergence: div,
 		}
 		if kind == wire.KindResync {
 			rec.BlockSize = s.cfg.BlockSize
@@ -112,6 +117,9 @@ func (s *Shipper) runSync(ctx context.Context) (bool, time.Time, error) {
 		if err != nil {
 			return false, time.Time{}, err
 		}
+		if err := s.noteReplica(rep); err != nil {
+			return false, time.Time{}, err
+		}
 		if (rep.Sync == nil || rep.Sync.Gen != rec.Gen) && rep.Applied >= rec.Base {
 			return true, time.Time{}, s.finishSync(rec, rep)
 		}
@@ -137,6 +145,7 @@ func (s *Shipper) runSync(ctx context.Context) (bool, time.Time, error) {
 		}
 		s.succeeded()
 	}
+	s.logRepairs(rec)
 	consistentAt, err := s.sealConsistent()
 	if err != nil {
 		return false, time.Time{}, err
@@ -203,9 +212,15 @@ func (s *Shipper) finishSync(rec *syncRecord, rep wire.Replica) error {
 		if lost {
 			st.Resync = &pendingResync{Reason: "the journal passed its cap during the " + syncWhat(rec.Kind), Manual: true}
 		}
+		if rec.Divergence != nil {
+			st.Repaired = rec.Divergence
+		}
 	})
 	s.log.Info("sync finished", "kind", rec.Kind, "gen", rec.Gen, "base", rec.Base)
-	return err
+	if err != nil {
+		return err
+	}
+	return s.noteReplica(rep)
 }
 
 // shipPiece sends piece p of the sync and waits for its commit.
@@ -225,11 +240,28 @@ func (s *Shipper) shipPiece(ctx context.Context, rec *syncRecord, p int64) error
 		if rec.Kind == wire.KindFull {
 			fill = func(w *wire.Writer) error { return s.fillFull(ctx, w, wd, off, n) }
 		} else {
-			sums, err := s.remoteSums(ctx, wd, off, n, rec.BlockSize)
+			m, err := s.resyncMode(ctx, rec)
 			if err != nil {
 				return err
 			}
-			fill = func(w *wire.Writer) error { return s.fillResync(ctx, w, wd, off, n, rec.BlockSize, sums) }
+			runs, why, err := s.treePiece(ctx, m, wd, off, n)
+			if err != nil {
+				return err
+			}
+			s.logPath(m, rec, why == "", why)
+			if why == "" {
+				for _, r := range runs {
+					m.note(s, wd, r[0], r[1])
+				}
+				fill = func(w *wire.Writer) error { return s.fillRuns(ctx, w, wd, runs) }
+			} else {
+				sums, err := s.remoteSums(ctx, wd, off, n, rec.BlockSize)
+				if err != nil {
+					return err
+				}
+				note := func(from, to int64) { m.note(s, wd, from, to) }
+				fill = func(w *wire.Writer) error { return s.fillResync(ctx, w, wd, off, n, rec.BlockSize, sums, note) }
+			}
 		}
 		if sp, err = s.writeSpool(ctx, id, h, fill); err != nil {
 			return fmt.Errorf("ship: piece %d: %w", p, err)
@@ -257,7 +289,7 @@ func (s *Shipper) shipPiece(ctx context.Context, rec *syncRecord, p int64) error
 // 4 KiB blocks and zero ranges for runs of zero blocks: a sparse disk costs
 // next to nothing on the wire.
 func (s *Shipper) fillFull(ctx context.Context, w *wire.Writer, wd int, off, n int64) error {
-	return s.fillResync(ctx, w, wd, off, n, journal.BlockSize, nil)
+	return s.fillResync(ctx, w, wd, off, n, journal.BlockSize, nil, nil)
 }
 
 // same says whether blk hashes to sum.
@@ -283,8 +315,9 @@ func (s *Shipper) remoteSums(ctx context.Context, wd int, off, n, bs int64) ([]b
 
 // fillResync writes the blocks of [off, off+n) whose BLAKE3-256 differs from
 // the replica's (sums; nil: every block differs): data frames, or zero
-// ranges for zero blocks.
-func (s *Shipper) fillResync(ctx context.Context, w *wire.Writer, wd int, off, n, bs int64, sums []byte) error {
+// ranges for zero blocks. note, if set, hears of every block that differs
+// from the sums.
+func (s *Shipper) fillResync(ctx context.Context, w *wire.Writer, wd int, off, n, bs int64, sums []byte, note func(from, to int64)) error {
 	jd := s.cfg.DiskIndex[wd]
 	buf := make([]byte, min(n, max(bs, wire.MaxFrameData)))
 	zeroAt := int64(-1)
@@ -304,6 +337,9 @@ func (s *Shipper) fillResync(ctx context.Context, w *wire.Writer, wd int, off, n
 		if err := s.j.ReadAt(jd, p, pos); err != nil {
 			return fmt.Errorf("ship: read disk %d at %d: %w", jd, pos, err)
 		}
+		s.mu.Lock()
+		s.st.Counters.SyncReadBytes += int64(len(p))
+		s.mu.Unlock()
 		data := int64(-1)
 		flushData := func(end int64) error {
 			if data < 0 {
@@ -325,6 +361,9 @@ func (s *Shipper) fillResync(ctx context.Context, w *wire.Writer, wd int, off, n
 					return err
 				}
 				continue
+			}
+			if sums != nil && note != nil {
+				note(pos+b, pos+e)
 			}
 			if isZero(blk) {
 				if err := flushData(b); err != nil {
