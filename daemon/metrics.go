@@ -55,6 +55,10 @@ var metricHelp = map[string]string{
 	"vdrepl_replica_recovery_points":                "replica role: recovery points kept besides the latest state",
 	"vdrepl_replica_recovery_point_bytes":           "replica role: undo data the recovery points take",
 	"vdrepl_replica_failed_over":                    "replica role: 1 while the VM is failed over on this host",
+	"vdrepl_replication_sync_read_bytes_total":      "bytes initial copies and resyncs read from the primary's images (a block-tree resync reads only what differs)",
+	"vdrepl_replication_unverified_cycles_total":    "cycles shipped without the primary's block-tree roots (its tree was being built), so the replica could not check them",
+	"vdrepl_replication_verified_cycle":             "the last cycle whose block-tree roots the replica found equal to the primary's",
+	"vdrepl_replication_diverged":                   "1 while the replica reports that its block-tree roots after a cycle differed from the primary's; a resync repairs it",
 	"vdrepl_replica_diverged":                       "replica role: 1 when the replica's block-tree roots after a cycle differed from the primary's at its barrier, until a resync repairs it",
 	"vdrepl_replica_verified_cycle":                 "replica role: the last cycle whose block-tree roots equalled the primary's at its barrier",
 	"vdrepl_replica_health":                         "replica role: 0 normal, 1 warning (no cycle applied for more than 2 x frequency), 2 critical (more than 6 x frequency or 1 hour, but not before 3 x frequency); in an initial copy or resync, by the time since its last piece",
@@ -123,6 +127,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge("vdrepl_replication_ship_latency_seconds_avg", m.AvgLatencySeconds, p.VM)
 		gauge("vdrepl_replication_ship_latency_seconds_max", m.MaxLatencySeconds, p.VM)
 		counter("vdrepl_replication_sync_wire_bytes_total", float64(m.SyncWireBytesTotal), p.VM)
+		counter("vdrepl_replication_sync_read_bytes_total", float64(m.SyncReadBytesTotal), p.VM)
+		counter("vdrepl_replication_unverified_cycles_total", float64(m.UnverifiedCyclesTotal), p.VM)
+		gauge("vdrepl_replication_verified_cycle", float64(p.Verified), p.VM)
+		gauge("vdrepl_replication_diverged", b2f(p.Diverged != nil), p.VM)
 		counter("vdrepl_replication_retries_total", float64(m.RetriesTotal), p.VM)
 		gauge("vdrepl_replication_sync_done_bytes", float64(m.SyncDoneBytes), p.VM)
 		gauge("vdrepl_replication_sync_total_bytes", float64(m.SyncTotalBytes), p.VM)

@@ -173,6 +173,20 @@ func printPrimary(w io.Writer, p control.ReplicationStatus, now time.Time, tty b
 	if s.QuiesceError != "" {
 		fmt.Fprintf(w, "  quiesce:      %s\n", s.QuiesceError)
 	}
+	if d := s.Diverged; d != nil {
+		fmt.Fprintf(w, "  DIVERGED:     the replica's disks %s differed from ours after cycle %d (block-tree roots, %s); a resync repairs them\n",
+			strings.Join(d.Disks, ", "), d.Cycle, d.At.Local().Format(timeZone))
+	}
+	switch {
+	case s.Verified > 0:
+		fmt.Fprintf(w, "  verified at:  cycle %d (the replica's block-tree roots equal ours at its barrier)", s.Verified)
+		if m.UnverifiedCyclesTotal > 0 {
+			fmt.Fprintf(w, "; %d cycles shipped unverified", m.UnverifiedCyclesTotal)
+		}
+		fmt.Fprintln(w)
+	case m.UnverifiedCyclesTotal > 0:
+		fmt.Fprintf(w, "  verified at:  none yet; %d cycles shipped unverified (the block tree is being built)\n", m.UnverifiedCyclesTotal)
+	}
 	printLastVerify(w, s, now)
 }
 
