@@ -377,6 +377,7 @@ func (v *vm) applyFiles(names ...string) (wire.Header, error) {
 	if err != nil {
 		return wire.Header{}, err
 	}
+	v.pendingCheck = nil // the images leave the cycle it was for
 	imgs, err := v.openImages(os.O_RDWR)
 	if err != nil {
 		tw.fail()

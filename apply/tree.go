@@ -250,6 +250,7 @@ func (v *vm) buildStep(imgs *[]vfs.File, buf []byte) (buildState, error) {
 	ds, _ := t.State()
 	disk := slices.IndexFunc(ds, func(d blocktree.DiskState) bool { return d.Built < d.Size })
 	if disk < 0 {
+		v.checkPending()
 		return buildDone, nil
 	}
 	if *imgs == nil {
@@ -490,6 +491,48 @@ func (tw *treeWriter) fail() {
 func (tw *treeWriter) lost(err error) error {
 	tw.t = nil
 	return tw.v.dropTree(err)
+}
+
+// checkPending checks the roots of the cycle the images are at, once the
+// tree is built, if its apply could not. The caller holds v.apply.
+func (v *vm) checkPending() {
+	h := v.pendingCheck
+	if h == nil {
+		return
+	}
+	v.pendingCheck = nil
+	if imagesAt(v.snapshot()) != h.Cycle {
+		return // they moved on (and that apply cleared the check), or left the primary's line
+	}
+	diverged, ok := v.checkRoots(*h)
+	if !ok {
+		return
+	}
+	now := v.s.now().UTC()
+	err := v.update(func(st *replicaState) error {
+		noteRoots(st, h.Cycle, diverged, now)
+		return nil
+	})
+	if err != nil {
+		v.s.log.Warn("record the root check of a cycle", "vm", v.name, "cycle", h.Cycle, "err", err)
+		return
+	}
+	v.reportRoots(h.Cycle, diverged)
+}
+
+// reportRoots logs and reports a root check recorded in replica.json.
+func (v *vm) reportRoots(cycle uint64, diverged []string) {
+	if len(diverged) > 0 {
+		v.s.log.Error("replica diverged: its block-tree roots after the cycle differ from the primary's at its barrier; the primary must resync",
+			"vm", v.name, "cycle", cycle, "disks", diverged)
+		if f := v.s.ev.Diverged; f != nil {
+			f(v.name, cycle, diverged)
+		}
+		return
+	}
+	if f := v.s.ev.Verified; f != nil {
+		f(v.name, cycle)
+	}
 }
 
 // checkRoots compares the tree's roots, after a cycle was applied and

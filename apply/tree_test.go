@@ -546,3 +546,50 @@ func TestTreeHonestAfterFailedApply(t *testing.T) {
 	}
 	checkTreeMatches(t, waitBuilt(t, h.server(), "vm1"), want2)
 }
+
+// TestTreeRootsCheckedAfterRecovery: a cycle whose apply a failure cut is
+// applied again at restart, when the tree is still being built (here it
+// starts afresh): its roots, in the staged stream's header, are checked
+// once the build completes.
+func TestTreeRootsCheckedAfterRecovery(t *testing.T) {
+	efs := vfs.NewErrorFS(vfs.Default)
+	h, a, _ := setup(t, efs)
+	_, want1, want2 := cycleTwo(t, a)
+	ops2 := []op{
+		{t: wire.FrameTrim, disk: 0, off: 0, n: 128 << 10},
+		{t: wire.FrameData, disk: 0, off: 4096, data: randBytes(2, 300<<10)},
+		{t: wire.FrameData, disk: 0, off: 600 << 10, data: randBytes(3, 200<<10)},
+		{t: wire.FrameData, disk: 1, off: 0, data: randBytes(4, 100<<10)},
+	}
+	m := want1.clone()
+	m.apply(ops2)
+	if !bytes.Equal(m[0], want2[0]) || !bytes.Equal(m[1], want2[1]) {
+		t.Fatal("ops2 are not cycleTwo's")
+	}
+	hdr := cycleHeader("vm1", 2, 1)
+	hdr.Roots = primaryRoots(t, want2)
+	a.upload("vm1", "c2", buildStream(t, hdr, ops2))
+	efs.InjectAfterPath(vfs.OpWrite, "d0.img", 1, vfs.ErrInjected)
+	if status, _, e := a.commit("vm1", "c2"); status != http.StatusInternalServerError {
+		t.Fatalf("commit with a failing image: %d %+v", status, e)
+	}
+	s := h.restart(vfs.Default)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		rep, _ := s.Replica("vm1")
+		if rep.Applied != 2 {
+			t.Fatalf("after recovery: %+v", rep)
+		}
+		if rep.Verified == 2 {
+			break
+		}
+		if rep.Diverged != nil || time.Now().After(deadline) {
+			t.Fatalf("cycle 2's roots not verified after recovery: %+v", rep)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	checkTreeMatches(t, waitBuilt(t, s, "vm1"), want2)
+	if got := h.ev.get(&h.ev.verified); !slices.Equal(got, []string{"vm1/2"}) {
+		t.Fatalf("Verified events %v", got)
+	}
+}

@@ -666,8 +666,8 @@ func (v *vm) finishIntent(recovering bool) error {
 	// between two points of the primary's. Recovery redoes the check, as
 	// the roots travel in the staged stream.
 	var diverged []string
-	checked := false
-	if next.Consistent && last.Kind == wire.KindCycle {
+	checked, check := false, next.Consistent && last.Kind == wire.KindCycle && len(last.Roots) > 0
+	if check {
 		diverged, checked = v.checkRoots(last)
 	}
 	now := v.s.now().UTC()
@@ -681,17 +681,13 @@ func (v *vm) finishIntent(recovering bool) error {
 	if err != nil {
 		return err
 	}
-	switch {
-	case checked && len(diverged) > 0:
-		v.s.log.Error("replica diverged: its block-tree roots after the cycle differ from the primary's at its barrier; the primary must resync",
-			"vm", v.name, "cycle", last.Cycle, "disks", diverged)
-		if f := v.s.ev.Diverged; f != nil {
-			f(v.name, last.Cycle, diverged)
-		}
-	case checked:
-		if f := v.s.ev.Verified; f != nil {
-			f(v.name, last.Cycle)
-		}
+	if checked {
+		v.reportRoots(last.Cycle, diverged)
+	} else if check && v.tree != nil {
+		// The tree is being built (after a crash, a failover, a new
+		// VM): the check waits for it, if the images are still at
+		// this cycle by then.
+		v.pendingCheck = &last
 	}
 	switch in.Op {
 	case intentCycle:

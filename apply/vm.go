@@ -52,6 +52,10 @@ type vm struct {
 	tree      *blocktree.Tree
 	tdb       *badger.DB
 	treeStale bool
+	// pendingCheck is the header of the cycle the images are at whose
+	// roots could not be checked because the tree was being built: the
+	// build checks them when it completes (tree.go).
+	pendingCheck *wire.Header
 
 	mu      sync.Mutex // guards the fields below; never held during I/O
 	st      replicaState
