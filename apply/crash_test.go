@@ -247,7 +247,7 @@ func (rig *crashRig) open(fsys vfs.FS) *Server {
 
 // stage uploads a stream through putChunk, from what is staged, as a
 // primary resumes.
-func stage(t *testing.T, v *vm, id string, stream []byte) {
+func stage(t testing.TB, v *vm, id string, stream []byte) {
 	t.Helper()
 	u, err := parseUploadID(id)
 	if err != nil {

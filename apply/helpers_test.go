@@ -330,7 +330,7 @@ type op struct {
 	data []byte // for data
 }
 
-func buildStream(t *testing.T, h wire.Header, ops []op) []byte {
+func buildStream(t testing.TB, h wire.Header, ops []op) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	w, err := wire.NewWriter(&buf, h, true)

@@ -65,7 +65,7 @@ func primaryRoots(t *testing.T, m model) []string {
 }
 
 // waitBuilt waits, with a deadline, until the VM's tree holds every disk.
-func waitBuilt(t *testing.T, s *Server, name string) *vm {
+func waitBuilt(t testing.TB, s *Server, name string) *vm {
 	t.Helper()
 	v, err := s.lookup(name)
 	if err != nil {
