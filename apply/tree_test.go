@@ -593,3 +593,53 @@ func TestTreeRootsCheckedAfterRecovery(t *testing.T) {
 		t.Fatalf("Verified events %v", got)
 	}
 }
+
+// TestTreeHeldResyncChecked: a resync held for the cycle that makes it
+// exact is applied with that cycle in one go; the divergence stays until
+// then, and that cycle's roots are checked against the images the resync
+// left.
+func TestTreeHeldResyncChecked(t *testing.T) {
+	rig := newCrashRig(t)
+	v, _ := rig.s.lookup("vm1")
+	r := rand.New(rand.NewPCG(121, 122))
+	primary := newModel(testDisks)
+	ops1 := randomOps(r, testDisks, 10)
+	primary.apply(ops1)
+	wrong := primary.clone()
+	wrong[0][0] ^= 0x80
+	hdr := cycleHeader("vm1", 1, 0)
+	hdr.Roots = primaryRoots(t, wrong)
+	if rep, err := resend(t, v, "c1", buildStream(t, hdr, ops1)); err != nil || rep.Diverged == nil || !slices.Equal(rep.Diverged.Disks, []string{"d0"}) {
+		t.Fatalf("cycle 1 with other roots: %+v %v", rep, err)
+	}
+
+	// The pieces are read while the guest writes cycle 2: they hold its
+	// data already, and cycle 2 writes it again.
+	ops2 := randomOps(r, testDisks, 6)
+	primary.apply(ops2)
+	const pieceSize = 256 << 10
+	pieces := wire.PieceCount(testDisks, pieceSize)
+	if _, err := v.syncStart(wire.SyncStart{Gen: 5, Kind: wire.KindResync, Base: 1, PieceSize: pieceSize, Pieces: pieces}); err != nil {
+		t.Fatal(err)
+	}
+	for p := range pieces {
+		d, off, n, _ := wire.PieceRange(testDisks, pieceSize, p)
+		ph := wire.Header{VM: "vm1", Kind: wire.KindResync, Disks: testDisks, Gen: 5, Piece: p}
+		id := wire.SyncUploadID(5, p)
+		stage(t, v, id, buildStream(t, ph, []op{{t: wire.FrameData, disk: d, off: off, data: primary[d][off : off+n]}}))
+		if _, err := commitID(v, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rep, err := v.syncFinish(wire.SyncFinish{Gen: 5, Base: 1, ConsistentAt: 2})
+	if err != nil || rep.Diverged == nil || rep.Applied != 1 {
+		t.Fatalf("held resync: %+v %v", rep, err)
+	}
+	hdr = cycleHeader("vm1", 2, 1)
+	hdr.Roots = primaryRoots(t, primary)
+	rep, err = resend(t, v, "c2", buildStream(t, hdr, ops2))
+	if err != nil || rep.Applied != 2 || !rep.Consistent || rep.Diverged != nil || rep.Verified != 2 {
+		t.Fatalf("the cycle that makes the held resync exact: %+v %v", rep, err)
+	}
+	checkTreeMatches(t, v, primary)
+}
