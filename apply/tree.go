@@ -47,19 +47,16 @@ func (v *vm) openTree() {
 	for i, d := range v.disks {
 		sizes[i] = d.Size
 	}
-	opts := blocktree.Options("").WithInMemory(true)
-	if v.onDisk() {
-		opts = blocktree.Options(v.treePath())
+	db, t, reset, err := v.loadTree(sizes)
+	if err != nil && v.onDisk() {
+		// An index that cannot be read is rebuilt from the images.
+		v.s.log.Warn("block tree cannot be opened: it starts afresh", "vm", v.name, "err", err)
+		if err = removeAll(v.s.fs, v.treePath()); err == nil {
+			db, t, reset, err = v.loadTree(sizes)
+		}
 	}
-	db, err := badger.Open(opts)
 	if err != nil {
 		v.s.log.Error("block tree cannot be opened: the VM runs without one (no tree sums, no root check)", "vm", v.name, "err", err)
-		return
-	}
-	t, reset, err := blocktree.Open(db, nil, sizes)
-	if err != nil {
-		db.Close()
-		v.s.log.Error("block tree cannot be read: the VM runs without one (no tree sums, no root check)", "vm", v.name, "err", err)
 		return
 	}
 	v.tree, v.tdb = t, db
@@ -76,6 +73,23 @@ func (v *vm) openTree() {
 		return
 	}
 	v.kickBuild()
+}
+
+func (v *vm) loadTree(sizes []int64) (*badger.DB, *blocktree.Tree, bool, error) {
+	opts := blocktree.Options("").WithInMemory(true)
+	if v.onDisk() {
+		opts = blocktree.Options(v.treePath())
+	}
+	db, err := badger.Open(opts)
+	if err != nil {
+		return nil, nil, false, err
+	}
+	t, reset, err := blocktree.Open(db, nil, sizes)
+	if err != nil {
+		db.Close()
+		return nil, nil, false, err
+	}
+	return db, t, reset, nil
 }
 
 func (v *vm) onDisk() bool {

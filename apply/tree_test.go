@@ -643,3 +643,25 @@ func TestTreeHeldResyncChecked(t *testing.T) {
 	}
 	checkTreeMatches(t, v, primary)
 }
+
+// TestTreeUnreadableStartsAfresh: a tree directory that is not a tree is
+// replaced by a new one, built from the images.
+func TestTreeUnreadableStartsAfresh(t *testing.T) {
+	h, a, dir := setup(t, nil)
+	ops := randomOps(rand.New(rand.NewPCG(131, 132)), testDisks, 10)
+	a.send("vm1", "c1", buildStream(t, cycleHeader("vm1", 1, 0), ops))
+	want := newModel(testDisks)
+	want.apply(ops)
+	h.server().Close()
+	names, err := os.ReadDir(filepath.Join(dir, treeDir))
+	if err != nil || len(names) == 0 {
+		t.Fatalf("tree directory: %v %v", names, err)
+	}
+	for _, n := range names {
+		if err := os.WriteFile(filepath.Join(dir, treeDir, n.Name()), []byte("not badger"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := h.restart(nil)
+	checkTreeMatches(t, waitBuilt(t, s, "vm1"), want)
+}
