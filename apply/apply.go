@@ -77,6 +77,12 @@ type Events struct {
 	// Recovered: an apply interrupted by a crash or an I/O error was
 	// finished; what is "cycle N" or "resync GEN".
 	Recovered func(vm, what string)
+	// Verified: after cycle was applied, the replica's block-tree roots
+	// equalled the primary's at its barrier.
+	Verified func(vm string, cycle uint64)
+	// Diverged: after cycle was applied, the roots of disks differed
+	// from the primary's: the replica is not what the primary had.
+	Diverged func(vm string, cycle uint64, disks []string)
 }
 
 // Config configures a Server.
@@ -121,6 +127,11 @@ type Server struct {
 	reserved map[string]bool // VMs being created (not yet in vms)
 	closed   bool
 	inflight sync.WaitGroup
+
+	// stop is closed by Close to stop the background builds of block
+	// trees (tree.go); bg counts them.
+	stop chan struct{}
+	bg   sync.WaitGroup
 }
 
 // New loads the allow-list and the replica registry from cfg.StateDir and
@@ -143,6 +154,7 @@ func New(cfg Config) (*Server, error) {
 		regPath:   join(cfg.StateDir, registryFile),
 		vms:       map[string]*vm{},
 		reserved:  map[string]bool{},
+		stop:      make(chan struct{}),
 	}
 	s.routes = s.newMux()
 	if s.fs == nil {
@@ -174,6 +186,7 @@ func New(cfg Config) (*Server, error) {
 	for _, name := range names {
 		v, err := s.openVM(name, reg[name])
 		if err != nil {
+			s.Close()
 			return nil, err
 		}
 		s.vms[name] = v
@@ -210,13 +223,22 @@ func (s *Server) Close() error {
 	s.closed = true
 	s.mu.Unlock()
 	s.inflight.Wait()
+	close(s.stop)
+	s.bg.Wait()
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	var errs []error
+	vms := make([]*vm, 0, len(s.vms))
 	for _, v := range s.vms {
+		vms = append(vms, v)
+	}
+	s.mu.Unlock()
+	var errs []error
+	for _, v := range vms {
 		if err := v.snap.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("apply: replica VM %q: %w", v.name, err))
 		}
+		v.apply.Lock() // taken after Server.mu is released: the lock order
+		v.closeTree()
+		v.apply.Unlock()
 	}
 	return errors.Join(errs...)
 }
@@ -280,8 +302,8 @@ func (s *Server) ImageDir(name string) (string, bool) {
 }
 
 // RemoveReplica forgets a replica VM: it leaves the registry and its
-// replica.json, staged uploads, staged sync pieces and recovery points are
-// removed. The images stay where they are.
+// replica.json, staged uploads, staged sync pieces, recovery points and
+// block tree are removed. The images stay where they are.
 func (s *Server) RemoveReplica(name string) error {
 	done, err := s.enter()
 	if err != nil {
@@ -313,7 +335,8 @@ func (s *Server) RemoveReplica(name string) error {
 	// The registry no longer names the VM: what follows is tidying, and a
 	// failure leaves only files that nothing reads.
 	v.snap.Close()
-	for _, p := range []string{join(v.dir, stateFile), join(v.dir, stagingDir), join(v.dir, syncDir), join(v.dir, pointsDir)} {
+	v.closeTree()
+	for _, p := range []string{join(v.dir, stateFile), join(v.dir, stagingDir), join(v.dir, syncDir), join(v.dir, pointsDir), v.treePath()} {
 		if err := removeAll(s.fs, p); err != nil {
 			s.log.Warn("remove replica: leftover file", "vm", name, "path", p, "err", err)
 		}

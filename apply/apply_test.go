@@ -32,6 +32,9 @@ func setup(t *testing.T, fsys vfs.FS) (*harness, *client, string) {
 	if !ok || dir != filepath.Join(h.storage, "vm1") {
 		t.Fatalf("ImageDir = %q, %v", dir, ok)
 	}
+	// The tree's build reads the images through the same filesystem: done
+	// before a test injects faults into it.
+	waitBuilt(t, h.server(), "vm1")
 	return h, a, dir
 }
 

@@ -230,6 +230,9 @@ func newCrashRig(t *testing.T) *crashRig {
 	if _, err := rig.s.enable("vm1", "a.example.com", nil, AllowEntry{Primary: "*", Storage: crashStorage}, wire.Enable{Disks: testDisks}); err != nil {
 		t.Fatal(err)
 	}
+	// The tree's build reads the images through efs: done before a test
+	// counts or injects faults.
+	waitBuilt(t, rig.s, "vm1")
 	return rig
 }
 
@@ -244,7 +247,7 @@ func (rig *crashRig) open(fsys vfs.FS) *Server {
 
 // stage uploads a stream through putChunk, from what is staged, as a
 // primary resumes.
-func stage(t *testing.T, v *vm, id string, stream []byte) {
+func stage(t testing.TB, v *vm, id string, stream []byte) {
 	t.Helper()
 	u, err := parseUploadID(id)
 	if err != nil {
@@ -320,6 +323,12 @@ func TestPowerCutDuringApply(t *testing.T) {
 			if err != nil && !errors.Is(err, vfs.ErrInjected) {
 				t.Fatalf("%s #%d: commit failed with %v", fop, n, err)
 			}
+			// Whatever the failure left in the images, the tree claims
+			// nothing they do not hold.
+			{
+				dir, _ := rig.s.ImageDir("vm1")
+				checkTreeHonest(t, v, readImages(t, rig.mem, dir, testDisks), fmt.Sprintf("%s #%d", fop, n))
+			}
 			for _, random := range []bool{false, true} {
 				crashed := rig.mem.CrashClone()
 				if random {
@@ -338,12 +347,15 @@ func TestPowerCutDuringApply(t *testing.T) {
 						t.Fatalf("%s: recovered at cycle %d but disk %d is not the primary's at that cycle", name, rep.Applied, i)
 					}
 				}
+				// The tree agrees with the images it came back to.
+				nv := waitBuilt(t, s, "vm1")
+				checkTreeMatches(t, nv, want[rep.Applied])
 				// And replication goes on.
-				nv, _ := s.lookup("vm1")
 				if rep, err := resend(t, nv, "c2", c2); err != nil || rep.Applied != 2 {
 					t.Fatalf("%s: cycle 2 after recovery: %+v %v", name, rep, err)
 				}
 				checkImages(t, crashed, dir, testDisks, want[2])
+				checkTreeMatches(t, nv, want[2])
 				s.Close()
 			}
 			rig.s.Close()

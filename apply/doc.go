@@ -38,6 +38,7 @@
 //	staging/c<N>.stream      cycle N, verified and durable, being applied
 //	sync/<gen>/<piece>.stream  committed pieces of resync <gen>, applied at finish
 //	points/                  recovery points (package snapshot; points.go)
+//	tree/                    the images' block tree, a BadgerDB (tree.go)
 //
 // A VM of this host adopted as a replica when replication is reversed to it
 // (host.go) keeps its images where they were (replica.json "images") and
@@ -86,6 +87,10 @@
 //	last_piece_at              this host's clock when the running sync began,
 //	                           last committed a piece, or (held) staged a
 //	                           cycle; absent when no sync runs
+//	verified                   the last cycle whose block-tree roots equalled
+//	                           the primary's (Block tree, below)
+//	diverged                   {cycle, disks, at}: roots differed after that
+//	                           cycle; cleared when a sync finishes
 //
 // # Apply and intent
 //
@@ -180,6 +185,55 @@
 // after a resync in which the replica holds no consistent image. A new sync
 // drops a held one and its staged cycles.
 //
+// # Block tree
+//
+// Each VM keeps a block-hash tree of its images (internal/blocktree): in
+// its own BadgerDB under tree/ on the real filesystem, in memory (rebuilt
+// at every open) on any other, as in tests. It is an index, never a
+// source of truth: a VM whose tree cannot be opened runs without one.
+//
+// applyFiles, where every stream (cycle, sync piece, resync, import)
+// reaches the images, keeps it. Before the first image write the tree is
+// marked dirty, durably (Begin); each frame goes into a batch as it is
+// written (a data frame's whole blocks get their hash, a trim or zero's
+// the zero hash); the blocks a frame covers only in part are read back
+// from the image once the frames are written and hashed; after the
+// images are fsynced the batch is committed and the tree synced, before
+// replica.json says applied. A batch past 16384 leaves (1 GiB of disk) is
+// committed midway the same way: images fsynced, commit, dirty again. So
+// a clean tree on disk always describes fsynced images, and one found
+// dirty at open is reset (blocktree.Open). An apply that fails resets the
+// disks it touched. A tree that errs is dropped (closed, its directory
+// removed; if that fails, no image changes until it is gone).
+//
+// A tree reset or new is built in the background: one goroutine per VM,
+// 4 MiB at a time, each step under the apply lock, reading the images;
+// Close stops it. A failover forgets the tree (the revert, the failed-over
+// VM's writes and a cancel's rollback change the images behind apply), and
+// it is not built while the VM is failed over; a cancel builds it again.
+//
+// POST .../sums with a Kind answers from the tree without reading the
+// images: 8 bytes, little endian, per 64 KiB leaf digest (SumsLeaves,
+// offset a multiple of 64 KiB) or 4 KiB block hash (SumsBlocks, offset a
+// multiple of 4 KiB), at most 2^20 of them, the range ending by the disk's
+// end rounded up to the unit; with the SumsKindHeader and SumsCycleHeader
+// as for BLAKE3 sums. While the disk's tree is not built, or the tree is
+// dirty, or the VM is failed over, the answer is 409 with code
+// "unavailable" (409, not 503: the primary falls back to BLAKE3 sums at
+// once instead of retrying).
+//
+// Root check: a cycle stream's header carries the primary's roots at its
+// barrier. After a cycle that leaves the images at that barrier (the VM
+// consistent: not a cycle before a sync's ConsistentAt) is applied and
+// the tree committed, the tree's roots are compared with them: equal
+// records verified=N, different records diverged (the first cycle found
+// different, the disks) in the same replica.json write as applied=N,
+// logs an error and calls Events.Diverged; apply goes on, and the primary
+// resyncs. A finished sync clears diverged. When the tree cannot tell its
+// roots yet (being built, e.g. after a crash mid-apply whose re-apply
+// found it reset), the build checks them on completion if the images are
+// still at that cycle.
+//
 // # Recovery points, failover, handover, relay
 //
 // Every apply first saves the undo data of the ranges it will change (when
@@ -253,5 +307,8 @@
 // vm.apply, then an upload's lock, then vm.mu (the VM's state in memory),
 // then Server.regMu (writes of allow.json and replicas.json), then
 // Server.mu (allow-list, VM map). vm.mu and Server.mu are never held
-// during I/O. Close refuses new requests and waits for those in flight.
+// during I/O. Close refuses new requests and waits for those in flight,
+// then stops the tree builds and closes the trees. A VM's tree and
+// whatever goes with it are guarded by vm.apply; a build step takes it
+// like an apply.
 package apply

@@ -76,6 +76,8 @@ type events struct {
 	corrupt   []string
 	recovered []string
 	synced    []uint64
+	verified  []string
+	diverged  []string
 }
 
 func (e *events) hooks() Events {
@@ -85,6 +87,8 @@ func (e *events) hooks() Events {
 		Corrupt:      func(vm, id string, err error) { e.add(&e.corrupt, vm+"/"+id) },
 		Recovered:    func(vm, what string) { e.add(&e.recovered, vm+"/"+what) },
 		SyncFinished: func(vm string, gen uint64) { e.mu.Lock(); e.synced = append(e.synced, gen); e.mu.Unlock() },
+		Verified:     func(vm string, c uint64) { e.add(&e.verified, fmt.Sprintf("%s/%d", vm, c)) },
+		Diverged:     func(vm string, c uint64, disks []string) { e.add(&e.diverged, fmt.Sprintf("%s/%d/%v", vm, c, disks)) },
 	}
 }
 
@@ -326,7 +330,7 @@ type op struct {
 	data []byte // for data
 }
 
-func buildStream(t *testing.T, h wire.Header, ops []op) []byte {
+func buildStream(t testing.TB, h wire.Header, ops []op) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	w, err := wire.NewWriter(&buf, h, true)

@@ -55,7 +55,9 @@ func (s *Server) adopt(name, peer string, cert *x509.Certificate, entry AllowEnt
 	v, undo, err := s.createAdopted(name, peer, entry, en, images)
 	if err == nil {
 		if err = s.register(v); err != nil {
+			v.apply.Lock()
 			undo.undo(s.fs)
+			v.apply.Unlock()
 		}
 	}
 	if err == nil {
@@ -95,6 +97,12 @@ func (s *Server) createAdopted(name, peer string, entry AllowEntry, en wire.Enab
 		undo.undo(s.fs)
 		return nil, nil, err
 	}
+	if err := removeAll(s.fs, v.treePath()); err != nil {
+		undo.undo(s.fs)
+		return nil, nil, fmt.Errorf("apply: block tree: %w", err)
+	}
+	v.openTree()
+	undo.vm = v
 	return v, undo, nil
 }
 

@@ -254,6 +254,9 @@ func (s *Server) serveSums(q *request, v *vm) {
 	if at != 0 {
 		q.w.Header().Set(wire.SumsCycleHeader, strconv.FormatUint(at, 10))
 	}
+	if req.Kind != "" {
+		q.w.Header().Set(wire.SumsKindHeader, req.Kind)
+	}
 	q.w.Header().Set("Content-Type", "application/octet-stream")
 	q.w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	q.w.Write(b)
@@ -392,6 +395,11 @@ func errorAnswer(err error) (int, wire.Error) {
 	case errors.Is(err, ErrInvalid):
 		e.Code = wire.CodeBadReq
 		return http.StatusBadRequest, e
+	case errors.Is(err, ErrUnavailable):
+		// 409, not 503: the primary should ask another way (BLAKE3
+		// sums) at once, not retry with back-off.
+		e.Code = wire.CodeUnavailable
+		return http.StatusConflict, e
 	case errors.Is(err, ErrBusy), errors.Is(err, ErrClosed):
 		e.Code = wire.CodeBusy
 		return http.StatusServiceUnavailable, e

@@ -154,7 +154,7 @@ func (v *vm) importPieces(m wire.OfflineManifest, dir string) error {
 	for p := range names {
 		names[p] = pieceFile(dir, m, int64(p))
 	}
-	if err := v.applyFiles(names...); err != nil {
+	if _, err := v.applyFiles(names...); err != nil {
 		return err
 	}
 	err = v.update(func(st *replicaState) error {

@@ -281,6 +281,13 @@ func (s *Server) FailOver(name, kind, id string) (FailedOverVM, error) {
 		}
 		crashpoint.Hit("failover-recorded")
 	}
+	// From here the images follow the failover (the revert, then the
+	// failed-over VM's writes through GuardFS): the block tree forgets
+	// them and is not built until a cancel (openTree resets it too). A
+	// failure only leaves a tree nobody asks while the VM is failed over.
+	if err := v.resetTree(nil); err != nil {
+		v.s.log.Error("block tree at failover", "vm", v.name, "err", err)
+	}
 	if err := v.revert(); err != nil {
 		return FailedOverVM{}, err
 	}
@@ -403,6 +410,13 @@ func (s *Server) CancelFailover(name string) error {
 func (v *vm) cancel() error {
 	f := v.snapshot().Failover
 	latest := strconv.FormatUint(f.Latest, 10)
+	// The rollback rewrites the images behind the block tree: it forgets
+	// them (it should already, since the failover), and is built again
+	// once the VM is a replica again. A reset that fails leaves the tree
+	// dropped, and no image changes until its files are gone (treeBegin).
+	if err := v.resetTree(nil); err != nil {
+		v.s.log.Error("block tree at cancel", "vm", v.name, "err", err)
+	}
 	// Rollback finishes at Open once its intent is durable, so the point
 	// is there exactly when the rollback has not happened.
 	if containsPoint(v.snap.Points(), latest) {
@@ -417,6 +431,7 @@ func (v *vm) cancel() error {
 	if err != nil {
 		return err
 	}
+	v.kickBuild()
 	st := v.snapshot()
 	v.s.log.Info("failover cancelled: replica again", "vm", v.name, "applied", st.Applied)
 	return v.prune(&st)

@@ -33,6 +33,7 @@ func setupPoints(t *testing.T, fsys vfs.FS, keep int, every time.Duration) (*har
 		t.Fatalf("policy not recorded: %+v", r)
 	}
 	dir, _ := h.server().ImageDir("vm1")
+	waitBuilt(t, h.server(), "vm1")
 	return h, a, dir
 }
 

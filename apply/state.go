@@ -123,6 +123,11 @@ type replicaState struct {
 	// cycle it waits for was staged. The "since" of the health of a VM in
 	// a sync; zero when no sync runs.
 	LastPieceAt time.Time `json:"last_piece_at,omitzero"`
+	// Verified is the last cycle whose block-tree roots, after it was
+	// applied, equalled the primary's at its barrier; Diverged is set
+	// when they differed, until a sync finishes (tree.go).
+	Verified uint64           `json:"verified,omitempty"`
+	Diverged *wire.Divergence `json:"diverged,omitempty"`
 }
 
 // failoverRecord is a failover of the VM on this host (see points.go).
@@ -302,6 +307,11 @@ func (st *replicaState) clone() replicaState {
 		fc := *st.Failover
 		c.Failover = &fc
 	}
+	if st.Diverged != nil {
+		dc := *st.Diverged
+		dc.Disks = append([]string(nil), st.Diverged.Disks...)
+		c.Diverged = &dc
+	}
 	return c
 }
 
@@ -326,6 +336,12 @@ func (st *replicaState) wire() wire.Replica {
 	if st.Failover != nil {
 		f := st.Failover.FailedOver
 		r.FailedOver = &f
+	}
+	r.Verified = st.Verified
+	if st.Diverged != nil {
+		d := *st.Diverged
+		d.Disks = append([]string(nil), st.Diverged.Disks...)
+		r.Diverged = &d
 	}
 	return r
 }

@@ -252,24 +252,30 @@ func (v *vm) checkHeader(h wire.Header, kind string) error {
 // file offers it, gathered into writes of up to 8 MiB where they follow
 // each other: they bypass the page cache (one copy less per byte, and no
 // dirty pages for the image's fsync to write back), and the kernel keeps
-// the page cache coherent for readers of the image.
-func (v *vm) applyStream(name string, imgs []vfs.File) error {
+// the page cache coherent for readers of the image. tw (nil: none) gets
+// every frame for the block tree. It returns the stream's header.
+func (v *vm) applyStream(name string, imgs []vfs.File, tw *treeWriter) (wire.Header, error) {
 	f, r, err := v.openStream(name)
 	if err != nil {
-		return err
+		return wire.Header{}, err
 	}
 	defer f.Close()
-	if h := r.Header(); !slices.Equal(h.Disks, v.disks) {
-		return fmt.Errorf("%w: %s: stream disks %v, replica VM has %v", ErrMismatch, name, h.Disks, v.disks)
+	h := r.Header()
+	if !slices.Equal(h.Disks, v.disks) {
+		return h, fmt.Errorf("%w: %s: stream disks %v, replica VM has %v", ErrMismatch, name, h.Disks, v.disks)
 	}
 	r.SkipHash()
 	var g gather
 	err = forEachFrame(r, readErrOf(name), func(fr wire.Frame) error {
 		img := imgs[fr.Disk] // the reader checked the index against the header's disks
+		tw.note(fr)
 		if fr.Type == wire.FrameData {
 			took, err := g.add(img, fr.Data, fr.Offset)
-			if err != nil || took {
+			if err != nil {
 				return err
+			}
+			if took {
+				return tw.flushIfLarge(&g, imgs)
 			}
 		}
 		if err := g.flush(); err != nil {
@@ -291,12 +297,12 @@ func (v *vm) applyStream(name string, imgs []vfs.File) error {
 		if err != nil {
 			return fmt.Errorf("apply: %s frame to %s [%d, +%d): %w", fr.Type, img.Name(), fr.Offset, fr.Length, err)
 		}
-		return nil
+		return tw.flushIfLarge(&g, imgs)
 	})
 	if err != nil {
-		return err
+		return h, err
 	}
-	return g.flush()
+	return h, g.flush()
 }
 
 // directMin is the smallest data frame written with O_DIRECT: below it the
@@ -358,24 +364,49 @@ func (g *gather) flush() error {
 
 // applyFiles applies streams to the images, in order, and makes the images
 // durable. The recovery points' undo data of every range they change is
-// saved first (points.go).
-func (v *vm) applyFiles(names ...string) error {
+// saved first (points.go). It is the one place where streams reach the
+// images, so it keeps the block tree (treeWriter): marked dirty before the
+// first write, committed and synced after the images are, before the
+// caller records the streams as applied. It returns the last stream's
+// header.
+func (v *vm) applyFiles(names ...string) (wire.Header, error) {
 	if err := v.saveUndo(names); err != nil {
-		return err
+		return wire.Header{}, err
 	}
+	tw, err := v.treeBegin()
+	if err != nil {
+		return wire.Header{}, err
+	}
+	v.pendingCheck = nil // the images leave the cycle it was for
 	imgs, err := v.openImages(os.O_RDWR)
 	if err != nil {
-		return err
+		tw.fail()
+		return wire.Header{}, err
 	}
+	var last wire.Header
 	for _, name := range names {
-		if err := v.applyStream(name, imgs); err != nil {
+		if last, err = v.applyStream(name, imgs, tw); err != nil {
 			closeImages(imgs)
-			return err
+			tw.fail()
+			return wire.Header{}, err
 		}
 	}
-	if err := syncImages(imgs); err != nil || v.relay == nil {
-		return err
+	if err := tw.hashPartial(imgs); err != nil {
+		closeImages(imgs)
+		tw.fail()
+		return wire.Header{}, err
+	}
+	if err := syncImages(imgs); err != nil {
+		tw.fail()
+		return wire.Header{}, err
+	}
+	if err := tw.finish(); err != nil {
+		return wire.Header{}, err
+	}
+	v.kickBuildIfNeeded()
+	if v.relay == nil {
+		return last, nil
 	}
 	v.relay.Begin()
-	return v.relay.End(v.relayStreams(names))
+	return last, v.relay.End(v.relayStreams(names))
 }

@@ -212,7 +212,13 @@ func (r *syncRecord) unmark(p int64) {
 // the replica image. A block is cut at the end of the range and at the end
 // of the disk (past it, it is empty). at is the applied cycle the images
 // were at while they were hashed, 0 when they are not at one (imagesAt).
+//
+// A request with a Kind is answered from the block tree instead
+// (treeSums).
 func (v *vm) sums(req wire.SumsRequest) (sums []byte, at uint64, err error) {
+	if req.Kind != "" {
+		return v.treeSums(req)
+	}
 	if req.Disk < 0 || req.Disk >= len(v.disks) {
 		return nil, 0, fmt.Errorf("%w: disk %d: the VM has %d", ErrInvalid, req.Disk, len(v.disks))
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -648,7 +649,8 @@ func (v *vm) finishIntent(recovering bool) error {
 			}
 		}
 	}
-	if err := v.applyFiles(streams...); err != nil {
+	last, err := v.applyFiles(streams...)
+	if err != nil {
 		if in.Op == intentCycle && errors.Is(err, ErrCorrupt) {
 			return v.dropDamagedCycle(in, streams[0], err)
 		}
@@ -659,12 +661,33 @@ func (v *vm) finishIntent(recovering bool) error {
 	if err := v.recordCycles(&next, in); err != nil {
 		return err
 	}
-	err := v.update(func(st *replicaState) error {
+	// The roots are compared only where the images are at the cycle's
+	// barrier: the cycles after a sync up to ConsistentAt leave them
+	// between two points of the primary's. Recovery redoes the check, as
+	// the roots travel in the staged stream.
+	var diverged []string
+	checked, check := false, next.Consistent && last.Kind == wire.KindCycle && len(last.Roots) > 0
+	if check {
+		diverged, checked = v.checkRoots(last)
+	}
+	now := v.s.now().UTC()
+	err = v.update(func(st *replicaState) error {
 		applied(st, in)
+		if checked {
+			noteRoots(st, last.Cycle, diverged, now)
+		}
 		return nil
 	})
 	if err != nil {
 		return err
+	}
+	if checked {
+		v.reportRoots(last.Cycle, diverged)
+	} else if check && v.tree != nil {
+		// The tree is being built (after a crash, a failover, a new
+		// VM): the check waits for it, if the images are still at
+		// this cycle by then.
+		v.pendingCheck = &last
 	}
 	switch in.Op {
 	case intentCycle:
@@ -758,6 +781,28 @@ func finishSync(st *replicaState, gen, base, consistentAt uint64) {
 	st.NeedsSync = false
 	st.Sync = nil
 	st.LastSync = gen
+	// The sync rewrote whatever differed: a divergence found before is
+	// repaired (the cycles that follow check it again).
+	st.Diverged = nil
+}
+
+// noteRoots records the outcome of the root check of cycle: verified, or
+// diverged on disks. A divergence already recorded keeps its cycle and
+// time (when the replica was first found different) and gains the disks.
+func noteRoots(st *replicaState, cycle uint64, disks []string, now time.Time) {
+	if len(disks) == 0 {
+		st.Verified = cycle
+		return
+	}
+	if st.Diverged == nil {
+		st.Diverged = &wire.Divergence{Cycle: cycle, Disks: slices.Clone(disks), At: now}
+		return
+	}
+	for _, d := range disks {
+		if !slices.Contains(st.Diverged.Disks, d) {
+			st.Diverged.Disks = append(st.Diverged.Disks, d)
+		}
+	}
 }
 
 func (v *vm) commitPiece(u uploadID) error {
@@ -808,7 +853,7 @@ func (v *vm) commitPiece(u uploadID) error {
 	case kind == wire.KindFull:
 		// An initial copy has no consistent point to keep: write the
 		// piece straight to the images.
-		if err := v.applyFiles(part); err != nil {
+		if _, err := v.applyFiles(part); err != nil {
 			return err
 		}
 	default:

@@ -12,6 +12,9 @@ import (
 	"sync"
 	"time"
 
+	badger "github.com/dgraph-io/badger/v4"
+
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/snapshot"
@@ -42,11 +45,24 @@ type vm struct {
 	// relay, when set, gets every applied change (extended replication);
 	// guarded by apply.
 	relay Relay
+	// tree is the images' block tree (tree.go), nil when the VM keeps
+	// none; tdb is its database. treeStale: a dropped tree's directory
+	// could not be removed, so the images must not change until it is.
+	// Guarded by apply.
+	tree      *blocktree.Tree
+	tdb       *badger.DB
+	treeStale bool
+	// pendingCheck is the header of the cycle the images are at whose
+	// roots could not be checked because the tree was being built: the
+	// build checks them when it completes (tree.go).
+	pendingCheck *wire.Header
 
 	mu      sync.Mutex // guards the fields below; never held during I/O
 	st      replicaState
 	uploads map[string]*uploadLock
 	removed bool
+	// building: a goroutine builds the tree (kickBuild).
+	building bool
 }
 
 // uploadLock serialises the requests of one upload. It lives in
@@ -77,6 +93,7 @@ func (s *Server) openVM(name, dir string) (*vm, error) {
 	if err := v.openPoints(); err != nil {
 		return nil, err
 	}
+	v.openTree()
 	return v, nil
 }
 
@@ -292,9 +309,15 @@ func (s *Server) release(name string) {
 type created struct {
 	dirs  []string // made, deepest last
 	files []string
+	vm    *vm // its tree is closed before its files go
 }
 
+// undo removes what was made; the caller holds the apply lock of the VM
+// made, if any.
 func (c *created) undo(fsys vfs.FS) {
+	if c.vm != nil {
+		c.vm.close()
+	}
 	for _, f := range c.files {
 		fsys.Remove(f)
 	}
@@ -433,6 +456,14 @@ func (s *Server) createVM(name string, entry AllowEntry, peer string, en wire.En
 	if err := v.openPoints(); err != nil {
 		return nil, nil, err
 	}
+	// A tree left by a VM of this name removed before describes images
+	// that were not the new VM's: it starts afresh.
+	if err := removeAll(s.fs, v.treePath()); err != nil {
+		return nil, nil, fmt.Errorf("apply: block tree: %w", err)
+	}
+	undo.dirs = append(undo.dirs, v.treePath())
+	v.openTree()
+	undo.vm = v
 	return v, undo, nil
 }
 
@@ -515,7 +546,9 @@ func (s *Server) enable(name, peer string, cert *x509.Certificate, entry AllowEn
 		return wire.Replica{}, err
 	}
 	if err := s.register(v); err != nil {
+		v.apply.Lock()
 		undo.undo(s.fs)
+		v.apply.Unlock()
 		return wire.Replica{}, err
 	}
 	s.log.Info("replica VM created", "vm", name, "peer", peer, "dir", v.dir, "existing", en.Existing)
