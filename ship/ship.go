@@ -612,7 +612,7 @@ func (s *Shipper) step(ctx context.Context) (more bool, wake time.Time, err erro
 			s.setWaiting("window", next)
 			return false, next, nil
 		}
-		return true, time.Time{}, s.startSyncFor(wire.KindResync, pending.Reason, "", pending.Divergence)
+		return true, time.Time{}, s.startSyncFor(wire.KindResync, pending.Reason, "", pending)
 	}
 	cycles := s.j.Cycles()
 	if len(cycles) == 0 {

@@ -90,6 +90,9 @@ type syncRecord struct {
 	// Divergence is the replica's divergence this resync repairs, if it
 	// was started for one.
 	Divergence *wire.Divergence `json:"divergence,omitempty"`
+	// FullCompare: compare BLAKE3 sums of both sides' images, not block
+	// trees (see pendingResync).
+	FullCompare bool `json:"full_compare,omitempty"`
 }
 
 func (r *syncRecord) start() wire.SyncStart {
@@ -100,6 +103,10 @@ type pendingResync struct {
 	Reason     string           `json:"reason"`
 	Manual     bool             `json:"manual,omitempty"`
 	Divergence *wire.Divergence `json:"divergence,omitempty"`
+	// FullCompare makes the resync read and compare both sides' images
+	// instead of their block trees: verify found images that differ where
+	// the trees may agree (damage at rest that no tree saw happen).
+	FullCompare bool `json:"full_compare,omitempty"`
 }
 
 // counters are cumulative figures for Status.

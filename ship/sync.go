@@ -61,8 +61,14 @@ func (s *Shipper) startSync(kind, reason, offline string) error {
 	return s.startSyncFor(kind, reason, offline, nil)
 }
 
-// startSyncFor is startSync of a resync that repairs div (nil: none).
-func (s *Shipper) startSyncFor(kind, reason, offline string, div *wire.Divergence) error {
+// startSyncFor is startSync of the resync pending asks for (nil: none in
+// particular): the divergence it repairs, how it compares.
+func (s *Shipper) startSyncFor(kind, reason, offline string, pending *pendingResync) error {
+	var div *wire.Divergence
+	full := false
+	if pending != nil {
+		div, full = pending.Divergence, pending.FullCompare
+	}
 	info, err := s.j.BeginResync()
 	if err != nil {
 		return fmt.Errorf("ship: begin %s: %w", syncWhat(kind), err)
@@ -77,6 +83,7 @@ func (s *Shipper) startSyncFor(kind, reason, offline string, div *wire.Divergenc
 			Gen: st.Gen, Kind: kind, Base: info.Cycle, BaseSealed: info.Sealed,
 			PieceSize: s.cfg.PieceSize, Pieces: wire.PieceCount(s.cfg.Disks, s.cfg.PieceSize),
 			Offline: offline, Reason: reason, Started: s.now(), Divergence: div,
+			FullCompare: full,
 		}
 		if kind == wire.KindResync {
 			rec.BlockSize = s.cfg.BlockSize

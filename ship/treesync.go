@@ -138,9 +138,12 @@ func (s *Shipper) resyncMode(ctx context.Context, rec *syncRecord) (*treeResync,
 	}
 	m := &treeResync{gen: rec.Gen, logged: map[string]bool{}}
 	t := s.j.BlockTree()
-	if t == nil {
+	switch {
+	case rec.FullCompare:
+		m.why = "verify found images that differ; their trees may not know it"
+	case t == nil:
 		m.why = "the journal keeps no block tree"
-	} else {
+	default:
 		states, dirty := t.State()
 		switch {
 		case dirty:

@@ -241,6 +241,7 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 				st.Resync = &pendingResync{Reason: reason}
 			}
 			st.Resync.Manual = true
+			st.Resync.FullCompare = true
 		}
 	})
 	if res.MismatchBlocks > 0 {
