@@ -174,10 +174,15 @@ func (c *Client) Replication(ctx context.Context, vm string) (Replication, error
 	return out, err
 }
 
-// EnableReplication enables replication of a VM.
-func (c *Client) EnableReplication(ctx context.Context, vm string, s ReplicationSpec) (ReplicationSpec, error) {
+// EnableReplication enables replication of a VM; with check the daemon
+// first asks the replica whether it takes this primary for the VM.
+func (c *Client) EnableReplication(ctx context.Context, vm string, s ReplicationSpec, check bool) (ReplicationSpec, error) {
 	var out ReplicationSpec
-	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/replication", s, &out)
+	p := "/v1/vms/" + url.PathEscape(vm) + "/replication"
+	if !check {
+		p += "?check=0"
+	}
+	err := c.do(ctx, http.MethodPost, p, s, &out)
 	return out, err
 }
 

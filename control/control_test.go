@@ -82,6 +82,11 @@ func (f *fakeHost) SyncReplication(_ context.Context, vm string, app bool) (uint
 	return 42, nil
 }
 
+func (f *fakeHost) EnableReplication(_ context.Context, vm string, s ReplicationSpec, check bool) (ReplicationSpec, error) {
+	f.record("EnableReplication %s %s %v", vm, s.Replica, check)
+	return s, nil
+}
+
 func (f *fakeHost) ReplicationControl(vm, op string) error {
 	f.record("ReplicationControl %s %s", vm, op)
 	return nil
@@ -172,6 +177,10 @@ func TestRoutes(t *testing.T) {
 		{"POST", "/v1/vms/web1/seal", "", 500, "application/json", `{"error":"journal closed"}`, "Seal web1 0"},
 		{"POST", "/v1/vms/web1/replication/sync?app=1", "", 200, "application/json", `{"cycle":42}`, "SyncReplication web1 true"},
 		{"POST", "/v1/vms/web1/replication/pause", "", 200, "application/json", `{}`, "ReplicationControl web1 pause"},
+		{"POST", "/v1/vms/web1/replication", `{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, 200, "application/json",
+			`{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, "EnableReplication web1 r:8443 true"},
+		{"POST", "/v1/vms/web1/replication?check=0", `{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, 200, "application/json",
+			`{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, "EnableReplication web1 r:8443 false"},
 		{"POST", "/v1/vms/web1/replication/extend", `{"replica":"c:8443","frequency":"30s","compression":true,"enabled":"0001-01-01T00:00:00Z"}`, 200, "application/json",
 			`{"replica":"c:8443","frequency":"30s","compression":true,"enabled":"0001-01-01T00:00:00Z"}`, "ExtendReplication web1 c:8443"},
 		{"POST", "/v1/failover/web1/planned?force=1&reverse_to=p%3A8443", "", 200, "application/json",

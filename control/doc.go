@@ -24,7 +24,8 @@
 //	POST   /v1/unmount                            MountEvent{Mountpoint}
 //
 //	GET    /v1/replication[?vm=NAME]              Replication
-//	POST   /v1/vms/{name}/replication             ReplicationSpec -> ReplicationSpec
+//	POST   /v1/vms/{name}/replication[?check=0]   ReplicationSpec -> ReplicationSpec
+//	                                              (check=0: without asking the replica first)
 //	DELETE /v1/vms/{name}/replication
 //	POST   /v1/vms/{name}/replication/sync[?app=1]  -> SyncResult once applied
 //	POST   /v1/vms/{name}/replication/{op}        op: pause, resume, resync

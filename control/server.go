@@ -50,7 +50,9 @@ type MountHost interface {
 // ReplicationHost replicates VMs as their primary and keeps replicas.
 type ReplicationHost interface {
 	ReplicationStatus(vm string) (Replication, error)
-	EnableReplication(vm string, s ReplicationSpec) (ReplicationSpec, error)
+	// EnableReplication enables replication; with check it first asks
+	// the replica whether it answers and takes this primary for vm.
+	EnableReplication(ctx context.Context, vm string, s ReplicationSpec, check bool) (ReplicationSpec, error)
 	DisableReplication(vm string) error
 	SyncReplication(ctx context.Context, vm string, app bool) (uint64, error)
 	ReplicationControl(vm, op string) error
@@ -143,7 +145,7 @@ func replicationRoutes(mux *http.ServeMux, h ReplicationHost) {
 		reply(w, out, err)
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/replication", decoded(func(r *http.Request, spec ReplicationSpec) (any, error) {
-		return h.EnableReplication(r.PathValue("name"), spec)
+		return h.EnableReplication(r.Context(), r.PathValue("name"), spec, r.URL.Query().Get("check") != "0")
 	}))
 	mux.HandleFunc("DELETE /v1/vms/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.DisableReplication(r.PathValue("name")))

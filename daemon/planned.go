@@ -320,8 +320,10 @@ func (p *primaryRole) AskReplica(ctx context.Context, name string) (failover.Pee
 		return failover.Peer{}, err
 	}
 	rs := v.spec.Replication
-	host, _, _ := net.SplitHostPort(rs.Replica)
-	cert, _, err := ship.Replica(ctx, rs.Replica, p.identity.ClientConfig(host), rs.BypassProxy, name)
+	cert, _, unknown, err := (*Daemon)(p).askReplica(ctx, rs.Replica, rs.BypassProxy, name)
+	if err == nil && unknown {
+		err = fmt.Errorf("%w: the replica %s does not hold VM %s", control.ErrInvalid, rs.Replica, name)
+	}
 	if err != nil || cert == nil {
 		return failover.Peer{}, err
 	}
