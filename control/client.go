@@ -186,6 +186,16 @@ func (c *Client) EnableReplication(ctx context.Context, vm string, s Replication
 	return out, err
 }
 
+// Unfence makes a fenced VM writable again; force says the admin accepts
+// the risk.
+func (c *Client) Unfence(ctx context.Context, vm string, force bool) error {
+	p := "/v1/vms/" + url.PathEscape(vm) + "/unfence"
+	if force {
+		p += "?force=1"
+	}
+	return c.do(ctx, http.MethodPost, p, nil, nil)
+}
+
 // DisableReplication disables replication of a VM.
 func (c *Client) DisableReplication(ctx context.Context, vm string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(vm)+"/replication", nil, nil)

@@ -87,6 +87,14 @@ func (f *fakeHost) EnableReplication(_ context.Context, vm string, s Replication
 	return s, nil
 }
 
+func (f *fakeHost) Unfence(vm string, force bool) error {
+	f.record("Unfence %s %v", vm, force)
+	if !force {
+		return fmt.Errorf("%w: VM %s is fenced; --force", ErrInvalid, vm)
+	}
+	return nil
+}
+
 func (f *fakeHost) ReplicationControl(vm, op string) error {
 	f.record("ReplicationControl %s %s", vm, op)
 	return nil
@@ -181,6 +189,8 @@ func TestRoutes(t *testing.T) {
 			`{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, "EnableReplication web1 r:8443 true"},
 		{"POST", "/v1/vms/web1/replication?check=0", `{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, 200, "application/json",
 			`{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, "EnableReplication web1 r:8443 false"},
+		{"POST", "/v1/vms/web1/unfence", "", 400, "application/json", `{"error":"invalid request: VM web1 is fenced; --force"}`, "Unfence web1 false"},
+		{"POST", "/v1/vms/web1/unfence?force=1", "", 200, "application/json", `{}`, "Unfence web1 true"},
 		{"POST", "/v1/vms/web1/replication/extend", `{"replica":"c:8443","frequency":"30s","compression":true,"enabled":"0001-01-01T00:00:00Z"}`, 200, "application/json",
 			`{"replica":"c:8443","frequency":"30s","compression":true,"enabled":"0001-01-01T00:00:00Z"}`, "ExtendReplication web1 c:8443"},
 		{"POST", "/v1/failover/web1/planned?force=1&reverse_to=p%3A8443", "", 200, "application/json",

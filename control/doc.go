@@ -16,6 +16,7 @@
 //	POST   /v1/vms                                VMSpec -> VMSpec
 //	DELETE /v1/vms/{name}
 //	POST   /v1/vms/{name}/seal                    -> journal.CycleInfo
+//	POST   /v1/vms/{name}/unfence[?force=1]       make a fenced VM writable
 //	POST   /v1/mount                              MountEvent{Mountpoint} -> a stream
 //	                                              of MountEvent lines (NDJSON): one
 //	                                              when mounted, one when unmounted;

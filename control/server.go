@@ -33,6 +33,9 @@ type VMHost interface {
 	VMs() []VMInfo
 	AddVM(VMSpec) (VMSpec, error)
 	RemoveVM(name string) error
+	// Unfence makes a fenced VM writable again (force must be set: the
+	// admin accepts the split brain it risks).
+	Unfence(name string, force bool) error
 	Seal(name string, flags uint64) (journal.CycleInfo, error)
 }
 
@@ -103,6 +106,9 @@ func vmRoutes(mux *http.ServeMux, h VMHost) {
 	}))
 	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.RemoveVM(r.PathValue("name")))
+	})
+	mux.HandleFunc("POST /v1/vms/{name}/unfence", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, h.Unfence(r.PathValue("name"), r.URL.Query().Get("force") == "1"))
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/seal", func(w http.ResponseWriter, r *http.Request) {
 		info, err := h.Seal(r.PathValue("name"), 0)

@@ -58,8 +58,9 @@ import (
 // write that was let through is in the journal: a cycle sealed then holds
 // all of them.
 type gate struct {
-	mu sync.RWMutex
-	ro bool
+	mu     sync.RWMutex
+	ro     bool
+	fenced bool // fence.go: read-only until unfenced, whatever ro says
 }
 
 func (g *gate) set(ro bool) {
@@ -72,7 +73,7 @@ func (g *gate) set(ro bool) {
 // calls g.mu.RUnlock when it is done.
 func (g *gate) enter() bool {
 	g.mu.RLock()
-	if g.ro {
+	if g.ro || g.fenced {
 		g.mu.RUnlock()
 		return false
 	}

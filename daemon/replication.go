@@ -280,7 +280,7 @@ func (d *Daemon) startShipper(v *vm) error {
 		Excluded:           r.ExcludeDisks,
 		AppConsistentEvery: time.Duration(r.AppConsistentEvery),
 		Quiesce:            quiesceFunc(v.spec.Name, r, d.cfg.QuiesceTimeout),
-		Events:             d.shipEv.events(v.spec.Name),
+		Events:             d.fenceEvents(v.spec.Name, d.shipEv.events(v.spec.Name)),
 	}
 	for i, ds := range v.spec.Disks {
 		if slices.Contains(r.ExcludeDisks, ds.Name) {
@@ -446,6 +446,11 @@ func (d *Daemon) ReplicationStatus(name string) (control.Replication, error) {
 			if v.err != nil {
 				rs.Status.Reason = v.err.Error()
 			}
+		}
+		if f := s.Fenced; f != nil {
+			rs.Fenced = f
+			rs.Status.State, rs.Status.Health, rs.Status.Metrics.Health = "fenced", ship.HealthCritical, 2
+			rs.Status.Reason = f.Sentence() + "; served read-only: replicate it back from there or `vdrepl vm unfence " + s.Name + " --force`"
 		}
 		out.Primaries = append(out.Primaries, rs)
 	}
