@@ -32,3 +32,37 @@ func (f *Fence) Sentence() string {
 	}
 	return fmt.Sprintf("FENCED: failed over on %s at %s; this copy is stale", who, f.FailedOverAt.UTC().Format(time.RFC3339))
 }
+
+// ReplicationChange is the body of `replication set`: the settings of a
+// running replication to change; a nil field stays as it is.
+type ReplicationChange struct {
+	Replica            *string   `json:"replica,omitempty"`
+	Frequency          *Duration `json:"frequency,omitempty"`
+	Compression        *bool     `json:"compression,omitempty"`
+	BypassProxy        *bool     `json:"bypass_proxy,omitempty"`
+	BandwidthLimit     *string   `json:"bandwidth_limit,omitempty"`
+	SyncBandwidthLimit *string   `json:"sync_bandwidth_limit,omitempty"`
+	RecoveryPoints     *int      `json:"recovery_points,omitempty"`
+	PointInterval      *Duration `json:"recovery_point_interval,omitempty"`
+	AppConsistentEvery *Duration `json:"app_consistent_every,omitempty"`
+	QuiesceCmd         *string   `json:"quiesce_cmd,omitempty"`
+	QGASocket          *string   `json:"qga_socket,omitempty"`
+	// Force allows a replica address that leads to another replica host:
+	// a new initial copy follows.
+	Force bool `json:"force,omitempty"`
+}
+
+// ReplicationChanged answers `replication set`.
+type ReplicationChanged struct {
+	VM   string          `json:"vm"`
+	Spec ReplicationSpec `json:"spec"`
+	// Changed names the settings that changed (their flag names), in the
+	// order of the flags; [] when nothing did.
+	Changed []string `json:"changed"`
+	// NewReplica: the replica address leads to another replica host, and
+	// an initial copy to it follows. SameReplica: the new address reaches
+	// the replica the VM replicated to (it holds the VM at the cycle this
+	// host last shipped), so replication goes on from there.
+	NewReplica  bool `json:"new_replica"`
+	SameReplica bool `json:"same_replica"`
+}

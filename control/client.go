@@ -186,6 +186,13 @@ func (c *Client) EnableReplication(ctx context.Context, vm string, s Replication
 	return out, err
 }
 
+// SetReplication changes a running replication of a VM.
+func (c *Client) SetReplication(ctx context.Context, vm string, ch ReplicationChange) (ReplicationChanged, error) {
+	var out ReplicationChanged
+	err := c.do(ctx, http.MethodPatch, "/v1/vms/"+url.PathEscape(vm)+"/replication", ch, &out)
+	return out, err
+}
+
 // Unfence makes a fenced VM writable again; force says the admin accepts
 // the risk.
 func (c *Client) Unfence(ctx context.Context, vm string, force bool) error {

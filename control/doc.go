@@ -27,6 +27,7 @@
 //	GET    /v1/replication[?vm=NAME]              Replication
 //	POST   /v1/vms/{name}/replication[?check=0]   ReplicationSpec -> ReplicationSpec
 //	                                              (check=0: without asking the replica first)
+//	PATCH  /v1/vms/{name}/replication             ReplicationChange -> ReplicationChanged
 //	DELETE /v1/vms/{name}/replication
 //	POST   /v1/vms/{name}/replication/sync[?app=1]  -> SyncResult once applied
 //	POST   /v1/vms/{name}/replication/{op}        op: pause, resume, resync

@@ -56,6 +56,7 @@ type ReplicationHost interface {
 	// EnableReplication enables replication; with check it first asks
 	// the replica whether it answers and takes this primary for vm.
 	EnableReplication(ctx context.Context, vm string, s ReplicationSpec, check bool) (ReplicationSpec, error)
+	SetReplication(ctx context.Context, vm string, c ReplicationChange) (ReplicationChanged, error)
 	DisableReplication(vm string) error
 	SyncReplication(ctx context.Context, vm string, app bool) (uint64, error)
 	ReplicationControl(vm, op string) error
@@ -152,6 +153,9 @@ func replicationRoutes(mux *http.ServeMux, h ReplicationHost) {
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/replication", decoded(func(r *http.Request, spec ReplicationSpec) (any, error) {
 		return h.EnableReplication(r.Context(), r.PathValue("name"), spec, r.URL.Query().Get("check") != "0")
+	}))
+	mux.HandleFunc("PATCH /v1/vms/{name}/replication", decoded(func(r *http.Request, c ReplicationChange) (any, error) {
+		return h.SetReplication(r.Context(), r.PathValue("name"), c)
 	}))
 	mux.HandleFunc("DELETE /v1/vms/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.DisableReplication(r.PathValue("name")))

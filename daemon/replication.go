@@ -152,7 +152,7 @@ func (d *Daemon) enableable(name string, r *control.ReplicationSpec) (*vm, error
 		return nil, err
 	}
 	if v.spec.Replication != nil {
-		return nil, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); disable it first", control.ErrExists, name, v.spec.Replication.Replica)
+		return nil, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); change it with `vdrepl replication set %s`, or disable it first", control.ErrExists, name, v.spec.Replication.Replica, name)
 	}
 	if v.spec.HandedOver != nil {
 		return nil, fmt.Errorf("%w: VM %s was handed over to %s in a planned failover", control.ErrInUse, name, v.spec.HandedOver.To)

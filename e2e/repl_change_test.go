@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -107,4 +108,106 @@ func TestEnableChecksReplica(t *testing.T) {
 	if s := primaryStatus(t, p.prim, "vm1"); s.VM != "vm1" {
 		t.Fatalf("--no-check did not enable: %+v", s)
 	}
+}
+
+// TestReplicationSet: `replication set` changes the frequency and the
+// recovery points of a running replication without a resync (the sync
+// bytes on the wire stay what the initial copy sent), status shows the new
+// values, and the replica gets the point policy; a new replica address is
+// accepted when it reaches the same replica, refused when it is another
+// replica host unless --force, which makes a new initial copy there.
+func TestReplicationSet(t *testing.T) {
+	need(t, "qemu-io", "nbdcopy")
+	p := newPair(t)
+	p.prim.addVM("vm1", "16M")
+	writePattern(t, p.prim, "vm1/disk0", 0x31, 1)
+	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h")
+	p.prim.run("replication", "sync", "vm1", "--timeout", "30s")
+	before := primaryStatus(t, p.prim, "vm1")
+	if before.Metrics.SyncWireBytesTotal == 0 {
+		t.Fatalf("the initial copy sent nothing? %+v", before)
+	}
+
+	out := p.prim.run("replication", "set", "vm1", "--frequency", "1s", "--recovery-points", "3", "--recovery-point-interval", "1s")
+	if !strings.Contains(out, "frequency 1s") || !strings.Contains(out, "recovery-points 3") {
+		t.Fatalf("set said %q", out)
+	}
+	t.Logf("set: %s", strings.TrimSpace(out))
+	text := p.prim.run("replication", "status", "vm1")
+	if !strings.Contains(text, "frequency:    1s") || !strings.Contains(text, "3 kept on the replica, one per 1s") {
+		t.Fatalf("status does not show the new settings:\n%s", text)
+	}
+	// The new frequency applies at once: cycles arrive without a sync.
+	writePattern(t, p.prim, "vm1/disk0", 0x32, 3)
+	applied := before.LastApplied
+	s := waitStatus(t, p.prim, "vm1", "a cycle shipped at the new frequency", func(s primStatus) bool {
+		return s.LastApplied >= applied+1 && s.Metrics.PendingCycles == 0
+	})
+	if s.Metrics.SyncWireBytesTotal != before.Metrics.SyncWireBytesTotal || s.State != "replicating" {
+		t.Fatalf("set resynced: sync bytes %d before, %d after; %+v", before.Metrics.SyncWireBytesTotal, s.Metrics.SyncWireBytesTotal, s)
+	}
+	t.Logf("after set: cycle %d applied without a sync; sync bytes on the wire %d before, %d after", s.LastApplied, before.Metrics.SyncWireBytesTotal, s.Metrics.SyncWireBytesTotal)
+	p.checkEqual(t, "vm1", "disk0")
+	var rep struct {
+		Replicas []struct {
+			RecoveryPoints int     `json:"recovery_points"`
+			Frequency      float64 `json:"frequency_seconds"`
+		} `json:"replicas"`
+	}
+	if err := json.Unmarshal([]byte(p.rep.run("replication", "status", "vm1", "--json")), &rep); err != nil || len(rep.Replicas) != 1 {
+		t.Fatalf("replica status: %v %+v", err, rep)
+	}
+	if rep.Replicas[0].RecoveryPoints != 3 || rep.Replicas[0].Frequency != 1 {
+		t.Fatalf("the replica did not get the new policy: %+v", rep.Replicas[0])
+	}
+	p.prim.run("replication", "set", "vm1", "--frequency", "1h")
+
+	// The same replica at another address (a TCP proxy in front of it;
+	// the certificate's SAN 127.0.0.1 still matches).
+	proxy := newFaultProxy(t, p.replicaAddr)
+	var changed struct {
+		Changed     []string `json:"changed"`
+		SameReplica bool     `json:"same_replica"`
+		NewReplica  bool     `json:"new_replica"`
+		Spec        struct {
+			Replica string `json:"replica"`
+		} `json:"spec"`
+	}
+	if err := json.Unmarshal([]byte(p.prim.run("replication", "set", "vm1", "--replica", proxy.addr(), "--json")), &changed); err != nil {
+		t.Fatal(err)
+	}
+	if !changed.SameReplica || changed.NewReplica || changed.Spec.Replica != proxy.addr() || fmt.Sprint(changed.Changed) != "[replica]" {
+		t.Fatalf("set --replica to the same replica: %+v", changed)
+	}
+	writePattern(t, p.prim, "vm1/disk0", 0x33, 5)
+	up := proxy.upstream()
+	p.prim.run("replication", "sync", "vm1", "--timeout", "30s")
+	if proxy.upstream() == up {
+		t.Fatal("the cycle after set --replica did not go to the new address")
+	}
+	p.checkEqual(t, "vm1", "disk0")
+	if s := primaryStatus(t, p.prim, "vm1"); s.Metrics.SyncWireBytesTotal != before.Metrics.SyncWireBytesTotal {
+		t.Fatalf("the same replica at a new address got a resync: %+v", s)
+	}
+
+	// Another replica host: refused without --force.
+	pki := p.pki
+	vdrepl(t, "pki", "issue", "--dir", pki, "--name", "replica2.test", "--san", "127.0.0.1")
+	rep2 := newHost(t, append(tlsFlags(pki, "replica2.test"), "--replica-listen", "127.0.0.1:0")...)
+	storage2 := filepath.Join(t.TempDir(), "replicas2")
+	rep2.run("replica", "allow", "add", "--primary", "primary.test", "--storage", storage2)
+	addr2 := listenAddr(t, rep2)
+	_, errOut, err := p.prim.try("replication", "set", "vm1", "--replica", addr2)
+	if err == nil || !strings.Contains(errOut, "another replica") || !strings.Contains(errOut, "--force") {
+		t.Fatalf("set --replica to another replica host: %v\n%s", err, errOut)
+	}
+	if s := primaryStatus(t, p.prim, "vm1"); s.Replica != proxy.addr() {
+		t.Fatalf("a refused set changed the replica: %+v", s)
+	}
+	out = p.prim.run("replication", "set", "vm1", "--replica", addr2, "--force")
+	if !strings.Contains(out, "initial copy") {
+		t.Fatalf("set --force said %q", out)
+	}
+	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
+	checkEqualAt(t, p.prim, storage2, "vm1")
 }

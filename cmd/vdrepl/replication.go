@@ -25,6 +25,7 @@ func replicationCmd() *cli.Command {
    vdrepl replication status --watch`,
 		Subcommands: []*cli.Command{
 			replicationEnableCmd(),
+			replicationSetCmd(),
 			replicationDisableCmd(),
 			replicationSyncCmd(),
 			replicationControlCmd("pause", "stop shipping cycles for now (the journal keeps them)"),
