@@ -3,7 +3,11 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -81,6 +85,28 @@ func TestFenceAfterUnplannedFailover(t *testing.T) {
 		}
 	}
 	fenced("after the failover")
+
+	// The FUSE file is read-only too.
+	need(t, "fusermount3")
+	mp := t.TempDir()
+	stopMount := w.a.mount(mp)
+	img := filepath.Join(mp, "vm1", "disk0.img")
+	if rw, err := os.OpenFile(img, os.O_RDWR, 0); !errors.Is(err, syscall.EROFS) {
+		if err == nil {
+			rw.Close()
+		}
+		t.Fatalf("open of the fenced VM's FUSE file for writing: %v, want EROFS", err)
+	}
+	got := make([]byte, 1<<20)
+	ro, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ro.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{0x51}, 1<<20)) {
+		t.Fatalf("read of the fenced VM's FUSE file: %v", err)
+	}
+	ro.Close()
+	stopMount()
 
 	// The fence is in the registry: a restart keeps it, before the
 	// replica is even asked again.
