@@ -174,11 +174,33 @@ func (c *Client) Replication(ctx context.Context, vm string) (Replication, error
 	return out, err
 }
 
-// EnableReplication enables replication of a VM.
-func (c *Client) EnableReplication(ctx context.Context, vm string, s ReplicationSpec) (ReplicationSpec, error) {
+// EnableReplication enables replication of a VM; with check the daemon
+// first asks the replica whether it takes this primary for the VM.
+func (c *Client) EnableReplication(ctx context.Context, vm string, s ReplicationSpec, check bool) (ReplicationSpec, error) {
 	var out ReplicationSpec
-	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/replication", s, &out)
+	p := "/v1/vms/" + url.PathEscape(vm) + "/replication"
+	if !check {
+		p += "?check=0"
+	}
+	err := c.do(ctx, http.MethodPost, p, s, &out)
 	return out, err
+}
+
+// SetReplication changes a running replication of a VM.
+func (c *Client) SetReplication(ctx context.Context, vm string, ch ReplicationChange) (ReplicationChanged, error) {
+	var out ReplicationChanged
+	err := c.do(ctx, http.MethodPatch, "/v1/vms/"+url.PathEscape(vm)+"/replication", ch, &out)
+	return out, err
+}
+
+// Unfence makes a fenced VM writable again; force says the admin accepts
+// the risk.
+func (c *Client) Unfence(ctx context.Context, vm string, force bool) error {
+	p := "/v1/vms/" + url.PathEscape(vm) + "/unfence"
+	if force {
+		p += "?force=1"
+	}
+	return c.do(ctx, http.MethodPost, p, nil, nil)
 }
 
 // DisableReplication disables replication of a VM.

@@ -82,6 +82,24 @@ func (f *fakeHost) SyncReplication(_ context.Context, vm string, app bool) (uint
 	return 42, nil
 }
 
+func (f *fakeHost) EnableReplication(_ context.Context, vm string, s ReplicationSpec, check bool) (ReplicationSpec, error) {
+	f.record("EnableReplication %s %s %v", vm, s.Replica, check)
+	return s, nil
+}
+
+func (f *fakeHost) SetReplication(_ context.Context, vm string, c ReplicationChange) (ReplicationChanged, error) {
+	f.record("SetReplication %s %v %v", vm, time.Duration(*c.Frequency), c.Force)
+	return ReplicationChanged{VM: vm, Changed: []string{"frequency"}, Spec: ReplicationSpec{Frequency: *c.Frequency}}, nil
+}
+
+func (f *fakeHost) Unfence(vm string, force bool) error {
+	f.record("Unfence %s %v", vm, force)
+	if !force {
+		return fmt.Errorf("%w: VM %s is fenced; --force", ErrInvalid, vm)
+	}
+	return nil
+}
+
 func (f *fakeHost) ReplicationControl(vm, op string) error {
 	f.record("ReplicationControl %s %s", vm, op)
 	return nil
@@ -172,6 +190,16 @@ func TestRoutes(t *testing.T) {
 		{"POST", "/v1/vms/web1/seal", "", 500, "application/json", `{"error":"journal closed"}`, "Seal web1 0"},
 		{"POST", "/v1/vms/web1/replication/sync?app=1", "", 200, "application/json", `{"cycle":42}`, "SyncReplication web1 true"},
 		{"POST", "/v1/vms/web1/replication/pause", "", 200, "application/json", `{}`, "ReplicationControl web1 pause"},
+		{"POST", "/v1/vms/web1/replication", `{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, 200, "application/json",
+			`{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, "EnableReplication web1 r:8443 true"},
+		{"POST", "/v1/vms/web1/replication?check=0", `{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, 200, "application/json",
+			`{"replica":"r:8443","frequency":"30s","compression":true,"initial":"network","enabled":"0001-01-01T00:00:00Z"}`, "EnableReplication web1 r:8443 false"},
+		{"PATCH", "/v1/vms/web1/replication", `{"frequency":"1m0s","force":true}`, 200, "application/json",
+			`{"vm":"web1","spec":{"replica":"","frequency":"1m0s","compression":false,"initial":"","enabled":"0001-01-01T00:00:00Z"},"changed":["frequency"],"new_replica":false,"same_replica":false}`, "SetReplication web1 1m0s true"},
+		{"PATCH", "/v1/vms/web1/replication", `{"frequency":"1m0s","colour":"red"}`, 400, "application/json",
+			`{"error":"invalid request: json: unknown field \"colour\""}`, ""},
+		{"POST", "/v1/vms/web1/unfence", "", 400, "application/json", `{"error":"invalid request: VM web1 is fenced; --force"}`, "Unfence web1 false"},
+		{"POST", "/v1/vms/web1/unfence?force=1", "", 200, "application/json", `{}`, "Unfence web1 true"},
 		{"POST", "/v1/vms/web1/replication/extend", `{"replica":"c:8443","frequency":"30s","compression":true,"enabled":"0001-01-01T00:00:00Z"}`, 200, "application/json",
 			`{"replica":"c:8443","frequency":"30s","compression":true,"enabled":"0001-01-01T00:00:00Z"}`, "ExtendReplication web1 c:8443"},
 		{"POST", "/v1/failover/web1/planned?force=1&reverse_to=p%3A8443", "", 200, "application/json",

@@ -16,6 +16,7 @@
 //	POST   /v1/vms                                VMSpec -> VMSpec
 //	DELETE /v1/vms/{name}
 //	POST   /v1/vms/{name}/seal                    -> journal.CycleInfo
+//	POST   /v1/vms/{name}/unfence[?force=1]       make a fenced VM writable
 //	POST   /v1/mount                              MountEvent{Mountpoint} -> a stream
 //	                                              of MountEvent lines (NDJSON): one
 //	                                              when mounted, one when unmounted;
@@ -24,7 +25,9 @@
 //	POST   /v1/unmount                            MountEvent{Mountpoint}
 //
 //	GET    /v1/replication[?vm=NAME]              Replication
-//	POST   /v1/vms/{name}/replication             ReplicationSpec -> ReplicationSpec
+//	POST   /v1/vms/{name}/replication[?check=0]   ReplicationSpec -> ReplicationSpec
+//	                                              (check=0: without asking the replica first)
+//	PATCH  /v1/vms/{name}/replication             ReplicationChange -> ReplicationChanged
 //	DELETE /v1/vms/{name}/replication
 //	POST   /v1/vms/{name}/replication/sync[?app=1]  -> SyncResult once applied
 //	POST   /v1/vms/{name}/replication/{op}        op: pause, resume, resync

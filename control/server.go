@@ -33,6 +33,9 @@ type VMHost interface {
 	VMs() []VMInfo
 	AddVM(VMSpec) (VMSpec, error)
 	RemoveVM(name string) error
+	// Unfence makes a fenced VM writable again (force must be set: the
+	// admin accepts the split brain it risks).
+	Unfence(name string, force bool) error
 	Seal(name string, flags uint64) (journal.CycleInfo, error)
 }
 
@@ -50,7 +53,10 @@ type MountHost interface {
 // ReplicationHost replicates VMs as their primary and keeps replicas.
 type ReplicationHost interface {
 	ReplicationStatus(vm string) (Replication, error)
-	EnableReplication(vm string, s ReplicationSpec) (ReplicationSpec, error)
+	// EnableReplication enables replication; with check it first asks
+	// the replica whether it answers and takes this primary for vm.
+	EnableReplication(ctx context.Context, vm string, s ReplicationSpec, check bool) (ReplicationSpec, error)
+	SetReplication(ctx context.Context, vm string, c ReplicationChange) (ReplicationChanged, error)
 	DisableReplication(vm string) error
 	SyncReplication(ctx context.Context, vm string, app bool) (uint64, error)
 	ReplicationControl(vm, op string) error
@@ -102,6 +108,9 @@ func vmRoutes(mux *http.ServeMux, h VMHost) {
 	mux.HandleFunc("DELETE /v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.RemoveVM(r.PathValue("name")))
 	})
+	mux.HandleFunc("POST /v1/vms/{name}/unfence", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, h.Unfence(r.PathValue("name"), r.URL.Query().Get("force") == "1"))
+	})
 	mux.HandleFunc("POST /v1/vms/{name}/seal", func(w http.ResponseWriter, r *http.Request) {
 		info, err := h.Seal(r.PathValue("name"), 0)
 		reply(w, info, err)
@@ -143,7 +152,10 @@ func replicationRoutes(mux *http.ServeMux, h ReplicationHost) {
 		reply(w, out, err)
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/replication", decoded(func(r *http.Request, spec ReplicationSpec) (any, error) {
-		return h.EnableReplication(r.PathValue("name"), spec)
+		return h.EnableReplication(r.Context(), r.PathValue("name"), spec, r.URL.Query().Get("check") != "0")
+	}))
+	mux.HandleFunc("PATCH /v1/vms/{name}/replication", decoded(func(r *http.Request, c ReplicationChange) (any, error) {
+		return h.SetReplication(r.Context(), r.PathValue("name"), c)
 	}))
 	mux.HandleFunc("DELETE /v1/vms/{name}/replication", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.DisableReplication(r.PathValue("name")))

@@ -76,6 +76,12 @@ type VMSpec struct {
 	// PromotedFrom is the certificate name of the old primary that handed
 	// the VM over to this host in a planned failover.
 	PromotedFrom string `json:"promoted_from,omitempty"`
+	// Fenced: the VM was failed over on its replica host while this host
+	// was away; it is served read-only here (see Fence).
+	Fenced *Fence `json:"fenced,omitempty"`
+	// UnfencedFailover is the failover (its time on the replica host) the
+	// admin unfenced the VM despite: that one does not fence it again.
+	UnfencedFailover time.Time `json:"unfenced_failover,omitzero"`
 }
 
 // HandedOver records a planned failover on the old primary.
@@ -153,6 +159,9 @@ type ReplicationStatus struct {
 	Role     string          `json:"role"` // "primary", or "extended" from a replica host
 	Spec     ReplicationSpec `json:"spec"`
 	Excluded []string        `json:"excluded_disks,omitempty"`
+	// Fenced: the VM was failed over on its replica host; state is
+	// "fenced" and health critical while it is.
+	Fenced *Fence `json:"fenced,omitempty"`
 	ship.Status
 }
 

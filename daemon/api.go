@@ -46,6 +46,7 @@ func (d *Daemon) Status() control.Status {
 		s.Warnings = append(s.Warnings, d.identityErr.Error())
 	}
 	s.Warnings = append(s.Warnings, replicaWarnings(replicas)...)
+	s.Warnings = append(s.Warnings, fenceWarnings(vms)...)
 	for p := range d.mounts {
 		s.Mounts = append(s.Mounts, p)
 	}

@@ -398,6 +398,9 @@ func (d *Daemon) serveRegistered(s control.VMSpec) {
 		v.gate.set(true)
 		d.log.Warn("VM handed over in a planned failover: served read-only until its new primary replicates back", "vm", s.Name, "to", s.HandedOver.To)
 	}
+	if f := s.Fenced; f != nil {
+		d.log.Error("VM FENCED: "+f.Sentence()+"; its disks are read-only here until replication is reversed from there or `vdrepl vm unfence "+s.Name+" --force`", "vm", s.Name, "replica", f.Replica)
+	}
 	if v.j == nil || s.Replication == nil || s.HandedOver != nil {
 		return
 	}
@@ -515,6 +518,7 @@ func bootID() string {
 // images that have a size are created sparse, and removed again on failure.
 func (d *Daemon) openVM(s control.VMSpec, create bool) (_ *vm, err error) {
 	v := &vm{spec: s}
+	v.gate.fenced = s.Fenced != nil
 	var created []string
 	defer func() {
 		if err != nil {
@@ -869,7 +873,7 @@ func (e *exports) Lookup(name string) (blockdev.Export, bool) {
 	}
 	for i, ds := range v.spec.Disks {
 		if ds.Name == diskName {
-			return blockdev.Export{Name: name, Disk: gatedDisk{v.j.Disk(i), &v.gate}, ReadOnly: v.spec.HandedOver != nil,
+			return blockdev.Export{Name: name, Disk: gatedDisk{v.j.Disk(i), &v.gate}, ReadOnly: v.spec.HandedOver != nil || v.spec.Fenced != nil,
 				Description: "vdrepl VM " + vmName + " disk " + diskName}, true
 		}
 	}
@@ -888,7 +892,7 @@ func (e *exports) List() []blockdev.Export {
 		}
 		for i, ds := range s.Disks {
 			n := s.Name + "/" + ds.Name
-			out = append(out, blockdev.Export{Name: n, Disk: gatedDisk{v.j.Disk(i), &v.gate}, ReadOnly: v.spec.HandedOver != nil,
+			out = append(out, blockdev.Export{Name: n, Disk: gatedDisk{v.j.Disk(i), &v.gate}, ReadOnly: v.spec.HandedOver != nil || v.spec.Fenced != nil,
 				Description: "vdrepl VM " + s.Name + " disk " + ds.Name})
 		}
 	}

@@ -64,6 +64,7 @@ var metricHelp = map[string]string{
 	"vdrepl_replica_health":                         "replica role: 0 normal, 1 warning (no cycle applied for more than 2 x frequency), 2 critical (more than 6 x frequency or 1 hour, but not before 3 x frequency); in an initial copy or resync, by the time since its last piece",
 	"vdrepl_verify_last_timestamp_seconds":          "when the last vdrepl verify of the VM finished (unix time)",
 	"vdrepl_verify_last_mismatch_blocks":            "4 KiB blocks the last vdrepl verify found different on the replica",
+	"vdrepl_vm_fenced":                              "1 while the VM is fenced: failed over on its replica host while this host was away, served read-only here",
 }
 
 func newCollector(d *Daemon) *collector {
@@ -101,6 +102,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		return 0
 	}
 	for _, v := range c.d.VMs() {
+		if !v.ReplicaOnly {
+			gauge("vdrepl_vm_fenced", b2f(v.Fenced != nil), v.Name)
+		}
 		if j := v.Journal; j != nil {
 			gauge("vdrepl_journal_bytes", float64(j.JournalBytes), v.Name)
 			gauge("vdrepl_journal_cap_bytes", float64(j.Cap), v.Name)

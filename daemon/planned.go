@@ -58,8 +58,9 @@ import (
 // write that was let through is in the journal: a cycle sealed then holds
 // all of them.
 type gate struct {
-	mu sync.RWMutex
-	ro bool
+	mu     sync.RWMutex
+	ro     bool
+	fenced bool // fence.go: read-only until unfenced, whatever ro says
 }
 
 func (g *gate) set(ro bool) {
@@ -72,7 +73,7 @@ func (g *gate) set(ro bool) {
 // calls g.mu.RUnlock when it is done.
 func (g *gate) enter() bool {
 	g.mu.RLock()
-	if g.ro {
+	if g.ro || g.fenced {
 		g.mu.RUnlock()
 		return false
 	}
@@ -320,8 +321,10 @@ func (p *primaryRole) AskReplica(ctx context.Context, name string) (failover.Pee
 		return failover.Peer{}, err
 	}
 	rs := v.spec.Replication
-	host, _, _ := net.SplitHostPort(rs.Replica)
-	cert, _, err := ship.Replica(ctx, rs.Replica, p.identity.ClientConfig(host), rs.BypassProxy, name)
+	cert, _, unknown, err := (*Daemon)(p).askReplica(ctx, rs.Replica, rs.BypassProxy, name)
+	if err == nil && unknown {
+		err = fmt.Errorf("%w: the replica %s does not hold VM %s", control.ErrInvalid, rs.Replica, name)
+	}
 	if err != nil || cert == nil {
 		return failover.Peer{}, err
 	}

@@ -112,35 +112,71 @@ func (d *Daemon) checkSpec(s control.VMSpec, r *control.ReplicationSpec) error {
 	return nil
 }
 
-// EnableReplication starts replicating a VM to a replica host.
-func (d *Daemon) EnableReplication(name string, r control.ReplicationSpec) (control.ReplicationSpec, error) {
+// EnableReplication starts replicating a VM to a replica host. With check
+// it first asks the replica (checkReplica) and enables nothing when the
+// replica refuses or does not answer; an --initial offline:DIR copy is
+// written without the replica, so for it a replica that does not answer
+// is only logged.
+func (d *Daemon) EnableReplication(ctx context.Context, name string, r control.ReplicationSpec, check bool) (control.ReplicationSpec, error) {
+	if check {
+		// Checked twice: before the question, so that a bad spec is not
+		// sent to the network, and under opMu again after it. opMu is
+		// not held while the replica is asked.
+		probe := r
+		d.opMu.Lock()
+		_, err := d.enableable(name, &probe)
+		d.opMu.Unlock()
+		if err != nil {
+			return r, err
+		}
+		err = d.checkReplica(ctx, name, probe)
+		var down unreachableError
+		if errors.As(err, &down) && strings.HasPrefix(probe.Initial, "offline:") {
+			d.log.Warn("replication enabled while the replica does not answer: the offline initial copy needs it only once imported", "vm", name, "replica", r.Replica, "err", err)
+			err = nil
+		}
+		if err != nil {
+			return r, err
+		}
+	}
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
 	return d.enableLocked(name, r)
 }
 
-// enableLocked is EnableReplication with opMu held.
-func (d *Daemon) enableLocked(name string, r control.ReplicationSpec) (control.ReplicationSpec, error) {
+// enableable checks that replication of VM name may be enabled as r says
+// (and fills r's defaults). The caller holds opMu.
+func (d *Daemon) enableable(name string, r *control.ReplicationSpec) (*vm, error) {
 	v, err := d.servedVM(name)
 	if err != nil {
-		return r, err
+		return nil, err
 	}
 	if v.spec.Replication != nil {
-		return r, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); disable it first", control.ErrExists, name, v.spec.Replication.Replica)
+		return nil, fmt.Errorf("%w: replication of VM %s is already enabled (to %s); change it with `vdrepl replication set %s`, or disable it first", control.ErrExists, name, v.spec.Replication.Replica, name)
 	}
 	if v.spec.HandedOver != nil {
-		return r, fmt.Errorf("%w: VM %s was handed over to %s in a planned failover", control.ErrInUse, name, v.spec.HandedOver.To)
+		return nil, fmt.Errorf("%w: VM %s was handed over to %s in a planned failover", control.ErrInUse, name, v.spec.HandedOver.To)
 	}
 	if v.spec.FailedOver {
-		return r, fmt.Errorf("%w: VM %s is failed over here and not completed; `vdrepl replication reverse %s --replica OLD_PRIMARY` completes the failover and replicates back", control.ErrInUse, name, name)
+		return nil, fmt.Errorf("%w: VM %s is failed over here and not completed; `vdrepl replication reverse %s --replica OLD_PRIMARY` completes the failover and replicates back", control.ErrInUse, name, name)
 	}
 	if d.identityErr != nil {
-		return r, d.identityErr
+		return nil, d.identityErr
 	}
 	if d.identity == nil {
-		return r, fmt.Errorf("%w: %v", control.ErrInvalid, errNoIdentity)
+		return nil, fmt.Errorf("%w: %v", control.ErrInvalid, errNoIdentity)
 	}
-	if err := d.checkSpec(v.spec, &r); err != nil {
+	if err := d.checkSpec(v.spec, r); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// enableLocked enables replication without asking the replica first; the
+// caller holds opMu.
+func (d *Daemon) enableLocked(name string, r control.ReplicationSpec) (control.ReplicationSpec, error) {
+	v, err := d.enableable(name, &r)
+	if err != nil {
 		return r, err
 	}
 	r.Enabled = time.Now().UTC().Truncate(time.Second)
@@ -244,7 +280,7 @@ func (d *Daemon) startShipper(v *vm) error {
 		Excluded:           r.ExcludeDisks,
 		AppConsistentEvery: time.Duration(r.AppConsistentEvery),
 		Quiesce:            quiesceFunc(v.spec.Name, r, d.cfg.QuiesceTimeout),
-		Events:             d.shipEv.events(v.spec.Name),
+		Events:             d.fenceEvents(v.spec.Name, d.shipEv.events(v.spec.Name)),
 	}
 	for i, ds := range v.spec.Disks {
 		if slices.Contains(r.ExcludeDisks, ds.Name) {
@@ -410,6 +446,11 @@ func (d *Daemon) ReplicationStatus(name string) (control.Replication, error) {
 			if v.err != nil {
 				rs.Status.Reason = v.err.Error()
 			}
+		}
+		if f := s.Fenced; f != nil {
+			rs.Fenced = f
+			rs.Status.State, rs.Status.Health, rs.Status.Metrics.Health = "fenced", ship.HealthCritical, 2
+			rs.Status.Reason = f.Sentence() + "; served read-only: replicate it back from there or `vdrepl vm unfence " + s.Name + " --force`"
 		}
 		out.Primaries = append(out.Primaries, rs)
 	}

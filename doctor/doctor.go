@@ -75,6 +75,9 @@ const (
 	// CheckReplicaHealth: on a replica host, whether a VM's cycles keep
 	// arriving from its primary.
 	CheckReplicaHealth = "replica-health"
+	// CheckFence: a VM of this host fenced after an unplanned failover on
+	// its replica host.
+	CheckFence = "fence"
 )
 
 // Finding is one result of a check.
@@ -243,6 +246,7 @@ func Run(ctx context.Context, cfg Config) Report {
 	if cfg.VM != "" && dv != nil {
 		r.add(VMReplication(cfg.VM, dv.vms, dv.repl, cfg.Now())...)
 	} else if dv != nil {
+		r.add(Fences(dv.vms)...)
 		r.add(ReplicaHealth(dv.repl.Replicas)...)
 	}
 	return r

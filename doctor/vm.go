@@ -138,9 +138,35 @@ func replicaHealthFinding(r control.ReplicaStatus) Finding {
 	return vmFinding(r.VM, CheckReplicaHealth, OK, cause, "")
 }
 
+// Fences reports every VM of this host fenced after an unplanned failover
+// on its replica host.
+func Fences(vms []control.VMInfo) []Finding {
+	var out []Finding
+	for i := range vms {
+		if f := fenceFinding(&vms[i]); f != nil {
+			out = append(out, *f)
+		}
+	}
+	return out
+}
+
+// fenceFinding is the problem of a fenced VM, or nil.
+func fenceFinding(info *control.VMInfo) *Finding {
+	f := info.Fenced
+	if f == nil {
+		return nil
+	}
+	x := vmFinding(info.Name, CheckFence, Problem, f.Sentence()+"; its disks are read-only here",
+		fmt.Sprintf("keep the VM where it runs now and replicate it back: on %s run `vdrepl replication reverse %s --replica THIS_HOST:PORT`; or, accepting two diverging copies, `vdrepl vm unfence %s --force` here", f.Replica, info.Name, info.Name))
+	return &x
+}
+
 // servedFindings checks that the VM is served and its journal works.
 func servedFindings(name string, info *control.VMInfo) []Finding {
 	var out []Finding
+	if f := fenceFinding(info); f != nil {
+		out = append(out, *f)
+	}
 	if info.Error != "" {
 		out = append(out, vmFinding(name, CheckVM, Problem, "the VM is not served: "+info.Error, "fix that, then restart `vdrepl serve`"))
 	}

@@ -206,6 +206,9 @@ func TestReverseAfterUnplannedFailover(t *testing.T) {
 	if st := primaryStatus(t, w.a, "vm1"); !strings.Contains(st.Reason+st.LastError, "failed over") {
 		t.Fatalf("A's status does not say the VM failed over: %+v", st)
 	}
+	// A fences its stale copy; the reverse below ends the fence with the
+	// VM's place in A's registry.
+	waitFor(t, "A to fence vm1", func() bool { return vmFence(t, w.a, "vm1") != nil })
 	w.b.run("replication", "reverse", "vm1", "--replica", w.aAddr, "--frequency", "1h", "--compression=false")
 	waitFor(t, "B's resync back to A", func() bool {
 		st := primaryStatus(t, w.b, "vm1")

@@ -146,7 +146,9 @@ func TestReplicationRefusesStrangers(t *testing.T) {
 	p.rep.run("replica", "allow", "add", "--primary", "stranger.test", "--storage", strangerStorage)
 	stranger.addVM("vma", "32M")
 	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", stranger.uri("vma/disk0"))
-	stranger.run("replication", "enable", "vma", "--replica", p.replicaAddr, "--frequency", "1h")
+	// --no-check: the shipper's own refusal is under test here (the
+	// pre-check of enable is TestEnableChecksReplica's).
+	stranger.run("replication", "enable", "vma", "--replica", p.replicaAddr, "--frequency", "1h", "--no-check")
 	refused(t, stranger, "vma", regexp.MustCompile(`(?i)certificate|authority`))
 	noReplicaVM(t, p.rep, "vma", strangerStorage, p.storage)
 
@@ -185,7 +187,7 @@ func TestReplicationRefusesStrangers(t *testing.T) {
 	unlistedStorage := filepath.Join(t.TempDir(), "unlisted")
 	unlisted.addVM("vmb", "32M")
 	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 2M", "-c", "write -P 0x23 20M 64k", unlisted.uri("vmb/disk0"))
-	unlisted.run("replication", "enable", "vmb", "--replica", p.replicaAddr, "--frequency", "1h")
+	unlisted.run("replication", "enable", "vmb", "--replica", p.replicaAddr, "--frequency", "1h", "--no-check")
 	refused(t, unlisted, "vmb", regexp.MustCompile(`(?i)not on the allow-list|not allowed|forbidden`))
 	noReplicaVM(t, p.rep, "vmb", unlistedStorage, p.storage, strangerStorage)
 
@@ -211,7 +213,7 @@ func TestReplicationRefusesStrangers(t *testing.T) {
 	// someone else's VM on this replica.
 	unlisted.addVM("vm1", "32M")
 	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x44 0 8M", unlisted.uri("vm1/disk0"))
-	unlisted.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h")
+	unlisted.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h", "--no-check")
 	refused(t, unlisted, "vm1", regexp.MustCompile(`(?i)forbidden|belongs to|not allowed|may not`))
 	if after := fileHash(t, aImage); after != before {
 		t.Fatal("primary.test's replica image of vm1 changed after unlisted.test tried to replicate its own vm1")

@@ -128,6 +128,7 @@ func (h *host) replication(vm string) replStatus {
 // the primary.
 type primStatus struct {
 	VM          string    `json:"vm"`
+	Replica     string    `json:"replica"`
 	State       string    `json:"state"`
 	Health      string    `json:"health"`
 	Reason      string    `json:"reason"`

@@ -25,6 +25,7 @@ func replicationCmd() *cli.Command {
    vdrepl replication status --watch`,
 		Subcommands: []*cli.Command{
 			replicationEnableCmd(),
+			replicationSetCmd(),
 			replicationDisableCmd(),
 			replicationSyncCmd(),
 			replicationControlCmd("pause", "stop shipping cycles for now (the journal keeps them)"),
@@ -58,7 +59,12 @@ resync brings them current).
 Recovery points: --recovery-points 4 keeps four hourly points on the replica
 besides the latest state; with --app-consistent-every 4 --quiesce-cmd
 /usr/local/sbin/freeze-web1 one of them is application-consistent every four
-hours (the guest frozen while the cycle is closed).`,
+hours (the guest frozen while the cycle is closed).
+
+Before enabling, the daemon asks the replica about the VM as replication
+would: a replica that does not answer, fails the TLS handshake, or does not
+let this host in for the VM (its allow-list) is named with the fix, and
+nothing is enabled. --no-check skips that question.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "replica", Required: true, Usage: "the replica's HOST:PORT (port 8443 if omitted)"},
 			&cli.DurationFlag{Name: "frequency", Value: 5 * time.Minute, Usage: "how often a cycle is shipped: 30s, 5m, 15m or any duration >= 1s"},
@@ -73,6 +79,7 @@ hours (the guest frozen while the cycle is closed).`,
 			&cli.StringFlag{Name: "app-consistent-every", Usage: "take an application-consistent point every H hours (or a duration like 30m); needs --quiesce-cmd or --qga-socket"},
 			&cli.StringFlag{Name: "quiesce-cmd", Usage: "executable run as \"CMD VM freeze\" and \"CMD VM thaw\" around an application-consistent barrier (e.g. a wrapper of fsfreeze)"},
 			&cli.StringFlag{Name: "qga-socket", Usage: "the guest's qemu-guest-agent socket, for guest-fsfreeze-freeze/thaw"},
+			&cli.BoolFlag{Name: "no-check", Usage: "enable without asking the replica first whether it answers and takes this host (with --initial offline:DIR a replica that does not answer is accepted anyway)"},
 			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
 		},
 		Action: vmAction("replication enable", eitherHost, replicationEnableAction),
@@ -88,7 +95,7 @@ func replicationEnableAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	out, err := client(c).EnableReplication(c.Context, vm, spec)
+	out, err := client(c).EnableReplication(c.Context, vm, spec, !c.Bool("no-check"))
 	if err != nil {
 		return err
 	}

@@ -21,7 +21,7 @@ func vmCmd() *cli.Command {
 		Description: `Example:
    vdrepl vm add web1 --disk /srv/vm/web1.img:20G
    vdrepl vm list`,
-		Subcommands: []*cli.Command{vmAddCmd(), vmListCmd(), vmRemoveCmd(), vmSealCmd()},
+		Subcommands: []*cli.Command{vmAddCmd(), vmListCmd(), vmRemoveCmd(), vmSealCmd(), vmUnfenceCmd()},
 	}
 }
 
@@ -187,6 +187,8 @@ func vmSealAction(c *cli.Context) error {
 
 func vmState(v control.VMInfo) string {
 	switch {
+	case v.Fenced != nil:
+		return v.Fenced.Sentence() + " (read-only)"
 	case v.Error != "":
 		return "error: " + v.Error
 	case v.Journal == nil:
@@ -208,4 +210,36 @@ func vmState(v control.VMInfo) string {
 		return "ok; lacks disk(s) " + strings.Join(v.Lacks, ", ") + " (not replicated)"
 	}
 	return "ok"
+}
+
+func vmUnfenceCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "unfence",
+		Usage:     "make a VM fenced after an unplanned failover writable here again (--force: risks a split brain)",
+		ArgsUsage: "NAME",
+		Flags:     []cli.Flag{&cli.BoolFlag{Name: "force", Usage: "unfence although the VM runs on its replica host: writes here are never replicated and are lost when replication is reversed"}},
+		Description: `Example:
+   vdrepl vm unfence web1 --force
+
+A VM is fenced on its old primary when it was failed over (unplanned) on
+its replica host while this host was away: this copy is stale, so its disks
+are read-only here. The usual way out is to keep the VM where it runs now
+and replicate it back: ` + "`vdrepl replication reverse web1 --replica THIS_HOST:PORT`" + `
+on the replica host, which makes this host its replica. Unfencing instead
+makes this stale copy writable while the other runs: two copies that
+diverge (a split brain). Without --force it only says so.`,
+		Action: vmAction("vm unfence", eitherHost, vmUnfenceAction),
+	}
+}
+
+func vmUnfenceAction(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return fmt.Errorf("vm unfence takes exactly one VM name")
+	}
+	vm := c.Args().First()
+	if err := client(c).Unfence(c.Context, vm, c.Bool("force")); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "%s unfenced: writable here again, while it runs on its replica host too; writes here are not replicated there\n", vm)
+	return nil
 }
