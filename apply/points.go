@@ -3,10 +3,12 @@ package apply
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/crashpoint"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/snapshot"
@@ -113,8 +115,38 @@ func (v *vm) recordCycles(next *replicaState, in *intent) error {
 		if err := v.snap.Cycle(c.Cycle, c.Sealed, c.App, take); err != nil {
 			return v.pointsErr(err)
 		}
+		if take {
+			v.notePointRoots(next, c.Cycle)
+		}
 	}
 	return v.prune(next)
+}
+
+// notePointRoots records in next the tree's roots as those of the point
+// at cycle c, which the images hold now, and forgets the roots of points
+// that are gone. Caller holds v.apply.
+func (v *vm) notePointRoots(next *replicaState, c uint64) {
+	var roots []blocktree.Root
+	if v.tree != nil {
+		roots = v.tree.Roots()
+	}
+	if next.PointRoots == nil {
+		next.PointRoots = map[string][]string{}
+	}
+	id := strconv.FormatUint(c, 10)
+	delete(next.PointRoots, id)
+	if roots != nil {
+		hex := make([]string, len(roots))
+		for i, r := range roots {
+			hex[i] = r.String()
+		}
+		next.PointRoots[id] = hex
+	}
+	keep := map[string]bool{id: true}
+	for _, p := range v.snap.Points() {
+		keep[p.ID] = true
+	}
+	maps.DeleteFunc(next.PointRoots, func(k string, _ []string) bool { return !keep[k] })
 }
 
 // wantPoint: the policy of st says cycle c becomes a recovery point.

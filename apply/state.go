@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"path/filepath"
 	"time"
 
@@ -128,6 +129,11 @@ type replicaState struct {
 	// when they differed, until a sync finishes (tree.go).
 	Verified uint64           `json:"verified,omitempty"`
 	Diverged *wire.Divergence `json:"diverged,omitempty"`
+	// PointRoots are the block-tree roots of the images when each
+	// recovery point was taken (by point id, one hex root per disk), for
+	// `vdrepl verify VM --point ID`; a point taken while the tree could
+	// not vouch for the images has none.
+	PointRoots map[string][]string `json:"point_roots,omitempty"`
 }
 
 // failoverRecord is a failover of the VM on this host (see points.go).
@@ -312,6 +318,7 @@ func (st *replicaState) clone() replicaState {
 		dc.Disks = append([]string(nil), st.Diverged.Disks...)
 		c.Diverged = &dc
 	}
+	c.PointRoots = maps.Clone(st.PointRoots)
 	return c
 }
 

@@ -673,6 +673,7 @@ func (v *vm) finishIntent(recovering bool) error {
 	now := v.s.now().UTC()
 	err = v.update(func(st *replicaState) error {
 		applied(st, in)
+		st.PointRoots = next.PointRoots // recordCycles noted the new point's
 		if checked {
 			noteRoots(st, last.Cycle, diverged, now)
 		}

@@ -270,6 +270,14 @@ func (c *Client) Points(ctx context.Context, vm string) (PointsInfo, error) {
 	return out, err
 }
 
+// VerifyPoint reads recovery point id of a replica VM back and compares it
+// with the block-tree roots recorded when it was taken.
+func (c *Client) VerifyPoint(ctx context.Context, vm, id string) (apply.PointCheck, error) {
+	var out apply.PointCheck
+	err := c.do(ctx, http.MethodPost, "/v1/points/"+url.PathEscape(vm)+"/"+url.PathEscape(id)+"/verify", nil, &out)
+	return out, err
+}
+
 // Failover runs a failover operation: test, unplanned (both with a point,
 // "" = the latest state), stop-test, complete, cancel.
 func (c *Client) Failover(ctx context.Context, vm, op, point string) (FailoverResult, error) {

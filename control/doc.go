@@ -45,6 +45,7 @@
 //	POST   /v1/replica/import                     ImportRequest
 //
 //	GET    /v1/points/{vm}                        PointsInfo
+//	POST   /v1/points/{vm}/{id}/verify            apply.PointCheck
 //	POST   /v1/failover/{vm}/test[?point=ID]      FailoverResult
 //	POST   /v1/failover/{vm}/stop-test
 //	POST   /v1/failover/{vm}/unplanned[?point=ID] FailoverResult

@@ -69,6 +69,9 @@ type ReplicationHost interface {
 // FailoverHost runs failovers, reverse and extended replication.
 type FailoverHost interface {
 	Points(vm string) (PointsInfo, error)
+	// VerifyPoint reads recovery point id back and compares its roots
+	// with the ones recorded when it was taken.
+	VerifyPoint(ctx context.Context, vm, id string) (apply.PointCheck, error)
 	FailoverTest(vm, point string) (FailoverResult, error)
 	StopTest(vm string) error
 	FailoverUnplanned(vm, point string) (FailoverResult, error)
@@ -204,6 +207,10 @@ func failoverRoutes(mux *http.ServeMux, h FailoverHost) {
 	}))
 	mux.HandleFunc("GET /v1/points/{vm}", func(w http.ResponseWriter, r *http.Request) {
 		out, err := h.Points(r.PathValue("vm"))
+		reply(w, out, err)
+	})
+	mux.HandleFunc("POST /v1/points/{vm}/{id}/verify", func(w http.ResponseWriter, r *http.Request) {
+		out, err := h.VerifyPoint(r.Context(), r.PathValue("vm"), r.PathValue("id"))
 		reply(w, out, err)
 	})
 	// One pattern for every operation, so that any other method on

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -93,6 +94,19 @@ func (d *Daemon) Points(name string) (control.PointsInfo, error) {
 		out.Bytes = ps[0].Bytes
 	}
 	return out, nil
+}
+
+// VerifyPoint checks recovery point id of a replica VM kept on this host
+// against the block-tree roots recorded when it was taken.
+func (d *Daemon) VerifyPoint(ctx context.Context, name, id string) (apply.PointCheck, error) {
+	c, err := d.replica.VerifyPoint(ctx, name, id)
+	switch {
+	case errors.Is(err, apply.ErrUnavailable):
+		return c, fmt.Errorf("%w: %v", control.ErrInvalid, err)
+	case err != nil:
+		return c, d.pointErr(err)
+	}
+	return c, nil
 }
 
 // FailoverTest starts a test failover of a replica VM: a writable,

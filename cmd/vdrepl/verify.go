@@ -28,6 +28,7 @@ func verifyCmd() *cli.Command {
 		Description: `Example:
    vdrepl verify web1 --dry-run
    vdrepl verify web1 --rate 50MB/s --json
+   vdrepl verify web1 --point 1042        # on the replica host
 
 Run on the primary host while the VM runs and replicates: an online scrub.
 For each disk, range by range, the replica hashes its blocks (BLAKE3) at the
@@ -37,11 +38,19 @@ so is a range whose cycle the journal no longer holds ("replica behind by
 more than the journal holds"). Progress goes to stderr unless --json, and to
 ` + "`vdrepl replication status VM`" + ` while it runs.
 
-Which side is right: vdrepl records no block hashes yet, so verify takes the
-primary's image as the truth. Without --dry-run, blocks that differ start a
-resync at once (as ` + "`vdrepl replication resync VM`" + ` does, not at the resync
-window), naming the disk and byte ranges; it sends the primary's blocks that
-differ. With --dry-run it only reports.
+Which side is right: verify takes the primary's image as the truth. Without
+--dry-run, blocks that differ start a resync at once (as
+` + "`vdrepl replication resync VM`" + ` does, not at the resync window), naming
+the disk and byte ranges; that resync reads and compares both sides' images
+(not their block trees, which may both still describe the good data), and
+sends the primary's blocks that differ. With --dry-run it only reports.
+
+With --point ID, run on the replica host: the recovery point is read back
+as a failover to it would read it (images plus undo data), hashed into
+block-tree roots and compared with the roots the replica's tree had when
+the point was taken. Damage at rest in the undo data fails the read with
+the record named; damage in an image block the point shares with the
+latest state shows as roots that differ. Exit status 1 when they differ.
 
 The last result shows in ` + "`vdrepl replication status VM`" + ` and in the
 metrics vdrepl_verify_last_timestamp_seconds and
@@ -61,6 +70,7 @@ Exit status:
 			&cli.StringFlag{Name: "rate", Value: ship.DefaultVerifyRate, Usage: "bound on how fast this host reads its images (e.g. 50MB/s, 1GB/s, unlimited)"},
 			&cli.BoolFlag{Name: "dry-run", Usage: "only report; do not start a resync"},
 			&cli.BoolFlag{Name: "json", Usage: "print the result as JSON, without progress lines"},
+			&cli.StringFlag{Name: "point", Usage: "on the replica host: check this recovery point (an ID as listed by replication points) against the roots recorded when it was taken"},
 		},
 		Action: verifyAction,
 	}
@@ -72,6 +82,9 @@ func verifyAction(c *cli.Context) error {
 		return cli.Exit("vdrepl: "+err.Error(), verifyFailed)
 	}
 	jsonOut := c.Bool("json")
+	if c.IsSet("point") {
+		return verifyPointAction(c, vm, c.String("point"), jsonOut)
+	}
 	errw := c.App.ErrWriter
 	var progress func(ship.VerifyProgress)
 	if !jsonOut {
@@ -175,4 +188,32 @@ func printLastVerify(w io.Writer, s ship.Status, now time.Time) {
 		fmt.Fprintf(w, "  last verified: %s (%s ago), %d bytes, %d mismatches%s\n", l.At.Local().Format(time.DateTime),
 			now.Sub(l.At).Round(time.Second), l.CheckedBytes, l.MismatchBlocks, what)
 	}
+}
+
+// verifyPointAction is `vdrepl verify VM --point ID` on a replica host.
+func verifyPointAction(c *cli.Context, vm, id string, jsonOut bool) error {
+	res, err := client(c).VerifyPoint(c.Context, vm, id)
+	if err != nil {
+		return cli.Exit("vdrepl: verify "+vm+" --point "+id+": "+err.Error(), verifyFailed)
+	}
+	if jsonOut {
+		if err := printJSON(c.App.Writer, res); err != nil {
+			return cli.Exit("vdrepl: "+err.Error(), verifyFailed)
+		}
+	} else {
+		w := c.App.Writer
+		fmt.Fprintf(w, "verify of recovery point %s of %s: %s read in %s\n", res.Point, res.VM, units.FormatBytes(res.CheckedBytes),
+			time.Duration(res.DurationSeconds*float64(time.Second)).Round(time.Millisecond))
+		for _, d := range res.Disks {
+			if d.Match {
+				fmt.Fprintf(w, "  disk %s: matches the roots recorded when the point was taken\n", d.Disk)
+			} else {
+				fmt.Fprintf(w, "  disk %s: DIFFERS: root %s, recorded %s\n", d.Disk, d.Root, d.Recorded)
+			}
+		}
+	}
+	if !res.Match {
+		return cli.Exit("", verifyMismatch)
+	}
+	return nil
 }

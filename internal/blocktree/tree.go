@@ -661,3 +661,34 @@ func Options(dir string) badger.Options {
 		WithSyncWrites(false).
 		WithMetricsEnabled(false)
 }
+
+// RootOf computes the root of a disk of size bytes read from r, without a
+// tree: what a tree built over the same bytes would hold. buf, if large
+// enough, is used for the reads (a multiple of LeafSize; 4 MiB is good).
+func RootOf(r io.ReaderAt, size int64, buf []byte) (Root, error) {
+	if len(buf) < LeafSize {
+		buf = make([]byte, 4<<20)
+	}
+	buf = buf[:len(buf)/LeafSize*LeafSize]
+	var root Root
+	var l [LeafBlocks]Hash
+	for pos := int64(0); pos < size; {
+		p := buf[:min(int64(len(buf)), size-pos)]
+		if m, err := r.ReadAt(p, pos); err != nil && !(errors.Is(err, io.EOF) && m == len(p)) {
+			return Root{}, fmt.Errorf("blocktree: read at %d: %w", pos, err)
+		}
+		for off := 0; off < len(p); off += LeafSize {
+			for i := range l {
+				b := off + i*BlockSize
+				if b >= len(p) {
+					l[i] = ZeroHash
+				} else {
+					l[i] = HashBlock(p[b:min(b+BlockSize, len(p))])
+				}
+			}
+			root.add(mix(uint64((pos+int64(off))/LeafSize), leafDigest(&l)))
+		}
+		pos += int64(len(p))
+	}
+	return root, nil
+}

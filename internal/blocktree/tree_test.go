@@ -211,3 +211,19 @@ func TestParseRoot(t *testing.T) {
 		t.Fatal("ParseRoot of junk succeeded")
 	}
 }
+
+func TestRootOfMatchesTree(t *testing.T) {
+	img := make([]byte, 3<<20+5000)
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i := 0; i < len(img); i += 7 {
+		img[i] = byte(rng.Uint32())
+	}
+	clear(img[1<<20 : 2<<20]) // a zero stretch
+	want, _ := built(t, img).Root(0)
+	for _, bufSize := range []int{0, LeafSize, 1 << 20, 4 << 20} {
+		got, err := RootOf(bytes.NewReader(img), int64(len(img)), make([]byte, bufSize))
+		if err != nil || got != want {
+			t.Fatalf("RootOf with a %d-byte buffer: %v, %v; tree %v", bufSize, got, err, want)
+		}
+	}
+}
