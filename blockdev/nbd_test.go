@@ -193,7 +193,11 @@ func newFixture(t *testing.T, cfg blockdev.NBDConfig, specs ...exportSpec) *fixt
 		t.Fatal(err)
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- f.srv.Serve(context.Background(), l) }()
+	serve := f.srv.Serve
+	if cfg.TLS != nil {
+		serve = f.srv.ServeTLS // a TLS config in a test means a TLS-only listener
+	}
+	go func() { errc <- serve(context.Background(), l) }()
 	t.Cleanup(func() {
 		if err := f.srv.Close(); err != nil {
 			t.Errorf("Close: %v", err)
