@@ -125,7 +125,7 @@ type Daemon struct {
 	nbdGID   int           // group of the NBD sockets, -1 to leave it
 	nbdAllow *nbdAllowList // which TLS clients may open which exports
 	control  *http.Server
-	lock    *os.File
+	lock     *os.File
 
 	ctx         context.Context // lives as long as Run; shippers run under it
 	identity    *pki.Identity   // nil without --tls-cert
