@@ -564,7 +564,7 @@ func (c *nbdConn) serve() {
 	c.transmitting = true
 	s.mu.Unlock()
 	c.log.Info("NBD client attached", "read_only", exp.ReadOnly, "size", c.limits.size,
-		"structured", c.structured, "block_status", c.blockStatus, "tls", c.tlsOn, "client", c.peerName())
+		"structured", c.structured, "block_status", c.blockStatus, "tls", c.tlsOn)
 	if f := s.cfg.OnConnect; f != nil {
 		f(exp.Name, !exp.ReadOnly)
 	}
