@@ -312,3 +312,84 @@ func TestNBDListenerRules(t *testing.T) {
 	h.addVM("web1", "16M")
 	sh(t, "nbdinfo", fmt.Sprintf("nbd://127.0.0.1:%d/web1/disk0", port))
 }
+
+// TestNBDTLSFailoverExports: over NBD TLS, a test failover's export is
+// served to a client allowed on it, and a planned failover's write gate
+// holds for a TLS client that keeps the disk open (its writes fail once
+// the VM is being handed over; what it wrote before arrives).
+func TestNBDTLSFailoverExports(t *testing.T) {
+	need(t, "qemu-io", "nbdcopy", "nbdinfo")
+	dir := t.TempDir()
+	vdrepl(t, "pki", "init", "--dir", dir)
+	vdrepl(t, "pki", "issue", "--dir", dir, "--name", "primary.test", "--san", "127.0.0.1")
+	vdrepl(t, "pki", "issue", "--dir", dir, "--name", "replica.test", "--san", "127.0.0.1")
+	vdrepl(t, "pki", "issue", "--dir", dir, "--client", "kvm2")
+	creds := filepath.Join(t.TempDir(), "kvm2")
+	vdrepl(t, "pki", "export", "--dir", dir, "--client", "kvm2", "--qemu", creds)
+	pa, pb := freePort(t), freePort(t)
+	common := []string{"--replica-listen", "127.0.0.1:0", "--retry-scale", "0.0005"}
+	a := &tlsHost{host: newHost(t, append(append(tlsFlags(dir, "primary.test"), common...), "--nbd", fmt.Sprintf("tcp:127.0.0.1:%d", pa))...),
+		port: pa, pki: dir, clients: map[string]string{"kvm2": creds}}
+	b := &tlsHost{host: newHost(t, append(append(tlsFlags(dir, "replica.test"), common...), "--nbd", fmt.Sprintf("tcp:127.0.0.1:%d", pb))...),
+		port: pb, pki: dir, clients: map[string]string{"kvm2": creds}}
+	a.run("replica", "allow", "add", "--primary", "replica.test", "--storage", filepath.Join(t.TempDir(), "on-a"))
+	b.run("replica", "allow", "add", "--primary", "primary.test", "--storage", filepath.Join(t.TempDir(), "on-b"))
+	for _, h := range []*tlsHost{a, b} {
+		h.run("nbd", "allow", "add", "--client", "kvm2", "--export", "vm1")
+	}
+	b.run("nbd", "allow", "add", "--client", "kvm2", "--export", "vm1-test", "--read-only")
+
+	a.addVM("vm1", "16M")
+	sh(t, "qemu-io", append(a.qemuArgs("vm1/disk0", "kvm2"), "-c", "write -P 0x41 0 1M", "-c", "flush")...)
+	a.run("replication", "enable", "vm1", "--replica", listenAddr(t, b.host), "--frequency", "1h")
+	a.run("replication", "sync", "vm1")
+
+	t.Run("test failover export", func(t *testing.T) {
+		b.run("failover", "test", "vm1")
+		if got, err := b.listExports(t, "kvm2"); err != nil || !slices.Contains(got, "vm1-test/disk0") {
+			t.Fatalf("kvm2 lists %q (%v) on the replica during a test failover", got, err)
+		}
+		sh(t, "qemu-io", append(b.qemuArgs("vm1-test/disk0", "kvm2"), "-r", "-c", "read -P 0x41 0 1M")...)
+		b.run("failover", "stop-test", "vm1")
+		if out, err := runOut("nbdinfo", b.nbds("vm1-test/disk0", "kvm2")); err == nil {
+			t.Fatalf("the test export is still served after stop-test:\n%s", out)
+		}
+	})
+
+	t.Run("planned failover gate", func(t *testing.T) {
+		// A TLS client keeps vm1/disk0 open on A through the handover.
+		cmd := exec.Command("qemu-io", a.qemuArgs("vm1/disk0", "kvm2")...)
+		stdin, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		fmt.Fprintln(stdin, "write -P 0x5e 1M 64k")
+		fmt.Fprintln(stdin, "flush")
+		waitFor(t, "the TLS client's write", func() bool { return strings.Count(out.String(), "wrote") >= 1 })
+		done := background(a.host, "failover", "planned", "vm1", "--force")
+		waitFor(t, "B to serve vm1", func() bool { _, ok := vmList(t, b.host)["vm1"]; return ok })
+		fmt.Fprintln(stdin, "write -P 0x6f 0 4k")
+		fmt.Fprintln(stdin, "flush")
+		fmt.Fprintln(stdin, "quit")
+		stdin.Close()
+		cmd.Wait()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("qemu-io on A through the handover:\n%s", out.String())
+		if strings.Count(out.String(), "wrote") != 1 {
+			t.Errorf("the write after the handover went through:\n%s", out.String())
+		}
+		// B serves vm1 over TLS with what was written before the handover.
+		sh(t, "qemu-io", append(b.qemuArgs("vm1/disk0", "kvm2"), "-c", "read -P 0x5e 1M 64k", "-c", "read -P 0x41 0 4k")...)
+		if out, err := runOut("nbdinfo", a.nbds("vm1/disk0", "kvm2")); err == nil {
+			t.Errorf("A still serves vm1 after handing it over:\n%s", out)
+		}
+	})
+}
