@@ -96,6 +96,8 @@ const (
 	nbdFlushAt       = 64 << 10
 	nbdInlinePayload = 16 << 10
 	nbdReadBuffer    = 128 << 10
+	// nbdTLSReadBuffer is what the TLS layer reads the socket into.
+	nbdTLSReadBuffer = 256 << 10
 	// nbdMaxOptionData bounds the option data the server reads into memory;
 	// longer options are skipped and refused. It takes an INFO/GO naming
 	// the longest export with a thousand info types, or a meta context

@@ -13,11 +13,13 @@ package blockdev
 // open is the same whether it exists or not.
 
 import (
+	"bufio"
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strings"
 	"time"
 )
@@ -201,7 +203,8 @@ func (h *nbdHandshake) upgrade(data []byte) error {
 	if h.c.br.Buffered() > 0 {
 		return errNBDTLSEarlyData
 	}
-	tc := tls.Server(h.c.nc, h.c.s.cfg.TLS)
+	raw := &bufferedConn{Conn: h.c.nc, r: bufio.NewReaderSize(h.c.nc, nbdTLSReadBuffer)}
+	tc := tls.Server(raw, h.c.s.cfg.TLS)
 	if err := tc.Handshake(); err != nil {
 		return fmt.Errorf("blockdev: NBD TLS handshake: %w", err)
 	}
@@ -219,6 +222,16 @@ func (h *nbdHandshake) upgrade(data []byte) error {
 	h.c.log.Debug("NBD TLS established", "version", tls.VersionName(st.Version), "cipher", tls.CipherSuiteName(st.CipherSuite))
 	return nil
 }
+
+// bufferedConn reads a connection through a buffer. TLS reads one record
+// (at most 16 KiB) at a time, which unbuffered would be a system call per
+// record.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
 // access is what this connection may do with the export named name:
 // everything on a connection without TLS (the listener's own protection is

@@ -25,13 +25,13 @@ const repErrTLSReqd = 1<<31 | 5
 
 // testCA makes certificates for the TLS tests: a CA, and leaves it signs.
 type testCA struct {
-	t    *testing.T
+	t    testing.TB
 	cert *x509.Certificate
 	key  *ecdsa.PrivateKey
 	pool *x509.CertPool
 }
 
-func newTestCA(t *testing.T, name string) *testCA {
+func newTestCA(t testing.TB, name string) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -392,4 +392,20 @@ func TestNBDTLSAccess(t *testing.T) {
 			t.Fatalf("clients after revoke: %+v", cl)
 		}
 	})
+}
+
+// benchTLS is a server and client TLS configuration pair for the TLS
+// benchmarks.
+func benchTLS(b *testing.B) *[2]*tls.Config {
+	ca := newTestCA(b, "bench CA")
+	cert := ca.leaf("bench", x509.ExtKeyUsageClientAuth)
+	return &[2]*tls.Config{ca.serverConfig(), ca.clientConfig(&cert)}
+}
+
+func BenchmarkNBDTLSRandWrite4KQD16(b *testing.B) {
+	benchPipelineOn(b, cmdWrite, 4096, 16, benchTLS(b))
+}
+
+func BenchmarkNBDTLSSeqWrite1MQD4(b *testing.B) {
+	benchPipelineOn(b, cmdWrite, 1<<20, 4, benchTLS(b))
 }
