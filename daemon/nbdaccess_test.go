@@ -4,6 +4,9 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"io/fs"
+	"net"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -144,5 +147,44 @@ func TestParseNBDAddrs(t *testing.T) {
 		if got[0].tls != tt.tls {
 			t.Errorf("parseNBDAddrs(%q, insecure %v): tls %v, want %v", tt.addrs, tt.insecure, got[0].tls, tt.tls)
 		}
+	}
+}
+
+func TestListenSocket(t *testing.T) {
+	dir, err := os.MkdirTemp("", "sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	p := filepath.Join(dir, "nbd.sock")
+	// A stale temporary socket from a crash is no obstacle.
+	if err := os.WriteFile(p+".new", nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l, err := listenSocket(p, os.Getgid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode()&fs.ModeSocket == 0 || st.Mode().Perm() != 0o660 {
+		t.Fatalf("socket mode %v, want a socket with 0660", st.Mode())
+	}
+	if _, err := os.Stat(p + ".new"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("temporary name left behind: %v", err)
+	}
+	if got := l.Addr().String(); got != p {
+		t.Fatalf("Addr %q, want %q", got, p)
+	}
+	c, err := net.Dial("unix", p)
+	if err != nil {
+		t.Fatalf("dial the socket: %v", err)
+	}
+	c.Close()
+	l.Close()
+	if _, err := os.Stat(p); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("socket file left after Close: %v", err)
 	}
 }
