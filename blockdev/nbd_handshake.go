@@ -115,9 +115,7 @@ func (h *nbdHandshake) readOption() (opt uint32, data []byte, ok bool, err error
 		}
 		typ := nbdRepErrUnsup
 		switch opt {
-		case nbdOptStartTLS:
-			typ = nbdRepErrInvalid
-		case nbdOptInfo, nbdOptGo, nbdOptList, nbdOptExportName, nbdOptAbort, nbdOptStructuredReply:
+		case nbdOptInfo, nbdOptGo, nbdOptList, nbdOptExportName, nbdOptAbort, nbdOptStructuredReply, nbdOptStartTLS:
 			typ = nbdRepErrInvalid
 		case nbdOptListMetaContext, nbdOptSetMetaContext:
 			typ = nbdRepErrTooBig

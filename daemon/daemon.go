@@ -206,7 +206,7 @@ func New(cfg Config) (*Daemon, error) {
 		// An unusable certificate (expired, say) stops replication, not the
 		// disks: the daemon still serves every VM and says why in status.
 		if d.identity, err = pki.Load(cfg.TLSCert, cfg.TLSKey, cfg.TLSCA); err != nil {
-			d.identityErr = fmt.Errorf("TLS identity unusable, replication and the replica role are off until it is fixed and the daemon restarted: %w", err)
+			d.identityErr = fmt.Errorf("TLS identity unusable, replication, the replica role and NBD over TLS are off until it is fixed and the daemon restarted: %w", err)
 		}
 	}
 	nbdCfg := blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger, Authorize: d.nbdAllow.access}
