@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# bench/fio.sh — fio on the same image through six paths, one Markdown table.
+# bench/fio.sh — fio on the same image through eight paths, one Markdown table.
 #
 #   exports (fio's nbd engine):  qemu-nbd --cache=none --aio=native,
 #                                nbdkit file plugin (page cache, flush = fdatasync),
 #                                vdrepl's NBD export
 #   files (libaio, direct=1):    the raw image itself, nbdfuse over qemu-nbd,
 #                                vdrepl's FUSE mount
+#   the TLS row (4k QD16, 1M):   vdrepl's export over TCP, plain and NBD TLS
 #
-# Ratios: vdrepl-nbd to qemu-nbd and to nbdkit, vdrepl-fuse to nbdfuse.
+# Ratios: vdrepl-nbd to qemu-nbd and to nbdkit, vdrepl-fuse to nbdfuse,
+# vdrepl over nbds:// to plain nbd:// (the cost of TLS).
 # BENCH_ROUNDS rounds (default 3), each every target in turn; the table shows
 # medians. See bench/README.md for the knobs; BENCH_QUICK=1 is a ~3 minute
 # smoke test (one round).
@@ -18,7 +20,9 @@ ROOT=$(cd "$BENCH/.." && pwd)
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
 
-ALL_TARGETS="raw qemu-nbd nbdkit vdrepl-nbd nbdfuse vdrepl-fuse"
+ALL_TARGETS="raw qemu-nbd nbdkit vdrepl-nbd nbdfuse vdrepl-fuse vdrepl-tcp vdrepl-nbds"
+# The TLS row: the jobs the TCP targets run.
+TLS_JOBS="randwrite-4k-qd16 write-1m-seq"
 
 # ------------------------------------------------------------------- knobs --
 BENCH_QUICK=${BENCH_QUICK:-0}
@@ -47,7 +51,7 @@ VDREPL_SERVE_ARGS=${VDREPL_SERVE_ARGS:-}
 VDREPL=${VDREPL:-}
 
 usage() {
-	sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
 	echo
 	sed -n '/^## Knobs/,/^## /p' "$BENCH/README.md" | sed '$d'
 }
@@ -103,6 +107,7 @@ on_exit() {
 		log "kept $WORK"
 	else
 		rm -rf --one-file-system "$WORK"
+		[[ -z $TLS_HOME ]] || rm -rf "$TLS_HOME"
 		rmdir "$BENCH_DIR" 2>/dev/null || true
 	fi
 	exit "$rc"
@@ -112,7 +117,11 @@ trap 'log "interrupted"; exit 130' INT TERM
 
 # ---------------------------------------------------------------- vdrepl ----
 VDREPL_NOTE=""
-need_vdrepl() { selected vdrepl-nbd "$BENCH_TARGETS" || selected vdrepl-fuse "$BENCH_TARGETS"; }
+need_vdrepl() {
+	local t
+	for t in vdrepl-nbd vdrepl-fuse vdrepl-tcp vdrepl-nbds; do selected "$t" "$BENCH_TARGETS" && return 0; done
+	return 1
+}
 if need_vdrepl; then
 	if [[ -z $VDREPL ]]; then
 		VDREPL=$BENCH_OUT/vdrepl
@@ -138,6 +147,7 @@ port_of() { # stable port per target
 	qemu-nbd) echo $((BENCH_PORT)) ;; nbdkit) echo $((BENCH_PORT + 1)) ;;
 	vdrepl-nbd) echo $((BENCH_PORT + 2)) ;; nbdfuse) echo $((BENCH_PORT + 3)) ;;
 	vdrepl-fuse) echo $((BENCH_PORT + 4)) ;;
+	vdrepl-tcp) echo $((BENCH_PORT + 5)) ;; vdrepl-nbds) echo $((BENCH_PORT + 6)) ;;
 	esac
 }
 # uri TARGET SOCKET EXPORT
@@ -210,23 +220,77 @@ target_nbdfuse() {
 	stop_pid "$QEMU_PID" || true
 }
 
+# make_pki: a CA, a certificate for the daemon (127.0.0.1), and a client
+# certificate laid out for libnbd. fio's nbd engine (libnbd) refuses
+# tls-certificates= in a URI (it reads a local file), so the files go where
+# libnbd looks by default: for root that is /etc/pki/libnbd, which a bench
+# must not touch, for other users $HOME/.pki/libnbd. So the clients of the
+# TLS row run as TCP_ROW_USER with HOME=TLS_HOME, on both of its targets
+# alike (the user fio runs as does not change a network client's speed).
+TCP_ROW_USER=nobody
+PKI="" TLS_HOME=""
+make_pki() {
+	[[ -n $PKI ]] && return 0
+	PKI=$WORK/pki
+	TLS_HOME=$(mktemp -d /tmp/vdrepl-bench-tls.XXXXXX)
+	{
+		"$VDREPL" pki init --dir "$PKI" --name bench &&
+			"$VDREPL" pki issue --dir "$PKI" --name bench.host --san 127.0.0.1 &&
+			"$VDREPL" pki issue --dir "$PKI" --client bench-fio &&
+			"$VDREPL" pki export --dir "$PKI" --client bench-fio --libnbd "$TLS_HOME/.pki/libnbd" &&
+			chown -R "$TCP_ROW_USER" "$TLS_HOME"
+	} >"$RUN/pki.log" 2>&1 || { cat "$RUN/pki.log" >&2; PKI=""; return 1; }
+}
+
+# nbds_ready URI: nbd_ready as the TLS row's client.
+nbds_ready() {
+	local size
+	size=$(setpriv --reuid="$TCP_ROW_USER" --regid="$(id -g "$TCP_ROW_USER")" --clear-groups \
+		env HOME="$TLS_HOME" nbdinfo --size "$1" 2>/dev/null) || return 1
+	[[ $size == "$SIZE_BYTES" ]]
+}
+
 # start_vdrepl TARGET DIR -> VD_PID, VD_STATE, VD_SOCK, VD_URI; image DIR/img.raw
-# registered as VM "bench", export bench/img.
+# registered as VM "bench", export bench/img. vdrepl-tcp serves plain NBD on
+# loopback (--nbd-insecure), vdrepl-nbds NBD TLS with the client allowed;
+# the others follow BENCH_TRANSPORT.
 start_vdrepl() {
 	local t=$1 dir=$2
 	VD_STATE=$dir/state
 	VD_SOCK=$VD_STATE/nbd.sock
 	mkdir -p "$VD_STATE"
-	local addr=unix:$VD_SOCK
-	[[ $BENCH_TRANSPORT == tcp ]] && addr=tcp:127.0.0.1:$(port_of "$t")
+	local -a listen=(--nbd "unix:$VD_SOCK")
+	local port
+	port=$(port_of "$t")
+	case $t in
+	vdrepl-tcp)
+		make_pki || return 1 # for TLS_HOME: both targets' clients run alike
+		listen=(--nbd "tcp:127.0.0.1:$port" --nbd-insecure)
+		;;
+	vdrepl-nbds)
+		make_pki || return 1
+		listen=(--nbd "tcp:127.0.0.1:$port" --tls-cert "$PKI/bench.host.crt" --tls-key "$PKI/bench.host.key" --tls-ca "$PKI/ca.crt")
+		;;
+	*) [[ $BENCH_TRANSPORT == tcp ]] && listen=(--nbd "tcp:127.0.0.1:$port" --nbd-insecure) ;;
+	esac
 	# shellcheck disable=SC2086 # VDREPL_SERVE_ARGS is a word list
 	spawn "vdrepl serve" "$RDIR/$t/vdrepl.log" "$VDREPL" --state "$VD_STATE" serve \
-		--nbd "$addr" $VDREPL_SERVE_ARGS
+		"${listen[@]}" $VDREPL_SERVE_ARGS
 	VD_PID=$SPAWNED
 	wait_until 60 "$VD_PID" "vdrepl control socket" "$VDREPL" --state "$VD_STATE" vm list || return 1
 	"$VDREPL" --state "$VD_STATE" vm add bench --disk "$dir/img.raw" >>"$RDIR/$t/vdrepl-cli.log" 2>&1 ||
 		{ cat "$RDIR/$t/vdrepl-cli.log" >&2; return 1; }
-	VD_URI=$(uri "$t" "$VD_SOCK" bench/img)
+	case $t in
+	vdrepl-tcp) VD_URI="nbd://127.0.0.1:$port/bench/img" ;;
+	vdrepl-nbds)
+		"$VDREPL" --state "$VD_STATE" nbd allow add --client bench-fio --export bench >>"$RDIR/$t/vdrepl-cli.log" 2>&1 ||
+			{ cat "$RDIR/$t/vdrepl-cli.log" >&2; return 1; }
+		VD_URI="nbds://127.0.0.1:$port/bench/img"
+		wait_until 60 "$VD_PID" "vdrepl export bench/img" nbds_ready "$VD_URI"
+		return
+		;;
+	*) VD_URI=$(uri "$t" "$VD_SOCK" bench/img) ;;
+	esac
 	wait_until 60 "$VD_PID" "vdrepl export bench/img" nbd_ready "$VD_URI"
 }
 
@@ -245,6 +309,31 @@ target_vdrepl-nbd() {
 	HEALTH_PID=$VD_PID run_jobs "$RDIR/vdrepl-nbd" nbd "$VD_URI" || true
 	stop_vdrepl vdrepl-nbd
 }
+
+# tls_row_jobs: the TLS row's jobs that BENCH_JOBS selects.
+tls_row_jobs() {
+	local j out=""
+	for j in $TLS_JOBS; do selected "$j" "$BENCH_JOBS" && out+="$j "; done
+	echo "$out"
+}
+
+# The TLS row: the same export over TCP, plain (vdrepl-tcp) and NBD TLS
+# (vdrepl-nbds), on the row's jobs only.
+target_tcp_row() { # TARGET
+	local t=$1 dir=$WORK/$1 jobs
+	jobs=$(tls_row_jobs)
+	if [[ -z $jobs ]]; then
+		echo "skipped: BENCH_JOBS selects none of $TLS_JOBS" >>"$RDIR/$t/notes"
+		return 0
+	fi
+	fresh_image "$dir/img.raw" || return 1
+	start_vdrepl "$t" "$dir" || { stop_vdrepl "$t"; return 1; }
+	FIO_USER=$TCP_ROW_USER FIO_HOME=$TLS_HOME BENCH_JOBS=$jobs HEALTH_PID=$VD_PID \
+		run_jobs "$RDIR/$t" nbd "$VD_URI" || true
+	stop_vdrepl "$t"
+}
+target_vdrepl-tcp() { target_tcp_row vdrepl-tcp; }
+target_vdrepl-nbds() { target_tcp_row vdrepl-nbds; }
 
 target_vdrepl-fuse() {
 	local dir=$WORK/vdrepl-fuse mnt=$WORK/vdrepl-fuse/mnt

@@ -210,10 +210,18 @@ run_jobs() {
 		selected "$name" "$BENCH_JOBS" || continue
 		log "  fio $name"
 		rc=0
-		# shellcheck disable=SC2086 # $args is a word list by design
-		fio --name="$name" "${engine[@]}" $args \
-			--output-format=json --output="$out/$name.json" \
-			>"$out/$name.log" 2>&1 || rc=$?
+		if [[ -n ${FIO_USER:-} ]]; then
+			# As another user, who cannot write $out: JSON on stdout.
+			# shellcheck disable=SC2086 # $args is a word list by design
+			setpriv --reuid="$FIO_USER" --regid="$(id -g "$FIO_USER")" --clear-groups \
+				env HOME="${FIO_HOME:-/nonexistent}" fio --name="$name" "${engine[@]}" $args \
+				--output-format=json >"$out/$name.json" 2>"$out/$name.log" || rc=$?
+		else
+			# shellcheck disable=SC2086 # $args is a word list by design
+			fio --name="$name" "${engine[@]}" $args \
+				--output-format=json --output="$out/$name.json" \
+				>"$out/$name.log" 2>&1 || rc=$?
+		fi
 		if [[ $rc != 0 ]] || ! python3 "$BENCH/report.py" --check "$out/$name.json" 2>>"$out/$name.log"; then
 			log "  fio $name FAILED (exit $rc); see $out/$name.log"
 			echo "$name" >>"$out/failed"

@@ -41,8 +41,20 @@
 // first). A Disk that panics takes the process down: a storage fault is not
 // papered over.
 //
-// Not offered: TLS (the socket is local or on a trusted network),
-// NBD_CMD_CACHE, resize, and FAST_ZERO (a journaled zero syncs the journal,
+// TLS: a listener served with ServeTLS speaks NBD over TLS only, as the
+// spec's FORCEDTLS mode: before NBD_OPT_STARTTLS the client may only ask
+// for TLS or abort; every other option is refused with
+// NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME (which has no error
+// reply) ends the connection. NBDConfig.TLS decides the handshake (the
+// daemon's is TLS 1.3 with a verified client certificate), and
+// NBDConfig.Authorize what each client certificate may open: an export it
+// may not open is left out of NBD_OPT_LIST and refused with
+// NBD_REP_ERR_POLICY, whether it exists or not, so a client learns nothing
+// of exports it cannot use. Listeners served with Serve (a unix socket,
+// whose file permissions are its access control) never offer TLS and
+// allow every export.
+//
+// Not offered: NBD_CMD_CACHE, resize, and FAST_ZERO (a journaled zero syncs the journal,
 // so a small one is no faster than a write, and the front end cannot tell
 // which kind a request is).
 package blockdev
@@ -50,6 +62,8 @@ package blockdev
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -82,6 +96,8 @@ const (
 	nbdFlushAt       = 64 << 10
 	nbdInlinePayload = 16 << 10
 	nbdReadBuffer    = 128 << 10
+	// nbdTLSReadBuffer is what the TLS layer reads the socket into.
+	nbdTLSReadBuffer = 256 << 10
 	// nbdMaxOptionData bounds the option data the server reads into memory;
 	// longer options are skipped and refused. It takes an INFO/GO naming
 	// the longest export with a thousand info types, or a meta context
@@ -115,7 +131,31 @@ type NBDConfig struct {
 	// and must not call Close or CloseExport.
 	OnConnect    func(export string, writable bool)
 	OnDisconnect func(export string, writable bool)
+	// TLS configures the server side of NBD_OPT_STARTTLS on ServeTLS
+	// listeners. It should require and verify a client certificate: that
+	// certificate is what Authorize is asked about.
+	TLS *tls.Config
+	// Authorize says what the client with the verified certificate client
+	// (nil if the TLS config did not ask for one) may do with the export
+	// named export, on a TLS connection; it is asked at each option that
+	// names or lists exports, and again by Reauthorize. It is called from
+	// connection goroutines and must not block for long. nil allows every
+	// export read-write.
+	Authorize func(client *x509.Certificate, export string) NBDAccess
 }
+
+// NBDAccess is what a client may do with an export.
+type NBDAccess int
+
+// NBD access levels. The zero value denies.
+const (
+	NBDDeny NBDAccess = iota
+	NBDReadOnly
+	NBDReadWrite
+)
+
+// ErrNBDNoTLS is ServeTLS on a server without NBDConfig.TLS.
+var ErrNBDNoTLS = errors.New("blockdev: NBD over TLS needs a TLS configuration")
 
 // NBDClient describes one connection in the transmission phase.
 type NBDClient struct {
@@ -124,6 +164,9 @@ type NBDClient struct {
 	// socket the client's process ("unix:pid=1234").
 	Remote   string
 	Writable bool
+	// Client is the name (common name) of the client's certificate on a
+	// TLS connection, else "".
+	Client string
 }
 
 // NBDServer serves the exports of a catalogue over NBD. Create it with
@@ -172,6 +215,22 @@ func NewNBDServer(cfg NBDConfig) *NBDServer {
 // nil when stopped by ctx or Close (also when Close came first), and the
 // Accept error otherwise.
 func (s *NBDServer) Serve(ctx context.Context, l net.Listener) error {
+	return s.serve(ctx, l, false)
+}
+
+// ServeTLS is Serve for a listener where NBD is spoken over TLS only
+// (FORCEDTLS; see the package comment), with NBDConfig.TLS and
+// NBDConfig.Authorize. Without NBDConfig.TLS it closes l and returns
+// ErrNBDNoTLS.
+func (s *NBDServer) ServeTLS(ctx context.Context, l net.Listener) error {
+	if s.cfg.TLS == nil {
+		l.Close()
+		return ErrNBDNoTLS
+	}
+	return s.serve(ctx, l, true)
+}
+
+func (s *NBDServer) serve(ctx context.Context, l net.Listener, withTLS bool) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -189,7 +248,7 @@ func (s *NBDServer) Serve(ctx context.Context, l net.Listener) error {
 	unwatch := context.AfterFunc(ctx, stopServe)
 	defer unwatch()
 
-	err := s.acceptLoop(l, stop)
+	err := s.acceptLoop(l, stop, withTLS)
 	stopServe()
 
 	s.mu.Lock()
@@ -214,7 +273,7 @@ func (s *NBDServer) Serve(ctx context.Context, l net.Listener) error {
 	return err
 }
 
-func (s *NBDServer) acceptLoop(l net.Listener, stop <-chan struct{}) error {
+func (s *NBDServer) acceptLoop(l net.Listener, stop <-chan struct{}, withTLS bool) error {
 	var backoff time.Duration
 	for {
 		nc, err := l.Accept()
@@ -255,6 +314,7 @@ func (s *NBDServer) acceptLoop(l net.Listener, stop <-chan struct{}) error {
 			tc.SetNoDelay(true)
 		}
 		c := s.newConn(nc, l)
+		c.tlsRequired = withTLS
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()
@@ -318,16 +378,51 @@ func (s *NBDServer) Clients() []NBDClient {
 	var out []NBDClient
 	for c := range s.conns {
 		if c.transmitting {
-			out = append(out, NBDClient{Export: c.exportName, Remote: c.remote, Writable: !c.exp.ReadOnly})
+			out = append(out, NBDClient{Export: c.exportName, Remote: c.remote, Writable: !c.exp.ReadOnly, Client: c.peerName()})
 		}
 	}
 	return out
 }
 
+// Reauthorize asks NBDConfig.Authorize again about every TLS connection in
+// the transmission phase and ends (as CloseExport does) those whose client
+// may no longer open its export, or only read-only while the connection
+// may write. Call it after the rules behind Authorize changed. It returns
+// the number of connections ended.
+func (s *NBDServer) Reauthorize() int {
+	if s.cfg.Authorize == nil {
+		return 0
+	}
+	s.mu.Lock()
+	var check []*nbdConn
+	for c := range s.conns {
+		if c.transmitting && c.tlsOn {
+			check = append(check, c)
+		}
+	}
+	s.mu.Unlock()
+	var victims []*nbdConn
+	for _, c := range check {
+		acc := s.cfg.Authorize(c.peer, c.exp.Name)
+		if acc == NBDDeny || acc == NBDReadOnly && !c.exp.ReadOnly {
+			c.log.Info("NBD client no longer allowed on its export; disconnecting", "access", acc)
+			c.shutdown()
+			victims = append(victims, c)
+		}
+	}
+	for _, c := range victims {
+		<-c.done
+	}
+	return len(victims)
+}
+
 // nbdConn is one client connection.
 type nbdConn struct {
-	s        *NBDServer
-	nc       net.Conn
+	s  *NBDServer
+	nc net.Conn // the socket: deadlines are set on it
+	// conn carries the protocol: nc, or after NBD_OPT_STARTTLS the TLS
+	// connection over it. Only the handshake replaces it, under mu.
+	conn     net.Conn
 	listener net.Listener
 	remote   string
 	log      *slog.Logger
@@ -338,6 +433,12 @@ type nbdConn struct {
 	exportSet    bool   // a GO/EXPORT_NAME is under way or done
 	exportName   string // its (resolved) name
 	transmitting bool
+
+	// TLS: tlsRequired is set at accept (a ServeTLS listener); tlsOn and
+	// peer (the verified client certificate) by NBD_OPT_STARTTLS, then
+	// read-only.
+	tlsRequired, tlsOn bool
+	peer               *x509.Certificate
 
 	exp    Export // set before transmission, then read-only
 	limits exportLimits
@@ -361,6 +462,7 @@ func (s *NBDServer) newConn(nc net.Conn, l net.Listener) *nbdConn {
 	c := &nbdConn{
 		s:        s,
 		nc:       nc,
+		conn:     nc,
 		listener: l,
 		remote:   peerName(nc),
 		br:       bufio.NewReaderSize(nc, nbdReadBuffer),
@@ -433,7 +535,10 @@ func (c *nbdConn) isClosing() bool {
 func (c *nbdConn) serve() {
 	s := c.s
 	defer func() {
-		c.nc.Close()
+		c.mu.Lock()
+		conn := c.conn
+		c.mu.Unlock()
+		conn.Close()
 		s.mu.Lock()
 		delete(s.conns, c)
 		s.mu.Unlock()
@@ -461,7 +566,7 @@ func (c *nbdConn) serve() {
 	c.transmitting = true
 	s.mu.Unlock()
 	c.log.Info("NBD client attached", "read_only", exp.ReadOnly, "size", c.limits.size,
-		"structured", c.structured, "block_status", c.blockStatus)
+		"structured", c.structured, "block_status", c.blockStatus, "tls", c.tlsOn)
 	if f := s.cfg.OnConnect; f != nil {
 		f(exp.Name, !exp.ReadOnly)
 	}
@@ -811,7 +916,7 @@ func (c *nbdConn) send(chunks ...nbdChunk) {
 			c.wbuf = append(c.wbuf, ch.payload...)
 		} else {
 			bufs := net.Buffers{c.wbuf, ch.payload}
-			_, err := bufs.WriteTo(c.nc)
+			_, err := bufs.WriteTo(c.conn)
 			c.wbuf = c.wbuf[:0]
 			c.writeFailed(err)
 		}
@@ -827,7 +932,7 @@ func (c *nbdConn) send(chunks ...nbdChunk) {
 // flushLocked writes the reply buffer. c.wmu must be held.
 func (c *nbdConn) flushLocked() {
 	if len(c.wbuf) > 0 && c.werr == nil {
-		_, err := c.nc.Write(c.wbuf)
+		_, err := c.conn.Write(c.wbuf)
 		c.writeFailed(err)
 	}
 	c.wbuf = c.wbuf[:0]

@@ -6,12 +6,20 @@ package blockdev
 // (NBD_OPT_ABORT, an error). Each option is answered by one method of
 // nbdHandshake, called from nbdHandshake.option; a new option gets its own
 // method and a case there.
+//
+// On a ServeTLS listener the options before NBD_OPT_STARTTLS go through
+// beforeTLS instead, and once TLS is up every option that names an export
+// asks visible first, so that the answer to an export the client may not
+// open is the same whether it exists or not.
 
 import (
+	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strings"
 	"time"
 )
@@ -24,6 +32,9 @@ var (
 	errNBDBadOptionMagic = errors.New("blockdev: bad NBD option magic")
 	errNBDClientFlags    = errors.New("blockdev: unknown NBD client flags")
 	errNBDUnknownExport  = errors.New("blockdev: unknown NBD export")
+	errNBDTLSRequired    = errors.New("blockdev: NBD client chose an export without TLS on a TLS-only listener")
+	errNBDTLSEarlyData   = errors.New("blockdev: NBD client sent data before the TLS handshake")
+	errNBDNotAllowed     = errors.New("blockdev: NBD client may not open the export")
 )
 
 // nbdHandshake is the state of one connection's negotiation.
@@ -70,7 +81,7 @@ func (h *nbdHandshake) greet() error {
 	hello := binary.BigEndian.AppendUint64(nil, nbdMagic)
 	hello = binary.BigEndian.AppendUint64(hello, nbdOptMagic)
 	hello = binary.BigEndian.AppendUint16(hello, nbdFlagFixedNewstyle|nbdFlagNoZeroes)
-	if _, err := h.c.nc.Write(hello); err != nil {
+	if _, err := h.c.conn.Write(hello); err != nil {
 		return err
 	}
 	var b [4]byte
@@ -104,13 +115,16 @@ func (h *nbdHandshake) readOption() (opt uint32, data []byte, ok bool, err error
 		}
 		typ := nbdRepErrUnsup
 		switch opt {
-		case nbdOptInfo, nbdOptGo, nbdOptList, nbdOptExportName, nbdOptAbort, nbdOptStructuredReply:
+		case nbdOptInfo, nbdOptGo, nbdOptList, nbdOptExportName, nbdOptAbort, nbdOptStructuredReply, nbdOptStartTLS:
 			typ = nbdRepErrInvalid
 		case nbdOptListMetaContext, nbdOptSetMetaContext:
 			typ = nbdRepErrTooBig
 			if opt == nbdOptSetMetaContext {
 				h.metaExport = "" // a failed SET still replaces the selection
 			}
+		}
+		if h.c.tlsRequired && !h.c.tlsOn && opt != nbdOptStartTLS && opt != nbdOptAbort {
+			typ = nbdRepErrTLSReqd
 		}
 		return opt, nil, false, h.c.writeOpt(appendOptReply(h.out[:0], opt, typ, []byte("option data too long")))
 	}
@@ -126,6 +140,9 @@ func (h *nbdHandshake) readOption() (opt uint32, data []byte, ok bool, err error
 // the negotiation leaves its reply in h.out, and option writes it.
 func (h *nbdHandshake) option(opt uint32, data []byte) (exp Export, done bool, err error) {
 	h.out = h.out[:0]
+	if h.c.tlsRequired && !h.c.tlsOn {
+		return h.beforeTLS(opt, data)
+	}
 	switch opt {
 	case nbdOptExportName:
 		return h.exportName(data)
@@ -138,7 +155,7 @@ func (h *nbdHandshake) option(opt uint32, data []byte) (exp Export, done bool, e
 			return exp, true, h.c.writeOpt(h.out)
 		}
 	case nbdOptStartTLS:
-		h.startTLS()
+		h.startTLS(data)
 	case nbdOptStructuredReply:
 		h.structuredReply(data)
 	case nbdOptListMetaContext, nbdOptSetMetaContext:
@@ -149,14 +166,154 @@ func (h *nbdHandshake) option(opt uint32, data []byte) (exp Export, done bool, e
 	return Export{}, false, h.c.writeOpt(h.out)
 }
 
+// beforeTLS answers an option on a TLS-only listener before TLS is up
+// (the spec's FORCEDTLS mode): STARTTLS and ABORT are served, EXPORT_NAME
+// ends the connection, and everything else is refused with
+// NBD_REP_ERR_TLS_REQD.
+func (h *nbdHandshake) beforeTLS(opt uint32, data []byte) (Export, bool, error) {
+	switch opt {
+	case nbdOptStartTLS:
+		return Export{}, false, h.upgrade(data)
+	case nbdOptAbort:
+		return h.abort()
+	case nbdOptExportName:
+		return Export{}, true, fmt.Errorf("%w (NBD_OPT_EXPORT_NAME %q)", errNBDTLSRequired, data)
+	}
+	h.out = appendOptReply(h.out, opt, nbdRepErrTLSReqd, []byte("this server requires TLS: send NBD_OPT_STARTTLS first"))
+	return Export{}, false, h.c.writeOpt(h.out)
+}
+
+// upgrade answers NBD_OPT_STARTTLS before TLS is up: an ACK, then the TLS
+// handshake as the server, after which the connection's reads and writes
+// go through TLS. A failed TLS handshake ends the connection. What was
+// negotiated before is forgotten, as the spec asks (before TLS nothing
+// can be, on a TLS-only listener, but the rule costs nothing).
+func (h *nbdHandshake) upgrade(data []byte) error {
+	if len(data) != 0 {
+		h.out = appendOptReply(h.out, nbdOptStartTLS, nbdRepErrInvalid, []byte("NBD_OPT_STARTTLS takes no data"))
+		return h.c.writeOpt(h.out)
+	}
+	if err := h.c.writeOpt(appendOptReply(h.out, nbdOptStartTLS, nbdRepAck, nil)); err != nil {
+		return err
+	}
+	// The client must wait for the ACK before it starts TLS; bytes it
+	// sent before would be read as plain text by us and lost to TLS.
+	if h.c.br.Buffered() > 0 {
+		return errNBDTLSEarlyData
+	}
+	raw := &bufferedConn{Conn: h.c.nc, r: bufio.NewReaderSize(h.c.nc, nbdTLSReadBuffer)}
+	tc := tls.Server(raw, h.c.s.cfg.TLS)
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("blockdev: NBD TLS handshake: %w", err)
+	}
+	st := tc.ConnectionState()
+	h.c.mu.Lock()
+	h.c.conn = tc
+	h.c.mu.Unlock()
+	h.c.br.Reset(tc)
+	h.c.tlsOn = true
+	if len(st.VerifiedChains) > 0 && len(st.VerifiedChains[0]) > 0 {
+		h.c.peer = st.VerifiedChains[0][0]
+	}
+	h.structured, h.metaExport = false, ""
+	h.c.log = h.c.log.With("client", h.c.peerName())
+	h.c.log.Debug("NBD TLS established", "version", tls.VersionName(st.Version), "cipher", tls.CipherSuiteName(st.CipherSuite))
+	return nil
+}
+
+// bufferedConn reads a connection through a buffer. TLS reads one record
+// (at most 16 KiB) at a time, which unbuffered would be a system call per
+// record.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// access is what this connection may do with the export named name:
+// everything on a connection without TLS (the listener's own protection is
+// its access control) or without NBDConfig.Authorize.
+func (c *nbdConn) access(name string) NBDAccess {
+	if !c.tlsOn || c.s.cfg.Authorize == nil {
+		return NBDReadWrite
+	}
+	return c.s.cfg.Authorize(c.peer, name)
+}
+
+// visible resolves a name the client sent to the export it may see: the
+// default name "" is the only export it may open, when there is exactly
+// one. ok is false when it may not open the export; that is decided from
+// the name alone, before the catalogue is asked, so that an export the
+// client may not open looks the same whether it exists or not.
+func (h *nbdHandshake) visible(name string) (resolved string, acc NBDAccess, ok bool) {
+	if name == "" && h.c.tlsOn && h.c.s.cfg.Authorize != nil {
+		l := h.exports()
+		if len(l) != 1 {
+			return "", NBDDeny, false
+		}
+		name = l[0].Name
+	}
+	acc = h.c.access(name)
+	return name, acc, acc != NBDDeny
+}
+
+// exports is the catalogue as this connection may see it.
+func (h *nbdHandshake) exports() []Export {
+	all := h.c.s.list()
+	if !h.c.tlsOn || h.c.s.cfg.Authorize == nil {
+		return all
+	}
+	out := all[:0:0]
+	for _, e := range all {
+		if h.c.access(e.Name) != NBDDeny {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// restrict applies acc to an export found in the catalogue.
+func restrict(exp Export, acc NBDAccess) Export {
+	if acc == NBDReadOnly {
+		exp.ReadOnly = true
+	}
+	return exp
+}
+
+// notAllowed is the reply to an option naming an export the client may
+// not open.
+func (h *nbdHandshake) notAllowed(opt uint32, name string) {
+	h.out = appendOptReply(h.out, opt, nbdRepErrPolicy, fmt.Appendf(nil, "this client may not open export %q", name))
+}
+
+// peerName is the name of the client's certificate, or "" without one.
+func (c *nbdConn) peerName() string {
+	if c.peer == nil {
+		return ""
+	}
+	if cn := c.peer.Subject.CommonName; cn != "" {
+		return cn
+	}
+	if len(c.peer.DNSNames) > 0 {
+		return c.peer.DNSNames[0]
+	}
+	return ""
+}
+
 // exportName answers NBD_OPT_EXPORT_NAME, the old way to pick an export:
 // the export's size and flags, or, for an unknown name, a closed
 // connection (the option has no error reply).
 func (h *nbdHandshake) exportName(data []byte) (Export, bool, error) {
-	exp, ok := h.c.attach(string(data))
+	name, acc, ok := h.visible(string(data))
+	if !ok {
+		return Export{}, true, fmt.Errorf("%w %q (NBD_OPT_EXPORT_NAME)", errNBDNotAllowed, data)
+	}
+	exp, ok := h.c.attach(name)
 	if !ok {
 		return Export{}, true, fmt.Errorf("%w %q (NBD_OPT_EXPORT_NAME)", errNBDUnknownExport, data)
 	}
+	exp = restrict(exp, acc)
 	h.out = binary.BigEndian.AppendUint64(h.out, uint64(exp.Disk.Size()))
 	h.out = binary.BigEndian.AppendUint16(h.out, transmissionFlags(exp.ReadOnly, h.structured))
 	if !h.noZeroes {
@@ -179,7 +336,7 @@ func (h *nbdHandshake) list(data []byte) {
 		h.out = appendOptReply(h.out, nbdOptList, nbdRepErrInvalid, []byte("NBD_OPT_LIST takes no data"))
 		return
 	}
-	for _, e := range h.c.s.list() {
+	for _, e := range h.exports() {
 		d := binary.BigEndian.AppendUint32(nil, uint32(len(e.Name)))
 		d = append(d, e.Name...)
 		d = append(d, e.Description...)
@@ -196,15 +353,21 @@ func (h *nbdHandshake) infoOrGo(opt uint32, data []byte) (exp Export, ok bool) {
 		h.out = appendOptReply(h.out, opt, nbdRepErrInvalid, []byte(err.Error()))
 		return Export{}, false
 	}
+	name, acc, allowed := h.visible(req.name)
+	if !allowed {
+		h.notAllowed(opt, req.name)
+		return Export{}, false
+	}
 	if opt == nbdOptGo {
-		exp, ok = h.c.attach(req.name)
+		exp, ok = h.c.attach(name)
 	} else {
-		exp, ok = h.c.s.lookup(req.name)
+		exp, ok = h.c.s.lookup(name)
 	}
 	if !ok {
 		h.out = appendOptReply(h.out, opt, nbdRepErrUnknown, fmt.Appendf(nil, "no export named %q", req.name))
 		return Export{}, false
 	}
+	exp = restrict(exp, acc)
 	h.out = appendInfo(h.out, opt, exp, req.infos, h.c.s.cfg.MaxRequest, h.structured)
 	if opt == nbdOptGo {
 		h.enter(exp)
@@ -219,9 +382,17 @@ func (h *nbdHandshake) enter(exp Export) {
 	h.c.blockStatus = h.structured && h.metaExport != "" && h.metaExport == exp.Name
 }
 
-// startTLS answers NBD_OPT_STARTTLS: TLS is not offered.
-func (h *nbdHandshake) startTLS() {
-	h.out = appendOptReply(h.out, nbdOptStartTLS, nbdRepErrPolicy, []byte("TLS is not offered on this socket"))
+// startTLS answers NBD_OPT_STARTTLS where it does not start TLS: on a
+// listener without TLS, or once TLS is up.
+func (h *nbdHandshake) startTLS(data []byte) {
+	switch {
+	case h.c.tlsOn:
+		h.out = appendOptReply(h.out, nbdOptStartTLS, nbdRepErrInvalid, []byte("TLS is already on"))
+	case len(data) != 0:
+		h.out = appendOptReply(h.out, nbdOptStartTLS, nbdRepErrInvalid, []byte("NBD_OPT_STARTTLS takes no data"))
+	default:
+		h.out = appendOptReply(h.out, nbdOptStartTLS, nbdRepErrPolicy, []byte("TLS is not offered on this socket"))
+	}
 }
 
 // structuredReply answers NBD_OPT_STRUCTURED_REPLY: from now on READ,
@@ -256,7 +427,12 @@ func (h *nbdHandshake) metaContext(opt uint32, data []byte) {
 		h.out = appendOptReply(h.out, opt, nbdRepErrInvalid, []byte(err.Error()))
 		return
 	}
-	exp, ok := h.c.s.lookup(req.name)
+	name, _, allowed := h.visible(req.name)
+	if !allowed {
+		h.notAllowed(opt, req.name)
+		return
+	}
+	exp, ok := h.c.s.lookup(name)
 	if !ok {
 		h.out = appendOptReply(h.out, opt, nbdRepErrUnknown, fmt.Appendf(nil, "no export named %q", req.name))
 		return
@@ -317,6 +493,9 @@ func appendInfo(out []byte, opt uint32, exp Export, infos []uint16, maxRequest u
 }
 
 func (c *nbdConn) writeOpt(b []byte) error {
-	_, err := c.nc.Write(b)
+	if len(b) == 0 {
+		return nil
+	}
+	_, err := c.conn.Write(b)
 	return err
 }

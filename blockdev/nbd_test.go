@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -193,7 +194,11 @@ func newFixture(t *testing.T, cfg blockdev.NBDConfig, specs ...exportSpec) *fixt
 		t.Fatal(err)
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- f.srv.Serve(context.Background(), l) }()
+	serve := f.srv.Serve
+	if cfg.TLS != nil {
+		serve = f.srv.ServeTLS // a TLS config in a test means a TLS-only listener
+	}
+	go func() { errc <- serve(context.Background(), l) }()
 	t.Cleanup(func() {
 		if err := f.srv.Close(); err != nil {
 			t.Errorf("Close: %v", err)
@@ -1271,6 +1276,12 @@ func TestNBDLifecycle(t *testing.T) {
 // connection and reports throughput; allocations per op include the client's,
 // which reuses its buffers.
 func benchPipeline(b *testing.B, typ uint16, bs int, qd int) {
+	benchPipelineOn(b, typ, bs, qd, nil)
+}
+
+// benchPipelineOn is benchPipeline, over TLS (STARTTLS, then tlsPair's
+// configurations) when tlsPair is set.
+func benchPipelineOn(b *testing.B, typ uint16, bs int, qd int, tlsPair *[2]*tls.Config) {
 	f := &fixture{sock: filepath.Join(b.TempDir(), "nbd.sock"), cat: &catalogue{}}
 	d, err := fakedisk.Create(filepath.Join(b.TempDir(), "disk.img"), 256<<20)
 	if err != nil {
@@ -1278,14 +1289,23 @@ func benchPipeline(b *testing.B, typ uint16, bs int, qd int) {
 	}
 	defer d.Close()
 	f.cat.set(blockdev.Export{Name: "vm1/disk0", Disk: d})
-	srv := blockdev.NewNBDServer(blockdev.NBDConfig{Exports: f.cat})
+	cfg := blockdev.NBDConfig{Exports: f.cat}
+	if tlsPair != nil {
+		cfg.TLS = tlsPair[0]
+	}
+	srv := blockdev.NewNBDServer(cfg)
 	defer srv.Close()
 	l, err := net.Listen("unix", f.sock)
 	if err != nil {
 		b.Fatal(err)
 	}
-	go srv.Serve(context.Background(), l)
-	conn, err := net.Dial("unix", f.sock)
+	if tlsPair != nil {
+		go srv.ServeTLS(context.Background(), l)
+	} else {
+		go srv.Serve(context.Background(), l)
+	}
+	var conn net.Conn
+	conn, err = net.Dial("unix", f.sock)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -1295,6 +1315,20 @@ func benchPipeline(b *testing.B, typ uint16, bs int, qd int) {
 		b.Fatal(err)
 	}
 	hs := binary.BigEndian.AppendUint32(nil, cFixed|cNoZeroes)
+	if tlsPair != nil {
+		hs = append(hs, "IHAVEOPT"...)
+		hs = binary.BigEndian.AppendUint32(hs, optStartTLS)
+		hs = binary.BigEndian.AppendUint32(hs, 0)
+		conn.Write(hs)
+		if _, err := io.ReadFull(br, make([]byte, 20)); err != nil {
+			b.Fatal(err)
+		}
+		tc := tls.Client(conn, tlsPair[1])
+		if err := tc.Handshake(); err != nil {
+			b.Fatal(err)
+		}
+		conn, br, hs = tc, bufio.NewReaderSize(tc, 256<<10), nil
+	}
 	hs = append(hs, "IHAVEOPT"...)
 	hs = binary.BigEndian.AppendUint32(hs, optGo)
 	data := infoData("vm1/disk0")

@@ -98,6 +98,7 @@ const (
 	nbdRepErrPolicy   = nbdRepFlagError | 2
 	nbdRepErrInvalid  = nbdRepFlagError | 3
 	nbdRepErrUnknown  = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
+	nbdRepErrTLSReqd  = nbdRepFlagError | 5
 	nbdRepErrShutdown = nbdRepFlagError | 7
 	nbdRepErrTooBig   = nbdRepFlagError | 9
 

@@ -44,6 +44,10 @@
 //	DELETE /v1/replica/allow?primary=PATTERN
 //	POST   /v1/replica/import                     ImportRequest
 //
+//	GET    /v1/nbd/allow                          []NBDAllowEntry
+//	POST   /v1/nbd/allow                          NBDAllowEntry -> NBDAllowEntry
+//	DELETE /v1/nbd/allow?client=PATTERN&export=PATTERN
+//
 //	GET    /v1/points/{vm}                        PointsInfo
 //	POST   /v1/points/{vm}/{id}/verify            apply.PointCheck
 //	POST   /v1/failover/{vm}/test[?point=ID]      FailoverResult

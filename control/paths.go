@@ -11,7 +11,9 @@ const DefaultStateDir = "/var/lib/vdrepl"
 // DefaultControl is the control socket for a state directory.
 func DefaultControl(stateDir string) string { return filepath.Join(stateDir, "control.sock") }
 
-// DefaultNBD is the NBD listen list for a state directory.
+// DefaultNBD is the NBD listen list for a state directory: the unix socket
+// only. A TCP listener is asked for explicitly, and is TLS-only unless
+// named insecure.
 func DefaultNBD(stateDir string) []string {
-	return []string{"unix:" + filepath.Join(stateDir, "nbd.sock"), "tcp:127.0.0.1:10809"}
+	return []string{"unix:" + filepath.Join(stateDir, "nbd.sock")}
 }

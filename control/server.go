@@ -22,6 +22,7 @@ type Host interface {
 	ReplicationHost
 	FailoverHost
 	VerifyHost
+	NBDAccessHost
 	// DoctorInfo reports the configuration and, for the replica
 	// addresses given and those of replicated VMs, the proxy it would use.
 	DoctorInfo(replicas []string) DoctorInfo
@@ -92,6 +93,7 @@ func NewHandler(h Host) *http.ServeMux {
 	replicationRoutes(mux, h)
 	failoverRoutes(mux, h)
 	verifyRoutes(mux, h)
+	nbdRoutes(mux, h)
 	mux.HandleFunc("GET /v1/doctor", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, h.DoctorInfo(r.URL.Query()["replica"]), nil)
 	})

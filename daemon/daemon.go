@@ -59,8 +59,15 @@ type Config struct {
 	StateDir string
 	// Control is the control socket; default StateDir/control.sock.
 	Control string
-	// NBD lists listen addresses: "unix:PATH" or "tcp:HOST:PORT".
+	// NBD lists listen addresses: "unix:PATH" or "tcp:HOST:PORT" (see
+	// nbdlisten.go: TCP is TLS-only unless NBDInsecure).
 	NBD []string
+	// NBDGroup is the group of the NBD unix sockets (name or number; ""
+	// leaves the daemon's), which are mode 0660.
+	NBDGroup string
+	// NBDInsecure serves the TCP listeners without TLS; only loopback
+	// addresses may be served so.
+	NBDInsecure bool
 	// JournalCap is the per-VM journal cap; 0 = half the VM's disk size.
 	JournalCap int64
 	// SyncInterval: how often a VM's journal syncs when clients never flush.
@@ -113,9 +120,12 @@ type Daemon struct {
 	listeners    []string
 	closed       bool
 
-	nbd     *blockdev.NBDServer
-	control *http.Server
-	lock    *os.File
+	nbd      *blockdev.NBDServer
+	nbdAddrs []nbdAddr
+	nbdGID   int           // group of the NBD sockets, -1 to leave it
+	nbdAllow *nbdAllowList // which TLS clients may open which exports
+	control  *http.Server
+	lock     *os.File
 
 	ctx         context.Context // lives as long as Run; shippers run under it
 	identity    *pki.Identity   // nil without --tls-cert
@@ -179,7 +189,16 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	d.tests = d.newTests()
 	d.fo = d.newMachine()
-	d.nbd = blockdev.NewNBDServer(blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger})
+	d.nbdAllow = &nbdAllowList{fs: d.fs, path: filepath.Join(cfg.StateDir, "nbd-allow.json")}
+	if d.nbdAddrs, err = parseNBDAddrs(cfg.NBD, cfg.NBDInsecure); err != nil {
+		return nil, err
+	}
+	d.nbdGID = -1
+	if cfg.NBDGroup != "" {
+		if d.nbdGID, err = lookupGroup(cfg.NBDGroup); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "" {
 		if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
 			return nil, fmt.Errorf("%w: give all of --tls-cert, --tls-key and --tls-ca", control.ErrInvalid)
@@ -187,9 +206,19 @@ func New(cfg Config) (*Daemon, error) {
 		// An unusable certificate (expired, say) stops replication, not the
 		// disks: the daemon still serves every VM and says why in status.
 		if d.identity, err = pki.Load(cfg.TLSCert, cfg.TLSKey, cfg.TLSCA); err != nil {
-			d.identityErr = fmt.Errorf("TLS identity unusable, replication and the replica role are off until it is fixed and the daemon restarted: %w", err)
+			d.identityErr = fmt.Errorf("TLS identity unusable, replication, the replica role and NBD over TLS are off until it is fixed and the daemon restarted: %w", err)
 		}
 	}
+	nbdCfg := blockdev.NBDConfig{Exports: (*exports)(d), Logger: cfg.Logger, Authorize: d.nbdAllow.access}
+	for _, a := range d.nbdAddrs {
+		if a.tls && d.identity == nil && d.identityErr == nil {
+			return nil, fmt.Errorf("%w: --nbd tcp:%s serves NBD over TLS, which needs --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`); for plain NBD on this host only, use a loopback address with --nbd-insecure", control.ErrInvalid, a.addr)
+		}
+	}
+	if d.identity != nil {
+		nbdCfg.TLS = d.identity.ServerConfig()
+	}
+	d.nbd = blockdev.NewNBDServer(nbdCfg)
 	if cfg.ReplicaListen != "" && d.identity == nil && d.identityErr == nil {
 		return nil, fmt.Errorf("%w: --replica-listen needs --tls-cert, --tls-key and --tls-ca (make them with `vdrepl pki init` and `vdrepl pki issue`)", control.ErrInvalid)
 	}
@@ -265,20 +294,38 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		defer stop()
 	}
+	if err := d.nbdAllow.load(); err != nil {
+		d.shutdown()
+		return err
+	}
 	var wg sync.WaitGroup
-	for _, addr := range d.cfg.NBD {
-		l, err := listen(addr)
+	for _, a := range d.nbdAddrs {
+		addr := a.network + ":" + a.addr
+		if a.tls && d.identity == nil {
+			d.log.Error("NBD TLS listener not started: the TLS identity is unusable", "addr", addr)
+			continue
+		}
+		l, err := d.listenNBD(a)
 		if err != nil {
 			d.shutdown()
 			return fmt.Errorf("NBD listen %s: %w", addr, err)
 		}
+		if a.network == "unix" && d.nbdGID >= 0 {
+			if w := socketDirWarning(a.addr); w != "" {
+				d.log.Warn(w)
+			}
+		}
 		d.mu.Lock()
 		d.listeners = append(d.listeners, l.Addr().Network()+":"+l.Addr().String())
 		d.mu.Unlock()
+		serve := d.nbd.Serve
+		if a.tls {
+			serve = d.nbd.ServeTLS
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := d.nbd.Serve(ctx, l); err != nil && ctx.Err() == nil {
+			if err := serve(ctx, l); err != nil && ctx.Err() == nil {
 				errc <- fmt.Errorf("NBD %s: %w", addr, err)
 			}
 		}()

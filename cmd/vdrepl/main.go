@@ -47,7 +47,7 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "control", EnvVars: []string{"VDREPL_CONTROL"},
 				Usage: "control socket of the daemon (default: STATE/control.sock)"},
 		},
-		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), replicationCmd(), replicaCmd(), pkiCmd(), doctorCmd(), failoverCmd(), verifyCmd()},
+		Commands: []*cli.Command{serveCmd(), vmCmd(), mountCmd(), statusCmd(), replicationCmd(), replicaCmd(), nbdCmd(), pkiCmd(), doctorCmd(), failoverCmd(), verifyCmd()},
 	}
 	var globals []string
 	for _, f := range app.Flags {

@@ -21,8 +21,12 @@ func pkiCmd() *cli.Command {
    vdrepl pki init --dir /etc/vdrepl/pki
 Then, per host, on the machine holding ca.key:
    vdrepl pki issue --dir /etc/vdrepl/pki --name replica1.example.com --san 10.0.0.7
-and copy ca.crt, HOST.crt and HOST.key to that host.`,
-		Subcommands: []*cli.Command{pkiInitCmd(), pkiIssueCmd(), pkiShowCmd()},
+and copy ca.crt, HOST.crt and HOST.key to that host.
+An NBD client on another host (qemu, libnbd) gets a client certificate:
+   vdrepl pki issue --dir /etc/vdrepl/pki --client kvm2.example.com
+   vdrepl pki export --dir /etc/vdrepl/pki --client kvm2.example.com --qemu /tmp/kvm2-tls
+and the directory is copied to that host.`,
+		Subcommands: []*cli.Command{pkiInitCmd(), pkiIssueCmd(), pkiExportCmd(), pkiShowCmd()},
 	}
 }
 
@@ -62,17 +66,25 @@ func pkiInitAction(c *cli.Context) error {
 func pkiIssueCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "issue",
-		Usage: "issue a host certificate from the CA in DIR: DIR/HOST.crt and DIR/HOST.key",
+		Usage: "issue a host (--name) or NBD client (--client) certificate from the CA in DIR: DIR/NAME.crt and DIR/NAME.key",
 		Description: `Example:
    vdrepl pki issue --dir /etc/vdrepl/pki --name replica1.example.com --san replica1 --san 10.0.0.7
+   vdrepl pki issue --dir /etc/vdrepl/pki --client kvm2.example.com
 
-The certificate serves the host both as TLS server and as TLS client. Its
-names are --name and every --san (host names or IP addresses); a client
-must connect by one of them. issue never replaces existing files: to renew,
-move HOST.crt and HOST.key away first.`,
+A host certificate (--name) serves the host both as TLS server and as TLS
+client. Its names are --name and every --san (host names or IP addresses);
+a client must connect by one of them.
+
+A client certificate (--client) is for TLS clients only: an NBD client
+such as qemu on another host, which "vdrepl nbd allow add --client NAME"
+then lets open exports. Lay it out for the client with "vdrepl pki export".
+
+issue never replaces existing files: to renew, move NAME.crt and NAME.key
+away first.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "dir", Required: true, Usage: "directory holding ca.crt and ca.key"},
-			&cli.StringFlag{Name: "name", Required: true, Usage: "host name: the certificate's name and the files' names"},
+			&cli.StringFlag{Name: "name", Usage: "host name: the certificate's name and the files' names"},
+			&cli.StringFlag{Name: "client", Usage: "NBD client name (instead of --name): a certificate for TLS clients only"},
 			&cli.StringSliceFlag{Name: "san", Usage: "another host name or IP address of the host (repeatable)"},
 			&cli.BoolFlag{Name: "rsa", Usage: "RSA 3072 key instead of ECDSA P-256"},
 			&cli.IntFlag{Name: "days", Value: 825, Usage: "days of validity (at most until the CA expires)"},
@@ -90,15 +102,86 @@ func pkiIssueAction(c *cli.Context) error {
 	if days <= 0 {
 		return fmt.Errorf("--days %d: want a positive number of days", days)
 	}
-	opt := pki.IssueOptions{SANs: c.StringSlice("san"), RSA: c.Bool("rsa"), Validity: time.Duration(days) * 24 * time.Hour}
-	files, err := pki.Issue(dir, c.String("name"), opt)
+	name, client := c.String("name"), c.String("client")
+	switch {
+	case name == "" && client == "":
+		return fmt.Errorf("pki issue: give --name HOST for a host certificate or --client NAME for an NBD client's")
+	case name != "" && client != "":
+		return fmt.Errorf("pki issue: give --name or --client, not both")
+	case client != "":
+		name = client
+	}
+	opt := pki.IssueOptions{SANs: c.StringSlice("san"), RSA: c.Bool("rsa"), Validity: time.Duration(days) * 24 * time.Hour, Client: client != ""}
+	files, err := pki.Issue(dir, name, opt)
 	if err != nil {
 		return err
 	}
 	w := c.App.Writer
+	if client != "" {
+		fmt.Fprintf(w, "wrote %s\nwrote %s (private key of NBD client %s)\n", files.Cert, files.Key, client)
+		fmt.Fprintf(w, "next: vdrepl pki export --dir %s --client %s --qemu DIR (or --libnbd DIR), copy DIR to the client's host,\n", dir, client)
+		fmt.Fprintf(w, "and on the NBD host: vdrepl nbd allow add --client %s --export VM/DISK\n", client)
+		return nil
+	}
 	fmt.Fprintf(w, "wrote %s\nwrote %s (private key: copy it to that host only)\n", files.Cert, files.Key)
 	fmt.Fprintf(w, "use them on that host, with %s:\n   vdrepl serve --tls-cert %s --tls-key %s --tls-ca %s\n",
 		files.CA, files.Cert, files.Key, files.CA)
+	return nil
+}
+
+func pkiExportCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "export",
+		Usage: "lay out an NBD client's certificate, key and the CA for qemu or libnbd",
+		Description: `Example:
+   vdrepl pki export --dir /etc/vdrepl/pki --client kvm2.example.com --qemu /tmp/kvm2-tls
+   vdrepl pki export --dir /etc/vdrepl/pki --client backup1 --libnbd /tmp/backup1-tls
+
+Writes ca-cert.pem, client-cert.pem and client-key.pem (mode 0600) into the
+directory (made, mode 0700, if missing): the names qemu's
+tls-creds-x509 (endpoint=client) and libnbd's tls-certificates= read; the
+two layouts are the same. Files of an earlier export there are replaced.
+Copy the directory to the client's host, readable by the user the client
+runs as (qemu often runs as its own user), then
+   qemu-img info --object tls-creds-x509,id=tls0,dir=DIR,endpoint=client \
+     --image-opts driver=nbd,host=NBDHOST,port=10809,export=VM/DISK,tls-creds=tls0
+   nbdinfo 'nbds://NBDHOST:10809/VM/DISK?tls-certificates=DIR'
+NBDHOST must be a name or address in the NBD host's certificate.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "dir", Required: true, Usage: "directory holding ca.crt and the client's NAME.crt and NAME.key"},
+			&cli.StringFlag{Name: "client", Required: true, Usage: "the client certificate's name, as given to pki issue --client"},
+			&cli.StringFlag{Name: "qemu", Usage: "directory for qemu's tls-creds-x509 (dir=)"},
+			&cli.StringFlag{Name: "libnbd", Usage: "directory for libnbd's tls-certificates= (nbdinfo, nbdcopy, fio's nbd engine)"},
+		},
+		Action: pkiExportAction,
+	}
+}
+
+func pkiExportAction(c *cli.Context) error {
+	dir, err := filepath.Abs(c.String("dir"))
+	if err != nil {
+		return err
+	}
+	var outs []string
+	for _, f := range []string{"qemu", "libnbd"} {
+		if o := c.String(f); o != "" {
+			outs = append(outs, o)
+		}
+	}
+	if len(outs) == 0 {
+		return fmt.Errorf("pki export: give --qemu DIR or --libnbd DIR")
+	}
+	for _, out := range outs {
+		out, err := filepath.Abs(out)
+		if err != nil {
+			return err
+		}
+		files, err := pki.ExportClient(dir, c.String("client"), out)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(c.App.Writer, "wrote %s, %s and %s (client %s)\n", files.CA, files.Cert, files.Key, c.String("client"))
+	}
 	return nil
 }
 

@@ -16,13 +16,26 @@ func serveCmd() *cli.Command {
 		Name:  "serve",
 		Usage: "run the host daemon: serve every registered VM's disks over NBD, ship replicated VMs, and (with --replica-listen) receive replicas",
 		Description: `Example:
-   vdrepl --state /var/lib/vdrepl serve --nbd unix:/run/vdrepl/nbd.sock --nbd tcp:0.0.0.0:10809
+   vdrepl --state /var/lib/vdrepl serve --nbd unix:/run/vdrepl/nbd.sock --nbd-group kvm
 
-With no --nbd the daemon listens on unix:STATE/nbd.sock and tcp:127.0.0.1:10809.
-A guest attaches a disk with
-   -drive file=nbd+unix:///VM/DISK?socket=STATE/nbd.sock,format=raw,cache=none`,
+With no --nbd the daemon listens on unix:STATE/nbd.sock only. Unix sockets
+are mode 0660, owned by the daemon's user and by --nbd-group (so a qemu
+running as its own user can be let in), and give full access to every
+export. A guest on this host attaches a disk with
+   -drive file=nbd+unix:///VM/DISK?socket=STATE/nbd.sock,format=raw,cache=none
+
+A TCP listener speaks NBD over TLS only (STARTTLS, TLS 1.3): the server
+presents --tls-cert, and clients must present a certificate from --tls-ca
+("vdrepl pki issue --client") and be allowed the export ("vdrepl nbd allow
+add"). For guests on other hosts:
+   vdrepl serve --tls-cert host1.crt --tls-key host1.key --tls-ca ca.crt --nbd tcp:0.0.0.0:10809
+Plain NBD over TCP is for this host's own tools only, on a loopback
+address, and must be named:
+   vdrepl serve --nbd tcp:127.0.0.1:10809 --nbd-insecure`,
 		Flags: []cli.Flag{
-			&cli.StringSliceFlag{Name: "nbd", Usage: "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable)"},
+			&cli.StringSliceFlag{Name: "nbd", Usage: "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable; TCP is TLS-only unless --nbd-insecure)"},
+			&cli.StringFlag{Name: "nbd-group", Usage: "group of the NBD unix sockets (mode 0660), e.g. the group qemu runs in"},
+			&cli.BoolFlag{Name: "nbd-insecure", Usage: "serve the TCP listeners as plain NBD, without TLS or client certificates; only on a loopback address"},
 			&cli.StringFlag{Name: "journal-cap", Usage: "journal cap per VM, e.g. 20G (default: half the VM's disk size)"},
 			&cli.DurationFlag{Name: "sync-interval", Value: time.Second, Usage: "how often journals sync when clients never flush"},
 			&cli.StringFlag{Name: "tls-cert", EnvVars: []string{"VDREPL_TLS_CERT"}, Usage: "this host's certificate (made by \"vdrepl pki issue\"), used to ship and to serve as a replica"},
@@ -69,6 +82,8 @@ func serveConfig(c *cli.Context) (daemon.Config, error) {
 		StateDir:     c.String("state"),
 		Control:      c.String("control"),
 		NBD:          c.StringSlice("nbd"),
+		NBDGroup:     c.String("nbd-group"),
+		NBDInsecure:  c.Bool("nbd-insecure"),
 		SyncInterval: c.Duration("sync-interval"),
 		Logger:       logger,
 

@@ -71,7 +71,7 @@ func (i Info) ExpiresWithin(d time.Duration, now time.Time) bool {
 
 // Warnings lists what is wrong or soon will be with the certificate at now:
 // expired, not yet valid, expiring within WarnBefore, or (for a host
-// certificate) lacking the serverAuth or clientAuth usage vdrepl needs.
+// certificate, not a client one) lacking the serverAuth or clientAuth usage vdrepl needs.
 func (i Info) Warnings(now time.Time) []string {
 	what := "certificate"
 	if i.IsCA {
@@ -84,7 +84,9 @@ func (i Info) Warnings(now time.Time) []string {
 	if s := expiryWarning(what, i.NotAfter, i.IsCA, now); s != "" {
 		w = append(w, s)
 	}
-	if !i.IsCA {
+	// A client certificate (`pki issue --client`, clientAuth alone) is
+	// meant never to serve.
+	if !i.IsCA && !slices.Equal(i.EKU, []string{"clientAuth"}) {
 		for _, u := range []string{"serverAuth", "clientAuth"} {
 			if len(i.EKU) > 0 && !slices.Contains(i.EKU, u) && !slices.Contains(i.EKU, "any") {
 				w = append(w, fmt.Sprintf("certificate lacks the %s usage, so peers refuse it as a TLS %s; issue one with `vdrepl pki issue`",

@@ -7,6 +7,17 @@
 //	ca.key      CA private key (PEM PKCS#8, mode 0600); only where certificates are issued
 //	HOST.crt    host certificate, valid as TLS server and as TLS client
 //	HOST.key    host private key (PEM PKCS#8, mode 0600); only on HOST
+//	CLIENT.crt  client certificate (IssueOptions.Client), valid as TLS client only:
+//	            an NBD client such as qemu on another host
+//	CLIENT.key  its private key
+//
+// ExportClient copies a client's pair and the CA certificate into the
+// layout NBD clients read (qemu's tls-creds-x509 and libnbd's
+// tls-certificates use the same names):
+//
+//	ca-cert.pem      the CA certificate
+//	client-cert.pem  the client certificate
+//	client-key.pem   its private key (mode 0600)
 //
 // Keys are ECDSA P-256 unless RSA 3072 is asked for. The CA may sign only
 // end-entity certificates (path length 0). A host certificate never outlives
@@ -96,6 +107,9 @@ type IssueOptions struct {
 	RSA      bool             // RSA 3072 instead of ECDSA P-256
 	Validity time.Duration    // default DefaultHostValidity, cut at the CA's expiry
 	Now      func() time.Time // default time.Now
+	// Client makes a certificate for TLS clients only (clientAuth): what
+	// an NBD client on another host presents, never a host's identity.
+	Client bool
 }
 
 // Init creates a CA in dir (made, mode 0700, if missing): dir/ca.crt and
@@ -171,6 +185,9 @@ func issue(fsys vfs.FS, dir, name string, opt IssueOptions) (Files, error) {
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
+	}
+	if opt.Client {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
 	}
 	// A common name is limited to 64 bytes; longer names live only in the SANs.
 	if len(name) <= 64 {

@@ -1,6 +1,7 @@
 package pki
 
 import (
+	"bytes"
 	"crypto/x509"
 	"errors"
 	"os"
@@ -348,5 +349,66 @@ func checkPair(t *testing.T, fsys vfs.FS, files Files) {
 	}
 	if err := matchKey(cert, files.Cert, key, files.Key); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestIssueClientAndExport(t *testing.T) {
+	dir := t.TempDir()
+	mustInit(t, dir, InitOptions{Name: "test"})
+	files := mustIssue(t, dir, "qemu-host7", IssueOptions{Client: true})
+	info := describeFile(t, files.Cert)
+	if !slices.Equal(info.EKU, []string{"clientAuth"}) {
+		t.Fatalf("client certificate usage %q, want clientAuth only", info.EKU)
+	}
+	if w := info.Warnings(time.Now()); len(w) != 0 {
+		t.Fatalf("warnings for a fresh client certificate: %q", w)
+	}
+	// A client certificate is no host identity.
+	if _, err := Load(files.Cert, files.Key, files.CA); !errors.Is(err, ErrUsage) {
+		t.Fatalf("Load of a client certificate: %v, want ErrUsage", err)
+	}
+
+	out := filepath.Join(t.TempDir(), "qemu", "tls")
+	cf, err := ExportClient(dir, "qemu-host7", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, src := range map[string]string{cf.CA: files.CA, cf.Cert: files.Cert, cf.Key: files.Key} {
+		got, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ := os.ReadFile(src)
+		if !bytes.Equal(got, want) {
+			t.Errorf("%s differs from %s", name, src)
+		}
+	}
+	if filepath.Base(cf.CA) != "ca-cert.pem" || filepath.Base(cf.Cert) != "client-cert.pem" || filepath.Base(cf.Key) != "client-key.pem" {
+		t.Fatalf("layout %+v", cf)
+	}
+	wantMode(t, cf.Key, 0o600)
+	wantMode(t, out, 0o700)
+	// Exporting again replaces the files.
+	if _, err := ExportClient(dir, "qemu-host7", out); err != nil {
+		t.Fatalf("second export: %v", err)
+	}
+
+	// A pair from another CA, or a missing one, is refused before anything is written.
+	other := t.TempDir()
+	mustInit(t, other, InitOptions{Name: "other"})
+	mustIssue(t, other, "stranger", IssueOptions{Client: true})
+	for _, f := range []string{"stranger.crt", "stranger.key"} {
+		b, _ := os.ReadFile(filepath.Join(other, f))
+		os.WriteFile(filepath.Join(dir, f), b, 0o600)
+	}
+	out2 := filepath.Join(t.TempDir(), "x")
+	if _, err := ExportClient(dir, "stranger", out2); !errors.Is(err, ErrUntrusted) {
+		t.Fatalf("export of another CA's certificate: %v, want ErrUntrusted", err)
+	}
+	if _, err := ExportClient(dir, "nobody", out2); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("export of a missing certificate: %v, want ErrNotFound", err)
+	}
+	if _, err := os.Stat(out2); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("refused export left %s behind (%v)", out2, err)
 	}
 }
