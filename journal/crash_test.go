@@ -274,6 +274,10 @@ func recoverAndCheck(t *testing.T, cfg Config, fsys vfs.FS, h *history) *Journal
 	j := mustOpen(t, cfg)
 	t.Cleanup(func() { j.Close() })
 	checkRecovered(t, j, h, before, crashSizes)
+	// The tree (rebuilt: the index is in memory here) agrees with the
+	// images recovery left.
+	waitTreeBuilt(t, j)
+	checkTreeAgrees(t, j, readImages(t, fsys, cfg))
 	return j
 }
 

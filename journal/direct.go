@@ -349,7 +349,7 @@ func (j *Journal) directRun(q []queued) (int, []int) {
 // every record must be its newest durable copy (as writeBackRecord decides);
 // if one is not, only the first record is written back, the plain way, and
 // the count of records done says so.
-func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
+func (j *Journal) writeBackRun(q []queued, order []int, tb *treeBatch) (int, error) {
 	first, last := &q[0].h, &q[len(q)-1].h
 	disk := int(first.Disk)
 	all := true // every record's append buffer is retained
@@ -369,7 +369,7 @@ func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
 			data := h.LSN + HeaderSize + b*BlockSize
 			if p := j.mu.pending[blockKey(disk, base+b)]; p != data && (p == 0 || p < j.mu.synced) {
 				j.mu.Unlock()
-				return 1, j.writeBackRecord(first, q[0].buf)
+				return 1, j.writeBackRecord(first, q[0].buf, tb)
 			}
 		}
 		j.mu.Unlock()
@@ -413,6 +413,11 @@ func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
 			}
 		}
 		j.mu.Unlock()
+	}
+	for i, k := range order {
+		if err := tb.data(disk, int64(q[k].h.Offset), iov[i]); err != nil {
+			return 0, err
+		}
 	}
 	return len(q), nil
 }

@@ -2,23 +2,291 @@ package journal
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/vdrepl/vdrepl/internal/blocktree"
 )
 
+// treePrefix is the block tree's key prefix in the cycle store's Badger;
+// the cycle index's own prefixes ('b', 'r', 'i') are dropped at every open,
+// this one is not.
+var treePrefix = []byte{'T'}
+
+// Sizes of the tree's work units.
+const (
+	// treeBuildStep is what one build step hashes while it holds the
+	// write-back lock: about 4 MiB, a few milliseconds of reading and
+	// hashing, so that the write-back (and the appends waiting on it) is
+	// never held up for long.
+	treeBuildStep = 4 << 20
+	// treeBatchLeaves bounds the leaves one tree Commit changes, so that a
+	// large trim is committed in pieces of bounded memory, each in one
+	// Badger transaction.
+	treeBatchLeaves = 2048
+	// treeZeroPiece is how much of a trim or zero range is added to a tree
+	// batch at a time (1024 leaves) before the batch is checked for size.
+	treeZeroPiece = 1024 * blocktree.LeafSize
+	// rootsKept is how many barriers' roots the journal remembers.
+	rootsKept = 256
+)
+
+// openTree opens the block tree in the cycle store's database for the
+// journal's disks. A tree that was reset (missing, in-memory store, dirty,
+// other sizes) is built from the images by the background goroutine.
+func (j *Journal) openTree() error {
+	sizes := make([]int64, len(j.cfg.Disks))
+	for i, d := range j.cfg.Disks {
+		sizes[i] = d.Size
+	}
+	t, reset, err := blocktree.Open(j.cycles.db, treePrefix, sizes)
+	if err != nil {
+		return fmt.Errorf("journal: open block tree: %w", err)
+	}
+	if reset {
+		j.log.Info("journal: block tree reset; it is rebuilt from the images")
+	}
+	j.tree, j.treeReset = t, reset
+	j.mu.tree.roots = make(map[uint64][]blocktree.Root)
+	return nil
+}
+
+// treeBatch gathers the tree changes of one write-back batch (or of
+// recovery's replay) and commits them in pieces of at most treeBatchLeaves
+// leaves.
+type treeBatch struct {
+	t *blocktree.Tree
+	b *blocktree.Batch
+}
+
+func newTreeBatch(t *blocktree.Tree) *treeBatch { return &treeBatch{t: t, b: t.Batch()} }
+
+// data records data written (or, for a block a newer durable record
+// rewrites, due) at off of disk.
+func (tb *treeBatch) data(disk int, off int64, p []byte) error {
+	tb.b.Data(disk, off, p)
+	return tb.commitIfFull()
+}
+
+// zero records that [off, off+n) of disk reads as zeroes.
+func (tb *treeBatch) zero(disk int, off, n int64) error {
+	for n > 0 {
+		k := min(n, treeZeroPiece)
+		tb.b.Zero(disk, off, k)
+		if err := tb.commitIfFull(); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// invalidate makes the blocks touching [off, off+n) of disk Unknown.
+func (tb *treeBatch) invalidate(disk int, off, n int64) error {
+	for n > 0 {
+		k := min(n, treeZeroPiece)
+		tb.b.Invalidate(disk, off, k)
+		if err := tb.commitIfFull(); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+func (tb *treeBatch) commitIfFull() error {
+	if tb.b.Len() < treeBatchLeaves {
+		return nil
+	}
+	return tb.commit()
+}
+
+func (tb *treeBatch) commit() error {
+	if tb.b.Len() == 0 {
+		return nil
+	}
+	if err := tb.b.Commit(); err != nil {
+		return err
+	}
+	tb.b = tb.t.Batch()
+	return nil
+}
+
 // BlockTree returns the block-hash tree of the images (internal/blocktree),
-// kept by the write-back; nil when the journal keeps none.
-func (j *Journal) BlockTree() *blocktree.Tree { return nil }
+// kept by the write-back. The journal always keeps one (see the package
+// doc, "Block tree"); callers read it, only the journal changes it.
+func (j *Journal) BlockTree() *blocktree.Tree { return j.tree }
 
 // WaitWrittenBack returns once every record of cycles up to c is in the
 // images and in the block tree, so that the tree describes the images at
-// c's barrier or later.
-func (j *Journal) WaitWrittenBack(ctx context.Context, c uint64) error { return ctx.Err() }
+// c's barrier or later. c must be sealed for that to happen: it waits for
+// the seal too. It fails with ctx's error, ErrClosed once the journal is
+// closing, or the journal's failure.
+func (j *Journal) WaitWrittenBack(ctx context.Context, c uint64) error {
+	stop := context.AfterFunc(ctx, func() {
+		j.mu.Lock()
+		j.mu.cond.Broadcast()
+		j.mu.Unlock()
+	})
+	defer stop()
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for j.mu.tree.through < c {
+		switch {
+		case j.mu.failed != nil:
+			return j.mu.failed
+		case j.mu.closed:
+			return ErrClosed
+		case ctx.Err() != nil:
+			return ctx.Err()
+		}
+		j.kickWriteBack()
+		j.mu.cond.Wait()
+	}
+	return nil
+}
 
 // RootsAt returns the block tree's roots of the images at cycle c's
 // barrier, one per disk, waiting for the write-back to pass it. Nil (and
-// no error) when the tree did not know them: it was being built, or c is
-// older than the roots the journal remembers.
+// no error) when the tree did not know them: it was being built, held an
+// Unknown block, or c is older than the last rootsKept barriers or than
+// the last Open (whose barrier it knows only if no record followed it).
 func (j *Journal) RootsAt(ctx context.Context, c uint64) ([]blocktree.Root, error) {
-	return nil, ctx.Err()
+	if err := j.WaitWrittenBack(ctx, c); err != nil {
+		return nil, err
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.mu.tree.roots[c], nil
+}
+
+// recordRootsLocked records the tree's roots r (taken by the caller, which
+// holds wb, so the tree is still) as the roots at every barrier after the
+// last one recorded, up to c: no record of a cycle after the barriers
+// passed, and every record of a cycle up to them is in the tree. Caller
+// holds mu.
+func (j *Journal) recordRootsLocked(c uint64, r []blocktree.Root) {
+	if c <= j.mu.tree.through {
+		return
+	}
+	for k := max(j.mu.tree.through+1, c-min(c, rootsKept-1)); k <= c; k++ {
+		if r != nil {
+			j.mu.tree.roots[k] = r
+		}
+	}
+	for k := range j.mu.tree.roots {
+		if k+rootsKept <= c {
+			delete(j.mu.tree.roots, k)
+		}
+	}
+	j.mu.tree.through = c
+	j.mu.tree.atBarrier = true
+	j.mu.cond.Broadcast()
+}
+
+// barrierRoots records the tree's roots as those of every barrier up to
+// c not yet recorded. The caller holds wb (the tree is still) and knows
+// that every record of cycles <= c is in the tree and none after: the
+// write-back about to apply the first record of cycle c+1, or finding no
+// record of cycles <= c left in its queue with c sealed.
+func (j *Journal) barrierRoots(c uint64) {
+	j.mu.Lock()
+	due := c > j.mu.tree.through
+	j.mu.Unlock()
+	if !due {
+		return
+	}
+	r := j.tree.Roots()
+	j.mu.Lock()
+	j.recordRootsLocked(c, r)
+	j.mu.Unlock()
+}
+
+// buildTree hashes one step of the images into a tree that is not built
+// yet, holding wb so that nothing changes the images meanwhile. It reads
+// the image files, not the journal's pending data: the tree describes the
+// images as the write-back leaves them.
+//
+// A step is put off while a queued record touches its range. Such a
+// record is where the image and the tree's journal-order view part: a
+// trim or zero already applied to the image that the tree takes only
+// when the write-back passes it, or a newer write for whose sake the
+// write-back skipped a block of an older one that the tree took (see the
+// package doc). Hashing the image there would put a later state into the
+// tree before the records ahead of it, and into a barrier's roots. A
+// record queued after the check cannot be passed while wb is held.
+// It returns whether more steps remain.
+func (j *Journal) buildTree() (bool, error) {
+	j.wb.Lock()
+	defer j.wb.Unlock()
+	states, _ := j.tree.State()
+	disk := -1
+	for i, s := range states {
+		if s.Built < s.Size {
+			disk = i
+			break
+		}
+	}
+	if disk < 0 {
+		j.wb.treeBuf = nil
+		return false, nil
+	}
+	from := states[disk].Built
+	to := from + treeBuildStep
+	j.mu.Lock()
+	stop := j.mu.closed || j.mu.failed != nil
+	busy := false
+	for i := range j.mu.queue {
+		h := &j.mu.queue[i].h
+		busy = busy || (int(h.Disk) == disk && int64(h.Offset) < to && int64(h.Offset+h.Length) > from)
+	}
+	j.mu.Unlock()
+	if stop {
+		return false, nil
+	}
+	if busy {
+		// Not more: the sync or write-back that clears the range kicks
+		// the background again, and spinning here would not.
+		return false, nil
+	}
+	if j.wb.treeBuf == nil {
+		j.wb.treeBuf = make([]byte, treeBuildStep)
+	}
+	done, err := j.tree.BuildStep(disk, j.images[disk], treeBuildStep, j.wb.treeBuf)
+	if err != nil {
+		return false, err
+	}
+	if !done {
+		return true, nil
+	}
+	states, _ = j.tree.State()
+	for _, s := range states {
+		if s.Built < s.Size {
+			return true, nil
+		}
+	}
+	j.wb.treeBuf = nil
+	r := j.tree.Roots()
+	j.log.Info("journal: block tree built", "complete", r != nil)
+	j.mu.Lock()
+	if j.mu.tree.atBarrier && r != nil {
+		j.mu.tree.roots[j.mu.tree.through] = r
+		j.mu.cond.Broadcast()
+	}
+	j.mu.Unlock()
+	return false, nil
+}
+
+// treeStats fills the tree's part of Stats. It is called without mu: the
+// tree's State waits for a Commit in progress.
+func (j *Journal) treeStats(s *Stats) {
+	states, _ := j.tree.State()
+	built := true
+	for _, d := range states {
+		s.TreeSize += d.Size
+		s.TreeBuiltBytes += min(d.Built, d.Size)
+		s.TreeUnknownLeaves += d.Unknown
+		built = built && d.Built >= d.Size
+	}
+	s.TreeBuilt = built
+	s.TreeComplete = j.tree.Roots() != nil
 }
