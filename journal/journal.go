@@ -128,6 +128,14 @@ type Journal struct {
 		sync.Mutex
 		buf     []byte // aligned buffer for direct write-back (alignedBuf)
 		treeBuf []byte // the tree build's read buffer, while it builds
+		// repair is where repairTree stands: disk and leaf, and leaves
+		// seen since it last found an Unknown one; stuck, per disk, the
+		// Unknown count a whole walk found no leaf for.
+		repair struct {
+			disk       int
+			leaf, idle int64
+			stuck      map[int]int64
+		}
 	}
 
 	mu struct {

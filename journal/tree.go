@@ -3,6 +3,7 @@ package journal
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/vdrepl/vdrepl/internal/blocktree"
 )
@@ -227,23 +228,10 @@ func (j *Journal) buildTree() (bool, error) {
 		}
 	}
 	if disk < 0 {
-		j.wb.treeBuf = nil
-		return false, nil
+		return j.repairTree(states)
 	}
 	from := states[disk].Built
-	to := from + treeBuildStep
-	j.mu.Lock()
-	stop := j.mu.closed || j.mu.failed != nil
-	busy := false
-	for i := range j.mu.queue {
-		h := &j.mu.queue[i].h
-		busy = busy || (int(h.Disk) == disk && int64(h.Offset) < to && int64(h.Offset+h.Length) > from)
-	}
-	j.mu.Unlock()
-	if stop {
-		return false, nil
-	}
-	if busy {
+	if !j.treeRangeStill(disk, from, from+treeBuildStep) {
 		// Not more: the sync or write-back that clears the range kicks
 		// the background again, and spinning here would not.
 		return false, nil
@@ -265,14 +253,116 @@ func (j *Journal) buildTree() (bool, error) {
 		}
 	}
 	j.wb.treeBuf = nil
-	r := j.tree.Roots()
-	j.log.Info("journal: block tree built", "complete", r != nil)
+	j.log.Info("journal: block tree built", "complete", j.treeKnown())
+	return true, nil // a repair step may follow
+}
+
+// treeRangeStill says whether [from, to) of disk may be hashed from the
+// image into the tree: the journal is open and no queued record touches
+// the range (see buildTree). Caller holds wb.
+func (j *Journal) treeRangeStill(disk int, from, to int64) bool {
 	j.mu.Lock()
-	if j.mu.tree.atBarrier && r != nil {
+	defer j.mu.Unlock()
+	if j.mu.closed || j.mu.failed != nil {
+		return false
+	}
+	for i := range j.mu.queue {
+		h := &j.mu.queue[i].h
+		if int(h.Disk) == disk && int64(h.Offset) < to && int64(h.Offset+h.Length) > from {
+			return false
+		}
+	}
+	return true
+}
+
+// treeKnown is called when the tree may have become complete (a build or
+// repair step ended): standing at a barrier, its roots are that
+// barrier's. It says whether the tree has roots. Caller holds wb.
+func (j *Journal) treeKnown() bool {
+	r := j.tree.Roots()
+	if r == nil {
+		return false
+	}
+	j.mu.Lock()
+	if j.mu.tree.atBarrier && j.mu.tree.through > 0 && j.mu.tree.roots[j.mu.tree.through] == nil {
 		j.mu.tree.roots[j.mu.tree.through] = r
 		j.mu.cond.Broadcast()
 	}
 	j.mu.Unlock()
+	return true
+}
+
+// repairScan is how many leaves' digests one repair step looks at.
+const repairScan = 4096
+
+// treeRepair turns repairTree on; tests that look at the Unknown leaves a
+// recovery cut leaves turn it off.
+var treeRepair = true
+
+// repairTree re-hashes from the images the leaves the tree holds as
+// Unknown (a recovery cut's range), one step of at most treeBuildStep
+// bytes, with the build's rule about queued records: the tree describes
+// what the image holds, which is for the resync that the cut asked for to
+// compare with the replica. A cursor (wb.repair) walks each disk; a disk
+// walked whole without finding an Unknown leaf (which the tree's count
+// should make impossible) is left alone until that count changes, so a
+// miscount never keeps the background busy. It returns whether more
+// steps remain.
+func (j *Journal) repairTree(states []blocktree.DiskState) (bool, error) {
+	j.wb.treeBuf = nil
+	if !treeRepair {
+		return false, nil
+	}
+	c := &j.wb.repair
+	if c.stuck == nil {
+		c.stuck = make(map[int]int64)
+	}
+	for range len(states) {
+		d := c.disk % len(states)
+		ds := states[d]
+		leaves := (ds.Size + blocktree.LeafSize - 1) / blocktree.LeafSize
+		if c.idle >= leaves {
+			c.stuck[d] = ds.Unknown
+		}
+		if ds.Unknown == 0 || c.stuck[d] == ds.Unknown {
+			c.disk, c.leaf, c.idle = d+1, 0, 0
+			continue
+		}
+		if c.leaf >= leaves {
+			c.leaf = 0
+		}
+		n := min(leaves-c.leaf, repairScan)
+		ds2, err := j.tree.Leaves(d, c.leaf, n)
+		if err != nil {
+			return false, err
+		}
+		i := slices.Index(ds2, 0)
+		if i < 0 {
+			c.leaf += n
+			c.idle += n
+			return true, nil
+		}
+		from := (c.leaf + int64(i)) * blocktree.LeafSize
+		to := min(from+treeBuildStep, ds.Size)
+		if !j.treeRangeStill(d, from, to) {
+			return false, nil
+		}
+		buf := make([]byte, to-from)
+		if err := readImage(j.images[d], buf, from); err != nil {
+			return false, fmt.Errorf("read disk %d: %w", d, err)
+		}
+		b := j.tree.Batch()
+		b.Data(d, from, buf)
+		if err := b.Commit(); err != nil {
+			return false, err
+		}
+		c.leaf, c.idle = to/blocktree.LeafSize, 0
+		if j.treeKnown() {
+			j.log.Info("journal: block tree repaired: every block known again")
+			return false, nil
+		}
+		return true, nil
+	}
 	return false, nil
 }
 
