@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
@@ -398,8 +399,20 @@ func (j *Journal) writeBackRun(q []queued, order []int, tb *treeBatch) (int, err
 			}
 		}
 	}
-	if _, err := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(q[order[0]].h.Offset)); err != nil {
-		return 0, err
+	hashes := make([]func() []blocktree.Hash, len(iov))
+	for i := range iov {
+		hashes[i] = hashAhead(iov[i])
+	}
+	_, werr := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(q[order[0]].h.Offset))
+	for i, k := range order {
+		// Collected even after a failed write: the goroutines end.
+		hs := hashes[i]()
+		if werr == nil {
+			werr = tb.set(disk, int64(q[k].h.Offset), hs)
+		}
+	}
+	if werr != nil {
+		return 0, werr
 	}
 	for i := range q {
 		h := &q[i].h
@@ -413,11 +426,6 @@ func (j *Journal) writeBackRun(q []queued, order []int, tb *treeBatch) (int, err
 			}
 		}
 		j.mu.Unlock()
-	}
-	for i, k := range order {
-		if err := tb.data(disk, int64(q[k].h.Offset), iov[i]); err != nil {
-			return 0, err
-		}
 	}
 	return len(q), nil
 }

@@ -6,6 +6,7 @@ import (
 	"slices"
 
 	"github.com/vdrepl/vdrepl/internal/blocktree"
+	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
 // treePrefix is the block tree's key prefix in the cycle store's Badger;
@@ -79,6 +80,35 @@ func (tb *treeBatch) zero(disk int, off, n int64) error {
 		off, n = off+k, n-k
 	}
 	return nil
+}
+
+// hashAhead starts hashing p's blocks (whole blocks: a write record's
+// payload) for set. A payload of at least directMin bytes is hashed on
+// another goroutine while the caller writes it to the image: on a
+// sequential stream the write-back goroutine is what bounds the rate, and
+// XXH64 over a large run cost it about as much as the O_DIRECT write it
+// waits for (bench_test.go). p must not change until the returned func
+// has returned; it may be called again, and must be called at least once
+// (it waits for the goroutine).
+func hashAhead(p []byte) func() []blocktree.Hash {
+	if len(p) < directMin {
+		return func() []blocktree.Hash { return blocktree.HashBlocks(nil, p) }
+	}
+	c := make(chan []blocktree.Hash, 1)
+	go func() { c <- blocktree.HashBlocks(make([]blocktree.Hash, 0, len(p)/BlockSize), p) }()
+	var hs []blocktree.Hash
+	return func() []blocktree.Hash {
+		if hs == nil {
+			hs = <-c
+		}
+		return hs
+	}
+}
+
+// set records the hashes of consecutive blocks of disk from off.
+func (tb *treeBatch) set(disk int, off int64, hs []blocktree.Hash) error {
+	tb.b.Set(disk, off, hs)
+	return tb.commitIfFull()
 }
 
 // invalidate makes the blocks touching [off, off+n) of disk Unknown.
@@ -237,9 +267,9 @@ func (j *Journal) buildTree() (bool, error) {
 		return false, nil
 	}
 	if j.wb.treeBuf == nil {
-		j.wb.treeBuf = make([]byte, treeBuildStep)
+		j.wb.treeBuf = vfs.AlignedBuffer(treeBuildStep)
 	}
-	done, err := j.tree.BuildStep(disk, j.images[disk], treeBuildStep, j.wb.treeBuf)
+	done, err := j.tree.BuildStep(disk, scanReader{j.images[disk]}, treeBuildStep, j.wb.treeBuf)
 	if err != nil {
 		return false, err
 	}
@@ -308,15 +338,20 @@ var treeRepair = true
 // should make impossible) is left alone until that count changes, so a
 // miscount never keeps the background busy. It returns whether more
 // steps remain.
-func (j *Journal) repairTree(states []blocktree.DiskState) (bool, error) {
-	j.wb.treeBuf = nil
+func (j *Journal) repairTree(states []blocktree.DiskState) (more bool, err error) {
 	if !treeRepair {
+		j.wb.treeBuf = nil
 		return false, nil
 	}
 	c := &j.wb.repair
 	if c.stuck == nil {
 		c.stuck = make(map[int]int64)
 	}
+	defer func() {
+		if !more {
+			j.wb.treeBuf = nil
+		}
+	}()
 	for range len(states) {
 		d := c.disk % len(states)
 		ds := states[d]
@@ -347,8 +382,11 @@ func (j *Journal) repairTree(states []blocktree.DiskState) (bool, error) {
 		if !j.treeRangeStill(d, from, to) {
 			return false, nil
 		}
-		buf := make([]byte, to-from)
-		if err := readImage(j.images[d], buf, from); err != nil {
+		if j.wb.treeBuf == nil {
+			j.wb.treeBuf = vfs.AlignedBuffer(treeBuildStep)
+		}
+		buf := j.wb.treeBuf[:to-from]
+		if _, err := (scanReader{j.images[d]}).ReadAt(buf, from); err != nil {
 			return false, fmt.Errorf("read disk %d: %w", d, err)
 		}
 		b := j.tree.Batch()
@@ -364,6 +402,21 @@ func (j *Journal) repairTree(states []blocktree.DiskState) (bool, error) {
 		return true, nil
 	}
 	return false, nil
+}
+
+// scanReader reads an image for the tree around the page cache where it
+// can (vfs.DirectReader; the build's buffer and offsets are aligned): a
+// scan of the whole disk would otherwise evict the guest's working set,
+// and it left the page cache full of clean image pages that made the
+// write-back's small writes several times slower (bench_test.go). An
+// O_DIRECT read sees every write that returned before it.
+type scanReader struct{ f vfs.File }
+
+func (r scanReader) ReadAt(p []byte, off int64) (int, error) {
+	if dr, ok := r.f.(vfs.DirectReader); ok && vfs.DirectAligned(p, off) {
+		return dr.ReadDirectAt(p, off)
+	}
+	return r.f.ReadAt(p, off)
 }
 
 // treeStats fills the tree's part of Stats. It is called without mu: the

@@ -271,6 +271,8 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte, tb *treeBatch) err
 			defer j.putBuf(payload)
 		}
 	}
+	hashes := hashAhead(payload)
+	defer hashes() // the hashing goroutine ends whatever happens here
 	for _, r := range runs {
 		n := int((r.to - r.from) * BlockSize)
 		off := int64((first + r.from) * BlockSize)
@@ -299,7 +301,7 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte, tb *treeBatch) err
 		}
 		j.mu.Unlock()
 	}
-	return tb.data(disk, int64(h.Offset), payload)
+	return tb.set(disk, int64(h.Offset), hashes())
 }
 
 // directMin is the smallest write-back run written with O_DIRECT.
