@@ -121,15 +121,18 @@
 // below) may be in the image or not, and the tree may claim its hashes or
 // the previous ones: Open makes its range Unknown (then replay sets the
 // blocks replayed records write), commits and syncs before the checkpoint,
-// so the tree never claims a hash the image may not have. Those blocks stay
-// Unknown, and the tree without roots, until they are written again or
-// re-hashed. The dirty-map mode changes nothing here: the write-back runs
+// so the tree never claims a hash the image may not have. The background
+// then re-hashes those leaves from the image (repairTree, under the
+// build's rule below), so that the tree has roots again: it describes what
+// the image holds, and the resync the cut asked for compares that with the
+// replica. The dirty-map mode changes nothing here: the write-back runs
 // on. A Badger error in a Commit fails the journal like an image write
 // error: the tree must not fall behind the images unnoticed.
 //
 // Build: a tree Open finds reset is rebuilt from the image files by the
 // background goroutine, one 4 MiB step (BuildStep) per background step,
-// holding wb, so the images stand still. A step is put off while a queued
+// holding wb, so the images stand still; it reads with O_DIRECT where the
+// image can, not to fill the page cache with a whole disk. A step is put off while a queued
 // record touches its range (the image there is ahead of or behind the
 // tree's journal-order view: an eagerly applied trim, a skipped block);
 // under a write stream that covers the whole disk the build waits for

@@ -233,8 +233,8 @@ func TestRecoveryKeepsCutWrite(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// The Unknown leaves the cut leaves stay for the test to see.
-			treeRepair = false
-			defer func() { treeRepair = true }()
+			treeRepairOff.Store(true)
+			defer treeRepairOff.Store(false)
 			mem := vfs.NewMemFS()
 			cfg := testConfig(t, mem, "/vm", 1<<20)
 			cfg.IndexDir = t.TempDir() // the block tree outlives the crash

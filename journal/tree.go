@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync/atomic"
 
 	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/vfs"
@@ -21,10 +22,12 @@ const (
 	// hashing, so that the write-back (and the appends waiting on it) is
 	// never held up for long.
 	treeBuildStep = 4 << 20
-	// treeBatchLeaves bounds the leaves one tree Commit changes, so that a
-	// large trim is committed in pieces of bounded memory, each in one
-	// Badger transaction.
-	treeBatchLeaves = 2048
+	// treeBatchLeaves is the size at which a tree batch is committed, so
+	// that a large trim is committed in pieces of bounded memory. One more
+	// payload (512 leaves at most) or zero piece (1024) keeps a Commit
+	// within one Badger transaction (blocktree splits one of over 2048
+	// leaves, marking the tree dirty meanwhile).
+	treeBatchLeaves = 1024
 	// treeZeroPiece is how much of a trim or zero range is added to a tree
 	// batch at a time (1024 leaves) before the batch is checked for size.
 	treeZeroPiece = 1024 * blocktree.LeafSize
@@ -325,9 +328,9 @@ func (j *Journal) treeKnown() bool {
 // repairScan is how many leaves' digests one repair step looks at.
 const repairScan = 4096
 
-// treeRepair turns repairTree on; tests that look at the Unknown leaves a
-// recovery cut leaves turn it off.
-var treeRepair = true
+// treeRepairOff turns repairTree off, for tests that look at the Unknown
+// leaves a recovery cut leaves.
+var treeRepairOff atomic.Bool
 
 // repairTree re-hashes from the images the leaves the tree holds as
 // Unknown (a recovery cut's range), one step of at most treeBuildStep
@@ -339,7 +342,7 @@ var treeRepair = true
 // miscount never keeps the background busy. It returns whether more
 // steps remain.
 func (j *Journal) repairTree(states []blocktree.DiskState) (more bool, err error) {
-	if !treeRepair {
+	if treeRepairOff.Load() {
 		j.wb.treeBuf = nil
 		return false, nil
 	}

@@ -3,6 +3,7 @@ package journal
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -399,5 +400,33 @@ func TestTreePowerCut(t *testing.T) {
 			c.IndexDir = snap
 			recoverAndCheck(t, c, atCkpt, h)
 		})
+	}
+}
+
+// TestWaitWrittenBackFailure: a write-back that fails releases a waiter
+// with the journal's failure.
+func TestWaitWrittenBackFailure(t *testing.T) {
+	mem := vfs.NewMemFS()
+	efs := vfs.NewErrorFS(mem)
+	cfg := testConfig(t, efs, "/vm", 64<<10)
+	j := mustOpen(t, cfg)
+	defer j.Close()
+	waitTreeBuilt(t, j)
+	j.wb.Lock() // the write-back waits until the image fails
+	if _, err := j.Disk(0).WriteAt(make([]byte, BlockSize), 0); err != nil {
+		j.wb.Unlock()
+		t.Fatal(err)
+	}
+	info, err := j.Seal(0)
+	if err != nil {
+		j.wb.Unlock()
+		t.Fatal(err)
+	}
+	efs.InjectAfterPath(vfs.OpWrite, ".img", 0, vfs.ErrInjected)
+	j.wb.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := j.WaitWrittenBack(ctx, info.Cycle); !errors.Is(err, ErrFailed) || !errors.Is(err, vfs.ErrInjected) {
+		t.Fatalf("WaitWrittenBack over a failed write-back: %v, want ErrFailed wrapping the injected error", err)
 	}
 }
