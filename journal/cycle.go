@@ -124,6 +124,10 @@ func (j *Journal) sealLocked(flags uint64) (CycleInfo, error) {
 	// Every record of the cycle is below the seal and the sync waited for
 	// all of them, so the cycle's index is complete.
 	j.mu.Lock()
+	// And the write-back's queue holds all of them: once they are written
+	// back, the tree stands at this barrier.
+	j.mu.tree.sealed = max(j.mu.tree.sealed, h.Cycle)
+	j.kickWriteBack()
 	ci := j.mu.open[h.Cycle]
 	delete(j.mu.open, h.Cycle)
 	written := j.mu.written[h.Cycle]
@@ -289,7 +293,8 @@ func (j *Journal) Release(c uint64) error {
 
 // cycleStore keeps closed cycles' indexes in Badger so that cycles waiting to
 // ship cost no memory. It holds positions only, never block data, and is
-// rebuilt from the segments at every open.
+// rebuilt from the segments at every open. The same database holds the
+// block tree under treePrefix ('T'), which outlives an Open (tree.go).
 //
 // Keys:  'b' cycle(8, BE) disk(2, BE) block(6, BE) -> run blocks(4) data LSN(8)
 //
@@ -324,8 +329,9 @@ func openCycleStore(dir string) (*cycleStore, error) {
 	if err != nil {
 		return nil, fmt.Errorf("journal: open cycle index: %w", err)
 	}
-	// The index is rebuilt from the segments at every open.
-	if err := db.DropAll(); err != nil {
+	// The index is rebuilt from the segments at every open; the block
+	// tree under its own prefix (treePrefix) stays.
+	if err := db.DropPrefix([]byte{'b'}, []byte{'r'}, []byte{'i'}); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("journal: reset cycle index: %w", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
@@ -349,7 +350,7 @@ func (j *Journal) directRun(q []queued) (int, []int) {
 // every record must be its newest durable copy (as writeBackRecord decides);
 // if one is not, only the first record is written back, the plain way, and
 // the count of records done says so.
-func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
+func (j *Journal) writeBackRun(q []queued, order []int, tb *treeBatch) (int, error) {
 	first, last := &q[0].h, &q[len(q)-1].h
 	disk := int(first.Disk)
 	all := true // every record's append buffer is retained
@@ -369,7 +370,7 @@ func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
 			data := h.LSN + HeaderSize + b*BlockSize
 			if p := j.mu.pending[blockKey(disk, base+b)]; p != data && (p == 0 || p < j.mu.synced) {
 				j.mu.Unlock()
-				return 1, j.writeBackRecord(first, q[0].buf)
+				return 1, j.writeBackRecord(first, q[0].buf, tb)
 			}
 		}
 		j.mu.Unlock()
@@ -398,8 +399,20 @@ func (j *Journal) writeBackRun(q []queued, order []int) (int, error) {
 			}
 		}
 	}
-	if _, err := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(q[order[0]].h.Offset)); err != nil {
-		return 0, err
+	hashes := make([]func() []blocktree.Hash, len(iov))
+	for i := range iov {
+		hashes[i] = hashAhead(iov[i])
+	}
+	_, werr := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(q[order[0]].h.Offset))
+	for i, k := range order {
+		// Collected even after a failed write: the goroutines end.
+		hs := hashes[i]()
+		if werr == nil {
+			werr = tb.set(disk, int64(q[k].h.Offset), hs)
+		}
+	}
+	if werr != nil {
+		return 0, werr
 	}
 	for i := range q {
 		h := &q[i].h

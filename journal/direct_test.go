@@ -306,6 +306,7 @@ func TestBackPressure(t *testing.T) {
 	cfg := testConfig(t, efs, "/vm", 8<<20)
 	j := mustOpen(t, cfg)
 	defer j.Close()
+	waitTreeBuilt(t, j) // its reads of the image are not the write-back's
 	const rec = 256 << 10
 	j.mu.retainLimit = 3 * cap(getAligned(vfs.DirectAlign+rec)) // three appends' buffers
 	m := newModel(8 << 20)

@@ -72,6 +72,72 @@
 // changing nothing; as the journal's last record it is cut, its range
 // marked dirty (below).
 //
+// # Block tree
+//
+// The journal keeps the images' block-hash tree (internal/blocktree) in its
+// own Badger, under the prefix 'T'; Open drops only the cycle index's
+// prefixes, so the tree survives a restart (with IndexDir "" the database
+// is in memory and the tree is rebuilt at every Open). It is kept always,
+// replication on or not: it costs an XXH64 per written block and one
+// Badger commit per write-back batch, and a VM that turns replication on
+// later starts its initial copy, and any verify, with a built tree.
+//
+// The write-back keeps it. For every write record it passes, the tree
+// takes the hash of every block of the payload it wrote from (the append
+// buffer the record's CRC32C was taken from, or the payload read back and
+// verified against it); for every trim or zero, ZeroHash over its range
+// when the write-back passes its record, even though the caller applied it
+// to the image earlier. So the tree follows the journal's order: after the
+// write-back passed LSN x, it holds the content the records below x give.
+// A block that a newer durable record rewrites is not written to the image
+// from the older record (the write-back skips it) but the tree takes its
+// hash all the same: otherwise the tree at a barrier would not be the
+// barrier's content, and a replica that applied the cycle would see roots
+// it cannot match. The tree then claims, for such a block, the hash the
+// image gets once the newer record (queued, durable) is written back; a
+// crash before that replays the newer record into both. One Commit per
+// write-back batch, after its image writes returned and before applied
+// passes them (a large trim is committed in pieces of 2048 leaves).
+//
+// Barriers: a write-back batch never mixes two cycles. Before it applies
+// the first record of cycle M, the tree holds every record of cycles < M
+// and none after, so its roots are those of each barrier < M not yet
+// recorded; when the queue holds no record of cycles <= c and c's seal is
+// durable, the roots are c's. RootsAt answers from the last 256 barriers
+// (nil where the tree was incomplete), WaitWrittenBack waits for one.
+// After Open, the last closed cycle's roots are known only if no record
+// follows its seal.
+//
+// Crash consistency. The checkpoint syncs the images, then the tree
+// (tree.Sync), then writes the checkpoint file; the write-back commits a
+// record to the tree before applied passes it. So the durable tree holds
+// at least every record below the checkpoint's Applied, and replay from
+// there re-applies every later record to the images and the tree in one
+// batch (idempotent: a block gets the last record's hash, as the image
+// gets its data). What the tree holds beyond Applied (Badger keeps a
+// prefix of its commits) is overwritten by that replay. A commit split
+// over several transactions is marked dirty until its last, and a dirty
+// tree is reset at Open. A cut record whose header verifies (Recovery,
+// below) may be in the image or not, and the tree may claim its hashes or
+// the previous ones: Open makes its range Unknown (then replay sets the
+// blocks replayed records write), commits and syncs before the checkpoint,
+// so the tree never claims a hash the image may not have. The background
+// then re-hashes those leaves from the image (repairTree, under the
+// build's rule below), so that the tree has roots again: it describes what
+// the image holds, and the resync the cut asked for compares that with the
+// replica. The dirty-map mode changes nothing here: the write-back runs
+// on. A Badger error in a Commit fails the journal like an image write
+// error: the tree must not fall behind the images unnoticed.
+//
+// Build: a tree Open finds reset is rebuilt from the image files by the
+// background goroutine, one 4 MiB step (BuildStep) per background step,
+// holding wb, so the images stand still; it reads with O_DIRECT where the
+// image can, not to fill the page cache with a whole disk. A step is put off while a queued
+// record touches its range (the image there is ahead of or behind the
+// tree's journal-order view: an eagerly applied trim, a skipped block);
+// under a write stream that covers the whole disk the build waits for
+// the write-back to catch up. Stats reports the tree's state.
+//
 // # Segment file
 //
 // A segment is named by its base LSN (16 hex digits + ".seg"). LSNs are byte
@@ -162,7 +228,9 @@
 // buffer and is held by whatever changes the images; sealMu, ckptMu, dirtyMu,
 // syncMu and segMu guard no field but serialise seals, checkpoints, dirty map
 // file changes, journal syncs, and reads of segment files against their
-// removal. Lock order: a goroutine holding one takes only later ones.
+// removal. Lock order: a goroutine holding one takes only later ones. The
+// block tree's own mutex comes after all of them; the tree changes only
+// under wb.
 //
 //	stripe locks (ascending)
 //	sealMu

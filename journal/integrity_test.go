@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
@@ -231,9 +232,14 @@ func TestRecoveryKeepsCutWrite(t *testing.T) {
 		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			// The Unknown leaves the cut leaves stay for the test to see.
+			treeRepairOff.Store(true)
+			defer treeRepairOff.Store(false)
 			mem := vfs.NewMemFS()
 			cfg := testConfig(t, mem, "/vm", 1<<20)
+			cfg.IndexDir = t.TempDir() // the block tree outlives the crash
 			j := mustOpen(t, cfg)
+			waitTreeBuilt(t, j)
 			r := rand.New(rand.NewPCG(5, 5))
 			// Cycle 1 is shipped and released: its records stay in the
 			// segment but need no resync.
@@ -279,7 +285,22 @@ func TestRecoveryKeepsCutWrite(t *testing.T) {
 			j2 := mustOpen(t, cfg)
 			defer j2.Close()
 			st := j2.Stats()
+			// The tree claimed the record's hashes before the crash; the
+			// cut makes them Unknown, whatever the image holds.
+			hs, err := j2.BlockTree().Blocks(0, off, 64<<10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, h := range hs {
+				if unknown := h == blocktree.Unknown; unknown != tc.dirty {
+					t.Fatalf("block %d of the cut record: Unknown %v in the tree, want %v", i, unknown, tc.dirty)
+				}
+			}
+			if want := map[bool]int64{true: 1}[tc.dirty]; st.TreeUnknownLeaves != want || st.TreeComplete == tc.dirty {
+				t.Fatalf("tree: %d Unknown leaves (want %d), complete %v", st.TreeUnknownLeaves, want, st.TreeComplete)
+			}
 			if !tc.dirty {
+				checkTreeAgrees(t, j2, readImages(t, mem, cfg))
 				if st.ResyncRequired {
 					t.Fatalf("an ordinary torn tail made the VM resync required: %+v", st)
 				}

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
@@ -94,6 +95,10 @@ type Journal struct {
 	images []vfs.File
 	disks  []*Disk
 	cycles *cycleStore // Badger is safe for concurrent use
+	// tree is the images' block-hash tree, in cycles' database; it is
+	// safe for concurrent use, and only changed under wb (tree.go).
+	tree      *blocktree.Tree
+	treeReset bool // Open found the tree reset: it is being rebuilt
 	// directMin is the smallest write payload appended with O_DIRECT
 	// (directAppendMin; tests lower it to drive small writes that way).
 	directMin int
@@ -121,7 +126,16 @@ type Journal struct {
 	// images (rangeOp).
 	wb struct {
 		sync.Mutex
-		buf []byte // aligned buffer for direct write-back (alignedBuf)
+		buf     []byte // aligned buffer for direct write-back (alignedBuf)
+		treeBuf []byte // the tree build's read buffer, while it builds
+		// repair is where repairTree stands: disk and leaf, and leaves
+		// seen since it last found an Unknown one; stuck, per disk, the
+		// Unknown count a whole walk found no leaf for.
+		repair struct {
+			disk       int
+			leaf, idle int64
+			stuck      map[int]int64
+		}
 	}
 
 	mu struct {
@@ -166,6 +180,23 @@ type Journal struct {
 		retainWaiters int               // appends waiting in waitRetainLocked
 		applied       uint64            // every record below it is in the image (maybe unsynced)
 		ckpt          checkpoint        // the last checkpoint written
+
+		// The block tree's barriers (tree.go).
+		tree struct {
+			// sealed is the newest cycle whose seal is durable: every
+			// record of it is in the queue or written back.
+			sealed uint64
+			// through is the newest barrier the write-back has passed
+			// with the tree: every record of cycles <= through is in
+			// the images and the tree.
+			through uint64
+			// atBarrier: the tree stands at barrier through, no record
+			// of a later cycle in it yet.
+			atBarrier bool
+			// roots at barriers, the last rootsKept of them; a barrier
+			// passed while the tree did not know its roots has none.
+			roots map[uint64][]blocktree.Root
+		}
 	}
 }
 
@@ -261,6 +292,11 @@ func Open(cfg Config) (*Journal, error) {
 		j.closeFiles()
 		return nil, err
 	}
+	if err := j.openTree(); err != nil {
+		j.closeFiles()
+		j.cycles.close()
+		return nil, err
+	}
 	if err := j.recover(); err != nil {
 		j.closeFiles()
 		j.cycles.close()
@@ -269,6 +305,7 @@ func Open(cfg Config) (*Journal, error) {
 	j.mu.lastSync = cfg.Now()
 	j.wg.Add(1)
 	go j.background()
+	j.kickWriteBack() // builds the tree if it is not built
 	return j, nil
 }
 

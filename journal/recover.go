@@ -52,11 +52,59 @@ func (j *Journal) recover() error {
 	if err := j.keepCutWrites(cuts, ck, headers); err != nil {
 		return err
 	}
-	if err := j.rebuild(headers, ck); err != nil {
+	tb := newTreeBatch(j.tree)
+	if err := j.invalidateCutWrites(cuts, tb); err != nil {
 		return err
 	}
+	if err := j.rebuild(headers, ck, tb); err != nil {
+		return err
+	}
+	if err := tb.commit(); err != nil {
+		return fmt.Errorf("journal: block tree: %w", err)
+	}
+	j.recoverBarrier(headers)
 	j.mu.ckpt = ck
-	return j.checkpoint(true)
+	return j.checkpoint(true) // syncs the tree before the checkpoint file
+}
+
+// invalidateCutWrites makes the ranges of the cut write records Unknown
+// in the block tree, whether or not replication is on: each may be in the
+// image or not, and the tree may claim its hash or the one before (see
+// the package doc, "Block tree"). The records replayed after (rebuild)
+// set the hashes of the blocks they write again, which their replay puts
+// in the image.
+func (j *Journal) invalidateCutWrites(cuts []cutWrite, tb *treeBatch) error {
+	for _, c := range cuts {
+		h := &c.h
+		disk, off, n := int(h.Disk), int64(h.Offset), int64(h.Length)
+		if disk >= len(j.cfg.Disks) || off+n > j.cfg.Disks[disk].Size || off+n < off {
+			continue // keepCutWrites logged it
+		}
+		if err := tb.invalidate(disk, off, n); err != nil {
+			return fmt.Errorf("journal: block tree: %w", err)
+		}
+	}
+	return nil
+}
+
+// recoverBarrier sets where the tree stands after recovery: past every
+// closed cycle, and at the barrier of the last one when no record of the
+// open cycle follows its seal, in which case its roots are the tree's.
+func (j *Journal) recoverBarrier(headers []Header) {
+	last := j.mu.cycle - 1
+	j.mu.tree.sealed, j.mu.tree.through = last, last
+	j.mu.tree.atBarrier = true
+	for i := len(headers) - 1; i >= 0 && j.mu.tree.atBarrier; i-- {
+		if headers[i].Kind != KindSeal && headers[i].Cycle > last {
+			j.mu.tree.atBarrier = false
+		}
+		if headers[i].Cycle <= last {
+			break
+		}
+	}
+	if r := j.tree.Roots(); r != nil && j.mu.tree.atBarrier && last > 0 {
+		j.mu.tree.roots[last] = r
+	}
 }
 
 // readState reads the checkpoint, the dirty map and the resync marker. A
@@ -342,7 +390,7 @@ func (j *Journal) cutEnd(keep int, scans []segmentScan, ck checkpoint) error {
 // rebuild rebuilds the cycles (closing those whose seal it meets), their
 // indexes and the dirty map from the records, oldest first, and replays
 // into the images every record at or past the checkpoint.
-func (j *Journal) rebuild(headers []Header, ck checkpoint) error {
+func (j *Journal) rebuild(headers []Header, ck checkpoint, tb *treeBatch) error {
 	j.mu.released = max(ck.Released, j.mu.resyncBase)
 	if j.mu.dirty != nil {
 		j.mu.released = max(j.mu.released, j.mu.dirty.released)
@@ -368,7 +416,7 @@ func (j *Journal) rebuild(headers []Header, ck checkpoint) error {
 			j.mu.dirty.setRange(int(h.Disk), int64(h.Offset), int64(h.Length))
 		}
 		if h.LSN >= ck.Applied {
-			if err := j.replay(h); err != nil {
+			if err := j.replay(h, tb); err != nil {
 				return fmt.Errorf("journal: replay LSN %#x: %w", h.LSN, err)
 			}
 		}
@@ -430,10 +478,13 @@ func (j *Journal) recoverSeal(h *Header) error {
 
 func timeFromNano(ns int64) time.Time { return time.Unix(0, ns).UTC() }
 
-// replay applies one record to the image directly.
-func (j *Journal) replay(h *Header) error {
+// replay applies one record to the image directly, and to the tree.
+func (j *Journal) replay(h *Header, tb *treeBatch) error {
 	if h.Kind != KindWrite {
-		return j.applyRange(h)
+		if err := j.applyRange(h); err != nil {
+			return err
+		}
+		return tb.zero(int(h.Disk), int64(h.Offset), int64(h.Length))
 	}
 	buf := j.getBuf(int(h.Length))
 	defer j.putBuf(buf)
@@ -443,6 +494,8 @@ func (j *Journal) replay(h *Header) error {
 	if err := checkPayload(h, buf); err != nil {
 		return err
 	}
-	_, err := j.images[h.Disk].WriteAt(buf, int64(h.Offset))
-	return err
+	if _, err := j.images[h.Disk].WriteAt(buf, int64(h.Offset)); err != nil {
+		return err
+	}
+	return tb.data(int(h.Disk), int64(h.Offset), buf)
 }

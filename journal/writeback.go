@@ -63,6 +63,14 @@ func (j *Journal) backgroundStep(lastCkpt *time.Time) error {
 			return err
 		}
 	}
+	// One build step per background step, whatever the write-back has
+	// left: a stream that keeps it busy does not stop the build, and the
+	// build never holds it up for more than a step.
+	building, err := j.buildTree()
+	if err != nil {
+		return fmt.Errorf("build block tree: %w", err)
+	}
+	more = more || building
 	j.mu.Lock()
 	due := now.Sub(*lastCkpt) >= j.cfg.CheckpointInterval || j.mu.applied-j.mu.ckpt.Applied >= checkpointBytes
 	j.mu.Unlock()
@@ -137,6 +145,11 @@ func (j *Journal) writeBackBatch() (int64, bool, error) {
 		if q.h.LSN+uint64(q.h.Size()) > j.mu.synced || (q.eager && !q.applied) {
 			break
 		}
+		// A batch never mixes two cycles: the tree's roots at a barrier
+		// are taken between batches (barrierRoots).
+		if q.h.Cycle != j.mu.queue[0].h.Cycle {
+			break
+		}
 		size += q.h.Size()
 		n++
 	}
@@ -145,10 +158,19 @@ func (j *Journal) writeBackBatch() (int64, bool, error) {
 		if len(j.mu.queue) == 0 && j.mu.synced > j.mu.applied {
 			j.mu.applied = j.mu.synced
 		}
+		c := j.mu.tree.sealed
+		if len(j.mu.queue) > 0 {
+			c = min(c, j.mu.queue[0].h.Cycle-1)
+		}
 		j.mu.Unlock()
+		j.barrierRoots(c)
 		return 0, false, nil
 	}
 	j.mu.Unlock()
+	// The batch's records are synced, so the seals before them are: every
+	// cycle before this one is closed and already in the tree.
+	j.barrierRoots(batch[0].h.Cycle - 1)
+	tb := newTreeBatch(j.tree)
 	for i := 0; i < len(batch); {
 		h := &batch[i].h
 		var err error
@@ -157,20 +179,33 @@ func (j *Journal) writeBackBatch() (int64, bool, error) {
 		case h.Kind == KindWrite:
 			var order []int
 			if k, order = j.directRun(batch[i:]); k > 1 {
-				k, err = j.writeBackRun(batch[i:i+k], order)
+				k, err = j.writeBackRun(batch[i:i+k], order, tb)
 			} else {
-				err = j.writeBackRecord(h, batch[i].buf)
+				err = j.writeBackRecord(h, batch[i].buf, tb)
 			}
-		case !batch[i].eager:
-			err = j.applyRange(h)
+		default:
+			// A trim or zero reaches the tree here, in journal order,
+			// even when its caller applied it to the image earlier.
+			if !batch[i].eager {
+				err = j.applyRange(h)
+			}
+			if err == nil {
+				err = tb.zero(int(h.Disk), int64(h.Offset), int64(h.Length))
+			}
 		}
 		if err != nil {
 			return 0, false, fmt.Errorf("write back LSN %#x: %w", h.LSN, err)
 		}
 		i += k
 	}
+	// The tree takes the batch after its image writes returned and before
+	// applied passes them: a checkpoint that covers them syncs it too.
+	if err := tb.commit(); err != nil {
+		return 0, false, fmt.Errorf("write back: block tree: %w", err)
+	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	j.mu.tree.atBarrier = false
 	for i := range batch {
 		j.releaseKeptLocked(batch[i].buf)
 	}
@@ -194,8 +229,10 @@ func (j *Journal) releaseKeptLocked(b []byte) {
 
 // writeBackRecord writes the blocks of a write record that are still the
 // newest copy to the image, from retained (the buffer of its direct append)
-// if not nil, else read back from the journal.
-func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
+// if not nil, else read back from the journal, and adds the hashes of all
+// its blocks to tb: see the package doc, "Block tree", for why the blocks
+// it skips are hashed too.
+func (j *Journal) writeBackRecord(h *Header, retained []byte, tb *treeBatch) error {
 	disk := int(h.Disk)
 	first := h.Offset / BlockSize
 	nblk := h.Length / BlockSize
@@ -218,9 +255,6 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
 		}
 	}
 	j.mu.Unlock()
-	if len(runs) == 0 {
-		return nil
-	}
 	// Without the append buffer the data is read back from the journal:
 	// the whole payload, so that its checksum is verified before any of it
 	// reaches the image (a damaged payload fails the journal instead).
@@ -237,6 +271,8 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
 			defer j.putBuf(payload)
 		}
 	}
+	hashes := hashAhead(payload)
+	defer hashes() // the hashing goroutine ends whatever happens here
 	for _, r := range runs {
 		n := int((r.to - r.from) * BlockSize)
 		off := int64((first + r.from) * BlockSize)
@@ -265,7 +301,7 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte) error {
 		}
 		j.mu.Unlock()
 	}
-	return nil
+	return tb.set(disk, int64(h.Offset), hashes())
 }
 
 // directMin is the smallest write-back run written with O_DIRECT.
@@ -349,6 +385,12 @@ func (j *Journal) checkpoint(force bool) error {
 		if err := f.Sync(); err != nil {
 			return fmt.Errorf("sync disk %s: %w", j.cfg.Disks[i].Name, err)
 		}
+	}
+	// The tree holds every record below ck.Applied (the write-back commits
+	// before applied passes a record); durable before the checkpoint says
+	// replay may start there.
+	if err := j.tree.Sync(); err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
 	}
 	if err := j.writeDirtyMap(); err != nil {
 		return err
@@ -530,18 +572,35 @@ type Stats struct {
 	// this barrier cycle is under way (BeginResync until EndResync).
 	ResyncBase uint64 `json:"resync_base,omitempty"`
 	Failed     string `json:"failed,omitempty"`
+	// The block tree (tree.go): TreeBuilt once every disk was hashed
+	// (TreeBuiltBytes of TreeSize so far); TreeComplete when it also
+	// knows every block, so that it has roots; TreeUnknownLeaves counts
+	// the leaves holding a block it cannot vouch for (a recovery cut).
+	// TreeRootsThrough is the newest barrier the tree has passed.
+	TreeBuilt         bool   `json:"tree_built"`
+	TreeComplete      bool   `json:"tree_complete"`
+	TreeBuiltBytes    int64  `json:"tree_built_bytes"`
+	TreeSize          int64  `json:"tree_size_bytes"`
+	TreeUnknownLeaves int64  `json:"tree_unknown_leaves"`
+	TreeRootsThrough  uint64 `json:"tree_roots_through"`
 }
 
 // Stats returns a snapshot of the journal's state.
 func (j *Journal) Stats() Stats {
+	var s Stats
+	j.treeStats(&s)
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	s := Stats{
+	s = Stats{
 		Head: j.mu.head, Synced: j.mu.synced, Applied: j.mu.applied, Checkpointed: j.mu.ckpt.Applied,
 		OpenCycle: j.mu.cycle, ClosedCycles: len(j.mu.closedC), Released: j.mu.released,
 		Segments: len(j.mu.segs), Cap: j.cfg.Cap, PendingBlocks: j.npending.Load(),
 		ResyncRequired: j.mu.dirty != nil,
 		ResyncBase:     j.mu.resyncBase,
+
+		TreeBuilt: s.TreeBuilt, TreeComplete: s.TreeComplete, TreeBuiltBytes: s.TreeBuiltBytes,
+		TreeSize: s.TreeSize, TreeUnknownLeaves: s.TreeUnknownLeaves,
+		TreeRootsThrough: j.mu.tree.through,
 	}
 	if len(j.mu.segs) > 0 {
 		s.JournalBytes = int64(j.mu.head - j.mu.segs[0].base)
