@@ -137,7 +137,13 @@ type primStatus struct {
 	NextRetry   time.Time `json:"next_retry"`
 	// OldestUnshipped is set once a closed cycle waits for the replica.
 	OldestUnshipped time.Time `json:"oldest_unshipped"`
-	Metrics         struct {
+	// Verified is the last cycle the replica checked against our roots.
+	Verified uint64 `json:"verified_cycle"`
+	Diverged *struct {
+		Cycle uint64   `json:"cycle"`
+		Disks []string `json:"disks"`
+	} `json:"diverged"`
+	Metrics struct {
 		Health              int     `json:"health"`
 		LagSeconds          float64 `json:"lag_seconds"`
 		PendingBytes        int64   `json:"pending_bytes"`
@@ -146,6 +152,7 @@ type primStatus struct {
 		CyclesShippedTotal  int64   `json:"cycles_shipped_total"`
 		CycleWireBytesTotal int64   `json:"cycle_wire_bytes_total"`
 		SyncWireBytesTotal  int64   `json:"sync_wire_bytes_total"`
+		SyncReadBytesTotal  int64   `json:"sync_read_bytes_total"`
 		RetriesTotal        int64   `json:"retries_total"`
 	} `json:"metrics"`
 }
