@@ -152,13 +152,21 @@ type Tree struct {
 
 	mu   sync.Mutex
 	meta meta
+	// cache holds leaves as committed, so that a Commit reads a leaf it
+	// changed before from memory, not BadgerDB: the write-back commits
+	// the same hot leaves over and over. Only the Tree writes its keys,
+	// so the cache cannot go stale; it is cleared on any failure.
+	cache map[leafRef][LeafBlocks]Hash
 }
+
+// maxCacheLeaves bounds the leaf cache: about 2.5 MiB.
+const maxCacheLeaves = 16384
 
 // Open opens the tree under prefix in db for disks of sizes. A tree that is
 // missing, of another version, of other disk sizes or left dirty is reset:
 // it knows nothing until BuildStep hashes the images. reset says so.
 func Open(db *badger.DB, prefix []byte, sizes []int64) (t *Tree, reset bool, err error) {
-	t = &Tree{db: db, prefix: slices.Clone(prefix)}
+	t = &Tree{db: db, prefix: slices.Clone(prefix), cache: map[leafRef][LeafBlocks]Hash{}}
 	var m meta
 	err = db.View(func(txn *badger.Txn) error {
 		it, err := txn.Get(t.metaKey())
@@ -282,6 +290,7 @@ func (t *Tree) Reset(disk int) error {
 	}
 	p := t.leafPrefix()
 	p = binary.BigEndian.AppendUint16(p, uint16(disk))
+	clear(t.cache)
 	if err := t.db.DropPrefix(p); err != nil {
 		return fmt.Errorf("blocktree: reset disk %d: %w", disk, err)
 	}
@@ -528,11 +537,14 @@ func (b *Batch) Commit() error {
 	for start := 0; start < len(b.order) || start == 0; start += maxTxnLeaves {
 		part := b.order[start:min(start+maxTxnLeaves, len(b.order))]
 		last := start+maxTxnLeaves >= len(b.order)
+		leaves := make([][LeafBlocks]Hash, len(part))
 		err := t.db.Update(func(txn *badger.Txn) error {
-			for _, r := range part {
-				if err := t.commitLeaf(txn, &m, r, b.changes[r]); err != nil {
+			for i, r := range part {
+				l, err := t.commitLeaf(txn, &m, r, b.changes[r])
+				if err != nil {
 					return err
 				}
+				leaves[i] = l
 			}
 			if last {
 				m.Dirty = false
@@ -542,28 +554,39 @@ func (b *Batch) Commit() error {
 		})
 		if err != nil {
 			t.meta.Dirty = true // what is stored is unknown now
+			clear(t.cache)
 			return fmt.Errorf("blocktree: commit: %w", err)
 		}
 		t.meta = m
 		m.Disks = slices.Clone(m.Disks)
+		if len(t.cache)+len(part) > maxCacheLeaves {
+			clear(t.cache)
+		}
+		for i, r := range part {
+			t.cache[r] = leaves[i]
+		}
 	}
 	return nil
 }
 
-// commitLeaf applies one leaf's changes in txn and moves the disk's root
-// and Unknown count in m.
-func (t *Tree) commitLeaf(txn *badger.Txn, m *meta, r leafRef, c *leafChange) error {
-	l, err := t.getLeaf(txn, r.disk, r.leaf)
-	if err != nil {
-		return err
+// commitLeaf applies one leaf's changes in txn, moves the disk's root and
+// Unknown count in m, and returns the new leaf.
+func (t *Tree) commitLeaf(txn *badger.Txn, m *meta, r leafRef, c *leafChange) ([LeafBlocks]Hash, error) {
+	l, ok := t.cache[r]
+	if !ok {
+		p, err := t.getLeaf(txn, r.disk, r.leaf)
+		if err != nil {
+			return l, err
+		}
+		l = *p
 	}
-	old := leafDigest(l)
+	old := leafDigest(&l)
 	for i := range l {
 		if c.set[i] {
 			l[i] = c.h[i]
 		}
 	}
-	return t.putLeaf(txn, m, r, old, l)
+	return l, t.putLeaf(txn, m, r, old, &l)
 }
 
 func (t *Tree) putLeaf(txn *badger.Txn, m *meta, r leafRef, old uint64, l *[LeafBlocks]Hash) error {
@@ -632,6 +655,7 @@ func (t *Tree) BuildStep(disk int, img io.ReaderAt, max int64, buf []byte) (bool
 			if err := t.putLeaf(txn, &m, leafRef{disk, leaf}, leafDigest(old), &l); err != nil {
 				return err
 			}
+			delete(t.cache, leafRef{disk, leaf})
 		}
 		m.Disks[disk].Built = ds.Built + n
 		v, _ := json.Marshal(m)
