@@ -11,16 +11,22 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/wire"
 	"github.com/vdrepl/vdrepl/journal"
 )
 
 // Verify is an online scrub: it compares every block of the replicated
 // disks with the replica's image, at a bounded read rate, while the guest
-// writes and cycles ship. Without recorded block hashes (a later step adds
-// them) it cannot tell which side holds the right data, and takes the
-// primary's image as the truth: a block that differs is repaired by a
-// resync, which sends the primary's.
+// writes and cycles ship. A block that differs is judged by the block
+// trees: where the primary's image still hashes to what the primary's tree
+// recorded when the data was written, the primary is right and a resync
+// sends its block. Where it does not, and the replica's tree holds the
+// recorded hash, the primary's image was damaged at rest (or changed
+// behind vdrepl's back): the replica holds the data the guest wrote, and
+// no resync is started, as it would copy the damage over the good copy.
+// Where the trees cannot tell (a tree being built, an unknown block), the
+// primary's image is taken as the truth, as before the trees.
 //
 // A range of verifyRange bytes at a time: the replica hashes its blocks
 // under its apply lock and names the applied cycle A its images were at
@@ -151,10 +157,20 @@ type VerifyResult struct {
 	ResyncMarked bool `json:"resync_marked"`
 	// Truth says which side a mismatch is repaired from, and why.
 	Truth string `json:"truth"`
+	// PrimaryDamaged are the mismatching blocks (counted in
+	// MismatchBlocks too) where the primary's image no longer hashes to
+	// what its block tree recorded when the data was written, while the
+	// replica's tree holds that hash: damage at rest on the primary. No
+	// resync is started for a verify that finds any.
+	PrimaryDamagedBlocks int64            `json:"primary_damaged_blocks,omitempty"`
+	PrimaryDamaged       []VerifyMismatch `json:"primary_damaged,omitempty"`
 }
 
-// verifyTruth is VerifyResult.Truth.
-const verifyTruth = "primary: without recorded block hashes vdrepl cannot tell which side is right, and takes the primary's image as the truth"
+// Truths of VerifyResult.Truth.
+const (
+	verifyTruth  = "primary: where a block differs, the primary's image still hashes to what its block tree recorded when the data was written (or the trees cannot tell), so its block is sent"
+	replicaTruth = "replica: the primary's image differs from the block hashes its tree recorded when the data was written, and the replica's tree holds them; restore those blocks on the primary from the replica (a test failover exports them), vdrepl does not overwrite either side"
+)
 
 // LastVerify is the last verify that finished, kept in the state file.
 type LastVerify struct {
@@ -227,7 +243,12 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 	}
 	res := v.finish()
 	last := LastVerify{At: res.Finished, CheckedBytes: res.CheckedBytes, MismatchBlocks: res.MismatchBlocks, DryRun: o.DryRun}
-	if res.MismatchBlocks > 0 && !o.DryRun {
+	if res.PrimaryDamagedBlocks > 0 {
+		res.Truth = replicaTruth
+		s.log.Error("verify found the primary's image damaged at rest: it differs from the block hashes recorded when the data was written; no resync is started",
+			"blocks", res.PrimaryDamagedBlocks, "ranges", damagedRanges(res.PrimaryDamaged))
+	}
+	if res.MismatchBlocks > 0 && !o.DryRun && res.PrimaryDamagedBlocks == 0 {
 		res.ResyncMarked, last.ResyncMarked = true, true
 	}
 	reason := res.reason()
@@ -457,7 +478,15 @@ func (v *verifier) refine(ctx context.Context, wd int, off int64, p []byte, at u
 		v.res.CheckedBytes += e - b
 		i := b / journal.BlockSize * wire.HashSize
 		if !same(p[b:e], fine[i:i+wire.HashSize]) {
-			v.mismatch(wd, off+b, off+e)
+			bad, err := v.primaryDamaged(ctx, wd, off+b, p[b:e], min(at, at2))
+			if err != nil {
+				return err
+			}
+			if bad {
+				v.damaged(wd, off+b, off+e)
+			} else {
+				v.mismatch(wd, off+b, off+e)
+			}
 		}
 	}
 	return nil
@@ -486,6 +515,72 @@ func (v *verifier) skip(wd int, off, n int64, why string) {
 		}
 	}
 	v.res.Skipped = append(v.res.Skipped, VerifyRange{Disk: name, From: off, To: off + n, Why: why})
+}
+
+// primaryDamaged judges a 4 KiB block blk at off of wire disk wd that
+// differs from the replica's image at cycle at: true when the primary's
+// image no longer hashes to what its tree recorded and the replica's tree
+// holds the recorded hash. The tree is waited for up to cycle at first, so
+// that it covers every write the block saw (it did not change after at).
+func (v *verifier) primaryDamaged(ctx context.Context, wd int, off int64, blk []byte, at uint64) (bool, error) {
+	s := v.s
+	t := s.j.BlockTree()
+	if t == nil {
+		return false, nil
+	}
+	if err := s.j.WaitWrittenBack(ctx, at); err != nil {
+		return false, err
+	}
+	jd := s.cfg.DiskIndex[wd]
+	hs, err := t.Blocks(jd, off, int64(len(blk)))
+	if err != nil || len(hs) != 1 || hs[0] == blocktree.Unknown || blocktree.HashBlock(blk) == hs[0] {
+		return false, nil
+	}
+	rep, err := s.c.treeSumsAt(ctx, wire.SumsRequest{Disk: wd, Offset: off, Length: journal.BlockSize, BlockSize: journal.BlockSize, Kind: wire.SumsBlocks})
+	if err != nil || len(rep) != 1 {
+		// A replica without a tree cannot vouch for its copy: the
+		// primary stays the truth, as before the trees.
+		return false, nil
+	}
+	return rep[0] == uint64(hs[0]), nil
+}
+
+// damaged records a block found damaged on the primary.
+func (v *verifier) damaged(wd int, from, to int64) {
+	v.res.MismatchBlocks += blocksIn(to - from)
+	v.res.PrimaryDamagedBlocks += blocksIn(to - from)
+	name := v.s.cfg.Disks[wd].Name
+	for i := range v.res.PrimaryDamaged {
+		m := &v.res.PrimaryDamaged[i]
+		if m.Disk != name {
+			continue
+		}
+		m.Blocks += blocksIn(to - from)
+		if k := len(m.Ranges) - 1; k >= 0 && m.Ranges[k].To == from {
+			m.Ranges[k].To = to
+		} else if len(m.Ranges) < maxResultRanges {
+			m.Ranges = append(m.Ranges, VerifyRange{Disk: name, From: from, To: to})
+		} else {
+			m.MoreRanges++
+		}
+		return
+	}
+	v.res.PrimaryDamaged = append(v.res.PrimaryDamaged, VerifyMismatch{Disk: name, Blocks: blocksIn(to - from),
+		Ranges: []VerifyRange{{Disk: name, From: from, To: to}}})
+}
+
+// damagedRanges lists the first ranges of ms for a log line.
+func damagedRanges(ms []VerifyMismatch) string {
+	var rs []string
+	for _, m := range ms {
+		for i, x := range m.Ranges {
+			if i == maxReasonRanges {
+				break
+			}
+			rs = append(rs, fmt.Sprintf("%s [%d,%d)", m.Disk, x.From, x.To))
+		}
+	}
+	return strings.Join(rs, " ")
 }
 
 func (v *verifier) mismatch(wd int, from, to int64) {

@@ -367,3 +367,52 @@ func TestVerifyRefineReadsAgain(t *testing.T) {
 		t.Fatalf("a stale first read was reported: %+v", res)
 	}
 }
+
+// A block damaged at rest in the primary's image (changed behind the
+// journal's back, so its tree still holds the hash of the data the guest
+// wrote) differs from the replica; the trees say the replica is right:
+// the verify names it as primary damage, takes the replica as the truth
+// and starts no resync, which would copy the damage over the good copy.
+// A block damaged on the replica in the same run is a plain mismatch.
+func TestVerifyNamesPrimaryDamage(t *testing.T) {
+	e := newEnv(t, 1<<20, 512<<10)
+	e.j.write(0, 0, random(1<<20))
+	e.j.write(1, 0, random(512<<10))
+	e.j.withTree(t)
+	r := e.start(e.cfg)
+	waitReplicating(t, r.s)
+	if _, err := r.s.Sync(syncCtx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	e.j.mu.Lock()
+	e.j.disks[0][70000] ^= 0x5a
+	e.j.mu.Unlock()
+
+	res, err := r.s.Verify(syncCtx(t), VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.PrimaryDamagedBlocks != 1 || res.MismatchBlocks != 1 || len(res.PrimaryDamaged) != 1 ||
+		res.PrimaryDamaged[0].Disk != "disk0" || res.PrimaryDamaged[0].Ranges[0].From != 69632 || res.ResyncMarked ||
+		!strings.HasPrefix(res.Truth, "replica") {
+		t.Fatalf("verify over a damaged primary image: %+v", res)
+	}
+	if st := r.s.Status(); st.State != StateReplicating {
+		t.Fatalf("primary damage started something: %+v", st)
+	}
+
+	// Damage on the replica instead: the primary is right.
+	e.j.mu.Lock()
+	e.j.disks[0][70000] ^= 0x5a
+	e.j.mu.Unlock()
+	e.rep.mu.Lock()
+	e.rep.vms["vm1"].images[1][300000] ^= 0xff
+	e.rep.mu.Unlock()
+	res, err = r.s.Verify(syncCtx(t), VerifyOptions{DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.PrimaryDamagedBlocks != 0 || res.MismatchBlocks != 1 || !strings.HasPrefix(res.Truth, "primary") {
+		t.Fatalf("verify over a damaged replica image: %+v", res)
+	}
+}

@@ -154,9 +154,21 @@ func printVerifyResult(w io.Writer, r ship.VerifyResult) {
 		}
 		fmt.Fprintf(w, "  MISMATCH:   disk %s differs from the replica in %d blocks (4 KiB): %s\n", m.Disk, m.Blocks, strings.Join(rs, " "))
 	}
+	for _, m := range r.PrimaryDamaged {
+		var rs []string
+		for _, x := range m.Ranges {
+			rs = append(rs, fmt.Sprintf("[%d,%d)", x.From, x.To))
+		}
+		if m.MoreRanges > 0 {
+			rs = append(rs, fmt.Sprintf("and %d more ranges", m.MoreRanges))
+		}
+		fmt.Fprintf(w, "  DAMAGED:    disk %s on THIS host: %d blocks (4 KiB) no longer hash to what was written: %s\n", m.Disk, m.Blocks, strings.Join(rs, " "))
+	}
 	switch {
 	case r.NothingCompared:
 		fmt.Fprintf(w, "  result:     nothing compared: %s\n", r.NotCompared)
+	case r.PrimaryDamagedBlocks > 0:
+		fmt.Fprintln(w, "  repair:     none: a resync would copy the damaged blocks over the replica's good ones")
 	case r.MismatchBlocks == 0 && r.SkippedBytes > 0:
 		fmt.Fprintf(w, "  result:     the replica matches the primary in the %d bytes compared\n", r.CheckedBytes)
 	case r.MismatchBlocks == 0:
