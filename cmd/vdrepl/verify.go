@@ -38,8 +38,13 @@ so is a range whose cycle the journal no longer holds ("replica behind by
 more than the journal holds"). Progress goes to stderr unless --json, and to
 ` + "`vdrepl replication status VM`" + ` while it runs.
 
-Which side is right: verify takes the primary's image as the truth. Without
---dry-run, blocks that differ start a resync at once (as
+Which side is right: the block trees say. Where the primary's image no
+longer hashes to what its tree recorded when the data was written and the
+replica's tree holds that hash, this host's image was damaged at rest: the
+blocks are reported as DAMAGED, the replica is the truth, and no resync is
+started (it would copy the damage over the good copy). Otherwise the
+primary is the truth: without --dry-run, blocks that differ start a resync
+at once (as
 ` + "`vdrepl replication resync VM`" + ` does, not at the resync window), naming
 the disk and byte ranges; that resync reads and compares both sides' images
 (not their block trees, which may both still describe the good data), and
