@@ -47,6 +47,7 @@ type ReplicationChange struct {
 	AppConsistentEvery *Duration `json:"app_consistent_every,omitempty"`
 	QuiesceCmd         *string   `json:"quiesce_cmd,omitempty"`
 	QGASocket          *string   `json:"qga_socket,omitempty"`
+	VerifyEvery        *Duration `json:"verify_every,omitempty"`
 	// Force allows a replica address that leads to another replica host:
 	// a new initial copy follows.
 	Force bool `json:"force,omitempty"`

@@ -137,6 +137,9 @@ type ReplicationSpec struct {
 	AppConsistentEvery Duration `json:"app_consistent_every,omitempty"`
 	QuiesceCmd         string   `json:"quiesce_cmd,omitempty"`
 	QGASocket          string   `json:"qga_socket,omitempty"`
+	// VerifyEvery runs `vdrepl verify` on its own this long after the last
+	// one (at the default rate); 0 = only when an admin runs it.
+	VerifyEvery Duration `json:"verify_every,omitempty"`
 }
 
 // Duration is a time.Duration that reads and writes as "30s", "5m".

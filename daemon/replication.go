@@ -92,6 +92,9 @@ func (d *Daemon) checkSpec(s control.VMSpec, r *control.ReplicationSpec) error {
 	if r.QGASocket != "" && !filepath.IsAbs(r.QGASocket) {
 		return fmt.Errorf("%w: --qga-socket %s: want an absolute path", control.ErrInvalid, r.QGASocket)
 	}
+	if r.VerifyEvery < 0 || (r.VerifyEvery > 0 && time.Duration(r.VerifyEvery) < time.Minute) {
+		return fmt.Errorf("%w: --verify-every %v: want 0 (never) or at least 1m", control.ErrInvalid, time.Duration(r.VerifyEvery))
+	}
 	if r.AppConsistentEvery < 0 {
 		return fmt.Errorf("%w: --app-consistent-every %v", control.ErrInvalid, time.Duration(r.AppConsistentEvery))
 	}
@@ -280,6 +283,7 @@ func (d *Daemon) startShipper(v *vm) error {
 		Excluded:           r.ExcludeDisks,
 		AppConsistentEvery: time.Duration(r.AppConsistentEvery),
 		Quiesce:            quiesceFunc(v.spec.Name, r, d.cfg.QuiesceTimeout),
+		VerifyEvery:        time.Duration(r.VerifyEvery),
 		Events:             d.fenceEvents(v.spec.Name, d.shipEv.events(v.spec.Name)),
 	}
 	for i, ds := range v.spec.Disks {
@@ -290,6 +294,11 @@ func (d *Daemon) startShipper(v *vm) error {
 		cfg.DiskIndex = append(cfg.DiskIndex, i)
 	}
 	var err error
+	if cfg.VerifyEvery > 0 {
+		if cfg.VerifyRate, err = ship.ParseBandwidth(ship.DefaultVerifyRate); err != nil {
+			return err
+		}
+	}
 	if r.BandwidthLimit != "" {
 		if cfg.Limit, err = ship.ParseBandwidth(r.BandwidthLimit); err != nil {
 			return err

@@ -76,6 +76,9 @@ func applyChange(spec control.ReplicationSpec, c control.ReplicationChange) (con
 	if c.QGASocket != nil {
 		set("qga-socket", *c.QGASocket != spec.QGASocket, func() { spec.QGASocket = *c.QGASocket })
 	}
+	if c.VerifyEvery != nil {
+		set("verify-every", *c.VerifyEvery != spec.VerifyEvery, func() { spec.VerifyEvery = *c.VerifyEvery })
+	}
 	return spec, changed
 }
 

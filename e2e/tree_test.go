@@ -39,7 +39,7 @@ func TestTreeResyncReadsOnlyChanged(t *testing.T) {
 	p := newPair(t)
 	img := p.prim.addVM("vm1", "64M")
 	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 40M", "-c", "flush", p.prim.uri("vm1/disk0"))
-	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h")
+	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h", "--verify-every", "24h")
 	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
 	p.checkEqual(t, "vm1", "disk0")
 
@@ -70,7 +70,7 @@ func TestTreeResyncReadsOnlyChanged(t *testing.T) {
 	p.checkEqual(t, "vm1", "disk0")
 	cmpImages(t, p, img, "vm1")
 	text := p.prim.run("replication", "status", "vm1")
-	if !strings.Contains(text, "verified at:  cycle") {
+	if !strings.Contains(text, "verified at:  cycle") || !strings.Contains(text, "verify:       scheduled every 24h0m0s") {
 		t.Fatalf("replication status lacks the verified cycle:\n%s", text)
 	}
 

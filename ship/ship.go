@@ -126,6 +126,10 @@ type Config struct {
 	// last quiesced one is quiesced through Quiesce (appseal.go); 0 = never.
 	AppConsistentEvery time.Duration
 	Quiesce            QuiesceFunc
+	// VerifyEvery runs Verify this long after the last one finished (0:
+	// only when asked), reading at VerifyRate (nil: unlimited).
+	VerifyEvery time.Duration
+	VerifyRate  *Limiter
 }
 
 // Defaults.
@@ -372,6 +376,9 @@ func (s *Shipper) Run(ctx context.Context) error {
 
 	var wg sync.WaitGroup
 	wg.Go(func() { s.sealLoop(ctx) })
+	if s.cfg.VerifyEvery > 0 {
+		wg.Go(func() { s.verifySchedule(ctx) })
+	}
 	s.loop(ctx)
 	cancel()
 	wg.Wait()

@@ -416,3 +416,34 @@ func TestVerifyNamesPrimaryDamage(t *testing.T) {
 		t.Fatalf("verify over a damaged replica image: %+v", res)
 	}
 }
+
+// With VerifyEvery, verifies run on their own: the first one interval
+// after the start (the initial copy not done yet makes it wait and try
+// again), the next one interval after the last; a block damaged on the
+// replica in between is found and repaired without an admin.
+func TestScheduledVerify(t *testing.T) {
+	e := newEnv(t, 1<<20, 512<<10)
+	e.j.write(0, 0, random(1<<20))
+	e.j.write(1, 0, random(512<<10))
+	cfg := e.cfg
+	cfg.VerifyEvery = 200 * time.Millisecond
+	r := e.start(cfg)
+	waitReplicating(t, r.s)
+	waitFor(t, r.s, "a scheduled verify", func() bool {
+		l := r.s.Status().LastVerify
+		return l != nil && l.CheckedBytes > 0 && l.MismatchBlocks == 0
+	})
+	first := r.s.Status().LastVerify.At
+	e.rep.mu.Lock()
+	e.rep.vms["vm1"].images[0][5000] ^= 0xff
+	e.rep.mu.Unlock()
+	waitFor(t, r.s, "a scheduled verify that finds the damage", func() bool {
+		l := r.s.Status().LastVerify
+		return l != nil && l.At.After(first) && l.MismatchBlocks == 1 && l.ResyncMarked
+	})
+	c, err := r.s.Sync(syncCtx(t), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.checkImages(c)
+}

@@ -76,6 +76,7 @@ nothing is enabled. --no-check skips that question.`,
 			&cli.StringFlag{Name: "sync-bandwidth-limit", Usage: "a lower cap for the initial copy and resyncs, so delta cycles are never starved"},
 			&cli.IntFlag{Name: "recovery-points", Usage: "recovery points the replica keeps besides the latest state, 0 to 24"},
 			&cli.DurationFlag{Name: "recovery-point-interval", Value: time.Hour, Usage: "one recovery point per this much time"},
+			&cli.DurationFlag{Name: "verify-every", Usage: "run vdrepl verify on its own this long after the last one (e.g. 24h, at least 1m; 0 = only when run by hand)"},
 			&cli.StringFlag{Name: "app-consistent-every", Usage: "take an application-consistent point every H hours (or a duration like 30m); needs --quiesce-cmd or --qga-socket"},
 			&cli.StringFlag{Name: "quiesce-cmd", Usage: "executable run as \"CMD VM freeze\" and \"CMD VM thaw\" around an application-consistent barrier (e.g. a wrapper of fsfreeze)"},
 			&cli.StringFlag{Name: "qga-socket", Usage: "the guest's qemu-guest-agent socket, for guest-fsfreeze-freeze/thaw"},
@@ -124,6 +125,7 @@ func replicationSpec(c *cli.Context) (control.ReplicationSpec, error) {
 		QuiesceCmd:         c.String("quiesce-cmd"),
 		QGASocket:          c.String("qga-socket"),
 	}
+	spec.VerifyEvery = control.Duration(c.Duration("verify-every"))
 	if s := c.String("app-consistent-every"); s != "" {
 		d, err := parseHours(s)
 		if err != nil {

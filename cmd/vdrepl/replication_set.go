@@ -38,6 +38,7 @@ refused, unless --force, and then a new initial copy to it follows.`,
 			&cli.StringFlag{Name: "sync-bandwidth-limit", DefaultText: "unchanged", Usage: "the cap of initial copies and resyncs, or \"\" for none"},
 			&cli.IntFlag{Name: "recovery-points", DefaultText: "unchanged", Usage: "recovery points the replica keeps besides the latest state, 0 to 24"},
 			&cli.DurationFlag{Name: "recovery-point-interval", DefaultText: "unchanged", Usage: "one recovery point per this much time"},
+			&cli.DurationFlag{Name: "verify-every", DefaultText: "unchanged", Usage: "run vdrepl verify on its own this long after the last one; 0 = only by hand"},
 			&cli.StringFlag{Name: "app-consistent-every", DefaultText: "unchanged", Usage: "an application-consistent point every H hours (or a duration like 30m); 0 = never"},
 			&cli.StringFlag{Name: "quiesce-cmd", DefaultText: "unchanged", Usage: "executable run as \"CMD VM freeze\" and \"CMD VM thaw\" (\"\" for none)"},
 			&cli.StringFlag{Name: "qga-socket", DefaultText: "unchanged", Usage: "the guest's qemu-guest-agent socket (\"\" for none)"},
@@ -113,6 +114,8 @@ func settingText(s control.ReplicationSpec, flag string) string {
 		return none(s.QuiesceCmd)
 	case "qga-socket":
 		return none(s.QGASocket)
+	case "verify-every":
+		return time.Duration(s.VerifyEvery).String()
 	}
 	return ""
 }
@@ -155,6 +158,7 @@ func replicationChange(c *cli.Context) (control.ReplicationChange, error) {
 		ch.RecoveryPoints = &n
 	}
 	ch.PointInterval = dur("recovery-point-interval")
+	ch.VerifyEvery = dur("verify-every")
 	if s := str("app-consistent-every"); s != nil {
 		d, err := parseHours(*s)
 		if err != nil {
@@ -175,7 +179,7 @@ func replicationChange(c *cli.Context) (control.ReplicationChange, error) {
 	}
 	if ch.Replica == nil && ch.Frequency == nil && ch.Compression == nil && ch.BypassProxy == nil && ch.BandwidthLimit == nil &&
 		ch.SyncBandwidthLimit == nil && ch.RecoveryPoints == nil && ch.PointInterval == nil && ch.AppConsistentEvery == nil &&
-		ch.QuiesceCmd == nil && ch.QGASocket == nil {
+		ch.QuiesceCmd == nil && ch.QGASocket == nil && ch.VerifyEvery == nil {
 		return ch, fmt.Errorf("replication set: give at least one setting to change (see vdrepl replication set --help)")
 	}
 	return ch, nil

@@ -187,6 +187,9 @@ func printPrimary(w io.Writer, p control.ReplicationStatus, now time.Time, tty b
 	case m.UnverifiedCyclesTotal > 0:
 		fmt.Fprintf(w, "  verified at:  none yet; %d cycles shipped unverified (the block tree is being built)\n", m.UnverifiedCyclesTotal)
 	}
+	if p.Spec.VerifyEvery > 0 {
+		fmt.Fprintf(w, "  verify:       scheduled every %s\n", time.Duration(p.Spec.VerifyEvery))
+	}
 	printLastVerify(w, s, now)
 }
 
