@@ -145,6 +145,9 @@ func TestVerifyRecoveryPoint(t *testing.T) {
 	need(t, "qemu-io")
 	p := newPair(t)
 	p.prim.addVM("vm1", "8M")
+	// Data the cycles overwrite: the undo data then holds blocks, not
+	// only records of zero blocks.
+	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x22 0 4M", "-c", "flush", p.prim.uri("vm1/disk0"))
 	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h",
 		"--recovery-points", "3", "--quiesce-cmd", "/bin/true")
 	// An application-consistent cycle is always a point (the quiesce
@@ -167,10 +170,24 @@ func TestVerifyRecoveryPoint(t *testing.T) {
 			t.Fatalf("verify --point %s of an intact replica:\n%s", pt.ID, out)
 		}
 	}
+	// Damage at rest in the undo data: the oldest point reads through
+	// every segment, and the record's checksum names the damage.
+	segs, err := filepath.Glob(filepath.Join(p.storage, "vm1", "points", "*.undo"))
+	if err != nil || len(segs) == 0 {
+		t.Fatalf("no undo segments: %v", err)
+	}
+	flipByte(t, segs[0], 32+40+100) // inside the first record's payload
+	out, errOut, err := p.rep.try("verify", "vm1", "--point", pts.Points[0].ID)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(errOut, filepath.Base(segs[0])) {
+		t.Fatalf("verify --point %s over damaged undo data %s: %v\n%s%s", pts.Points[0].ID, segs[0], err, out, errOut)
+	}
+	t.Logf("damaged undo data: %s", strings.TrimSpace(errOut))
+	flipByte(t, segs[0], 32+40+100)
+
 	latest := pts.Points[len(pts.Points)-1].ID
 	flipByte(t, filepath.Join(p.storage, "vm1", "disk0.img"), 7<<20+5)
-	out, _, err := p.rep.try("verify", "vm1", "--point", latest)
-	var ee *exec.ExitError
+	out, _, err = p.rep.try("verify", "vm1", "--point", latest)
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(out, "disk disk0: DIFFERS") {
 		t.Fatalf("verify --point %s over a damaged image: %v\n%s", latest, err, out)
 	}
