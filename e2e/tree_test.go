@@ -192,3 +192,38 @@ func TestVerifyRecoveryPoint(t *testing.T) {
 		t.Fatalf("verify --point %s over a damaged image: %v\n%s", latest, err, out)
 	}
 }
+
+// A byte flipped at rest in the primary's image (while its daemon is
+// down, after the write-back put the block there) is found by a verify,
+// which says this host's image is the damaged side: the block no longer
+// hashes to what the primary's tree recorded when it was written, and the
+// replica's tree holds that hash. No resync starts, which would copy the
+// damage to the replica; the replica keeps the good block.
+func TestVerifyFindsPrimaryDamage(t *testing.T) {
+	need(t, "qemu-io", "nbdcopy")
+	p := newPair(t)
+	img := p.prim.addVM("vm1", "16M")
+	p.prim.run("replication", "enable", "vm1", "--replica", p.replicaAddr, "--frequency", "1h")
+	sh(t, "qemu-io", "-f", "raw", "-c", "write -P 0x61 0 8M", "-c", "flush", p.prim.uri("vm1/disk0"))
+	p.prim.run("replication", "sync", "vm1", "--timeout", "60s")
+	p.checkEqual(t, "vm1", "disk0")
+	good := readByte(t, img, 2<<20+7)
+
+	p.prim.stop()
+	flipByte(t, img, 2<<20+7)
+	p.prim.start()
+	r, code := verify(t, p.prim)
+	if code != 1 || r.MismatchBlocks != 1 || r.ResyncMarked || !strings.HasPrefix(r.Truth, "replica") {
+		t.Fatalf("verify over a damaged primary image: exit %d, %+v", code, r)
+	}
+	text, _, _ := p.prim.try("verify", "vm1", "--dry-run") // exit 1: blocks differ
+	if !strings.Contains(text, "DAMAGED:    disk disk0 on THIS host: 1 blocks") || !strings.Contains(text, fmt.Sprintf("[%d,%d)", 2<<20, 2<<20+4096)) {
+		t.Fatalf("verify does not name the damaged block on this host:\n%s", text)
+	}
+	if s := primaryStatus(t, p.prim, "vm1"); s.State != "replicating" {
+		t.Fatalf("primary damage started something: %+v", s)
+	}
+	if got := readByte(t, filepath.Join(p.storage, "vm1", "disk0.img"), 2<<20+7); got != good {
+		t.Fatalf("the replica's copy of the damaged block changed: %#x, want %#x", got, good)
+	}
+}
