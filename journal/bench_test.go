@@ -11,13 +11,23 @@ import (
 )
 
 // BenchmarkWrite measures the journal write path alone (no front end) with
-// 16 concurrent writers, like an NBD client at queue depth 16.
+// 16 concurrent writers, like an NBD client at queue depth 16; the
+// "-notree" runs do the same without the block tree (Config.NoBlockTree),
+// so that the difference is what the tree costs.
 func BenchmarkWrite(b *testing.B) {
-	for _, bs := range []int{4 << 10, 1 << 20} {
-		b.Run(map[int]string{4 << 10: "4k-rand-qd16", 1 << 20: "1M-seq-qd16"}[bs], func(b *testing.B) {
+	for _, run := range []struct {
+		bs     int
+		noTree bool
+	}{{4 << 10, false}, {1 << 20, false}, {4 << 10, true}, {1 << 20, true}} {
+		bs := run.bs
+		name := map[int]string{4 << 10: "4k-rand-qd16", 1 << 20: "1M-seq-qd16"}[bs]
+		if run.noTree {
+			name += "-notree"
+		}
+		b.Run(name, func(b *testing.B) {
 			const size = 1 << 30
 			dir := b.TempDir()
-			cfg := Config{FS: vfs.Default, Dir: dir + "/journal", Cap: 4 << 30}
+			cfg := Config{FS: vfs.Default, Dir: dir + "/journal", Cap: 4 << 30, NoBlockTree: run.noTree}
 			cfg.Disks = []DiskSpec{{Name: "d", Path: dir + "/d.img", Size: size}}
 			f, _ := vfs.Default.OpenFile(cfg.Disks[0].Path, 0102, 0o644)
 			f.Truncate(size)
@@ -30,7 +40,7 @@ func BenchmarkWrite(b *testing.B) {
 			defer j.Close()
 			// The tree (in memory here) is built from the image at open;
 			// the measurement starts once it is.
-			for !j.Stats().TreeBuilt {
+			for !run.noTree && !j.Stats().TreeBuilt {
 				time.Sleep(time.Millisecond)
 			}
 			var next atomic.Int64

@@ -96,9 +96,10 @@ func (j *Journal) reserveDirectLocked(n int64) (seg *segment, l directLayout, ok
 // appendDirect appends a write record with O_DIRECT (see above), or the plain
 // way where that is not possible. Like appendRecord, the caller holds the
 // stripe locks and index runs under mu once the record is written.
-func (j *Journal) appendDirect(h Header, payload []byte, index func(h *Header)) (Header, error) {
+// If hs is not nil, the payload's block hashes are appended to it.
+func (j *Journal) appendDirect(h Header, payload []byte, hs *[]blocktree.Hash, index func(h *Header)) (Header, error) {
 	buf := getAligned(vfs.DirectAlign + len(payload))
-	h.DCRC = copyCRC(buf[vfs.DirectAlign:], payload)
+	h.DCRC = copyCRC(buf[vfs.DirectAlign:], payload, hs)
 	return j.appendDirectBuf(h, buf, index)
 }
 
@@ -231,20 +232,27 @@ const (
 )
 
 // copyCRC copies src into dst, piece by piece, and returns the CRC32C of
-// src.
-func copyCRC(dst, src []byte) uint32 {
+// src. If hs is not nil, the block hashes of src (blocktree.HashBlocks) are
+// appended to it, piece by piece too: XXH64 over the piece just copied
+// reads it from the CPU cache, as the checksum does. Both pieces are whole
+// blocks, so the hashes are those of HashBlocks over the whole of src.
+func copyCRC(dst, src []byte, hs *[]blocktree.Hash) uint32 {
 	var sum uint32
 	for len(src) > 0 {
 		k := copy(dst, src[:min(len(src), crcPiece)])
 		sum = crc32.Update(sum, castagnoli, dst[:k])
+		if hs != nil {
+			*hs = blocktree.HashBlocks(*hs, dst[:k])
+		}
 		dst, src = dst[k:], src[k:]
 	}
 	return sum
 }
 
 // receiveCRC reads len(dst) bytes from r into dst, piece by piece, and
-// returns their CRC32C.
-func receiveCRC(r io.Reader, dst []byte) (uint32, error) {
+// returns their CRC32C; if hs is not nil, it appends their block hashes to
+// it, as copyCRC does.
+func receiveCRC(r io.Reader, dst []byte, hs *[]blocktree.Hash) (uint32, error) {
 	var sum uint32
 	for len(dst) > 0 {
 		k := min(len(dst), receivePiece)
@@ -252,6 +260,9 @@ func receiveCRC(r io.Reader, dst []byte) (uint32, error) {
 			return 0, err
 		}
 		sum = crc32.Update(sum, castagnoli, dst[:k])
+		if hs != nil {
+			*hs = blocktree.HashBlocks(*hs, dst[:k])
+		}
 		dst = dst[k:]
 	}
 	return sum, nil
@@ -370,7 +381,7 @@ func (j *Journal) writeBackRun(q []queued, order []int, tb *treeBatch) (int, err
 			data := h.LSN + HeaderSize + b*BlockSize
 			if p := j.mu.pending[blockKey(disk, base+b)]; p != data && (p == 0 || p < j.mu.synced) {
 				j.mu.Unlock()
-				return 1, j.writeBackRecord(first, q[0].buf, tb)
+				return 1, j.writeBackRecord(&q[0], tb)
 			}
 		}
 		j.mu.Unlock()
@@ -399,20 +410,15 @@ func (j *Journal) writeBackRun(q []queued, order []int, tb *treeBatch) (int, err
 			}
 		}
 	}
-	hashes := make([]func() []blocktree.Hash, len(iov))
-	for i := range iov {
-		hashes[i] = hashAhead(iov[i])
+	if _, err := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(q[order[0]].h.Offset)); err != nil {
+		return 0, err
 	}
-	_, werr := j.images[disk].(vfs.DirectVectorWriter).WritevDirectAt(iov, int64(q[order[0]].h.Offset))
 	for i, k := range order {
-		// Collected even after a failed write: the goroutines end.
-		hs := hashes[i]()
-		if werr == nil {
-			werr = tb.set(disk, int64(q[k].h.Offset), hs)
+		if j.tree != nil {
+			if err := tb.set(disk, int64(q[k].h.Offset), recordHashes(&q[k], iov[i])); err != nil {
+				return 0, err
+			}
 		}
-	}
-	if werr != nil {
-		return 0, werr
 	}
 	for i := range q {
 		h := &q[i].h

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/vdrepl/vdrepl/internal/blocktree"
 	"github.com/vdrepl/vdrepl/internal/vfs"
 )
 
@@ -68,7 +69,16 @@ func (d *Disk) ReceiveMin() int { return d.j.directMin }
 func (d *Disk) ReceiveWrite(r io.Reader, n int) (func(off int64) error, error) {
 	buf := getAligned(vfs.DirectAlign + n)
 	data := buf[vfs.DirectAlign:]
-	sum, err := receiveCRC(r, data)
+	// The block hashes are taken as the payload arrives, where it may be
+	// appended as it is (whole blocks); a write that is not is hashed on
+	// the path that journals it.
+	var hs []blocktree.Hash
+	var hp *[]blocktree.Hash
+	if d.j.tree != nil && n%BlockSize == 0 && n >= d.j.directMin && n <= MaxPayload {
+		hs = make([]blocktree.Hash, 0, n/BlockSize)
+		hp = &hs
+	}
+	sum, err := receiveCRC(r, data, hp)
 	if err != nil {
 		putAligned(buf)
 		return nil, err
@@ -78,7 +88,7 @@ func (d *Disk) ReceiveWrite(r io.Reader, n int) (func(off int64) error, error) {
 			putAligned(buf)
 			return err
 		}
-		return d.j.writeReceived(d.idx, buf, sum, off)
+		return d.j.writeReceived(d.idx, buf, sum, hs, off)
 	}, nil
 }
 
@@ -86,7 +96,8 @@ func (d *Disk) ReceiveWrite(r io.Reader, n int) (func(off int64) error, error) {
 // ReceiveWrite) and takes buf. A write that cannot be appended from it as it
 // is (appendPathFor: not on block boundaries, small, or larger than a
 // record) is journaled like any other write, from a copy.
-func (j *Journal) writeReceived(disk int, buf []byte, sum uint32, off int64) error {
+// hs are the block hashes of the payload, nil without a tree.
+func (j *Journal) writeReceived(disk int, buf []byte, sum uint32, hs []blocktree.Hash, off int64) error {
 	p := buf[vfs.DirectAlign:]
 	if j.appendPathFor(off, len(p), true) != appendReceived {
 		defer putAligned(buf)
@@ -94,7 +105,7 @@ func (j *Journal) writeReceived(disk int, buf []byte, sum uint32, off int64) err
 	}
 	unlock := j.lockRange(disk, off, int64(len(p)))
 	defer unlock()
-	return j.appendWriteVia(appendReceived, disk, p, off, buf, sum)
+	return j.appendWriteVia(appendReceived, disk, p, off, buf, sum, hs)
 }
 
 // Flush makes every write of every disk of the VM that returned before it

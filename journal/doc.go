@@ -81,11 +81,25 @@
 // replication on or not: it costs an XXH64 per written block and one
 // Badger commit per write-back batch, and a VM that turns replication on
 // later starts its initial copy, and any verify, with a built tree.
+// Config.NoBlockTree turns it off, only for benchmarks that measure what
+// it costs (bench/fio.sh); a tree left in IndexDir is then marked dirty,
+// so the next Open with a tree rebuilds it.
 //
-// The write-back keeps it. For every write record it passes, the tree
-// takes the hash of every block of the payload it wrote from (the append
-// buffer the record's CRC32C was taken from, or the payload read back and
-// verified against it); for every trim or zero, ZeroHash over its range
+// Hashes are taken when the front end hands the write to the journal, on
+// its goroutine, not by the write-back: appendWriteVia hashes the payload
+// of a plain record before it is copied, and copyCRC and receiveCRC (the
+// append buffer of an O_DIRECT record, copied or received into) hash each
+// piece as they checksum it, while it is in the CPU cache. The record's
+// hashes (8 bytes per 4 KiB block) wait with it in the write-back queue.
+// So they are of the very bytes its CRC32C is of: a payload the write-back
+// reads back from the journal is verified against that CRC32C as before,
+// and the hashes stand for it. (The write-back is a single goroutine that
+// bounds a stream; hashing there cost 10-20% of BenchmarkWrite.) Replay at
+// Open hashes the payloads it reads back from the segments.
+//
+// The write-back keeps the tree. For every write record it passes, the
+// tree takes the hash of every block of the payload it wrote from (taken
+// at append, above); for every trim or zero, ZeroHash over its range
 // when the write-back passes its record, even though the caller applied it
 // to the image earlier. So the tree follows the journal's order: after the
 // write-back passed LSN x, it holds the content the records below x give.

@@ -68,8 +68,14 @@ type Config struct {
 	// CheckpointInterval bounds how long written-back data waits for an image
 	// sync and checkpoint; default 5s.
 	CheckpointInterval time.Duration
-	Logger             *slog.Logger
-	Now                func() time.Time
+	// NoBlockTree: the journal keeps no block tree (BlockTree returns
+	// nil, RootsAt nil, WaitWrittenBack still works). Only for benchmarks
+	// that measure what the tree costs (bench/fio.sh): a tree left in
+	// IndexDir is marked dirty, so that the next Open with a tree
+	// rebuilds it from the images.
+	NoBlockTree bool
+	Logger      *slog.Logger
+	Now         func() time.Time
 }
 
 // Journal is the write path of one VM: every write, trim and zero of any of its
@@ -96,7 +102,8 @@ type Journal struct {
 	disks  []*Disk
 	cycles *cycleStore // Badger is safe for concurrent use
 	// tree is the images' block-hash tree, in cycles' database; it is
-	// safe for concurrent use, and only changed under wb (tree.go).
+	// safe for concurrent use, and only changed under wb (tree.go). Nil
+	// with Config.NoBlockTree.
 	tree      *blocktree.Tree
 	treeReset bool // Open found the tree reset: it is being rebuilt
 	// directMin is the smallest write payload appended with O_DIRECT
@@ -208,6 +215,10 @@ type queued struct {
 	// record from (payload at DirectAlign): the write-back takes the data
 	// from it instead of reading the journal back.
 	buf []byte
+	// hashes of a write record's blocks (blocktree.HashBlocks of its
+	// payload), taken at append time from the bytes its CRC32C was taken
+	// from; nil without a tree. The write-back commits them to the tree.
+	hashes []blocktree.Hash
 }
 
 // Open recovers the journal in cfg.Dir (repairing a torn tail, refusing
@@ -754,14 +765,24 @@ func (j *Journal) appendPathFor(off int64, n int, received bool) appendPath {
 // appendWrite journals a write of p at off, a whole number of blocks of at
 // most MaxPayload bytes. The caller holds the range's stripe locks.
 func (j *Journal) appendWrite(disk int, p []byte, off int64) error {
-	return j.appendWriteVia(j.appendPathFor(off, len(p), false), disk, p, off, nil, 0)
+	return j.appendWriteVia(j.appendPathFor(off, len(p), false), disk, p, off, nil, 0, nil)
 }
 
 // appendWriteVia journals a write of p at off by path via. For
-// appendReceived, buf is the append buffer p lies in and sum its checksum,
-// and buf is taken.
-func (j *Journal) appendWriteVia(via appendPath, disk int, p []byte, off int64, buf []byte, sum uint32) error {
+// appendReceived, buf is the append buffer p lies in, sum its checksum and
+// hs its block hashes (taken as it arrived; nil without a tree), and buf
+// is taken.
+//
+// The record's block hashes, for the tree, are taken here on the caller's
+// goroutine from the front end's data (with the copy and checksum where
+// there is one, while the piece is in the CPU cache) and queued with it:
+// the write-back, a single goroutine that bounds a stream, only commits
+// them.
+func (j *Journal) appendWriteVia(via appendPath, disk int, p []byte, off int64, buf []byte, sum uint32, hs []blocktree.Hash) error {
 	h := Header{Kind: KindWrite, Disk: uint16(disk), Offset: uint64(off), Length: uint64(len(p))}
+	if j.tree != nil && via == appendPlain {
+		hs = blocktree.HashBlocks(make([]blocktree.Hash, 0, len(p)/BlockSize), p)
+	}
 	index := func(h *Header) {
 		first := uint64(off) / BlockSize
 		nblk := (uint64(len(p)) + BlockSize - 1) / BlockSize
@@ -784,7 +805,7 @@ func (j *Journal) appendWriteVia(via appendPath, disk int, p []byte, off int64, 
 			j.mu.dirty.setRange(disk, off, int64(len(p)))
 		}
 		j.mu.written[h.Cycle] += int64(len(p))
-		j.enqueueLocked(queued{h: *h})
+		j.enqueueLocked(queued{h: *h, hashes: hs})
 		j.checkCapLocked()
 	}
 	var err error
@@ -793,7 +814,12 @@ func (j *Journal) appendWriteVia(via appendPath, disk int, p []byte, off int64, 
 		h.DCRC = sum
 		_, err = j.appendDirectBuf(h, buf, index)
 	case appendCopyDirect:
-		_, err = j.appendDirect(h, p, index)
+		var hp *[]blocktree.Hash
+		if j.tree != nil {
+			hs = make([]blocktree.Hash, 0, len(p)/BlockSize)
+			hp = &hs
+		}
+		_, err = j.appendDirect(h, p, hp, index)
 	case appendPlain:
 		_, err = j.appendRecord(h, p, index)
 	}

@@ -102,6 +102,9 @@ func (j *Journal) recoverBarrier(headers []Header) {
 			break
 		}
 	}
+	if j.tree == nil {
+		return
+	}
 	if r := j.tree.Roots(); r != nil && j.mu.tree.atBarrier && last > 0 {
 		j.mu.tree.roots[last] = r
 	}

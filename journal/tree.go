@@ -39,6 +39,10 @@ const (
 // journal's disks. A tree that was reset (missing, in-memory store, dirty,
 // other sizes) is built from the images by the background goroutine.
 func (j *Journal) openTree() error {
+	j.mu.tree.roots = make(map[uint64][]blocktree.Root)
+	if j.cfg.NoBlockTree && j.cfg.IndexDir == "" {
+		return nil
+	}
 	sizes := make([]int64, len(j.cfg.Disks))
 	for i, d := range j.cfg.Disks {
 		sizes[i] = d.Size
@@ -47,33 +51,51 @@ func (j *Journal) openTree() error {
 	if err != nil {
 		return fmt.Errorf("journal: open block tree: %w", err)
 	}
+	if j.cfg.NoBlockTree {
+		// The images change from now on without the tree: the next
+		// Open with a tree finds it dirty and rebuilds it.
+		if err := t.Begin(); err != nil {
+			return fmt.Errorf("journal: mark block tree dirty: %w", err)
+		}
+		return nil
+	}
 	if reset {
 		j.log.Info("journal: block tree reset; it is rebuilt from the images")
 	}
 	j.tree, j.treeReset = t, reset
-	j.mu.tree.roots = make(map[uint64][]blocktree.Root)
 	return nil
 }
 
 // treeBatch gathers the tree changes of one write-back batch (or of
 // recovery's replay) and commits them in pieces of at most treeBatchLeaves
-// leaves.
+// leaves. Without a tree (Config.NoBlockTree) it does nothing.
 type treeBatch struct {
 	t *blocktree.Tree
 	b *blocktree.Batch
 }
 
-func newTreeBatch(t *blocktree.Tree) *treeBatch { return &treeBatch{t: t, b: t.Batch()} }
+func newTreeBatch(t *blocktree.Tree) *treeBatch {
+	if t == nil {
+		return &treeBatch{}
+	}
+	return &treeBatch{t: t, b: t.Batch()}
+}
 
 // data records data written (or, for a block a newer durable record
 // rewrites, due) at off of disk.
 func (tb *treeBatch) data(disk int, off int64, p []byte) error {
+	if tb.t == nil {
+		return nil
+	}
 	tb.b.Data(disk, off, p)
 	return tb.commitIfFull()
 }
 
 // zero records that [off, off+n) of disk reads as zeroes.
 func (tb *treeBatch) zero(disk int, off, n int64) error {
+	if tb.t == nil {
+		return nil
+	}
 	for n > 0 {
 		k := min(n, treeZeroPiece)
 		tb.b.Zero(disk, off, k)
@@ -85,37 +107,32 @@ func (tb *treeBatch) zero(disk int, off, n int64) error {
 	return nil
 }
 
-// hashAhead starts hashing p's blocks (whole blocks: a write record's
-// payload) for set. A payload of at least directMin bytes is hashed on
-// another goroutine while the caller writes it to the image: on a
-// sequential stream the write-back goroutine is what bounds the rate, and
-// XXH64 over a large run cost it about as much as the O_DIRECT write it
-// waits for (bench_test.go). p must not change until the returned func
-// has returned; it may be called again, and must be called at least once
-// (it waits for the goroutine).
-func hashAhead(p []byte) func() []blocktree.Hash {
-	if len(p) < directMin {
-		return func() []blocktree.Hash { return blocktree.HashBlocks(nil, p) }
+// recordHashes returns the block hashes of write record q for the tree:
+// those taken when it was appended (see appendWriteVia), which every
+// write record queued while the journal keeps a tree carries. payload is
+// the data the write-back writes from, hashed only should they be missing,
+// so that the tree never takes fewer hashes than the record has blocks.
+func recordHashes(q *queued, payload []byte) []blocktree.Hash {
+	if uint64(len(q.hashes)) == q.h.Length/BlockSize {
+		return q.hashes
 	}
-	c := make(chan []blocktree.Hash, 1)
-	go func() { c <- blocktree.HashBlocks(make([]blocktree.Hash, 0, len(p)/BlockSize), p) }()
-	var hs []blocktree.Hash
-	return func() []blocktree.Hash {
-		if hs == nil {
-			hs = <-c
-		}
-		return hs
-	}
+	return blocktree.HashBlocks(nil, payload)
 }
 
 // set records the hashes of consecutive blocks of disk from off.
 func (tb *treeBatch) set(disk int, off int64, hs []blocktree.Hash) error {
+	if tb.t == nil {
+		return nil
+	}
 	tb.b.Set(disk, off, hs)
 	return tb.commitIfFull()
 }
 
 // invalidate makes the blocks touching [off, off+n) of disk Unknown.
 func (tb *treeBatch) invalidate(disk int, off, n int64) error {
+	if tb.t == nil {
+		return nil
+	}
 	for n > 0 {
 		k := min(n, treeZeroPiece)
 		tb.b.Invalidate(disk, off, k)
@@ -135,7 +152,7 @@ func (tb *treeBatch) commitIfFull() error {
 }
 
 func (tb *treeBatch) commit() error {
-	if tb.b.Len() == 0 {
+	if tb.t == nil || tb.b.Len() == 0 {
 		return nil
 	}
 	if err := tb.b.Commit(); err != nil {
@@ -146,8 +163,9 @@ func (tb *treeBatch) commit() error {
 }
 
 // BlockTree returns the block-hash tree of the images (internal/blocktree),
-// kept by the write-back. The journal always keeps one (see the package
-// doc, "Block tree"); callers read it, only the journal changes it.
+// kept by the write-back; nil with Config.NoBlockTree, else the journal
+// always keeps one (see the package doc, "Block tree"). Callers read it,
+// only the journal changes it.
 func (j *Journal) BlockTree() *blocktree.Tree { return j.tree }
 
 // WaitWrittenBack returns once every record of cycles up to c is in the
@@ -229,7 +247,10 @@ func (j *Journal) barrierRoots(c uint64) {
 	if !due {
 		return
 	}
-	r := j.tree.Roots()
+	var r []blocktree.Root
+	if j.tree != nil {
+		r = j.tree.Roots()
+	}
 	j.mu.Lock()
 	j.recordRootsLocked(c, r)
 	j.mu.Unlock()
@@ -250,6 +271,9 @@ func (j *Journal) barrierRoots(c uint64) {
 // record queued after the check cannot be passed while wb is held.
 // It returns whether more steps remain.
 func (j *Journal) buildTree() (bool, error) {
+	if j.tree == nil {
+		return false, nil
+	}
 	j.wb.Lock()
 	defer j.wb.Unlock()
 	states, _ := j.tree.State()
@@ -425,6 +449,9 @@ func (r scanReader) ReadAt(p []byte, off int64) (int, error) {
 // treeStats fills the tree's part of Stats. It is called without mu: the
 // tree's State waits for a Commit in progress.
 func (j *Journal) treeStats(s *Stats) {
+	if j.tree == nil {
+		return
+	}
 	states, _ := j.tree.State()
 	built := true
 	for _, d := range states {

@@ -181,7 +181,7 @@ func (j *Journal) writeBackBatch() (int64, bool, error) {
 			if k, order = j.directRun(batch[i:]); k > 1 {
 				k, err = j.writeBackRun(batch[i:i+k], order, tb)
 			} else {
-				err = j.writeBackRecord(h, batch[i].buf, tb)
+				err = j.writeBackRecord(&batch[i], tb)
 			}
 		default:
 			// A trim or zero reaches the tree here, in journal order,
@@ -228,11 +228,12 @@ func (j *Journal) releaseKeptLocked(b []byte) {
 }
 
 // writeBackRecord writes the blocks of a write record that are still the
-// newest copy to the image, from retained (the buffer of its direct append)
+// newest copy to the image, from q.buf (the buffer of its direct append)
 // if not nil, else read back from the journal, and adds the hashes of all
-// its blocks to tb: see the package doc, "Block tree", for why the blocks
-// it skips are hashed too.
-func (j *Journal) writeBackRecord(h *Header, retained []byte, tb *treeBatch) error {
+// its blocks (q.hashes, taken at append) to tb: see the package doc,
+// "Block tree", for why the blocks it skips are in the tree too.
+func (j *Journal) writeBackRecord(q *queued, tb *treeBatch) error {
+	h, retained := &q.h, q.buf
 	disk := int(h.Disk)
 	first := h.Offset / BlockSize
 	nblk := h.Length / BlockSize
@@ -271,8 +272,6 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte, tb *treeBatch) err
 			defer j.putBuf(payload)
 		}
 	}
-	hashes := hashAhead(payload)
-	defer hashes() // the hashing goroutine ends whatever happens here
 	for _, r := range runs {
 		n := int((r.to - r.from) * BlockSize)
 		off := int64((first + r.from) * BlockSize)
@@ -301,7 +300,10 @@ func (j *Journal) writeBackRecord(h *Header, retained []byte, tb *treeBatch) err
 		}
 		j.mu.Unlock()
 	}
-	return tb.set(disk, int64(h.Offset), hashes())
+	if j.tree == nil {
+		return nil
+	}
+	return tb.set(disk, int64(h.Offset), recordHashes(q, payload))
 }
 
 // directMin is the smallest write-back run written with O_DIRECT.
@@ -389,8 +391,10 @@ func (j *Journal) checkpoint(force bool) error {
 	// The tree holds every record below ck.Applied (the write-back commits
 	// before applied passes a record); durable before the checkpoint says
 	// replay may start there.
-	if err := j.tree.Sync(); err != nil {
-		return fmt.Errorf("checkpoint: %w", err)
+	if j.tree != nil {
+		if err := j.tree.Sync(); err != nil {
+			return fmt.Errorf("checkpoint: %w", err)
+		}
 	}
 	if err := j.writeDirtyMap(); err != nil {
 		return err
