@@ -7,9 +7,12 @@
 #   files (libaio, direct=1):    the raw image itself, nbdfuse over qemu-nbd,
 #                                vdrepl's FUSE mount
 #   the TLS row (4k QD16, 1M):   vdrepl's export over TCP, plain and NBD TLS
+#   the tree row (4k QD16, 1M):  vdrepl's export without block trees
+#                                (serve --no-block-tree), against vdrepl-nbd
 #
 # Ratios: vdrepl-nbd to qemu-nbd and to nbdkit, vdrepl-fuse to nbdfuse,
-# vdrepl over nbds:// to plain nbd:// (the cost of TLS).
+# vdrepl over nbds:// to plain nbd:// (the cost of TLS), vdrepl-nbd to
+# vdrepl without block trees (the cost of the checksums, issue 12).
 # BENCH_ROUNDS rounds (default 3), each every target in turn; the table shows
 # medians. See bench/README.md for the knobs; BENCH_QUICK=1 is a ~3 minute
 # smoke test (one round).
@@ -20,7 +23,7 @@ ROOT=$(cd "$BENCH/.." && pwd)
 # shellcheck source=bench/lib.sh
 source "$BENCH/lib.sh"
 
-ALL_TARGETS="raw qemu-nbd nbdkit vdrepl-nbd nbdfuse vdrepl-fuse vdrepl-tcp vdrepl-nbds"
+ALL_TARGETS="raw qemu-nbd nbdkit vdrepl-nbd vdrepl-notree nbdfuse vdrepl-fuse vdrepl-tcp vdrepl-nbds"
 # The TLS row: the jobs the TCP targets run.
 TLS_JOBS="randwrite-4k-qd16 write-1m-seq"
 
@@ -148,6 +151,7 @@ port_of() { # stable port per target
 	vdrepl-nbd) echo $((BENCH_PORT + 2)) ;; nbdfuse) echo $((BENCH_PORT + 3)) ;;
 	vdrepl-fuse) echo $((BENCH_PORT + 4)) ;;
 	vdrepl-tcp) echo $((BENCH_PORT + 5)) ;; vdrepl-nbds) echo $((BENCH_PORT + 6)) ;;
+	vdrepl-notree) echo $((BENCH_PORT + 7)) ;;
 	esac
 }
 # uri TARGET SOCKET EXPORT
@@ -273,6 +277,7 @@ start_vdrepl() {
 		;;
 	*) [[ $BENCH_TRANSPORT == tcp ]] && listen=(--nbd "tcp:127.0.0.1:$port" --nbd-insecure) ;;
 	esac
+	[[ $t == vdrepl-notree ]] && listen+=(--no-block-tree)
 	# shellcheck disable=SC2086 # VDREPL_SERVE_ARGS is a word list
 	spawn "vdrepl serve" "$RDIR/$t/vdrepl.log" "$VDREPL" --state "$VD_STATE" serve \
 		"${listen[@]}" $VDREPL_SERVE_ARGS
@@ -308,6 +313,21 @@ target_vdrepl-nbd() {
 	start_vdrepl vdrepl-nbd "$dir" || { stop_vdrepl vdrepl-nbd; return 1; }
 	HEALTH_PID=$VD_PID run_jobs "$RDIR/vdrepl-nbd" nbd "$VD_URI" || true
 	stop_vdrepl vdrepl-nbd
+}
+
+# The tree row: vdrepl-nbd's export with the journal keeping no block
+# tree, on the TLS row's jobs (4k QD16 and 1M): what the checksums cost.
+target_vdrepl-notree() {
+	local dir=$WORK/vdrepl-notree jobs
+	jobs=$(tls_row_jobs)
+	if [[ -z $jobs ]]; then
+		echo "skipped: BENCH_JOBS selects none of $TLS_JOBS" >>"$RDIR/vdrepl-notree/notes"
+		return 0
+	fi
+	fresh_image "$dir/img.raw" || return 1
+	start_vdrepl vdrepl-notree "$dir" || { stop_vdrepl vdrepl-notree; return 1; }
+	BENCH_JOBS=$jobs HEALTH_PID=$VD_PID run_jobs "$RDIR/vdrepl-notree" nbd "$VD_URI" || true
+	stop_vdrepl vdrepl-notree
 }
 
 # tls_row_jobs: the TLS row's jobs that BENCH_JOBS selects.

@@ -89,6 +89,10 @@ type Config struct {
 	RetryScale float64
 	// ResyncBlockSize is the checksum block of resyncs (0 = ship's default).
 	ResyncBlockSize int64
+	// NoBlockTree: journals keep no block tree (journal.Config.NoBlockTree),
+	// so resyncs compare sums and cycles ship unverified. Only bench/fio.sh
+	// sets it, to measure what the tree costs guest writes.
+	NoBlockTree bool
 	// MetricsListen serves Prometheus metrics on HOST:PORT ("" = off).
 	MetricsListen string
 	// QuiesceTimeout bounds a guest freeze (0 = DefaultQuiesceTimeout).
@@ -631,6 +635,7 @@ func (d *Daemon) openVM(s control.VMSpec, create bool) (_ *vm, err error) {
 		IndexDir:     filepath.Join(d.cfg.StateDir, "vms", s.Name, "index"),
 		Cap:          d.cfg.JournalCap,
 		SyncInterval: d.cfg.SyncInterval,
+		NoBlockTree:  d.cfg.NoBlockTree,
 		Logger:       d.log.With("vm", s.Name),
 	}
 	for _, ds := range v.spec.Disks {

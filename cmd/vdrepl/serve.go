@@ -49,6 +49,7 @@ address, and must be named:
 			&cli.DurationFlag{Name: "quiesce-timeout", Value: daemon.DefaultQuiesceTimeout, Usage: "longest a guest stays frozen for an application-consistent point; past it the guest is thawed and a standard point taken"},
 			&cli.StringFlag{Name: "memory-limit", Value: "auto", Usage: "soft memory limit of the daemon: auto (128 MiB + 96 MiB per VM), a size like 1G, or off; GOMEMLIMIT wins"},
 			&cli.Float64Flag{Name: "retry-scale", Value: 1, Hidden: true, Usage: "multiply retry back-off (tests)"},
+			&cli.BoolFlag{Name: "no-block-tree", Hidden: true, Usage: "keep no block trees (bench/fio.sh measures their cost)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log JSON lines instead of text"},
 		},
@@ -97,6 +98,7 @@ func serveConfig(c *cli.Context) (daemon.Config, error) {
 		QuiesceTimeout: c.Duration("quiesce-timeout"),
 		RetryScale:     c.Float64("retry-scale"),
 	}
+	cfg.NoBlockTree = c.Bool("no-block-tree")
 	if s := c.String("resync-block-size"); s != "" {
 		n, err := daemon.ParseSize(s)
 		if err != nil || n < 4096 || n > 1<<20 || n&(n-1) != 0 {
