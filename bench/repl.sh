@@ -490,6 +490,14 @@ part_resync() {
 	kv resync resync_s "$(secs "$t2" "$t3")"
 	log "  resync: $(secs "$t2" "$t3") s"
 	verify resync "$vm"
+	# The scrub: every block of both images read and compared, unpaced.
+	drop_caches
+	if p verify "$vm" --rate unlimited --json >"$RUN/resync-verify.json" 2>>"$RUN/cli.log"; then
+		kv resync verify_ok 1
+	else
+		kv resync verify_ok 0
+	fi
+	log "  verify: $(get "$RUN/resync-verify.json" duration_seconds) s"
 }
 
 # sampler VM FILE: every REPL_LAG_SAMPLE seconds, one line of the primary's

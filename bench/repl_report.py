@@ -388,6 +388,12 @@ class Report:
                  f"{rs_bytes / init_bytes:.1%} of the initial copy's bytes, {rs_s / init_s:.0%} of its time; "
                  f"{rs_bytes / changed:.2f}× the changed bytes; replica identical: {kv.get('resync.identical', '?')}",
                  f"{ok(rs_s / init_s <= 0.15)} ≤ 15% of the initial copy's time")
+        v = load_json(self.path("resync-verify.json")) if os.path.exists(self.path("resync-verify.json")) else None
+        if v is not None:
+            self.row(sec, "… `vdrepl verify --rate unlimited` of the same image after it (page cache dropped)",
+                     f"{mib(v['checked_bytes'])} in {v['duration_seconds']:.1f} s",
+                     f"{rate(v['checked_bytes'], v['duration_seconds'])}; {v['mismatch_blocks']} mismatching blocks",
+                     f"{ok(v['mismatch_blocks'] == 0 and kv.get('verify_ok') == '1')} clean")
         if "primary_read_bytes" in kv:
             pr, rr = int(kv["primary_read_bytes"]), int(kv["replica_read_bytes"])
             self.row(sec, "… read from storage during the resync (/proc/PID/io read_bytes, page cache dropped before)",
