@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -63,8 +64,27 @@ type host struct {
 	sock   string // NBD unix socket
 	cmd    *exec.Cmd
 	exited chan struct{}
-	log    *bytes.Buffer
+	log    *logBuffer
 	extra  []string
+}
+
+// logBuffer is a daemon's output: written by exec's copying goroutine
+// while a test may read it.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func newHost(t *testing.T, extra ...string) *host {
@@ -81,7 +101,7 @@ func (h *host) start() {
 	h.t.Helper()
 	args := append([]string{"--state", h.state, "serve", "--nbd", "unix:" + h.sock, "--log-level", "debug"}, h.extra...)
 	h.cmd = exec.Command(vdreplBin, args...)
-	h.log = &bytes.Buffer{}
+	h.log = &logBuffer{}
 	h.cmd.Stdout, h.cmd.Stderr = h.log, h.log
 	if err := h.cmd.Start(); err != nil {
 		h.t.Fatal(err)
