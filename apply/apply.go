@@ -6,7 +6,9 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -305,6 +307,18 @@ func (s *Server) ImageDir(name string) (string, bool) {
 // replica.json, staged uploads, staged sync pieces, recovery points and
 // block tree are removed. The images stay where they are.
 func (s *Server) RemoveReplica(name string) error {
+	return s.removeReplica(name, false)
+}
+
+// DeleteReplica is RemoveReplica that deletes the VM's images too, and
+// its directory once empty. A VM adopted as a replica (its images are a
+// VM's of this host, outside any storage directory) is refused with
+// ErrForbidden: those images were never the replica role's to delete.
+func (s *Server) DeleteReplica(name string) error {
+	return s.removeReplica(name, true)
+}
+
+func (s *Server) removeReplica(name string, images bool) error {
 	done, err := s.enter()
 	if err != nil {
 		return err
@@ -316,6 +330,9 @@ func (s *Server) RemoveReplica(name string) error {
 	}
 	v.apply.Lock()
 	defer v.apply.Unlock()
+	if images && len(v.images) > 0 {
+		return fmt.Errorf("%w: replica VM %q was adopted: its images are %s, outside its replica directory %s, and are not deleted", ErrForbidden, name, strings.Join(v.images, ", "), v.dir)
+	}
 	s.mu.Lock()
 	if s.vms[name] != v {
 		s.mu.Unlock()
@@ -340,6 +357,21 @@ func (s *Server) RemoveReplica(name string) error {
 		if err := removeAll(s.fs, p); err != nil {
 			s.log.Warn("remove replica: leftover file", "vm", name, "path", p, "err", err)
 		}
+	}
+	if images {
+		for i := range v.disks {
+			if err := removeAll(s.fs, v.image(i)); err != nil {
+				s.log.Warn("remove replica: image not deleted", "vm", name, "path", v.image(i), "err", err)
+			}
+		}
+		// Only an empty directory goes: anything else in it is not ours.
+		if err := s.fs.Remove(v.dir); err != nil {
+			s.fs.SyncDir(v.dir)
+		} else {
+			s.fs.SyncDir(filepath.Dir(v.dir))
+		}
+		s.log.Info("replica removed, its images deleted", "vm", name, "dir", v.dir)
+		return nil
 	}
 	s.fs.SyncDir(v.dir)
 	s.log.Info("replica removed", "vm", name, "dir", v.dir)

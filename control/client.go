@@ -258,6 +258,18 @@ func (c *Client) Disallow(ctx context.Context, pattern string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/replica/allow?primary="+url.QueryEscape(pattern), nil, nil)
 }
 
+// RemoveReplica removes a replica VM on the replica host; with
+// deleteImages its images are deleted too.
+func (c *Client) RemoveReplica(ctx context.Context, vm string, deleteImages bool) (ReplicaRemoved, error) {
+	var out ReplicaRemoved
+	p := "/v1/replica/vms/" + url.PathEscape(vm)
+	if deleteImages {
+		p += "?delete_images=1"
+	}
+	err := c.do(ctx, http.MethodDelete, p, nil, &out)
+	return out, err
+}
+
 // ImportInitial loads an offline initial copy on the replica.
 func (c *Client) ImportInitial(ctx context.Context, vm, dir string) error {
 	return c.do(ctx, http.MethodPost, "/v1/replica/import", ImportRequest{VM: vm, Dir: dir}, nil)

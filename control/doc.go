@@ -43,6 +43,11 @@
 //	POST   /v1/replica/allow                      apply.AllowEntry -> apply.AllowEntry
 //	DELETE /v1/replica/allow?primary=PATTERN
 //	POST   /v1/replica/import                     ImportRequest
+//	DELETE /v1/replica/vms/{vm}[?delete_images=1] ReplicaRemoved: forget a replica
+//	                                              VM kept here (its images stay
+//	                                              unless delete_images=1); 409
+//	                                              while it is failed over, in a
+//	                                              test failover or extended
 //
 //	GET    /v1/nbd/allow                          []NBDAllowEntry
 //	POST   /v1/nbd/allow                          NBDAllowEntry -> NBDAllowEntry

@@ -65,6 +65,9 @@ type ReplicationHost interface {
 	Allow(apply.AllowEntry) error
 	Disallow(pattern string) error
 	ImportInitial(vm, dir string) error
+	// RemoveReplica forgets a replica VM kept on this host; with
+	// deleteImages its images (inside its replica directory) go too.
+	RemoveReplica(vm string, deleteImages bool) (ReplicaRemoved, error)
 }
 
 // FailoverHost runs failovers, reverse and extended replication.
@@ -191,6 +194,10 @@ func replicationRoutes(mux *http.ServeMux, h ReplicationHost) {
 	}))
 	mux.HandleFunc("DELETE /v1/replica/allow", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, h.Disallow(r.URL.Query().Get("primary")))
+	})
+	mux.HandleFunc("DELETE /v1/replica/vms/{vm}", func(w http.ResponseWriter, r *http.Request) {
+		out, err := h.RemoveReplica(r.PathValue("vm"), r.URL.Query().Get("delete_images") == "1")
+		reply(w, out, err)
 	})
 	mux.HandleFunc("POST /v1/replica/import", decoded(func(_ *http.Request, req ImportRequest) (any, error) {
 		return struct{}{}, h.ImportInitial(req.VM, req.Dir)

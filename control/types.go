@@ -217,6 +217,18 @@ type ImportRequest struct {
 	Dir string `json:"dir"`
 }
 
+// ReplicaRemoved is what removing a replica VM on the replica host did.
+type ReplicaRemoved struct {
+	VM string `json:"vm"`
+	// Dir is the VM's replica directory.
+	Dir string `json:"dir"`
+	// Images are the VM's image files, one per replicated disk.
+	Images []string `json:"images"`
+	// ImagesDeleted: the images were deleted (--delete-images), else they
+	// stay where Images says.
+	ImagesDeleted bool `json:"images_deleted"`
+}
+
 // ExtendSpec is an extension of a replica VM to a third host.
 type ExtendSpec struct {
 	Replica     string    `json:"replica"`

@@ -536,3 +536,48 @@ func (d *Daemon) AllowList() []apply.AllowEntry { return d.replica.AllowList() }
 
 // ImportInitial loads an offline initial copy on the replica.
 func (d *Daemon) ImportInitial(vm, dir string) error { return d.replica.ImportInitial(vm, dir) }
+
+// RemoveReplica forgets a replica VM kept on this host (issue 15 item 3:
+// the primary disabled its replication, or is gone for good): it leaves
+// the replica role's registry with its bookkeeping, recovery points and
+// block tree. Its images stay unless deleteImages, which deletes them
+// too; an adopted VM's images, outside its replica directory, are never
+// deleted. A VM failed over here, in a test failover or extended to a
+// third host is refused with the command that ends that first.
+func (d *Daemon) RemoveReplica(name string, deleteImages bool) (control.ReplicaRemoved, error) {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	out := control.ReplicaRemoved{VM: name}
+	rep, ok := d.replica.Replica(name)
+	if !ok {
+		return out, fmt.Errorf("%w: %s is not a replica VM on this host", control.ErrUnknownVM, name)
+	}
+	d.mu.Lock()
+	v, registered := d.vms[name]
+	failedOver := registered && v.spec.FailedOver
+	d.mu.Unlock()
+	if rep.FailedOver != nil || failedOver {
+		return out, fmt.Errorf("%w: replica VM %s is failed over on this host; end the failover first (`vdrepl failover complete %s` to keep it as this host's VM, or `vdrepl failover cancel %s`)", control.ErrInUse, name, name, name)
+	}
+	if _, testing := d.tests.Running(name); testing {
+		return out, fmt.Errorf("%w: a test failover of replica VM %s is running; `vdrepl failover stop-test %s` first", control.ErrInUse, name, name)
+	}
+	if _, extended := d.relays.Running(name); extended {
+		return out, fmt.Errorf("%w: replication of %s is extended from this host; `vdrepl replication extend %s --stop` first", control.ErrInUse, name, name)
+	}
+	if deleteImages && d.replica.Adopted(name) {
+		return out, fmt.Errorf("%w: replica VM %s was adopted from this host's own VM: its images (%s) are outside its replica directory and are never deleted; run `vdrepl replica remove %s` without --delete-images", control.ErrInvalid, name, strings.Join(d.replica.Images(name), ", "), name)
+	}
+	out.Dir, _ = d.replica.ImageDir(name)
+	out.Images = d.replica.Images(name)
+	remove := d.replica.RemoveReplica
+	if deleteImages {
+		remove = d.replica.DeleteReplica
+	}
+	if err := remove(name); err != nil {
+		return out, d.pointErr(err)
+	}
+	out.ImagesDeleted = deleteImages
+	d.log.Info("replica VM removed", "vm", name, "dir", out.Dir, "images_deleted", deleteImages)
+	return out, nil
+}

@@ -248,7 +248,7 @@ func TestCLIVMHints(t *testing.T) {
 	for _, tc := range [][2]string{
 		{"pause", "replication of web1 paused; its journal keeps the cycles\n"},
 		{"resume", "replication of web1 resumed\n"},
-		{"disable", "replication of web1 disabled; the replica host keeps what it has\n"},
+		{"disable", "replication of web1 disabled; the replica on " + addr + " keeps web1's replica; remove it there with `vdrepl replica remove web1`\n"},
 	} {
 		if out := prim.cli("replication", tc[0], "web1"); out != tc[1] {
 			t.Errorf("replication %s printed %q, want %q", tc[0], out, tc[1])

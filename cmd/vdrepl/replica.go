@@ -17,8 +17,55 @@ func replicaCmd() *cli.Command {
 		Usage: "configure this host as a replica server (the Set-VMReplicationServer of vdrepl)",
 		Description: `Example (the daemon runs with --replica-listen and its TLS flags):
    vdrepl replica allow add --primary host1.example.com --storage /srv/replicas/host1`,
-		Subcommands: []*cli.Command{replicaAllowCmd()},
+		Subcommands: []*cli.Command{replicaAllowCmd(), replicaRemoveCmd()},
 	}
+}
+
+func replicaRemoveCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "remove",
+		Usage:     "forget a replica VM kept on this host (its images stay unless --delete-images)",
+		ArgsUsage: "VM",
+		Description: `Example (on the replica host, after ` + "`vdrepl replication disable web1`" + ` on the primary):
+   vdrepl replica remove web1
+   vdrepl replica remove web1 --delete-images
+
+The VM's replica bookkeeping, recovery points and block tree are removed;
+its images stay in its replica directory unless --delete-images. The
+images of a VM adopted as a replica (outside any replica directory) are
+never deleted. A VM failed over on this host (` + "`vdrepl failover complete|cancel VM`" + `)
+or in a test failover (` + "`vdrepl failover stop-test VM`" + `) is refused. If
+its primary still replicates it, the primary's next request finds an
+unknown VM and its replication stops with that error.`,
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "delete-images", Usage: "delete the VM's images too"},
+			&cli.BoolFlag{Name: "json", Usage: "print JSON"},
+		},
+		Action: vmAction("replica remove", replicaHost, replicaRemoveAction),
+	}
+}
+
+func replicaRemoveAction(c *cli.Context) error {
+	vm, err := oneVM(c, "replica remove")
+	if err != nil {
+		return err
+	}
+	out, err := client(c).RemoveReplica(c.Context, vm, c.Bool("delete-images"))
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		if out.Images == nil {
+			out.Images = []string{}
+		}
+		return printJSON(c.App.Writer, out)
+	}
+	if out.ImagesDeleted {
+		fmt.Fprintf(c.App.Writer, "replica VM %s removed and its images were deleted\n", vm)
+		return nil
+	}
+	fmt.Fprintf(c.App.Writer, "replica VM %s removed; its images stay in %s\n", vm, out.Dir)
+	return nil
 }
 
 func replicaAllowCmd() *cli.Command {

@@ -183,11 +183,32 @@ func replicationDisableAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := client(c).DisableReplication(c.Context, vm); err != nil {
+	cl := client(c)
+	// Where the replica is, asked before it is forgotten: the success line
+	// names the host on which `replica remove` is run.
+	replica := ""
+	if rep, err := cl.Replication(c.Context, vm); err == nil {
+		for _, p := range rep.Primaries {
+			if p.VM == vm && p.Spec.Replica != "" {
+				replica = p.Spec.Replica
+			}
+		}
+	}
+	if err := cl.DisableReplication(c.Context, vm); err != nil {
 		return err
 	}
-	fmt.Fprintf(c.App.Writer, "replication of %s disabled; the replica host keeps what it has\n", vm)
+	fmt.Fprintf(c.App.Writer, "replication of %s disabled; %s\n", vm, disabledReplicaHint(vm, replica))
 	return nil
+}
+
+// disabledReplicaHint says what became of the replica after a disable:
+// it is kept there until removed there.
+func disabledReplicaHint(vm, replica string) string {
+	where := "the replica host"
+	if replica != "" {
+		where = "the replica on " + replica
+	}
+	return fmt.Sprintf("%s keeps %s's replica; remove it there with `vdrepl replica remove %s`", where, vm, vm)
 }
 
 func replicationSyncCmd() *cli.Command {
