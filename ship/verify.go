@@ -230,7 +230,7 @@ func (s *Shipper) Verify(ctx context.Context, o VerifyOptions) (VerifyResult, er
 	s.log.Info("verify started", "bytes", total, "rate", o.Rate.String(), "dry_run", o.DryRun)
 
 	v := &verifier{s: s, cs: cs, o: o, res: VerifyResult{VM: s.cfg.VM, Started: started, TotalBytes: total, DryRun: o.DryRun, Truth: verifyTruth},
-		buf: make([]byte, verifyRange), byDisk: map[int]*VerifyMismatch{}}
+		buf: make([]byte, verifyRange)}
 	err := v.run(ctx)
 	s.mu.Lock()
 	closed := s.closed
@@ -308,9 +308,23 @@ type verifier struct {
 	o      VerifyOptions
 	res    VerifyResult
 	buf    []byte
+	diff   diskRanges // blocks that differ, the primary the truth
+	damage diskRanges // blocks damaged on the primary (primaryDamaged)
+	ranges int        // ranges listed, over all disks and both lists
+}
+
+// diskRanges gathers ranges of blocks per disk, in the order found.
+type diskRanges struct {
 	byDisk map[int]*VerifyMismatch
-	order  []int // disks with mismatches, in the order found
-	ranges int   // mismatch ranges listed, over all disks
+	order  []int
+}
+
+func (d *diskRanges) list() []VerifyMismatch {
+	var out []VerifyMismatch
+	for _, wd := range d.order {
+		out = append(out, *d.byDisk[wd])
+	}
+	return out
 }
 
 // verifyStepOf is one step of a verify: disk range [off, off+n) of wire
@@ -547,26 +561,8 @@ func (v *verifier) primaryDamaged(ctx context.Context, wd int, off int64, blk []
 
 // damaged records a block found damaged on the primary.
 func (v *verifier) damaged(wd int, from, to int64) {
-	v.res.MismatchBlocks += blocksIn(to - from)
 	v.res.PrimaryDamagedBlocks += blocksIn(to - from)
-	name := v.s.cfg.Disks[wd].Name
-	for i := range v.res.PrimaryDamaged {
-		m := &v.res.PrimaryDamaged[i]
-		if m.Disk != name {
-			continue
-		}
-		m.Blocks += blocksIn(to - from)
-		if k := len(m.Ranges) - 1; k >= 0 && m.Ranges[k].To == from {
-			m.Ranges[k].To = to
-		} else if len(m.Ranges) < maxResultRanges {
-			m.Ranges = append(m.Ranges, VerifyRange{Disk: name, From: from, To: to})
-		} else {
-			m.MoreRanges++
-		}
-		return
-	}
-	v.res.PrimaryDamaged = append(v.res.PrimaryDamaged, VerifyMismatch{Disk: name, Blocks: blocksIn(to - from),
-		Ranges: []VerifyRange{{Disk: name, From: from, To: to}}})
+	v.note(&v.damage, wd, from, to)
 }
 
 // damagedRanges lists the first ranges of ms for a log line.
@@ -583,12 +579,21 @@ func damagedRanges(ms []VerifyMismatch) string {
 	return strings.Join(rs, " ")
 }
 
-func (v *verifier) mismatch(wd int, from, to int64) {
-	m := v.byDisk[wd]
+// mismatch records a block that differs, the primary the truth.
+func (v *verifier) mismatch(wd int, from, to int64) { v.note(&v.diff, wd, from, to) }
+
+// note adds [from, to) of wire disk wd to set, merged with the range
+// before it, and counts it in MismatchBlocks; past maxResultRanges over
+// the whole result, ranges are only counted.
+func (v *verifier) note(set *diskRanges, wd int, from, to int64) {
+	m := set.byDisk[wd]
 	if m == nil {
+		if set.byDisk == nil {
+			set.byDisk = map[int]*VerifyMismatch{}
+		}
 		m = &VerifyMismatch{Disk: v.s.cfg.Disks[wd].Name}
-		v.byDisk[wd] = m
-		v.order = append(v.order, wd)
+		set.byDisk[wd] = m
+		set.order = append(set.order, wd)
 	}
 	m.Blocks += blocksIn(to - from)
 	v.res.MismatchBlocks += blocksIn(to - from)
@@ -608,9 +613,7 @@ func (v *verifier) mismatch(wd int, from, to int64) {
 
 func (v *verifier) finish() VerifyResult {
 	r := v.res
-	for _, wd := range v.order {
-		r.Mismatches = append(r.Mismatches, *v.byDisk[wd])
-	}
+	r.Mismatches, r.PrimaryDamaged = v.diff.list(), v.damage.list()
 	var whys []string
 	for _, x := range r.Skipped {
 		if !slices.Contains(whys, x.Why) {

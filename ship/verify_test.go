@@ -295,7 +295,7 @@ func TestVerifyStartsTheResyncAtOnce(t *testing.T) {
 // counted, and the resync reason counts them too.
 func TestVerifyResultRangesAreBounded(t *testing.T) {
 	s := &Shipper{cfg: Config{Disks: []wire.Disk{{Name: "d0"}, {Name: "d1"}}}, now: time.Now}
-	v := &verifier{s: s, byDisk: map[int]*VerifyMismatch{}}
+	v := &verifier{s: s}
 	const n = maxResultRanges + 500
 	for i := int64(0); i < n; i++ { // every other block: n ranges
 		v.mismatch(0, 2*i*bs, (2*i+1)*bs)
