@@ -308,16 +308,19 @@ func (t *Tree) getLeaf(txn *badger.Txn, disk int, leaf int64) (*[LeafBlocks]Hash
 		return nil, err
 	}
 	l := new([LeafBlocks]Hash)
-	err = it.Value(func(v []byte) error {
-		if len(v) != LeafBlocks*8 {
-			return fmt.Errorf("blocktree: leaf %d of disk %d: %d bytes", leaf, disk, len(v))
-		}
-		for i := range l {
-			l[i] = Hash(binary.LittleEndian.Uint64(v[i*8:]))
-		}
-		return nil
-	})
+	err = it.Value(func(v []byte) error { return decodeLeaf(l, v, disk, leaf) })
 	return l, err
+}
+
+// decodeLeaf reads a stored leaf value into l.
+func decodeLeaf(l *[LeafBlocks]Hash, v []byte, disk int, leaf int64) error {
+	if len(v) != LeafBlocks*8 {
+		return fmt.Errorf("blocktree: leaf %d of disk %d: %d bytes", leaf, disk, len(v))
+	}
+	for i := range l {
+		l[i] = Hash(binary.LittleEndian.Uint64(v[i*8:]))
+	}
+	return nil
 }
 
 // Leaves returns the digests of n leaves of disk from leaf first: 0 for a
@@ -345,15 +348,7 @@ func (t *Tree) Leaves(disk int, first, n int64) ([]uint64, error) {
 				break
 			}
 			var l [LeafBlocks]Hash
-			err := it.Item().Value(func(v []byte) error {
-				if len(v) != LeafBlocks*8 {
-					return fmt.Errorf("blocktree: leaf %d of disk %d: %d bytes", leaf, disk, len(v))
-				}
-				for i := range l {
-					l[i] = Hash(binary.LittleEndian.Uint64(v[i*8:]))
-				}
-				return nil
-			})
+			err := it.Item().Value(func(v []byte) error { return decodeLeaf(&l, v, disk, leaf) })
 			if err != nil {
 				return err
 			}
